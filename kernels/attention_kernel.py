@@ -1,0 +1,125 @@
+"""Triton SageAttention forward kernel (device code only; the launcher is kernels/launch.py).
+
+One program computes BLOCK_M query rows of one (batch, head):
+  1. loads its Q tile and quantizes it to INT8 in registers (scale per Q_GROUP rows, the softmax
+     scale and log2(e) already folded in), so Q never makes a round trip through memory;
+  2. streams INT8 K tiles (pre-quantized, K smoothing applied, one scale per K_GROUP keys) and
+     computes S = (Q8 · K8ᵀ) · sq · sk in FP32 with an online softmax in base 2;
+  3. accumulates P·V either with P in FP16/BF16 against V in its own dtype (SageAttention 1), or with
+     P scaled by 448 into FP8 e4m3 against per-channel FP8 V (SageAttention 2), in FP32.
+Masks are an additive bias over keys (already in log2 units) that broadcasts over queries.
+"""
+import triton
+import triton.language as tl
+
+from .quant_kernels import FP8_E4M3_MAX, round_half_away
+
+
+@triton.jit
+def quantize_rows_int8(x, ROWS: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.constexpr):
+    """INT8 codes and per-row scales for a [ROWS, BLOCK_D] FP32 tile, one scale per GROUP rows."""
+    grouped = tl.reshape(x, (ROWS // GROUP, GROUP * BLOCK_D))
+    amax = tl.max(tl.abs(grouped), axis=1)
+    has_bad = tl.max(tl.where(grouped == grouped, 0.0, 1.0), axis=1) > 0
+    scale = tl.maximum(amax, 1e-30) / 127.0
+    scale = tl.where(has_bad, float("nan"), scale)
+    q = round_half_away(grouped / scale[:, None]).to(tl.int8)
+    q = tl.reshape(q, (ROWS, BLOCK_D))
+    row_scale = tl.reshape(tl.broadcast_to(scale[:, None], (ROWS // GROUP, GROUP)), (ROWS,))
+    return q, row_scale
+
+
+@triton.jit
+def sage_attention_fwd_kernel(
+    Q, K8, K_SCALE, V, V8, V_SCALE, V_MEAN, BIAS, OUT, LSE, BAD,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_bias_b, stride_bias_h,
+    H, KV_GROUP, NQ, NK, D, k_groups, v_padded, qk_multiplier,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q_GROUP: tl.constexpr, K_GROUP: tl.constexpr,
+    PV_FP8: tl.constexpr, SMOOTH_V: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RETURN_LSE: tl.constexpr, BF16_DOT_IN_FP32: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    bh_kv = b * (H // KV_GROUP) + h // KV_GROUP
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < D
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=(offs_m[:, None] < NQ) & d_valid[None, :], other=0.0).to(tl.float32)
+    q8, q_scale = quantize_rows_int8(q * qk_multiplier, BLOCK_M, Q_GROUP, BLOCK_D)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+
+    hi = NK
+    if IS_CAUSAL:
+        # top-left aligned, as torch's scaled_dot_product_attention(is_causal=True)
+        hi = tl.minimum(NK, (pid_m + 1) * BLOCK_M)
+    k_base = K8 + bh_kv * NK * BLOCK_D
+    ks_base = K_SCALE + bh_kv * k_groups
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < NK
+        k8 = tl.load(k_base + offs_n[:, None] * BLOCK_D + offs_d[None, :], mask=n_valid[:, None], other=0)
+        k_scale = tl.load(ks_base + offs_n // K_GROUP, mask=n_valid, other=0.0)
+        s = tl.dot(q8, tl.trans(k8)).to(tl.float32) * q_scale[:, None] * k_scale[None, :]
+        if HAS_BIAS:
+            bias = tl.load(BIAS + b * stride_bias_b + h * stride_bias_h + offs_n, mask=n_valid, other=0.0)
+            s = s + bias[None, :]
+        keep = n_valid[None, :]
+        if IS_CAUSAL:
+            keep = keep & (offs_n[None, :] <= offs_m[:, None])
+        s = tl.where(keep, s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with every key masked so far
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        if PV_FP8:
+            v8_ptrs = V8 + (bh_kv * BLOCK_D + offs_d[None, :]) * v_padded + offs_n[:, None]
+            v8 = tl.load(v8_ptrs, mask=offs_n[:, None] < v_padded, other=0.0)
+            # two-level accumulation: each tile's FP8 product lands in FP32 before it joins acc
+            acc += tl.dot((p * FP8_E4M3_MAX).to(tl.float8e4nv), v8)
+        else:
+            v_ptrs = V + b * stride_vb + (h // KV_GROUP) * stride_vh + offs_n[:, None] * stride_vn \
+                + offs_d[None, :] * stride_vd
+            v = tl.load(v_ptrs, mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+            if SMOOTH_V:
+                v_mean = tl.load(V_MEAN + bh_kv * BLOCK_D + offs_d)
+                v = (v.to(tl.float32) - v_mean[None, :]).to(V.dtype.element_ty)
+            if V.dtype.element_ty == tl.float32:
+                acc += tl.dot(p, v)
+            elif BF16_DOT_IN_FP32:
+                # Triton's CPU interpreter mis-multiplies bf16 operands: same rounding of P, exact product
+                acc += tl.dot(p.to(tl.bfloat16).to(tl.float32), v.to(tl.float32))
+            else:
+                acc += tl.dot(p.to(V.dtype.element_ty), v)
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    if PV_FP8:
+        v_scale = tl.load(V_SCALE + bh_kv * BLOCK_D + offs_d)
+        out = out * (v_scale / FP8_E4M3_MAX)[None, :]
+    if SMOOTH_V:
+        out = out + tl.load(V_MEAN + bh_kv * BLOCK_D + offs_d)[None, :]
+    row_valid = offs_m < NQ
+    o_mask = row_valid[:, None] & d_valid[None, :]
+    o_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=o_mask)
+    # one flag per program: did this tile produce NaN or Inf? (|x| < inf is false for both)
+    bad = tl.sum(tl.where(o_mask & ~(tl.abs(out) < float("inf")), 1, 0))
+    tl.store(BAD + bh * tl.num_programs(0) + pid_m, bad)
+    if RETURN_LSE:
+        # natural-log LSE of the (smoothed) scaled scores; the launcher adds K smoothing's correction
+        lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+        tl.store(LSE + bh * NQ + offs_m, lse, mask=row_valid)

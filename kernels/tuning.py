@@ -1,0 +1,128 @@
+"""Launch configurations per GPU architecture, and the on-disk cache of autotuned choices.
+
+A configuration is (BLOCK_M, BLOCK_N, num_warps, num_stages). The table gives a measured or
+conservative default per architecture, P·V precision and padded head dim; `candidates()` lists what
+autotuning tries; results are stored per device and Triton version so a second run never retunes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    def key(self) -> str:
+        return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}"
+
+
+def _c(m, n, w, s):
+    return LaunchConfig(m, n, w, s)
+
+
+# (arch family, pv) -> {padded head dim: config}. Families: sm75 (Turing), sm80 (A100), sm86/sm89
+# (consumer Ampere/Ada, ~100 KB shared memory), sm90 (Hopper), sm100/sm120 (Blackwell).
+ARCH_TABLE = {
+    ("sm75", "fp16"): {64: _c(64, 64, 4, 2), 128: _c(64, 64, 4, 2), 256: _c(32, 32, 4, 1)},
+    ("sm80", "fp16"): {64: _c(128, 64, 4, 3), 128: _c(128, 64, 8, 3), 256: _c(64, 32, 8, 2)},
+    ("sm86", "fp16"): {64: _c(128, 64, 4, 2), 128: _c(64, 64, 4, 2), 256: _c(64, 32, 8, 1)},
+    ("sm89", "fp16"): {64: _c(128, 64, 4, 2), 128: _c(64, 64, 4, 2), 256: _c(64, 32, 8, 1)},
+    ("sm89", "fp8"): {64: _c(128, 64, 4, 2), 128: _c(128, 64, 8, 2), 256: _c(64, 32, 8, 1)},
+    ("sm90", "fp16"): {64: _c(128, 128, 8, 3), 128: _c(128, 128, 8, 3), 256: _c(64, 64, 8, 2)},
+    ("sm90", "fp8"): {64: _c(128, 128, 8, 3), 128: _c(128, 128, 8, 3), 256: _c(64, 64, 8, 2)},
+    ("sm100", "fp16"): {64: _c(128, 128, 8, 3), 128: _c(128, 128, 8, 3), 256: _c(64, 64, 8, 2)},
+    ("sm100", "fp8"): {64: _c(128, 128, 8, 3), 128: _c(128, 128, 8, 3), 256: _c(64, 64, 8, 2)},
+    ("sm120", "fp16"): {64: _c(128, 64, 4, 2), 128: _c(64, 64, 4, 2), 256: _c(64, 32, 8, 1)},
+    ("sm120", "fp8"): {64: _c(128, 64, 4, 2), 128: _c(128, 64, 8, 2), 256: _c(64, 32, 8, 1)},
+}
+# The CPU interpreter: fewer, larger programs run faster there.
+INTERPRETER_CONFIG = _c(64, 64, 4, 1)
+
+
+def arch_family(capability: tuple[int, int] | None) -> str:
+    if capability is None:
+        return "cpu"
+    major, minor = capability
+    if major >= 12:
+        return "sm120"
+    if major >= 10:
+        return "sm100"
+    if major == 9:
+        return "sm90"
+    if (major, minor) >= (8, 9):
+        return "sm89"
+    if (major, minor) >= (8, 6):
+        return "sm86"
+    if major == 8:
+        return "sm80"
+    return "sm75"
+
+
+def default_config(family: str, pv: str, block_d: int, block_m: int | None = None) -> LaunchConfig:
+    """The table's configuration; `block_m` pins the Q tile (per-block Q quantization needs it)."""
+    if family == "cpu":
+        cfg = INTERPRETER_CONFIG
+    else:
+        table = ARCH_TABLE.get((family, pv)) or ARCH_TABLE[(family, "fp16")]
+        cfg = table[min(256, max(64, block_d))]
+    if block_m is not None and cfg.block_m != block_m:
+        cfg = LaunchConfig(block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)
+    return cfg
+
+
+def candidates(block_d: int, block_m: int | None = None) -> list[LaunchConfig]:
+    """What autotuning tries: tiles that fit shared memory for this head dim."""
+    ms = [block_m] if block_m else [64, 128]
+    ns = [32, 64] if block_d > 128 else [64, 128]
+    return [_c(m, n, w, s) for m in ms for n in ns for w in (4, 8) for s in (2, 3, 4)
+            if not (block_d > 128 and (m > 64 or s > 2)) and not (m == 64 and w == 8)]
+
+
+def seq_bucket(n: int) -> int:
+    """Sequence lengths bucketed to the next power of two, so video lengths share one tuning entry."""
+    return 1 << max(0, (max(1, n) - 1).bit_length())
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SAGE_ATTENTION_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "sage_attention_pack")
+    return Path(root)
+
+
+class TuningCache:
+    """A JSON file of {key: value}; written atomically, read once per process."""
+
+    def __init__(self, name: str):
+        self.path = cache_dir() / name
+        self._data: dict | None = None
+
+    def _load(self) -> dict:
+        if self._data is None:
+            try:
+                self._data = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                self._data = {}
+        return self._data
+
+    def get(self, key: str):
+        return self._load().get(key)
+
+    def put(self, key: str, value) -> None:
+        data = self._load()
+        data[key] = asdict(value) if isinstance(value, LaunchConfig) else value
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # a read-only cache only costs a retune next time

@@ -1,0 +1,88 @@
+"""`auto`: per (GPU, dtype, head dim, length bucket, causal, mask) use whichever of the Sage variants and
+SDPA is fastest, decided once by timing them on the first real call of that kind and cached on disk.
+
+All candidates are within the accuracy bounds the benchmark checks (FP16 P·V: cosine ≥ 0.9999; FP8 P·V:
+cosine ≥ 0.999), so the choice is about speed alone; where SDPA wins, turning Sage on costs nothing.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from . import backend
+from .config import SageConfig
+
+TIMING_REPEATS = 3
+# Below this many score elements per head a call is launch-bound: exact attention, no measurement.
+MIN_SCORES_FOR_SAGE = 256 * 256
+
+
+@functools.lru_cache(maxsize=None)
+def choice_cache():
+    from ..kernels import tuning
+
+    return tuning.TuningCache(f"auto-{backend.device_tag()}.json")
+
+
+def choice_key(q, k, is_causal: bool, has_bias: bool, config: SageConfig) -> str:
+    from ..kernels import tuning
+
+    return (f"d{q.shape[-1]}|nq{tuning.seq_bucket(q.shape[2])}|nk{tuning.seq_bucket(k.shape[2])}|"
+            f"{str(q.dtype).replace('torch.', '')}|{'causal' if is_causal else 'full'}|{'mask' if has_bias else 'nomask'}|"
+            f"{config.qk_granularity}{config.quant_block}|sk{int(config.smooth_k)}sv{int(config.smooth_v)}")
+
+
+def candidates(device) -> list[str]:
+    names = ["int8_fp16", "sdpa"]
+    if backend.supports_fp8(device):
+        names.insert(0, "int8_fp8")
+    return names
+
+
+def choose(q, k, v, *, is_causal: bool, bias, config: SageConfig) -> str:
+    """The variant `auto` runs for these HND inputs."""
+    if q.device.type != "cuda":
+        return "int8_fp16"  # the interpreter is for correctness, not speed
+    if q.shape[2] * k.shape[2] < MIN_SCORES_FOR_SAGE:
+        return "sdpa"
+    key = choice_key(q, k, is_causal, bias is not None, config)
+    cached = choice_cache().get(key)
+    if cached:
+        return cached["variant"]
+    if torch.cuda.is_current_stream_capturing() or os.environ.get("SAGE_ATTENTION_NO_AUTOTIME"):
+        return "int8_fp8" if backend.supports_fp8(q.device) else "int8_fp16"
+    timings = time_variants(q, k, v, is_causal=is_causal, bias=bias, config=config)
+    best = min(timings, key=timings.get)
+    choice_cache().put(key, {"variant": best, "ms": timings})
+    return best
+
+
+def time_variants(q, k, v, *, is_causal: bool, bias, config: SageConfig) -> dict[str, float]:
+    """Median milliseconds of each candidate on these very inputs (warm-up run excluded)."""
+    from .dispatch import sdpa
+
+    mask = None if bias is None else (bias[:, :, None, :] / backend.LOG2E).to(q.dtype)
+    runs = {}
+    for name in candidates(q.device):
+        if name == "sdpa":
+            runs[name] = lambda: sdpa(q, k, v, is_causal=is_causal, attn_mask=mask)
+        else:
+            runs[name] = functools.partial(backend.run, q, k, v, layout="HND", sm_scale=q.shape[-1] ** -0.5,
+                                           is_causal=is_causal, bias=bias, config=config,
+                                           pv_fp8=name == "int8_fp8", return_lse=False)
+    return {name: cuda_median_ms(fn) for name, fn in runs.items()}
+
+
+def cuda_median_ms(fn, repeats: int = TIMING_REPEATS) -> float:
+    fn()  # warm-up: compilation and caches stay out of the figure
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]

@@ -1,0 +1,130 @@
+"""The bridge from sage_core to the Triton kernels: can this device run them, and with which launch.
+
+Triton is imported lazily: importing sage_core never compiles or even loads it.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from .config import SageConfig
+
+LOG2E = 1.4426950408889634
+MIN_CAPABILITY = (7, 5)  # Triton's INT8 tensor-core dot needs Turing or newer
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_error() -> str | None:
+    """None if Triton imports, else why not (one line)."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as e:  # an ImportError, or a broken install raising anything
+        return f"Triton not importable ({type(e).__name__}: {e})".splitlines()[0][:160]
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int] | None:
+    if device.type != "cuda":
+        return None
+    return capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def device_refusal(device: torch.device) -> str | None:
+    """Why the kernels cannot run on this device (None if they can)."""
+    err = triton_error()
+    if device.type == "cpu":
+        if not interpreting():
+            return "CPU tensors (set TRITON_INTERPRET=1 to run the kernels through Triton's interpreter)"
+        return err
+    if device.type != "cuda":
+        return f"{device.type} device"
+    if torch.version.hip:
+        return "ROCm GPU (kernels are tuned and tested for NVIDIA only)"
+    if err:
+        return err
+    cap = cuda_capability(device)
+    if cap < MIN_CAPABILITY:
+        return f"GPU sm{cap[0]}{cap[1]} is older than Turing (sm75)"
+    return None
+
+
+def supports_fp8(device: torch.device) -> bool:
+    """FP8 e4m3 tensor-core dots exist from Ada (sm89) on; the interpreter emulates them."""
+    if device.type == "cpu":
+        return interpreting()
+    cap = cuda_capability(device)
+    return cap is not None and cap >= (8, 9)
+
+
+def arch_family(device: torch.device) -> str:
+    from ..kernels import tuning
+
+    return tuning.arch_family(None if interpreting() and device.type == "cpu" else cuda_capability(device))
+
+
+def run(q, k, v, *, layout: str, sm_scale: float, is_causal: bool, bias, config: SageConfig, pv_fp8: bool,
+        return_lse: bool, launch_config=None):
+    """Run the Triton path on HND views; returns (output in the caller's layout, lse or None, bad flags)."""
+    from ..kernels import launch, tuning
+
+    B, H, NQ, D = q.shape
+    block_d = launch.padded_head_dim(D)
+    pinned_m = config.quant_block if config.qk_granularity == "per_block" else None
+    cfg = launch_config or tuning_for(q.device, "fp8" if pv_fp8 else "fp16", block_d, pinned_m, NQ, k.shape[2],
+                                      str(q.dtype), is_causal)
+    # output allocated contiguous in the caller's layout, handed to the kernel as an HND view
+    out = torch.empty((B, NQ, H, D) if layout == "NHD" else (B, H, NQ, D), device=q.device, dtype=q.dtype)
+    out_hnd = out.transpose(1, 2) if layout == "NHD" else out
+    lse, bad = launch.sage_forward(
+        q, k, v, out_hnd, sm_scale=sm_scale, is_causal=is_causal, bias=bias, q_group=config.q_group_rows,
+        k_group=config.k_group_rows, pv_fp8=pv_fp8, smooth_k=config.smooth_k, smooth_v=config.smooth_v,
+        return_lse=return_lse, config=cfg)
+    return out, lse, bad
+
+
+def tuning_for(device, pv: str, block_d: int, pinned_m, nq: int, nk: int, dtype: str, is_causal: bool):
+    """The launch configuration: an autotuned one from the disk cache if present, else the arch table's."""
+    from ..kernels import tuning
+
+    family = arch_family(device)
+    if family != "cpu":
+        key = tuning_key(device, pv, block_d, pinned_m, nq, nk, dtype, is_causal)
+        hit = launch_cache().get(key)
+        if hit:
+            return tuning.LaunchConfig(**hit)
+    return tuning.default_config(family, pv, block_d, pinned_m)
+
+
+def tuning_key(device, pv, block_d, pinned_m, nq, nk, dtype, is_causal) -> str:
+    from ..kernels import tuning
+
+    return (f"{pv}|d{block_d}|m{pinned_m or 'any'}|nq{tuning.seq_bucket(nq)}|nk{tuning.seq_bucket(nk)}|"
+            f"{dtype.replace('torch.', '')}|{'causal' if is_causal else 'full'}")
+
+
+@functools.lru_cache(maxsize=None)
+def launch_cache():
+    from ..kernels import tuning
+
+    return tuning.TuningCache(f"launch-{device_tag()}.json")
+
+
+@functools.lru_cache(maxsize=None)
+def device_tag() -> str:
+    """Cache files are per GPU model and Triton version: a driver or Triton update retunes."""
+    import triton
+
+    name = torch.cuda.get_device_name().replace(" ", "_") if torch.cuda.is_available() else "cpu"
+    return f"{name}-triton{triton.__version__}"

@@ -1,0 +1,212 @@
+"""The dispatcher: validate once, pick the kernel for device/dtype/shape, fall back to SDPA with a reason.
+
+Rules it keeps:
+- bad input (rank, shapes, layout, device mix) raises ValueError/TypeError naming the argument, before
+  any work, whatever `on_unsupported` says: that is a caller bug, not an unsupported case;
+- input the fast path cannot serve runs `torch.nn.functional.scaled_dot_product_attention` and the
+  reason is counted (or raised, with on_unsupported="raise");
+- a fast-path call whose output holds NaN/Inf is recomputed exactly and counted, so wherever SDPA is
+  finite the result is finite.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+
+from . import autoselect, backend
+from .config import SageConfig
+
+LAYOUTS = ("HND", "NHD")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+class UnsupportedInput(RuntimeError):
+    """Raised with on_unsupported="raise" when the fast path cannot serve a call."""
+
+
+class DispatchStats:
+    """Thread-safe counters of what really ran: Sage calls per variant, fallbacks per reason."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self):
+        with getattr(self, "_lock", threading.Lock()):
+            self.sage = Counter()
+            self.fallback = Counter()
+            self.recomputed = 0
+
+    def record_sage(self, variant: str):
+        with self._lock:
+            self.sage[variant] += 1
+
+    def record_fallback(self, reason: str):
+        with self._lock:
+            self.fallback[reason] += 1
+
+    def record_recompute(self):
+        with self._lock:
+            self.recomputed += 1
+
+    @property
+    def total(self) -> int:
+        return sum(self.sage.values()) + sum(self.fallback.values())
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {"sage": dict(self.sage), "fallback": dict(self.fallback), "recomputed": self.recomputed,
+                    "total": sum(self.sage.values()) + sum(self.fallback.values())}
+
+
+GLOBAL_STATS = DispatchStats()
+
+
+def to_hnd(t: torch.Tensor, layout: str) -> torch.Tensor:
+    return t if layout == "HND" else t.transpose(1, 2)
+
+
+def validate(q, k, v, tensor_layout: str, attn_mask=None) -> None:
+    """Raise a clear error naming the argument for input no attention can take."""
+    if tensor_layout not in LAYOUTS:
+        raise ValueError(f"tensor_layout={tensor_layout!r} is unknown: use 'HND' ([B,H,N,D]) or 'NHD' ([B,N,H,D])")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D ({tensor_layout}), got shape {tuple(t.shape)}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    qh, kh, vh = (to_hnd(t, tensor_layout) for t in (q, k, v))
+    if qh.shape[0] != kh.shape[0] or kh.shape[0] != vh.shape[0]:
+        raise ValueError(f"batch sizes differ: q {qh.shape[0]}, k {kh.shape[0]}, v {vh.shape[0]}")
+    if kh.shape[1] != vh.shape[1] or kh.shape[2] != vh.shape[2]:
+        raise ValueError(f"k and v must have the same heads and length, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if kh.shape[1] == 0 or qh.shape[1] % kh.shape[1]:
+        raise ValueError(f"q heads ({qh.shape[1]}) must be a multiple of k/v heads ({kh.shape[1]})")
+    if qh.shape[3] != kh.shape[3]:
+        raise ValueError(f"q and k head dims differ: {qh.shape[3]} vs {kh.shape[3]}")
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(f"attn_mask must be a torch.Tensor, got {type(attn_mask).__name__}")
+        if attn_mask.device != q.device:
+            raise ValueError(f"attn_mask is on {attn_mask.device}, q on {q.device}")
+        try:
+            torch.broadcast_shapes(attn_mask.shape, (qh.shape[0], qh.shape[1], qh.shape[2], kh.shape[2]))
+        except RuntimeError:
+            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+                             f"[B, H, Nq, Nk] = {[qh.shape[0], qh.shape[1], qh.shape[2], kh.shape[2]]}") from None
+
+
+def key_bias(attn_mask, b: int, h: int, nq: int, nk: int):
+    """A mask that broadcasts over queries as an FP32 [Bb, Hb, Nk] bias in log2 units, or None if the
+    mask varies per query (then the kernels cannot take it)."""
+    m = attn_mask
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    if m.shape[2] != 1:
+        if nq == 1 or bool((m == m[:, :, :1]).all()):
+            m = m[:, :, :1]
+        else:
+            return None
+    m = m[:, :, 0].expand(m.shape[0], m.shape[1], nk)
+    if m.dtype == torch.bool:
+        return torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill_(~m, float("-inf"))
+    return m.float() * backend.LOG2E
+
+
+def fast_path_refusal(q, k, v, attn_mask, dropout_p: float) -> str | None:
+    """Why the Triton kernels cannot serve this call (None if they can). Works on HND tensors."""
+    if dropout_p:
+        return "dropout"
+    if q.dtype not in FLOAT_DTYPES:
+        return f"dtype {str(q.dtype).replace('torch.', '')}"
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}"
+    device_refusal = backend.device_refusal(q.device)
+    if device_refusal:
+        return device_refusal
+    return None
+
+
+def sdpa(q, k, v, *, is_causal=False, sm_scale=None, attn_mask=None, dropout_p=0.0, return_lse=False):
+    """Exact attention on HND tensors (GQA expanded), optionally with the natural-log LSE."""
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    if attn_mask is not None and attn_mask.dtype not in (torch.bool, q.dtype):
+        attn_mask = attn_mask.to(q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                                         scale=sm_scale)
+    if not return_lse:
+        return out, None
+    scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask.float()
+    if is_causal:
+        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril(), float("-inf"))
+    return out, torch.logsumexp(s, dim=-1)
+
+
+def attention(q, k, v, *, tensor_layout="HND", is_causal=False, sm_scale=None, attn_mask=None, dropout_p=0.0,
+              config: SageConfig | None = None, stats: DispatchStats | None = None, return_lse=False):
+    """Attention through the fastest path that can serve; same semantics as SDPA (top-left causal)."""
+    config = config or SageConfig()
+    stats = stats or GLOBAL_STATS
+    validate(q, k, v, tensor_layout, attn_mask)
+    qh, kh, vh = (to_hnd(t, tensor_layout) for t in (q, k, v))
+    B, H, NQ, D = qh.shape
+    NK = kh.shape[2]
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(D) if D else 1.0
+
+    def exact(reason=None):
+        if reason:
+            if config.on_unsupported == "raise" and reason != "kernel off":
+                raise UnsupportedInput(f"Sage attention cannot serve this call: {reason}")
+            stats.record_fallback(reason)
+        out, lse = sdpa(qh, kh, vh, is_causal=is_causal, sm_scale=sm_scale, attn_mask=attn_mask, dropout_p=dropout_p,
+                        return_lse=return_lse)
+        out = out if tensor_layout == "HND" else out.transpose(1, 2)
+        return (out, lse) if return_lse else out
+
+    if config.kernel == "off":
+        return exact("kernel off")
+    if min(B, H, NQ, NK, D) == 0:
+        return exact("empty input")
+    refusal = fast_path_refusal(qh, kh, vh, attn_mask, dropout_p)
+    if refusal:
+        return exact(refusal)
+    bias = None
+    if attn_mask is not None:
+        bias = key_bias(attn_mask, B, H, NQ, NK)
+        if bias is None:
+            return exact("per-query mask")
+
+    variant = config.kernel
+    if variant == "auto":
+        variant = autoselect.choose(qh, kh, vh, is_causal=is_causal, bias=bias, config=config)
+        if variant == "sdpa":
+            stats.record_sage("auto:sdpa")
+            out, lse = sdpa(qh, kh, vh, is_causal=is_causal, sm_scale=sm_scale, attn_mask=attn_mask,
+                            return_lse=return_lse)
+            out = out if tensor_layout == "HND" else out.transpose(1, 2)
+            return (out, lse) if return_lse else out
+    if variant == "int8_fp8" and not backend.supports_fp8(qh.device):
+        variant = "int8_fp16"  # FP8 tensor cores start at Ada (sm89); INT8·FP16 is exact elsewhere
+
+    out, lse, bad = backend.run(qh, kh, vh, layout=tensor_layout, sm_scale=sm_scale, is_causal=is_causal,
+                                bias=bias, config=config, pv_fp8=variant == "int8_fp8", return_lse=return_lse)
+    if config.nan_guard and bool(bad.any()):
+        stats.record_recompute()
+        return exact()
+    stats.record_sage(variant)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,73 @@
+"""Pure-PyTorch reference of the quantized algorithm the Triton kernels run.
+
+Same scales, same rounding (half away from zero), same order of scaling; it is what the kernel tests
+compare against. It materialises the full score matrix, so it is for small shapes only.
+"""
+from __future__ import annotations
+
+import torch
+
+LOG2E = 1.4426950408889634
+FP8_E4M3_MAX = 448.0
+
+
+def round_half_away(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x >= 0, x + 0.5, x - 0.5).trunc()
+
+
+def quantize_int8_groups(x: torch.Tensor, group: int):
+    """x: FP32 [B, H, N, D] -> (int8-valued FP32 codes, per-row scales [B, H, N])."""
+    B, H, N, D = x.shape
+    pad = (-N) % group
+    xp = torch.nn.functional.pad(x, (0, 0, 0, pad))
+    g = xp.view(B, H, -1, group * D)
+    scale = g.abs().amax(-1).clamp_min(1e-30) / 127.0
+    codes = round_half_away(g / scale[..., None]).view(B, H, -1, D)[:, :, :N]
+    rows = scale.repeat_interleave(group, dim=-1)[..., :N]
+    return codes, rows
+
+
+def sage_reference(q, k, v, *, sm_scale=None, is_causal=False, bias=None, q_group=16, k_group=1,
+                   block_m=128, pv_fp8=False, smooth_k=True, smooth_v=False, return_lse=False):
+    """q, k, v: [B, H, N, D] (any float dtype; K/V may have fewer heads). bias: additive [Bb, Hb, Nk]
+    in natural units (as SDPA's float mask). Returns the output in q's dtype (and the natural-log LSE)."""
+    B, H, NQ, D = q.shape
+    HK = k.shape[1]
+    sm_scale = D ** -0.5 if sm_scale is None else sm_scale
+    qf, kf, vf = q.float(), k.float(), v.float()
+    k_mean = kf.mean(dim=2, keepdim=True) if smooth_k else torch.zeros_like(kf[:, :, :1])
+    k_codes, k_rows = quantize_int8_groups(kf - k_mean, k_group)
+
+    # Q is quantized per Q tile: groups never straddle a tile boundary
+    q_group = min(q_group, block_m)
+    q_codes, q_rows = quantize_int8_groups(qf * (sm_scale * LOG2E), q_group)
+
+    rep = H // HK
+    k_codes, k_rows = k_codes.repeat_interleave(rep, 1), k_rows.repeat_interleave(rep, 1)
+    s = (q_codes @ k_codes.transpose(-1, -2)) * q_rows[..., :, None] * k_rows[..., None, :]
+    if bias is not None:
+        s = s + bias.float()[:, :, None, :] * LOG2E
+    if is_causal:
+        keep = torch.ones(NQ, k.shape[2], dtype=torch.bool, device=q.device).tril()
+        s = s.masked_fill(~keep, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    p = torch.exp2(s - m)
+    l = p.sum(-1, keepdim=True)
+
+    v_mean = vf.mean(dim=2, keepdim=True) if smooth_v else torch.zeros_like(vf[:, :, :1])
+    vs = vf - v_mean
+    if pv_fp8:
+        v_scale = vs.abs().amax(dim=2, keepdim=True).clamp_min(1e-30) / FP8_E4M3_MAX
+        v8 = (vs / v_scale).to(torch.float8_e4m3fn).float()
+        p8 = (p * FP8_E4M3_MAX).to(torch.float8_e4m3fn).float()
+        out = (p8 @ v8.repeat_interleave(rep, 1)) / l * (v_scale / FP8_E4M3_MAX).repeat_interleave(rep, 1)
+    else:
+        pv_dtype = torch.float32 if v.dtype == torch.float32 else v.dtype
+        vv = vs.to(pv_dtype).float() if smooth_v else vf
+        out = (p.to(pv_dtype).float() @ vv.repeat_interleave(rep, 1)) / l
+    out = out + v_mean.repeat_interleave(rep, 1)
+    if not return_lse:
+        return out.to(q.dtype)
+    lse = (m.squeeze(-1) + torch.log2(l.squeeze(-1))) / LOG2E
+    lse = lse + (qf @ k_mean.repeat_interleave(rep, 1).transpose(-1, -2)).squeeze(-1) * sm_scale
+    return out.to(q.dtype), lse

@@ -12,7 +12,7 @@ Masks are an additive bias over keys (already in log2 units) that broadcasts ove
 import triton
 import triton.language as tl
 
-from .quant_kernels import FP8_E4M3_MAX, round_half_away
+from .quant_kernels import FP8_E4M3_MAX, round_half_away, to_fp8_e4m3
 
 
 @triton.jit
@@ -41,6 +41,7 @@ def sage_attention_fwd_kernel(
     Q_GROUP: tl.constexpr, K_GROUP: tl.constexpr,
     PV_FP8: tl.constexpr, SMOOTH_V: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_BIAS: tl.constexpr, RETURN_LSE: tl.constexpr, BF16_DOT_IN_FP32: tl.constexpr,
+    FP8_ROUND_IN_FP32: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -89,7 +90,7 @@ def sage_attention_fwd_kernel(
             v8_ptrs = V8 + (bh_kv * BLOCK_D + offs_d[None, :]) * v_padded + offs_n[:, None]
             v8 = tl.load(v8_ptrs, mask=offs_n[:, None] < v_padded, other=0.0)
             # two-level accumulation: each tile's FP8 product lands in FP32 before it joins acc
-            acc += tl.dot((p * FP8_E4M3_MAX).to(tl.float8e4nv), v8)
+            acc += tl.dot(to_fp8_e4m3(p * FP8_E4M3_MAX, FP8_ROUND_IN_FP32), v8)
         else:
             v_ptrs = V + b * stride_vb + (h // KV_GROUP) * stride_vh + offs_n[:, None] * stride_vn \
                 + offs_d[None, :] * stride_vd

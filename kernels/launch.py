@@ -12,11 +12,12 @@ import triton
 
 from . import tuning
 from .attention_kernel import sage_attention_fwd_kernel
-from .quant_kernels import FP8_E4M3_MAX, channel_stats_kernel, quant_fp8_v_kernel, quant_int8_kernel
+from .quant_kernels import channel_stats_kernel, quant_fp8_v_kernel, quant_int8_kernel
 
 LOG2E = 1.4426950408889634
 STATS_ROWS = 64
 QUANT_ROWS = 128
+FP8_MAX = 448.0
 V_PAD = 128  # FP8 V rows padded to a multiple of this, so every tile load is in bounds and aligned
 
 
@@ -69,12 +70,12 @@ def quantize_v_fp8(v: torch.Tensor, block_d: int, smooth: bool):
     else:
         amax = torch.maximum(vmax.abs(), vmin.abs())
         mean = None
-    scale = amax.clamp_min(1e-30) / FP8_E4M3_MAX
+    scale = amax.clamp_min(1e-30) / FP8_MAX
     n_padded = triton.cdiv(max(N, 1), V_PAD) * V_PAD
     vq = torch.empty((B, H, block_d, n_padded), device=v.device, dtype=torch.float8_e4m3fn)
     quant_fp8_v_kernel[(n_padded // V_PAD, B * H)](
         v, mean if mean is not None else scale, scale, vq, *v.stride(), H, N, D, n_padded,
-        ROWS=V_PAD, BLOCK_D=block_d, SUBTRACT_MEAN=mean is not None)
+        ROWS=V_PAD, BLOCK_D=block_d, SUBTRACT_MEAN=mean is not None, FP8_ROUND_IN_FP32=interpreting())
     return vq, scale, mean
 
 
@@ -113,7 +114,8 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
         H, H // HK, NQ, NK, D, k_scale.shape[-1], v_padded, sm_scale * LOG2E,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, Q_GROUP=q_group, K_GROUP=k_group,
         PV_FP8=pv_fp8, SMOOTH_V=v_mean is not None, IS_CAUSAL=is_causal, HAS_BIAS=bias is not None,
-        RETURN_LSE=return_lse, BF16_DOT_IN_FP32=interpreting() and v.dtype == torch.bfloat16, num_warps=config.num_warps, num_stages=config.num_stages)
+        RETURN_LSE=return_lse, BF16_DOT_IN_FP32=interpreting() and v.dtype == torch.bfloat16,
+        FP8_ROUND_IN_FP32=interpreting(), num_warps=config.num_warps, num_stages=config.num_stages)
     if return_lse and k_mean is not None:
         # K smoothing shifted every score of a row by q·mean(K)·scale: add it back for the true LSE
         km = k_mean[..., :D].repeat_interleave(H // HK, dim=1)

@@ -6,13 +6,29 @@ views need no copy. Rounding is half away from zero, the same as sage_core/refer
 import triton
 import triton.language as tl
 
-FP8_E4M3_MAX = 448.0
+FP8_E4M3_MAX: tl.constexpr = 448.0
 
 
 @triton.jit
 def round_half_away(x):
     # Truncation after adding ±0.5 rounds half away from zero, identically on GPU and interpreter.
     return tl.where(x >= 0, x + 0.5, x - 0.5)
+
+
+@triton.jit
+def to_fp8_e4m3(x, ROUND_IN_FP32: tl.constexpr):
+    """Cast to FP8 e4m3 (round to nearest even). Triton's CPU interpreter rounds ties up and flushes
+    subnormals in its own cast, so there (ROUND_IN_FP32) values are first rounded onto the e4m3 grid in
+    FP32, making the cast exact and the interpreter's result the one the GPU instruction gives."""
+    if ROUND_IN_FP32:
+        ax = tl.abs(x)
+        step = tl.exp2(tl.floor(tl.log2(tl.maximum(ax, 0.015625))) - 3.0)  # 3 mantissa bits; 2^-6 = min normal
+        r = ax / step
+        f = tl.floor(r)
+        odd = f - 2.0 * tl.floor(f * 0.5)
+        up = (r - f > 0.5) | ((r - f == 0.5) & (odd == 1.0))
+        x = tl.where(x < 0, -1.0, 1.0) * tl.minimum(tl.where(up, f + 1.0, f) * step, FP8_E4M3_MAX)
+    return x.to(tl.float8e4nv)
 
 
 @triton.jit
@@ -83,7 +99,7 @@ def quant_fp8_v_kernel(
     V, MEAN, SCALE, VQ,
     stride_b, stride_h, stride_n, stride_d,
     H, N, D, n_padded,
-    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, SUBTRACT_MEAN: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, SUBTRACT_MEAN: tl.constexpr, FP8_ROUND_IN_FP32: tl.constexpr,
 ):
     """FP8 e4m3 quantization of V with per-channel scales, stored transposed as [B, H, BLOCK_D, n_padded].
 
@@ -102,6 +118,6 @@ def quant_fp8_v_kernel(
         mean = tl.load(MEAN + bh * BLOCK_D + offs_d)
         v = tl.where(valid, v - mean[None, :], 0.0)
     scale = tl.load(SCALE + bh * BLOCK_D + offs_d)
-    vq = (v / scale[None, :]).to(tl.float8e4nv)
+    vq = to_fp8_e4m3(v / scale[None, :], FP8_ROUND_IN_FP32)
     out_ptrs = VQ + (bh * BLOCK_D + offs_d[None, :]) * n_padded + offs_n[:, None]
     tl.store(out_ptrs, vq, mask=offs_n[:, None] < n_padded)

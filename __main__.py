@@ -1,0 +1,49 @@
+"""`python -m sage_attention_pack [selfcheck|bench]`: the pack's main job outside ComfyUI.
+
+selfcheck (default): which GPU, which kernels serve, accuracy of every variant against exact attention,
+then a quick benchmark against SDPA (and the official kernels where importable); JSON written to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="sage-attention", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", nargs="?", default="selfcheck", choices=["selfcheck", "bench"])
+    parser.add_argument("--shapes", nargs="*", help="benchmark shape names (default: all; selfcheck: a quick set)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--no-peers", action="store_true", help="skip the official kernels and comfy-kitchen")
+    parser.add_argument("--out", default="sage_attention_bench.json", help="where the JSON results go")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from .sage_core import bench, selfcheck
+
+    info = selfcheck.describe()
+    print(f"sage-attention-pack: device {info['device']}, triton {info['triton']}; serving: {info['serving']}")
+    failures = 0
+    if args.command == "selfcheck":
+        rows = selfcheck.check()
+        for r in rows:
+            failures += not r["ok"]
+            print(f"  {'ok  ' if r['ok'] else 'FAIL'} {r['kernel']:10s} B,H,Nq,Nk,D,causal={r['case']} "
+                  f"cos {r['cosine']:.6f} relL1 {r['rel_l1']:.4f} via {r['served_by']}")
+    with torch.inference_mode():
+        result = bench.run(shapes=args.shapes, dtype=getattr(torch, args.dtype), repeats=args.repeats,
+                           with_peers=not args.no_peers, out_path=args.out, quick=args.command == "selfcheck")
+    print(bench.format_table(result))
+    print(f"results written to {args.out}")
+    if failures:
+        print(f"{failures} self-check case(s) outside the accuracy bounds", file=sys.stderr)
+    json.dumps(result)  # the JSON must be serialisable as written
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

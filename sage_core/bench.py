@@ -1,0 +1,208 @@
+"""Kernel benchmark: every Sage variant end to end (quantization included) against SDPA's backends and,
+when importable, the official SageAttention kernels and comfy-kitchen's INT8 attention.
+
+TOPS = 4·B·H·Nq·Nk·D / time. Inputs are model-shaped: K carries a per-channel offset, as the keys of
+real diffusion models do (it is what K smoothing removes). Accuracy is measured against FP32 attention
+on up to `ACCURACY_HEADS` heads. On a CPU the kernels run through Triton's interpreter on small shapes:
+the accuracy is real there, the timings are not GPU figures.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import backend
+from .config import SageConfig
+from .dispatch import attention
+from .metrics import attention_error
+from .progress import progress
+
+GPU_SHAPES = {
+    "flux_1024px": (1, 24, 4608, 128),
+    "sdxl_1024px": (2, 10, 4096, 64),
+    "wan21_480p_81f": (1, 40, 32760, 128),
+    "hunyuan_720p_129f": (1, 24, 118800, 128),
+    **{f"sweep_d{d}_n{n}": (2, 32, n, d) for d in (64, 128) for n in (2048, 8192, 16384)},
+}
+CPU_SHAPES = {"tiny_d64": (1, 2, 160, 64), "tiny_d128": (1, 2, 130, 128), "tiny_d40": (1, 2, 96, 40)}
+QUICK_GPU = ("flux_1024px", "sdxl_1024px", "wan21_480p_81f", "sweep_d128_n16384", "sweep_d64_n16384")
+ACCURACY_HEADS = 4
+K_OFFSET_SCALE = 4.0
+
+SAGE_VARIANTS = {
+    "sage_int8_fp16": SageConfig(kernel="int8_fp16"),
+    "sage_int8_fp8": SageConfig(kernel="int8_fp8"),
+    "sage_int8_fp8_smooth_v": SageConfig(kernel="int8_fp8", smooth_v=True),
+    "sage_int8_fp16_per_thread": SageConfig(kernel="int8_fp16", qk_granularity="per_thread"),
+    "sage_int8_fp16_no_smooth_k": SageConfig(kernel="int8_fp16", smooth_k=False),
+    "sage_int8_fp8_no_smooth_k": SageConfig(kernel="int8_fp8", smooth_k=False),
+    "sage_auto": SageConfig(kernel="auto"),
+}
+# Bounds the issue sets for model-shaped inputs against FP32 attention.
+BOUNDS = {"fp16": {"cosine": 0.9999, "rel_l1": 0.015}, "fp8": {"cosine": 0.999, "rel_l1": 0.045}}
+
+
+def model_shaped_inputs(b, h, n, d, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.randn(b, h, n, d, generator=g)
+    k = torch.randn(b, h, n, d, generator=g) + K_OFFSET_SCALE * torch.randn(1, h, 1, d, generator=g)
+    v = torch.randn(b, h, n, d, generator=g)
+    return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
+
+
+def sdpa_backends():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def make(b):
+        def run(q, k, v):
+            with sdpa_kernel([b]):
+                return F.scaled_dot_product_attention(q, k, v)
+        return run
+
+    return {"sdpa_flash": make(SDPBackend.FLASH_ATTENTION), "sdpa_cudnn": make(SDPBackend.CUDNN_ATTENTION),
+            "sdpa_efficient": make(SDPBackend.EFFICIENT_ATTENTION),
+            "sdpa_default": lambda q, k, v: F.scaled_dot_product_attention(q, k, v)}
+
+
+def load_peers() -> tuple[dict, dict]:
+    """The peers of bench/peers.py (beside the package, in a source checkout), and why others are missing."""
+    path = Path(__file__).resolve().parent.parent / "bench" / "peers.py"
+    if not path.exists():
+        return {}, {"peers": "bench/peers.py not found (peers are benchmarked from a source checkout)"}
+    spec = importlib.util.spec_from_file_location("sage_attention_bench_peers", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    found = mod.available_peers()
+    missing = getattr(mod, "MISSING", {})
+    return found, dict(missing)
+
+
+def time_ms(fn, warmup=3, repeats=10) -> float:
+    """Median wall time of fn in milliseconds; CUDA events on the GPU, a synchronised clock elsewhere."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    cuda = torch.cuda.is_available()
+    for _ in range(repeats):
+        if cuda:
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            e.synchronize()
+            times.append(s.elapsed_time(e))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def environment() -> dict:
+    env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()}
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except Exception as e:  # reported, not fatal: SDPA still benchmarks
+        env["triton"] = f"unavailable: {e}"
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name()
+        env["capability"] = "sm%d%d" % torch.cuda.get_device_capability()
+        env["cuda"] = torch.version.cuda
+    else:
+        env["device"] = f"CPU ({platform.processor() or platform.machine()}), Triton interpreter"
+    return env
+
+
+def reference(q, k, v):
+    """FP32 attention on the first heads (the memory-efficient backend takes FP32 at any length)."""
+    h = min(ACCURACY_HEADS, q.shape[1])
+    qs, ks, vs = (t[:, :h].float() for t in (q, k, v))
+    return F.scaled_dot_product_attention(qs, ks, vs)
+
+
+def bench_shape(name, shape, dtype, device, methods, repeats) -> dict:
+    b, h, n, d = shape
+    q, k, v = model_shaped_inputs(b, h, n, d, dtype, device)
+    ref = reference(q, k, v)
+    hh = ref.shape[1]
+    rows = {}
+    for method, fn in methods.items():
+        try:
+            out = fn(q, k, v)
+            err = attention_error(out[:, :hh], ref)
+            ms = time_ms(lambda: fn(q, k, v), warmup=2 if device == "cuda" else 0, repeats=repeats)
+            rows[method] = {"ms": ms, "tops": 4 * b * h * n * n * d / (ms * 1e-3) / 1e12, **err}
+        except Exception as e:  # a peer that cannot run this shape is reported, not fatal
+            rows[method] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    base = rows.get("sdpa_default", {}).get("ms")
+    for row in rows.values():
+        if base and "ms" in row:
+            row["speedup_vs_sdpa_default"] = base / row["ms"]
+    del q, k, v, ref
+    return {"shape": {"B": b, "H": h, "N": n, "D": d}, "dtype": str(dtype).replace("torch.", ""), "methods": rows}
+
+
+def sage_method(config):
+    return lambda q, k, v: attention(q, k, v, config=config)
+
+
+def run(shapes=None, dtype=torch.bfloat16, repeats=None, with_peers=True, out_path=None, quick=False) -> dict:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not backend.interpreting():
+        raise SystemExit("No GPU: set TRITON_INTERPRET=1 to run the kernels through Triton's interpreter")
+    table = GPU_SHAPES if device == "cuda" else CPU_SHAPES
+    names = shapes or (list(QUICK_GPU) if quick and device == "cuda" else list(table))
+    unknown = [s for s in names if s not in table]
+    if unknown:
+        raise SystemExit(f"unknown shape(s) {unknown}; known: {sorted(table)}")
+    methods = {k: sage_method(c) for k, c in SAGE_VARIANTS.items()}
+    peers_missing = {}
+    if device == "cuda":
+        methods.update(sdpa_backends())
+        if with_peers:
+            peers, peers_missing = load_peers()
+            methods.update({f"peer_{k}": v for k, v in peers.items()})
+    else:
+        methods["sdpa_default"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
+    repeats = repeats or (10 if device == "cuda" else 1)
+    result = {"environment": environment(), "tops_definition": "4*B*H*Nq*Nk*D / time",
+              "k_offset_scale": K_OFFSET_SCALE, "accuracy_reference": f"fp32 attention, first {ACCURACY_HEADS} heads",
+              "bounds": BOUNDS, "peers_missing": peers_missing, "shapes": {}}
+    for name in progress(names, desc="benchmark", unit="shape"):
+        shape = table[name]
+        reps = max(2, repeats // 3) if shape[2] > 60000 else repeats
+        result["shapes"][name] = bench_shape(name, shape, dtype, device, methods, reps)
+    if out_path:
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_path).write_text(json.dumps(result, indent=1))
+    return result
+
+
+def format_table(result: dict) -> str:
+    methods = []
+    for s in result["shapes"].values():
+        methods += [m for m in s["methods"] if m not in methods]
+    lines = [f"device: {result['environment'].get('device')}  torch {result['environment']['torch']}  "
+             f"triton {result['environment'].get('triton')}", "TOPS (speed-up vs SDPA default) [cosine / rel L1]"]
+    for name, s in result["shapes"].items():
+        lines.append(f"\n{name} {s['shape']} {s['dtype']}")
+        for m in methods:
+            r = s["methods"].get(m)
+            if r is None:
+                continue
+            if "error" in r:
+                lines.append(f"  {m:30s} error: {r['error'][:90]}")
+                continue
+            sp = r.get("speedup_vs_sdpa_default")
+            lines.append(f"  {m:30s} {r['tops']:8.1f} TOPS  {r['ms']:9.3f} ms  "
+                         f"{'(%.3fx)' % sp if sp else '':10s} [{r['cosine']:.6f} / {r['rel_l1']:.4f}]")
+    return "\n".join(lines)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from sage_core import image_metrics as im
+from sage_attention_pack.sage_core import image_metrics as im
 
 
 def _reference_ssim(x: np.ndarray, y: np.ndarray, data_range=1.0, size=11, sigma=1.5) -> float:

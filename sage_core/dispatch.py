@@ -40,6 +40,7 @@ class DispatchStats:
         with getattr(self, "_lock", threading.Lock()):
             self.sage = Counter()
             self.fallback = Counter()
+            self.exact = Counter()  # calls routed to exact attention on purpose (block list, step range, off)
             self.recomputed = 0
 
     def record_sage(self, variant: str):
@@ -50,18 +51,24 @@ class DispatchStats:
         with self._lock:
             self.fallback[reason] += 1
 
+    def record_exact(self, why: str):
+        with self._lock:
+            self.exact[why] += 1
+
     def record_recompute(self):
         with self._lock:
             self.recomputed += 1
 
     @property
     def total(self) -> int:
-        return sum(self.sage.values()) + sum(self.fallback.values())
+        return sum(self.sage.values()) + sum(self.fallback.values()) + sum(self.exact.values())
 
     def snapshot(self) -> dict:
+        """{"sage": {variant: n}, "fallback": {reason: n}, "exact": {why: n}, "recomputed": n, "total": n}."""
         with self._lock:
-            return {"sage": dict(self.sage), "fallback": dict(self.fallback), "recomputed": self.recomputed,
-                    "total": sum(self.sage.values()) + sum(self.fallback.values())}
+            return {"sage": dict(self.sage), "fallback": dict(self.fallback), "exact": dict(self.exact),
+                    "recomputed": self.recomputed,
+                    "total": sum(self.sage.values()) + sum(self.fallback.values()) + sum(self.exact.values())}
 
 
 GLOBAL_STATS = DispatchStats()
@@ -169,8 +176,10 @@ def attention(q, k, v, *, tensor_layout="HND", is_causal=False, sm_scale=None, a
         sm_scale = 1.0 / math.sqrt(D) if D else 1.0
 
     def exact(reason=None):
-        if reason:
-            if config.on_unsupported == "raise" and reason != "kernel off":
+        if reason == "kernel off":
+            stats.record_exact(reason)
+        elif reason:
+            if config.on_unsupported == "raise":
                 raise UnsupportedInput(f"Sage attention cannot serve this call: {reason}")
             stats.record_fallback(reason)
         out, lse = sdpa(qh, kh, vh, is_causal=is_causal, sm_scale=sm_scale, attn_mask=attn_mask, dropout_p=dropout_p,

@@ -1,0 +1,39 @@
+"""The dispatcher as a torch custom op, so `torch.compile`d models treat Sage attention as one opaque call
+instead of breaking their graph on its Python-side decisions (fallbacks, counters, the NaN guard)."""
+from __future__ import annotations
+
+import itertools
+import weakref
+
+import torch
+
+from .config import SageConfig
+from .dispatch import DispatchStats, attention
+
+_STATS: "weakref.WeakValueDictionary[int, DispatchStats]" = weakref.WeakValueDictionary()
+_IDS = itertools.count(1)
+
+
+@torch.library.custom_op("sage_attention_pack::attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, layout: str,
+                  kernel: str, smooth_k: bool, smooth_v: bool, granularity: str, quant_block: int,
+                  on_unsupported: str, stats_id: int) -> torch.Tensor:
+    config = SageConfig(kernel=kernel, smooth_k=smooth_k, smooth_v=smooth_v, qk_granularity=granularity,
+                        quant_block=quant_block, on_unsupported=on_unsupported)
+    return attention(q, k, v, tensor_layout=layout, attn_mask=mask, config=config, stats=_STATS.get(stats_id))
+
+
+@_attention_op.register_fake
+def _(q, k, v, mask, layout, kernel, smooth_k, smooth_v, granularity, quant_block, on_unsupported, stats_id):
+    return q.new_empty(q.shape).contiguous()
+
+
+def sage_attention_op(q, k, v, mask, layout: str, config: SageConfig, stats: DispatchStats | None = None):
+    """Call the dispatcher through the custom op (same result as `attention`, output contiguous)."""
+    stats_id = 0
+    if stats is not None:
+        stats_id = getattr(stats, "_op_id", 0) or next(_IDS)
+        stats._op_id = stats_id
+        _STATS[stats_id] = stats
+    return _attention_op(q, k, v, mask, layout, config.kernel, config.smooth_k, config.smooth_v,
+                         config.qk_granularity, config.quant_block, config.on_unsupported, stats_id)

@@ -27,7 +27,7 @@ def _as_frames(images: torch.Tensor) -> torch.Tensor:
         images = images.unsqueeze(0)
     if images.ndim != 4:
         raise ValueError(f"expected an IMAGE tensor [frames, H, W, C], got shape {tuple(images.shape)}")
-    return images.to(torch.float64)
+    return images.detach().to(torch.float64)
 
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

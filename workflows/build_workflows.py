@@ -18,9 +18,14 @@ import sys
 import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 
-from sage_core.batch.workflow import ui_to_api  # noqa: E402
+try:
+    from sage_attention_pack.sage_core.batch.client import ComfyClient
+    from sage_attention_pack.sage_core.batch.workflow import ui_to_api
+except ImportError:  # the pack not installed: run from its folder
+    sys.path.insert(0, os.path.dirname(HERE))
+    from sage_core.batch.client import ComfyClient
+    from sage_core.batch.workflow import ui_to_api
 
 SAGE_WIDGETS = ["auto", True, False, "per_warp", "128", "", 0.0, 1.0, "fallback"]
 SAGE_SIZE = [330, 262]
@@ -449,8 +454,6 @@ def main(argv=None):
     ap.add_argument("--only", nargs="*", help="build only these workflows")
     args = ap.parse_args(argv)
     if args.server:
-        from sage_core.batch.client import ComfyClient
-
         object_info = ComfyClient(args.server).object_info()
     else:
         with open(args.object_info, encoding="utf-8") as f:

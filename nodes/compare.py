@@ -327,7 +327,10 @@ def format_report(r: dict) -> str:
         variants = ", ".join(f"{k} {v}" for k, v in (c.get("sage") or {}).items()) or "none"
         fallbacks = c.get("fallback") or {}
         reasons = ", ".join(f"{k}: {v}" for k, v in fallbacks.items())
-        lines.append(f"  Sage calls: {sum((c.get('sage') or {}).values())} ({variants}); fallbacks: "
+        exact = c.get("exact") or {}
+        why = ", ".join(f"{k}: {v}" for k, v in exact.items())
+        lines.append(f"  Sage calls: {sum((c.get('sage') or {}).values())} ({variants}); kept exact: "
+                     f"{sum(exact.values())}{f' ({why})' if why else ''}; fallbacks: "
                      f"{sum(fallbacks.values())}{f' ({reasons})' if reasons else ''}; "
                      f"recomputed: {c.get('recomputed', 0)}")
     lines += [

@@ -243,6 +243,6 @@ def probe_plot(rows: Sequence[dict], title: str = "Sage attention probe", worst_
         if cx - last_x > draw.textlength(text, font=small) + 6:
             draw.text((cx + 2, y1 + 6), text, font=small, fill=MUTED)
             last_x = cx
-    draw.text((left, height - 40), "attention calls in order; labels mark the first call of each block", font=small,
-              fill=MUTED)
+    draw.text((left, height - 40), "attention calls in order; numbers mark the first call of each block "
+              "(as exact_blocks counts them)", font=small, fill=MUTED)
     return _pil_to_tensor(img).unsqueeze(0)

@@ -111,6 +111,10 @@ function figureRows(report) {
         const sageTotal = Object.values(counters.sage ?? {}).reduce((a, b) => a + (Number(b) || 0), 0);
         rows.push(["sage_calls", "Calls served by Sage", sageTotal,
             variants ? `${sageTotal} (${variants})` : String(sageTotal)]);
+        const exactCalls = counters.exact ?? {};
+        const exactTotal = Object.values(exactCalls).reduce((a, b) => a + (Number(b) || 0), 0);
+        const why = Object.entries(exactCalls).map(([k, n]) => `${k}: ${n}`).join(", ");
+        rows.push(["kept_exact", "Kept exact", exactTotal, why ? `${exactTotal} (${why})` : "0"]);
         rows.push(["fallbacks", "Fallbacks", fallbackTotal, reasons ? `${fallbackTotal} (${reasons})` : "0"]);
     }
     return rows;
@@ -321,6 +325,12 @@ function showCounters(node, stats) {
     for (const [variant, n] of Object.entries(stats.sage ?? {})) {
         const li = el("li", "sage-stats-variant", `${variant}: ${n}`);
         li.dataset.variant = variant;
+        li.dataset.count = String(n);
+        list.append(li);
+    }
+    for (const [why, n] of Object.entries(stats.exact ?? {})) {
+        const li = el("li", "sage-stats-exact", `exact, ${why}: ${n}`);
+        li.dataset.exact = why;
         li.dataset.count = String(n);
         list.append(li);
     }

@@ -5,13 +5,13 @@ import logging
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import patch
+from . import compare, patch, probe
 
 log = logging.getLogger("sage_attention_pack")
 
 
 def node_classes() -> list[type[io.ComfyNode]]:
-    nodes = [patch.SageAttention]
+    nodes = [patch.SageAttention, compare.SageAttentionCompare, probe.SageAttentionProbe]
     return nodes
 
 

@@ -13,11 +13,12 @@ import sys
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="sage-attention", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", default="selfcheck", choices=["selfcheck", "bench"])
+    parser.add_argument("command", nargs="?", default="selfcheck", choices=["selfcheck", "bench", "tune"])
     parser.add_argument("--shapes", nargs="*", help="benchmark shape names (default: all; selfcheck: a quick set)")
     parser.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--no-peers", action="store_true", help="skip the official kernels and comfy-kitchen")
+    parser.add_argument("--methods", nargs="*", help="only these methods (fnmatch patterns, e.g. 'sage_*' 'peer_*')")
     parser.add_argument("--out", default="sage_attention_bench.json", help="where the JSON results go")
     args = parser.parse_args(argv)
 
@@ -28,6 +29,19 @@ def main(argv=None) -> int:
     info = selfcheck.describe()
     print(f"sage-attention-pack: device {info['device']}, triton {info['triton']}; serving: {info['serving']}")
     failures = 0
+    if args.command == "tune":
+        from .sage_core import autotune
+
+        if not torch.cuda.is_available():
+            print("tune needs a GPU", file=sys.stderr)
+            return 2
+        names = args.shapes or list(bench.QUICK_GPU)
+        result = autotune.tune({n: bench.GPU_SHAPES[n] for n in names}, getattr(torch, args.dtype))
+        with open(args.out, "w") as f:
+            json.dump({"environment": bench.environment(), "tuning": result}, f, indent=1)
+        for k, r in result.items():
+            print(f"  {k:40s} best {r['best']}  {min(r['ms'].values()):.3f} ms")
+        return 0
     if args.command == "selfcheck":
         rows = selfcheck.check()
         for r in rows:
@@ -36,7 +50,8 @@ def main(argv=None) -> int:
                   f"cos {r['cosine']:.6f} relL1 {r['rel_l1']:.4f} via {r['served_by']}")
     with torch.inference_mode():
         result = bench.run(shapes=args.shapes, dtype=getattr(torch, args.dtype), repeats=args.repeats,
-                           with_peers=not args.no_peers, out_path=args.out, quick=args.command == "selfcheck")
+                           with_peers=not args.no_peers, out_path=args.out, quick=args.command == "selfcheck",
+                           method_patterns=args.methods)
     print(bench.format_table(result))
     print(f"results written to {args.out}")
     if failures:

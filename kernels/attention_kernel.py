@@ -30,6 +30,75 @@ def quantize_rows_int8(x, ROWS: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.c
 
 
 @triton.jit
+def attend_tile(acc, m_i, l_i, q8, q_scale, start_n, offs_m, offs_d, d_valid, k_base, ks_base, bias_base, v_base,
+                v8_base, v_mean, stride_vn, stride_vd, NK, v_padded,
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, K_GROUP: tl.constexpr, MASKED: tl.constexpr,
+                PV_FP8: tl.constexpr, SMOOTH_V: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                BF16_DOT_IN_FP32: tl.constexpr, FP8_ROUND_IN_FP32: tl.constexpr, V_DTYPE: tl.constexpr):
+    """One key/value tile of the online softmax. MASKED tiles (the ragged tail, the causal diagonal) pay for
+    bounds and causal masks; every other tile runs without them."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if MASKED:
+        n_valid = offs_n < NK
+        k8 = tl.load(k_base + offs_n[:, None] * BLOCK_D + offs_d[None, :], mask=n_valid[:, None], other=0)
+    else:
+        k8 = tl.load(k_base + offs_n[:, None] * BLOCK_D + offs_d[None, :])
+    qk = tl.dot(q8, tl.trans(k8)).to(tl.float32)
+    if K_GROUP >= BLOCK_N:  # one K scale for the whole tile: fold it into Q's row scales
+        s = qk * (q_scale * tl.load(ks_base + start_n // K_GROUP))[:, None]
+    else:
+        if MASKED:
+            k_scale = tl.load(ks_base + offs_n // K_GROUP, mask=n_valid, other=0.0)
+        else:
+            k_scale = tl.load(ks_base + offs_n // K_GROUP)
+        s = qk * q_scale[:, None] * k_scale[None, :]
+    if HAS_BIAS:
+        if MASKED:
+            s = s + tl.load(bias_base + offs_n, mask=n_valid, other=0.0)[None, :]
+        else:
+            s = s + tl.load(bias_base + offs_n)[None, :]
+    if MASKED:
+        keep = n_valid[None, :]
+        if IS_CAUSAL:
+            keep = keep & (offs_n[None, :] <= offs_m[:, None])
+        s = tl.where(keep, s, float("-inf"))
+
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    if MASKED or HAS_BIAS:
+        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with every key masked so far
+    else:
+        m_new_safe = m_new
+    p = tl.exp2(s - m_new_safe[:, None])
+    alpha = tl.exp2(m_i - m_new_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None]
+    if PV_FP8:
+        v8_ptrs = v8_base + offs_d[None, :] * v_padded + offs_n[:, None]
+        if MASKED:
+            v8 = tl.load(v8_ptrs, mask=offs_n[:, None] < v_padded, other=0.0)
+        else:
+            v8 = tl.load(v8_ptrs)
+        # two-level accumulation: each tile's FP8 product lands in FP32 before it joins acc
+        acc += tl.dot(to_fp8_e4m3(p * FP8_E4M3_MAX, FP8_ROUND_IN_FP32), v8)
+    else:
+        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+        if MASKED:
+            v = tl.load(v_ptrs, mask=n_valid[:, None] & d_valid[None, :], other=0.0)
+        else:
+            v = tl.load(v_ptrs, mask=d_valid[None, :], other=0.0)
+        if SMOOTH_V:
+            v = (v.to(tl.float32) - v_mean[None, :]).to(V_DTYPE)
+        if V_DTYPE == tl.float32:
+            acc += tl.dot(p, v)
+        elif BF16_DOT_IN_FP32:
+            # Triton's CPU interpreter mis-multiplies bf16 operands: same rounding of P, exact product
+            acc += tl.dot(p.to(tl.bfloat16).to(tl.float32), v.to(tl.float32))
+        else:
+            acc += tl.dot(p.to(V_DTYPE), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def sage_attention_fwd_kernel(
     Q, K8, K_SCALE, V, V8, V_SCALE, V_MEAN, BIAS, OUT, LSE, BAD,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -41,7 +110,7 @@ def sage_attention_fwd_kernel(
     Q_GROUP: tl.constexpr, K_GROUP: tl.constexpr,
     PV_FP8: tl.constexpr, SMOOTH_V: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_BIAS: tl.constexpr, RETURN_LSE: tl.constexpr, BF16_DOT_IN_FP32: tl.constexpr,
-    FP8_ROUND_IN_FP32: tl.constexpr,
+    FP8_ROUND_IN_FP32: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -51,7 +120,10 @@ def sage_attention_fwd_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    d_valid = offs_d < D
+    if EVEN_D:
+        d_valid = offs_d < BLOCK_D  # all true, known at compile time: no per-element masks
+    else:
+        d_valid = offs_d < D
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=(offs_m[:, None] < NQ) & d_valid[None, :], other=0.0).to(tl.float32)
     q8, q_scale = quantize_rows_int8(q * qk_multiplier, BLOCK_M, Q_GROUP, BLOCK_D)
@@ -61,58 +133,37 @@ def sage_attention_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
 
     hi = NK
+    full_hi = (NK // BLOCK_N) * BLOCK_N
     if IS_CAUSAL:
         # top-left aligned, as torch's scaled_dot_product_attention(is_causal=True)
         hi = tl.minimum(NK, (pid_m + 1) * BLOCK_M)
+        full_hi = tl.minimum(full_hi, (pid_m * BLOCK_M // BLOCK_N) * BLOCK_N)
     k_base = K8 + bh_kv * NK * BLOCK_D
     ks_base = K_SCALE + bh_kv * k_groups
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < NK
-        k8 = tl.load(k_base + offs_n[:, None] * BLOCK_D + offs_d[None, :], mask=n_valid[:, None], other=0)
-        k_scale = tl.load(ks_base + offs_n // K_GROUP, mask=n_valid, other=0.0)
-        s = tl.dot(q8, tl.trans(k8)).to(tl.float32) * q_scale[:, None] * k_scale[None, :]
-        if HAS_BIAS:
-            bias = tl.load(BIAS + b * stride_bias_b + h * stride_bias_h + offs_n, mask=n_valid, other=0.0)
-            s = s + bias[None, :]
-        keep = n_valid[None, :]
-        if IS_CAUSAL:
-            keep = keep & (offs_n[None, :] <= offs_m[:, None])
-        s = tl.where(keep, s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with every key masked so far
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
-        if PV_FP8:
-            v8_ptrs = V8 + (bh_kv * BLOCK_D + offs_d[None, :]) * v_padded + offs_n[:, None]
-            v8 = tl.load(v8_ptrs, mask=offs_n[:, None] < v_padded, other=0.0)
-            # two-level accumulation: each tile's FP8 product lands in FP32 before it joins acc
-            acc += tl.dot(to_fp8_e4m3(p * FP8_E4M3_MAX, FP8_ROUND_IN_FP32), v8)
-        else:
-            v_ptrs = V + b * stride_vb + (h // KV_GROUP) * stride_vh + offs_n[:, None] * stride_vn \
-                + offs_d[None, :] * stride_vd
-            v = tl.load(v_ptrs, mask=n_valid[:, None] & d_valid[None, :], other=0.0)
-            if SMOOTH_V:
-                v_mean = tl.load(V_MEAN + bh_kv * BLOCK_D + offs_d)
-                v = (v.to(tl.float32) - v_mean[None, :]).to(V.dtype.element_ty)
-            if V.dtype.element_ty == tl.float32:
-                acc += tl.dot(p, v)
-            elif BF16_DOT_IN_FP32:
-                # Triton's CPU interpreter mis-multiplies bf16 operands: same rounding of P, exact product
-                acc += tl.dot(p.to(tl.bfloat16).to(tl.float32), v.to(tl.float32))
-            else:
-                acc += tl.dot(p.to(V.dtype.element_ty), v)
-        m_i = m_new
+    bias_base = BIAS + b * stride_bias_b + h * stride_bias_h
+    v_base = V + b * stride_vb + (h // KV_GROUP) * stride_vh
+    v8_base = V8 + bh_kv * BLOCK_D * v_padded
+    v_mean = tl.zeros((BLOCK_D,), tl.float32)
+    if SMOOTH_V:
+        v_mean = tl.load(V_MEAN + bh_kv * BLOCK_D + offs_d)
+    V_DTYPE: tl.constexpr = V.dtype.element_ty
+    for start_n in range(0, full_hi, BLOCK_N):
+        acc, m_i, l_i = attend_tile(
+            acc, m_i, l_i, q8, q_scale, start_n, offs_m, offs_d, d_valid, k_base, ks_base, bias_base, v_base,
+            v8_base, v_mean, stride_vn, stride_vd, NK, v_padded, BLOCK_N, BLOCK_D, K_GROUP, False, PV_FP8,
+            SMOOTH_V, IS_CAUSAL, HAS_BIAS, BF16_DOT_IN_FP32, FP8_ROUND_IN_FP32, V_DTYPE)
+    for start_n in range(full_hi, hi, BLOCK_N):
+        acc, m_i, l_i = attend_tile(
+            acc, m_i, l_i, q8, q_scale, start_n, offs_m, offs_d, d_valid, k_base, ks_base, bias_base, v_base,
+            v8_base, v_mean, stride_vn, stride_vd, NK, v_padded, BLOCK_N, BLOCK_D, K_GROUP, True, PV_FP8,
+            SMOOTH_V, IS_CAUSAL, HAS_BIAS, BF16_DOT_IN_FP32, FP8_ROUND_IN_FP32, V_DTYPE)
 
     out = acc / l_i[:, None]
     if PV_FP8:
         v_scale = tl.load(V_SCALE + bh_kv * BLOCK_D + offs_d)
         out = out * (v_scale / FP8_E4M3_MAX)[None, :]
     if SMOOTH_V:
-        out = out + tl.load(V_MEAN + bh_kv * BLOCK_D + offs_d)[None, :]
+        out = out + v_mean[None, :]
     row_valid = offs_m < NQ
     o_mask = row_valid[:, None] & d_valid[None, :]
     o_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od

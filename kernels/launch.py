@@ -83,6 +83,8 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
                  pv_fp8: bool, smooth_k: bool, smooth_v: bool, return_lse: bool, config: tuning.LaunchConfig):
     """Run quantization and attention; writes `out` ([B, H, Nq, D] view) and returns (lse, bad_count).
 
+    q_group: query rows per INT8 scale (capped at the Q tile); k_group: keys per scale, 0 for one per tile.
+
     bias: None or an FP32 [Bb, Hb, Nk] additive bias in log2 units, Bb in {1, B}, Hb in {1, H}.
     """
     B, H, NQ, D = q.shape
@@ -90,6 +92,7 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
     block_d = padded_head_dim(D)
     block_m, block_n = config.block_m, config.block_n
     q_group = min(q_group, block_m)
+    k_group = k_group or block_n  # 0: one K scale per key tile
 
     k_mean = channel_stats(k, block_d)[0] if smooth_k else None
     k8, k_scale = quantize_int8(k, k_group, block_d, mean=k_mean)
@@ -115,7 +118,7 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, Q_GROUP=q_group, K_GROUP=k_group,
         PV_FP8=pv_fp8, SMOOTH_V=v_mean is not None, IS_CAUSAL=is_causal, HAS_BIAS=bias is not None,
         RETURN_LSE=return_lse, BF16_DOT_IN_FP32=interpreting() and v.dtype == torch.bfloat16,
-        FP8_ROUND_IN_FP32=interpreting(), num_warps=config.num_warps, num_stages=config.num_stages)
+        FP8_ROUND_IN_FP32=interpreting(), EVEN_D=D == block_d, num_warps=config.num_warps, num_stages=config.num_stages)
     if return_lse and k_mean is not None:
         # K smoothing shifted every score of a row by q·mean(K)·scale: add it back for the true LSE
         km = k_mean[..., :D].repeat_interleave(H // HK, dim=1)

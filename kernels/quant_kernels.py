@@ -6,7 +6,7 @@ views need no copy. Rounding is half away from zero, the same as sage_core/refer
 import triton
 import triton.language as tl
 
-FP8_E4M3_MAX: tl.constexpr = 448.0
+FP8_E4M3_MAX = tl.constexpr(448.0)
 
 
 @triton.jit

@@ -60,10 +60,9 @@ def parse(args: tuple, kwargs: dict) -> AttentionCall:
         layout = "HND"
     else:
         layout = "NHD"
-        d = q.shape[-1] // heads
-        q = q.view(q.shape[0], q.shape[1], heads, d)
-        k = k.view(k.shape[0], k.shape[1], k.shape[-1] // d, d)
-        v = v.view(v.shape[0], v.shape[1], v.shape[-1] // d, d)
+        # exactly as ComfyUI's own attention functions view them (k and v may arrive as [B, N, H, D])
+        b, d = q.shape[0], q.shape[-1] // heads
+        q, k, v = (t.view(b, -1, heads, d) for t in (q, k, v))
     if mask is not None:
         if mask.ndim == 2:  # as ComfyUI's own sage/pytorch paths do: add batch, then heads
             mask = mask.unsqueeze(0)

@@ -15,14 +15,18 @@ def node_classes() -> list[type[io.ComfyNode]]:
     return nodes
 
 
+def log_startup_line() -> None:
+    """One line at startup: version, GPU, Triton, which kernels will serve (or why none)."""
+    from .. import __version__
+    from ..sage_core.selfcheck import describe
+
+    info = describe()
+    log.info("Sage Attention Pack %s: device %s, triton %s; serving: %s", __version__, info["device"],
+             info["triton"], info["serving"])
+
+
 class SageAttentionExtension(ComfyExtension):
-    async def on_load(self) -> None:
-        from .. import __version__
-        from ..sage_core.selfcheck import describe
-
-        info = describe()
-        log.info("Sage Attention Pack %s: device %s, triton %s; %s", __version__, info["device"], info["triton"],
-                 info["serving"])
-
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        # ComfyUI 0.3.x asks for the node list once at startup (it does not call on_load)
+        log_startup_line()
         return node_classes()

@@ -29,8 +29,9 @@ def choice_cache():
 def choice_key(q, k, is_causal: bool, has_bias: bool, config: SageConfig) -> str:
     from ..kernels import tuning
 
-    return (f"d{q.shape[-1]}|nq{tuning.seq_bucket(q.shape[2])}|nk{tuning.seq_bucket(k.shape[2])}|"
-            f"{str(q.dtype).replace('torch.', '')}|{'causal' if is_causal else 'full'}|{'mask' if has_bias else 'nomask'}|"
+    dtype = str(q.dtype).replace("torch.", "")
+    return (f"d{q.shape[-1]}|nq{tuning.seq_bucket(q.shape[2])}|nk{tuning.seq_bucket(k.shape[2])}|{dtype}|"
+            f"{'causal' if is_causal else 'full'}|{'mask' if has_bias else 'nomask'}|"
             f"{config.qk_granularity}{config.quant_block}|sk{int(config.smooth_k)}sv{int(config.smooth_v)}")
 
 

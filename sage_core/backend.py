@@ -77,7 +77,7 @@ def arch_family(device: torch.device) -> str:
 def run(q, k, v, *, layout: str, sm_scale: float, is_causal: bool, bias, config: SageConfig, pv_fp8: bool,
         return_lse: bool, launch_config=None):
     """Run the Triton path on HND views; returns (output in the caller's layout, lse or None, bad flags)."""
-    from ..kernels import launch, tuning
+    from ..kernels import launch
 
     B, H, NQ, D = q.shape
     block_d = launch.padded_head_dim(D)

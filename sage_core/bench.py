@@ -8,6 +8,7 @@ the accuracy is real there, the timings are not GPU figures.
 """
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import json
 import platform
@@ -78,9 +79,8 @@ def load_peers() -> tuple[dict, dict]:
     spec = importlib.util.spec_from_file_location("sage_attention_bench_peers", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    found = mod.available_peers()
-    missing = getattr(mod, "MISSING", {})
-    return found, dict(missing)
+    found = mod.available_peers(check_device=True)
+    return dict(found), dict(getattr(found, "missing", {}))
 
 
 def time_ms(fn, warmup=3, repeats=10) -> float:
@@ -147,7 +147,6 @@ def bench_shape(name, shape, dtype, device, methods, repeats) -> dict:
     for row in rows.values():
         if base and "ms" in row:
             row["speedup_vs_sdpa_default"] = base / row["ms"]
-    del q, k, v, ref
     return {"shape": {"B": b, "H": h, "N": n, "D": d}, "dtype": str(dtype).replace("torch.", ""), "methods": rows}
 
 
@@ -155,7 +154,8 @@ def sage_method(config):
     return lambda q, k, v: attention(q, k, v, config=config)
 
 
-def run(shapes=None, dtype=torch.bfloat16, repeats=None, with_peers=True, out_path=None, quick=False) -> dict:
+def run(shapes=None, dtype=torch.bfloat16, repeats=None, with_peers=True, out_path=None, quick=False,
+        method_patterns=None) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not backend.interpreting():
         raise SystemExit("No GPU: set TRITON_INTERPRET=1 to run the kernels through Triton's interpreter")
@@ -173,6 +173,9 @@ def run(shapes=None, dtype=torch.bfloat16, repeats=None, with_peers=True, out_pa
             methods.update({f"peer_{k}": v for k, v in peers.items()})
     else:
         methods["sdpa_default"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
+    if method_patterns:
+        keep = [m for m in methods if m == "sdpa_default" or any(fnmatch.fnmatch(m, p) for p in method_patterns)]
+        methods = {m: methods[m] for m in keep}
     repeats = repeats or (10 if device == "cuda" else 1)
     result = {"environment": environment(), "tops_definition": "4*B*H*Nq*Nk*D / time",
               "k_offset_scale": K_OFFSET_SCALE, "accuracy_reference": f"fp32 attention, first {ACCURACY_HEADS} heads",

@@ -23,7 +23,7 @@ class SageConfig:
     smooth_k:        subtract K's per-channel mean over tokens before quantizing (exact for softmax).
     smooth_v:        subtract V's per-channel mean and add it back to the output (helps FP8 P·V).
     qk_granularity:  rows of Q sharing one scale: a whole quant block, a warp's 16 rows, or each row.
-                     K uses one scale per key block (per_block) or per key token (per_warp/per_thread).
+                     K uses one scale per key tile (per_block, per_warp) or per key token (per_thread).
     quant_block:     tokens per Q quantization block and per attention Q tile (64 or 128).
     nan_guard:       recompute a call exactly when the fast path produced a non-finite value.
     on_unsupported:  "fallback" to exact attention (counted, with its reason) or "raise".
@@ -53,8 +53,9 @@ class SageConfig:
 
     @property
     def k_group_rows(self) -> int:
-        """How many consecutive key rows share one INT8 scale (a key tile is 64 tokens)."""
-        return 64 if self.qk_granularity == "per_block" else 1
+        """How many consecutive key rows share one INT8 scale: 1 (per token, for per_thread), or 0 meaning
+        one scale per key tile of the attention kernel (64 or 128 keys), as the official kernels do."""
+        return 1 if self.qk_granularity == "per_thread" else 0
 
 
 def _check_choice(name, value, allowed):

@@ -52,7 +52,7 @@ def sage_reference(q, k, v, *, sm_scale=None, is_causal=False, bias=None, q_grou
         s = s.masked_fill(~keep, float("-inf"))
     m = s.amax(-1, keepdim=True)
     p = torch.exp2(s - m)
-    l = p.sum(-1, keepdim=True)
+    row_sum = p.sum(-1, keepdim=True)
 
     v_mean = vf.mean(dim=2, keepdim=True) if smooth_v else torch.zeros_like(vf[:, :, :1])
     vs = vf - v_mean
@@ -60,14 +60,14 @@ def sage_reference(q, k, v, *, sm_scale=None, is_causal=False, bias=None, q_grou
         v_scale = vs.abs().amax(dim=2, keepdim=True).clamp_min(1e-30) / FP8_E4M3_MAX
         v8 = (vs / v_scale).to(torch.float8_e4m3fn).float()
         p8 = (p * FP8_E4M3_MAX).to(torch.float8_e4m3fn).float()
-        out = (p8 @ v8.repeat_interleave(rep, 1)) / l * (v_scale / FP8_E4M3_MAX).repeat_interleave(rep, 1)
+        out = (p8 @ v8.repeat_interleave(rep, 1)) / row_sum * (v_scale / FP8_E4M3_MAX).repeat_interleave(rep, 1)
     else:
         pv_dtype = torch.float32 if v.dtype == torch.float32 else v.dtype
         vv = vs.to(pv_dtype).float() if smooth_v else vf
-        out = (p.to(pv_dtype).float() @ vv.repeat_interleave(rep, 1)) / l
+        out = (p.to(pv_dtype).float() @ vv.repeat_interleave(rep, 1)) / row_sum
     out = out + v_mean.repeat_interleave(rep, 1)
     if not return_lse:
         return out.to(q.dtype)
-    lse = (m.squeeze(-1) + torch.log2(l.squeeze(-1))) / LOG2E
+    lse = (m.squeeze(-1) + torch.log2(row_sum.squeeze(-1))) / LOG2E
     lse = lse + (qf @ k_mean.repeat_interleave(rep, 1).transpose(-1, -2)).squeeze(-1) * sm_scale
     return out.to(q.dtype), lse

@@ -590,6 +590,9 @@ class PromptRun:
         return getattr(self, key)
 
 
+_EXTRA_NODES_LOADED = False  # comfy_extras are registered once per process
+
+
 class InProcessComfy:
     """ComfyUI initialised in this process (CPU) with the pack loaded; run prompts with :meth:`run_prompt`.
 
@@ -642,8 +645,10 @@ class InProcessComfy:
         self.client_id = "sage-tests-" + uuid.uuid4().hex[:8]
 
         async def init():
-            if self.init_extra_nodes:
+            global _EXTRA_NODES_LOADED
+            if self.init_extra_nodes and not _EXTRA_NODES_LOADED:
                 await nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False)
+                _EXTRA_NODES_LOADED = True
             base = set(nodes.NODE_CLASS_MAPPINGS)
             for path in self.custom_node_paths:
                 self.load_results[str(path)] = await self._load_custom_node(nodes, str(path), base)
@@ -925,6 +930,7 @@ class ComfyServer:
                 m = json.loads(raw)
                 data = m.get("data") or {}
                 if data.get("prompt_id") not in (None, prompt_id):
+                    self.messages.setdefault(data["prompt_id"], []).append((m.get("type"), data))
                     continue
                 msgs.append((m.get("type"), data))
                 if m.get("type") == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:

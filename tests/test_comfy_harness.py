@@ -180,17 +180,21 @@ def test_inprocess_several_prompts_cache_and_seed(comfy_inprocess, small_models)
     import torch
 
     ids = harness.NODE_IDS
-    prompt = harness.workflow_api("sd15", small_models, use_checkpoint=False, output="PreviewImage", seed=7)
-    first = comfy_inprocess.run_prompt(prompt)
-    again = comfy_inprocess.run_prompt(prompt)
+
+    def prompt(seed):
+        return harness.workflow_api("sd15", small_models, use_checkpoint=False, output="PreviewImage", seed=seed)
+
+    first = comfy_inprocess.run_prompt(prompt(7))
+    again = comfy_inprocess.run_prompt(prompt(7))
     assert ids["sampler"] in first.executed and ids["sampler"] not in again.executed  # cached by ComfyUI
+    assert ids["positive"] not in again.executed
     assert torch.equal(first.image(), again.image())
-    fresh = comfy_inprocess.run_prompt(prompt, fresh=True)
-    assert ids["sampler"] in fresh.executed
-    assert torch.equal(first.image(), fresh.image()), "same seed must give the same image"
-    other = comfy_inprocess.run_prompt(harness.workflow_api("sd15", small_models, use_checkpoint=False,
-                                                            output="PreviewImage", seed=8))
+    other = comfy_inprocess.run_prompt(prompt(8))
+    assert ids["sampler"] in other.executed and ids["positive"] not in other.executed
     assert not torch.equal(first.image(), other.image())
+    back = comfy_inprocess.run_prompt(prompt(7))
+    assert ids["sampler"] in back.executed
+    assert torch.equal(first.image(), back.image()), "same seed must give the same image"
 
 
 @pytest.mark.comfy

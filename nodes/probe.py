@@ -58,7 +58,7 @@ class ProbeOverride:
         return self.previous.exact(func, args, kwargs)
 
     def __call__(self, func, *args, **kwargs):
-        from .patch import run_sage
+        from .override import run_sage
 
         call = comfy_attention.parse(args, kwargs)
         counter = routing.forward_counter(call.transformer_options)
@@ -78,8 +78,12 @@ class ProbeOverride:
             snap = stats.snapshot()
             served = next(iter(snap["sage"]), None) or next(iter(snap["exact"]), None) or "sage"
         except UnsupportedInput as e:
-            reason = str(e).split(": ", 1)[-1]
-            served = f"fallback: {reason}"
+            served = f"fallback: {str(e).split(': ', 1)[-1]}"
+            out, sage_ms = ref, exact_ms
+        except (ValueError, TypeError):
+            raise  # malformed input: a bug to surface
+        except Exception as e:  # a kernel failure: the patch node falls back for it, so the probe reports it
+            served = f"fallback: kernel error: {type(e).__name__}"
             out, sage_ms = ref, exact_ms
 
         err = attention_error(out, ref)

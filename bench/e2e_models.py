@@ -1,0 +1,137 @@
+"""End-to-end: ComfyUI's own model classes at real width with random bf16 weights, one forward (one
+sampling step), with ComfyUI's default attention and with Sage through the patch node's override.
+
+  python bench/e2e_models.py --comfyui PATH [--out results.json]
+
+Models (as in the issue): Wan2.1-14B (dim 5120, 40 heads of 128) with 4 of its 40 blocks at 480p, 81
+frames (32760 tokens); Flux.1-dev (hidden 3072, 24 heads) with 2 double + 4 single blocks at 1024px
+(4096 image + 512 text tokens). Reported per model: median forward time of each attention setting, the
+speed-up over ComfyUI's default attention, and the output's cosine similarity and PSNR against it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_comfy(path: str):
+    sys.path.insert(0, path)
+    sys.argv = [sys.argv[0]]  # ComfyUI parses argv at import
+    import comfy.ops  # noqa: F401
+    import comfy.ldm.flux.model
+    import comfy.ldm.wan.model
+
+    return comfy
+
+
+def init_random(model: torch.nn.Module, seed: int):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=g, device="cuda", dtype=torch.float32) / math.sqrt(fan_in))
+            elif "norm" in name or "scale" in name:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g, device="cuda") * 0.02)
+
+
+def wan_case(comfy):
+    ops = comfy.ops.disable_weight_init
+    model = comfy.ldm.wan.model.WanModel(model_type="t2v", dim=5120, ffn_dim=13824, num_heads=40, num_layers=4,
+                                         in_dim=16, out_dim=16, text_dim=4096, device="cuda", dtype=torch.bfloat16,
+                                         operations=ops)
+    init_random(model, 14)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(1, 16, 21, 60, 104, generator=g, device="cuda", dtype=torch.bfloat16)  # 480x832, 81 frames
+    t = torch.full((1,), 500.0, device="cuda")
+    ctx = torch.randn(1, 512, 4096, generator=g, device="cuda", dtype=torch.bfloat16)
+    return model, lambda opts: model(x, t, ctx, transformer_options=opts)
+
+
+def flux_case(comfy):
+    ops = comfy.ops.disable_weight_init
+    model = comfy.ldm.flux.model.Flux(
+        in_channels=64, out_channels=64, vec_in_dim=768, context_in_dim=4096, hidden_size=3072, mlp_ratio=4.0,
+        num_heads=24, depth=2, depth_single_blocks=4, axes_dim=[16, 56, 56], theta=10000, patch_size=2,
+        qkv_bias=True, guidance_embed=True, device="cuda", dtype=torch.bfloat16, operations=ops)
+    init_random(model, 12)
+    g = torch.Generator(device="cuda").manual_seed(2)
+    x = torch.randn(1, 16, 128, 128, generator=g, device="cuda", dtype=torch.bfloat16)  # 1024px
+    t = torch.full((1,), 0.5, device="cuda")
+    ctx = torch.randn(1, 512, 4096, generator=g, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(1, 768, generator=g, device="cuda", dtype=torch.bfloat16)
+    guidance = torch.full((1,), 3.5, device="cuda")
+    return model, lambda opts: model(x, t, ctx, y=y, guidance=guidance, transformer_options=opts)
+
+
+def timed(fn, repeats):
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3, out
+
+
+def compare(out, ref) -> dict:
+    o, r = out.double().flatten(), ref.double().flatten()
+    cos = (o @ r / (o.norm() * r.norm())).item()
+    mse = ((o - r) ** 2).mean().item()
+    peak = (r.max() - r.min()).item()
+    return {"cosine": cos, "psnr_db": float("inf") if mse == 0 else 10 * math.log10(peak ** 2 / mse)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--comfyui", required=True)
+    parser.add_argument("--out", default="e2e_models.json")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--models", nargs="*", default=["wan21_14b_4blocks_480p81f", "flux_dev_2x4blocks_1024px"])
+    args = parser.parse_args()
+
+    comfy = load_comfy(args.comfyui)
+    import sage_attention_pack as pack  # installed (pip install -e .) or on PYTHONPATH
+    from sage_attention_pack.nodes import override as override_mod
+    from sage_attention_pack.sage_core import bench as bench_mod
+    from sage_attention_pack.sage_core import config as config_mod
+
+    cases = {"wan21_14b_4blocks_480p81f": wan_case, "flux_dev_2x4blocks_1024px": flux_case}
+    settings = {"auto": "auto", "int8_fp8": "int8_fp8", "int8_fp16": "int8_fp16"}
+    result = {"environment": bench_mod.environment(), "pack": getattr(pack, "__version__", "?"),
+              "comfyui_attention": "comfy.ldm.modules.attention.optimized_attention (PyTorch SDPA on CUDA)",
+              "models": {}}
+    for name in args.models:
+        _, forward = cases[name](comfy)
+        with torch.inference_mode():
+            base_ms, ref = timed(lambda: forward({}), args.repeats)
+            row = {"default_ms": base_ms, "settings": {}}
+            for label, kernel in settings.items():
+                override = override_mod.SageOverride(config_mod.SageConfig(kernel=kernel))
+                ms, out = timed(lambda: forward({"optimized_attention_override": override}), args.repeats)
+                row["settings"][label] = {"ms": ms, "speedup": base_ms / ms, **compare(out, ref),
+                                          "calls": override.stats.snapshot()}
+                print(f"{name:28s} {label:10s} {ms:9.2f} ms vs {base_ms:9.2f} ms -> {base_ms / ms:.3f}x  "
+                      f"cos {row['settings'][label]['cosine']:.5f} psnr {row['settings'][label]['psnr_db']:.1f} dB",
+                      flush=True)
+        result["models"][name] = row
+        torch.cuda.empty_cache()
+    Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

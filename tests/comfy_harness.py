@@ -1030,21 +1030,26 @@ def _stop_live_servers():
             s.stop()
 
 
-def start_server(models_dir: str | os.PathLike, work_dir: str | os.PathLike, *, port: int | None = None,
+def start_server(models_dir: str | os.PathLike, work_dir: str | os.PathLike | None = None, *, port: int | None = None,
                  comfy_dir: str | os.PathLike | None = None, custom_nodes_dir: str | os.PathLike | None = None,
                  only_custom_nodes: Sequence[str] | None = (PACK_DIR_NAME,), extra_args: Sequence[str] = (),
                  env: dict | None = None, timeout: float = 300.0) -> ComfyServer:
     """Launch ``python main.py --cpu`` on 127.0.0.1 and return a :class:`ComfyServer` once /object_info answers.
 
-    ``models_dir``: ComfyUI-layout models folder (see :func:`build_models`). ``work_dir``: gets the YAML, the
-    log (``comfyui.log``) and the output/temp/input/user folders. ``custom_nodes_dir``: an extra custom_nodes
-    folder (default: one made in ``work_dir`` holding a symlink to this pack). ``only_custom_nodes``: load only
-    these custom node folder names (``--disable-all-custom-nodes --whitelist-custom-nodes``), so whatever sits
-    in the checkout's own custom_nodes/ stays out; None loads everything. ``port``: default a free one.
+    ``models_dir``: ComfyUI-layout models folder (see :func:`build_models`). ``work_dir`` (default: a new
+    temp folder): gets the YAML, the log (``comfyui.log``) and the output/temp/input/user folders.
+    ``custom_nodes_dir``: an extra custom_nodes folder (default: one made in ``work_dir`` holding a symlink to
+    this pack). ``only_custom_nodes``: load only these custom node folder names (``--disable-all-custom-nodes
+    --whitelist-custom-nodes``), so whatever sits in the checkout's own custom_nodes/ stays out; None loads
+    everything. ``port``: default a free one. ``extra_args``: more main.py arguments.
     """
     comfy_dir = Path(comfy_dir) if comfy_dir else find_comfyui()
     if comfy_dir is None:
         raise RuntimeError(COMFYUI_MISSING)
+    if work_dir is None:
+        import tempfile
+
+        work_dir = tempfile.mkdtemp(prefix="sage-comfy-server-")
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     if custom_nodes_dir is None:

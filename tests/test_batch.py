@@ -265,17 +265,21 @@ def test_manifest_resume_state(tmp_path):
     assert m.completed_keys() == {"k1", "k4"}
 
 
-def test_cli_refuses_unreadable_input_without_a_server(tmp_path):
+def test_cli_refuses_unreadable_input_without_a_server(tmp_path, capsys):
+    from sage_attention_pack.sage_core.batch.cli import main
+
     bad = tmp_path / "wf.json"
     bad.write_text("{not json")
-    r = subprocess.run(CLI + [str(bad), "--server", "127.0.0.1:9"], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "cannot read workflow" in r.stderr
-    r = subprocess.run(CLI + [str(SD15_WORKFLOW), "--seeds", "1-x", "--server", "127.0.0.1:9"],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "--seeds" in r.stderr
-    r = subprocess.run(CLI + [str(SD15_WORKFLOW), "--server", "127.0.0.1:9"], capture_output=True, text=True,
-                       timeout=60)
-    assert r.returncode == 2 and "cannot reach ComfyUI at 127.0.0.1:9" in r.stderr
+    assert main([str(bad), "--server", "127.0.0.1:9"]) == 2
+    assert "cannot read workflow" in capsys.readouterr().err
+    assert main([str(SD15_WORKFLOW), "--seeds", "1-x", "--server", "127.0.0.1:9"]) == 2
+    assert "--seeds" in capsys.readouterr().err
+    assert main([str(SD15_WORKFLOW), "--server", "127.0.0.1:9", "-o", str(tmp_path / "o")]) == 2
+    assert "cannot reach ComfyUI at 127.0.0.1:9" in capsys.readouterr().err
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "manifest.jsonl").write_text('{"type": "batch"}\n')
+    assert main([str(SD15_WORKFLOW), "--server", "127.0.0.1:9", "-o", str(tmp_path / "o")]) == 2
+    assert "pass --resume" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------- real servers
@@ -464,7 +468,7 @@ def test_started_server_is_restarted_when_it_dies_and_stopped_at_the_end(harness
 
     run = CliRun([str(SD15_WORKFLOW), "--seeds", "1-2", *small_sets(small_models), "--local", "1",
                   "--comfyui-path", str(comfyui), "--comfy-args", comfy_args, "-o", str(out), "--progress", "plain",
-                  "--startup-timeout", "240"], on_line)
+                  "--startup-timeout", "240", "--poll"], on_line)
     rc = run.wait(600)
     assert state["killed"], run.text
     assert rc == 0, run.text

@@ -85,6 +85,8 @@ exit status: 0 all jobs rendered, 1 some failed or not rendered, 2 bad input (no
     o.add_argument("--include-previews", action="store_true", help="also download preview (temp) images")
     o.add_argument("--keep-prefix", action="store_true",
                    help="keep the save nodes' filename_prefix on the server (default: sage-batch/<job>)")
+    o.add_argument("--poll", action="store_true",
+                   help="follow jobs by polling /history instead of the websocket (no per-step progress)")
     o.add_argument("--progress", choices=("auto", "tqdm", "plain", "none"), default="auto")
     o.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     o.add_argument("--dry-run", action="store_true", help="check everything and list the jobs; queue nothing")
@@ -141,7 +143,7 @@ def _run(args, started: list, argv) -> int:
         raise BatchError(f"--cuda-devices lists {len(cuda)} devices but --local asks for {n_local} servers")
     slots = []
     for addr in addresses:
-        client = ComfyClient(addr)
+        client = ComfyClient(addr, events=not args.poll)
         try:
             info = client.object_info()
         except ServerError as e:
@@ -157,7 +159,7 @@ def _run(args, started: list, argv) -> int:
             _say(args, f"starting ComfyUI from {comfy} on {srv.address}" + (f" (GPU {cuda[i]})" if cuda else ""))
             started.append(srv)
             srv.start(timeout=args.startup_timeout)
-            client = ComfyClient(srv.address)
+            client = ComfyClient(srv.address, events=not args.poll)
             slots.append(Slot(client=client, object_info=client.object_info(), local=srv))
     if not slots:
         raise BatchError("no server: pass --server HOST:PORT or --local N")

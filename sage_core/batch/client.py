@@ -41,9 +41,10 @@ def normalize_address(text: str) -> str:
 
 
 class ComfyClient:
-    def __init__(self, address: str, timeout: float = 30.0):
+    def __init__(self, address: str, timeout: float = 30.0, events: bool = True):
         self.base = normalize_address(address)
         self.timeout = timeout
+        self.use_events = events
         self.client_id = uuid.uuid4().hex
         self._ws = None
 
@@ -189,11 +190,11 @@ class ComfyClient:
     # ------------------------------------------------------------------ websocket
     @property
     def has_events(self) -> bool:
-        return _websocket is not None
+        return _websocket is not None and self.use_events
 
     def connect_events(self, timeout=10.0) -> bool:
         """Open the event stream for this client id (False when websocket-client is not installed)."""
-        if _websocket is None:
+        if not self.has_events:
             return False
         self.close_events()
         u = urllib.parse.urlsplit(self.base)

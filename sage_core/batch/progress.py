@@ -1,6 +1,7 @@
 """Progress display: one bar for the batch and one per server (its current job), tqdm when installed."""
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -19,7 +20,7 @@ class Progress:
         self.stream = stream or sys.stderr
         if kind == "auto":
             kind = "tqdm" if _tqdm is not None and getattr(self.stream, "isatty", lambda: False)() else "plain"
-        if kind == "tqdm" and _tqdm is None:
+        if kind == "tqdm" and (_tqdm is None or _columns(self.stream) < 40):
             kind = "plain"
         self.kind = kind
         self.total = total
@@ -38,7 +39,7 @@ class Progress:
 
     def note(self, text: str) -> None:
         with self._lock:
-            if self.kind == "tqdm":
+            if self.kind == "tqdm" and self._batch is not None:
                 self._batch.write(text, file=self.stream)
             elif self.kind != "none":
                 print(text, file=self.stream, flush=True)
@@ -79,6 +80,7 @@ class Progress:
                 self._batch.set_postfix_str(f"failed={self.failed}" if self.failed else "")
                 bar = self._bars.get(slot)
                 if bar is not None:
+                    bar.reset(total=1)
                     bar.set_description_str(f"{slot}: idle")
                 if not ok:
                     self._batch.write(text, file=self.stream)
@@ -99,3 +101,10 @@ class Progress:
 
     def _print(self, text):
         print(text, file=self.stream, flush=True)
+
+
+def _columns(stream) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return 0

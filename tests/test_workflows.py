@@ -177,10 +177,10 @@ RUNNABLE = {
     "sage_compare_sd1.5": "sd15",
     "sage_wan2.1_text_to_video": "wan",
     "sage_wan2.2_14B_text_to_video": "wan",
+    "sage_sd3.5_large": "sd3",
 }
 NOT_RUNNABLE = {
     "sage_sdxl_base_refiner": "no SDXL test model",
-    "sage_sd3.5_large": "no SD3.5 all-in-one checkpoint among the test models",
     "sage_flux1_dev": "no Flux test model",
     "sage_wan2.1_image_to_video": "no Wan I2V test model (image embedding, CLIP vision)",
     "sage_hunyuan_video_text_to_video": "no HunyuanVideo test model",
@@ -188,10 +188,33 @@ NOT_RUNNABLE = {
 }
 
 
-def small_graph(api: dict, family: str, models, object_info) -> dict:
+SD3_CKPT = "sage_test_sd3_all_in_one.safetensors"
+
+
+@pytest.fixture(scope="module")
+def sd3_checkpoint(small_models):
+    """An all-in-one SD3 checkpoint (MMDiT + TAESD-format VAE + CLIP-L, as in the SD3.5 fp8 file) made of the test
+    models' parts, for the SD3.5 workflow's CheckpointLoaderSimple."""
+    from safetensors.torch import load_file, save_file
+
+    path = small_models.root / "checkpoints" / SD3_CKPT
+    if not path.is_file():
+        sd = {}
+        for role, prefix in (("unet", "model.diffusion_model."), ("vae", "first_stage_model."),
+                             ("clip", "text_encoders.clip_l.transformer.")):
+            sd.update({prefix + k: v for k, v in load_file(str(small_models.path("sd3", role))).items()})
+        tmp = path.with_suffix(".tmp")
+        save_file(sd, str(tmp))
+        tmp.replace(path)
+    return SD3_CKPT
+
+
+def small_graph(api: dict, family: str, models, object_info, sd3_ckpt=None) -> dict:
     """The workflow with the test models in place of the real files and tiny sizes and step counts."""
     g = copy.deepcopy(api)
-    files = models[family]
+    files = dict(models[family])
+    if family == "sd3":
+        files["ckpt"] = sd3_ckpt
     for nid, node in g.items():
         ct, ins = node["class_type"], node["inputs"]
         if ct == "CheckpointLoaderSimple":
@@ -228,14 +251,17 @@ def small_graph(api: dict, family: str, models, object_info) -> dict:
 
 @pytest.mark.comfy_server
 @pytest.mark.parametrize("name", NAMES)
-def test_workflow_renders_end_to_end(name, comfy_server, small_models, object_info):
+def test_workflow_renders_end_to_end(name, comfy_server, small_models, object_info, request):
     if name in NOT_RUNNABLE:
         pytest.skip(NOT_RUNNABLE[name])
     assert name in RUNNABLE, f"{name}: say whether the test models can run it"
     api = api_twin(name)
     if any(n["class_type"] not in object_info for n in api.values() if n["class_type"] == "SageAttentionCompare"):
         pytest.skip("SageAttentionCompare is not registered by the pack yet")
-    graph = small_graph(api, RUNNABLE[name], small_models, object_info)
+    sd3 = request.getfixturevalue("sd3_checkpoint") if RUNNABLE[name] == "sd3" else None
+    if sd3:
+        object_info = comfy_server.object_info()  # lists the checkpoint written just now
+    graph = small_graph(api, RUNNABLE[name], small_models, object_info, sd3)
     assert not validate_graph(graph, object_info)
     entry = comfy_server.run(graph, timeout=600)
     assert entry["status"]["status_str"] == "success"

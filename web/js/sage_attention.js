@@ -3,8 +3,9 @@
 //
 // Data arrives two ways, both handled by the same code: the compare node's UI output ("executed" message,
 // key "sage_compare") and the websocket events the nodes send ("sage_attention.compare", "sage_attention.stats").
-import { app } from "../../scripts/app.js";
-import { api } from "../../scripts/api.js";
+// ComfyUI serves this file at /extensions/<pack folder>/js/, so its own scripts are three levels up.
+import { app } from "../../../scripts/app.js";
+import { api } from "../../../scripts/api.js";
 
 const EXTENSION = "sage_attention_pack.compare_report";
 const COMPARE_NODE = "SageAttentionCompare";
@@ -48,7 +49,8 @@ export function formatSeconds(v) {
 
 export function formatRatio(v) {
     const x = num(v);
-    return Number.isFinite(x) ? `${x.toFixed(2)}×` : "–";
+    if (!Number.isFinite(x)) return "–";
+    return x >= 0.1 ? `${x.toFixed(2)}×` : `${x.toPrecision(2)}×`;
 }
 
 export function formatPsnr(v) {
@@ -158,7 +160,7 @@ function buildFrameTable(report) {
     return details;
 }
 
-export function createCompareView(report) {
+export function createCompareView(report, onLayout) {
     const root = el("div", "sage-compare");
     root.dataset.node = String(report.node ?? "");
 
@@ -202,6 +204,7 @@ export function createCompareView(report) {
         if (before.naturalWidth && before.naturalHeight) {
             stage.style.aspectRatio = `${before.naturalWidth} / ${before.naturalHeight}`;
             root.dataset.loaded = "true";
+            onLayout?.();
         }
     }
     before.addEventListener("load", onLoad);
@@ -268,27 +271,41 @@ export function createCompareView(report) {
     return root;
 }
 
+// A DOM widget is drawn with `margin` pixels above and below its element.
+const WIDGET_MARGIN = 4;
+
+function contentHeight(host) {
+    const view = host.firstElementChild;
+    return (view ? view.offsetHeight : host.scrollHeight || 0) + 2 * WIDGET_MARGIN;
+}
+
+// Grow the node so a DOM widget's whole content shows (its minimum height is the content's height).
+function fitNode(node, minWidth) {
+    requestAnimationFrame(() => {
+        const size = node.computeSize?.() ?? node.size;
+        const width = Math.max(node.size?.[0] ?? 0, size[0], minWidth ?? 0);
+        node.setSize?.([width, Math.max(node.size?.[1] ?? 0, size[1])]);
+        node.setDirtyCanvas?.(true, true);
+    });
+}
+
 function showCompare(node, report) {
     if (!node || !report) return;
-    const view = createCompareView(report);
+    const view = createCompareView(report, () => fitNode(node, 360));
     let widget = node.widgets?.find((w) => w.name === COMPARE_WIDGET);
     if (!widget) {
         const host = el("div", "sage-compare-host");
         widget = node.addDOMWidget(COMPARE_WIDGET, "sage_compare", host, {
             serialize: false,
             hideOnZoom: false,
-            getMinHeight: () => Math.max(200, host.scrollHeight || 0),
+            margin: WIDGET_MARGIN,
+            getMinHeight: () => Math.max(200, contentHeight(host)),
         });
         widget.serialize = false;
     }
     widget.element.replaceChildren(view);
     node.sageCompareReport = report;
-    const width = Math.max(node.size?.[0] ?? 0, 360);
-    requestAnimationFrame(() => {
-        const size = node.computeSize?.() ?? node.size;
-        node.setSize?.([width, Math.max(node.size?.[1] ?? 0, size[1])]);
-        node.setDirtyCanvas?.(true, true);
-    });
+    fitNode(node, 360);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -348,17 +365,14 @@ function showCounters(node, stats) {
         widget = node.addDOMWidget(STATS_WIDGET, "sage_stats", host, {
             serialize: false,
             hideOnZoom: false,
-            getMinHeight: () => Math.max(40, host.scrollHeight || 0),
+            margin: WIDGET_MARGIN,
+            getMinHeight: () => Math.max(40, contentHeight(host)),
         });
         widget.serialize = false;
     }
     widget.element.replaceChildren(root);
     node.sageStats = stats;
-    requestAnimationFrame(() => {
-        const size = node.computeSize?.() ?? node.size;
-        node.setSize?.([Math.max(node.size?.[0] ?? 0, size[0]), Math.max(node.size?.[1] ?? 0, size[1])]);
-        node.setDirtyCanvas?.(true, true);
-    });
+    fitNode(node);
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -478,3 +478,25 @@ def test_started_server_is_restarted_when_it_dies_and_stopped_at_the_end(harness
     assert rendered_files(out) == sorted(o["file"] for s in states.values() for o in s["outputs"])
     assert _pid_listening_on(state["port"]) is None  # stopped at the end
     assert json.loads((out / "manifest.jsonl").read_text().splitlines()[0])["type"] == "batch"
+
+
+@pytest.mark.comfy_server
+def test_failed_job_is_retried_then_recorded_without_stopping_the_batch(comfy_server, small_models, tmp_path):
+    if "SageAttention" not in comfy_server.object_info():
+        pytest.skip("needs the Sage Attention node")
+    out = tmp_path / "out"
+    # on_unsupported=raise makes the Sage node refuse to fall back: on a machine without a GPU, that job fails
+    server = f"127.0.0.1:{comfy_server.port}"
+    r = subprocess.run(CLI + [str(SD15_WORKFLOW), *small_sets(small_models), "--server", server,
+                              "--grid", "Sage Attention.on_unsupported=raise,fallback", "--retries", "1",
+                              "--progress", "plain", "-o", str(out)],
+                       capture_output=True, text=True, timeout=300, cwd=REPO)
+    states = {s["inputs"]["grid"][0]: s for s in job_states(out).values()}
+    if states["on_unsupported-raise"]["status"] == "ok":
+        pytest.skip("the Sage kernels ran here, so nothing failed")
+    assert r.returncode == 1, r.stderr
+    failed, ok = states["on_unsupported-raise"], states["on_unsupported-fallback"]
+    assert failed["status"] == "failed" and failed["attempts"] == 2 and len(failed["errors"]) == 2
+    assert failed["outputs"] == [] and "cannot serve this call" in failed["errors"][0]
+    assert ok["status"] == "ok" and rendered_files(out) == [ok["outputs"][0]["file"]]
+    assert "rendered 1, failed 1" in r.stderr

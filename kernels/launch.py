@@ -12,6 +12,7 @@ import triton
 
 from . import tuning
 from .attention_kernel import sage_attention_fwd_kernel
+from .repair_kernel import repair_tiles_kernel
 from .quant_kernels import channel_stats_kernel, quant_fp8_v_kernel, quant_int8_kernel
 
 LOG2E = 1.4426950408889634
@@ -27,8 +28,9 @@ def interpreting() -> bool:
 
 
 def padded_head_dim(d: int) -> int:
-    """Head dims run padded to a power of two (≥ 16): 40 -> 64, 72/80/96 -> 128, 160 -> 256."""
-    return max(16, triton.next_power_of_2(d))
+    """Head dims run padded to a power of two (≥ 32, the INT8 MMA depth): 40 -> 64, 72/80/96 -> 128,
+    160 -> 256."""
+    return max(32, triton.next_power_of_2(d))
 
 
 def channel_stats(x: torch.Tensor, block_d: int):
@@ -80,10 +82,13 @@ def quantize_v_fp8(v: torch.Tensor, block_d: int, smooth: bool):
 
 
 def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_group: int, k_group: int,
-                 pv_fp8: bool, smooth_k: bool, smooth_v: bool, return_lse: bool, config: tuning.LaunchConfig):
+                 pv_fp8: bool, smooth_k: bool, smooth_v: bool, return_lse: bool, config: tuning.LaunchConfig,
+                 repair_counter=None):
     """Run quantization and attention; writes `out` ([B, H, Nq, D] view) and returns (lse, bad_count).
 
     q_group: query rows per INT8 scale (capped at the Q tile); k_group: keys per scale, 0 for one per tile.
+    repair_counter: a 1-element int32 device tensor: tiles with a non-finite output are then recomputed
+    exactly on the device (no host synchronisation) and counted into it; None skips the guard.
 
     bias: None or an FP32 [Bb, Hb, Nk] additive bias in log2 units, Bb in {1, B}, Hb in {1, H}.
     """
@@ -118,11 +123,18 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, Q_GROUP=q_group, K_GROUP=k_group,
         PV_FP8=pv_fp8, SMOOTH_V=v_mean is not None, IS_CAUSAL=is_causal, HAS_BIAS=bias is not None,
         RETURN_LSE=return_lse, BF16_DOT_IN_FP32=interpreting() and v.dtype == torch.bfloat16,
-        FP8_ROUND_IN_FP32=interpreting(), EVEN_D=D == block_d, num_warps=config.num_warps, num_stages=config.num_stages)
+        FP8_ROUND_IN_FP32=interpreting(), EVEN_D=D == block_d, num_warps=config.num_warps,
+        num_stages=config.num_stages)
     if return_lse and k_mean is not None:
         # K smoothing shifted every score of a row by q·mean(K)·scale: add it back for the true LSE
         km = k_mean[..., :D].repeat_interleave(H // HK, dim=1)
         lse += torch.einsum("bhnd,bhd->bhn", q.float(), km) * sm_scale
+    if repair_counter is not None:  # after the LSE correction: repaired rows get their exact LSE
+        repair_tiles_kernel[grid](
+            q, k, v, bias if bias is not None else k_scale, out, lse, bad, repair_counter,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bias_strides,
+            H, H // HK, NQ, NK, D, sm_scale * LOG2E, BLOCK_M=block_m, BLOCK_N=32, BLOCK_D=block_d,
+            IS_CAUSAL=is_causal, HAS_BIAS=bias is not None, RETURN_LSE=return_lse, num_warps=4, num_stages=1)
     return (lse if return_lse else None), bad
 
 

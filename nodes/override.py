@@ -10,6 +10,7 @@ import logging
 import torch
 
 from ..sage_core.config import SageConfig
+from ..sage_core.custom_op import register_stats, sage_attention_op
 from ..sage_core.dispatch import DispatchStats, UnsupportedInput, attention
 from . import comfy_attention, routing
 
@@ -29,6 +30,7 @@ class SageOverride:
         self.previous = previous
         self.node_id = node_id
         self.stats = DispatchStats()
+        self.stats_id = register_stats(self.stats)  # lets compiled graphs count into self.stats
         self._warned = set()
 
     def __deepcopy__(self, memo):
@@ -55,7 +57,7 @@ class SageOverride:
             self.stats.record_exact("outside step range")
             return self.exact(func, args, kwargs)
         try:
-            out = run_sage(call, self.config, self.stats)
+            out = run_sage(call, self.config, self.stats, self.stats_id)
         except UnsupportedInput as e:
             if self.config.on_unsupported == "raise":
                 raise
@@ -77,12 +79,11 @@ class SageOverride:
         return self.exact(func, args, kwargs)
 
 
-def run_sage(call: comfy_attention.AttentionCall, config: SageConfig, stats: DispatchStats) -> torch.Tensor:
+def run_sage(call: comfy_attention.AttentionCall, config: SageConfig, stats: DispatchStats,
+             stats_id: int = 0) -> torch.Tensor:
     """Sage attention for one ComfyUI call; raises UnsupportedInput where the kernels cannot serve."""
     strict = config.with_(on_unsupported="raise")
     if torch.compiler.is_compiling():
-        from ..sage_core.custom_op import sage_attention_op
-
-        return sage_attention_op(call.q, call.k, call.v, call.mask, call.layout, strict, stats)
+        return sage_attention_op(call.q, call.k, call.v, call.mask, call.layout, strict, stats_id)
     return attention(call.q, call.k, call.v, tensor_layout=call.layout, attn_mask=call.mask, config=strict,
                      stats=stats)

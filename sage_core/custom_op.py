@@ -28,12 +28,15 @@ def _(q, k, v, mask, layout, kernel, smooth_k, smooth_v, granularity, quant_bloc
     return q.new_empty(q.shape).contiguous()
 
 
-def sage_attention_op(q, k, v, mask, layout: str, config: SageConfig, stats: DispatchStats | None = None):
-    """Call the dispatcher through the custom op (same result as `attention`, output contiguous)."""
-    stats_id = 0
-    if stats is not None:
-        stats_id = getattr(stats, "_op_id", 0) or next(_IDS)
-        stats._op_id = stats_id
-        _STATS[stats_id] = stats
+def register_stats(stats: DispatchStats) -> int:
+    """An id the op can carry for these counters (call it outside compiled code, once per counters)."""
+    stats_id = next(_IDS)
+    _STATS[stats_id] = stats
+    return stats_id
+
+
+def sage_attention_op(q, k, v, mask, layout: str, config: SageConfig, stats_id: int = 0):
+    """Call the dispatcher through the custom op (same result as `attention`, output contiguous);
+    stats_id from register_stats (0: the global counters)."""
     return _attention_op(q, k, v, mask, layout, config.kernel, config.smooth_k, config.smooth_v,
                          config.qk_granularity, config.quant_block, config.on_unsupported, stats_id)

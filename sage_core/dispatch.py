@@ -5,8 +5,8 @@ Rules it keeps:
   any work, whatever `on_unsupported` says: that is a caller bug, not an unsupported case;
 - input the fast path cannot serve runs `torch.nn.functional.scaled_dot_product_attention` and the
   reason is counted (or raised, with on_unsupported="raise");
-- a fast-path call whose output holds NaN/Inf is recomputed exactly and counted, so wherever SDPA is
-  finite the result is finite.
+- output tiles of a fast-path call that hold NaN/Inf are recomputed exactly on the device (no host
+  synchronisation) and counted, so wherever exact attention is finite the result is finite.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ class DispatchStats:
             self.sage = Counter()
             self.fallback = Counter()
             self.exact = Counter()  # calls routed to exact attention on purpose (block list, step range, off)
-            self.recomputed = 0
+            self._counters = {}  # device -> int32 tensor the repair kernel counts into; read when reported
 
     def record_sage(self, variant: str):
         with self._lock:
@@ -55,9 +55,18 @@ class DispatchStats:
         with self._lock:
             self.exact[why] += 1
 
-    def record_recompute(self):
+    def repair_counter(self, device) -> torch.Tensor:
+        """The device counter of output tiles recomputed exactly (NaN/Inf guard)."""
         with self._lock:
-            self.recomputed += 1
+            counter = self._counters.get(device)
+            if counter is None:
+                counter = self._counters[device] = torch.zeros(1, dtype=torch.int32, device=device)
+            return counter
+
+    @property
+    def recomputed(self) -> int:
+        """Output tiles recomputed exactly so far (reading it synchronises with the device)."""
+        return sum(int(c.item()) for c in self._counters.values())
 
     @property
     def total(self) -> int:
@@ -212,10 +221,8 @@ def attention(q, k, v, *, tensor_layout="HND", is_causal=False, sm_scale=None, a
     if variant == "int8_fp8" and not backend.supports_fp8(qh.device):
         variant = "int8_fp16"  # FP8 tensor cores start at Ada (sm89); INT8·FP16 is exact elsewhere
 
-    out, lse, bad = backend.run(qh, kh, vh, layout=tensor_layout, sm_scale=sm_scale, is_causal=is_causal,
-                                bias=bias, config=config, pv_fp8=variant == "int8_fp8", return_lse=return_lse)
-    if config.nan_guard and bool(bad.any()):
-        stats.record_recompute()
-        return exact()
+    out, lse, _ = backend.run(qh, kh, vh, layout=tensor_layout, sm_scale=sm_scale, is_causal=is_causal,
+                              bias=bias, config=config, pv_fp8=variant == "int8_fp8", return_lse=return_lse,
+                              repair_counter=stats.repair_counter(qh.device) if config.nan_guard else None)
     stats.record_sage(variant)
     return (out, lse) if return_lse else out

@@ -28,12 +28,13 @@ def inputs(b, hq, hk, nq, nk, d, dtype, seed=0, k_offset=3.0):
     return [t.to(DEVICE, dtype) for t in (q, k, v)]
 
 
-def run_kernel(q, k, v, cfg: SageConfig, is_causal=False, bias=None, return_lse=False, launch_cfg=None):
+def run_kernel(q, k, v, cfg: SageConfig, is_causal=False, bias=None, return_lse=False, launch_cfg=None,
+               repair_counter=None):
     out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
     lse, bad = launch.sage_forward(
         q, k, v, out, sm_scale=q.shape[-1] ** -0.5, is_causal=is_causal, bias=bias, q_group=cfg.q_group_rows,
         k_group=cfg.k_group_rows, pv_fp8=cfg.kernel == "int8_fp8", smooth_k=cfg.smooth_k, smooth_v=cfg.smooth_v,
-        return_lse=return_lse, config=launch_cfg or tuning.INTERPRETER_CONFIG)
+        return_lse=return_lse, config=launch_cfg or tuning.INTERPRETER_CONFIG, repair_counter=repair_counter)
     return out, lse, bad
 
 
@@ -175,3 +176,21 @@ def test_nan_input_is_flagged_not_hidden():
     q[0, 1, 5, 3] = float("nan")
     out, _, bad = run_kernel(q, k, v, cfg)
     assert int(bad.sum()) > 0  # the dispatcher recomputes such calls exactly
+
+
+@pytest.mark.parametrize("kernel", ["int8_fp16", "int8_fp8"])
+def test_flagged_tiles_are_recomputed_exactly_on_device(kernel):
+    cfg = SageConfig(kernel=kernel)
+    q, k, v = inputs(1, 2, 2, 150, 90, 64, torch.float32, seed=23)
+    q[0, 1, 5, 3] = float("nan")  # poisons row 5's INT8 scale group, so the whole first tile of head 1
+    counter = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    out, lse, bad = run_kernel(q, k, v, cfg, return_lse=True, repair_counter=counter)
+    ref = exact(q, k, v)
+    assert int(counter.item()) == int((bad > 0).sum()) == 1
+    assert torch.equal(torch.isnan(out).any(-1), torch.isnan(ref).any(-1))  # only row 5 of head 1, like SDPA
+    finite = ~torch.isnan(ref).any(-1)
+    # the repaired tile (head 1, rows 0..63) is exact attention in FP32, the rest the 8-bit kernel
+    torch.testing.assert_close(out[0, 1, 6:64].double(), ref[0, 1, 6:64], rtol=1e-4, atol=1e-5)
+    assert attention_error(out[finite], ref[finite])["cosine"] >= EXACT_BOUNDS[kernel][0]
+    true_lse = torch.logsumexp((q.double() @ k.double().transpose(-1, -2)) * 64 ** -0.5, dim=-1)
+    torch.testing.assert_close(lse[0, 1, 6:64].double(), true_lse[0, 1, 6:64], rtol=1e-5, atol=1e-4)

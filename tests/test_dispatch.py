@@ -1,0 +1,173 @@
+"""sage_core's public API: sageattn's call compatibility, input validation, fallbacks with reasons,
+empty and non-finite inputs, the counters, and the custom op used under torch.compile."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sage_attention_pack.sage_core import DispatchStats, SageConfig, UnsupportedInput, attention, sageattn
+from sage_attention_pack.sage_core.custom_op import register_stats, sage_attention_op
+from sage_attention_pack.sage_core.metrics import attention_error
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+needs_kernels = pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()),
+                                   reason="the kernels need a GPU or TRITON_INTERPRET=1")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def qkv(b=1, h=2, n=64, d=64, dtype=torch.float16, layout="HND", nk=None, hk=None):
+    g = torch.Generator().manual_seed(n + d)
+    shape = lambda heads, length: (b, heads, length, d) if layout == "HND" else (b, length, heads, d)  # noqa: E731
+    q = torch.randn(shape(h, n), generator=g)
+    k = torch.randn(shape(hk or h, nk or n), generator=g) + 2
+    v = torch.randn(shape(hk or h, nk or n), generator=g)
+    return [t.to(DEVICE, dtype) for t in (q, k, v)]
+
+
+def sdpa_ref(q, k, v, layout="HND", **kw):
+    if layout == "NHD":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    rep = q.shape[1] // k.shape[1]
+    out = F.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(rep, 1),
+                                         v.double().repeat_interleave(rep, 1), **kw)
+    return out if layout == "HND" else out.transpose(1, 2)
+
+
+@needs_kernels
+@pytest.mark.parametrize("layout", ["HND", "NHD"])
+def test_sageattn_official_signature_and_layouts(layout):
+    q, k, v = qkv(layout=layout, n=80, nk=48)
+    stats = DispatchStats()
+    out = sageattn(q, k, v, tensor_layout=layout, is_causal=False, sm_scale=None, stats=stats)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
+    assert attention_error(out, sdpa_ref(q, k, v, layout))["cosine"] > 0.9999
+    assert stats.snapshot()["sage"] == {"int8_fp16": 1} or stats.snapshot()["sage"] == {"int8_fp8": 1}
+    out2, lse = sageattn(q, k, v, layout, True, 0.1, True, pv_accum_dtype="fp32+fp32", qk_quant_gran="per_thread")
+    assert lse.shape == (1, 2, 80) and lse.dtype == torch.float32
+    assert attention_error(out2, sdpa_ref(q, k, v, layout, is_causal=True, scale=0.1))["cosine"] > 0.9999
+
+
+@needs_kernels
+def test_gqa_and_key_padding_mask_served_by_kernel():
+    q, k, v = qkv(h=4, hk=2, n=40, nk=77)
+    mask = torch.ones(1, 1, 1, 77, dtype=torch.bool, device=DEVICE)
+    mask[..., 70:] = False
+    stats = DispatchStats()
+    out = attention(q, k, v, attn_mask=mask, config=SageConfig(kernel="int8_fp16"), stats=stats)
+    assert stats.snapshot()["fallback"] == {}
+    assert attention_error(out, sdpa_ref(q, k, v, attn_mask=mask))["cosine"] > 0.9999
+    additive = torch.zeros(1, 4, 1, 77, device=DEVICE, dtype=q.dtype).masked_fill(~mask, float("-inf"))
+    out_add = attention(q, k, v, attn_mask=additive, config=SageConfig(kernel="int8_fp16"))
+    torch.testing.assert_close(out_add, out)
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda q, k, v: sageattn(q[0], k, v), "q must be 4-D"),
+    (lambda q, k, v: sageattn(q, k, v, tensor_layout="BHND"), "tensor_layout='BHND' is unknown"),
+    (lambda q, k, v: sageattn(q, k, v[:, :, :10]), "k and v must have the same heads and length"),
+    (lambda q, k, v: sageattn(q, k[:, :, :, :32], v[:, :, :, :32]), "head dims differ"),
+    (lambda q, k, v: sageattn(q, k[:, :1].repeat(1, 3, 1, 1), v[:, :1].repeat(1, 3, 1, 1)), "multiple of k/v heads"),
+    (lambda q, k, v: sageattn(q, k.float(), v), "share one dtype"),
+    (lambda q, k, v: sageattn(q, k, v, attn_mask=torch.ones(3, 5, dtype=torch.bool)), "does not broadcast"),
+    (lambda q, k, v: sageattn(q, k, v, smooth_q=True), "unexpected keyword arguments: smooth_q"),
+    (lambda q, k, v: sageattn(q, k, v, qk_quant_gran="per_row"), "qk_quant_gran='per_row'"),
+])
+def test_bad_input_names_the_problem(call, message):
+    q, k, v = qkv()
+    with pytest.raises((ValueError, TypeError), match=message):
+        call(q, k, v)
+
+
+def test_config_rejects_unknown_choices():
+    with pytest.raises(ValueError, match="SageConfig.kernel='int4'"):
+        SageConfig(kernel="int4")
+    with pytest.raises(ValueError, match="quant_block=96"):
+        SageConfig(quant_block=96)
+
+
+def test_cpu_without_interpreter_falls_back_exactly(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v = (t.cpu() for t in qkv(dtype=torch.float32))
+    stats = DispatchStats()
+    out = attention(q, k, v, stats=stats)
+    assert list(stats.snapshot()["fallback"]) == [
+        "CPU tensors (set TRITON_INTERPRET=1 to run the kernels through Triton's interpreter)"]
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
+    with pytest.raises(UnsupportedInput, match="CPU tensors"):
+        attention(q, k, v, config=SageConfig(on_unsupported="raise"))
+
+
+@needs_kernels
+@pytest.mark.parametrize("case,reason", [
+    ("per_query_mask", "per-query mask"),
+    ("dropout", "dropout"),
+    ("head_dim", "head dim 320 > 256"),
+    ("dtype", "dtype float64"),
+])
+def test_fallback_reasons_are_recorded_and_results_exact(case, reason):
+    q, k, v = qkv(dtype=torch.float32)
+    kwargs = {}
+    if case == "per_query_mask":
+        kwargs["attn_mask"] = torch.rand(1, 1, 64, 64, device=DEVICE) > 0.3
+    elif case == "head_dim":
+        q, k, v = qkv(d=320, dtype=torch.float32)
+    elif case == "dtype":
+        q, k, v = (t.double() for t in (q, k, v))
+    stats = DispatchStats()
+    if case == "dropout":
+        attention(q, k, v, dropout_p=0.1, stats=stats)
+    else:
+        out = attention(q, k, v, stats=stats, **kwargs)
+        torch.testing.assert_close(out.double(), sdpa_ref(q, k, v, **kwargs), rtol=1e-4, atol=1e-5)
+    assert stats.snapshot()["fallback"] == {reason: 1}
+
+
+@needs_kernels
+def test_empty_inputs_work():
+    for shape_q, shape_k in (((1, 2, 0, 64), (1, 2, 10, 64)), ((0, 2, 5, 64), (0, 2, 5, 64))):
+        q = torch.randn(shape_q, device=DEVICE, dtype=torch.float16)
+        k = torch.randn(shape_k, device=DEVICE, dtype=torch.float16)
+        out = sageattn(q, k, k)
+        assert out.shape == q.shape
+
+
+@needs_kernels
+def test_non_finite_inputs_behave_like_sdpa():
+    q, k, v = qkv(n=100, dtype=torch.float32)
+    v[0, 0, 7, 5] = float("inf")
+    q[0, 1, 30, 0] = float("nan")
+    stats = DispatchStats()
+    out = attention(q, k, v, config=SageConfig(kernel="int8_fp16"), stats=stats)
+    ref = sdpa_ref(q, k, v)
+    assert torch.equal(torch.isfinite(out), torch.isfinite(ref))
+    assert stats.recomputed >= 2  # both heads had a tile recomputed exactly
+    fin = torch.isfinite(ref)
+    assert attention_error(out[fin], ref[fin])["cosine"] > 0.9999
+
+
+@needs_kernels
+def test_auto_on_this_device_is_within_bounds():
+    q, k, v = qkv(n=96)
+    stats = DispatchStats()
+    out = attention(q, k, v, config=SageConfig(kernel="auto"), stats=stats)
+    assert sum(stats.snapshot()["sage"].values()) == 1
+    assert attention_error(out, sdpa_ref(q, k, v))["cosine"] > 0.999
+
+
+@needs_kernels
+def test_custom_op_matches_eager_and_compiles_without_graph_break():
+    q, k, v = qkv(layout="NHD")
+    config = SageConfig(kernel="int8_fp16")
+    stats = DispatchStats()
+    stats_id = register_stats(stats)
+    eager = attention(q, k, v, tensor_layout="NHD", config=config)
+    via_op = sage_attention_op(q, k, v, None, "NHD", config, stats_id)
+    torch.testing.assert_close(via_op, eager, rtol=0, atol=0)
+    assert stats.snapshot()["sage"] == {"int8_fp16": 1}
+
+    def f(q, k, v):
+        return sage_attention_op(q, k, v, None, "NHD", config, stats_id) * 2
+
+    explanation = torch._dynamo.explain(f)(q, k, v)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1

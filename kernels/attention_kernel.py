@@ -12,7 +12,9 @@ Masks are an additive bias over keys (already in log2 units) that broadcasts ove
 import triton
 import triton.language as tl
 
-from .quant_kernels import FP8_E4M3_MAX, round_half_away, to_fp8_e4m3
+from .quant_kernels import round_half_away, to_fp8_e4m3
+
+LOG2_FP8_MAX = tl.constexpr(8.807354922057604)  # log2(448)
 
 
 @triton.jit
@@ -68,7 +70,12 @@ def attend_tile(acc, m_i, l_i, q8, q_scale, start_n, offs_m, offs_d, d_valid, k_
         m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with every key masked so far
     else:
         m_new_safe = m_new
-    p = tl.exp2(s - m_new_safe[:, None])
+    if PV_FP8:
+        # P pre-scaled by 448 (e4m3's largest value) inside the exp2, for free: P·V and the row sum
+        # carry the same factor, so it cancels in acc / l
+        p = tl.exp2(s - (m_new_safe - LOG2_FP8_MAX)[:, None])
+    else:
+        p = tl.exp2(s - m_new_safe[:, None])
     alpha = tl.exp2(m_i - m_new_safe)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None]
@@ -79,7 +86,7 @@ def attend_tile(acc, m_i, l_i, q8, q_scale, start_n, offs_m, offs_d, d_valid, k_
         else:
             v8 = tl.load(v8_ptrs)
         # two-level accumulation: each tile's FP8 product lands in FP32 before it joins acc
-        acc += tl.dot(to_fp8_e4m3(p * FP8_E4M3_MAX, FP8_ROUND_IN_FP32), v8)
+        acc += tl.dot(to_fp8_e4m3(p, FP8_ROUND_IN_FP32), v8)
     else:
         v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
         if MASKED:
@@ -110,7 +117,7 @@ def sage_attention_fwd_kernel(
     Q_GROUP: tl.constexpr, K_GROUP: tl.constexpr,
     PV_FP8: tl.constexpr, SMOOTH_V: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_BIAS: tl.constexpr, RETURN_LSE: tl.constexpr, BF16_DOT_IN_FP32: tl.constexpr,
-    FP8_ROUND_IN_FP32: tl.constexpr, EVEN_D: tl.constexpr,
+    FP8_ROUND_IN_FP32: tl.constexpr, EVEN_D: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -147,7 +154,8 @@ def sage_attention_fwd_kernel(
     if SMOOTH_V:
         v_mean = tl.load(V_MEAN + bh_kv * BLOCK_D + offs_d)
     V_DTYPE: tl.constexpr = V.dtype.element_ty
-    for start_n in range(0, full_hi, BLOCK_N):
+    # the unmasked bulk of the keys: optionally warp-specialised (producer/consumer warps on Hopper+)
+    for start_n in tl.range(0, full_hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         acc, m_i, l_i = attend_tile(
             acc, m_i, l_i, q8, q_scale, start_n, offs_m, offs_d, d_valid, k_base, ks_base, bias_base, v_base,
             v8_base, v_mean, stride_vn, stride_vd, NK, v_padded, BLOCK_N, BLOCK_D, K_GROUP, False, PV_FP8,
@@ -161,7 +169,7 @@ def sage_attention_fwd_kernel(
     out = acc / l_i[:, None]
     if PV_FP8:
         v_scale = tl.load(V_SCALE + bh_kv * BLOCK_D + offs_d)
-        out = out * (v_scale / FP8_E4M3_MAX)[None, :]
+        out = out * v_scale[None, :]
     if SMOOTH_V:
         out = out + v_mean[None, :]
     row_valid = offs_m < NQ
@@ -173,5 +181,6 @@ def sage_attention_fwd_kernel(
     tl.store(BAD + bh * tl.num_programs(0) + pid_m, bad)
     if RETURN_LSE:
         # natural-log LSE of the (smoothed) scaled scores; the launcher adds K smoothing's correction
-        lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+        log2_sum = tl.log2(l_i) - LOG2_FP8_MAX if PV_FP8 else tl.log2(l_i)
+        lse = (m_i + log2_sum) * 0.6931471805599453
         tl.store(LSE + bh * NQ + offs_m, lse, mask=row_valid)

@@ -123,7 +123,8 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, Q_GROUP=q_group, K_GROUP=k_group,
         PV_FP8=pv_fp8, SMOOTH_V=v_mean is not None, IS_CAUSAL=is_causal, HAS_BIAS=bias is not None,
         RETURN_LSE=return_lse, BF16_DOT_IN_FP32=interpreting() and v.dtype == torch.bfloat16,
-        FP8_ROUND_IN_FP32=interpreting(), EVEN_D=D == block_d, num_warps=config.num_warps,
+        FP8_ROUND_IN_FP32=interpreting(), EVEN_D=D == block_d, WARP_SPECIALIZE=config.warp_specialize,
+        num_warps=config.num_warps,
         num_stages=config.num_stages)
     if return_lse and k_mean is not None:
         # K smoothing shifted every score of a row by q·mean(K)·scale: add it back for the true LSE

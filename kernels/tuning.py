@@ -19,9 +19,10 @@ class LaunchConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    warp_specialize: bool = False
 
     def key(self) -> str:
-        return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}"
+        return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}{'ws' if self.warp_specialize else ''}"
 
 
 def _c(m, n, w, s):
@@ -82,8 +83,12 @@ def candidates(block_d: int, block_m: int | None = None) -> list[LaunchConfig]:
     """What autotuning tries: tiles that fit shared memory for this head dim."""
     ms = [block_m] if block_m else [64, 128]
     ns = [32, 64] if block_d > 128 else [64, 128]
-    return [_c(m, n, w, s) for m in ms for n in ns for w in (4, 8) for s in (2, 3, 4)
-            if not (block_d > 128 and (m > 64 or s > 2)) and not (m == 64 and w == 8)]
+    plain = [_c(m, n, w, s) for m in ms for n in ns for w in (4, 8) for s in (2, 3, 4)
+             if not (block_d > 128 and (m > 64 or s > 2)) and not (m == 64 and w == 8)]
+    # warp-specialised pipelines (Triton decides per GPU whether it can build them; failures are skipped)
+    specialised = [LaunchConfig(c.block_m, c.block_n, c.num_warps, c.num_stages, True) for c in plain
+                   if block_d <= 128 and c.num_stages in (2, 3) and c.block_n == 128]
+    return plain + specialised
 
 
 def seq_bucket(n: int) -> int:

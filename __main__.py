@@ -13,18 +13,24 @@ import sys
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="sage-attention", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", default="selfcheck", choices=["selfcheck", "bench", "tune"])
+    parser.add_argument("command", nargs="?", default="selfcheck", choices=["selfcheck", "bench", "tune", "report"])
     parser.add_argument("--shapes", nargs="*", help="benchmark shape names (default: all; selfcheck: a quick set)")
     parser.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--no-peers", action="store_true", help="skip the official kernels and comfy-kitchen")
     parser.add_argument("--methods", nargs="*", help="only these methods (fnmatch patterns, e.g. 'sage_*' 'peer_*')")
     parser.add_argument("--out", default="sage_attention_bench.json", help="where the JSON results go")
+    parser.add_argument("--json", help="report: a benchmark JSON to render as the README's Markdown table")
     args = parser.parse_args(argv)
 
     import torch
 
     from .sage_core import bench, selfcheck
+
+    if args.command == "report":
+        with open(args.json or args.out) as f:
+            print(bench.markdown_table(json.load(f)))
+        return 0
 
     info = selfcheck.describe()
     print(f"sage-attention-pack: device {info['device']}, triton {info['triton']}; serving: {info['serving']}")

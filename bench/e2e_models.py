@@ -111,7 +111,7 @@ def main():
     from sage_attention_pack.sage_core import config as config_mod
 
     cases = {"wan21_14b_4blocks_480p81f": wan_case, "flux_dev_2x4blocks_1024px": flux_case}
-    settings = {"auto": "auto", "int8_fp8": "int8_fp8", "int8_fp16": "int8_fp16"}
+    settings = {"auto": "auto", "int8_fp8": "int8_fp8", "int8_fp16": "int8_fp16", "off": "off"}
     result = {"environment": bench_mod.environment(), "pack": getattr(pack, "__version__", "?"),
               "comfyui_attention": "comfy.ldm.modules.attention.optimized_attention (PyTorch SDPA on CUDA)",
               "models": {}}

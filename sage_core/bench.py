@@ -44,6 +44,7 @@ SAGE_VARIANTS = {
     "sage_int8_fp16_no_smooth_k": SageConfig(kernel="int8_fp16", smooth_k=False),
     "sage_int8_fp8_no_smooth_k": SageConfig(kernel="int8_fp8", smooth_k=False),
     "sage_auto": SageConfig(kernel="auto"),
+    "sage_off": SageConfig(kernel="off"),  # the dispatcher around exact SDPA: its own overhead
 }
 # Bounds the issue sets for model-shaped inputs against FP32 attention.
 BOUNDS = {"fp16": {"cosine": 0.9999, "rel_l1": 0.015}, "fp8": {"cosine": 0.999, "rel_l1": 0.045}}
@@ -208,4 +209,32 @@ def format_table(result: dict) -> str:
             sp = r.get("speedup_vs_sdpa_default")
             lines.append(f"  {m:30s} {r['tops']:8.1f} TOPS  {r['ms']:9.3f} ms  "
                          f"{'(%.3fx)' % sp if sp else '':10s} [{r['cosine']:.6f} / {r['rel_l1']:.4f}]")
+    return "\n".join(lines)
+
+
+SUMMARY_METHODS = ("sdpa_flash", "sdpa_cudnn", "sdpa_default", "peer_sa1_triton", "peer_sa2_fp16_cuda",
+                   "peer_sa2_fp8_sm90", "peer_ck_int8", "sage_int8_fp16", "sage_int8_fp8", "sage_auto")
+
+
+def markdown_table(result: dict, methods=SUMMARY_METHODS) -> str:
+    """The README's table: TOPS per shape and method, with the speed-up over SDPA's default in brackets."""
+    present = [m for m in methods if any(m in s["methods"] for s in result["shapes"].values())]
+    env = result["environment"]
+    lines = [f"{env.get('device')}, torch {env['torch']}, Triton {env.get('triton')}, CUDA {env.get('cuda', '-')}; "
+             f"TOPS = 4·B·H·Nq·Nk·D / time, quantization included; (×) = speed-up over SDPA default", "",
+             "| shape | " + " | ".join(present) + " |", "|---|" + "---|" * len(present)]
+    for name, s in result["shapes"].items():
+        sh = s["shape"]
+        cells = []
+        for m in present:
+            r = s["methods"].get(m, {})
+            cells.append(f"{r['tops']:.0f} ({r['speedup_vs_sdpa_default']:.2f}×)" if "tops" in r else "–")
+        lines.append(f"| {name} B{sh['B']} H{sh['H']} N{sh['N']} D{sh['D']} | " + " | ".join(cells) + " |")
+    lines += ["", "Accuracy against FP32 attention (mean over shapes): cosine / relative L1", "",
+              "| method | cosine | rel. L1 |", "|---|---|---|"]
+    for m in present:
+        rows = [s["methods"][m] for s in result["shapes"].values() if "cosine" in s["methods"].get(m, {})]
+        if rows:
+            lines.append(f"| {m} | {min(r['cosine'] for r in rows):.5f} (min) | "
+                         f"{max(r['rel_l1'] for r in rows):.4f} (max) |")
     return "\n".join(lines)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 
 import torch
@@ -232,48 +233,67 @@ def _sample(model, noise, latent_image, latent, settings, callback, last_step=No
         seed=settings["seed"])
 
 
-class TimedRun:
-    """What one timed sampling run measured."""
+class Runner:
+    """One side of the comparison (exact or Sage): its model with a timing override, noise, and what it measured.
 
-    def __init__(self, samples, seconds: float, timer: AttentionTimer, sage_override, counters: dict):
-        self.samples = samples
-        self.seconds = seconds
-        self.timer = timer
-        self.attention_seconds = timer.total_seconds()
-        self.attention_calls = timer.calls
-        self.sage_override = sage_override
-        self.counters = counters
+    :meth:`warm_up` samples the first steps of the schedule untimed (model loading, kernel compilation and
+    autotuning happen there); each :meth:`timed` call samples the whole schedule between two device
+    synchronisations, with every attention call timed, and resets the Sage counters first so they describe
+    that run.
+    """
 
+    def __init__(self, model, latent: dict, settings: dict, progress: _Progress):
+        import comfy.sample
 
-def timed_run(model, latent: dict, settings: dict, progress: _Progress, warmup_steps: int) -> TimedRun:
-    """Warm up (untimed), then sample once, timed, with every attention call timed too."""
-    import comfy.sample
+        self.latent = latent
+        self.settings = settings
+        self.progress = progress
+        self.latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+        self.noise = comfy.sample.prepare_noise(self.latent_image, settings["seed"], latent.get("batch_index"))
+        self.model, self.timer = install_override(model, AttentionTimer)
+        self.sage_override = find_sage_override(self.timer.previous)
+        self.device = self.model.load_device
+        self.seconds: list[float] = []
+        self.attention_seconds: list[float] = []
+        self.attention_calls = 0
+        self.counters: dict = {}
+        self.samples = None
 
-    latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
-    noise = comfy.sample.prepare_noise(latent_image, settings["seed"], latent.get("batch_index"))
-    timed_model, timer = install_override(model, AttentionTimer)
-    sage_override = find_sage_override(timer.previous)
-    device = timed_model.load_device
-    steps = settings["steps"]
+    def _sample(self, last_step=None):
+        return _sample(self.model, self.noise, self.latent_image, self.latent, self.settings,
+                       self.progress.callback(), last_step=last_step)
 
-    if warmup_steps > 0:
-        timer.enabled = False
-        w = min(warmup_steps, steps)
-        _sample(timed_model, noise, latent_image, latent, settings, progress.callback(), last_step=w)
-        progress.advance(w)
-        timer.enabled = True
-        timer.reset()
+    def warm_up(self, steps: int):
+        if steps <= 0:
+            return
+        self.timer.enabled = False
+        try:
+            self._sample(last_step=steps)
+        finally:
+            self.timer.enabled = True
+        self.progress.advance(steps)
 
-    if sage_override is not None:
-        sage_override.stats.reset()  # the patch's sampling wrapper resets them too: the counters of this run
-    synchronize(device)
-    t0 = time.perf_counter()
-    samples = _sample(timed_model, noise, latent_image, latent, settings, progress.callback())
-    synchronize(device)
-    seconds = time.perf_counter() - t0
-    counters = _snapshot(sage_override)
-    progress.advance(steps)
-    return TimedRun(samples, seconds, timer, sage_override, counters)
+    def timed(self):
+        self.timer.reset()
+        if self.sage_override is not None:
+            self.sage_override.stats.reset()  # the patch's sampling wrapper resets them too
+        synchronize(self.device)
+        t0 = time.perf_counter()
+        self.samples = self._sample()
+        synchronize(self.device)
+        self.seconds.append(time.perf_counter() - t0)
+        self.attention_seconds.append(self.timer.total_seconds())
+        self.attention_calls = self.timer.calls
+        self.counters = _snapshot(self.sage_override)
+        self.progress.advance(self.settings["steps"])
+
+    def figures(self) -> dict:
+        out = {"sampling_s": statistics.median(self.seconds), "attention_s": statistics.median(self.attention_seconds),
+               "attention_calls": self.attention_calls}
+        if len(self.seconds) > 1:
+            out["sampling_runs_s"] = list(self.seconds)
+            out["attention_runs_s"] = list(self.attention_seconds)
+        return out
 
 
 def decode(vae, samples: torch.Tensor) -> torch.Tensor:
@@ -465,11 +485,14 @@ class SageAttentionCompare(io.ComfyNode):
                 io.String.Input("exact_blocks", default="", tooltip="Blocks kept exact in the Sage run, e.g. "
                                 "'0-3, 36-39' (ignored with kernel 'from model')."),
                 io.Int.Input("warmup_steps", default=1, min=0, max=100,
-                             tooltip="Untimed denoising steps run before each timed run (model loading, kernel "
-                                     "compilation and autotuning happen there)."),
+                             tooltip="Untimed denoising steps each side runs before any timed run (model loading, "
+                                     "kernel compilation and autotuning happen there)."),
                 io.Float.Input("heat_gain", default=10.0, min=0.0, max=1000.0, step=0.5,
                                tooltip="Amplification of the difference heat map (0: the largest difference "
                                        "maps to white)."),
+                io.Int.Input("timed_runs", default=1, min=1, max=20, optional=True,
+                             tooltip="Timed runs per side, alternating exact and Sage; the report gives the "
+                                     "median."),
             ],
             outputs=[
                 io.Image.Output("exact_image", display_name="exact"),
@@ -485,13 +508,13 @@ class SageAttentionCompare(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent_image, vae, seed, steps, cfg, sampler_name, scheduler,
                 denoise, kernel, smooth_k, smooth_v, qk_granularity, quant_block, exact_blocks="",
-                warmup_steps=1, heat_gain=10.0) -> io.NodeOutput:
+                warmup_steps=1, timed_runs=1, heat_gain=10.0) -> io.NodeOutput:
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
         result = run_compare(model, positive, negative, latent_image, vae, seed=seed, steps=steps, cfg=cfg,
                              sampler_name=sampler_name, scheduler=scheduler, denoise=denoise,
                              config=config_from_inputs(kernel, smooth_k, smooth_v, qk_granularity, quant_block),
-                             exact_blocks=exact_blocks, warmup_steps=warmup_steps, heat_gain=heat_gain,
-                             node_id=node_id)
+                             exact_blocks=exact_blocks, warmup_steps=warmup_steps, timed_runs=timed_runs,
+                             heat_gain=heat_gain, node_id=node_id)
         payload = result["payload"]
         send_to_frontend(EVENT, payload)
         return io.NodeOutput(result["exact"], result["sage"], result["side_by_side"], result["heat_map"],
@@ -499,17 +522,25 @@ class SageAttentionCompare(io.ComfyNode):
 
 
 def run_compare(model, positive, negative, latent, vae, *, seed, steps, cfg, sampler_name, scheduler, denoise,
-                config: SageConfig | None, exact_blocks="", warmup_steps=1, heat_gain=10.0, node_id=None,
-                save_previews=True) -> dict:
+                config: SageConfig | None, exact_blocks="", warmup_steps=1, timed_runs=1, heat_gain=10.0,
+                node_id=None, save_previews=True) -> dict:
     """Both runs, the images and the report. ``config=None`` uses the Sage patch on ``model``."""
     exact_model, sage_model = prepare_models(model, config, exact_blocks)
     settings = {"seed": int(seed), "steps": int(steps), "cfg": float(cfg), "sampler_name": sampler_name,
                 "scheduler": scheduler, "denoise": float(denoise), "positive": positive, "negative": negative}
     warmup = max(0, min(int(warmup_steps), int(steps)))
-    progress = _Progress(2 * (warmup + int(steps)), node_id, model)
+    runs = max(1, int(timed_runs))
+    progress = _Progress(2 * (warmup + runs * int(steps)), node_id, model)
 
-    exact = timed_run(exact_model, latent, settings, progress, warmup)
-    sage = timed_run(sage_model, latent, settings, progress, warmup)
+    exact = Runner(exact_model, latent, settings, progress)
+    sage = Runner(sage_model, latent, settings, progress)
+    # Both warm-ups first, so the first timed run finds the device as warm as the last; then the timed runs
+    # alternate exact and Sage, so clock or thermal drift does not favour one side.
+    exact.warm_up(warmup)
+    sage.warm_up(warmup)
+    for _ in range(runs):
+        exact.timed()
+        sage.timed()
     exact_samples, sage_samples = exact.samples, sage.samples
     sage_override = sage.sage_override
 
@@ -525,7 +556,8 @@ def run_compare(model, positive, negative, latent, vae, *, seed, steps, cfg, sam
 
     device = exact_model.load_device
     dev_type = torch.device(device).type
-    timing_note = (f"{warmup} untimed warm-up step(s) of the same schedule before each timed run; "
+    timing_note = (f"{warmup} untimed warm-up step(s) of the same schedule for each side before any timed run; "
+                   + (f"median of {runs} alternating timed runs per side; " if runs > 1 else "")
                    + ("times taken after torch.cuda.synchronize, attention timed with CUDA events"
                       if dev_type == "cuda" else "wall-clock times (the CPU runs synchronously)")
                    + "; decoding not timed")
@@ -539,13 +571,10 @@ def run_compare(model, positive, negative, latent, vae, *, seed, steps, cfg, sam
         "device": str(device),
         "synchronized": dev_type == "cuda",
         "warmup_steps": warmup,
+        "timed_runs": runs,
         "timing_note": timing_note,
-        "exact": {"sampling_s": exact.seconds, "attention_s": exact.attention_seconds,
-                  "attention_calls": exact.attention_calls},
-        "sage": {"sampling_s": sage.seconds, "attention_s": sage.attention_seconds,
-                 "attention_calls": sage.attention_calls, "counters": sage.counters},
-        "speedup": _ratio(exact.seconds, sage.seconds),
-        "attention_speedup": _ratio(exact.attention_seconds, sage.attention_seconds),
+        "exact": exact.figures(),
+        "sage": {**sage.figures(), "counters": sage.counters},
         "psnr": comparison.psnr,
         "ssim": comparison.ssim,
         "max_abs_diff": comparison.max_abs_diff,
@@ -555,6 +584,8 @@ def run_compare(model, positive, negative, latent, vae, *, seed, steps, cfg, sam
         "heat_gain": gain,
         "image_shape": list(exact_images.shape),
     }
+    report["speedup"] = _ratio(report["exact"]["sampling_s"], report["sage"]["sampling_s"])
+    report["attention_speedup"] = _ratio(report["exact"]["attention_s"], report["sage"]["attention_s"])
     text = format_report(report)
     payload = json_safe(report)
     if save_previews:

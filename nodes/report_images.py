@@ -116,9 +116,10 @@ def difference_magnitude(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def heat_map(a: torch.Tensor, b: torch.Tensor, gain: float = 10.0) -> tuple[torch.Tensor, float]:
     """Amplified difference heat map ``[frames, H, W, 3]`` and the gain used.
 
-    The largest channel difference of each pixel is multiplied by ``gain`` and coloured from black (equal) to
-    white (a difference of ``1 / gain`` or more). ``gain <= 0`` picks the gain that maps the largest difference
-    to white. Identical inputs give an all-zero map.
+    The largest channel difference of each pixel is multiplied by ``gain``, clipped to 1, and coloured by its
+    square root (so small differences stay visible) from black (equal) to white (a difference of ``1 / gain``
+    or more). ``gain <= 0`` picks the gain that maps the largest difference to white. Identical inputs give an
+    all-zero map.
     """
     d = difference_magnitude(a, b)
     peak = float(d.max()) if d.numel() else 0.0
@@ -126,7 +127,7 @@ def heat_map(a: torch.Tensor, b: torch.Tensor, gain: float = 10.0) -> tuple[torc
         gain = 1.0 / peak if peak > 0 else 1.0
     if peak == 0.0:
         return torch.zeros(*d.shape, 3), float(gain)
-    rgb = _colormap(d * gain)
+    rgb = _colormap((d * gain).clamp(0.0, 1.0).sqrt())
     rgb[d == 0] = 0.0
     return rgb.contiguous(), float(gain)
 

@@ -168,7 +168,7 @@ def test_format_report_mentions_every_figure(compare_mod):
 
 
 def compare_prompt(family, models, *, kernel="int8_fp16", patch=None, steps=STEPS, warmup=WARMUP, seed=7,
-                   frames=5, exact_blocks="", heat_gain=10.0):
+                   frames=5, exact_blocks="", heat_gain=10.0, timed_runs=None):
     """Loaders and encoders from the harness workflow, KSampler/VAEDecode replaced by the Compare node."""
     p = harness.workflow_api(family, models, model_patch=patch, steps=steps, output=None, frames=frames)
     ks = p.pop(harness.NODE_IDS["sampler"])
@@ -180,6 +180,8 @@ def compare_prompt(family, models, *, kernel="int8_fp16", patch=None, steps=STEP
         "scheduler": i["scheduler"], "denoise": 1.0, "kernel": kernel, "smooth_k": True, "smooth_v": False,
         "qk_granularity": "per_warp", "quant_block": "128", "exact_blocks": exact_blocks, "warmup_steps": warmup,
         "heat_gain": heat_gain}}
+    if timed_runs is not None:
+        p[COMPARE_ID]["inputs"]["timed_runs"] = timed_runs
     return p
 
 
@@ -260,6 +262,21 @@ def test_compare_off_is_identical(comfy_inprocess, small_models):
     assert p["latent_cosine"] == 1.0 and p["ssim"] == pytest.approx(1.0)
     assert p["sage"]["counters"]["exact"] == {"kernel off": p["sage"]["attention_calls"]}
     assert "inf dB" in text
+
+
+def test_compare_alternating_timed_runs_report_the_median(comfy_inprocess, small_models):
+    run = comfy_inprocess.run_prompt(compare_prompt(FAMILY, small_models, kernel="off", seed=13, timed_runs=3))
+    p = payload(run)
+    assert p["timed_runs"] == 3 and "median of 3 alternating timed runs" in p["timing_note"]
+    for side in ("exact", "sage"):
+        runs = p[side]["sampling_runs_s"]
+        assert len(runs) == 3 and p[side]["sampling_s"] == sorted(runs)[1]
+        assert p[side]["attention_s"] == sorted(p[side]["attention_runs_s"])[1]
+        assert p[side]["attention_calls"] == CALLS_PER_FORWARD * STEPS  # per run, not summed
+    assert p["speedup"] == pytest.approx(p["exact"]["sampling_s"] / p["sage"]["sampling_s"])
+    assert p["sage"]["counters"]["total"] == CALLS_PER_FORWARD * STEPS  # the last run's counters
+    prog = [d for d in run.events("progress") if d.get("node") == COMPARE_ID]
+    assert prog[-1]["value"] == prog[-1]["max"] == 2 * (WARMUP + 3 * STEPS)
 
 
 def test_compare_from_model_uses_the_patch(comfy_inprocess, small_models):

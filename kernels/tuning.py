@@ -22,7 +22,8 @@ class LaunchConfig:
     warp_specialize: bool = False
 
     def key(self) -> str:
-        return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}{'ws' if self.warp_specialize else ''}"
+        ws = "ws" if self.warp_specialize else ""
+        return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}{ws}"
 
 
 def _c(m, n, w, s):
@@ -79,13 +80,16 @@ def default_config(family: str, pv: str, block_d: int, block_m: int | None = Non
     return cfg
 
 
-def candidates(block_d: int, block_m: int | None = None) -> list[LaunchConfig]:
+def candidates(block_d: int, block_m: int | None = None, family: str = "sm90") -> list[LaunchConfig]:
     """What autotuning tries: tiles that fit shared memory for this head dim."""
     ms = [block_m] if block_m else [64, 128]
     ns = [32, 64] if block_d > 128 else [64, 128]
     plain = [_c(m, n, w, s) for m in ms for n in ns for w in (4, 8) for s in (2, 3, 4)
              if not (block_d > 128 and (m > 64 or s > 2)) and not (m == 64 and w == 8)]
-    # warp-specialised pipelines (Triton decides per GPU whether it can build them; failures are skipped)
+    if family not in ("sm100", "sm120"):
+        # Triton 3.6's warp-specialisation pass fails on this kernel for sm90 (an MLIR pipeline error,
+        # seen on an H100): offer those pipelines only to Blackwell, where that pass is Triton's default path
+        return plain
     specialised = [LaunchConfig(c.block_m, c.block_n, c.num_warps, c.num_stages, True) for c in plain
                    if block_d <= 128 and c.num_stages in (2, 3) and c.block_n == 128]
     return plain + specialised

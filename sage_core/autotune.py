@@ -22,7 +22,7 @@ def tune_shape(shape, dtype=torch.bfloat16, pv: str = "fp8", config: SageConfig 
     block_d = launch.padded_head_dim(d)
     pinned_m = config.quant_block if config.qk_granularity == "per_block" else None
     timings = {}
-    for cand in tuning.candidates(block_d, pinned_m):
+    for cand in tuning.candidates(block_d, pinned_m, backend.arch_family(q.device)):
         def call():
             return backend.run(q, k, v, layout="HND", sm_scale=d ** -0.5, is_causal=is_causal, bias=None,
                                config=config, pv_fp8=pv == "fp8", return_lse=False, launch_config=cand)

@@ -130,8 +130,12 @@ def test_empty_inputs_work():
     for shape_q, shape_k in (((1, 2, 0, 64), (1, 2, 10, 64)), ((0, 2, 5, 64), (0, 2, 5, 64))):
         q = torch.randn(shape_q, device=DEVICE, dtype=torch.float16)
         k = torch.randn(shape_k, device=DEVICE, dtype=torch.float16)
-        out = sageattn(q, k, k)
-        assert out.shape == q.shape
+        out, lse = sageattn(q, k, k, return_lse=True)
+        assert out.shape == q.shape and lse.shape == (q.shape[0], q.shape[1], q.shape[2])
+    q = torch.randn(1, 2, 7, 64, device=DEVICE, dtype=torch.float16)
+    no_keys = torch.randn(1, 2, 0, 64, device=DEVICE, dtype=torch.float16)
+    out = sageattn(q, no_keys, no_keys)
+    assert out.shape == q.shape and not out.any()  # a weighted sum over no values
 
 
 @needs_kernels

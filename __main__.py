@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -25,6 +26,9 @@ def main(argv=None) -> int:
 
     import torch
 
+    if not torch.cuda.is_available():
+        # no GPU: the same kernels run through Triton's CPU interpreter (set before they are first imported)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     from .sage_core import bench, selfcheck
 
     if args.command == "report":

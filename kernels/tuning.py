@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -106,11 +107,25 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-class TuningCache:
-    """A JSON file of {key: value}; written atomically, read once per process."""
+TUNED_DIR = Path(__file__).resolve().parent / "tuned"
 
-    def __init__(self, name: str):
+
+def shipped_table(device_name: str, section: str) -> dict:
+    """Measured choices shipped with the pack for this GPU model (kernels/tuned/<gpu>.json), or {}."""
+    slug = re.sub(r"[^a-z0-9]+", "_", device_name.lower()).strip("_")
+    try:
+        return json.loads((TUNED_DIR / f"{slug}.json").read_text()).get(section, {})
+    except (OSError, ValueError):
+        return {}
+
+
+class TuningCache:
+    """A JSON file of {key: value}; written atomically, read once per process. `defaults` (a shipped
+    table) answers keys the file does not hold."""
+
+    def __init__(self, name: str, defaults: dict | None = None):
         self.path = cache_dir() / name
+        self.defaults = defaults or {}
         self._data: dict | None = None
 
     def _load(self) -> dict:
@@ -122,7 +137,8 @@ class TuningCache:
         return self._data
 
     def get(self, key: str):
-        return self._load().get(key)
+        hit = self._load().get(key)
+        return hit if hit is not None else self.defaults.get(key)
 
     def put(self, key: str, value) -> None:
         data = self._load()

@@ -23,7 +23,7 @@ MIN_SCORES_FOR_SAGE = 256 * 256
 def choice_cache():
     from ..kernels import tuning
 
-    return tuning.TuningCache(f"auto-{backend.device_tag()}.json")
+    return tuning.TuningCache(f"auto-{backend.device_tag()}.json", tuning.shipped_table(backend.gpu_name(), "auto"))
 
 
 def choice_key(q, k, is_causal: bool, has_bias: bool, config: SageConfig) -> str:

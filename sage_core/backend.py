@@ -118,7 +118,12 @@ def tuning_key(device, pv, block_d, pinned_m, nq, nk, dtype, is_causal) -> str:
 def launch_cache():
     from ..kernels import tuning
 
-    return tuning.TuningCache(f"launch-{device_tag()}.json")
+    return tuning.TuningCache(f"launch-{device_tag()}.json", tuning.shipped_table(gpu_name(), "launch"))
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 @functools.lru_cache(maxsize=None)
@@ -126,5 +131,4 @@ def device_tag() -> str:
     """Cache files are per GPU model and Triton version: a driver or Triton update retunes."""
     import triton
 
-    name = torch.cuda.get_device_name().replace(" ", "_") if torch.cuda.is_available() else "cpu"
-    return f"{name}-triton{triton.__version__}"
+    return f"{gpu_name().replace(' ', '_')}-triton{triton.__version__}"

@@ -12,23 +12,9 @@ Masks are an additive bias over keys (already in log2 units) that broadcasts ove
 import triton
 import triton.language as tl
 
-from .quant_kernels import round_half_away, to_fp8_e4m3
+from .quant_kernels import quantize_rows_int8, to_fp8_e4m3
 
 LOG2_FP8_MAX = tl.constexpr(8.807354922057604)  # log2(448)
-
-
-@triton.jit
-def quantize_rows_int8(x, ROWS: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.constexpr):
-    """INT8 codes and per-row scales for a [ROWS, BLOCK_D] FP32 tile, one scale per GROUP rows."""
-    grouped = tl.reshape(x, (ROWS // GROUP, GROUP * BLOCK_D))
-    amax = tl.max(tl.abs(grouped), axis=1)
-    has_bad = tl.max(tl.where(grouped == grouped, 0.0, 1.0), axis=1) > 0
-    scale = tl.maximum(amax, 1e-30) / 127.0
-    scale = tl.where(has_bad, float("nan"), scale)
-    q = round_half_away(grouped / scale[:, None]).to(tl.int8)
-    q = tl.reshape(q, (ROWS, BLOCK_D))
-    row_scale = tl.reshape(tl.broadcast_to(scale[:, None], (ROWS // GROUP, GROUP)), (ROWS,))
-    return q, row_scale
 
 
 @triton.jit
@@ -133,7 +119,7 @@ def sage_attention_fwd_kernel(
         d_valid = offs_d < D
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=(offs_m[:, None] < NQ) & d_valid[None, :], other=0.0).to(tl.float32)
-    q8, q_scale = quantize_rows_int8(q * qk_multiplier, BLOCK_M, Q_GROUP, BLOCK_D)
+    q8, _, q_scale = quantize_rows_int8(q * qk_multiplier, BLOCK_M, Q_GROUP, BLOCK_D)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)

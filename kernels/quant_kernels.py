@@ -32,6 +32,36 @@ def to_fp8_e4m3(x, ROUND_IN_FP32: tl.constexpr):
 
 
 @triton.jit
+def load_centered_tile(X, MEAN, bh, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D,
+                       BLOCK_D: tl.constexpr, SUBTRACT_MEAN: tl.constexpr):
+    """A [rows, BLOCK_D] FP32 tile of a strided [B, H, N, D] tensor, zero outside it, minus the per-channel
+    mean when asked (MEAN is [B*H, BLOCK_D])."""
+    valid = (offs_n[:, None] < N) & (offs_d[None, :] < D)
+    ptrs = X + b * stride_b + h * stride_h + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d
+    x = tl.load(ptrs, mask=valid, other=0.0).to(tl.float32)
+    if SUBTRACT_MEAN:
+        mean = tl.load(MEAN + bh * BLOCK_D + offs_d)
+        x = tl.where(valid, x - mean[None, :], 0.0)
+    return x
+
+
+@triton.jit
+def quantize_rows_int8(x, ROWS: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.constexpr):
+    """INT8 codes, the scale of each GROUP of rows, and that scale repeated per row, for a [ROWS, BLOCK_D]
+    FP32 tile. A group holding NaN or Inf gets a NaN scale, so the attention output turns non-finite and
+    the guard recomputes it exactly instead of returning finite garbage."""
+    grouped = tl.reshape(x, (ROWS // GROUP, GROUP * BLOCK_D))
+    amax = tl.max(tl.abs(grouped), axis=1)
+    has_bad = tl.max(tl.where(grouped == grouped, 0.0, 1.0), axis=1) > 0
+    scale = tl.maximum(amax, 1e-30) / 127.0
+    scale = tl.where(has_bad, float("nan"), scale)
+    q = round_half_away(grouped / scale[:, None]).to(tl.int8)
+    q = tl.reshape(q, (ROWS, BLOCK_D))
+    row_scale = tl.reshape(tl.broadcast_to(scale[:, None], (ROWS // GROUP, GROUP)), (ROWS,))
+    return q, scale, row_scale
+
+
+@triton.jit
 def channel_stats_kernel(
     X, SUM, MAX, MIN,
     stride_b, stride_h, stride_n, stride_d,
@@ -65,29 +95,14 @@ def quant_int8_kernel(
     """Symmetric INT8 quantization of (x - mean) * multiplier, one scale per GROUP consecutive tokens.
 
     XQ is a contiguous [B, H, N, BLOCK_D] int8 buffer (head dim zero-padded), SCALE [B, H, n_groups].
-    A group holding NaN or Inf gets a NaN scale, so the attention output turns non-finite and the
-    dispatcher's guard recomputes the call exactly instead of returning finite garbage.
     """
     pid = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
     offs_n = pid * ROWS + tl.arange(0, ROWS)
     offs_d = tl.arange(0, BLOCK_D)
-    valid = (offs_n[:, None] < N) & (offs_d[None, :] < D)
-    ptrs = X + b * stride_b + h * stride_h + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d
-    x = tl.load(ptrs, mask=valid, other=0.0).to(tl.float32)
-    if SUBTRACT_MEAN:
-        mean = tl.load(MEAN + bh * BLOCK_D + offs_d)
-        x = tl.where(valid, x - mean[None, :], 0.0)
-    x = x * multiplier
-    grouped = tl.reshape(x, (ROWS // GROUP, GROUP * BLOCK_D))
-    amax = tl.max(tl.abs(grouped), axis=1)
-    has_bad = tl.max(tl.where(grouped == grouped, 0.0, 1.0), axis=1) > 0
-    scale = tl.maximum(amax, 1e-30) / 127.0
-    scale = tl.where(has_bad, float("nan"), scale)
-    q = round_half_away(grouped / scale[:, None]).to(tl.int8)
-    q = tl.reshape(q, (ROWS, BLOCK_D))
+    x = load_centered_tile(X, MEAN, bh, bh // H, bh % H, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d,
+                           N, D, BLOCK_D, SUBTRACT_MEAN)
+    q, scale, _ = quantize_rows_int8(x * multiplier, ROWS, GROUP, BLOCK_D)
     out_ptrs = XQ + (bh * N + offs_n[:, None]) * BLOCK_D + offs_d[None, :]
     tl.store(out_ptrs, q, mask=offs_n[:, None] < N)
     offs_g = pid * (ROWS // GROUP) + tl.arange(0, ROWS // GROUP)
@@ -107,16 +122,10 @@ def quant_fp8_v_kernel(
     """
     pid = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
     offs_n = pid * ROWS + tl.arange(0, ROWS)
     offs_d = tl.arange(0, BLOCK_D)
-    valid = (offs_n[:, None] < N) & (offs_d[None, :] < D)
-    ptrs = V + b * stride_b + h * stride_h + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d
-    v = tl.load(ptrs, mask=valid, other=0.0).to(tl.float32)
-    if SUBTRACT_MEAN:
-        mean = tl.load(MEAN + bh * BLOCK_D + offs_d)
-        v = tl.where(valid, v - mean[None, :], 0.0)
+    v = load_centered_tile(V, MEAN, bh, bh // H, bh % H, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d,
+                           N, D, BLOCK_D, SUBTRACT_MEAN)
     scale = tl.load(SCALE + bh * BLOCK_D + offs_d)
     vq = to_fp8_e4m3(v / scale[None, :], FP8_ROUND_IN_FP32)
     out_ptrs = VQ + (bh * BLOCK_D + offs_d[None, :]) * n_padded + offs_n[:, None]

@@ -13,6 +13,7 @@ import torch
 
 from . import backend
 from .config import SageConfig
+from .timing import median_ms
 
 TIMING_REPEATS = 3
 # Below this many score elements per head a call is launch-bound: exact attention, no measurement.
@@ -73,17 +74,4 @@ def time_variants(q, k, v, *, is_causal: bool, bias, config: SageConfig) -> dict
             runs[name] = functools.partial(backend.run, q, k, v, layout="HND", sm_scale=q.shape[-1] ** -0.5,
                                            is_causal=is_causal, bias=bias, config=config,
                                            pv_fp8=name == "int8_fp8", return_lse=False)
-    return {name: cuda_median_ms(fn) for name, fn in runs.items()}
-
-
-def cuda_median_ms(fn, repeats: int = TIMING_REPEATS) -> float:
-    fn()  # warm-up: compilation and caches stay out of the figure
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    return {name: median_ms(fn, warmup=1, repeats=TIMING_REPEATS) for name, fn in runs.items()}

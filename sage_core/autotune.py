@@ -6,9 +6,10 @@ from __future__ import annotations
 import torch
 
 from . import backend
-from .bench import model_shaped_inputs, time_ms
+from .bench import model_shaped_inputs
 from .config import SageConfig
 from .progress import progress
+from .timing import median_ms
 
 
 def tune_shape(shape, dtype=torch.bfloat16, pv: str = "fp8", config: SageConfig | None = None,
@@ -27,7 +28,7 @@ def tune_shape(shape, dtype=torch.bfloat16, pv: str = "fp8", config: SageConfig 
             return backend.run(q, k, v, layout="HND", sm_scale=d ** -0.5, is_causal=is_causal, bias=None,
                                config=config, pv_fp8=pv == "fp8", return_lse=False, launch_config=cand)
         try:
-            timings[cand] = time_ms(call, warmup=1, repeats=5)
+            timings[cand] = median_ms(call, warmup=1, repeats=5)
         except Exception:  # a tile that does not fit this GPU's shared memory is skipped
             continue
     best = min(timings, key=timings.get)

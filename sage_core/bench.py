@@ -12,7 +12,6 @@ import fnmatch
 import importlib.util
 import json
 import platform
-import time
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from .config import SageConfig
 from .dispatch import attention
 from .metrics import attention_error
 from .progress import progress
+from .timing import median_ms
 
 GPU_SHAPES = {
     "flux_1024px": (1, 24, 4608, 128),
@@ -84,27 +84,6 @@ def load_peers() -> tuple[dict, dict]:
     return dict(found), dict(getattr(found, "missing", {}))
 
 
-def time_ms(fn, warmup=3, repeats=10) -> float:
-    """Median wall time of fn in milliseconds; CUDA events on the GPU, a synchronised clock elsewhere."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    cuda = torch.cuda.is_available()
-    for _ in range(repeats):
-        if cuda:
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            e.synchronize()
-            times.append(s.elapsed_time(e))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
-
-
 def environment() -> dict:
     env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()}
     try:
@@ -138,7 +117,7 @@ def bench_shape(name, shape, dtype, device, methods, repeats) -> dict:
         try:
             out = fn(q, k, v)
             err = attention_error(out[:, :hh], ref)
-            ms = time_ms(lambda: fn(q, k, v), warmup=2 if device == "cuda" else 0, repeats=repeats)
+            ms = median_ms(lambda: fn(q, k, v), warmup=2 if device == "cuda" else 0, repeats=repeats)
             rows[method] = {"ms": ms, "tops": 4 * b * h * n * n * d / (ms * 1e-3) / 1e12, **err}
         except Exception as e:  # a peer that cannot run this shape is reported, not fatal
             rows[method] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}

@@ -11,6 +11,7 @@ The API-format twin in `api/` is converted from the UI graph with the node defin
 from __future__ import annotations
 
 import argparse
+import functools
 import copy
 import json
 import os
@@ -301,10 +302,26 @@ def _expert_title(g, nid):
     return None
 
 
-def build_sd15():
-    g = _with_sage(_plain("default"))
-    g.add_note(note_text("SD1.5 text to image + Sage Attention", "Stable Diffusion 1.5, 512x512, 20 steps.",
-                         model_files(g), EXAMPLES + "/"))
+# One template in, a Sage node before its sampler, a note out: (template, title, summary, examples page).
+SIMPLE = {
+    "sd15": ("default", "SD1.5 text to image + Sage Attention", "Stable Diffusion 1.5, 512x512, 20 steps.", "/"),
+    "sd35": ("sd3.5_simple_example", "SD3.5 Large + Sage Attention",
+             "Stable Diffusion 3.5 Large (fp8 scaled checkpoint with its text encoders inside).", "/sd3/"),
+    "flux": ("flux_dev_full_text_to_image", "Flux.1 dev + Sage Attention",
+             "Flux.1 dev, 1024x1024, 20 steps, guidance 3.5.", "/flux/"),
+    "wan21_t2v": ("text_to_video_wan", "Wan2.1 text to video + Sage Attention",
+                  "Wan2.1 T2V 1.3B, 832x480, 33 frames.", "/wan/"),
+    "hunyuan": ("hunyuan_video_text_to_video", "HunyuanVideo text to video + Sage Attention",
+                "HunyuanVideo T2V 720p, 848x480, 73 frames.", "/hunyuan_video/"),
+    "ltxv": ("ltxv_text_to_video", "LTX-Video text to video + Sage Attention",
+             "LTX-Video 2B v0.9, 768x512, 97 frames.", "/ltxv/"),
+}
+
+
+def build_simple(key):
+    template, title, summary, page = SIMPLE[key]
+    g = _with_sage(_plain(template))
+    g.add_note(note_text(title, summary, model_files(g), EXAMPLES + page))
     return g
 
 
@@ -314,28 +331,6 @@ def build_sdxl():
     g.add_note(note_text("SDXL base + refiner + Sage Attention",
                          "SDXL 1.0 base (steps 0-20) then the refiner (20-25), each model with its own Sage node.",
                          model_files(g), EXAMPLES + "/sdxl/"))
-    return g
-
-
-def build_sd35():
-    g = _with_sage(_plain("sd3.5_simple_example"))
-    g.add_note(note_text("SD3.5 Large + Sage Attention",
-                         "Stable Diffusion 3.5 Large (fp8 scaled checkpoint with its text encoders inside).",
-                         model_files(g), EXAMPLES + "/sd3/"))
-    return g
-
-
-def build_flux():
-    g = _with_sage(_plain("flux_dev_full_text_to_image"))
-    g.add_note(note_text("Flux.1 dev + Sage Attention", "Flux.1 dev, 1024x1024, 20 steps, guidance 3.5.",
-                         model_files(g), EXAMPLES + "/flux/"))
-    return g
-
-
-def build_wan21_t2v():
-    g = _with_sage(_plain("text_to_video_wan"))
-    g.add_note(note_text("Wan2.1 text to video + Sage Attention", "Wan2.1 T2V 1.3B, 832x480, 33 frames.",
-                         model_files(g), EXAMPLES + "/wan/"))
     return g
 
 
@@ -363,20 +358,6 @@ def build_wan22():
     g.add_note(note_text("Wan2.2 14B text to video + Sage Attention",
                          "Wan2.2 T2V A14B: the high-noise expert samples steps 0-10, the low-noise expert 10-20; "
                          "each expert has its own Sage node.", model_files(g), EXAMPLES + "/wan22/"))
-    return g
-
-
-def build_hunyuan():
-    g = _with_sage(_plain("hunyuan_video_text_to_video"))
-    g.add_note(note_text("HunyuanVideo text to video + Sage Attention", "HunyuanVideo T2V 720p, 848x480, 73 frames.",
-                         model_files(g), EXAMPLES + "/hunyuan_video/"))
-    return g
-
-
-def build_ltxv():
-    g = _with_sage(_plain("ltxv_text_to_video"))
-    g.add_note(note_text("LTX-Video text to video + Sage Attention", "LTX-Video 2B v0.9, 768x512, 97 frames.",
-                         model_files(g), EXAMPLES + "/ltxv/"))
     return g
 
 
@@ -433,15 +414,15 @@ def build_compare(object_info):
 
 
 WORKFLOWS = {
-    "sage_sd1.5_text_to_image": build_sd15,
+    "sage_sd1.5_text_to_image": functools.partial(build_simple, "sd15"),
     "sage_sdxl_base_refiner": build_sdxl,
-    "sage_sd3.5_large": build_sd35,
-    "sage_flux1_dev": build_flux,
-    "sage_wan2.1_text_to_video": build_wan21_t2v,
+    "sage_sd3.5_large": functools.partial(build_simple, "sd35"),
+    "sage_flux1_dev": functools.partial(build_simple, "flux"),
+    "sage_wan2.1_text_to_video": functools.partial(build_simple, "wan21_t2v"),
     "sage_wan2.1_image_to_video": build_wan21_i2v,
     "sage_wan2.2_14B_text_to_video": build_wan22,
-    "sage_hunyuan_video_text_to_video": build_hunyuan,
-    "sage_ltxv_text_to_video": build_ltxv,
+    "sage_hunyuan_video_text_to_video": functools.partial(build_simple, "hunyuan"),
+    "sage_ltxv_text_to_video": functools.partial(build_simple, "ltxv"),
     "sage_compare_sd1.5": build_compare,
 }
 

@@ -124,23 +124,11 @@ class LocalServer:
     def stop(self, grace: float = 15.0) -> None:
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
-            try:
-                if os.name == "posix":
-                    os.killpg(proc.pid, signal.SIGTERM)
-                else:
-                    proc.terminate()
-            except (ProcessLookupError, PermissionError, OSError):
-                pass
+            _signal_group(proc, force=False)
             try:
                 proc.wait(grace)
             except subprocess.TimeoutExpired:
-                try:
-                    if os.name == "posix":
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    else:
-                        proc.kill()
-                except (ProcessLookupError, PermissionError, OSError):
-                    pass
+                _signal_group(proc, force=True)
                 proc.wait(10)
         if self._log is not None:
             self._log.close()
@@ -161,3 +149,16 @@ def _port_free(port) -> bool:
             return True
         except OSError:
             return False
+
+
+def _signal_group(proc: subprocess.Popen, force: bool) -> None:
+    """Stop the server and what it started: its process group on POSIX, the process elsewhere."""
+    try:
+        if os.name == "posix":
+            os.killpg(proc.pid, signal.SIGKILL if force else signal.SIGTERM)
+        elif force:
+            proc.kill()
+        else:
+            proc.terminate()
+    except (ProcessLookupError, PermissionError, OSError):
+        pass

@@ -198,3 +198,15 @@ def test_sage_node_over_http(comfy_server, small_models):
     files = comfy_server.output_files(entry)
     assert files and all(f.exists() and f.stat().st_size > 0 for f in files)
     assert NODE_IDS["save"] in entry["outputs"]
+
+
+@pytest.mark.comfy_server
+def test_startup_logs_one_line_and_imports_fast(comfy_server):
+    import re
+
+    log = comfy_server.log_path.read_text(errors="replace")
+    lines = [ln for ln in log.splitlines() if "Sage Attention Pack 0." in ln]
+    assert len(lines) == 1, lines
+    assert "device cpu" in lines[0] and "serving:" in lines[0]
+    times = [float(m.group(1)) for m in re.finditer(r"^\s*([0-9.]+) seconds: .*sage-attention-pack\s*$", log, re.M)]
+    assert times and times[-1] < 1.0  # ComfyUI's own import-time report for the pack

@@ -481,19 +481,22 @@ def test_started_server_is_restarted_when_it_dies_and_stopped_at_the_end(harness
 
 
 @pytest.mark.comfy_server
-def test_failed_job_is_retried_then_recorded_without_stopping_the_batch(comfy_server, small_models, tmp_path):
-    if "SageAttention" not in comfy_server.object_info():
-        pytest.skip("needs the Sage Attention node")
+def test_failed_job_is_retried_then_recorded_without_stopping_the_batch(harness, small_models, pack_custom_nodes,
+                                                                        comfyui, tmp_path):
     out = tmp_path / "out"
-    # on_unsupported=raise makes the Sage node refuse to fall back: on a machine without a GPU, that job fails
-    server = f"127.0.0.1:{comfy_server.port}"
-    r = subprocess.run(CLI + [str(SD15_WORKFLOW), *small_sets(small_models), "--server", server,
-                              "--grid", "Sage Attention.on_unsupported=raise,fallback", "--retries", "1",
-                              "--progress", "plain", "-o", str(out)],
-                       capture_output=True, text=True, timeout=300, cwd=REPO)
+    # A server whose kernels cannot run (CPU, interpreter off): with on_unsupported=raise the Sage node refuses
+    # to fall back, so that job fails on every attempt while its fallback twin renders.
+    cpu_only = harness.start_server(small_models.root, tmp_path / "srv", comfy_dir=comfyui,
+                                    custom_nodes_dir=pack_custom_nodes, env={"TRITON_INTERPRET": "0"})
+    server = f"127.0.0.1:{cpu_only.port}"
+    try:
+        r = subprocess.run(CLI + [str(SD15_WORKFLOW), *small_sets(small_models), "--server", server,
+                                  "--grid", "Sage Attention.on_unsupported=raise,fallback", "--retries", "1",
+                                  "--progress", "plain", "-o", str(out)],
+                           capture_output=True, text=True, timeout=300, cwd=REPO)
+    finally:
+        cpu_only.stop()
     states = {s["inputs"]["grid"][0]: s for s in job_states(out).values()}
-    if states["on_unsupported-raise"]["status"] == "ok":
-        pytest.skip("the Sage kernels ran here, so nothing failed")
     assert r.returncode == 1, r.stderr
     failed, ok = states["on_unsupported-raise"], states["on_unsupported-fallback"]
     assert failed["status"] == "failed" and failed["attempts"] == 2 and len(failed["errors"]) == 2

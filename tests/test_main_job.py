@@ -1,0 +1,37 @@
+"""The README's main job, `python -m sage_attention_pack selfcheck`, and the report it feeds, run for real."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not CUDA,
+                                reason="needs a GPU or TRITON_INTERPRET=1")
+
+
+def run_cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "sage_attention_pack", *args], capture_output=True, text=True,
+                          timeout=900, cwd=cwd)
+
+
+def test_selfcheck_reports_device_accuracy_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    shapes = ["flux_1024px"] if CUDA else ["tiny_d64"]
+    r = run_cli("selfcheck", "--shapes", *shapes, "--no-peers", "--out", str(out), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "serving:" in r.stdout and r.stdout.count("ok  ") == 8 and "FAIL" not in r.stdout
+    result = json.loads(out.read_text())
+    assert set(result["environment"]) >= {"torch", "triton", "device"}
+    rows = result["shapes"][shapes[0]]["methods"]
+    assert rows["sage_int8_fp16"]["cosine"] >= 0.9999 and rows["sage_int8_fp8"]["cosine"] >= 0.999
+    assert rows["sage_int8_fp16"]["rel_l1"] < rows["sage_int8_fp16_no_smooth_k"]["rel_l1"]  # smoothing helps
+    report = run_cli("report", "--json", str(out), cwd=tmp_path)
+    assert report.returncode == 0 and f"| {shapes[0]} " in report.stdout and "sage_int8_fp8" in report.stdout
+
+
+def test_bad_shape_name_is_refused_with_the_known_ones(tmp_path):
+    r = run_cli("bench", "--shapes", "no_such_shape", "--no-peers", "--out", str(tmp_path / "x.json"), cwd=tmp_path)
+    assert r.returncode != 0 and "unknown shape(s) ['no_such_shape']" in (r.stdout + r.stderr)

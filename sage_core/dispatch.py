@@ -10,6 +10,7 @@ Rules it keeps:
 """
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections import Counter
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from . import autoselect, backend
 from .config import SageConfig
 
+log = logging.getLogger("sage_attention_pack")
 LAYOUTS = ("HND", "NHD")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -81,6 +83,7 @@ class DispatchStats:
 
 
 GLOBAL_STATS = DispatchStats()
+_WARNED: set[str] = set()
 
 
 def to_hnd(t: torch.Tensor, layout: str) -> torch.Tensor:
@@ -226,8 +229,18 @@ def attention(q, k, v, *, tensor_layout="HND", is_causal=False, sm_scale=None, a
     if variant == "int8_fp8" and not backend.supports_fp8(qh.device):
         variant = "int8_fp16"  # FP8 tensor cores start at Ada (sm89); INT8·FP16 is exact elsewhere
 
-    out, lse, _ = backend.run(qh, kh, vh, layout=tensor_layout, sm_scale=sm_scale, is_causal=is_causal,
-                              bias=bias, config=config, pv_fp8=variant == "int8_fp8", return_lse=return_lse,
-                              repair_counter=stats.repair_counter(qh.device) if config.nan_guard else None)
+    try:
+        out, lse, _ = backend.run(qh, kh, vh, layout=tensor_layout, sm_scale=sm_scale, is_causal=is_causal,
+                                  bias=bias, config=config, pv_fp8=variant == "int8_fp8", return_lse=return_lse,
+                                  repair_counter=stats.repair_counter(qh.device) if config.nan_guard else None)
+    except Exception as e:  # a compile or launch failure on this GPU/Triton: exact attention, said once
+        if config.on_unsupported == "raise":
+            raise
+        reason = f"kernel error: {type(e).__name__}"
+        if reason not in _WARNED:
+            _WARNED.add(reason)
+            log.warning("Sage attention: %s (%s); exact attention serves such calls", reason,
+                        str(e).splitlines()[0][:200] if str(e) else "")
+        return exact(reason)
     stats.record_sage(variant)
     return (out, lse) if return_lse else out

@@ -177,3 +177,20 @@ def test_custom_op_matches_eager_and_compiles_without_graph_break():
 
     explanation = torch._dynamo.explain(f)(q, k, v)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+def test_kernel_failure_falls_back_exactly_or_raises(monkeypatch):
+    from sage_attention_pack.sage_core import backend
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(backend, "device_refusal", lambda device: None)  # pretend the kernels could run here
+    monkeypatch.setattr(backend, "run", broken)
+    q, k, v = qkv(dtype=torch.float32)
+    stats = DispatchStats()
+    out = attention(q, k, v, config=SageConfig(kernel="int8_fp16"), stats=stats)
+    assert stats.snapshot()["fallback"] == {"kernel error: RuntimeError": 1}
+    torch.testing.assert_close(out.double(), sdpa_ref(q, k, v), rtol=1e-4, atol=1e-5)
+    with pytest.raises(RuntimeError, match="no kernel image"):
+        attention(q, k, v, config=SageConfig(kernel="int8_fp16", on_unsupported="raise"))

@@ -194,3 +194,15 @@ def test_kernel_failure_falls_back_exactly_or_raises(monkeypatch):
     torch.testing.assert_close(out.double(), sdpa_ref(q, k, v), rtol=1e-4, atol=1e-5)
     with pytest.raises(RuntimeError, match="no kernel image"):
         attention(q, k, v, config=SageConfig(kernel="int8_fp16", on_unsupported="raise"))
+
+
+def test_auto_timing_skips_variants_that_cannot_run(monkeypatch):
+    from sage_attention_pack.sage_core import autoselect, backend
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of resource: shared memory")
+
+    monkeypatch.setattr(backend, "run", broken)
+    q, k, v = (t.cpu() for t in qkv(dtype=torch.float32))
+    timings = autoselect.time_variants(q, k, v, is_causal=False, bias=None, config=SageConfig())
+    assert list(timings) == ["sdpa"] and timings["sdpa"] > 0

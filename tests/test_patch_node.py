@@ -210,3 +210,17 @@ def test_startup_logs_one_line_and_imports_fast(comfy_server):
     assert "device cpu" in lines[0] and "serving:" in lines[0]
     times = [float(m.group(1)) for m in re.finditer(r"^\s*([0-9.]+) seconds: .*sage-attention-pack\s*$", log, re.M)]
     assert times and times[-1] < 1.0  # ComfyUI's own import-time report for the pack
+
+
+def test_with_comfy_torch_compile_node(run_prompt, small_models, unpatched):
+    """ComfyUI's own TorchCompileModel node (inductor) after the Sage node: every call still served by the
+    kernels through the custom op, no graph break attributed to it, and the image close to the unpatched run."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    compile_node = ("TorchCompileModel", {"backend": "inductor"})
+    run = run_prompt(workflow_api("wan", small_models, model_patch=[sage(), compile_node], output="PreviewImage"))
+    assert stats_of(run)["sage"] == {"int8_fp16": ATTENTION_CALLS_PER_RUN["wan"]}
+    breaks = [reason for reason in counters["graph_break"] if "sage" in reason.lower()]
+    assert breaks == []
+    assert psnr(run.image(), unpatched["wan"]) >= MIN_PSNR_DB

@@ -5,12 +5,12 @@ in sage_core/dispatch.py, before any work is done.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 
 from . import tuning
+from .tuning import interpreting
 from .attention_kernel import sage_attention_fwd_kernel
 from .repair_kernel import repair_tiles_kernel
 from .quant_kernels import channel_stats_kernel, quant_fp8_v_kernel, quant_int8_kernel
@@ -20,11 +20,6 @@ STATS_ROWS = 64
 QUANT_ROWS = 128
 FP8_MAX = 448.0
 V_PAD = 128  # FP8 V rows padded to a multiple of this, so every tile load is in bounds and aligned
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def padded_head_dim(d: int) -> int:
@@ -139,10 +134,5 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
     return (lse if return_lse else None), bad
 
 
-def tflops(b: int, h: int, nq: int, nk: int, d: int, seconds: float) -> float:
-    """The attention 'TOPS' figure used throughout: 4·B·H·Nq·Nk·D operations over the time."""
-    return 4 * b * h * nq * nk * d / max(seconds, 1e-12) / 1e12
-
-
-__all__ = ["padded_head_dim", "channel_stats", "quantize_int8", "quantize_v_fp8", "sage_forward", "tflops",
+__all__ = ["padded_head_dim", "channel_stats", "quantize_int8", "quantize_v_fp8", "sage_forward",
            "LOG2E"]

@@ -46,6 +46,11 @@ ARCH_TABLE = {
     ("sm120", "fp16"): {64: _c(128, 64, 4, 2), 128: _c(64, 64, 4, 2), 256: _c(64, 32, 8, 1)},
     ("sm120", "fp8"): {64: _c(128, 64, 4, 2), 128: _c(128, 64, 8, 2), 256: _c(64, 32, 8, 1)},
 }
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 # The CPU interpreter: fewer, larger programs run faster there.
 INTERPRETER_CONFIG = _c(64, 64, 4, 1)
 

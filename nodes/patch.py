@@ -30,7 +30,7 @@ def _apply_model_wrapper(executor, *args, **kwargs):
     if override is not None and options is not None:
         counter = routing.ForwardCounter()
         t = args[1] if len(args) > 1 else kwargs.get("t")
-        counter.steps_active = routing.sigma_in_range({"sigmas": t}, override.sigma_start, override.sigma_end)
+        counter.steps_active = routing.sigma_in_range(t, override.sigma_start, override.sigma_end)
         options[routing.ForwardCounter.KEY] = counter
     return executor(*args, **kwargs)
 

@@ -70,9 +70,9 @@ def forward_counter(transformer_options: dict) -> ForwardCounter:
     return counter
 
 
-def sigma_in_range(transformer_options: dict, sigma_start: float, sigma_end: float) -> bool:
-    """Is the current step inside [start, end] of the schedule? (sigmas fall as sampling goes on)."""
-    sigmas = transformer_options.get("sigmas")
+def sigma_in_range(sigmas, sigma_start: float, sigma_end: float) -> bool:
+    """Is the current step (its sigma, a tensor or number) inside [start, end] of the schedule? Sigmas fall
+    as sampling goes on."""
     if sigmas is None:
         return True
     try:

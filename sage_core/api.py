@@ -1,11 +1,8 @@
 """`sageattn`: call-compatible with the official `sageattention.sageattn`, served by the bundled kernels."""
 from __future__ import annotations
 
-from .config import SageConfig
+from .config import GRANULARITIES, SageConfig
 from .dispatch import DispatchStats, attention
-
-# The official package's keyword names, mapped onto SageConfig fields.
-_GRANULARITY_NAMES = {"per_warp": "per_warp", "per_thread": "per_thread", "per_block": "per_block"}
 
 
 def sageattn(q, k, v, tensor_layout: str = "HND", is_causal: bool = False, sm_scale: float | None = None,
@@ -30,9 +27,9 @@ def sageattn(q, k, v, tensor_layout: str = "HND", is_causal: bool = False, sm_sc
             changes[field] = kwargs.pop(key)
     if "qk_quant_gran" in kwargs:
         gran = kwargs.pop("qk_quant_gran")
-        if gran not in _GRANULARITY_NAMES:
-            raise ValueError(f"qk_quant_gran={gran!r} is not one of {sorted(_GRANULARITY_NAMES)}")
-        changes["qk_granularity"] = _GRANULARITY_NAMES[gran]
+        if gran not in GRANULARITIES:  # the official keyword: same names as SageConfig.qk_granularity
+            raise ValueError(f"qk_quant_gran={gran!r} is not one of {sorted(GRANULARITIES)}")
+        changes["qk_granularity"] = gran
     if changes:
         config = config.with_(**changes)
     attn_mask = kwargs.pop("attn_mask", None)

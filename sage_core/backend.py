@@ -5,18 +5,14 @@ Triton is imported lazily: importing sage_core never compiles or even loads it.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
+from ..kernels.tuning import interpreting  # triton-free: importing it loads no Triton
 from .config import SageConfig
 
 LOG2E = 1.4426950408889634
 MIN_CAPABILITY = (7, 5)  # Triton's INT8 tensor-core dot needs Turing or newer
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @functools.lru_cache(maxsize=None)

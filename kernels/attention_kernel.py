@@ -1,10 +1,12 @@
 """Triton SageAttention forward kernel (device code only; the launcher is kernels/launch.py).
 
 One program computes BLOCK_M query rows of one (batch, head):
-  1. loads its Q tile and quantizes it to INT8 in registers (scale per Q_GROUP rows, the softmax
-     scale and log2(e) already folded in), so Q never makes a round trip through memory;
+  1. loads its INT8 Q tile (quantized beforehand, one scale per Q_GROUP rows, the softmax scale and
+     log2(e) folded in): a loaded operand stays in shared memory for the tensor cores, where a tile
+     quantized in registers was re-gathered byte by byte on every key tile;
   2. streams INT8 K tiles (pre-quantized, K smoothing applied, one scale per K_GROUP keys) and
-     computes S = (Q8 · K8ᵀ) · sq · sk in FP32 with an online softmax in base 2;
+     computes the scores in FP32 with an online softmax in base 2; the row maximum is taken on the
+     unscaled integer products, so each score costs one fused multiply-add before its exp2;
   3. accumulates P·V either with P in FP16/BF16 against V in its own dtype (SageAttention 1), or with
      P scaled by 448 into FP8 e4m3 against per-channel FP8 V (SageAttention 2), in FP32.
 Masks are an additive bias over keys (already in log2 units) that broadcasts over queries.
@@ -12,9 +14,14 @@ Masks are an additive bias over keys (already in log2 units) that broadcasts ove
 import triton
 import triton.language as tl
 
-from .quant_kernels import quantize_rows_int8, to_fp8_e4m3
+from .quant_kernels import to_fp8_e4m3
 
 LOG2_FP8_MAX = tl.constexpr(8.807354922057604)  # log2(448)
+# 1.5 * 2^23 as an FP32 bit pattern: an int32 x with |x| < 2^22 added to it reads, as FP32, 1.5 * 2^23 + x
+# exactly, so seeding the INT8 dot's accumulator with it turns the int-to-float conversion of every score
+# into a free reinterpretation (|Q8·K8| ≤ 127² · 256 < 2^22 for every head dim served).
+MAGIC_I2F_BITS = tl.constexpr(0x4B400000)
+MAGIC_I2F = tl.constexpr(12582912.0)
 
 
 @triton.jit
@@ -22,7 +29,8 @@ def attend_tile(acc, m_i, l_i, q8, q_scale, start_n, offs_m, offs_d, d_valid, k_
                 v8_base, v_mean, stride_vn, stride_vd, NK, v_padded,
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, K_GROUP: tl.constexpr, MASKED: tl.constexpr,
                 PV_FP8: tl.constexpr, SMOOTH_V: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                BF16_DOT_IN_FP32: tl.constexpr, FP8_ROUND_IN_FP32: tl.constexpr, V_DTYPE: tl.constexpr):
+                BF16_DOT_IN_FP32: tl.constexpr, FP8_ROUND_IN_FP32: tl.constexpr, V_DTYPE: tl.constexpr,
+                MAGIC_CONVERT: tl.constexpr):
     """One key/value tile of the online softmax. MASKED tiles (the ragged tail, the causal diagonal) pay for
     bounds and causal masks; every other tile runs without them."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -31,37 +39,51 @@ def attend_tile(acc, m_i, l_i, q8, q_scale, start_n, offs_m, offs_d, d_valid, k_
         k8 = tl.load(k_base + offs_n[:, None] * BLOCK_D + offs_d[None, :], mask=n_valid[:, None], other=0)
     else:
         k8 = tl.load(k_base + offs_n[:, None] * BLOCK_D + offs_d[None, :])
-    qk = tl.dot(q8, tl.trans(k8)).to(tl.float32)
-    if K_GROUP >= BLOCK_N:  # one K scale for the whole tile: fold it into Q's row scales
-        s = qk * (q_scale * tl.load(ks_base + start_n // K_GROUP))[:, None]
+    if MAGIC_CONVERT:
+        seed = tl.full((q8.shape[0], BLOCK_N), MAGIC_I2F_BITS, tl.int32)
+        qk = tl.dot(q8, tl.trans(k8), acc=seed, out_dtype=tl.int32).to(tl.float32, bitcast=True)
+        qk_offset = MAGIC_I2F
     else:
-        if MASKED:
-            k_scale = tl.load(ks_base + offs_n // K_GROUP, mask=n_valid, other=0.0)
-        else:
-            k_scale = tl.load(ks_base + offs_n // K_GROUP)
-        s = qk * q_scale[:, None] * k_scale[None, :]
-    if HAS_BIAS:
-        if MASKED:
-            s = s + tl.load(bias_base + offs_n, mask=n_valid, other=0.0)[None, :]
-        else:
-            s = s + tl.load(bias_base + offs_n)[None, :]
-    if MASKED:
-        keep = n_valid[None, :]
-        if IS_CAUSAL:
-            keep = keep & (offs_n[None, :] <= offs_m[:, None])
-        s = tl.where(keep, s, float("-inf"))
-
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    if MASKED or HAS_BIAS:
-        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with every key masked so far
-    else:
-        m_new_safe = m_new
+        qk = tl.dot(q8, tl.trans(k8)).to(tl.float32)
+        qk_offset = 0.0
+    # scores: (qk - qk_offset) * row_scale (* key scale), in log2 units
+    exp_shift = 0.0
     if PV_FP8:
         # P pre-scaled by 448 (e4m3's largest value) inside the exp2, for free: P·V and the row sum
         # carry the same factor, so it cancels in acc / l
-        p = tl.exp2(s - (m_new_safe - LOG2_FP8_MAX)[:, None])
+        exp_shift = LOG2_FP8_MAX
+    if K_GROUP >= BLOCK_N and not HAS_BIAS and not MASKED:
+        # one K scale for the whole tile, folded into Q's row scales (all positive): the row max of the
+        # raw products gives the row max of the scores, and each exp2 argument is one FMA
+        row_scale = q_scale * tl.load(ks_base + start_n // K_GROUP)
+        m_new = tl.maximum(m_i, (tl.max(qk, axis=1) - qk_offset) * row_scale)
+        p = tl.exp2(qk * row_scale[:, None] - (m_new + qk_offset * row_scale - exp_shift)[:, None])
+        m_new_safe = m_new
     else:
-        p = tl.exp2(s - m_new_safe[:, None])
+        if K_GROUP >= BLOCK_N:
+            s = (qk - qk_offset) * (q_scale * tl.load(ks_base + start_n // K_GROUP))[:, None]
+        else:
+            if MASKED:
+                k_scale = tl.load(ks_base + offs_n // K_GROUP, mask=n_valid, other=0.0)
+            else:
+                k_scale = tl.load(ks_base + offs_n // K_GROUP)
+            s = (qk - qk_offset) * q_scale[:, None] * k_scale[None, :]
+        if HAS_BIAS:
+            if MASKED:
+                s = s + tl.load(bias_base + offs_n, mask=n_valid, other=0.0)[None, :]
+            else:
+                s = s + tl.load(bias_base + offs_n)[None, :]
+        if MASKED:
+            keep = n_valid[None, :]
+            if IS_CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None])
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        if MASKED or HAS_BIAS:
+            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with every key masked so far
+        else:
+            m_new_safe = m_new
+        p = tl.exp2(s - (m_new_safe - exp_shift)[:, None])
     alpha = tl.exp2(m_i - m_new_safe)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None]
@@ -93,17 +115,17 @@ def attend_tile(acc, m_i, l_i, q8, q_scale, start_n, offs_m, offs_d, d_valid, k_
 
 @triton.jit
 def sage_attention_fwd_kernel(
-    Q, K8, K_SCALE, V, V8, V_SCALE, V_MEAN, BIAS, OUT, LSE, BAD,
-    stride_qb, stride_qh, stride_qn, stride_qd,
+    Q8, Q_SCALE, K8, K_SCALE, V, V8, V_SCALE, V_MEAN, BIAS, OUT, LSE, BAD,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_bias_b, stride_bias_h,
-    H, KV_GROUP, NQ, NK, D, k_groups, v_padded, qk_multiplier,
+    H, KV_GROUP, NQ, NK, D, q_groups, k_groups, v_padded,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     Q_GROUP: tl.constexpr, K_GROUP: tl.constexpr,
     PV_FP8: tl.constexpr, SMOOTH_V: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_BIAS: tl.constexpr, RETURN_LSE: tl.constexpr, BF16_DOT_IN_FP32: tl.constexpr,
     FP8_ROUND_IN_FP32: tl.constexpr, EVEN_D: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    MAGIC_CONVERT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -117,9 +139,9 @@ def sage_attention_fwd_kernel(
         d_valid = offs_d < BLOCK_D  # all true, known at compile time: no per-element masks
     else:
         d_valid = offs_d < D
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=(offs_m[:, None] < NQ) & d_valid[None, :], other=0.0).to(tl.float32)
-    q8, _, q_scale = quantize_rows_int8(q * qk_multiplier, BLOCK_M, Q_GROUP, BLOCK_D)
+    row_valid = offs_m < NQ
+    q8 = tl.load(Q8 + (bh * NQ + offs_m[:, None]) * BLOCK_D + offs_d[None, :], mask=row_valid[:, None], other=0)
+    q_scale = tl.load(Q_SCALE + bh * q_groups + offs_m // Q_GROUP, mask=row_valid, other=1.0)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -145,12 +167,12 @@ def sage_attention_fwd_kernel(
         acc, m_i, l_i = attend_tile(
             acc, m_i, l_i, q8, q_scale, start_n, offs_m, offs_d, d_valid, k_base, ks_base, bias_base, v_base,
             v8_base, v_mean, stride_vn, stride_vd, NK, v_padded, BLOCK_N, BLOCK_D, K_GROUP, False, PV_FP8,
-            SMOOTH_V, IS_CAUSAL, HAS_BIAS, BF16_DOT_IN_FP32, FP8_ROUND_IN_FP32, V_DTYPE)
+            SMOOTH_V, IS_CAUSAL, HAS_BIAS, BF16_DOT_IN_FP32, FP8_ROUND_IN_FP32, V_DTYPE, MAGIC_CONVERT)
     for start_n in range(full_hi, hi, BLOCK_N):
         acc, m_i, l_i = attend_tile(
             acc, m_i, l_i, q8, q_scale, start_n, offs_m, offs_d, d_valid, k_base, ks_base, bias_base, v_base,
             v8_base, v_mean, stride_vn, stride_vd, NK, v_padded, BLOCK_N, BLOCK_D, K_GROUP, True, PV_FP8,
-            SMOOTH_V, IS_CAUSAL, HAS_BIAS, BF16_DOT_IN_FP32, FP8_ROUND_IN_FP32, V_DTYPE)
+            SMOOTH_V, IS_CAUSAL, HAS_BIAS, BF16_DOT_IN_FP32, FP8_ROUND_IN_FP32, V_DTYPE, MAGIC_CONVERT)
 
     out = acc / l_i[:, None]
     if PV_FP8:
@@ -158,7 +180,6 @@ def sage_attention_fwd_kernel(
         out = out * v_scale[None, :]
     if SMOOTH_V:
         out = out + v_mean[None, :]
-    row_valid = offs_m < NQ
     o_mask = row_valid[:, None] & d_valid[None, :]
     o_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=o_mask)

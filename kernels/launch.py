@@ -94,6 +94,7 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
     q_group = min(q_group, block_m)
     k_group = k_group or block_n  # 0: one K scale per key tile
 
+    q8, q_scale = quantize_int8(q, q_group, block_d, multiplier=sm_scale * LOG2E)
     k_mean = channel_stats(k, block_d)[0] if smooth_k else None
     k8, k_scale = quantize_int8(k, k_group, block_d, mean=k_mean)
     if pv_fp8:
@@ -111,14 +112,15 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
     else:
         bias_strides = (0, 0)
     sage_attention_fwd_kernel[grid](
-        q, k8, k_scale, v, v8, v_scale, v_mean if v_mean is not None else k_scale,
+        q8, q_scale, k8, k_scale, v, v8, v_scale, v_mean if v_mean is not None else k_scale,
         bias if bias is not None else k_scale, out, lse, bad,
-        *q.stride(), *v.stride(), *out.stride(), *bias_strides,
-        H, H // HK, NQ, NK, D, k_scale.shape[-1], v_padded, sm_scale * LOG2E,
+        *v.stride(), *out.stride(), *bias_strides,
+        H, H // HK, NQ, NK, D, q_scale.shape[-1], k_scale.shape[-1], v_padded,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, Q_GROUP=q_group, K_GROUP=k_group,
         PV_FP8=pv_fp8, SMOOTH_V=v_mean is not None, IS_CAUSAL=is_causal, HAS_BIAS=bias is not None,
         RETURN_LSE=return_lse, BF16_DOT_IN_FP32=interpreting() and v.dtype == torch.bfloat16,
         FP8_ROUND_IN_FP32=interpreting(), EVEN_D=D == block_d, WARP_SPECIALIZE=config.warp_specialize,
+        MAGIC_CONVERT=config.magic_convert,
         num_warps=config.num_warps,
         num_stages=config.num_stages)
     if return_lse and k_mean is not None:

@@ -21,10 +21,12 @@ class LaunchConfig:
     num_warps: int
     num_stages: int
     warp_specialize: bool = False
+    magic_convert: bool = True  # scores converted from INT32 by the FP32 bit trick rather than I2F
 
     def key(self) -> str:
         ws = "ws" if self.warp_specialize else ""
-        return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}{ws}"
+        i2f = "" if self.magic_convert else "i2f"
+        return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}{ws}{i2f}"
 
 
 def _c(m, n, w, s):

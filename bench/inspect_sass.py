@@ -1,0 +1,130 @@
+"""Compile the attention kernel for a GPU target on any machine (no GPU needed) and report what the
+compiler made of it: registers, spills, shared memory, and the instruction mix of the SASS.
+
+    python bench/inspect_sass.py --pv fp8 --d 128 --m 128 --n 128 --warps 8 --stages 3 [--arch 90] [--dump F]
+
+The per-element work of the inner loop is what bounds an attention kernel on Hopper: the counts of MUFU
+(exp2), I2F/F2F/F2FP (conversions, on the same quarter-rate pipe) and FFMA/FMUL/FADD tell a change's
+effect before any GPU time is spent.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+# integer arguments that are multiples of 16 at run time (Triton specialises on that): padded lengths and D
+ALIGNED_INTS = ("v_padded", "D")
+
+
+def compile_attention(pv: str, d: int, m: int, n: int, warps: int, stages: int, arch: int, **flags):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from sage_attention_pack.kernels.attention_kernel import sage_attention_fwd_kernel as fn
+
+    fp8 = pv == "fp8"
+    sig, constexprs = {}, {}
+    pointers = ["Q8", "Q_SCALE", "K8", "K_SCALE", "V", "V8", "V_SCALE", "V_MEAN", "BIAS", "OUT", "LSE", "BAD"]
+    ptypes = {"Q8": "*i8", "K8": "*i8", "V": "*bf16", "V8": "*fp8e4nv", "OUT": "*bf16", "BAD": "*i32"}
+    for name in fn.arg_names:
+        if name in pointers:
+            sig[name] = ptypes.get(name, "*fp32")
+        elif fn.params[fn.arg_names.index(name)].is_constexpr:
+            continue
+        else:
+            sig[name] = "i32"
+    const_values = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_D=d, Q_GROUP=16, K_GROUP=n, PV_FP8=fp8, SMOOTH_V=False,
+                        IS_CAUSAL=False, HAS_BIAS=False, RETURN_LSE=False, BF16_DOT_IN_FP32=False,
+                        FP8_ROUND_IN_FP32=False, EVEN_D=True, WARP_SPECIALIZE=False, MAGIC_CONVERT=True)
+    # unit strides: Triton specialises an integer argument equal to 1 into a constant
+    const_values.update({name: 1 for name in fn.arg_names if re.fullmatch(r"stride_[a-z]d", name)})
+    const_values.update(flags)
+    for k, val in const_values.items():
+        if k in fn.arg_names:
+            sig[k] = "constexpr"
+            constexprs[(fn.arg_names.index(k),)] = val
+    # pointers and strides 16-byte aligned / divisible, as the launcher's tensors are (unit strides excepted)
+    attrs = {}
+    for i, name in enumerate(fn.arg_names):
+        if sig.get(name, "").startswith("*") or name in ALIGNED_INTS or name.startswith("stride"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": warps, "num_stages": stages})
+
+
+def sass_of(kernel) -> str:
+    import triton
+
+    bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        Path(cubin).write_bytes(kernel.asm["cubin"])
+        return subprocess.run([str(bindir / "cuobjdump"), "-sass", cubin], capture_output=True, text=True).stdout
+
+
+def resource_report(kernel, arch: int) -> str:
+    """ptxas's own line: registers, spill stores/loads, stack frame."""
+    import triton
+
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        Path(ptx).write_text(kernel.asm["ptx"])
+        res = subprocess.run([str(ptxas), "-v", f"--gpu-name=sm_{arch}a", ptx, "-o", os.path.join(tmp, "k.o")],
+                             capture_output=True, text=True)
+    lines = [ln.split("info    : ")[-1] for ln in res.stderr.splitlines() if "Used" in ln or "spill" in ln]
+    return "; ".join(lines) or res.stderr.strip()[-300:]
+
+
+def instruction_mix(sass: str) -> collections.Counter:
+    mix = collections.Counter()
+    for line in sass.splitlines():
+        hit = re.match(r"\s*/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(\.[A-Z0-9_.]+)?", line)
+        if hit:
+            mix[hit.group(2) + (hit.group(3) or "")] += 1
+    return mix
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pv", default="fp8", choices=["fp8", "fp16"])
+    ap.add_argument("--d", type=int, default=128)
+    ap.add_argument("--m", type=int, default=128)
+    ap.add_argument("--n", type=int, default=128)
+    ap.add_argument("--warps", type=int, default=8)
+    ap.add_argument("--stages", type=int, default=3)
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--i2f", action="store_true", help="convert scores with I2F instead of the FP32 bit trick")
+    ap.add_argument("--dump", help="write the SASS here")
+    ap.add_argument("--ptx", help="write the PTX here")
+    args = ap.parse_args(argv)
+    k = compile_attention(args.pv, args.d, args.m, args.n, args.warps, args.stages, args.arch,
+                          MAGIC_CONVERT=not args.i2f)
+    print(f"{resource_report(k, args.arch)}  shared {k.metadata.shared} B")
+    sass = sass_of(k)
+    if args.dump:
+        Path(args.dump).write_text(sass)
+    if args.ptx:
+        Path(args.ptx).write_text(k.asm["ptx"])
+    mix = instruction_mix(sass)
+    watch = ("MUFU", "I2F", "F2F", "F2FP", "FFMA", "FMUL", "FADD", "FMNMX", "IMAD", "IADD3", "MOV", "HGMMA",
+             "QGMMA", "IGMMA", "WARPGROUP", "SHFL", "LDS", "LDSM", "STS", "LDG", "LDGSTS", "UTMALDG", "SYNCS",
+             "BAR")
+    for w in watch:
+        total = sum(c for op, c in mix.items() if op.split(".")[0] == w)
+        if total:
+            print(f"  {w:10s} {total}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

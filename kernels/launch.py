@@ -13,10 +13,11 @@ from . import tuning
 from .tuning import interpreting
 from .attention_kernel import sage_attention_fwd_kernel
 from .repair_kernel import repair_tiles_kernel
-from .quant_kernels import channel_stats_kernel, quant_fp8_v_kernel, quant_int8_kernel
+from .quant_kernels import kv_stats_kernel, quantize_qkv_kernel
 
 LOG2E = 1.4426950408889634
 STATS_ROWS = 64
+MAX_STATS_CHUNKS = 16  # partial-statistics rows per head, finished inside each quantization program
 QUANT_ROWS = 128
 FP8_MAX = 448.0
 V_PAD = 128  # FP8 V rows padded to a multiple of this, so every tile load is in bounds and aligned
@@ -28,52 +29,67 @@ def padded_head_dim(d: int) -> int:
     return max(32, triton.next_power_of_2(d))
 
 
-def channel_stats(x: torch.Tensor, block_d: int):
-    """Per-channel mean, max and min over tokens of a [B, H, N, D] view, as FP32 [B, H, block_d]."""
+def stats_chunks(n: int) -> tuple[int, int]:
+    """(chunks, rows per chunk) for the statistics pass: enough programs to fill the GPU, few enough
+    partial rows that finishing them inside every quantization program stays cheap."""
+    rows = max(STATS_ROWS, triton.cdiv(triton.cdiv(max(n, 1), MAX_STATS_CHUNKS), STATS_ROWS) * STATS_ROWS)
+    return triton.cdiv(max(n, 1), rows), rows
+
+
+def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multiplier: float, smooth_k: bool,
+                 smooth_v: bool, pv_fp8: bool) -> dict:
+    """All quantization of one call in at most two launches (statistics, then codes and scales).
+
+    q: [B, H, NQ, D], k/v: [B, HK, NK, D] views with any strides. Returns a dict of
+    q8 [B*H, NQ, block_d] int8, q_scale [B*H, ceil(NQ/q_group)], k8 [B*HK, NK, block_d] int8,
+    k_scale [B*HK, ceil(NK/k_group)], k_mean and v_mean [B*HK, block_d] (None when not smoothed), and with
+    pv_fp8 v8 [B*HK, block_d, v_padded] FP8 e4m3 and v_scale [B*HK, block_d].
+    """
+    B, H, NQ, D = q.shape
+    HK, NK = k.shape[1], k.shape[2]
+    dev = q.device
+    f32 = torch.float32
+    v_padded = triton.cdiv(max(NK, 1), V_PAD) * V_PAD if pv_fp8 else 0
+    n_chunks, chunk_rows = stats_chunks(NK)
+    need_v_stats = pv_fp8 or smooth_v
+    parts = torch.empty((B * HK, n_chunks, 4, block_d), device=dev, dtype=f32)
+    if smooth_k or need_v_stats:
+        kv_stats_kernel[(n_chunks, B * HK)](
+            k, v, parts, *k.stride(), *v.stride(), HK, NK, D, chunk_rows,
+            TILE=STATS_ROWS, BLOCK_D=block_d, K_STATS=smooth_k, V_STATS=need_v_stats)
+    out = {
+        "q8": torch.empty((B * H, NQ, block_d), device=dev, dtype=torch.int8),
+        "q_scale": torch.empty((B * H, triton.cdiv(NQ, q_group)), device=dev, dtype=f32),
+        "k8": torch.empty((B * HK, NK, block_d), device=dev, dtype=torch.int8),
+        "k_scale": torch.empty((B * HK, triton.cdiv(NK, k_group)), device=dev, dtype=f32),
+        "k_mean": torch.empty((B * HK, block_d), device=dev, dtype=f32) if smooth_k else None,
+        "v_mean": torch.empty((B * HK, block_d), device=dev, dtype=f32) if smooth_v else None,
+        "v8": torch.empty((B * HK, block_d, v_padded), device=dev, dtype=torch.float8_e4m3fn) if pv_fp8 else None,
+        "v_scale": torch.empty((B * HK, block_d), device=dev, dtype=f32) if pv_fp8 else None,
+        "v_padded": v_padded,
+    }
+    rows = max(QUANT_ROWS, q_group, k_group)
+    roles = 3 if need_v_stats else 2
+    programs = triton.cdiv(max(NQ, NK, v_padded, 1), rows)
+    dummy = out["q_scale"]  # stands in for buffers a role does not write
+    quantize_qkv_kernel[(programs, max(B * H, B * HK), roles)](
+        q, k, v, parts, out["q8"], out["q_scale"], out["k8"], out["k_scale"],
+        out["v8"] if pv_fp8 else dummy, out["v_scale"] if pv_fp8 else dummy,
+        out["k_mean"] if smooth_k else dummy, out["v_mean"] if smooth_v else dummy,
+        *q.stride(), *k.stride(), *v.stride(),
+        B * H, B * HK, H, HK, NQ, NK, D, n_chunks, out["q_scale"].shape[-1], out["k_scale"].shape[-1], v_padded,
+        float(q_multiplier), ROWS=rows, Q_GROUP=q_group, K_GROUP=k_group, BLOCK_D=block_d, SMOOTH_K=smooth_k,
+        SMOOTH_V=smooth_v, PV_FP8=pv_fp8, FP8_ROUND_IN_FP32=interpreting())
+    return out
+
+
+def quantize_int8(x: torch.Tensor, group: int, block_d: int, multiplier: float = 1.0):
+    """INT8 codes [B, H, N, block_d] and FP32 scales [B, H, ceil(N/group)] of x * multiplier (the Q path of
+    the fused quantization kernel on its own)."""
     B, H, N, D = x.shape
-    chunks = max(1, triton.cdiv(N, STATS_ROWS))
-    parts = torch.empty((3, B * H, chunks, block_d), device=x.device, dtype=torch.float32)
-    channel_stats_kernel[(chunks, B * H)](
-        x, parts[0], parts[1], parts[2], *x.stride(), H, N, D, ROWS=STATS_ROWS, BLOCK_D=block_d)
-    mean = (parts[0].sum(1) / max(N, 1)).view(B, H, block_d)
-    vmax = parts[1].amax(1).view(B, H, block_d)
-    vmin = parts[2].amin(1).view(B, H, block_d)
-    if D < block_d:  # padded channels are zero, never ±inf
-        vmax[..., D:] = 0
-        vmin[..., D:] = 0
-    return mean, vmax, vmin
-
-
-def quantize_int8(x: torch.Tensor, group: int, block_d: int, multiplier: float = 1.0, mean=None):
-    """INT8 codes [B, H, N, block_d] and FP32 scales [B, H, ceil(N/group)] of (x - mean) * multiplier."""
-    B, H, N, D = x.shape
-    rows = max(QUANT_ROWS, group)
-    n_groups = triton.cdiv(N, group)
-    xq = torch.empty((B, H, N, block_d), device=x.device, dtype=torch.int8)
-    scale = torch.empty((B, H, n_groups), device=x.device, dtype=torch.float32)
-    if N:
-        quant_int8_kernel[(triton.cdiv(N, rows), B * H)](
-            x, mean if mean is not None else scale, xq, scale, *x.stride(), H, N, D, n_groups, float(multiplier),
-            ROWS=rows, GROUP=group, BLOCK_D=block_d, SUBTRACT_MEAN=mean is not None)
-    return xq, scale
-
-
-def quantize_v_fp8(v: torch.Tensor, block_d: int, smooth: bool):
-    """FP8 e4m3 V stored transposed [B, H, block_d, N_padded], per-channel scales, and V's mean (or None)."""
-    B, H, N, D = v.shape
-    mean, vmax, vmin = channel_stats(v, block_d)
-    if smooth:
-        amax = torch.maximum(vmax - mean, mean - vmin)
-    else:
-        amax = torch.maximum(vmax.abs(), vmin.abs())
-        mean = None
-    scale = amax.clamp_min(1e-30) / FP8_MAX
-    n_padded = triton.cdiv(max(N, 1), V_PAD) * V_PAD
-    vq = torch.empty((B, H, block_d, n_padded), device=v.device, dtype=torch.float8_e4m3fn)
-    quant_fp8_v_kernel[(n_padded // V_PAD, B * H)](
-        v, mean if mean is not None else scale, scale, vq, *v.stride(), H, N, D, n_padded,
-        ROWS=V_PAD, BLOCK_D=block_d, SUBTRACT_MEAN=mean is not None, FP8_ROUND_IN_FP32=interpreting())
-    return vq, scale, mean
+    out = quantize_qkv(x, x[:, :, :0], x[:, :, :0], q_group=group, k_group=group, block_d=block_d,
+                       q_multiplier=multiplier, smooth_k=False, smooth_v=False, pv_fp8=False)
+    return out["q8"].view(B, H, N, block_d), out["q_scale"].view(B, H, -1)
 
 
 def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_group: int, k_group: int,
@@ -94,28 +110,23 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
     q_group = min(q_group, block_m)
     k_group = k_group or block_n  # 0: one K scale per key tile
 
-    q8, q_scale = quantize_int8(q, q_group, block_d, multiplier=sm_scale * LOG2E)
-    k_mean = channel_stats(k, block_d)[0] if smooth_k else None
-    k8, k_scale = quantize_int8(k, k_group, block_d, mean=k_mean)
-    if pv_fp8:
-        v8, v_scale, v_mean = quantize_v_fp8(v, block_d, smooth_v)
-        v_padded = v8.shape[-1]
-    else:
-        v8, v_scale, v_padded = k_scale, k_scale, 0
-        v_mean = channel_stats(v, block_d)[0] if smooth_v else None
+    qz = quantize_qkv(q, k, v, q_group=q_group, k_group=k_group, block_d=block_d, q_multiplier=sm_scale * LOG2E,
+                      smooth_k=smooth_k, smooth_v=smooth_v, pv_fp8=pv_fp8)
+    k_scale, k_mean, v_mean = qz["k_scale"], qz["k_mean"], qz["v_mean"]
+    v8, v_scale = (qz["v8"], qz["v_scale"]) if pv_fp8 else (k_scale, k_scale)
 
     grid = (triton.cdiv(NQ, block_m), B * H)
     lse = torch.empty((B, H, NQ), device=q.device, dtype=torch.float32) if return_lse else k_scale
-    bad = torch.zeros(grid[1] * grid[0], device=q.device, dtype=torch.int32)
+    bad = torch.empty(grid[1] * grid[0], device=q.device, dtype=torch.int32)  # every program writes its flag
     if bias is not None:
         bias_strides = (bias.stride(0) if bias.shape[0] > 1 else 0, bias.stride(1) if bias.shape[1] > 1 else 0)
     else:
         bias_strides = (0, 0)
     sage_attention_fwd_kernel[grid](
-        q8, q_scale, k8, k_scale, v, v8, v_scale, v_mean if v_mean is not None else k_scale,
+        qz["q8"], qz["q_scale"], qz["k8"], k_scale, v, v8, v_scale, v_mean if v_mean is not None else k_scale,
         bias if bias is not None else k_scale, out, lse, bad,
         *v.stride(), *out.stride(), *bias_strides,
-        H, H // HK, NQ, NK, D, q_scale.shape[-1], k_scale.shape[-1], v_padded,
+        H, H // HK, NQ, NK, D, qz["q_scale"].shape[-1], k_scale.shape[-1], qz["v_padded"],
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, Q_GROUP=q_group, K_GROUP=k_group,
         PV_FP8=pv_fp8, SMOOTH_V=v_mean is not None, IS_CAUSAL=is_causal, HAS_BIAS=bias is not None,
         RETURN_LSE=return_lse, BF16_DOT_IN_FP32=interpreting() and v.dtype == torch.bfloat16,
@@ -125,7 +136,7 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
         num_stages=config.num_stages)
     if return_lse and k_mean is not None:
         # K smoothing shifted every score of a row by q·mean(K)·scale: add it back for the true LSE
-        km = k_mean[..., :D].repeat_interleave(H // HK, dim=1)
+        km = k_mean[:, :D].view(B, HK, D).repeat_interleave(H // HK, dim=1)
         lse += torch.einsum("bhnd,bhd->bhn", q.float(), km) * sm_scale
     if repair_counter is not None:  # after the LSE correction: repaired rows get their exact LSE
         repair_tiles_kernel[grid](
@@ -136,5 +147,5 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
     return (lse if return_lse else None), bad
 
 
-__all__ = ["padded_head_dim", "channel_stats", "quantize_int8", "quantize_v_fp8", "sage_forward",
+__all__ = ["padded_head_dim", "quantize_qkv", "quantize_int8", "sage_forward",
            "LOG2E"]

@@ -32,17 +32,11 @@ def to_fp8_e4m3(x, ROUND_IN_FP32: tl.constexpr):
 
 
 @triton.jit
-def load_centered_tile(X, MEAN, bh, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D,
-                       BLOCK_D: tl.constexpr, SUBTRACT_MEAN: tl.constexpr):
-    """A [rows, BLOCK_D] FP32 tile of a strided [B, H, N, D] tensor, zero outside it, minus the per-channel
-    mean when asked (MEAN is [B*H, BLOCK_D])."""
+def load_tile(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D):
+    """A [rows, BLOCK_D] FP32 tile of a strided [B, H, N, D] tensor, zero outside it, and its in-bounds mask."""
     valid = (offs_n[:, None] < N) & (offs_d[None, :] < D)
     ptrs = X + b * stride_b + h * stride_h + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d
-    x = tl.load(ptrs, mask=valid, other=0.0).to(tl.float32)
-    if SUBTRACT_MEAN:
-        mean = tl.load(MEAN + bh * BLOCK_D + offs_d)
-        x = tl.where(valid, x - mean[None, :], 0.0)
-    return x
+    return tl.load(ptrs, mask=valid, other=0.0).to(tl.float32), valid
 
 
 @triton.jit
@@ -62,71 +56,132 @@ def quantize_rows_int8(x, ROWS: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.c
 
 
 @triton.jit
-def channel_stats_kernel(
-    X, SUM, MAX, MIN,
-    stride_b, stride_h, stride_n, stride_d,
-    H, N, D,
-    ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+def kv_stats_kernel(
+    K, V, PARTS,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    HK, N, D, rows_per_chunk,
+    TILE: tl.constexpr, BLOCK_D: tl.constexpr, K_STATS: tl.constexpr, V_STATS: tl.constexpr,
 ):
-    """Partial per-channel sum / max / min over ROWS tokens, written to [B*H, chunks, BLOCK_D]."""
+    """Partial per-channel statistics of K and V over one chunk of tokens, for one (batch, KV head):
+    PARTS[bh, chunk] = (sum of K, sum of V, max of V, min of V), each [BLOCK_D] in FP32 (padded channels
+    read as 0). The quantization kernel finishes the reduction, so no PyTorch reduction runs in between."""
     chunk = tl.program_id(0)
     bh = tl.program_id(1)
-    n_chunks = tl.num_programs(0)
-    b = bh // H
-    h = bh % H
-    offs_n = chunk * ROWS + tl.arange(0, ROWS)
+    b = bh // HK
+    h = bh % HK
     offs_d = tl.arange(0, BLOCK_D)
-    valid = (offs_n[:, None] < N) & (offs_d[None, :] < D)
-    ptrs = X + b * stride_b + h * stride_h + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d
-    x = tl.load(ptrs, mask=valid, other=0.0).to(tl.float32)
-    out = (bh * n_chunks + chunk) * BLOCK_D + offs_d
-    tl.store(SUM + out, tl.sum(x, axis=0))
-    tl.store(MAX + out, tl.max(tl.where(valid, x, float("-inf")), axis=0))
-    tl.store(MIN + out, tl.min(tl.where(valid, x, float("inf")), axis=0))
+    k_sum = tl.zeros((BLOCK_D,), tl.float32)
+    v_sum = tl.zeros((BLOCK_D,), tl.float32)
+    v_max = tl.full((BLOCK_D,), float("-inf"), tl.float32)
+    v_min = tl.full((BLOCK_D,), float("inf"), tl.float32)
+    lo = chunk * rows_per_chunk
+    hi = tl.minimum(N, lo + rows_per_chunk)
+    for start in range(lo, hi, TILE):
+        offs_n = start + tl.arange(0, TILE)
+        row_ok = offs_n < hi
+        if K_STATS:
+            k, _ = load_tile(K, b, h, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, hi, D)
+            k_sum += tl.sum(k, axis=0)
+        if V_STATS:
+            v, _ = load_tile(V, b, h, offs_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, hi, D)
+            v_sum += tl.sum(v, axis=0)
+            v_max = tl.maximum(v_max, tl.max(tl.where(row_ok[:, None], v, float("-inf")), axis=0))
+            v_min = tl.minimum(v_min, tl.min(tl.where(row_ok[:, None], v, float("inf")), axis=0))
+    out = PARTS + (bh * tl.num_programs(0) + chunk) * 4 * BLOCK_D + offs_d
+    tl.store(out, k_sum)
+    tl.store(out + BLOCK_D, v_sum)
+    tl.store(out + 2 * BLOCK_D, v_max)
+    tl.store(out + 3 * BLOCK_D, v_min)
 
 
 @triton.jit
-def quant_int8_kernel(
-    X, MEAN, XQ, SCALE,
-    stride_b, stride_h, stride_n, stride_d,
-    H, N, D, n_groups, multiplier,
-    ROWS: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.constexpr, SUBTRACT_MEAN: tl.constexpr,
-):
-    """Symmetric INT8 quantization of (x - mean) * multiplier, one scale per GROUP consecutive tokens.
-
-    XQ is a contiguous [B, H, N, BLOCK_D] int8 buffer (head dim zero-padded), SCALE [B, H, n_groups].
-    """
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    offs_n = pid * ROWS + tl.arange(0, ROWS)
-    offs_d = tl.arange(0, BLOCK_D)
-    x = load_centered_tile(X, MEAN, bh, bh // H, bh % H, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d,
-                           N, D, BLOCK_D, SUBTRACT_MEAN)
-    q, scale, _ = quantize_rows_int8(x * multiplier, ROWS, GROUP, BLOCK_D)
-    out_ptrs = XQ + (bh * N + offs_n[:, None]) * BLOCK_D + offs_d[None, :]
-    tl.store(out_ptrs, q, mask=offs_n[:, None] < N)
-    offs_g = pid * (ROWS // GROUP) + tl.arange(0, ROWS // GROUP)
-    tl.store(SCALE + bh * n_groups + offs_g, scale, mask=offs_g < n_groups)
+def finish_stats(PARTS, bh, n_chunks, N, offs_d, BLOCK_D: tl.constexpr, WHICH: tl.constexpr):
+    """Reduce one statistic over the chunks of kv_stats_kernel: 0 mean of K, 1 mean of V, 2 max of V,
+    3 min of V."""
+    base = PARTS + bh * n_chunks * 4 * BLOCK_D + WHICH * BLOCK_D + offs_d
+    if WHICH == 2:
+        acc = tl.full((BLOCK_D,), float("-inf"), tl.float32)
+    elif WHICH == 3:
+        acc = tl.full((BLOCK_D,), float("inf"), tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_D,), tl.float32)
+    for c in range(0, n_chunks):
+        x = tl.load(base + c * 4 * BLOCK_D)
+        if WHICH == 2:
+            acc = tl.maximum(acc, x)
+        elif WHICH == 3:
+            acc = tl.minimum(acc, x)
+        else:
+            acc += x
+    if WHICH < 2:
+        acc = acc / tl.maximum(N, 1).to(tl.float32)
+    return acc
 
 
 @triton.jit
-def quant_fp8_v_kernel(
-    V, MEAN, SCALE, VQ,
-    stride_b, stride_h, stride_n, stride_d,
-    H, N, D, n_padded,
-    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, SUBTRACT_MEAN: tl.constexpr, FP8_ROUND_IN_FP32: tl.constexpr,
+def quantize_qkv_kernel(
+    Q, K, V, PARTS, Q8, Q_SCALE, K8, K_SCALE, V8, V_SCALE, K_MEAN, V_MEAN,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    BH, BHK, H, HK, NQ, NK, D, n_chunks, q_groups, k_groups, v_padded, q_multiplier,
+    ROWS: tl.constexpr, Q_GROUP: tl.constexpr, K_GROUP: tl.constexpr, BLOCK_D: tl.constexpr,
+    SMOOTH_K: tl.constexpr, SMOOTH_V: tl.constexpr, PV_FP8: tl.constexpr, FP8_ROUND_IN_FP32: tl.constexpr,
 ):
-    """FP8 e4m3 quantization of V with per-channel scales, stored transposed as [B, H, BLOCK_D, n_padded].
+    """Every quantization of one attention call in one launch; program_id(2) picks the tensor.
 
-    The transposed layout makes V the K-major operand that FP8 tensor-core dots want.
-    """
+    0: Q -> INT8 codes [BH, NQ, BLOCK_D] of q * q_multiplier, one scale per Q_GROUP rows.
+    1: K -> INT8 codes [BHK, NK, BLOCK_D] of k - mean(k) (SMOOTH_K), one scale per K_GROUP rows; the
+       first program of each head also writes the mean (for the LSE correction).
+    2: V -> with PV_FP8, FP8 e4m3 codes stored transposed [BHK, BLOCK_D, v_padded] (the K-major operand
+       FP8 tensor-core dots want) with per-channel scales; the first program writes the scales and, with
+       SMOOTH_V, the mean that the attention kernel adds back.
+    Means and ranges come from kv_stats_kernel's partial statistics, finished here."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
+    role = tl.program_id(2)
     offs_n = pid * ROWS + tl.arange(0, ROWS)
     offs_d = tl.arange(0, BLOCK_D)
-    v = load_centered_tile(V, MEAN, bh, bh // H, bh % H, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d,
-                           N, D, BLOCK_D, SUBTRACT_MEAN)
-    scale = tl.load(SCALE + bh * BLOCK_D + offs_d)
-    vq = to_fp8_e4m3(v / scale[None, :], FP8_ROUND_IN_FP32)
-    out_ptrs = VQ + (bh * BLOCK_D + offs_d[None, :]) * n_padded + offs_n[:, None]
-    tl.store(out_ptrs, vq, mask=offs_n[:, None] < n_padded)
+    if role == 0:
+        if (bh < BH) & (pid * ROWS < NQ):
+            x, _ = load_tile(Q, bh // H, bh % H, offs_n, offs_d, stride_qb, stride_qh, stride_qn, stride_qd, NQ, D)
+            codes, scale, _ = quantize_rows_int8(x * q_multiplier, ROWS, Q_GROUP, BLOCK_D)
+            tl.store(Q8 + (bh * NQ + offs_n[:, None]) * BLOCK_D + offs_d[None, :], codes, mask=offs_n[:, None] < NQ)
+            offs_g = pid * (ROWS // Q_GROUP) + tl.arange(0, ROWS // Q_GROUP)
+            tl.store(Q_SCALE + bh * q_groups + offs_g, scale, mask=offs_g < q_groups)
+    elif role == 1:
+        if (bh < BHK) & (pid * ROWS < NK):
+            k, valid = load_tile(K, bh // HK, bh % HK, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd,
+                                 NK, D)
+            if SMOOTH_K:
+                mean = finish_stats(PARTS, bh, n_chunks, NK, offs_d, BLOCK_D, 0)
+                k = tl.where(valid, k - mean[None, :], 0.0)
+                if pid == 0:
+                    tl.store(K_MEAN + bh * BLOCK_D + offs_d, mean)
+            codes, scale, _ = quantize_rows_int8(k, ROWS, K_GROUP, BLOCK_D)
+            tl.store(K8 + (bh * NK + offs_n[:, None]) * BLOCK_D + offs_d[None, :], codes, mask=offs_n[:, None] < NK)
+            offs_g = pid * (ROWS // K_GROUP) + tl.arange(0, ROWS // K_GROUP)
+            tl.store(K_SCALE + bh * k_groups + offs_g, scale, mask=offs_g < k_groups)
+    else:
+        if (bh < BHK) & (pid * ROWS < tl.maximum(v_padded, 1)):
+            if SMOOTH_V:
+                mean = finish_stats(PARTS, bh, n_chunks, NK, offs_d, BLOCK_D, 1)
+            else:
+                mean = tl.zeros((BLOCK_D,), tl.float32)
+            if PV_FP8:
+                vmax = finish_stats(PARTS, bh, n_chunks, NK, offs_d, BLOCK_D, 2)
+                vmin = finish_stats(PARTS, bh, n_chunks, NK, offs_d, BLOCK_D, 3)
+                amax = tl.maximum(vmax - mean, mean - vmin)
+                scale = tl.maximum(amax, 1e-30) / FP8_E4M3_MAX
+                v, valid = load_tile(V, bh // HK, bh % HK, offs_n, offs_d, stride_vb, stride_vh, stride_vn,
+                                     stride_vd, NK, D)
+                v = tl.where(valid, v - mean[None, :], 0.0)
+                codes = to_fp8_e4m3(v / scale[None, :], FP8_ROUND_IN_FP32)
+                tl.store(V8 + (bh * BLOCK_D + offs_d[None, :]) * v_padded + offs_n[:, None], codes,
+                         mask=offs_n[:, None] < v_padded)
+                if pid == 0:
+                    tl.store(V_SCALE + bh * BLOCK_D + offs_d, scale)
+            if SMOOTH_V:
+                if pid == 0:
+                    tl.store(V_MEAN + bh * BLOCK_D + offs_d, mean)

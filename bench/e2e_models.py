@@ -11,6 +11,7 @@ speed-up over ComfyUI's default attention, and the output's cosine similarity an
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import statistics
@@ -75,6 +76,38 @@ def flux_case(comfy):
     return model, lambda opts: model(x, t, ctx, y=y, guidance=guidance, transformer_options=opts)
 
 
+class PeerOverride:
+    """ComfyUI's attention hook serving every mask-free call with a peer kernel (bench/peers.py), the rest
+    with ComfyUI's own attention: the peers' end-to-end figure, through the same hook as ours."""
+
+    def __init__(self, peer_fn):
+        from sage_attention_pack.nodes import comfy_attention
+
+        self.parse = comfy_attention.parse
+        self.peer_fn = peer_fn
+        self.calls = {"peer": 0, "comfyui": 0}
+
+    def __call__(self, func, *args, **kwargs):
+        call = self.parse(args, kwargs)
+        if call.mask is not None:
+            self.calls["comfyui"] += 1
+            return func(*args, **kwargs)
+        self.calls["peer"] += 1
+        hnd = [t if call.layout == "HND" else t.transpose(1, 2) for t in (call.q, call.k, call.v)]
+        out = self.peer_fn(*hnd)
+        return call.finish(out if call.layout == "HND" else out.transpose(1, 2))
+
+
+def load_peer_overrides() -> dict:
+    spec = importlib.util.spec_from_file_location("sage_attention_bench_peers", REPO / "bench" / "peers.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    found = mod.available_peers(check_device=True)
+    for name, why in getattr(found, "missing", {}).items():
+        print(f"peer {name} not benchmarked: {why}", flush=True)
+    return {f"peer_{name}": PeerOverride(fn) for name, fn in found.items()}
+
+
 def timed(fn, repeats):
     fn()
     torch.cuda.synchronize()
@@ -102,6 +135,7 @@ def main():
     parser.add_argument("--out", default="e2e_models.json")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--models", nargs="*", default=["wan21_14b_4blocks_480p81f", "flux_dev_2x4blocks_1024px"])
+    parser.add_argument("--no-peers", action="store_true", help="only the pack's settings")
     args = parser.parse_args()
 
     comfy = load_comfy(args.comfyui)
@@ -115,16 +149,23 @@ def main():
     result = {"environment": bench_mod.environment(), "pack": getattr(pack, "__version__", "?"),
               "comfyui_attention": "comfy.ldm.modules.attention.optimized_attention (PyTorch SDPA on CUDA)",
               "models": {}}
+    overrides = {label: override_mod.SageOverride(config_mod.SageConfig(kernel=kernel))
+                 for label, kernel in settings.items()}
+    if not args.no_peers:
+        overrides.update(load_peer_overrides())
     for name in args.models:
         _, forward = cases[name](comfy)
         with torch.inference_mode():
             base_ms, ref = timed(lambda: forward({}), args.repeats)
             row = {"default_ms": base_ms, "settings": {}}
-            for label, kernel in settings.items():
-                override = override_mod.SageOverride(config_mod.SageConfig(kernel=kernel))
+            for label, override in overrides.items():
+                calls_before = dict(override.calls) if isinstance(override, PeerOverride) else None
+                if calls_before is None:
+                    override.stats.reset()
                 ms, out = timed(lambda: forward({"optimized_attention_override": override}), args.repeats)
-                row["settings"][label] = {"ms": ms, "speedup": base_ms / ms, **compare(out, ref),
-                                          "calls": override.stats.snapshot()}
+                calls = (override.stats.snapshot() if calls_before is None
+                         else {k: v - calls_before[k] for k, v in override.calls.items()})
+                row["settings"][label] = {"ms": ms, "speedup": base_ms / ms, **compare(out, ref), "calls": calls}
                 print(f"{name:28s} {label:10s} {ms:9.2f} ms vs {base_ms:9.2f} ms -> {base_ms / ms:.3f}x  "
                       f"cos {row['settings'][label]['cosine']:.5f} psnr {row['settings'][label]['psnr_db']:.1f} dB",
                       flush=True)

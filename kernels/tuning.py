@@ -89,11 +89,15 @@ def default_config(family: str, pv: str, block_d: int, block_m: int | None = Non
 
 
 def candidates(block_d: int, block_m: int | None = None, family: str = "sm90") -> list[LaunchConfig]:
-    """What autotuning tries: tiles that fit shared memory for this head dim."""
+    """What autotuning tries: tiles that fit shared memory for this head dim. A 128-row tile takes 8 warps
+    (two warpgroups of 64 rows); a 64-row tile 4 (one warpgroup: two programs share a multiprocessor and
+    overlap each other's softmax with their matrix products)."""
     ms = [block_m] if block_m else [64, 128]
     ns = [32, 64] if block_d > 128 else [64, 128]
-    plain = [_c(m, n, w, s) for m in ms for n in ns for w in (4, 8) for s in (2, 3, 4)
-             if not (block_d > 128 and (m > 64 or s > 2)) and not (m == 64 and w == 8)]
+    # deeper pipelines where a stage is small; head dims above 128 leave shared memory for two at most
+    stages = {64: (3, 4), 128: (2, 3)} if block_d <= 128 else {32: (1, 2), 64: (1, 2)}
+    plain = [_c(m, n, 8 if m == 128 else 4, s) for m in ms for n in ns for s in stages[n]
+             if not (block_d > 128 and m > 64)]
     if family not in ("sm100", "sm120"):
         # Triton 3.6's warp-specialisation pass fails on this kernel for sm90 (an MLIR pipeline error,
         # seen on an H100): offer those pipelines only to Blackwell, where that pass is Triton's default path

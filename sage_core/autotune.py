@@ -3,6 +3,8 @@ fastest per (P·V precision, head dim, length bucket, dtype, causal) in the on-d
 dispatcher reads, so later runs (and ComfyUI) use it without retuning."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from . import backend
@@ -31,6 +33,15 @@ def tune_shape(shape, dtype=torch.bfloat16, pv: str = "fp8", config: SageConfig 
             timings[cand] = median_ms(call, warmup=1, repeats=5)
         except Exception:  # a tile that does not fit this GPU's shared memory is skipped
             continue
+    best = min(timings, key=timings.get)
+    # the score conversion (FP32 bit trick or I2F) is a separate choice: tried on the best tile only
+    flipped = dataclasses.replace(best, magic_convert=not best.magic_convert)
+    try:
+        timings[flipped] = median_ms(lambda: backend.run(
+            q, k, v, layout="HND", sm_scale=d ** -0.5, is_causal=is_causal, bias=None, config=config,
+            pv_fp8=pv == "fp8", return_lse=False, launch_config=flipped), warmup=1, repeats=5)
+    except Exception:
+        pass
     best = min(timings, key=timings.get)
     key = backend.tuning_key(q.device, pv, block_d, pinned_m, n, n, str(dtype), is_causal)
     backend.launch_cache().put(key, best)

@@ -13,6 +13,7 @@ from .config import SageConfig
 
 LOG2E = 1.4426950408889634
 MIN_CAPABILITY = (7, 5)  # Triton's INT8 tensor-core dot needs Turing or newer
+MIN_TUNED_LENGTH = 2048  # shorter lengths never borrow a longer bucket's tuned tiles
 
 
 @functools.lru_cache(maxsize=None)
@@ -96,10 +97,15 @@ def tuning_for(device, pv: str, block_d: int, pinned_m, nq: int, nk: int, dtype:
 
     family = arch_family(device)
     if family != "cpu":
-        key = tuning_key(device, pv, block_d, pinned_m, nq, nk, dtype, is_causal)
-        hit = launch_cache().get(key)
-        if hit:
-            return tuning.LaunchConfig(**hit)
+        # the tuned entry for this length bucket, else the nearest shorter tuned one (a longer sequence runs
+        # best on the tiles that won at the longest length measured)
+        while True:
+            hit = launch_cache().get(tuning_key(device, pv, block_d, pinned_m, nq, nk, dtype, is_causal))
+            if hit:
+                return tuning.LaunchConfig(**hit)
+            if nq <= MIN_TUNED_LENGTH or nk <= MIN_TUNED_LENGTH:
+                break
+            nq, nk = nq // 2, nk // 2
     return tuning.default_config(family, pv, block_d, pinned_m)
 
 

@@ -22,6 +22,10 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", nargs="*", help="only these methods (fnmatch patterns, e.g. 'sage_*' 'peer_*')")
     parser.add_argument("--out", default="sage_attention_bench.json", help="where the JSON results go")
     parser.add_argument("--json", help="report: a benchmark JSON to render as the README's Markdown table")
+    parser.add_argument("--flags-only", action="store_true",
+                        help="tune: keep the tiles in use, only try the kernel flags on them")
+    parser.add_argument("--merge", action="store_true",
+                        help="bench: add these methods to the shapes already in --out (speed-ups against its SDPA)")
     args = parser.parse_args(argv)
 
     import torch
@@ -46,7 +50,8 @@ def main(argv=None) -> int:
             print("tune needs a GPU", file=sys.stderr)
             return 2
         names = args.shapes or list(bench.QUICK_GPU)
-        result = autotune.tune({n: bench.GPU_SHAPES[n] for n in names}, getattr(torch, args.dtype))
+        result = autotune.tune({n: bench.GPU_SHAPES[n] for n in names}, getattr(torch, args.dtype),
+                               tiles=not args.flags_only)
         with open(args.out, "w") as f:
             json.dump({"environment": bench.environment(), "tuning": result}, f, indent=1)
         for k, r in result.items():
@@ -61,7 +66,7 @@ def main(argv=None) -> int:
     with torch.inference_mode():
         result = bench.run(shapes=args.shapes, dtype=getattr(torch, args.dtype), repeats=args.repeats,
                            with_peers=not args.no_peers, out_path=args.out, quick=args.command == "selfcheck",
-                           method_patterns=args.methods)
+                           method_patterns=args.methods, merge=args.merge)
     print(bench.format_table(result))
     print(f"results written to {args.out}")
     if failures:

@@ -43,7 +43,8 @@ def compile_attention(pv: str, d: int, m: int, n: int, warps: int, stages: int, 
             sig[name] = "i32"
     const_values = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_D=d, Q_GROUP=16, K_GROUP=n, PV_FP8=fp8, SMOOTH_V=False,
                         IS_CAUSAL=False, HAS_BIAS=False, RETURN_LSE=False, BF16_DOT_IN_FP32=False,
-                        FP8_ROUND_IN_FP32=False, EVEN_D=True, WARP_SPECIALIZE=False, MAGIC_CONVERT=True)
+                        FP8_ROUND_IN_FP32=False, EVEN_D=True, WARP_SPECIALIZE=False, MAGIC_CONVERT=True,
+                        PV_DIRECT=False)
     # unit strides: Triton specialises an integer argument equal to 1 into a constant
     const_values.update({name: 1 for name in fn.arg_names if re.fullmatch(r"stride_[a-z]d", name)})
     const_values.update(flags)
@@ -104,11 +105,12 @@ def main(argv=None):
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--i2f", action="store_true", help="convert scores with I2F instead of the FP32 bit trick")
+    ap.add_argument("--pv-direct", action="store_true", help="FP8 P·V accumulated straight into the output")
     ap.add_argument("--dump", help="write the SASS here")
     ap.add_argument("--ptx", help="write the PTX here")
     args = ap.parse_args(argv)
     k = compile_attention(args.pv, args.d, args.m, args.n, args.warps, args.stages, args.arch,
-                          MAGIC_CONVERT=not args.i2f)
+                          MAGIC_CONVERT=not args.i2f, PV_DIRECT=args.pv_direct)
     print(f"{resource_report(k, args.arch)}  shared {k.metadata.shared} B")
     sass = sass_of(k)
     if args.dump:

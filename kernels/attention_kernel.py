@@ -25,27 +25,32 @@ MAGIC_I2F = tl.constexpr(12582912.0)
 
 
 @triton.jit
-def attend_tile(acc, m_i, l_i, q8, q_scale, start_n, offs_m, offs_d, d_valid, k_base, ks_base, bias_base, v_base,
-                v8_base, v_mean, stride_vn, stride_vd, NK, v_padded,
-                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, K_GROUP: tl.constexpr, MASKED: tl.constexpr,
-                PV_FP8: tl.constexpr, SMOOTH_V: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                BF16_DOT_IN_FP32: tl.constexpr, FP8_ROUND_IN_FP32: tl.constexpr, V_DTYPE: tl.constexpr,
-                MAGIC_CONVERT: tl.constexpr):
-    """One key/value tile of the online softmax. MASKED tiles (the ragged tail, the causal diagonal) pay for
-    bounds and causal masks; every other tile runs without them."""
+def tile_scores(q8, k_base, start_n, offs_d, NK, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                MASKED: tl.constexpr, MAGIC_CONVERT: tl.constexpr):
+    """Q8 · K8ᵀ of one key tile as FP32 (plus MAGIC_I2F when MAGIC_CONVERT: the caller subtracts it)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     if MASKED:
-        n_valid = offs_n < NK
-        k8 = tl.load(k_base + offs_n[:, None] * BLOCK_D + offs_d[None, :], mask=n_valid[:, None], other=0)
+        k8 = tl.load(k_base + offs_n[:, None] * BLOCK_D + offs_d[None, :], mask=offs_n[:, None] < NK, other=0)
     else:
         k8 = tl.load(k_base + offs_n[:, None] * BLOCK_D + offs_d[None, :])
     if MAGIC_CONVERT:
         seed = tl.full((q8.shape[0], BLOCK_N), MAGIC_I2F_BITS, tl.int32)
-        qk = tl.dot(q8, tl.trans(k8), acc=seed, out_dtype=tl.int32).to(tl.float32, bitcast=True)
-        qk_offset = MAGIC_I2F
-    else:
-        qk = tl.dot(q8, tl.trans(k8)).to(tl.float32)
-        qk_offset = 0.0
+        return tl.dot(q8, tl.trans(k8), acc=seed, out_dtype=tl.int32).to(tl.float32, bitcast=True)
+    return tl.dot(q8, tl.trans(k8)).to(tl.float32)
+
+
+@triton.jit
+def softmax_pv(acc, m_i, l_i, qk, q_scale, start_n, offs_m, offs_d, d_valid, ks_base, bias_base, v_base,
+               v8_base, v_mean, stride_vn, stride_vd, NK, v_padded,
+               BLOCK_N: tl.constexpr, K_GROUP: tl.constexpr, MASKED: tl.constexpr,
+               PV_FP8: tl.constexpr, SMOOTH_V: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+               BF16_DOT_IN_FP32: tl.constexpr, FP8_ROUND_IN_FP32: tl.constexpr, V_DTYPE: tl.constexpr,
+               MAGIC_CONVERT: tl.constexpr, PV_DIRECT: tl.constexpr):
+    """The online-softmax update of one key tile from its raw products `qk`, then P·V. MASKED tiles (the
+    ragged tail, the causal diagonal) pay for bounds and causal masks; every other tile runs without them."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_valid = offs_n < NK
+    qk_offset = MAGIC_I2F if MAGIC_CONVERT else 0.0
     # scores: (qk - qk_offset) * row_scale (* key scale), in log2 units
     exp_shift = 0.0
     if PV_FP8:
@@ -93,8 +98,12 @@ def attend_tile(acc, m_i, l_i, q8, q_scale, start_n, offs_m, offs_d, d_valid, k_
             v8 = tl.load(v8_ptrs, mask=offs_n[:, None] < v_padded, other=0.0)
         else:
             v8 = tl.load(v8_ptrs)
-        # two-level accumulation: each tile's FP8 product lands in FP32 before it joins acc
-        acc += tl.dot(to_fp8_e4m3(p, FP8_ROUND_IN_FP32), v8)
+        p8 = to_fp8_e4m3(p, FP8_ROUND_IN_FP32)
+        if PV_DIRECT:
+            acc = tl.dot(p8, v8, acc)
+        else:
+            # two-level accumulation: each tile's FP8 product lands in FP32 before it joins acc
+            acc += tl.dot(p8, v8)
     else:
         v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
         if MASKED:
@@ -109,7 +118,7 @@ def attend_tile(acc, m_i, l_i, q8, q_scale, start_n, offs_m, offs_d, d_valid, k_
             # Triton's CPU interpreter mis-multiplies bf16 operands: same rounding of P, exact product
             acc += tl.dot(p.to(tl.bfloat16).to(tl.float32), v.to(tl.float32))
         else:
-            acc += tl.dot(p.to(V_DTYPE), v)
+            acc = tl.dot(p.to(V_DTYPE), v, acc)
     return acc, m_new, l_i
 
 
@@ -125,7 +134,7 @@ def sage_attention_fwd_kernel(
     PV_FP8: tl.constexpr, SMOOTH_V: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_BIAS: tl.constexpr, RETURN_LSE: tl.constexpr, BF16_DOT_IN_FP32: tl.constexpr,
     FP8_ROUND_IN_FP32: tl.constexpr, EVEN_D: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    MAGIC_CONVERT: tl.constexpr,
+    MAGIC_CONVERT: tl.constexpr, PV_DIRECT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -162,17 +171,20 @@ def sage_attention_fwd_kernel(
     if SMOOTH_V:
         v_mean = tl.load(V_MEAN + bh_kv * BLOCK_D + offs_d)
     V_DTYPE: tl.constexpr = V.dtype.element_ty
-    # the unmasked bulk of the keys: optionally warp-specialised (producer/consumer warps on Hopper+)
+    # the unmasked bulk of the keys, optionally warp-specialised (producer/consumer warps on Blackwell). (Issuing
+    # the next tile's Q·Kᵀ before this tile's softmax, by hand, made Triton 3.6 wait on every wgmma: slower.)
     for start_n in tl.range(0, full_hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
-        acc, m_i, l_i = attend_tile(
-            acc, m_i, l_i, q8, q_scale, start_n, offs_m, offs_d, d_valid, k_base, ks_base, bias_base, v_base,
-            v8_base, v_mean, stride_vn, stride_vd, NK, v_padded, BLOCK_N, BLOCK_D, K_GROUP, False, PV_FP8,
-            SMOOTH_V, IS_CAUSAL, HAS_BIAS, BF16_DOT_IN_FP32, FP8_ROUND_IN_FP32, V_DTYPE, MAGIC_CONVERT)
-    for start_n in range(full_hi, hi, BLOCK_N):
-        acc, m_i, l_i = attend_tile(
-            acc, m_i, l_i, q8, q_scale, start_n, offs_m, offs_d, d_valid, k_base, ks_base, bias_base, v_base,
-            v8_base, v_mean, stride_vn, stride_vd, NK, v_padded, BLOCK_N, BLOCK_D, K_GROUP, True, PV_FP8,
-            SMOOTH_V, IS_CAUSAL, HAS_BIAS, BF16_DOT_IN_FP32, FP8_ROUND_IN_FP32, V_DTYPE, MAGIC_CONVERT)
+        qk = tile_scores(q8, k_base, start_n, offs_d, NK, BLOCK_N, BLOCK_D, False, MAGIC_CONVERT)
+        acc, m_i, l_i = softmax_pv(
+            acc, m_i, l_i, qk, q_scale, start_n, offs_m, offs_d, d_valid, ks_base, bias_base, v_base,
+            v8_base, v_mean, stride_vn, stride_vd, NK, v_padded, BLOCK_N, K_GROUP, False, PV_FP8, SMOOTH_V,
+            IS_CAUSAL, HAS_BIAS, BF16_DOT_IN_FP32, FP8_ROUND_IN_FP32, V_DTYPE, MAGIC_CONVERT, PV_DIRECT)
+    for start_n in range(full_hi, hi, BLOCK_N):  # the ragged tail and the causal diagonal
+        qk = tile_scores(q8, k_base, start_n, offs_d, NK, BLOCK_N, BLOCK_D, True, MAGIC_CONVERT)
+        acc, m_i, l_i = softmax_pv(
+            acc, m_i, l_i, qk, q_scale, start_n, offs_m, offs_d, d_valid, ks_base, bias_base, v_base,
+            v8_base, v_mean, stride_vn, stride_vd, NK, v_padded, BLOCK_N, K_GROUP, True, PV_FP8, SMOOTH_V,
+            IS_CAUSAL, HAS_BIAS, BF16_DOT_IN_FP32, FP8_ROUND_IN_FP32, V_DTYPE, MAGIC_CONVERT, PV_DIRECT)
 
     out = acc / l_i[:, None]
     if PV_FP8:

@@ -131,7 +131,7 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
         PV_FP8=pv_fp8, SMOOTH_V=v_mean is not None, IS_CAUSAL=is_causal, HAS_BIAS=bias is not None,
         RETURN_LSE=return_lse, BF16_DOT_IN_FP32=interpreting() and v.dtype == torch.bfloat16,
         FP8_ROUND_IN_FP32=interpreting(), EVEN_D=D == block_d, WARP_SPECIALIZE=config.warp_specialize,
-        MAGIC_CONVERT=config.magic_convert,
+        MAGIC_CONVERT=config.magic_convert, PV_DIRECT=config.pv_direct,
         num_warps=config.num_warps,
         num_stages=config.num_stages)
     if return_lse and k_mean is not None:

@@ -21,12 +21,13 @@ class LaunchConfig:
     num_warps: int
     num_stages: int
     warp_specialize: bool = False
-    magic_convert: bool = True  # scores converted from INT32 by the FP32 bit trick rather than I2F
+    magic_convert: bool = False  # scores converted from INT32 by the FP32 bit trick rather than I2F
+    pv_direct: bool = False  # FP8 P·V accumulated in the output registers (no per-tile FP32 promotion)
 
     def key(self) -> str:
-        ws = "ws" if self.warp_specialize else ""
-        i2f = "" if self.magic_convert else "i2f"
-        return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}{ws}{i2f}"
+        flags = "".join(tag for on, tag in ((self.warp_specialize, "ws"), (self.magic_convert, "mc"),
+                                            (self.pv_direct, "pd")) if on)
+        return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}{flags}"
 
 
 def _c(m, n, w, s):

@@ -134,8 +134,12 @@ def sage_method(config):
     return lambda q, k, v: attention(q, k, v, config=config)
 
 
+# Above this many tokens a shape runs only the methods of the summary table (each call takes ~0.1–1 s).
+LONG_SHAPE_TOKENS = 60000
+
+
 def run(shapes=None, dtype=torch.bfloat16, repeats=None, with_peers=True, out_path=None, quick=False,
-        method_patterns=None) -> dict:
+        method_patterns=None, merge=False) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not backend.interpreting():
         raise SystemExit("No GPU: set TRITON_INTERPRET=1 to run the kernels through Triton's interpreter")
@@ -160,14 +164,35 @@ def run(shapes=None, dtype=torch.bfloat16, repeats=None, with_peers=True, out_pa
     result = {"environment": environment(), "tops_definition": "4*B*H*Nq*Nk*D / time",
               "k_offset_scale": K_OFFSET_SCALE, "accuracy_reference": f"fp32 attention, first {ACCURACY_HEADS} heads",
               "bounds": BOUNDS, "peers_missing": peers_missing, "shapes": {}}
+    if merge and out_path and Path(out_path).exists():
+        result = json.loads(Path(out_path).read_text())
+        result["peers_missing"] = {**result.get("peers_missing", {}), **peers_missing}
     for name in progress(names, desc="benchmark", unit="shape"):
         shape = table[name]
-        reps = max(2, repeats // 3) if shape[2] > 60000 else repeats
-        result["shapes"][name] = bench_shape(name, shape, dtype, device, methods, reps)
-    if out_path:
-        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_path).write_text(json.dumps(result, indent=1))
+        long = shape[2] > LONG_SHAPE_TOKENS
+        chosen = {m: f for m, f in methods.items() if not long or m in SUMMARY_METHODS or m == "sdpa_default"}
+        row = bench_shape(name, shape, dtype, device, chosen, max(2, repeats // 3) if long else repeats)
+        merge_shape(result["shapes"], name, row)
+        if out_path:  # written after every shape: a run cut short keeps what it measured
+            Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(out_path).write_text(json.dumps(result, indent=1))
     return result
+
+
+def merge_shape(shapes: dict, name: str, row: dict) -> None:
+    """Add a shape's rows; where the shape was measured before, its SDPA default stays the baseline of
+    every speed-up."""
+    old = shapes.get(name)
+    if old is None:
+        shapes[name] = row
+        return
+    base = old["methods"].get("sdpa_default", {}).get("ms")
+    for method, r in row["methods"].items():
+        if method == "sdpa_default" and base:
+            continue
+        if base and "ms" in r:
+            r["speedup_vs_sdpa_default"] = base / r["ms"]
+        old["methods"][method] = r
 
 
 def format_table(result: dict) -> str:

@@ -1,5 +1,6 @@
 """The Triton kernels, run for real (through Triton's interpreter on the CPU, natively on a GPU), against
 the pure-PyTorch reference of the same quantized algorithm and against FP32 attention."""
+import dataclasses
 import os
 
 import pytest
@@ -194,3 +195,18 @@ def test_flagged_tiles_are_recomputed_exactly_on_device(kernel):
     assert attention_error(out[finite], ref[finite])["cosine"] >= EXACT_BOUNDS[kernel][0]
     true_lse = torch.logsumexp((q.double() @ k.double().transpose(-1, -2)) * 64 ** -0.5, dim=-1)
     torch.testing.assert_close(lse[0, 1, 6:64].double(), true_lse[0, 1, 6:64], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel,flags", [("int8_fp16", {"magic_convert": True}), ("int8_fp8", {"magic_convert": True}),
+                                          ("int8_fp8", {"pv_direct": True}),
+                                          ("int8_fp8", {"magic_convert": True, "pv_direct": True})])
+def test_kernel_flags_compute_the_same_attention(kernel, flags):
+    """The tuning flags (FP32 bit-trick score conversion, FP8 P·V accumulated in place) change how the kernel
+    computes, not what: same reference, same bounds against exact attention, on ragged lengths."""
+    cfg = SageConfig(kernel=kernel)
+    q, k, v = inputs(1, 2, 2, 150, 130, 128, torch.float16, seed=31)
+    out, _, bad = run_kernel(q, k, v, cfg, launch_cfg=dataclasses.replace(tuning.INTERPRETER_CONFIG, **flags))
+    assert torch.isfinite(out).all() and int(bad.sum()) == 0
+    assert rel_diff(out, reference_for(q, k, v, cfg)) < SAME_ALGO_TOL[kernel]
+    err = attention_error(out, exact(q, k, v))
+    assert err["cosine"] >= EXACT_BOUNDS[kernel][0] and err["rel_l1"] <= EXACT_BOUNDS[kernel][1], err

@@ -11,7 +11,7 @@ import torch
 
 from ..sage_core.config import SageConfig
 from ..sage_core.custom_op import register_stats, sage_attention_op
-from ..sage_core.dispatch import DispatchStats, UnsupportedInput, attention
+from ..sage_core.dispatch import DispatchStats, ExactPreferred, UnsupportedInput, attention
 from . import comfy_attention, routing
 
 log = logging.getLogger("sage_attention_pack")
@@ -58,6 +58,8 @@ class SageOverride:
             return self.exact(func, args, kwargs)
         try:
             out = run_sage(call, self.config, self.stats, self.stats_id)
+        except ExactPreferred:  # `auto` measured exact attention fastest here: ComfyUI's own, as unpatched
+            return self.exact(func, args, kwargs)
         except UnsupportedInput as e:
             if self.config.on_unsupported == "raise":
                 raise
@@ -86,4 +88,4 @@ def run_sage(call: comfy_attention.AttentionCall, config: SageConfig, stats: Dis
     if torch.compiler.is_compiling():
         return sage_attention_op(call.q, call.k, call.v, call.mask, call.layout, strict, stats_id)
     return attention(call.q, call.k, call.v, tensor_layout=call.layout, attn_mask=call.mask, config=strict,
-                     stats=stats)
+                     stats=stats, defer_exact=True)

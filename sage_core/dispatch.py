@@ -31,6 +31,11 @@ class UnsupportedInput(RuntimeError):
     """Raised with on_unsupported="raise" when the fast path cannot serve a call."""
 
 
+class ExactPreferred(Exception):
+    """Raised, when the caller asked for it, where `auto` measured exact attention fastest: a host such as
+    ComfyUI then runs its own exact attention (its backend choice), so turning Sage on there costs nothing."""
+
+
 class DispatchStats:
     """Thread-safe counters of what really ran: Sage calls per variant, fallbacks per reason."""
 
@@ -176,8 +181,12 @@ def sdpa(q, k, v, *, is_causal=False, sm_scale=None, attn_mask=None, dropout_p=0
 
 
 def attention(q, k, v, *, tensor_layout="HND", is_causal=False, sm_scale=None, attn_mask=None, dropout_p=0.0,
-              config: SageConfig | None = None, stats: DispatchStats | None = None, return_lse=False):
-    """Attention through the fastest path that can serve; same semantics as SDPA (top-left causal)."""
+              config: SageConfig | None = None, stats: DispatchStats | None = None, return_lse=False,
+              defer_exact=False):
+    """Attention through the fastest path that can serve; same semantics as SDPA (top-left causal).
+
+    defer_exact: where `auto` picks exact attention, raise ExactPreferred (counted as "auto:sdpa") instead of
+    running PyTorch's SDPA here."""
     config = config or SageConfig()
     stats = stats or GLOBAL_STATS
     validate(q, k, v, tensor_layout, attn_mask)
@@ -222,6 +231,8 @@ def attention(q, k, v, *, tensor_layout="HND", is_causal=False, sm_scale=None, a
         variant = autoselect.choose(qh, kh, vh, is_causal=is_causal, bias=bias, config=config)
         if variant == "sdpa":
             stats.record_sage("auto:sdpa")
+            if defer_exact:
+                raise ExactPreferred()
             out, lse = sdpa(qh, kh, vh, is_causal=is_causal, sm_scale=sm_scale, attn_mask=attn_mask,
                             return_lse=return_lse)
             out = out if tensor_layout == "HND" else out.transpose(1, 2)

@@ -206,3 +206,32 @@ def test_auto_timing_skips_variants_that_cannot_run(monkeypatch):
     q, k, v = (t.cpu() for t in qkv(dtype=torch.float32))
     timings = autoselect.time_variants(q, k, v, is_causal=False, bias=None, config=SageConfig())
     assert list(timings) == ["sdpa"] and timings["sdpa"] > 0
+
+
+def test_auto_choosing_exact_defers_to_the_hosts_attention(monkeypatch):
+    """Where `auto` measured exact attention fastest, a host that asked for it (ComfyUI's hook) runs its own
+    exact attention, as unpatched: the dispatcher raises ExactPreferred and counts the call as auto:sdpa."""
+    from sage_attention_pack.nodes.override import SageOverride
+    from sage_attention_pack.sage_core import autoselect
+    from sage_attention_pack.sage_core.dispatch import ExactPreferred
+
+    monkeypatch.setattr(autoselect, "choose", lambda *a, **kw: "sdpa")
+    q, k, v = qkv(n=64, nk=64)
+    stats = DispatchStats()
+    with pytest.raises(ExactPreferred):
+        attention(q, k, v, config=SageConfig(kernel="auto"), stats=stats, defer_exact=True)
+    assert stats.snapshot()["sage"] == {"auto:sdpa": 1}
+    out = attention(q, k, v, config=SageConfig(kernel="auto"), stats=stats)  # without the request: SDPA here
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
+
+    host_out = torch.full((1, 64, 2 * q.shape[-1]), 7.0)
+    seen = []
+
+    def host_attention(*args, **kwargs):
+        seen.append(args[3])
+        return host_out
+
+    override = SageOverride(SageConfig(kernel="auto"))
+    flat = [t.transpose(1, 2).reshape(1, 64, -1) for t in (q, k, v)]  # ComfyUI's [B, N, H*D]
+    assert override(host_attention, *flat, 2) is host_out and seen == [2]
+    assert override.stats.snapshot()["sage"] == {"auto:sdpa": 1} and override.stats.snapshot()["fallback"] == {}

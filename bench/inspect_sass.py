@@ -23,7 +23,7 @@ from pathlib import Path
 ALIGNED_INTS = ("v_padded", "D")
 
 
-def compile_attention(pv: str, d: int, m: int, n: int, warps: int, stages: int, arch: int, **flags):
+def compile_attention(pv: str, d: int, m: int, n: int, warps: int, stages: int, arch: int, maxnreg=None, **flags):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -59,7 +59,7 @@ def compile_attention(pv: str, d: int, m: int, n: int, warps: int, stages: int, 
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": warps, "num_stages": stages})
+                          options={"num_warps": warps, "num_stages": stages, "maxnreg": maxnreg})
 
 
 def sass_of(kernel) -> str:
@@ -104,12 +104,13 @@ def main(argv=None):
     ap.add_argument("--warps", type=int, default=8)
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--maxnreg", type=int, default=None, help="cap registers per thread (more programs per SM)")
     ap.add_argument("--i2f", action="store_true", help="convert scores with I2F instead of the FP32 bit trick")
     ap.add_argument("--pv-direct", action="store_true", help="FP8 P·V accumulated straight into the output")
     ap.add_argument("--dump", help="write the SASS here")
     ap.add_argument("--ptx", help="write the PTX here")
     args = ap.parse_args(argv)
-    k = compile_attention(args.pv, args.d, args.m, args.n, args.warps, args.stages, args.arch,
+    k = compile_attention(args.pv, args.d, args.m, args.n, args.warps, args.stages, args.arch, args.maxnreg,
                           MAGIC_CONVERT=not args.i2f, PV_DIRECT=args.pv_direct)
     print(f"{resource_report(k, args.arch)}  shared {k.metadata.shared} B")
     sass = sass_of(k)

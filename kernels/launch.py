@@ -132,8 +132,8 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
         RETURN_LSE=return_lse, BF16_DOT_IN_FP32=interpreting() and v.dtype == torch.bfloat16,
         FP8_ROUND_IN_FP32=interpreting(), EVEN_D=D == block_d, WARP_SPECIALIZE=config.warp_specialize,
         MAGIC_CONVERT=config.magic_convert, PV_DIRECT=config.pv_direct,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages)
+        num_warps=config.num_warps, num_stages=config.num_stages,
+        **({"maxnreg": config.max_registers} if config.max_registers and not interpreting() else {}))
     if return_lse and k_mean is not None:
         # K smoothing shifted every score of a row by q·mean(K)·scale: add it back for the true LSE
         km = k_mean[:, :D].view(B, HK, D).repeat_interleave(H // HK, dim=1)

@@ -23,11 +23,13 @@ class LaunchConfig:
     warp_specialize: bool = False
     magic_convert: bool = False  # scores converted from INT32 by the FP32 bit trick rather than I2F
     pv_direct: bool = False  # FP8 P·V accumulated in the output registers (no per-tile FP32 promotion)
+    max_registers: int | None = None  # a cap per thread: fewer registers, more programs per multiprocessor
 
     def key(self) -> str:
         flags = "".join(tag for on, tag in ((self.warp_specialize, "ws"), (self.magic_convert, "mc"),
                                             (self.pv_direct, "pd")) if on)
-        return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}{flags}"
+        regs = f"r{self.max_registers}" if self.max_registers else ""
+        return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}{regs}{flags}"
 
 
 def _c(m, n, w, s):
@@ -99,6 +101,11 @@ def candidates(block_d: int, block_m: int | None = None, family: str = "sm90") -
     stages = {64: (3, 4), 128: (2, 3)} if block_d <= 128 else {32: (1, 2), 64: (1, 2)}
     plain = [_c(m, n, 8 if m == 128 else 4, s) for m in ms for n in ns for s in stages[n]
              if not (block_d > 128 and m > 64)]
+    if block_d <= 128:
+        # ptxas takes every register it can (~250 per thread), which leaves room for two 4-warp programs per
+        # multiprocessor; capped, a 64-row tile fits three or four, and their latencies overlap
+        plain += [LaunchConfig(c.block_m, c.block_n, c.num_warps, c.num_stages, max_registers=r)
+                  for c in plain if c.num_warps == 4 for r in ((168, 128) if c.block_n == 64 else (168,))]
     if family not in ("sm100", "sm120"):
         # Triton 3.6's warp-specialisation pass fails on this kernel for sm90 (an MLIR pipeline error,
         # seen on an H100): offer those pipelines only to Blackwell, where that pass is Triton's default path

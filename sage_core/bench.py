@@ -51,11 +51,16 @@ BOUNDS = {"fp16": {"cosine": 0.9999, "rel_l1": 0.015}, "fp8": {"cosine": 0.999, 
 
 
 def model_shaped_inputs(b, h, n, d, dtype, device, seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    q = torch.randn(b, h, n, d, generator=g)
-    k = torch.randn(b, h, n, d, generator=g) + K_OFFSET_SCALE * torch.randn(1, h, 1, d, generator=g)
-    v = torch.randn(b, h, n, d, generator=g)
-    return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
+    """Random Q, K, V with a per-channel offset in K, drawn on `device` (video-length inputs are GBs)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, device=device)
+
+    q = randn(b, h, n, d)
+    k = randn(b, h, n, d) + K_OFFSET_SCALE * randn(1, h, 1, d)
+    v = randn(b, h, n, d)
+    return tuple(t.to(dtype=dtype) for t in (q, k, v))
 
 
 def sdpa_backends():

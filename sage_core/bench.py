@@ -239,7 +239,7 @@ def markdown_table(result: dict, methods=SUMMARY_METHODS) -> str:
             r = s["methods"].get(m, {})
             cells.append(f"{r['tops']:.0f} ({r['speedup_vs_sdpa_default']:.2f}×)" if "tops" in r else "–")
         lines.append(f"| {name} B{sh['B']} H{sh['H']} N{sh['N']} D{sh['D']} | " + " | ".join(cells) + " |")
-    lines += ["", "Accuracy against FP32 attention (mean over shapes): cosine / relative L1", "",
+    lines += ["", "Accuracy against FP32 attention (worst over shapes): cosine / relative L1", "",
               "| method | cosine | rel. L1 |", "|---|---|---|"]
     for m in present:
         rows = [s["methods"][m] for s in result["shapes"].values() if "cosine" in s["methods"].get(m, {})]

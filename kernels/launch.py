@@ -19,7 +19,6 @@ LOG2E = 1.4426950408889634
 STATS_ROWS = 64
 MAX_STATS_CHUNKS = 16  # partial-statistics rows per head, finished inside each quantization program
 QUANT_ROWS = 128
-FP8_MAX = 448.0
 V_PAD = 128  # FP8 V rows padded to a multiple of this, so every tile load is in bounds and aligned
 
 

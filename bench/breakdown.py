@@ -22,9 +22,10 @@ def breakdown(shape, pv: str) -> dict:
     config = SageConfig(kernel="int8_fp8" if pv == "fp8" else "int8_fp16")
     block_d = launch.padded_head_dim(d)
     cfg = backend.tuning_for(q.device, pv, block_d, None, n, n, str(q.dtype), False)
+    q_group, k_group = launch.quant_groups(config.q_group_rows, config.k_group_rows, cfg)
     quant = median_ms(lambda: launch.quantize_qkv(
-        q, k, v, q_group=config.q_group_rows, k_group=config.k_group_rows or cfg.block_n, block_d=block_d,
-        q_multiplier=d ** -0.5, smooth_k=True, smooth_v=False, pv_fp8=pv == "fp8"), warmup=2)
+        q, k, v, q_group=q_group, k_group=k_group, block_d=block_d, q_multiplier=d ** -0.5 * launch.LOG2E,
+        smooth_k=config.smooth_k, smooth_v=config.smooth_v, pv_fp8=pv == "fp8"), warmup=2)
     whole = median_ms(lambda: backend.run(q, k, v, layout="HND", sm_scale=d ** -0.5, is_causal=False, bias=None,
                                           config=config, pv_fp8=pv == "fp8", return_lse=False), warmup=2)
     sdpa = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), warmup=2)

@@ -76,6 +76,20 @@ def flux_case(comfy):
     return model, lambda opts: model(x, t, ctx, y=y, guidance=guidance, transformer_options=opts)
 
 
+class PeerCalls:
+    """Counts of the calls a peer served and the ones left to ComfyUI, with the reset/snapshot of the pack's
+    own DispatchStats, so both kinds of override are reported the same way."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.counts = {"peer": 0, "comfyui": 0}
+
+    def snapshot(self) -> dict:
+        return dict(self.counts)
+
+
 class PeerOverride:
     """ComfyUI's attention hook serving every mask-free call with a peer kernel (bench/peers.py), the rest
     with ComfyUI's own attention: the peers' end-to-end figure, through the same hook as ours."""
@@ -85,14 +99,14 @@ class PeerOverride:
 
         self.parse = comfy_attention.parse
         self.peer_fn = peer_fn
-        self.calls = {"peer": 0, "comfyui": 0}
+        self.stats = PeerCalls()
 
     def __call__(self, func, *args, **kwargs):
         call = self.parse(args, kwargs)
         if call.mask is not None:
-            self.calls["comfyui"] += 1
+            self.stats.counts["comfyui"] += 1
             return func(*args, **kwargs)
-        self.calls["peer"] += 1
+        self.stats.counts["peer"] += 1
         hnd = [t if call.layout == "HND" else t.transpose(1, 2) for t in (call.q, call.k, call.v)]
         out = self.peer_fn(*hnd)
         return call.finish(out if call.layout == "HND" else out.transpose(1, 2))
@@ -159,13 +173,10 @@ def main():
             base_ms, ref = timed(lambda: forward({}), args.repeats)
             row = {"default_ms": base_ms, "settings": {}}
             for label, override in overrides.items():
-                calls_before = dict(override.calls) if isinstance(override, PeerOverride) else None
-                if calls_before is None:
-                    override.stats.reset()
+                override.stats.reset()
                 ms, out = timed(lambda: forward({"optimized_attention_override": override}), args.repeats)
-                calls = (override.stats.snapshot() if calls_before is None
-                         else {k: v - calls_before[k] for k, v in override.calls.items()})
-                row["settings"][label] = {"ms": ms, "speedup": base_ms / ms, **compare(out, ref), "calls": calls}
+                row["settings"][label] = {"ms": ms, "speedup": base_ms / ms, **compare(out, ref),
+                                          "calls": override.stats.snapshot()}
                 print(f"{name:28s} {label:10s} {ms:9.2f} ms vs {base_ms:9.2f} ms -> {base_ms / ms:.3f}x  "
                       f"cos {row['settings'][label]['cosine']:.5f} psnr {row['settings'][label]['psnr_db']:.1f} dB",
                       flush=True)

@@ -91,6 +91,12 @@ def quantize_int8(x: torch.Tensor, group: int, block_d: int, multiplier: float =
     return out["q8"].view(B, H, N, block_d), out["q_scale"].view(B, H, -1)
 
 
+def quant_groups(q_group: int, k_group: int, config: tuning.LaunchConfig) -> tuple[int, int]:
+    """Rows per INT8 scale as the kernels take them: Q groups never straddle a Q tile, and k_group 0 means
+    one K scale per key tile."""
+    return min(q_group, config.block_m), k_group or config.block_n
+
+
 def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_group: int, k_group: int,
                  pv_fp8: bool, smooth_k: bool, smooth_v: bool, return_lse: bool, config: tuning.LaunchConfig,
                  repair_counter=None):
@@ -106,8 +112,7 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
     HK, NK = k.shape[1], k.shape[2]
     block_d = padded_head_dim(D)
     block_m, block_n = config.block_m, config.block_n
-    q_group = min(q_group, block_m)
-    k_group = k_group or block_n  # 0: one K scale per key tile
+    q_group, k_group = quant_groups(q_group, k_group, config)
 
     qz = quantize_qkv(q, k, v, q_group=q_group, k_group=k_group, block_d=block_d, q_multiplier=sm_scale * LOG2E,
                       smooth_k=smooth_k, smooth_v=smooth_v, pv_fp8=pv_fp8)
@@ -146,5 +151,5 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
     return (lse if return_lse else None), bad
 
 
-__all__ = ["padded_head_dim", "quantize_qkv", "quantize_int8", "sage_forward",
+__all__ = ["padded_head_dim", "quant_groups", "quantize_qkv", "quantize_int8", "sage_forward",
            "LOG2E"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from . import tuning
+from . import hopper_launch, tuning
 from .tuning import interpreting
 from .attention_kernel import sage_attention_fwd_kernel
 from .repair_kernel import repair_tiles_kernel
@@ -36,13 +36,14 @@ def stats_chunks(n: int) -> tuple[int, int]:
 
 
 def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multiplier: float, smooth_k: bool,
-                 smooth_v: bool, pv_fp8: bool) -> dict:
+                 smooth_v: bool, pv_fp8: bool, pv_key_order: bool = False) -> dict:
     """All quantization of one call in at most two launches (statistics, then codes and scales).
 
     q: [B, H, NQ, D], k/v: [B, HK, NK, D] views with any strides. Returns a dict of
     q8 [B*H, NQ, block_d] int8, q_scale [B*H, ceil(NQ/q_group)], k8 [B*HK, NK, block_d] int8,
     k_scale [B*HK, ceil(NK/k_group)], k_mean and v_mean [B*HK, block_d] (None when not smoothed), and with
-    pv_fp8 v8 [B*HK, block_d, v_padded] FP8 e4m3 and v_scale [B*HK, block_d].
+    pv_fp8 v8 [B*HK, block_d, v_padded] FP8 e4m3 and v_scale [B*HK, block_d]; pv_key_order stores v8's keys
+    in the order the Hopper kernel's P operand takes them.
     """
     B, H, NQ, D = q.shape
     HK, NK = k.shape[1], k.shape[2]
@@ -78,7 +79,7 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
         *q.stride(), *k.stride(), *v.stride(),
         B * H, B * HK, H, HK, NQ, NK, D, n_chunks, out["q_scale"].shape[-1], out["k_scale"].shape[-1], v_padded,
         float(q_multiplier), ROWS=rows, Q_GROUP=q_group, K_GROUP=k_group, BLOCK_D=block_d, SMOOTH_K=smooth_k,
-        SMOOTH_V=smooth_v, PV_FP8=pv_fp8, FP8_ROUND_IN_FP32=interpreting())
+        SMOOTH_V=smooth_v, PV_FP8=pv_fp8, FP8_ROUND_IN_FP32=interpreting(), PV_KEY_ORDER=pv_key_order)
     return out
 
 
@@ -114,8 +115,10 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
     block_m, block_n = config.block_m, config.block_n
     q_group, k_group = quant_groups(q_group, k_group, config)
 
+    pipelined = hopper_launch.serves(q.device, config=config, pv_fp8=pv_fp8, is_causal=is_causal,
+                                     has_bias=bias is not None, head_dim=D, block_d=block_d, k_group=k_group)
     qz = quantize_qkv(q, k, v, q_group=q_group, k_group=k_group, block_d=block_d, q_multiplier=sm_scale * LOG2E,
-                      smooth_k=smooth_k, smooth_v=smooth_v, pv_fp8=pv_fp8)
+                      smooth_k=smooth_k, smooth_v=smooth_v, pv_fp8=pv_fp8, pv_key_order=pipelined)
     k_scale, k_mean, v_mean = qz["k_scale"], qz["k_mean"], qz["v_mean"]
     v8, v_scale = (qz["v8"], qz["v_scale"]) if pv_fp8 else (k_scale, k_scale)
 
@@ -126,18 +129,22 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
         bias_strides = (bias.stride(0) if bias.shape[0] > 1 else 0, bias.stride(1) if bias.shape[1] > 1 else 0)
     else:
         bias_strides = (0, 0)
-    sage_attention_fwd_kernel[grid](
-        qz["q8"], qz["q_scale"], qz["k8"], k_scale, v, v8, v_scale, v_mean if v_mean is not None else k_scale,
-        bias if bias is not None else k_scale, out, lse, bad,
-        *v.stride(), *out.stride(), *bias_strides,
-        H, H // HK, NQ, NK, D, qz["q_scale"].shape[-1], k_scale.shape[-1], qz["v_padded"],
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, Q_GROUP=q_group, K_GROUP=k_group,
-        PV_FP8=pv_fp8, SMOOTH_V=v_mean is not None, IS_CAUSAL=is_causal, HAS_BIAS=bias is not None,
-        RETURN_LSE=return_lse, BF16_DOT_IN_FP32=interpreting() and v.dtype == torch.bfloat16,
-        FP8_ROUND_IN_FP32=interpreting(), EVEN_D=D == block_d, WARP_SPECIALIZE=config.warp_specialize,
-        MAGIC_CONVERT=config.magic_convert, PV_DIRECT=config.pv_direct,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-        **({"maxnreg": config.max_registers} if config.max_registers and not interpreting() else {}))
+    if pipelined:
+        hopper_launch.launch(qz, out, lse, bad, heads=H, kv_heads=HK, q_group=q_group, smooth_v=v_mean is not None,
+                             return_lse=return_lse, config=config)
+    else:
+        sage_attention_fwd_kernel[grid](
+            qz["q8"], qz["q_scale"], qz["k8"], k_scale, v, v8, v_scale, v_mean if v_mean is not None else k_scale,
+            bias if bias is not None else k_scale, out, lse, bad,
+            *v.stride(), *out.stride(), *bias_strides,
+            H, H // HK, NQ, NK, D, qz["q_scale"].shape[-1], k_scale.shape[-1], qz["v_padded"],
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, Q_GROUP=q_group, K_GROUP=k_group,
+            PV_FP8=pv_fp8, SMOOTH_V=v_mean is not None, IS_CAUSAL=is_causal, HAS_BIAS=bias is not None,
+            RETURN_LSE=return_lse, BF16_DOT_IN_FP32=interpreting() and v.dtype == torch.bfloat16,
+            FP8_ROUND_IN_FP32=interpreting(), EVEN_D=D == block_d, WARP_SPECIALIZE=config.warp_specialize,
+            MAGIC_CONVERT=config.magic_convert, PV_DIRECT=config.pv_direct,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+            **({"maxnreg": config.max_registers} if config.max_registers and not interpreting() else {}))
     if return_lse and k_mean is not None:
         # K smoothing shifted every score of a row by q·mean(K)·scale: add it back for the true LSE
         km = k_mean[:, :D].view(B, HK, D).repeat_interleave(H // HK, dim=1)

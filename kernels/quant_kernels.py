@@ -120,6 +120,13 @@ def finish_stats(PARTS, bh, n_chunks, N, offs_d, BLOCK_D: tl.constexpr, WHICH: t
 
 
 @triton.jit
+def pv_key_slot(n):
+    """Where key n goes within its 32: bits (h u q t) -> (h q u t), the relabelling under which the scores'
+    accumulator registers are the FP8 P·V operand's (kernels/hopper_attention_kernel.to_pv_operand)."""
+    return (n & ~15) | (((n >> 1) & 3) << 2) | (((n >> 3) & 1) << 1) | (n & 1)
+
+
+@triton.jit
 def quantize_qkv_kernel(
     Q, K, V, PARTS, Q8, Q_SCALE, K8, K_SCALE, V8, V_SCALE, K_MEAN, V_MEAN,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -128,6 +135,7 @@ def quantize_qkv_kernel(
     BH, BHK, H, HK, NQ, NK, D, n_chunks, q_groups, k_groups, v_padded, q_multiplier,
     ROWS: tl.constexpr, Q_GROUP: tl.constexpr, K_GROUP: tl.constexpr, BLOCK_D: tl.constexpr,
     SMOOTH_K: tl.constexpr, SMOOTH_V: tl.constexpr, PV_FP8: tl.constexpr, FP8_ROUND_IN_FP32: tl.constexpr,
+    PV_KEY_ORDER: tl.constexpr,
 ):
     """Every quantization of one attention call in one launch; program_id(2) picks the tensor.
 
@@ -136,7 +144,8 @@ def quantize_qkv_kernel(
        first program of each head also writes the mean (for the LSE correction).
     2: V -> with PV_FP8, FP8 e4m3 codes stored transposed [BHK, BLOCK_D, v_padded] (the K-major operand
        FP8 tensor-core dots want) with per-channel scales; the first program writes the scales and, with
-       SMOOTH_V, the mean that the attention kernel adds back.
+       SMOOTH_V, the mean that the attention kernel adds back. PV_KEY_ORDER stores the keys of every
+       32 in the order the Hopper kernel's P operand comes in (pv_key_slot).
     Means and ranges come from kv_stats_kernel's partial statistics, finished here."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -178,7 +187,8 @@ def quantize_qkv_kernel(
                                      stride_vd, NK, D)
                 v = tl.where(valid, v - mean[None, :], 0.0)
                 codes = to_fp8_e4m3(v / scale[None, :], FP8_ROUND_IN_FP32)
-                tl.store(V8 + (bh * BLOCK_D + offs_d[None, :]) * v_padded + offs_n[:, None], codes,
+                slot_n = pv_key_slot(offs_n) if PV_KEY_ORDER else offs_n
+                tl.store(V8 + (bh * BLOCK_D + offs_d[None, :]) * v_padded + slot_n[:, None], codes,
                          mask=offs_n[:, None] < v_padded)
                 if pid == 0:
                     tl.store(V_SCALE + bh * BLOCK_D + offs_d, scale)

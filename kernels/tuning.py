@@ -24,12 +24,24 @@ class LaunchConfig:
     magic_convert: bool = False  # scores converted from INT32 by the FP32 bit trick rather than I2F
     pv_direct: bool = False  # FP8 P·V accumulated in the output registers (no per-tile FP32 promotion)
     max_registers: int | None = None  # a cap per thread: fewer registers, more programs per multiprocessor
+    pipelined: bool = False  # Hopper: the Gluon kernel (TMA ring, asynchronous wgmma, softmax under P·V)
 
     def key(self) -> str:
         flags = "".join(tag for on, tag in ((self.warp_specialize, "ws"), (self.magic_convert, "mc"),
-                                            (self.pv_direct, "pd")) if on)
+                                            (self.pv_direct, "pd"), (self.pipelined, "gp")) if on)
         regs = f"r{self.max_registers}" if self.max_registers else ""
         return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}{regs}{flags}"
+
+    @classmethod
+    def from_key(cls, key: str) -> "LaunchConfig":
+        """The inverse of key(): "m64n128w4s3r168mcpdgp" -> LaunchConfig."""
+        hit = re.fullmatch(r"m(\d+)n(\d+)w(\d+)s(\d+)(?:r(\d+))?((?:ws|mc|pd|gp)*)", key)
+        if not hit:
+            raise ValueError(f"not a launch configuration key: {key!r}")
+        m, n, w, s, r, flags = hit.groups()
+        tags = {flags[i:i + 2] for i in range(0, len(flags), 2)}
+        return cls(int(m), int(n), int(w), int(s), "ws" in tags, "mc" in tags, "pd" in tags,
+                   int(r) if r else None, "gp" in tags)
 
 
 def _c(m, n, w, s):

@@ -1,0 +1,89 @@
+"""Time named launch configurations of the pack's kernel side by side on model shapes, quantization included,
+with each one's error against FP32 attention and SDPA's default backend as the baseline.
+
+    python bench/compare_configs.py --shapes wan21_480p_81f flux_1024px --configs m64n128w4s3mc m64n128w4s3pdgp \
+        [--kernel int8_fp8] [--out F.json]
+
+Configuration keys are LaunchConfig.key() strings (see kernels/tuning.py): m<rows>n<keys>w<warps>s<stages>,
+then r<registers>, mc (bit-trick score conversion), pd (FP8 P·V accumulated in place), gp (the Hopper Gluon
+kernel). A configuration that cannot serve a shape (e.g. gp on another GPU) runs the portable kernel; the
+report says which kernel ran.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from sage_attention_pack.kernels import hopper_launch, launch, tuning  # noqa: E402
+from sage_attention_pack.sage_core import backend  # noqa: E402
+from sage_attention_pack.sage_core.bench import GPU_SHAPES as MODEL_SHAPES, environment, model_shaped_inputs, reference  # noqa: E402
+from sage_attention_pack.sage_core.config import SageConfig  # noqa: E402
+from sage_attention_pack.sage_core.metrics import attention_error  # noqa: E402
+from sage_attention_pack.sage_core.progress import progress  # noqa: E402
+from sage_attention_pack.sage_core.timing import median_ms  # noqa: E402
+
+
+def compare(shape, keys, kernel="int8_fp8", dtype=torch.bfloat16) -> dict:
+    b, h, n, d = shape
+    q, k, v = model_shaped_inputs(b, h, n, d, dtype, "cuda")
+    ref = reference(q, k, v)
+    cfg = SageConfig(kernel=kernel)
+    pv_fp8 = kernel == "int8_fp8"
+    rows = {}
+    sdpa = median_ms(lambda: F.scaled_dot_product_attention(q, k, v), warmup=2, repeats=10)
+    rows["sdpa_default"] = {"ms": sdpa}
+    for key in keys:
+        lc = tuning.LaunchConfig.from_key(key)
+
+        def call():
+            return backend.run(q, k, v, layout="HND", sm_scale=d ** -0.5, is_causal=False, bias=None, config=cfg,
+                               pv_fp8=pv_fp8, return_lse=False, launch_config=lc)[0]
+        try:
+            out = call()
+            err = attention_error(out[:, :ref.shape[1]], ref)
+            ms = median_ms(call, warmup=2, repeats=10)
+        except Exception as e:  # a tile that does not fit is reported, not fatal
+            rows[key] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+            continue
+        _, k_group = launch.quant_groups(cfg.q_group_rows, cfg.k_group_rows, lc)
+        gluon = hopper_launch.serves(q.device, config=lc, pv_fp8=pv_fp8, is_causal=False, has_bias=False,
+                                     head_dim=d, block_d=launch.padded_head_dim(d), k_group=k_group)
+        rows[key] = {"ms": ms, "tops": 4 * b * h * n * n * d / (ms * 1e-3) / 1e12, "vs_sdpa_default": sdpa / ms,
+                     "kernel": "hopper_gluon" if gluon else "portable_triton", **err}
+        torch.cuda.empty_cache()
+    rows["sdpa_default"]["tops"] = 4 * b * h * n * n * d / (sdpa * 1e-3) / 1e12
+    return {"shape": {"B": b, "H": h, "N": n, "D": d}, "kernel": kernel, "rows": rows}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=["wan21_480p_81f", "flux_1024px"], help=f"of {sorted(MODEL_SHAPES)}")
+    ap.add_argument("--configs", nargs="+", required=True)
+    ap.add_argument("--kernel", default="int8_fp8", choices=["int8_fp8", "int8_fp16"])
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+    result = {"environment": environment(), "shapes": {}}
+    for name in progress(args.shapes, desc="shapes", unit="shape"):
+        row = compare(MODEL_SHAPES[name], args.configs, args.kernel)
+        result["shapes"][name] = row
+        for key, r in row["rows"].items():
+            if "ms" in r:
+                extra = f" {r['vs_sdpa_default']:.3f}x  rel_l1 {r['rel_l1']:.4f}  cos {r['cosine']:.5f}  {r['kernel']}" \
+                    if key != "sdpa_default" else ""
+                print(f"{name:14s} {key:26s} {r['ms']:9.3f} ms {r['tops']:7.1f} TOPS{extra}", flush=True)
+            else:
+                print(f"{name:14s} {key:26s} {r['error']}", flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

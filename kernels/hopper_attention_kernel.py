@@ -1,0 +1,215 @@
+"""Hopper (sm90) SageAttention forward kernel in Gluon (device code only; the launcher is kernels/hopper_launch.py).
+
+The same algorithm as kernels/attention_kernel.py (INT8 Q·Kᵀ with one K scale per key tile, FP32 online
+softmax in base 2, FP8 e4m3 P·V with per-channel V scales, two-level accumulation), written at the level
+where the schedule is ours rather than the compiler's:
+  - K and V tiles arrive by TMA into a ring of STAGES buffers, each with its own mbarrier;
+  - the matrix products are asynchronous wgmma: the scores of key tile j are issued, then P·V of tile j-1,
+    and the softmax of tile j runs while the tensor cores still work on P·V (the "intra-warpgroup
+    overlap" of FlashAttention-3). Triton's own pipeliner waits on every wgmma of this loop.
+  - each tile's FP8 product lands in its own FP32 registers and joins the output with one FMA that also
+    applies the previous tile's rescale.
+Served: non-causal, no mask, head dims 64 and 128, FP8 P·V. Everything else runs the portable kernel.
+"""
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+# names that changed after Triton 3.6: the TMA load (async_copy_global_to_shared -> async_load) and the CTA
+# barrier (thread_barrier -> barrier)
+tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+
+LOG2_FP8_MAX = gl.constexpr(8.807354922057604)  # log2(448): P is scaled into e4m3's range inside its exp2
+MAGIC_I2F_BITS = gl.constexpr(0x4B400000)  # see attention_kernel.py: INT32 scores read as FP32 for free
+MAGIC_I2F = gl.constexpr(12582912.0)
+
+
+@gluon.jit
+def online_softmax(s_bits, m_i, l_i, row_scale, n_left, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
+                   LAST: gl.constexpr):
+    """One key tile's softmax update from its biased INT32 scores. Returns (P, new max, new sum, rescale)."""
+    s = s_bits.to(gl.float32, bitcast=True)
+    if LAST:
+        # only the last tile can be ragged: keys past the end never count. Masked after scaling, so a zero
+        # row scale (a K tile that smoothing made all zero) cannot turn -inf into NaN.
+        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        s = (s - MAGIC_I2F) * gl.expand_dims(row_scale, 1)
+        s = gl.where(gl.expand_dims(cols < n_left, 0), s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, axis=1))
+        p = gl.exp2(s - gl.expand_dims(m_new - LOG2_FP8_MAX, 1))
+    else:
+        m_new = gl.maximum(m_i, (gl.max(s, axis=1) - MAGIC_I2F) * row_scale)
+        bias = m_new + MAGIC_I2F * row_scale - LOG2_FP8_MAX
+        p = gl.exp2(s * gl.expand_dims(row_scale, 1) - gl.expand_dims(bias, 1))
+    alpha = gl.exp2(m_i - m_new)
+    l_i = l_i * alpha + gl.sum(p, axis=1)
+    return p, m_new, l_i, alpha
+
+
+@gluon.jit
+def to_pv_operand(p, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, p_layout: gl.constexpr):
+    """P in FP8, as the A operand of P·V, without moving a byte between threads: within every 32 keys the
+    accumulator gives a thread keys {2q, 2q+1, 8+2q, 9+2q} (+16) where the A operand wants {4q..4q+3} (+16).
+    Relabelling the keys (bits h u q t -> h q u t) makes the two the same registers; the quantization kernel
+    stores FP8 V with its keys in that order (see quant_kernels.pv_key_slot)."""
+    # relabel in FP32 (a renaming of registers), then cast: each pair conversion lands in its final half-register
+    p = gl.reshape(p, [BLOCK_M, BLOCK_N // 32, 2, 2, 4, 2])
+    p = gl.permute(p, [0, 1, 2, 4, 3, 5])
+    p = gl.reshape(p, [BLOCK_M, BLOCK_N])
+    p = gl.convert_layout(p, p_layout, assert_trivial=True)
+    # four neighbours of a thread -> one A-operand register, two conversions (the compiler's own cast
+    # unpacks and repacks the bytes: ~3 extra instructions per pair)
+    return gl.inline_asm_elementwise(
+        "{ .reg .b16 lo, hi;\n"
+        "cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1;\n"
+        "cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3;\n"
+        "mov.b32 $0, {lo, hi}; }",
+        "=r,r,r,r,r", [p], dtype=gl.float8e4nv, is_pure=True, pack=4)
+
+
+@gluon.jit
+def issue_kv_load(k_desc, v_desc, k_smem, v_smem, bars, tile, slot, bh_kv, NK, live,
+                  BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr):
+    """TMA of key tile `tile` (K rows and the matching FP8 Vᵀ columns) into ring slot `slot`, if `live`."""
+    bar = bars.index(slot)
+    mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes, pred=live)
+    tma_load(k_desc, [bh_kv * NK + tile * BLOCK_N, 0], bar, k_smem.index(slot), pred=live)
+    tma_load(v_desc, [bh_kv * BLOCK_D, tile * BLOCK_N], bar, v_smem.index(slot), pred=live)
+
+
+@gluon.jit
+def pipeline_step(j, p_prev, m_i, l_i, alpha_prev, acc, q_smem, k_smem, v_smem, kv_bars, k_desc, v_desc, seed, o_zero,
+                  q_scale, ks_base, bh_kv, NK, NQ, n_tiles, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                  BLOCK_D: gl.constexpr, STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, LAST: gl.constexpr,
+                  s_layout: gl.constexpr, o_rows: gl.constexpr, p_layout: gl.constexpr):
+    """Step j ≥ 1 of the pipeline (FlashAttention-3's intra-warpgroup overlap): issue the scores of tile j and
+    P·V of tile j-1, run tile j's softmax while both are on the tensor cores, then wait for P·V. P crosses
+    steps in FP32 and is cast right before its product (carried as bytes, the compiler unpacks and repacks
+    it: ~4 instructions per key); nothing asynchronous is in flight across steps."""
+    slot = j % STAGES
+    prev = (j - 1) % STAGES
+    mbarrier.wait(kv_bars.index(slot), (j // STAGES) & 1)
+    s_tok = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), seed, is_async=True)
+    p8 = to_pv_operand(p_prev, BLOCK_M, BLOCK_N, p_layout)
+    alpha_o = gl.expand_dims(gl.convert_layout(alpha_prev, o_rows), 1)
+    if TWO_LEVEL:
+        # SageAttention2's two-level accumulation: the tile's FP8 product lands in its own FP32 registers
+        o_tok = warpgroup_mma(p8, v_smem.index(prev).permute((1, 0)), o_zero, use_acc=False, is_async=True)
+    else:
+        o_tok = warpgroup_mma(p8, v_smem.index(prev).permute((1, 0)), acc * alpha_o, is_async=True)
+    s_bits = warpgroup_mma_wait(1, deps=[s_tok])
+    p, m_i, l_i, alpha = online_softmax(s_bits, m_i, l_i, q_scale * gl.load(ks_base + j), NK - j * BLOCK_N,
+                                        BLOCK_N, s_layout, LAST)
+    # ptxas hoists a wgmma wait to the top of its basic block, which would put this softmax behind P·V:
+    # a branch that is always taken (NQ > 0 here) starts a new block after the softmax
+    if NQ > 0:
+        o_tile, l_i = warpgroup_mma_wait(0, deps=[o_tok, l_i])
+    else:
+        o_tile = warpgroup_mma_wait(0, deps=[o_tok])
+    if TWO_LEVEL:
+        acc = acc * alpha_o + o_tile
+    else:
+        acc = o_tile
+    # the slot of tile j-1 is free in every warp: refill it, STAGES tiles ahead
+    cta_barrier()
+    issue_kv_load(k_desc, v_desc, k_smem, v_smem, kv_bars, j - 1 + STAGES, prev, bh_kv, NK, j - 1 + STAGES < n_tiles,
+                  BLOCK_N, BLOCK_D)
+    return p, m_i, l_i, alpha, acc
+
+
+@gluon.jit
+def sage_fwd_sm90_kernel(
+    q_desc, k_desc, v_desc, Q_SCALE, K_SCALE, V_SCALE, V_MEAN, OUT, LSE, BAD,
+    stride_ob, stride_oh, stride_on, stride_od,
+    H, KV_GROUP, NQ, NK, q_groups, k_groups,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, Q_GROUP: gl.constexpr,
+    STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, SMOOTH_V: gl.constexpr, RETURN_LSE: gl.constexpr, num_warps: gl.constexpr,
+):
+    # one warp per 16 query rows; the scores' wgmma spans the key tile, P·V's the head dim (k = 32 bytes)
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, BLOCK_N, 32])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, BLOCK_D, 32])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+    s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
+    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+    o_cols: gl.constexpr = gl.SliceLayout(0, o_layout)
+
+    pid_m = gl.program_id(0)
+    bh = gl.program_id(1)
+    b = bh // H
+    h = bh % H
+    bh_kv = b * (H // KV_GROUP) + h // KV_GROUP
+    n_tiles = gl.cdiv(NK, BLOCK_N)
+
+    q_smem = gl.allocate_shared_memory(gl.int8, [BLOCK_M, BLOCK_D], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_D, BLOCK_N], v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    kv_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for s in gl.static_range(STAGES):
+        mbarrier.init(kv_bars.index(s), count=1)
+
+    # Q rows past this head's end read the next head's (or TMA's zero fill): their outputs are never stored
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma_load(q_desc, [bh * NQ + pid_m * BLOCK_M, 0], q_bar, q_smem)
+    for s in gl.static_range(STAGES):
+        issue_kv_load(k_desc, v_desc, k_smem, v_smem, kv_bars, s, s, bh_kv, NK, s < n_tiles, BLOCK_N, BLOCK_D)
+
+    offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=s_rows)
+    q_scale = gl.load(Q_SCALE + bh * q_groups + offs_m // Q_GROUP, mask=offs_m < NQ, other=1.0)
+    ks_base = K_SCALE + bh_kv * k_groups
+    seed = gl.full([BLOCK_M, BLOCK_N], MAGIC_I2F_BITS, gl.int32, s_layout)
+    o_zero = gl.zeros([BLOCK_M, BLOCK_D], gl.float32, o_layout)
+
+    # tile 0: its scores and softmax, with nothing to overlap yet (masked: it may be the last)
+    mbarrier.wait(q_bar, 0)
+    mbarrier.wait(kv_bars.index(0), 0)
+    s_tok = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), seed, is_async=True)
+    s_bits = warpgroup_mma_wait(0, deps=[s_tok])
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, s_rows)
+    l_i = gl.zeros([BLOCK_M], gl.float32, s_rows)
+    p, m_i, l_i, alpha = online_softmax(s_bits, m_i, l_i, q_scale * gl.load(ks_base), NK, BLOCK_N, s_layout, True)
+    acc = o_zero
+    for j in range(1, n_tiles - 1):
+        p, m_i, l_i, alpha, acc = pipeline_step(
+            j, p, m_i, l_i, alpha, acc, q_smem, k_smem, v_smem, kv_bars, k_desc, v_desc, seed, o_zero, q_scale,
+            ks_base, bh_kv, NK, NQ, n_tiles, BLOCK_M, BLOCK_N, BLOCK_D, STAGES, TWO_LEVEL, False, s_layout, o_rows,
+            p_layout)
+    if n_tiles > 1:
+        p, m_i, l_i, alpha, acc = pipeline_step(
+            n_tiles - 1, p, m_i, l_i, alpha, acc, q_smem, k_smem, v_smem, kv_bars, k_desc, v_desc, seed, o_zero,
+            q_scale, ks_base, bh_kv, NK, NQ, n_tiles, BLOCK_M, BLOCK_N, BLOCK_D, STAGES, TWO_LEVEL, True, s_layout,
+            o_rows, p_layout)
+    # P·V of the last tile
+    p8 = to_pv_operand(p, BLOCK_M, BLOCK_N, p_layout)
+    alpha_o = gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
+    v_last = v_smem.index((n_tiles - 1) % STAGES).permute((1, 0))
+    if TWO_LEVEL:
+        o_tok = warpgroup_mma(p8, v_last, o_zero, use_acc=False, is_async=True)
+        acc = acc * alpha_o + warpgroup_mma_wait(0, deps=[o_tok])
+    else:
+        o_tok = warpgroup_mma(p8, v_last, acc * alpha_o, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=[o_tok])
+
+    mbarrier.invalidate(q_bar)
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(kv_bars.index(s))
+
+    offs_d = gl.arange(0, BLOCK_D, layout=o_cols)
+    out = acc * gl.expand_dims(gl.convert_layout(1.0 / l_i, o_rows), 1)
+    out = out * gl.expand_dims(gl.load(V_SCALE + bh_kv * BLOCK_D + offs_d), 0)
+    if SMOOTH_V:
+        out = out + gl.expand_dims(gl.load(V_MEAN + bh_kv * BLOCK_D + offs_d), 0)
+    rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=o_rows)
+    o_mask = gl.expand_dims(rows < NQ, 1) & gl.expand_dims(offs_d < BLOCK_D, 0)
+    o_ptrs = (OUT + b * stride_ob + h * stride_oh + gl.expand_dims(rows, 1) * stride_on
+              + gl.expand_dims(offs_d, 0) * stride_od)
+    gl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=o_mask)
+    bad = gl.sum(gl.sum(gl.where(o_mask & ~(gl.abs(out) < float("inf")), 1, 0), axis=1), axis=0)
+    gl.store(BAD + bh * gl.num_programs(0) + pid_m, bad)
+    if RETURN_LSE:
+        lse = (m_i + gl.log2(l_i) - LOG2_FP8_MAX) * 0.6931471805599453
+        gl.store(LSE + bh * NQ + offs_m, lse, mask=offs_m < NQ)

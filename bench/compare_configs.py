@@ -54,7 +54,8 @@ def compare(shape, keys, kernel="int8_fp8", dtype=torch.bfloat16) -> dict:
             continue
         _, k_group = launch.quant_groups(cfg.q_group_rows, cfg.k_group_rows, lc)
         gluon = hopper_launch.serves(q.device, config=lc, pv_fp8=pv_fp8, is_causal=False, has_bias=False,
-                                     head_dim=d, block_d=launch.padded_head_dim(d), k_group=k_group)
+                                     head_dim=d, block_d=launch.padded_head_dim(d), k_group=k_group,
+                                     kv_len=n)
         rows[key] = {"ms": ms, "tops": 4 * b * h * n * n * d / (ms * 1e-3) / 1e12, "vs_sdpa_default": sdpa / ms,
                      "kernel": "hopper_gluon" if gluon else "portable_triton", **err}
         torch.cuda.empty_cache()

@@ -27,20 +27,27 @@ MAGIC_I2F = gl.constexpr(12582912.0)
 
 @gluon.jit
 def online_softmax(s_bits, m_i, l_i, row_scale, n_left, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
-                   LAST: gl.constexpr):
-    """One key tile's softmax update from its biased INT32 scores. Returns (P, new max, new sum, rescale)."""
-    s = s_bits.to(gl.float32, bitcast=True)
+                   LAST: gl.constexpr, MAGIC: gl.constexpr):
+    """One key tile's softmax update from its INT32 scores. Returns (P, new max, new sum, rescale).
+    MAGIC: the scores were seeded with MAGIC_I2F_BITS and are read as FP32 (plus MAGIC_I2F) for free;
+    otherwise they are converted (I2F: no seeding moves, a conversion per score)."""
+    if MAGIC:
+        s = s_bits.to(gl.float32, bitcast=True)
+        offset: gl.constexpr = MAGIC_I2F
+    else:
+        s = s_bits.to(gl.float32)
+        offset: gl.constexpr = 0.0
     if LAST:
         # only the last tile can be ragged: keys past the end never count. Masked after scaling, so a zero
         # row scale (a K tile that smoothing made all zero) cannot turn -inf into NaN.
         cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        s = (s - MAGIC_I2F) * gl.expand_dims(row_scale, 1)
+        s = (s - offset) * gl.expand_dims(row_scale, 1)
         s = gl.where(gl.expand_dims(cols < n_left, 0), s, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, axis=1))
         p = gl.exp2(s - gl.expand_dims(m_new - LOG2_FP8_MAX, 1))
     else:
-        m_new = gl.maximum(m_i, (gl.max(s, axis=1) - MAGIC_I2F) * row_scale)
-        bias = m_new + MAGIC_I2F * row_scale - LOG2_FP8_MAX
+        m_new = gl.maximum(m_i, (gl.max(s, axis=1) - offset) * row_scale)
+        bias = m_new + offset * row_scale - LOG2_FP8_MAX
         p = gl.exp2(s * gl.expand_dims(row_scale, 1) - gl.expand_dims(bias, 1))
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.sum(p, axis=1)
@@ -73,34 +80,42 @@ def issue_kv_load(k_desc, v_desc, k_smem, v_smem, bars, tile, slot, bh_kv, NK, l
                   BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr):
     """TMA of key tile `tile` (K rows and the matching FP8 Vᵀ columns) into ring slot `slot`, if `live`."""
     bar = bars.index(slot)
-    mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes, pred=live)
+    mbarrier.expect(bar, 2 * BLOCK_N * BLOCK_D, pred=live)  # INT8 K and FP8 V bytes
     tma_load(k_desc, [bh_kv * NK + tile * BLOCK_N, 0], bar, k_smem.index(slot), pred=live)
     tma_load(v_desc, [bh_kv * BLOCK_D, tile * BLOCK_N], bar, v_smem.index(slot), pred=live)
 
 
 @gluon.jit
-def pipeline_step(j, p_prev, m_i, l_i, alpha_prev, acc, q_smem, k_smem, v_smem, kv_bars, k_desc, v_desc, seed, o_zero,
-                  q_scale, ks_base, bh_kv, NK, NQ, n_tiles, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                  BLOCK_D: gl.constexpr, STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, LAST: gl.constexpr,
-                  s_layout: gl.constexpr, o_rows: gl.constexpr, p_layout: gl.constexpr):
+def pipeline_step(j, p_prev, m_i, l_i, alpha_prev, acc, c, q_smem, k_smem, v_smem, full_bars, empty_bars, turn_wait, turn_signal,
+                  k_desc, v_desc, seed, o_zero, q_scale, ks_base, bh_kv, NK, NQ, n_tiles, BLOCK_M: gl.constexpr,
+                  BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr,
+                  PING_PONG: gl.constexpr, LAST: gl.constexpr, MAGIC: gl.constexpr, s_layout: gl.constexpr,
+                  o_rows: gl.constexpr, p_layout: gl.constexpr):
     """Step j ≥ 1 of the pipeline (FlashAttention-3's intra-warpgroup overlap): issue the scores of tile j and
     P·V of tile j-1, run tile j's softmax while both are on the tensor cores, then wait for P·V. P crosses
     steps in FP32 and is cast right before its product (carried as bytes, the compiler unpacks and repacks
-    it: ~4 instructions per key); nothing asynchronous is in flight across steps."""
+    it: ~4 instructions per key); nothing asynchronous is in flight across steps.
+    PING_PONG: two warpgroups take turns issuing their products (turn_wait, turn_signal), so that one's softmax runs
+    while the other's products occupy the tensor cores; a producer warp refills the ring (empty_bars)."""
     slot = j % STAGES
     prev = (j - 1) % STAGES
-    mbarrier.wait(kv_bars.index(slot), (j // STAGES) & 1)
-    s_tok = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), seed, is_async=True)
+    mbarrier.wait(full_bars.index(slot), (j // STAGES) & 1)
     p8 = to_pv_operand(p_prev, BLOCK_M, BLOCK_N, p_layout)
     alpha_o = gl.expand_dims(gl.convert_layout(alpha_prev, o_rows), 1)
+    if PING_PONG:
+        mbarrier.wait(turn_wait, j & 1)
+    s_tok = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), seed, use_acc=MAGIC,
+                          is_async=True)
     if TWO_LEVEL:
         # SageAttention2's two-level accumulation: the tile's FP8 product lands in its own FP32 registers
         o_tok = warpgroup_mma(p8, v_smem.index(prev).permute((1, 0)), o_zero, use_acc=False, is_async=True)
     else:
         o_tok = warpgroup_mma(p8, v_smem.index(prev).permute((1, 0)), acc * alpha_o, is_async=True)
+    if PING_PONG:
+        mbarrier.arrive(turn_signal)
     s_bits = warpgroup_mma_wait(1, deps=[s_tok])
     p, m_i, l_i, alpha = online_softmax(s_bits, m_i, l_i, q_scale * gl.load(ks_base + j), NK - j * BLOCK_N,
-                                        BLOCK_N, s_layout, LAST)
+                                        BLOCK_N, s_layout, LAST, MAGIC)
     # ptxas hoists a wgmma wait to the top of its basic block, which would put this softmax behind P·V:
     # a branch that is always taken (NQ > 0 here) starts a new block after the softmax
     if NQ > 0:
@@ -111,78 +126,75 @@ def pipeline_step(j, p_prev, m_i, l_i, alpha_prev, acc, q_smem, k_smem, v_smem, 
         acc = acc * alpha_o + o_tile
     else:
         acc = o_tile
-    # the slot of tile j-1 is free in every warp: refill it, STAGES tiles ahead
-    cta_barrier()
-    issue_kv_load(k_desc, v_desc, k_smem, v_smem, kv_bars, j - 1 + STAGES, prev, bh_kv, NK, j - 1 + STAGES < n_tiles,
-                  BLOCK_N, BLOCK_D)
+    if PING_PONG:
+        mbarrier.arrive(empty_bars.index(prev))  # this warpgroup is done with tile j-1's slot
+    else:
+        # the slot of tile j-1 is free in every warp: refill it, STAGES tiles ahead
+        cta_barrier()
+        issue_kv_load(k_desc, v_desc, k_smem, v_smem, full_bars, j - 1 + STAGES, prev, bh_kv, NK,
+                      j - 1 + STAGES < n_tiles, BLOCK_N, BLOCK_D)
     return p, m_i, l_i, alpha, acc
 
 
 @gluon.jit
-def sage_fwd_sm90_kernel(
-    q_desc, k_desc, v_desc, Q_SCALE, K_SCALE, V_SCALE, V_MEAN, OUT, LSE, BAD,
-    stride_ob, stride_oh, stride_on, stride_od,
-    H, KV_GROUP, NQ, NK, q_groups, k_groups,
-    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, Q_GROUP: gl.constexpr,
-    STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, SMOOTH_V: gl.constexpr, RETURN_LSE: gl.constexpr, num_warps: gl.constexpr,
-):
+def attend_rows(c, tile_m, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, full_bars, empty_bars, turn_wait, turn_signal,
+                Q_SCALE, K_SCALE, V_SCALE, V_MEAN, OUT, LSE, BAD, stride_ob, stride_oh, stride_on, stride_od,
+                H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles,
+                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, Q_GROUP: gl.constexpr,
+                STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, PING_PONG: gl.constexpr, SMOOTH_V: gl.constexpr,
+                RETURN_LSE: gl.constexpr, MAGIC: gl.constexpr):
+    """One warpgroup's work: query rows tile_m·BLOCK_M .. +BLOCK_M of one (batch, head) against every key
+    tile, then the output, its non-finite flag and the LSE."""
     # one warp per 16 query rows; the scores' wgmma spans the key tile, P·V's the head dim (k = 32 bytes)
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 32])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_D, 32])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
     s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
     o_cols: gl.constexpr = gl.SliceLayout(0, o_layout)
 
-    pid_m = gl.program_id(0)
     bh = gl.program_id(1)
     b = bh // H
     h = bh % H
     bh_kv = b * (H // KV_GROUP) + h // KV_GROUP
-    n_tiles = gl.cdiv(NK, BLOCK_N)
-
-    q_smem = gl.allocate_shared_memory(gl.int8, [BLOCK_M, BLOCK_D], q_desc.layout)
-    k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_D], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_D, BLOCK_N], v_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    kv_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for s in gl.static_range(STAGES):
-        mbarrier.init(kv_bars.index(s), count=1)
+    n_tiles = (NK + BLOCK_N - 1) // BLOCK_N
+    row0 = tile_m * BLOCK_M
 
     # Q rows past this head's end read the next head's (or TMA's zero fill): their outputs are never stored
-    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    tma_load(q_desc, [bh * NQ + pid_m * BLOCK_M, 0], q_bar, q_smem)
-    for s in gl.static_range(STAGES):
-        issue_kv_load(k_desc, v_desc, k_smem, v_smem, kv_bars, s, s, bh_kv, NK, s < n_tiles, BLOCK_N, BLOCK_D)
-
-    offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=s_rows)
+    mbarrier.expect(q_bar, BLOCK_M * BLOCK_D)  # INT8 bytes
+    tma_load(q_desc, [bh * NQ + row0, 0], q_bar, q_smem)
+    offs_m = row0 + gl.arange(0, BLOCK_M, layout=s_rows)
     q_scale = gl.load(Q_SCALE + bh * q_groups + offs_m // Q_GROUP, mask=offs_m < NQ, other=1.0)
     ks_base = K_SCALE + bh_kv * k_groups
-    seed = gl.full([BLOCK_M, BLOCK_N], MAGIC_I2F_BITS, gl.int32, s_layout)
+    seed = gl.full([BLOCK_M, BLOCK_N], MAGIC_I2F_BITS if MAGIC else 0, gl.int32, s_layout)
     o_zero = gl.zeros([BLOCK_M, BLOCK_D], gl.float32, o_layout)
 
     # tile 0: its scores and softmax, with nothing to overlap yet (masked: it may be the last)
     mbarrier.wait(q_bar, 0)
-    mbarrier.wait(kv_bars.index(0), 0)
-    s_tok = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), seed, is_async=True)
+    mbarrier.wait(full_bars.index(0), 0)
+    if PING_PONG:
+        mbarrier.wait(turn_wait, 0)
+    s_tok = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), seed, use_acc=MAGIC, is_async=True)
+    if PING_PONG:
+        mbarrier.arrive(turn_signal)
     s_bits = warpgroup_mma_wait(0, deps=[s_tok])
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, s_rows)
     l_i = gl.zeros([BLOCK_M], gl.float32, s_rows)
-    p, m_i, l_i, alpha = online_softmax(s_bits, m_i, l_i, q_scale * gl.load(ks_base), NK, BLOCK_N, s_layout, True)
+    p, m_i, l_i, alpha = online_softmax(s_bits, m_i, l_i, q_scale * gl.load(ks_base), NK, BLOCK_N, s_layout, True,
+                                        MAGIC)
     acc = o_zero
     for j in range(1, n_tiles - 1):
         p, m_i, l_i, alpha, acc = pipeline_step(
-            j, p, m_i, l_i, alpha, acc, q_smem, k_smem, v_smem, kv_bars, k_desc, v_desc, seed, o_zero, q_scale,
-            ks_base, bh_kv, NK, NQ, n_tiles, BLOCK_M, BLOCK_N, BLOCK_D, STAGES, TWO_LEVEL, False, s_layout, o_rows,
-            p_layout)
+            j, p, m_i, l_i, alpha, acc, c, q_smem, k_smem, v_smem, full_bars, empty_bars, turn_wait, turn_signal, k_desc, v_desc,
+            seed, o_zero, q_scale, ks_base, bh_kv, NK, NQ, n_tiles, BLOCK_M, BLOCK_N, BLOCK_D, STAGES, TWO_LEVEL,
+            PING_PONG, False, MAGIC, s_layout, o_rows, p_layout)
     if n_tiles > 1:
         p, m_i, l_i, alpha, acc = pipeline_step(
-            n_tiles - 1, p, m_i, l_i, alpha, acc, q_smem, k_smem, v_smem, kv_bars, k_desc, v_desc, seed, o_zero,
-            q_scale, ks_base, bh_kv, NK, NQ, n_tiles, BLOCK_M, BLOCK_N, BLOCK_D, STAGES, TWO_LEVEL, True, s_layout,
-            o_rows, p_layout)
+            n_tiles - 1, p, m_i, l_i, alpha, acc, c, q_smem, k_smem, v_smem, full_bars, empty_bars, turn_wait, turn_signal,
+            k_desc, v_desc, seed, o_zero, q_scale, ks_base, bh_kv, NK, NQ, n_tiles, BLOCK_M, BLOCK_N, BLOCK_D, STAGES,
+            TWO_LEVEL, PING_PONG, True, MAGIC, s_layout, o_rows, p_layout)
     # P·V of the last tile
     p8 = to_pv_operand(p, BLOCK_M, BLOCK_N, p_layout)
     alpha_o = gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
@@ -194,22 +206,123 @@ def sage_fwd_sm90_kernel(
         o_tok = warpgroup_mma(p8, v_last, acc * alpha_o, is_async=True)
         acc = warpgroup_mma_wait(0, deps=[o_tok])
 
-    mbarrier.invalidate(q_bar)
-    for s in gl.static_range(STAGES):
-        mbarrier.invalidate(kv_bars.index(s))
-
     offs_d = gl.arange(0, BLOCK_D, layout=o_cols)
     out = acc * gl.expand_dims(gl.convert_layout(1.0 / l_i, o_rows), 1)
     out = out * gl.expand_dims(gl.load(V_SCALE + bh_kv * BLOCK_D + offs_d), 0)
     if SMOOTH_V:
         out = out + gl.expand_dims(gl.load(V_MEAN + bh_kv * BLOCK_D + offs_d), 0)
-    rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=o_rows)
+    rows = row0 + gl.arange(0, BLOCK_M, layout=o_rows)
     o_mask = gl.expand_dims(rows < NQ, 1) & gl.expand_dims(offs_d < BLOCK_D, 0)
     o_ptrs = (OUT + b * stride_ob + h * stride_oh + gl.expand_dims(rows, 1) * stride_on
               + gl.expand_dims(offs_d, 0) * stride_od)
     gl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=o_mask)
     bad = gl.sum(gl.sum(gl.where(o_mask & ~(gl.abs(out) < float("inf")), 1, 0), axis=1), axis=0)
-    gl.store(BAD + bh * gl.num_programs(0) + pid_m, bad)
+    gl.store(BAD + bh * n_q_tiles + tile_m, bad, mask=tile_m < n_q_tiles)
     if RETURN_LSE:
         lse = (m_i + gl.log2(l_i) - LOG2_FP8_MAX) * 0.6931471805599453
         gl.store(LSE + bh * NQ + offs_m, lse, mask=offs_m < NQ)
+
+
+@gluon.jit
+def ring_barriers(STAGES: gl.constexpr, ARRIVALS: gl.constexpr):
+    """`full` (TMA landed) and `empty` (ARRIVALS consumers are done) mbarriers for each ring slot."""
+    full_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(full_bars.index(s), count=1)
+        mbarrier.init(empty_bars.index(s), count=ARRIVALS)
+    return full_bars, empty_bars
+
+
+@gluon.jit
+def sage_fwd_sm90_kernel(
+    q_desc, k_desc, v_desc, Q_SCALE, K_SCALE, V_SCALE, V_MEAN, OUT, LSE, BAD,
+    stride_ob, stride_oh, stride_on, stride_od,
+    H, KV_GROUP, NQ, NK, q_groups, k_groups,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, Q_GROUP: gl.constexpr,
+    STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, SMOOTH_V: gl.constexpr, RETURN_LSE: gl.constexpr,
+    MAGIC: gl.constexpr,
+):
+    """One warpgroup per program, BLOCK_M = 64 query rows; it issues its own TMA loads STAGES tiles ahead."""
+    k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_D, BLOCK_N], v_desc.layout)
+    q_smem = gl.allocate_shared_memory(gl.int8, [BLOCK_M, BLOCK_D], q_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    full_bars, empty_bars = ring_barriers(STAGES, 1)
+    bh = gl.program_id(1)
+    bh_kv = (bh // H) * (H // KV_GROUP) + (bh % H) // KV_GROUP
+    n_tiles = (NK + BLOCK_N - 1) // BLOCK_N
+    for s in gl.static_range(STAGES):
+        issue_kv_load(k_desc, v_desc, k_smem, v_smem, full_bars, s, s, bh_kv, NK, s < n_tiles, BLOCK_N, BLOCK_D)
+    attend_rows(0, gl.program_id(0), q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, full_bars, empty_bars,
+                q_bar, q_bar, Q_SCALE, K_SCALE, V_SCALE, V_MEAN, OUT, LSE, BAD, stride_ob, stride_oh, stride_on,
+                stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, gl.num_programs(0), BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP,
+                STAGES, TWO_LEVEL, False, SMOOTH_V, RETURN_LSE, MAGIC)
+
+
+@gluon.jit
+def consume(meta: gl.constexpr, tile_m, q_smem, q_bar, q_desc, k_desc, v_desc, k_smem, v_smem, full_bars, empty_bars,
+            turn_wait, turn_signal, Q_SCALE, K_SCALE, V_SCALE, V_MEAN, OUT, LSE, BAD, stride_ob, stride_oh, stride_on, stride_od,
+            H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles):
+    """A consumer warpgroup of the ping-pong kernel (meta: consumer index, then the kernel's constants)."""
+    attend_rows(meta[0], tile_m, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, full_bars, empty_bars,
+                turn_wait, turn_signal, Q_SCALE, K_SCALE, V_SCALE, V_MEAN, OUT, LSE, BAD, stride_ob, stride_oh, stride_on,
+                stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, meta[1], meta[2], meta[3], meta[4],
+                meta[5], meta[6], True, meta[7], meta[8], meta[9])
+
+
+@gluon.jit
+def load_kv_ring(k_desc, v_desc, k_smem, v_smem, full_bars, empty_bars, H, KV_GROUP, NK, meta: gl.constexpr):
+    """The producer warp: every key tile of this head into the ring, a slot as soon as both consumers are done
+    with the tile it held."""
+    BLOCK_N: gl.constexpr = meta[2]
+    BLOCK_D: gl.constexpr = meta[3]
+    STAGES: gl.constexpr = meta[5]
+    bh = gl.program_id(1)
+    bh_kv = (bh // H) * (H // KV_GROUP) + (bh % H) // KV_GROUP
+    for t in range((NK + BLOCK_N - 1) // BLOCK_N):
+        s = t % STAGES
+        mbarrier.wait(empty_bars.index(s), ((t // STAGES) - 1) & 1, pred=t >= STAGES)
+        issue_kv_load(k_desc, v_desc, k_smem, v_smem, full_bars, t, s, bh_kv, NK, True, BLOCK_N, BLOCK_D)
+
+
+@gluon.jit
+def sage_fwd_sm90_pingpong_kernel(
+    q_desc, k_desc, v_desc, Q_SCALE, K_SCALE, V_SCALE, V_MEAN, OUT, LSE, BAD,
+    stride_ob, stride_oh, stride_on, stride_od,
+    H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, Q_GROUP: gl.constexpr,
+    STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, SMOOTH_V: gl.constexpr, RETURN_LSE: gl.constexpr,
+    MAGIC: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+):
+    """Two consumer warpgroups (query tiles 2·pid and 2·pid+1 of BLOCK_M rows) sharing one K/V ring that a
+    producer warp fills, taking turns at the tensor cores (FlashAttention-3's ping-pong schedule)."""
+    k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_D, BLOCK_N], v_desc.layout)
+    q_smem = gl.allocate_shared_memory(gl.int8, [2, BLOCK_M, BLOCK_D], q_desc.layout)
+    q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    # one allocation per turn barrier: a wait on one and an arrive on the other are then not a shared-memory
+    # hazard to the compiler, which would otherwise put a warpgroup barrier before every arrive
+    turn0 = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    turn1 = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(turn0, count=1)
+    mbarrier.init(turn1, count=1)
+    for c in gl.static_range(2):
+        mbarrier.init(q_bars.index(c), count=1)
+    full_bars, empty_bars = ring_barriers(STAGES, 2)
+    mbarrier.arrive(turn0)  # consumer 0 goes first
+    # compile-time values cross into partitions only inside a constexpr tuple (elements of a plain tuple are
+    # turned into tensors)
+    meta0: gl.constexpr = (0, BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP, STAGES, TWO_LEVEL, SMOOTH_V, RETURN_LSE, MAGIC)
+    meta1: gl.constexpr = (1, BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP, STAGES, TWO_LEVEL, SMOOTH_V, RETURN_LSE, MAGIC)
+    runtime = (q_desc, k_desc, v_desc, k_smem, v_smem, full_bars, empty_bars)
+    scalars = (Q_SCALE, K_SCALE, V_SCALE, V_MEAN, OUT, LSE, BAD, stride_ob, stride_oh, stride_on, stride_od, H,
+               KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles)
+    gl.warp_specialize([
+        (consume, (meta0, 2 * gl.program_id(0), q_smem.index(0), q_bars.index(0)) + runtime + (turn0, turn1)
+         + scalars),
+        (consume, (meta1, 2 * gl.program_id(0) + 1, q_smem.index(1), q_bars.index(1)) + runtime + (turn1, turn0)
+         + scalars),
+        (load_kv_ring, (k_desc, v_desc, k_smem, v_smem, full_bars, empty_bars, H, KV_GROUP, NK, meta0)),
+    ], [4, 1], [CONSUMER_REGS, 24])

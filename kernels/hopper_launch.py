@@ -13,21 +13,26 @@ try:  # Gluon's Hopper API (Triton ≥ 3.5); without it every call runs the port
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from .hopper_attention_kernel import sage_fwd_sm90_kernel
+    from .hopper_attention_kernel import sage_fwd_sm90_kernel, sage_fwd_sm90_pingpong_kernel
     AVAILABLE = True
 except Exception:  # noqa: BLE001 - an older or newer Triton whose Gluon differs: the portable path serves
     AVAILABLE = False
 
 HEAD_DIMS = (64, 128)
+WARPGROUP_ROWS = 64  # query rows per consumer warpgroup (four warps of 16 rows)
+CONSUMER_REGISTERS = 240  # ping-pong: per thread of each consumer warpgroup; the producer warp keeps 24
 
 
 def serves(device: torch.device, *, config: LaunchConfig, pv_fp8: bool, is_causal: bool, has_bias: bool,
-           head_dim: int, block_d: int, k_group: int) -> bool:
-    """True when this call can run the Hopper kernel: an sm90 GPU, a pipelined configuration, FP8 P·V, no
-    causal mask and no key mask, a head dim of 64 or 128, one K scale per key tile."""
-    return (AVAILABLE and config.pipelined and pv_fp8 and not is_causal and not has_bias
+           head_dim: int, block_d: int, k_group: int, kv_len: int) -> bool:
+    """True when this call can run the Hopper kernel: an sm90 GPU, a pipelined configuration (64 query rows
+    per warpgroup), FP8 P·V, no causal mask and no key mask, a head dim of 64 or 128, one K scale per key
+    tile, at least one full key tile (shorter key sequences are launch-bound: the portable kernel serves them).
+    """
+    return (AVAILABLE and config.pipelined and kv_len >= config.block_n and pv_fp8 and not is_causal and not has_bias
             and head_dim == block_d and block_d in HEAD_DIMS and k_group == config.block_n
-            and config.block_m == 16 * config.num_warps and device.type == "cuda" and not interpreting()
+            and config.block_m == WARPGROUP_ROWS and config.num_warps == 4
+            and device.type == "cuda" and not interpreting()
             and torch.cuda.get_device_capability(device) == (9, 0))
 
 
@@ -39,7 +44,8 @@ def descriptor(t: torch.Tensor, block: list[int], dtype) -> "TensorDescriptor":
 
 def launch(qz: dict, out: torch.Tensor, lse: torch.Tensor, bad: torch.Tensor, *, heads: int, kv_heads: int,
            q_group: int, smooth_v: bool, return_lse: bool, config: LaunchConfig) -> None:
-    """One program per (query tile, batch·head), as the portable kernel's grid."""
+    """One warpgroup per (query tile of 64 rows, batch·head), as the portable kernel's grid with BLOCK_M = 64;
+    the ping-pong kernel puts two of them in a program."""
     q8, k8, v8 = qz["q8"], qz["k8"], qz["v8"]
     bh, nq, block_d = q8.shape
     nk = k8.shape[1]
@@ -47,11 +53,16 @@ def launch(qz: dict, out: torch.Tensor, lse: torch.Tensor, bad: torch.Tensor, *,
     q_desc = descriptor(q8.view(-1, block_d), [bm, block_d], gl.int8)
     k_desc = descriptor(k8.view(-1, block_d), [bn, block_d], gl.int8)
     v_desc = descriptor(v8.view(-1, v8.shape[-1]), [block_d, bn], gl.float8e4nv)
-    grid = (-(-nq // bm), bh)
-    sage_fwd_sm90_kernel[grid](
-        q_desc, k_desc, v_desc, qz["q_scale"], qz["k_scale"], qz["v_scale"],
-        qz["v_mean"] if smooth_v else qz["v_scale"], out, lse, bad, *out.stride(),
-        heads, heads // kv_heads, nq, nk, qz["q_scale"].shape[-1], qz["k_scale"].shape[-1],
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, Q_GROUP=q_group, STAGES=config.num_stages,
-        TWO_LEVEL=not config.pv_direct, SMOOTH_V=smooth_v, RETURN_LSE=return_lse, num_warps=config.num_warps,
-        **({"maxnreg": config.max_registers} if config.max_registers else {}))
+    q_tiles = -(-nq // bm)
+    common = (q_desc, k_desc, v_desc, qz["q_scale"], qz["k_scale"], qz["v_scale"],
+              qz["v_mean"] if smooth_v else qz["v_scale"], out, lse, bad, *out.stride(),
+              heads, heads // kv_heads, nq, nk, qz["q_scale"].shape[-1], qz["k_scale"].shape[-1])
+    meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, Q_GROUP=q_group, STAGES=config.num_stages,
+                TWO_LEVEL=not config.pv_direct, SMOOTH_V=smooth_v, RETURN_LSE=return_lse,
+                MAGIC=config.magic_convert, num_warps=4)
+    if config.ping_pong:
+        sage_fwd_sm90_pingpong_kernel[(-(-q_tiles // 2), bh)](*common, q_tiles, CONSUMER_REGS=CONSUMER_REGISTERS,
+                                                              **meta)
+    else:
+        sage_fwd_sm90_kernel[(q_tiles, bh)](
+            *common, **meta, **({"maxnreg": config.max_registers} if config.max_registers else {}))

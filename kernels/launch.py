@@ -116,7 +116,8 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
     q_group, k_group = quant_groups(q_group, k_group, config)
 
     pipelined = hopper_launch.serves(q.device, config=config, pv_fp8=pv_fp8, is_causal=is_causal,
-                                     has_bias=bias is not None, head_dim=D, block_d=block_d, k_group=k_group)
+                                     has_bias=bias is not None, head_dim=D, block_d=block_d, k_group=k_group,
+                                     kv_len=NK)
     qz = quantize_qkv(q, k, v, q_group=q_group, k_group=k_group, block_d=block_d, q_multiplier=sm_scale * LOG2E,
                       smooth_k=smooth_k, smooth_v=smooth_v, pv_fp8=pv_fp8, pv_key_order=pipelined)
     k_scale, k_mean, v_mean = qz["k_scale"], qz["k_mean"], qz["v_mean"]

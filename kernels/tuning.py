@@ -25,23 +25,25 @@ class LaunchConfig:
     pv_direct: bool = False  # FP8 P·V accumulated in the output registers (no per-tile FP32 promotion)
     max_registers: int | None = None  # a cap per thread: fewer registers, more programs per multiprocessor
     pipelined: bool = False  # Hopper: the Gluon kernel (TMA ring, asynchronous wgmma, softmax under P·V)
+    ping_pong: bool = False  # with `pipelined`: two warpgroups per program taking turns at the tensor cores
 
     def key(self) -> str:
         flags = "".join(tag for on, tag in ((self.warp_specialize, "ws"), (self.magic_convert, "mc"),
-                                            (self.pv_direct, "pd"), (self.pipelined, "gp")) if on)
+                                            (self.pv_direct, "pd"), (self.pipelined, "gp"),
+                                            (self.ping_pong, "pp")) if on)
         regs = f"r{self.max_registers}" if self.max_registers else ""
         return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}{regs}{flags}"
 
     @classmethod
     def from_key(cls, key: str) -> "LaunchConfig":
         """The inverse of key(): "m64n128w4s3r168mcpdgp" -> LaunchConfig."""
-        hit = re.fullmatch(r"m(\d+)n(\d+)w(\d+)s(\d+)(?:r(\d+))?((?:ws|mc|pd|gp)*)", key)
+        hit = re.fullmatch(r"m(\d+)n(\d+)w(\d+)s(\d+)(?:r(\d+))?((?:ws|mc|pd|gp|pp)*)", key)
         if not hit:
             raise ValueError(f"not a launch configuration key: {key!r}")
         m, n, w, s, r, flags = hit.groups()
         tags = {flags[i:i + 2] for i in range(0, len(flags), 2)}
         return cls(int(m), int(n), int(w), int(s), "ws" in tags, "mc" in tags, "pd" in tags,
-                   int(r) if r else None, "gp" in tags)
+                   int(r) if r else None, "gp" in tags, "pp" in tags)
 
 
 def _c(m, n, w, s):
@@ -118,6 +120,14 @@ def candidates(block_d: int, block_m: int | None = None, family: str = "sm90") -
         # multiprocessor; capped, a 64-row tile fits three or four, and their latencies overlap
         plain += [LaunchConfig(c.block_m, c.block_n, c.num_warps, c.num_stages, max_registers=r)
                   for c in plain if c.num_warps == 4 for r in ((168, 128) if c.block_n == 64 else (168,))]
+    if family == "sm90" and block_d in (64, 128) and not block_m:
+        # the Gluon kernels (kernels/hopper_attention_kernel.py; FP8 P·V only: elsewhere they fall back to the
+        # portable kernel): one warpgroup per program, or two in ping-pong with a producer warp, each with the
+        # scores' bit-trick conversion and P·V accumulated in place (two-level accumulation spills at 128 keys)
+        plain += [LaunchConfig(64, 128, 4, s, magic_convert=True, pv_direct=True, pipelined=True)
+                  for s in (2, 3)]
+        plain += [LaunchConfig(64, 128, 4, s, magic_convert=True, pv_direct=True, pipelined=True, ping_pong=True)
+                  for s in (4, 5)]
     if family not in ("sm100", "sm120"):
         # Triton 3.6's warp-specialisation pass fails on this kernel for sm90 (an MLIR pipeline error,
         # seen on an H100): offer those pipelines only to Blackwell, where that pass is Triton's default path

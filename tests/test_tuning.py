@@ -1,0 +1,51 @@
+"""Launch configurations: keys, the candidates autotuning tries per architecture, and which calls the Hopper
+Gluon kernel serves. No GPU needed."""
+import dataclasses
+
+import pytest
+import torch
+
+from sage_attention_pack.kernels import hopper_launch, tuning
+
+
+@pytest.mark.parametrize("key", ["m64n128w4s3", "m128n64w8s2r168mc", "m64n128w4s3mcpdgp", "m64n128w4s4mcpdgppp"])
+def test_key_round_trip(key):
+    assert tuning.LaunchConfig.from_key(key).key() == key
+
+
+def test_bad_key_names_the_problem():
+    with pytest.raises(ValueError, match="m64x"):
+        tuning.LaunchConfig.from_key("m64x")
+
+
+def test_hopper_candidates_only_on_sm90_for_served_head_dims():
+    hopper = [c for c in tuning.candidates(128, None, "sm90") if c.pipelined]
+    assert {c.key() for c in hopper} >= {"m64n128w4s3mcpdgp", "m64n128w4s4mcpdgppp"}
+    assert all(c.block_m == hopper_launch.WARPGROUP_ROWS and c.num_warps == 4 for c in hopper)
+    assert not any(c.pipelined for c in tuning.candidates(128, None, "sm89"))
+    assert not any(c.pipelined for c in tuning.candidates(256, None, "sm90"))
+    assert not any(c.pipelined for c in tuning.candidates(128, 128, "sm90"))  # a pinned Q block
+
+
+def test_shipped_hopper_entries_are_valid_configs():
+    table = tuning.shipped_table("NVIDIA H200", "launch")
+    configs = [tuning.LaunchConfig(**v) for v in table.values()]
+    assert any(c.pipelined and c.ping_pong for c in configs)
+    for c in configs:
+        if c.pipelined:
+            assert c.block_m == hopper_launch.WARPGROUP_ROWS and c.pv_direct and c.magic_convert
+
+
+def test_hopper_kernel_declines_what_it_does_not_serve():
+    """Every unserved case runs the portable kernel: the CPU, FP16 P·V, causal, masks, head dims other than
+    64/128, K scales finer than a tile, fewer keys than one tile, and configurations not marked pipelined."""
+    lc = tuning.LaunchConfig.from_key("m64n128w4s3mcpdgp")
+    base = dict(config=lc, pv_fp8=True, is_causal=False, has_bias=False, head_dim=128, block_d=128, k_group=128,
+                kv_len=4096)
+    cpu = torch.device("cpu")
+    assert not hopper_launch.serves(cpu, **base)
+    cuda = torch.device("cuda")
+    for change in (dict(pv_fp8=False), dict(is_causal=True), dict(has_bias=True), dict(head_dim=96),
+                   dict(block_d=256, head_dim=256), dict(k_group=1), dict(kv_len=100),
+                   dict(config=dataclasses.replace(lc, pipelined=False))):
+        assert not hopper_launch.serves(cuda, **{**base, **change}), change

@@ -216,7 +216,7 @@ HOPPER = DEVICE == "cuda" and hopper_launch.AVAILABLE and torch.cuda.get_device_
 
 
 @pytest.mark.skipif(not HOPPER, reason="the Gluon kernel needs an sm90 GPU and Triton's Gluon Hopper API")
-@pytest.mark.parametrize("key", ["m64n128w4s3pdgp", "m64n64w4s3gp", "m64n128w4s4pdgppp", "m64n64w4s4gppp"])
+@pytest.mark.parametrize("key", ["m64n128w4s3mcpdgp", "m64n64w4s3gp", "m64n128w4s4mcpdgppp", "m64n64w4s4mcgppp"])
 @pytest.mark.parametrize("b,hq,hk,nq,nk,d,dtype,smooth_v,lse", [
     (1, 2, 2, 200, 200, 64, torch.bfloat16, False, False),
     (2, 4, 4, 1000, 333, 128, torch.float16, False, True),   # ragged, the last key tile partial

@@ -30,11 +30,16 @@ from sage_attention_pack.sage_core.progress import progress  # noqa: E402
 from sage_attention_pack.sage_core.timing import median_ms  # noqa: E402
 
 
-def compare(shape, keys, kernel="int8_fp8", dtype=torch.bfloat16) -> dict:
+def compare(shape, keys, kernel="int8_fp8", dtype=torch.bfloat16, v_offset=0.0, smooth_v=False) -> dict:
     b, h, n, d = shape
     q, k, v = model_shaped_inputs(b, h, n, d, dtype, "cuda")
+    if v_offset:
+        # a per-channel offset in V, as projections with a bias give: what limited-precision P·V accumulation
+        # (in place in FP8 wgmma's accumulator) loses shows here, not on zero-mean V
+        g = torch.Generator(device="cuda").manual_seed(1)
+        v = (v.float() + v_offset * torch.randn(1, h, 1, d, generator=g, device="cuda")).to(dtype)
     ref = reference(q, k, v)
-    cfg = SageConfig(kernel=kernel)
+    cfg = SageConfig(kernel=kernel, smooth_v=smooth_v)
     pv_fp8 = kernel == "int8_fp8"
     rows = {}
     sdpa = median_ms(lambda: F.scaled_dot_product_attention(q, k, v), warmup=2, repeats=10)
@@ -60,7 +65,8 @@ def compare(shape, keys, kernel="int8_fp8", dtype=torch.bfloat16) -> dict:
                      "kernel": "hopper_gluon" if gluon else "portable_triton", **err}
         torch.cuda.empty_cache()
     rows["sdpa_default"]["tops"] = 4 * b * h * n * n * d / (sdpa * 1e-3) / 1e12
-    return {"shape": {"B": b, "H": h, "N": n, "D": d}, "kernel": kernel, "rows": rows}
+    return {"shape": {"B": b, "H": h, "N": n, "D": d}, "kernel": kernel, "v_offset": v_offset, "smooth_v": smooth_v,
+            "rows": rows}
 
 
 def main(argv=None) -> int:
@@ -68,11 +74,13 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", nargs="+", default=["wan21_480p_81f", "flux_1024px"], help=f"of {sorted(MODEL_SHAPES)}")
     ap.add_argument("--configs", nargs="+", required=True)
     ap.add_argument("--kernel", default="int8_fp8", choices=["int8_fp8", "int8_fp16"])
+    ap.add_argument("--v-offset", type=float, default=0.0, help="add this times a per-channel N(0,1) offset to V")
+    ap.add_argument("--smooth-v", action="store_true", help="subtract V's per-channel mean before FP8")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     result = {"environment": environment(), "shapes": {}}
     for name in progress(args.shapes, desc="shapes", unit="shape"):
-        row = compare(MODEL_SHAPES[name], args.configs, args.kernel)
+        row = compare(MODEL_SHAPES[name], args.configs, args.kernel, v_offset=args.v_offset, smooth_v=args.smooth_v)
         result["shapes"][name] = row
         for key, r in row["rows"].items():
             if "ms" in r:

@@ -1,7 +1,9 @@
 """Compile the attention kernel for a GPU target on any machine (no GPU needed) and report what the
-compiler made of it: registers, spills, shared memory, and the instruction mix of the SASS.
+compiler made of it: registers, spills, shared memory, wgmma serialisation, and the instruction mix of the
+SASS, whole and in the main loop.
 
     python bench/inspect_sass.py --pv fp8 --d 128 --m 128 --n 128 --warps 8 --stages 3 [--arch 90] [--dump F]
+    python bench/inspect_sass.py --config m64n128w4s4mcpdgppp --d 128      # a launch key; gp = the Gluon kernels
 
 The per-element work of the inner loop is what bounds an attention kernel on Hopper: the counts of MUFU
 (exp2), I2F/F2F/F2FP (conversions, on the same quarter-rate pipe) and FFMA/FMUL/FADD tell a change's
@@ -62,6 +64,45 @@ def compile_attention(pv: str, d: int, m: int, n: int, warps: int, stages: int, 
                           options={"num_warps": warps, "num_stages": stages, "maxnreg": maxnreg})
 
 
+HOPPER_POINTERS = ("Q_SCALE", "K_SCALE", "V_SCALE", "V_MEAN", "OUT", "LSE", "BAD")
+
+
+def compile_hopper(config, d: int):
+    """The Hopper Gluon kernel of a pipelined LaunchConfig (one warpgroup, or two in ping-pong), for sm90."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from sage_attention_pack.kernels import hopper_attention_kernel as hk
+    from sage_attention_pack.kernels.hopper_launch import CONSUMER_REGISTERS
+
+    fn = hk.sage_fwd_sm90_pingpong_kernel if config.ping_pong else hk.sage_fwd_sm90_kernel
+    m, n = config.block_m, config.block_n
+    descs = {"q_desc": ("i8", [m, d], gl.int8), "k_desc": ("i8", [n, d], gl.int8),
+             "v_desc": ("fp8e4nv", [d, n], gl.float8e4nv)}
+    ptypes = {"OUT": "*bf16", "BAD": "*i32"}
+    consts = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_D=d, Q_GROUP=16, STAGES=config.num_stages,
+                  TWO_LEVEL=not config.pv_direct, SMOOTH_V=False, RETURN_LSE=False, MAGIC=config.magic_convert,
+                  CONSUMER_REGS=CONSUMER_REGISTERS, stride_od=1)
+    sig, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in descs:
+            ty, shape, dtype = descs[name]
+            layout = gl.NVMMASharedLayout.get_default_for(shape, dtype)
+            sig[name] = f"tensordesc<{ty}[{', '.join(map(str, shape))}],{layout!r}>"
+        elif name in consts:
+            sig[name], constexprs[(i,)] = "constexpr", consts[name]
+        elif name in HOPPER_POINTERS:
+            sig[name], attrs[(i,)] = ptypes.get(name, "*fp32"), [["tt.divisibility", 16]]
+        else:
+            sig[name] = "i32"
+            if name.startswith("stride"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = GluonASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps})
+
+
 def sass_of(kernel) -> str:
     import triton
 
@@ -82,7 +123,9 @@ def resource_report(kernel, arch: int) -> str:
         Path(ptx).write_text(kernel.asm["ptx"])
         res = subprocess.run([str(ptxas), "-v", f"--gpu-name=sm_{arch}a", ptx, "-o", os.path.join(tmp, "k.o")],
                              capture_output=True, text=True)
-    lines = [ln.split("info    : ")[-1] for ln in res.stderr.splitlines() if "Used" in ln or "spill" in ln]
+    # C7514 and its kin: ptxas serialised the asynchronous wgmma (each one waited for), a silent slowdown
+    lines = [ln.split("info    : ")[-1] for ln in res.stderr.splitlines()
+             if "Used" in ln or "spill" in ln or "serialized" in ln]
     return "; ".join(lines) or res.stderr.strip()[-300:]
 
 
@@ -93,6 +136,28 @@ def instruction_mix(sass: str) -> collections.Counter:
         if hit:
             mix[hit.group(2) + (hit.group(3) or "")] += 1
     return mix
+
+
+def main_loop_mix(sass: str) -> tuple[int, collections.Counter]:
+    """Instructions of the innermost loop that issues wgmma (the backward branch with the shortest span that
+    contains an IGMMA or QGMMA): what one key tile costs one warp."""
+    ins = []
+    for line in sass.splitlines():
+        hit = re.match(r"\s*/\*([0-9a-f]+)\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*)", line)
+        if hit:
+            ins.append((int(hit.group(1), 16), hit.group(3), hit.group(4)))
+    best = None
+    for addr, op, rest in ins:
+        target = re.search(r"0x([0-9a-f]+)", rest) if op == "BRA" else None
+        if target and int(target.group(1), 16) < addr:
+            lo = int(target.group(1), 16)
+            has_mma = any(lo <= a <= addr and o.split(".")[0] in ("IGMMA", "QGMMA", "HGMMA") for a, o, _ in ins)
+            if has_mma and (best is None or addr - lo < best[1] - best[0]):
+                best = (lo, addr)
+    if best is None:
+        return 0, collections.Counter()
+    body = [op for a, op, _ in ins if best[0] <= a <= best[1]]
+    return len(body), collections.Counter(op.split(".")[0] for op in body)
 
 
 def main(argv=None):
@@ -107,17 +172,33 @@ def main(argv=None):
     ap.add_argument("--maxnreg", type=int, default=None, help="cap registers per thread (more programs per SM)")
     ap.add_argument("--i2f", action="store_true", help="convert scores with I2F instead of the FP32 bit trick")
     ap.add_argument("--pv-direct", action="store_true", help="FP8 P·V accumulated straight into the output")
+    ap.add_argument("--config", help="a LaunchConfig key (overrides --m/--n/--warps/--stages and the flags); "
+                                     "keys with gp compile the Hopper Gluon kernels")
     ap.add_argument("--dump", help="write the SASS here")
     ap.add_argument("--ptx", help="write the PTX here")
     args = ap.parse_args(argv)
-    k = compile_attention(args.pv, args.d, args.m, args.n, args.warps, args.stages, args.arch, args.maxnreg,
-                          MAGIC_CONVERT=not args.i2f, PV_DIRECT=args.pv_direct)
+    if args.config:
+        from sage_attention_pack.kernels.tuning import LaunchConfig
+
+        cfg = LaunchConfig.from_key(args.config)
+        if cfg.pipelined:
+            k = compile_hopper(cfg, args.d)
+        else:
+            k = compile_attention(args.pv, args.d, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, args.arch,
+                                  cfg.max_registers, MAGIC_CONVERT=cfg.magic_convert, PV_DIRECT=cfg.pv_direct)
+    else:
+        k = compile_attention(args.pv, args.d, args.m, args.n, args.warps, args.stages, args.arch, args.maxnreg,
+                              MAGIC_CONVERT=not args.i2f, PV_DIRECT=args.pv_direct)
     print(f"{resource_report(k, args.arch)}  shared {k.metadata.shared} B")
     sass = sass_of(k)
     if args.dump:
         Path(args.dump).write_text(sass)
     if args.ptx:
         Path(args.ptx).write_text(k.asm["ptx"])
+    n_loop, loop = main_loop_mix(sass)
+    if n_loop:
+        print(f"main loop: {n_loop} instructions per key tile per warp: "
+              + ", ".join(f"{op} {c}" for op, c in loop.most_common(12)))
     mix = instruction_mix(sass)
     watch = ("MUFU", "I2F", "F2F", "F2FP", "FFMA", "FMUL", "FADD", "FMNMX", "IMAD", "IADD3", "MOV", "HGMMA",
              "QGMMA", "IGMMA", "WARPGROUP", "SHFL", "LDS", "LDSM", "STS", "LDG", "LDGSTS", "UTMALDG", "SYNCS",

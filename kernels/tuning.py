@@ -122,12 +122,10 @@ def candidates(block_d: int, block_m: int | None = None, family: str = "sm90") -
                   for c in plain if c.num_warps == 4 for r in ((168, 128) if c.block_n == 64 else (168,))]
     if family == "sm90" and block_d in (64, 128) and not block_m:
         # the Gluon kernels (kernels/hopper_attention_kernel.py; FP8 P·V only: elsewhere they fall back to the
-        # portable kernel): one warpgroup per program, or two in ping-pong with a producer warp, each with the
-        # scores' bit-trick conversion and P·V accumulated in place (two-level accumulation spills at 128 keys)
-        plain += [LaunchConfig(64, 128, 4, s, magic_convert=True, pv_direct=True, pipelined=True)
-                  for s in (2, 3)]
-        plain += [LaunchConfig(64, 128, 4, s, magic_convert=True, pv_direct=True, pipelined=True, ping_pong=True)
-                  for s in (4, 5)]
+        # portable kernel): one warpgroup per program, and two in ping-pong with a producer warp. Both accumulate
+        # P·V in place (two-level accumulation spills at 128 keys); autotuning's accuracy rule decides.
+        plain += [LaunchConfig(64, 128, 4, 3, magic_convert=True, pv_direct=True, pipelined=True),
+                  LaunchConfig(64, 128, 4, 4, magic_convert=True, pv_direct=True, pipelined=True, ping_pong=True)]
     if family not in ("sm100", "sm120"):
         # Triton 3.6's warp-specialisation pass fails on this kernel for sm90 (an MLIR pipeline error,
         # seen on an H100): offer those pipelines only to Blackwell, where that pass is Triton's default path

@@ -64,43 +64,11 @@ def compile_attention(pv: str, d: int, m: int, n: int, warps: int, stages: int, 
                           options={"num_warps": warps, "num_stages": stages, "maxnreg": maxnreg})
 
 
-HOPPER_POINTERS = ("Q_SCALE", "K_SCALE", "V_SCALE", "V_MEAN", "OUT", "LSE", "BAD")
-
-
 def compile_hopper(config, d: int):
-    """The Hopper Gluon kernel of a pipelined LaunchConfig (one warpgroup, or two in ping-pong), for sm90."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon._runtime import GluonASTSource
+    """The Hopper Gluon kernel of a pipelined LaunchConfig, compiled for sm90 (kernels/hopper_launch.py)."""
+    from sage_attention_pack.kernels.hopper_launch import compile_for_sm90
 
-    from sage_attention_pack.kernels import hopper_attention_kernel as hk
-    from sage_attention_pack.kernels.hopper_launch import CONSUMER_REGISTERS
-
-    fn = hk.sage_fwd_sm90_pingpong_kernel if config.ping_pong else hk.sage_fwd_sm90_kernel
-    m, n = config.block_m, config.block_n
-    descs = {"q_desc": ("i8", [m, d], gl.int8), "k_desc": ("i8", [n, d], gl.int8),
-             "v_desc": ("fp8e4nv", [d, n], gl.float8e4nv)}
-    ptypes = {"OUT": "*bf16", "BAD": "*i32"}
-    consts = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_D=d, Q_GROUP=16, STAGES=config.num_stages,
-                  TWO_LEVEL=not config.pv_direct, SMOOTH_V=False, RETURN_LSE=False, MAGIC=config.magic_convert,
-                  CONSUMER_REGS=CONSUMER_REGISTERS, stride_od=1)
-    sig, constexprs, attrs = {}, {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in descs:
-            ty, shape, dtype = descs[name]
-            layout = gl.NVMMASharedLayout.get_default_for(shape, dtype)
-            sig[name] = f"tensordesc<{ty}[{', '.join(map(str, shape))}],{layout!r}>"
-        elif name in consts:
-            sig[name], constexprs[(i,)] = "constexpr", consts[name]
-        elif name in HOPPER_POINTERS:
-            sig[name], attrs[(i,)] = ptypes.get(name, "*fp32"), [["tt.divisibility", 16]]
-        else:
-            sig[name] = "i32"
-            if name.startswith("stride"):
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    src = GluonASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps})
+    return compile_for_sm90(config, d)
 
 
 def sass_of(kernel) -> str:
@@ -117,12 +85,15 @@ def resource_report(kernel, arch: int) -> str:
     """ptxas's own line: registers, spill stores/loads, stack frame."""
     import triton
 
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "k.ptx")
         Path(ptx).write_text(kernel.asm["ptx"])
-        res = subprocess.run([str(ptxas), "-v", f"--gpu-name=sm_{arch}a", ptx, "-o", os.path.join(tmp, "k.o")],
-                             capture_output=True, text=True)
+        for name in ("ptxas", "ptxas-blackwell"):  # newer Tritons emit PTX only their second ptxas reads
+            res = subprocess.run([str(bindir / name), "-v", f"--gpu-name=sm_{arch}a", ptx, "-o",
+                                  os.path.join(tmp, "k.o")], capture_output=True, text=True)
+            if res.returncode == 0:
+                break
     # C7514 and its kin: ptxas serialised the asynchronous wgmma (each one waited for), a silent slowdown
     lines = [ln.split("info    : ")[-1] for ln in res.stderr.splitlines()
              if "Used" in ln or "spill" in ln or "serialized" in ln]
@@ -138,14 +109,14 @@ def instruction_mix(sass: str) -> collections.Counter:
     return mix
 
 
-def main_loop_mix(sass: str) -> tuple[int, collections.Counter]:
-    """Instructions of the innermost loop that issues wgmma (the backward branch with the shortest span that
-    contains an IGMMA or QGMMA): what one key tile costs one warp."""
+def main_loop(sass: str) -> list[str]:
+    """The instructions (opcode and operands) of the innermost loop that issues wgmma: the backward branch with
+    the shortest span that contains an IGMMA, QGMMA or HGMMA. One pass of it is one key tile for one warp."""
     ins = []
     for line in sass.splitlines():
-        hit = re.match(r"\s*/\*([0-9a-f]+)\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*)", line)
+        hit = re.match(r"\s*/\*([0-9a-f]+)\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*)", line)
         if hit:
-            ins.append((int(hit.group(1), 16), hit.group(3), hit.group(4)))
+            ins.append((int(hit.group(1), 16), hit.group(3), hit.group(4).strip()))
     best = None
     for addr, op, rest in ins:
         target = re.search(r"0x([0-9a-f]+)", rest) if op == "BRA" else None
@@ -155,9 +126,14 @@ def main_loop_mix(sass: str) -> tuple[int, collections.Counter]:
             if has_mma and (best is None or addr - lo < best[1] - best[0]):
                 best = (lo, addr)
     if best is None:
-        return 0, collections.Counter()
-    body = [op for a, op, _ in ins if best[0] <= a <= best[1]]
-    return len(body), collections.Counter(op.split(".")[0] for op in body)
+        return []
+    return [f"{op} {rest}".strip() for a, op, rest in ins if best[0] <= a <= best[1]]
+
+
+def main_loop_mix(sass: str) -> tuple[int, collections.Counter]:
+    """(instructions, opcode counts) of main_loop(sass)."""
+    body = main_loop(sass)
+    return len(body), collections.Counter(line.split()[0].split(".")[0] for line in body)
 
 
 def main(argv=None):

@@ -66,3 +66,39 @@ def launch(qz: dict, out: torch.Tensor, lse: torch.Tensor, bad: torch.Tensor, *,
     else:
         sage_fwd_sm90_kernel[(q_tiles, bh)](
             *common, **meta, **({"maxnreg": config.max_registers} if config.max_registers else {}))
+
+
+POINTER_ARGS = ("Q_SCALE", "K_SCALE", "V_SCALE", "V_MEAN", "OUT", "LSE", "BAD")
+
+
+def compile_for_sm90(config: LaunchConfig, head_dim: int):
+    """Compile the kernel a pipelined configuration launches, for sm90, on any machine (no GPU needed): what
+    `bench/inspect_sass.py` disassembles and the code-generation tests check (bf16 output, no LSE, no V mean)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    fn = sage_fwd_sm90_pingpong_kernel if config.ping_pong else sage_fwd_sm90_kernel
+    m, n, d = config.block_m, config.block_n, head_dim
+    descs = {"q_desc": ("i8", [m, d], gl.int8), "k_desc": ("i8", [n, d], gl.int8),
+             "v_desc": ("fp8e4nv", [d, n], gl.float8e4nv)}
+    consts = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_D=d, Q_GROUP=16, STAGES=config.num_stages,
+                  TWO_LEVEL=not config.pv_direct, SMOOTH_V=False, RETURN_LSE=False, MAGIC=config.magic_convert,
+                  CONSUMER_REGS=CONSUMER_REGISTERS, stride_od=1)
+    sig, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in descs:
+            ty, shape, dtype = descs[name]
+            layout = gl.NVMMASharedLayout.get_default_for(shape, dtype)
+            sig[name] = f"tensordesc<{ty}[{', '.join(map(str, shape))}],{layout!r}>"
+        elif name in consts:
+            sig[name], constexprs[(i,)] = "constexpr", consts[name]
+        elif name in POINTER_ARGS:
+            sig[name] = {"OUT": "*bf16", "BAD": "*i32"}.get(name, "*fp32")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:  # integers; strides are multiples of 16 at run time, as the launcher's tensors give
+            sig[name] = "i32"
+            if name.startswith("stride"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = GluonASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps})

@@ -1,14 +1,17 @@
-"""Hopper (sm90) SageAttention forward kernel in Gluon (device code only; the launcher is kernels/hopper_launch.py).
+"""Hopper (sm90) SageAttention forward kernels in Gluon (device code only; the launcher is kernels/hopper_launch.py).
 
 The same algorithm as kernels/attention_kernel.py (INT8 Q·Kᵀ with one K scale per key tile, FP32 online
-softmax in base 2, FP8 e4m3 P·V with per-channel V scales, two-level accumulation), written at the level
-where the schedule is ours rather than the compiler's:
+softmax in base 2, FP8 e4m3 P·V with per-channel V scales), written at the level where the schedule is ours
+rather than the compiler's:
   - K and V tiles arrive by TMA into a ring of STAGES buffers, each with its own mbarrier;
   - the matrix products are asynchronous wgmma: the scores of key tile j are issued, then P·V of tile j-1,
     and the softmax of tile j runs while the tensor cores still work on P·V (the "intra-warpgroup
-    overlap" of FlashAttention-3). Triton's own pipeliner waits on every wgmma of this loop.
-  - each tile's FP8 product lands in its own FP32 registers and joins the output with one FMA that also
-    applies the previous tile's rescale.
+    overlap" of FlashAttention-3). Triton's own pipeliner waits on every wgmma of this loop;
+  - P·V either accumulates in place in the wgmma accumulator (TWO_LEVEL=False: the launcher then smooths V,
+    see kernels/launch.py) or lands per tile in its own FP32 registers and joins the output with one FMA
+    (TWO_LEVEL, SageAttention2's two-level accumulation; it spills at 128 keys per tile).
+Two kernels: sage_fwd_sm90_kernel, one warpgroup per program, loading its own tiles; and
+sage_fwd_sm90_pingpong_kernel, two consumer warpgroups taking turns at the tensor cores and a producer warp.
 Served: non-causal, no mask, head dims 64 and 128, FP8 P·V. Everything else runs the portable kernel.
 """
 from triton.experimental import gluon

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
 import re
 import subprocess
@@ -136,6 +137,20 @@ def main_loop_mix(sass: str) -> tuple[int, collections.Counter]:
     return len(body), collections.Counter(line.split()[0].split(".")[0] for line in body)
 
 
+def overlap_report(sass: str) -> dict:
+    """Whether the main loop keeps its softmax under P·V: the exp2s between the wait that leaves one wgmma group
+    in flight (the scores done, P·V running) and the next wait; and whether the loop touches local memory."""
+    loop = main_loop(sass)
+    ops = [line.split()[0] for line in loop]
+    waits = [i for i, line in enumerate(loop) if line.startswith("WARPGROUP.DEPBAR")]
+    first = next((i for i in waits if loop[i].endswith("0x1")), None)
+    second = next((i for i in waits if first is not None and i > first), None)
+    between = ops[first:second] if first is not None and second is not None else []
+    return {"loop_instructions": len(loop), "loop_spills": any(op.startswith(("STL", "LDL")) for op in ops),
+            "exp2_between_waits": sum(op.startswith("MUFU.EX2") for op in between),
+            "second_wait": loop[second] if second is not None else None}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pv", default="fp8", choices=["fp8", "fp16"])
@@ -152,6 +167,7 @@ def main(argv=None):
                                      "keys with gp compile the Hopper Gluon kernels")
     ap.add_argument("--dump", help="write the SASS here")
     ap.add_argument("--ptx", help="write the PTX here")
+    ap.add_argument("--json", action="store_true", help="print only a JSON summary (resources, main-loop overlap)")
     args = ap.parse_args(argv)
     if args.config:
         from sage_attention_pack.kernels.tuning import LaunchConfig
@@ -165,8 +181,12 @@ def main(argv=None):
     else:
         k = compile_attention(args.pv, args.d, args.m, args.n, args.warps, args.stages, args.arch, args.maxnreg,
                               MAGIC_CONVERT=not args.i2f, PV_DIRECT=args.pv_direct)
-    print(f"{resource_report(k, args.arch)}  shared {k.metadata.shared} B")
     sass = sass_of(k)
+    if args.json:
+        print(json.dumps({"resources": resource_report(k, args.arch), "shared": k.metadata.shared,
+                          **overlap_report(sass)}))
+        return 0
+    print(f"{resource_report(k, args.arch)}  shared {k.metadata.shared} B")
     if args.dump:
         Path(args.dump).write_text(sass)
     if args.ptx:

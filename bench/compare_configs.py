@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from sage_attention_pack.kernels import hopper_launch, launch, tuning  # noqa: E402
 from sage_attention_pack.sage_core import backend  # noqa: E402
-from sage_attention_pack.sage_core.bench import GPU_SHAPES as MODEL_SHAPES, environment, model_shaped_inputs, reference  # noqa: E402
+from sage_attention_pack.sage_core.bench import GPU_SHAPES as MODEL_SHAPES  # noqa: E402
+from sage_attention_pack.sage_core.bench import environment, model_shaped_inputs, reference  # noqa: E402
 from sage_attention_pack.sage_core.config import SageConfig  # noqa: E402
 from sage_attention_pack.sage_core.metrics import attention_error  # noqa: E402
 from sage_attention_pack.sage_core.progress import progress  # noqa: E402
@@ -84,8 +85,8 @@ def main(argv=None) -> int:
         result["shapes"][name] = row
         for key, r in row["rows"].items():
             if "ms" in r:
-                extra = f" {r['vs_sdpa_default']:.3f}x  rel_l1 {r['rel_l1']:.4f}  cos {r['cosine']:.5f}  {r['kernel']}" \
-                    if key != "sdpa_default" else ""
+                extra = "" if key == "sdpa_default" else (
+                    f" {r['vs_sdpa_default']:.3f}x  rel_l1 {r['rel_l1']:.4f}  cos {r['cosine']:.5f}  {r['kernel']}")
                 print(f"{name:14s} {key:26s} {r['ms']:9.3f} ms {r['tops']:7.1f} TOPS{extra}", flush=True)
             else:
                 print(f"{name:14s} {key:26s} {r['error']}", flush=True)

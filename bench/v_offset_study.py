@@ -41,7 +41,8 @@ def study(n: int, offsets, heads: int = 2, d: int = 128, seed: int = 0) -> list[
         for smooth in (False, True):
             out = sage_reference(q16, k16, v16, pv_fp8=True, smooth_v=smooth, k_group=128, block_m=64).float()
             centred = ((out - mean) - (exact - mean)).abs().sum() / (exact - mean).abs().sum()
-            row[f"smooth_{smooth}"] = {"rel_l1": attention_error(out, exact)["rel_l1"], "rel_l1_centred": centred.item()}
+            row[f"smooth_{smooth}"] = {"rel_l1": attention_error(out, exact)["rel_l1"],
+                                       "rel_l1_centred": centred.item()}
         rows.append(row)
     return rows
 

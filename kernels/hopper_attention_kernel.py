@@ -68,8 +68,9 @@ def to_pv_operand(p, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, p_layout: gl.
     p = gl.permute(p, [0, 1, 2, 4, 3, 5])
     p = gl.reshape(p, [BLOCK_M, BLOCK_N])
     p = gl.convert_layout(p, p_layout, assert_trivial=True)
-    # four neighbours of a thread -> one A-operand register, two conversions (the compiler's own cast
-    # unpacks and repacks the bytes: ~3 extra instructions per pair)
+    # four neighbours of a thread -> one A-operand register, two conversions. (Needed while P crossed loop
+    # steps as bytes; with P carried in FP32 the compiler's own cast counts the same instructions, in another
+    # order. This is the form the GPU measurements ran.)
     return gl.inline_asm_elementwise(
         "{ .reg .b16 lo, hi;\n"
         "cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1;\n"
@@ -89,17 +90,17 @@ def issue_kv_load(k_desc, v_desc, k_smem, v_smem, bars, tile, slot, bh_kv, NK, l
 
 
 @gluon.jit
-def pipeline_step(j, p_prev, m_i, l_i, alpha_prev, acc, c, q_smem, k_smem, v_smem, full_bars, empty_bars, turn_wait, turn_signal,
-                  k_desc, v_desc, seed, o_zero, q_scale, ks_base, bh_kv, NK, NQ, n_tiles, BLOCK_M: gl.constexpr,
-                  BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr,
-                  PING_PONG: gl.constexpr, LAST: gl.constexpr, MAGIC: gl.constexpr, s_layout: gl.constexpr,
-                  o_rows: gl.constexpr, p_layout: gl.constexpr):
+def pipeline_step(j, p_prev, m_i, l_i, alpha_prev, acc, q_smem, k_smem, v_smem, full_bars, empty_bars, turn_wait,
+                  turn_signal, k_desc, v_desc, seed, o_zero, q_scale, ks_base, bh_kv, NK, NQ, n_tiles,
+                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, STAGES: gl.constexpr,
+                  TWO_LEVEL: gl.constexpr, PING_PONG: gl.constexpr, LAST: gl.constexpr, MAGIC: gl.constexpr,
+                  s_layout: gl.constexpr, o_rows: gl.constexpr, p_layout: gl.constexpr):
     """Step j ≥ 1 of the pipeline (FlashAttention-3's intra-warpgroup overlap): issue the scores of tile j and
     P·V of tile j-1, run tile j's softmax while both are on the tensor cores, then wait for P·V. P crosses
     steps in FP32 and is cast right before its product (carried as bytes, the compiler unpacks and repacks
     it: ~4 instructions per key); nothing asynchronous is in flight across steps.
-    PING_PONG: two warpgroups take turns issuing their products (turn_wait, turn_signal), so that one's softmax runs
-    while the other's products occupy the tensor cores; a producer warp refills the ring (empty_bars)."""
+    PING_PONG: two warpgroups take turns issuing their products (turn_wait, turn_signal), so that one's softmax
+    runs while the other's products occupy the tensor cores; a producer warp refills the ring (empty_bars)."""
     slot = j % STAGES
     prev = (j - 1) % STAGES
     mbarrier.wait(full_bars.index(slot), (j // STAGES) & 1)
@@ -140,9 +141,9 @@ def pipeline_step(j, p_prev, m_i, l_i, alpha_prev, acc, c, q_smem, k_smem, v_sme
 
 
 @gluon.jit
-def attend_rows(c, tile_m, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, full_bars, empty_bars, turn_wait, turn_signal,
-                Q_SCALE, K_SCALE, V_SCALE, V_MEAN, OUT, LSE, BAD, stride_ob, stride_oh, stride_on, stride_od,
-                H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles,
+def attend_rows(tile_m, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, full_bars, empty_bars, turn_wait,
+                turn_signal, Q_SCALE, K_SCALE, V_SCALE, V_MEAN, OUT, LSE, BAD, stride_ob, stride_oh, stride_on,
+                stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles,
                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, Q_GROUP: gl.constexpr,
                 STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, PING_PONG: gl.constexpr, SMOOTH_V: gl.constexpr,
                 RETURN_LSE: gl.constexpr, MAGIC: gl.constexpr):
@@ -190,14 +191,14 @@ def attend_rows(c, tile_m, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem
     acc = o_zero
     for j in range(1, n_tiles - 1):
         p, m_i, l_i, alpha, acc = pipeline_step(
-            j, p, m_i, l_i, alpha, acc, c, q_smem, k_smem, v_smem, full_bars, empty_bars, turn_wait, turn_signal, k_desc, v_desc,
-            seed, o_zero, q_scale, ks_base, bh_kv, NK, NQ, n_tiles, BLOCK_M, BLOCK_N, BLOCK_D, STAGES, TWO_LEVEL,
-            PING_PONG, False, MAGIC, s_layout, o_rows, p_layout)
+            j, p, m_i, l_i, alpha, acc, q_smem, k_smem, v_smem, full_bars, empty_bars, turn_wait, turn_signal, k_desc,
+            v_desc, seed, o_zero, q_scale, ks_base, bh_kv, NK, NQ, n_tiles, BLOCK_M, BLOCK_N, BLOCK_D, STAGES,
+            TWO_LEVEL, PING_PONG, False, MAGIC, s_layout, o_rows, p_layout)
     if n_tiles > 1:
         p, m_i, l_i, alpha, acc = pipeline_step(
-            n_tiles - 1, p, m_i, l_i, alpha, acc, c, q_smem, k_smem, v_smem, full_bars, empty_bars, turn_wait, turn_signal,
-            k_desc, v_desc, seed, o_zero, q_scale, ks_base, bh_kv, NK, NQ, n_tiles, BLOCK_M, BLOCK_N, BLOCK_D, STAGES,
-            TWO_LEVEL, PING_PONG, True, MAGIC, s_layout, o_rows, p_layout)
+            n_tiles - 1, p, m_i, l_i, alpha, acc, q_smem, k_smem, v_smem, full_bars, empty_bars, turn_wait,
+            turn_signal, k_desc, v_desc, seed, o_zero, q_scale, ks_base, bh_kv, NK, NQ, n_tiles, BLOCK_M, BLOCK_N,
+            BLOCK_D, STAGES, TWO_LEVEL, PING_PONG, True, MAGIC, s_layout, o_rows, p_layout)
     # P·V of the last tile
     p8 = to_pv_operand(p, BLOCK_M, BLOCK_N, p_layout)
     alpha_o = gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
@@ -258,30 +259,30 @@ def sage_fwd_sm90_kernel(
     n_tiles = (NK + BLOCK_N - 1) // BLOCK_N
     for s in gl.static_range(STAGES):
         issue_kv_load(k_desc, v_desc, k_smem, v_smem, full_bars, s, s, bh_kv, NK, s < n_tiles, BLOCK_N, BLOCK_D)
-    attend_rows(0, gl.program_id(0), q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, full_bars, empty_bars,
+    attend_rows(gl.program_id(0), q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, full_bars, empty_bars,
                 q_bar, q_bar, Q_SCALE, K_SCALE, V_SCALE, V_MEAN, OUT, LSE, BAD, stride_ob, stride_oh, stride_on,
-                stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, gl.num_programs(0), BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP,
-                STAGES, TWO_LEVEL, False, SMOOTH_V, RETURN_LSE, MAGIC)
+                stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, gl.num_programs(0), BLOCK_M, BLOCK_N, BLOCK_D,
+                Q_GROUP, STAGES, TWO_LEVEL, False, SMOOTH_V, RETURN_LSE, MAGIC)
 
 
 @gluon.jit
 def consume(meta: gl.constexpr, tile_m, q_smem, q_bar, q_desc, k_desc, v_desc, k_smem, v_smem, full_bars, empty_bars,
-            turn_wait, turn_signal, Q_SCALE, K_SCALE, V_SCALE, V_MEAN, OUT, LSE, BAD, stride_ob, stride_oh, stride_on, stride_od,
-            H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles):
-    """A consumer warpgroup of the ping-pong kernel (meta: consumer index, then the kernel's constants)."""
-    attend_rows(meta[0], tile_m, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, full_bars, empty_bars,
-                turn_wait, turn_signal, Q_SCALE, K_SCALE, V_SCALE, V_MEAN, OUT, LSE, BAD, stride_ob, stride_oh, stride_on,
-                stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, meta[1], meta[2], meta[3], meta[4],
-                meta[5], meta[6], True, meta[7], meta[8], meta[9])
+            turn_wait, turn_signal, Q_SCALE, K_SCALE, V_SCALE, V_MEAN, OUT, LSE, BAD, stride_ob, stride_oh, stride_on,
+            stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles):
+    """A consumer warpgroup of the ping-pong kernel (meta: the kernel's constants, in its argument order)."""
+    attend_rows(tile_m, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, full_bars, empty_bars, turn_wait,
+                turn_signal, Q_SCALE, K_SCALE, V_SCALE, V_MEAN, OUT, LSE, BAD, stride_ob, stride_oh, stride_on,
+                stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, meta[0], meta[1], meta[2], meta[3],
+                meta[4], meta[5], True, meta[6], meta[7], meta[8])
 
 
 @gluon.jit
 def load_kv_ring(k_desc, v_desc, k_smem, v_smem, full_bars, empty_bars, H, KV_GROUP, NK, meta: gl.constexpr):
     """The producer warp: every key tile of this head into the ring, a slot as soon as both consumers are done
     with the tile it held."""
-    BLOCK_N: gl.constexpr = meta[2]
-    BLOCK_D: gl.constexpr = meta[3]
-    STAGES: gl.constexpr = meta[5]
+    BLOCK_N: gl.constexpr = meta[1]
+    BLOCK_D: gl.constexpr = meta[2]
+    STAGES: gl.constexpr = meta[4]
     bh = gl.program_id(1)
     bh_kv = (bh // H) * (H // KV_GROUP) + (bh % H) // KV_GROUP
     for t in range((NK + BLOCK_N - 1) // BLOCK_N):
@@ -305,8 +306,7 @@ def sage_fwd_sm90_pingpong_kernel(
     v_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_D, BLOCK_N], v_desc.layout)
     q_smem = gl.allocate_shared_memory(gl.int8, [2, BLOCK_M, BLOCK_D], q_desc.layout)
     q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    # one allocation per turn barrier: a wait on one and an arrive on the other are then not a shared-memory
-    # hazard to the compiler, which would otherwise put a warpgroup barrier before every arrive
+    # the turn barriers: each consumer waits on its own before issuing its products, then arrives on the other's
     turn0 = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     turn1 = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(turn0, count=1)
@@ -317,15 +317,14 @@ def sage_fwd_sm90_pingpong_kernel(
     mbarrier.arrive(turn0)  # consumer 0 goes first
     # compile-time values cross into partitions only inside a constexpr tuple (elements of a plain tuple are
     # turned into tensors)
-    meta0: gl.constexpr = (0, BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP, STAGES, TWO_LEVEL, SMOOTH_V, RETURN_LSE, MAGIC)
-    meta1: gl.constexpr = (1, BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP, STAGES, TWO_LEVEL, SMOOTH_V, RETURN_LSE, MAGIC)
+    meta: gl.constexpr = (BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP, STAGES, TWO_LEVEL, SMOOTH_V, RETURN_LSE, MAGIC)
     runtime = (q_desc, k_desc, v_desc, k_smem, v_smem, full_bars, empty_bars)
     scalars = (Q_SCALE, K_SCALE, V_SCALE, V_MEAN, OUT, LSE, BAD, stride_ob, stride_oh, stride_on, stride_od, H,
                KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles)
     gl.warp_specialize([
-        (consume, (meta0, 2 * gl.program_id(0), q_smem.index(0), q_bars.index(0)) + runtime + (turn0, turn1)
+        (consume, (meta, 2 * gl.program_id(0), q_smem.index(0), q_bars.index(0)) + runtime + (turn0, turn1)
          + scalars),
-        (consume, (meta1, 2 * gl.program_id(0) + 1, q_smem.index(1), q_bars.index(1)) + runtime + (turn1, turn0)
+        (consume, (meta, 2 * gl.program_id(0) + 1, q_smem.index(1), q_bars.index(1)) + runtime + (turn1, turn0)
          + scalars),
-        (load_kv_ring, (k_desc, v_desc, k_smem, v_smem, full_bars, empty_bars, H, KV_GROUP, NK, meta0)),
+        (load_kv_ring, (k_desc, v_desc, k_smem, v_smem, full_bars, empty_bars, H, KV_GROUP, NK, meta)),
     ], [4, 1], [CONSUMER_REGS, 24])

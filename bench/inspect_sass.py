@@ -65,13 +65,6 @@ def compile_attention(pv: str, d: int, m: int, n: int, warps: int, stages: int, 
                           options={"num_warps": warps, "num_stages": stages, "maxnreg": maxnreg})
 
 
-def compile_hopper(config, d: int):
-    """The Hopper Gluon kernel of a pipelined LaunchConfig, compiled for sm90 (kernels/hopper_launch.py)."""
-    from sage_attention_pack.kernels.hopper_launch import compile_for_sm90
-
-    return compile_for_sm90(config, d)
-
-
 def sass_of(kernel) -> str:
     import triton
 
@@ -101,23 +94,24 @@ def resource_report(kernel, arch: int) -> str:
     return "; ".join(lines) or res.stderr.strip()[-300:]
 
 
-def instruction_mix(sass: str) -> collections.Counter:
-    mix = collections.Counter()
-    for line in sass.splitlines():
-        hit = re.match(r"\s*/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(\.[A-Z0-9_.]+)?", line)
-        if hit:
-            mix[hit.group(2) + (hit.group(3) or "")] += 1
-    return mix
-
-
-def main_loop(sass: str) -> list[str]:
-    """The instructions (opcode and operands) of the innermost loop that issues wgmma: the backward branch with
-    the shortest span that contains an IGMMA, QGMMA or HGMMA. One pass of it is one key tile for one warp."""
+def sass_instructions(sass: str) -> list[tuple[int, str, str]]:
+    """(address, opcode with its modifiers, operands) of each instruction in cuobjdump's listing."""
     ins = []
     for line in sass.splitlines():
         hit = re.match(r"\s*/\*([0-9a-f]+)\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*)", line)
         if hit:
             ins.append((int(hit.group(1), 16), hit.group(3), hit.group(4).strip()))
+    return ins
+
+
+def instruction_mix(sass: str) -> collections.Counter:
+    return collections.Counter(op for _, op, _ in sass_instructions(sass))
+
+
+def main_loop(sass: str) -> list[str]:
+    """The instructions (opcode and operands) of the innermost loop that issues wgmma: the backward branch with
+    the shortest span that contains an IGMMA, QGMMA or HGMMA. One pass of it is one key tile for one warp."""
+    ins = sass_instructions(sass)
     best = None
     for addr, op, rest in ins:
         target = re.search(r"0x([0-9a-f]+)", rest) if op == "BRA" else None
@@ -174,7 +168,9 @@ def main(argv=None):
 
         cfg = LaunchConfig.from_key(args.config)
         if cfg.pipelined:
-            k = compile_hopper(cfg, args.d)
+            from sage_attention_pack.kernels.hopper_launch import compile_for_sm90
+
+            k = compile_for_sm90(cfg, args.d)
         else:
             k = compile_attention(args.pv, args.d, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, args.arch,
                                   cfg.max_registers, MAGIC_CONVERT=cfg.magic_convert, PV_DIRECT=cfg.pv_direct)

@@ -36,6 +36,16 @@ def serves(device: torch.device, *, config: LaunchConfig, pv_fp8: bool, is_causa
             and torch.cuda.get_device_capability(device) == (9, 0))
 
 
+def kernel_constants(config: LaunchConfig, block_d: int, q_group: int, smooth_v: bool, return_lse: bool) -> dict:
+    """The compile-time arguments a configuration gives its Gluon kernel (the launch and compile_for_sm90)."""
+    constants = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, Q_GROUP=q_group,
+                     STAGES=config.num_stages, TWO_LEVEL=not config.pv_direct, SMOOTH_V=smooth_v,
+                     RETURN_LSE=return_lse, MAGIC=config.magic_convert)
+    if config.ping_pong:
+        constants["CONSUMER_REGS"] = CONSUMER_REGISTERS
+    return constants
+
+
 def descriptor(t: torch.Tensor, block: list[int], dtype) -> "TensorDescriptor":
     """A 2-D TMA descriptor over `t` (rows × contiguous columns) in tiles of `block`."""
     layout = gl.NVMMASharedLayout.get_default_for(block, dtype)
@@ -57,15 +67,14 @@ def launch(qz: dict, out: torch.Tensor, lse: torch.Tensor, bad: torch.Tensor, *,
     common = (q_desc, k_desc, v_desc, qz["q_scale"], qz["k_scale"], qz["v_scale"],
               qz["v_mean"] if smooth_v else qz["v_scale"], out, lse, bad, *out.stride(),
               heads, heads // kv_heads, nq, nk, qz["q_scale"].shape[-1], qz["k_scale"].shape[-1])
-    meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, Q_GROUP=q_group, STAGES=config.num_stages,
-                TWO_LEVEL=not config.pv_direct, SMOOTH_V=smooth_v, RETURN_LSE=return_lse,
-                MAGIC=config.magic_convert, num_warps=4)
+    meta = kernel_constants(config, block_d, q_group, smooth_v, return_lse)
     if config.ping_pong:
-        sage_fwd_sm90_pingpong_kernel[(-(-q_tiles // 2), bh)](*common, q_tiles, CONSUMER_REGS=CONSUMER_REGISTERS,
-                                                              **meta)
+        sage_fwd_sm90_pingpong_kernel[(-(-q_tiles // 2), bh)](*common, q_tiles, **meta,
+                                                              num_warps=config.num_warps)
     else:
         sage_fwd_sm90_kernel[(q_tiles, bh)](
-            *common, **meta, **({"maxnreg": config.max_registers} if config.max_registers else {}))
+            *common, **meta, num_warps=config.num_warps,
+            **({"maxnreg": config.max_registers} if config.max_registers else {}))
 
 
 POINTER_ARGS = ("Q_SCALE", "K_SCALE", "V_SCALE", "V_MEAN", "OUT", "LSE", "BAD")
@@ -82,9 +91,7 @@ def compile_for_sm90(config: LaunchConfig, head_dim: int):
     m, n, d = config.block_m, config.block_n, head_dim
     descs = {"q_desc": ("i8", [m, d], gl.int8), "k_desc": ("i8", [n, d], gl.int8),
              "v_desc": ("fp8e4nv", [d, n], gl.float8e4nv)}
-    consts = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_D=d, Q_GROUP=16, STAGES=config.num_stages,
-                  TWO_LEVEL=not config.pv_direct, SMOOTH_V=False, RETURN_LSE=False, MAGIC=config.magic_convert,
-                  CONSUMER_REGS=CONSUMER_REGISTERS, stride_od=1)
+    consts = {**kernel_constants(config, d, 16, smooth_v=False, return_lse=False), "stride_od": 1}
     sig, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in descs:

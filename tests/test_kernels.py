@@ -22,6 +22,7 @@ EXACT_BOUNDS = {"int8_fp16": (0.9999, 0.015), "int8_fp8": (0.999, 0.045)}
 
 
 HOPPER = DEVICE == "cuda" and hopper_launch.AVAILABLE and torch.cuda.get_device_capability() == (9, 0)
+NO_HOPPER = "the Gluon kernel needs an sm90 GPU and Triton's Gluon Hopper API"
 
 
 def inputs(b, hq, hk, nq, nk, d, dtype, seed=0, k_offset=3.0):
@@ -223,7 +224,7 @@ def test_in_place_fp8_accumulation_survives_a_v_offset(key):
     L1 on an H200 before V smoothing was made part of that path; the error must stay at two-level levels."""
     lc = tuning.LaunchConfig.from_key(key)
     if lc.pipelined and not HOPPER:
-        pytest.skip("the Gluon kernel needs an sm90 GPU and Triton's Gluon Hopper API")
+        pytest.skip(NO_HOPPER)
     if DEVICE == "cpu":
         lc = dataclasses.replace(lc, block_n=64, num_stages=1)
     nk = 2048 if DEVICE == "cuda" else 192
@@ -234,7 +235,7 @@ def test_in_place_fp8_accumulation_survives_a_v_offset(key):
     assert rel_diff(out, exact(q, k, v)) < 0.01
 
 
-@pytest.mark.skipif(not HOPPER, reason="the Gluon kernel needs an sm90 GPU and Triton's Gluon Hopper API")
+@pytest.mark.skipif(not HOPPER, reason=NO_HOPPER)
 @pytest.mark.parametrize("key", ["m64n128w4s3mcpdgp", "m64n64w4s3gp", "m64n128w4s4mcpdgppp", "m64n64w4s4mcgppp"])
 @pytest.mark.parametrize("b,hq,hk,nq,nk,d,dtype,smooth_v,lse", [
     (1, 2, 2, 200, 200, 64, torch.bfloat16, False, False),

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from sage_attention_pack.kernels import hopper_launch, launch, tuning  # noqa: E402
+from sage_attention_pack.kernels import launch, tuning  # noqa: E402
 from sage_attention_pack.sage_core import backend  # noqa: E402
 from sage_attention_pack.sage_core.bench import GPU_SHAPES as MODEL_SHAPES  # noqa: E402
 from sage_attention_pack.sage_core.bench import environment, model_shaped_inputs, reference  # noqa: E402
@@ -59,9 +59,8 @@ def compare(shape, keys, kernel="int8_fp8", dtype=torch.bfloat16, v_offset=0.0, 
             rows[key] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
             continue
         _, k_group = launch.quant_groups(cfg.q_group_rows, cfg.k_group_rows, lc)
-        gluon = hopper_launch.serves(q.device, config=lc, pv_fp8=pv_fp8, is_causal=False, has_bias=False,
-                                     head_dim=d, block_d=launch.padded_head_dim(d), k_group=k_group,
-                                     kv_len=n)
+        gluon = launch.runs_hopper_kernel(q, k, config=lc, k_group=k_group, pv_fp8=pv_fp8, is_causal=False,
+                                          has_bias=False)
         rows[key] = {"ms": ms, "tops": 4 * b * h * n * n * d / (ms * 1e-3) / 1e12, "vs_sdpa_default": sdpa / ms,
                      "kernel": "hopper_gluon" if gluon else "portable_triton", **err}
         torch.cuda.empty_cache()

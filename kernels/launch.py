@@ -98,6 +98,14 @@ def quant_groups(q_group: int, k_group: int, config: tuning.LaunchConfig) -> tup
     return min(q_group, config.block_m), k_group or config.block_n
 
 
+def runs_hopper_kernel(q, k, *, config: tuning.LaunchConfig, k_group: int, pv_fp8: bool, is_causal: bool,
+                       has_bias: bool) -> bool:
+    """Whether sage_forward runs this call on the Hopper Gluon kernel (k_group as quant_groups gives it)."""
+    D = q.shape[-1]
+    return hopper_launch.serves(q.device, config=config, pv_fp8=pv_fp8, is_causal=is_causal, has_bias=has_bias,
+                                head_dim=D, block_d=padded_head_dim(D), k_group=k_group, kv_len=k.shape[2])
+
+
 def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_group: int, k_group: int,
                  pv_fp8: bool, smooth_k: bool, smooth_v: bool, return_lse: bool, config: tuning.LaunchConfig,
                  repair_counter=None):
@@ -119,9 +127,8 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
     # the mean is added back) removes the offset, and with it the loss (0.0014, as two-level accumulation).
     smooth_v = smooth_v or (pv_fp8 and config.pv_direct)
 
-    pipelined = hopper_launch.serves(q.device, config=config, pv_fp8=pv_fp8, is_causal=is_causal,
-                                     has_bias=bias is not None, head_dim=D, block_d=block_d, k_group=k_group,
-                                     kv_len=NK)
+    pipelined = runs_hopper_kernel(q, k, config=config, k_group=k_group, pv_fp8=pv_fp8, is_causal=is_causal,
+                                   has_bias=bias is not None)
     qz = quantize_qkv(q, k, v, q_group=q_group, k_group=k_group, block_d=block_d, q_multiplier=sm_scale * LOG2E,
                       smooth_k=smooth_k, smooth_v=smooth_v, pv_fp8=pv_fp8, pv_key_order=pipelined)
     k_scale, k_mean, v_mean = qz["k_scale"], qz["k_mean"], qz["v_mean"]
@@ -163,5 +170,5 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
     return (lse if return_lse else None), bad
 
 
-__all__ = ["padded_head_dim", "quant_groups", "quantize_qkv", "quantize_int8", "sage_forward",
+__all__ = ["padded_head_dim", "quant_groups", "quantize_qkv", "quantize_int8", "runs_hopper_kernel", "sage_forward",
            "LOG2E"]

@@ -8,8 +8,10 @@ rather than the compiler's:
     and the softmax of tile j runs while the tensor cores still work on P·V (the "intra-warpgroup
     overlap" of FlashAttention-3). Triton's own pipeliner waits on every wgmma of this loop;
   - P·V either accumulates in place in the wgmma accumulator (TWO_LEVEL=False: the launcher then smooths V,
-    see kernels/launch.py) or lands per tile in its own FP32 registers and joins the output with one FMA
-    (TWO_LEVEL, SageAttention2's two-level accumulation; it spills at 128 keys per tile).
+    see kernels/launch.py) or lands per tile in an FP16 accumulator and joins the FP32 output with one FMA
+    (TWO_LEVEL: SageAttention2's two-level accumulation with SageAttention2++'s FP16 tile accumulator, half the
+    registers of an FP32 one, which spilled at 128 keys per tile; the launcher keeps FP8 V codes within ±1 so
+    that 128 keys × P ≤ 448 cannot overflow FP16).
 Two kernels: sage_fwd_sm90_kernel, one warpgroup per program, loading its own tiles; and
 sage_fwd_sm90_pingpong_kernel, two consumer warpgroups taking turns at the tensor cores and a producer warp.
 Served: non-causal, no mask, head dims 64 and 128, FP8 P·V. Everything else runs the portable kernel.
@@ -91,7 +93,7 @@ def issue_kv_load(k_desc, v_desc, k_smem, v_smem, bars, tile, slot, bh_kv, NK, l
 
 @gluon.jit
 def pipeline_step(j, p_prev, m_i, l_i, alpha_prev, acc, q_smem, k_smem, v_smem, full_bars, empty_bars, turn_wait,
-                  turn_signal, k_desc, v_desc, seed, o_zero, q_scale, ks_base, bh_kv, NK, NQ, n_tiles,
+                  turn_signal, k_desc, v_desc, seed, tile_zero, q_scale, ks_base, bh_kv, NK, NQ, n_tiles,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, STAGES: gl.constexpr,
                   TWO_LEVEL: gl.constexpr, PING_PONG: gl.constexpr, LAST: gl.constexpr, MAGIC: gl.constexpr,
                   s_layout: gl.constexpr, o_rows: gl.constexpr, p_layout: gl.constexpr):
@@ -111,8 +113,8 @@ def pipeline_step(j, p_prev, m_i, l_i, alpha_prev, acc, q_smem, k_smem, v_smem, 
     s_tok = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), seed, use_acc=MAGIC,
                           is_async=True)
     if TWO_LEVEL:
-        # SageAttention2's two-level accumulation: the tile's FP8 product lands in its own FP32 registers
-        o_tok = warpgroup_mma(p8, v_smem.index(prev).permute((1, 0)), o_zero, use_acc=False, is_async=True)
+        # two-level accumulation: the tile's FP8 product lands in its own FP16 registers
+        o_tok = warpgroup_mma(p8, v_smem.index(prev).permute((1, 0)), tile_zero, use_acc=False, is_async=True)
     else:
         o_tok = warpgroup_mma(p8, v_smem.index(prev).permute((1, 0)), acc * alpha_o, is_async=True)
     if PING_PONG:
@@ -127,7 +129,7 @@ def pipeline_step(j, p_prev, m_i, l_i, alpha_prev, acc, q_smem, k_smem, v_smem, 
     else:
         o_tile = warpgroup_mma_wait(0, deps=[o_tok])
     if TWO_LEVEL:
-        acc = acc * alpha_o + o_tile
+        acc = acc * alpha_o + o_tile.to(gl.float32)
     else:
         acc = o_tile
     if PING_PONG:
@@ -174,6 +176,8 @@ def attend_rows(tile_m, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, f
     ks_base = K_SCALE + bh_kv * k_groups
     seed = gl.full([BLOCK_M, BLOCK_N], MAGIC_I2F_BITS if MAGIC else 0, gl.int32, s_layout)
     o_zero = gl.zeros([BLOCK_M, BLOCK_D], gl.float32, o_layout)
+    # two-level: each tile's P·V in an FP16 accumulator (half the registers of FP32), folded into FP32
+    tile_zero = gl.zeros([BLOCK_M, BLOCK_D], gl.float16, o_layout)
 
     # tile 0: its scores and softmax, with nothing to overlap yet (masked: it may be the last)
     mbarrier.wait(q_bar, 0)
@@ -192,20 +196,20 @@ def attend_rows(tile_m, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, f
     for j in range(1, n_tiles - 1):
         p, m_i, l_i, alpha, acc = pipeline_step(
             j, p, m_i, l_i, alpha, acc, q_smem, k_smem, v_smem, full_bars, empty_bars, turn_wait, turn_signal, k_desc,
-            v_desc, seed, o_zero, q_scale, ks_base, bh_kv, NK, NQ, n_tiles, BLOCK_M, BLOCK_N, BLOCK_D, STAGES,
+            v_desc, seed, tile_zero, q_scale, ks_base, bh_kv, NK, NQ, n_tiles, BLOCK_M, BLOCK_N, BLOCK_D, STAGES,
             TWO_LEVEL, PING_PONG, False, MAGIC, s_layout, o_rows, p_layout)
     if n_tiles > 1:
         p, m_i, l_i, alpha, acc = pipeline_step(
             n_tiles - 1, p, m_i, l_i, alpha, acc, q_smem, k_smem, v_smem, full_bars, empty_bars, turn_wait,
-            turn_signal, k_desc, v_desc, seed, o_zero, q_scale, ks_base, bh_kv, NK, NQ, n_tiles, BLOCK_M, BLOCK_N,
+            turn_signal, k_desc, v_desc, seed, tile_zero, q_scale, ks_base, bh_kv, NK, NQ, n_tiles, BLOCK_M, BLOCK_N,
             BLOCK_D, STAGES, TWO_LEVEL, PING_PONG, True, MAGIC, s_layout, o_rows, p_layout)
     # P·V of the last tile
     p8 = to_pv_operand(p, BLOCK_M, BLOCK_N, p_layout)
     alpha_o = gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
     v_last = v_smem.index((n_tiles - 1) % STAGES).permute((1, 0))
     if TWO_LEVEL:
-        o_tok = warpgroup_mma(p8, v_last, o_zero, use_acc=False, is_async=True)
-        acc = acc * alpha_o + warpgroup_mma_wait(0, deps=[o_tok])
+        o_tok = warpgroup_mma(p8, v_last, tile_zero, use_acc=False, is_async=True)
+        acc = acc * alpha_o + warpgroup_mma_wait(0, deps=[o_tok]).to(gl.float32)
     else:
         o_tok = warpgroup_mma(p8, v_last, acc * alpha_o, is_async=True)
         acc = warpgroup_mma_wait(0, deps=[o_tok])

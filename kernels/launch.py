@@ -20,6 +20,12 @@ STATS_ROWS = 64
 MAX_STATS_CHUNKS = 16  # partial-statistics rows per head, finished inside each quantization program
 QUANT_ROWS = 128
 V_PAD = 128  # FP8 V rows padded to a multiple of this, so every tile load is in bounds and aligned
+FP8_E4M3_MAX = 448.0
+# Largest FP8 V code when each key tile's P·V lands in an FP16 accumulator (the Hopper kernel's two-level
+# accumulation): P ≤ 448, so 128 keys × 448 × 0.875 = 50176 stays under FP16's 65504. 0.875 = 448 / 2^9: the
+# codes are the usual ones times 2^-9 (the same rounding), except below 2^-6, e4m3's smallest normal, i.e.
+# for values under 1.8% of a channel's range.
+FP16_TILE_V_CODE_MAX = FP8_E4M3_MAX / 512
 
 
 def padded_head_dim(d: int) -> int:
@@ -36,14 +42,15 @@ def stats_chunks(n: int) -> tuple[int, int]:
 
 
 def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multiplier: float, smooth_k: bool,
-                 smooth_v: bool, pv_fp8: bool, pv_key_order: bool = False) -> dict:
+                 smooth_v: bool, pv_fp8: bool, pv_key_order: bool = False,
+                 v_code_max: float = FP8_E4M3_MAX) -> dict:
     """All quantization of one call in at most two launches (statistics, then codes and scales).
 
     q: [B, H, NQ, D], k/v: [B, HK, NK, D] views with any strides. Returns a dict of
     q8 [B*H, NQ, block_d] int8, q_scale [B*H, ceil(NQ/q_group)], k8 [B*HK, NK, block_d] int8,
     k_scale [B*HK, ceil(NK/k_group)], k_mean and v_mean [B*HK, block_d] (None when not smoothed), and with
-    pv_fp8 v8 [B*HK, block_d, v_padded] FP8 e4m3 and v_scale [B*HK, block_d]; pv_key_order stores v8's keys
-    in the order the Hopper kernel's P operand takes them.
+    pv_fp8 v8 [B*HK, block_d, v_padded] FP8 e4m3 codes up to ±v_code_max and v_scale [B*HK, block_d];
+    pv_key_order stores v8's keys in the order the Hopper kernel's P operand takes them.
     """
     B, H, NQ, D = q.shape
     HK, NK = k.shape[1], k.shape[2]
@@ -78,7 +85,7 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
         out["k_mean"] if smooth_k else dummy, out["v_mean"] if smooth_v else dummy,
         *q.stride(), *k.stride(), *v.stride(),
         B * H, B * HK, H, HK, NQ, NK, D, n_chunks, out["q_scale"].shape[-1], out["k_scale"].shape[-1], v_padded,
-        float(q_multiplier), ROWS=rows, Q_GROUP=q_group, K_GROUP=k_group, BLOCK_D=block_d, SMOOTH_K=smooth_k,
+        float(q_multiplier), float(v_code_max), ROWS=rows, Q_GROUP=q_group, K_GROUP=k_group, BLOCK_D=block_d, SMOOTH_K=smooth_k,
         SMOOTH_V=smooth_v, PV_FP8=pv_fp8, FP8_ROUND_IN_FP32=interpreting(), PV_KEY_ORDER=pv_key_order)
     return out
 
@@ -129,8 +136,10 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
 
     pipelined = runs_hopper_kernel(q, k, config=config, k_group=k_group, pv_fp8=pv_fp8, is_causal=is_causal,
                                    has_bias=bias is not None)
+    fp16_tiles = pipelined and not config.pv_direct
     qz = quantize_qkv(q, k, v, q_group=q_group, k_group=k_group, block_d=block_d, q_multiplier=sm_scale * LOG2E,
-                      smooth_k=smooth_k, smooth_v=smooth_v, pv_fp8=pv_fp8, pv_key_order=pipelined)
+                      smooth_k=smooth_k, smooth_v=smooth_v, pv_fp8=pv_fp8, pv_key_order=pipelined,
+                      v_code_max=FP16_TILE_V_CODE_MAX if fp16_tiles else FP8_E4M3_MAX)
     k_scale, k_mean, v_mean = qz["k_scale"], qz["k_mean"], qz["v_mean"]
     v8, v_scale = (qz["v8"], qz["v_scale"]) if pv_fp8 else (k_scale, k_scale)
 

@@ -132,7 +132,7 @@ def quantize_qkv_kernel(
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    BH, BHK, H, HK, NQ, NK, D, n_chunks, q_groups, k_groups, v_padded, q_multiplier,
+    BH, BHK, H, HK, NQ, NK, D, n_chunks, q_groups, k_groups, v_padded, q_multiplier, v_code_max,
     ROWS: tl.constexpr, Q_GROUP: tl.constexpr, K_GROUP: tl.constexpr, BLOCK_D: tl.constexpr,
     SMOOTH_K: tl.constexpr, SMOOTH_V: tl.constexpr, PV_FP8: tl.constexpr, FP8_ROUND_IN_FP32: tl.constexpr,
     PV_KEY_ORDER: tl.constexpr,
@@ -182,7 +182,7 @@ def quantize_qkv_kernel(
                 vmax = finish_stats(PARTS, bh, n_chunks, NK, offs_d, BLOCK_D, 2)
                 vmin = finish_stats(PARTS, bh, n_chunks, NK, offs_d, BLOCK_D, 3)
                 amax = tl.maximum(vmax - mean, mean - vmin)
-                scale = tl.maximum(amax, 1e-30) / FP8_E4M3_MAX
+                scale = tl.maximum(amax, 1e-30) / v_code_max
                 v, valid = load_tile(V, bh // HK, bh % HK, offs_n, offs_d, stride_vb, stride_vh, stride_vn,
                                      stride_vd, NK, D)
                 v = tl.where(valid, v - mean[None, :], 0.0)

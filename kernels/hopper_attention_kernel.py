@@ -70,9 +70,15 @@ def to_pv_operand(p, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, p_layout: gl.
     p = gl.permute(p, [0, 1, 2, 4, 3, 5])
     p = gl.reshape(p, [BLOCK_M, BLOCK_N])
     p = gl.convert_layout(p, p_layout, assert_trivial=True)
-    # four neighbours of a thread -> one A-operand register, two conversions. (Needed while P crossed loop
-    # steps as bytes; with P carried in FP32 the compiler's own cast counts the same instructions, in another
-    # order. This is the form the GPU measurements ran.)
+    # four neighbours of a thread -> one A-operand register, two conversions. P carried across steps in FP16
+    # (two-level ping-pong, whose FP32 P spilled beside the producer warp) arrives as two f16x2 registers.
+    if p.dtype == gl.float16:
+        return gl.inline_asm_elementwise(
+            "{ .reg .b16 lo, hi;\n"
+            "cvt.rn.satfinite.e4m3x2.f16x2 lo, $1;\n"
+            "cvt.rn.satfinite.e4m3x2.f16x2 hi, $2;\n"
+            "mov.b32 $0, {lo, hi}; }",
+            "=r,r,r", [p], dtype=gl.float8e4nv, is_pure=True, pack=4)
     return gl.inline_asm_elementwise(
         "{ .reg .b16 lo, hi;\n"
         "cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1;\n"
@@ -99,8 +105,9 @@ def pipeline_step(j, p_prev, m_i, l_i, alpha_prev, acc, q_smem, k_smem, v_smem, 
                   s_layout: gl.constexpr, o_rows: gl.constexpr, p_layout: gl.constexpr):
     """Step j ≥ 1 of the pipeline (FlashAttention-3's intra-warpgroup overlap): issue the scores of tile j and
     P·V of tile j-1, run tile j's softmax while both are on the tensor cores, then wait for P·V. P crosses
-    steps in FP32 and is cast right before its product (carried as bytes, the compiler unpacks and repacks
-    it: ~4 instructions per key); nothing asynchronous is in flight across steps.
+    steps in FP32 (FP16 in two-level ping-pong, to fit 240 registers) and is cast right before its product
+    (carried as bytes, the compiler unpacks and repacks it: ~4 instructions per key); nothing asynchronous is
+    in flight across steps.
     PING_PONG: two warpgroups take turns issuing their products (turn_wait, turn_signal), so that one's softmax
     runs while the other's products occupy the tensor cores; a producer warp refills the ring (empty_bars)."""
     slot = j % STAGES
@@ -122,6 +129,8 @@ def pipeline_step(j, p_prev, m_i, l_i, alpha_prev, acc, q_smem, k_smem, v_smem, 
     s_bits = warpgroup_mma_wait(1, deps=[s_tok])
     p, m_i, l_i, alpha = online_softmax(s_bits, m_i, l_i, q_scale * gl.load(ks_base + j), NK - j * BLOCK_N,
                                         BLOCK_N, s_layout, LAST, MAGIC)
+    if TWO_LEVEL and PING_PONG:
+        p = p.to(gl.float16)  # carried to the next step in half the registers (see to_pv_operand)
     # ptxas hoists a wgmma wait to the top of its basic block, which would put this softmax behind P·V:
     # a branch that is always taken (NQ > 0 here) starts a new block after the softmax
     if NQ > 0:
@@ -192,6 +201,8 @@ def attend_rows(tile_m, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, f
     l_i = gl.zeros([BLOCK_M], gl.float32, s_rows)
     p, m_i, l_i, alpha = online_softmax(s_bits, m_i, l_i, q_scale * gl.load(ks_base), NK, BLOCK_N, s_layout, True,
                                         MAGIC)
+    if TWO_LEVEL and PING_PONG:
+        p = p.to(gl.float16)  # carried to the next step in half the registers (see to_pv_operand)
     acc = o_zero
     for j in range(1, n_tiles - 1):
         p, m_i, l_i, alpha, acc = pipeline_step(

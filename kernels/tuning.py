@@ -122,12 +122,10 @@ def candidates(block_d: int, block_m: int | None = None, family: str = "sm90") -
                   for c in plain if c.num_warps == 4 for r in ((168, 128) if c.block_n == 64 else (168,))]
     if family == "sm90" and block_d in (64, 128) and not block_m:
         # the Gluon kernels (kernels/hopper_attention_kernel.py; FP8 P·V only: elsewhere they fall back to the
-        # portable kernel): one warpgroup per program with two-level accumulation in FP16 tiles, and, accumulating
-        # in place, one warpgroup or two in ping-pong with a producer warp (two-level ping-pong spills beside the
-        # producer's register share); autotuning's accuracy rule decides.
-        plain += [LaunchConfig(64, 128, 4, 3, magic_convert=True, pipelined=True),
-                  LaunchConfig(64, 128, 4, 3, magic_convert=True, pv_direct=True, pipelined=True),
-                  LaunchConfig(64, 128, 4, 4, magic_convert=True, pv_direct=True, pipelined=True, ping_pong=True)]
+        # portable kernel): one warpgroup per program, or two in ping-pong with a producer warp, each with
+        # two-level accumulation in FP16 tiles or accumulating in place; autotuning's accuracy rule decides.
+        plain += [LaunchConfig(64, 128, 4, s, magic_convert=True, pv_direct=direct, pipelined=True, ping_pong=pp)
+                  for s, pp in ((3, False), (4, True)) for direct in (False, True)]
     if family not in ("sm100", "sm120"):
         # Triton 3.6's warp-specialisation pass fails on this kernel for sm90 (an MLIR pipeline error,
         # seen on an H100): offer those pipelines only to Blackwell, where that pass is Triton's default path

@@ -28,6 +28,11 @@ cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 LOG2_FP8_MAX = gl.constexpr(8.807354922057604)  # log2(448): P is scaled into e4m3's range inside its exp2
 MAGIC_I2F_BITS = gl.constexpr(0x4B400000)  # see attention_kernel.py: INT32 scores read as FP32 for free
 MAGIC_I2F = gl.constexpr(12582912.0)
+# four P values -> one register of four FP8 bytes (the P·V A operand), from FP32 or from two f16x2 registers
+P8_FROM_F32 = gl.constexpr("{ .reg .b16 lo, hi;\ncvt.rn.satfinite.e4m3x2.f32 lo, $2, $1;\n"
+                           "cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3;\nmov.b32 $0, {lo, hi}; }")
+P8_FROM_F16X2 = gl.constexpr("{ .reg .b16 lo, hi;\ncvt.rn.satfinite.e4m3x2.f16x2 lo, $1;\n"
+                             "cvt.rn.satfinite.e4m3x2.f16x2 hi, $2;\nmov.b32 $0, {lo, hi}; }")
 
 
 @gluon.jit
@@ -73,18 +78,8 @@ def to_pv_operand(p, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, p_layout: gl.
     # four neighbours of a thread -> one A-operand register, two conversions. P carried across steps in FP16
     # (two-level ping-pong, whose FP32 P spilled beside the producer warp) arrives as two f16x2 registers.
     if p.dtype == gl.float16:
-        return gl.inline_asm_elementwise(
-            "{ .reg .b16 lo, hi;\n"
-            "cvt.rn.satfinite.e4m3x2.f16x2 lo, $1;\n"
-            "cvt.rn.satfinite.e4m3x2.f16x2 hi, $2;\n"
-            "mov.b32 $0, {lo, hi}; }",
-            "=r,r,r", [p], dtype=gl.float8e4nv, is_pure=True, pack=4)
-    return gl.inline_asm_elementwise(
-        "{ .reg .b16 lo, hi;\n"
-        "cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1;\n"
-        "cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3;\n"
-        "mov.b32 $0, {lo, hi}; }",
-        "=r,r,r,r,r", [p], dtype=gl.float8e4nv, is_pure=True, pack=4)
+        return gl.inline_asm_elementwise(P8_FROM_F16X2, "=r,r,r", [p], dtype=gl.float8e4nv, is_pure=True, pack=4)
+    return gl.inline_asm_elementwise(P8_FROM_F32, "=r,r,r,r,r", [p], dtype=gl.float8e4nv, is_pure=True, pack=4)
 
 
 @gluon.jit

@@ -168,7 +168,7 @@ def sage_attention_fwd_kernel(
     v_base = V + b * stride_vb + (h // KV_GROUP) * stride_vh
     v8_base = V8 + bh_kv * BLOCK_D * v_padded
     v_mean = tl.zeros((BLOCK_D,), tl.float32)
-    if SMOOTH_V:
+    if SMOOTH_V and not PV_FP8:  # the FP16 path subtracts V's mean from every V tile; FP8 V was stored smoothed
         v_mean = tl.load(V_MEAN + bh_kv * BLOCK_D + offs_d)
     V_DTYPE: tl.constexpr = V.dtype.element_ty
     # the unmasked bulk of the keys, optionally warp-specialised (producer/consumer warps on Blackwell). (Issuing
@@ -190,8 +190,8 @@ def sage_attention_fwd_kernel(
     if PV_FP8:
         v_scale = tl.load(V_SCALE + bh_kv * BLOCK_D + offs_d)
         out = out * v_scale[None, :]
-    if SMOOTH_V:
-        out = out + v_mean[None, :]
+    if SMOOTH_V:  # the output shift (launch.output_shift), loaded here: no registers held across the loop
+        out = out + tl.load(V_MEAN + bh_kv * BLOCK_D + offs_d)[None, :]
     o_mask = row_valid[:, None] & d_valid[None, :]
     o_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=o_mask)

@@ -53,9 +53,10 @@ def descriptor(t: torch.Tensor, block: list[int], dtype) -> "TensorDescriptor":
 
 
 def launch(qz: dict, out: torch.Tensor, lse: torch.Tensor, bad: torch.Tensor, *, heads: int, kv_heads: int,
-           q_group: int, smooth_v: bool, return_lse: bool, config: LaunchConfig) -> None:
+           q_group: int, v_shift, return_lse: bool, config: LaunchConfig) -> None:
     """One warpgroup per (query tile of 64 rows, batch·head), as the portable kernel's grid with BLOCK_M = 64;
-    the ping-pong kernel puts two of them in a program."""
+    the ping-pong kernel puts two of them in a program. v_shift: None or the [B·HK, D] vector added to the
+    output (launch.output_shift)."""
     q8, k8, v8 = qz["q8"], qz["k8"], qz["v8"]
     bh, nq, block_d = q8.shape
     nk = k8.shape[1]
@@ -65,9 +66,9 @@ def launch(qz: dict, out: torch.Tensor, lse: torch.Tensor, bad: torch.Tensor, *,
     v_desc = descriptor(v8.view(-1, v8.shape[-1]), [block_d, bn], gl.float8e4nv)
     q_tiles = -(-nq // bm)
     common = (q_desc, k_desc, v_desc, qz["q_scale"], qz["k_scale"], qz["v_scale"],
-              qz["v_mean"] if smooth_v else qz["v_scale"], out, lse, bad, *out.stride(),
+              v_shift if v_shift is not None else qz["v_scale"], out, lse, bad, *out.stride(),
               heads, heads // kv_heads, nq, nk, qz["q_scale"].shape[-1], qz["k_scale"].shape[-1])
-    meta = kernel_constants(config, block_d, q_group, smooth_v, return_lse)
+    meta = kernel_constants(config, block_d, q_group, v_shift is not None, return_lse)
     if config.ping_pong:
         sage_fwd_sm90_pingpong_kernel[(-(-q_tiles // 2), bh)](*common, q_tiles, **meta,
                                                               num_warps=config.num_warps)

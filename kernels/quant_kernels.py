@@ -128,7 +128,7 @@ def pv_key_slot(n):
 
 @triton.jit
 def quantize_qkv_kernel(
-    Q, K, V, PARTS, Q8, Q_SCALE, K8, K_SCALE, V8, V_SCALE, K_MEAN, V_MEAN,
+    Q, K, V, PARTS, Q8, Q_SCALE, K8, K_SCALE, V8, V_SCALE, K_MEAN, V_MEAN, V_ERR,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -145,7 +145,9 @@ def quantize_qkv_kernel(
     2: V -> with PV_FP8, FP8 e4m3 codes stored transposed [BHK, BLOCK_D, v_padded] (the K-major operand
        FP8 tensor-core dots want) with per-channel scales; the first program writes the scales and, with
        SMOOTH_V, the mean that the attention kernel adds back. PV_KEY_ORDER stores the keys of every
-       32 in the order the Hopper kernel's P operand comes in (pv_key_slot).
+       32 in the order the Hopper kernel's P operand comes in (pv_key_slot). Every program also writes the
+       sum of its rows' FP8 rounding errors per channel into V_ERR [BHK, programs, BLOCK_D] (see
+       launch.output_shift: their mean is taken off the output).
     Means and ranges come from kv_stats_kernel's partial statistics, finished here."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -187,6 +189,8 @@ def quantize_qkv_kernel(
                                      stride_vd, NK, D)
                 v = tl.where(valid, v - mean[None, :], 0.0)
                 codes = to_fp8_e4m3(v / scale[None, :], FP8_ROUND_IN_FP32)
+                rounding = tl.where(valid, codes.to(tl.float32) * scale[None, :] - v, 0.0)
+                tl.store(V_ERR + (bh * tl.num_programs(0) + pid) * BLOCK_D + offs_d, tl.sum(rounding, axis=0))
                 slot_n = pv_key_slot(offs_n) if PV_KEY_ORDER else offs_n
                 tl.store(V8 + (bh * BLOCK_D + offs_d[None, :]) * v_padded + slot_n[:, None], codes,
                          mask=offs_n[:, None] < v_padded)

@@ -127,6 +127,31 @@ def test_smooth_v_adds_mean_back(kernel):
     assert attention_error(out, exact(q, k, v))["cosine"] >= EXACT_BOUNDS[kernel][0]
 
 
+@pytest.mark.parametrize("key", [None, "m64n128w4s3mcgp", "m64n128w4s4mcpdgppp"])
+@pytest.mark.parametrize("smooth_v", [False, True])
+def test_uniform_attention_returns_the_mean_of_v(key, smooth_v):
+    """With uniform attention (Q = 0) every output row is V's mean over the keys. FP8 V rounds each value
+    with an error whose mean over the keys does not vanish; the kernels take that mean off the output
+    (launch.output_shift), so the output is V's mean up to the accumulation's own rounding: to FP32 precision in
+    the interpreter; on an H200 1e-4 (portable), 3e-5 (in place) and 6e-4 (FP16 tiles) against a bias of 8e-3."""
+    lc = tuning.LaunchConfig.from_key(key) if key else None
+    if lc is not None and not HOPPER:
+        pytest.skip(NO_HOPPER)
+    nk = 4096 if DEVICE == "cuda" else 300
+    _, k, v = inputs(1, 2, 2, 64, nk, 128, torch.float32, seed=9)
+    v = v + 2.0 * torch.randn(1, 2, 1, 128, generator=torch.Generator().manual_seed(10)).to(v)
+    q = torch.zeros(1, 2, 64, 128, device=DEVICE)
+    out, _, bad = run_kernel(q, k, v, SageConfig(kernel="int8_fp8", smooth_v=smooth_v), launch_cfg=lc)
+    mean = v.double().mean(2, keepdim=True)
+    error = (out.double() - mean).abs().max().item()
+    vs = v.double() - (mean if smooth_v else 0)
+    scale = vs.abs().amax(2, keepdim=True) / 448
+    bias = ((vs / scale).float().to(torch.float8_e4m3fn).double() * scale - vs).mean(2).abs().max().item()
+    assert int(bad.sum()) == 0
+    assert bias > 2e-4  # what the output would carry without the shift
+    assert error < (2e-5 if DEVICE == "cpu" else 0.25 * bias), (error, bias)
+
+
 def test_key_padding_bias_inside_kernel():
     # per-token K scales, so that masked keys share no scale with the keys that count
     cfg = SageConfig(kernel="int8_fp16", qk_granularity="per_thread")

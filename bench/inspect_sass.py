@@ -35,7 +35,7 @@ def compile_attention(pv: str, d: int, m: int, n: int, warps: int, stages: int, 
 
     fp8 = pv == "fp8"
     sig, constexprs = {}, {}
-    pointers = ["Q8", "Q_SCALE", "K8", "K_SCALE", "V", "V8", "V_SCALE", "V_MEAN", "BIAS", "OUT", "LSE", "BAD"]
+    pointers = ["Q8", "Q_SCALE", "K8", "K_SCALE", "V", "V8", "V_SCALE", "V_SHIFT", "BIAS", "OUT", "LSE", "BAD"]
     ptypes = {"Q8": "*i8", "K8": "*i8", "V": "*bf16", "V8": "*fp8e4nv", "OUT": "*bf16", "BAD": "*i32"}
     for name in fn.arg_names:
         if name in pointers:
@@ -44,7 +44,7 @@ def compile_attention(pv: str, d: int, m: int, n: int, warps: int, stages: int, 
             continue
         else:
             sig[name] = "i32"
-    const_values = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_D=d, Q_GROUP=16, K_GROUP=n, PV_FP8=fp8, SMOOTH_V=False,
+    const_values = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_D=d, Q_GROUP=16, K_GROUP=n, PV_FP8=fp8, SHIFT_V=False,
                         IS_CAUSAL=False, HAS_BIAS=False, RETURN_LSE=False, BF16_DOT_IN_FP32=False,
                         FP8_ROUND_IN_FP32=False, EVEN_D=True, WARP_SPECIALIZE=False, MAGIC_CONVERT=True,
                         PV_DIRECT=False)

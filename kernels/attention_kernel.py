@@ -43,7 +43,7 @@ def tile_scores(q8, k_base, start_n, offs_d, NK, BLOCK_N: tl.constexpr, BLOCK_D:
 def softmax_pv(acc, m_i, l_i, qk, q_scale, start_n, offs_m, offs_d, d_valid, ks_base, bias_base, v_base,
                v8_base, v_mean, stride_vn, stride_vd, NK, v_padded,
                BLOCK_N: tl.constexpr, K_GROUP: tl.constexpr, MASKED: tl.constexpr,
-               PV_FP8: tl.constexpr, SMOOTH_V: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+               PV_FP8: tl.constexpr, SHIFT_V: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                BF16_DOT_IN_FP32: tl.constexpr, FP8_ROUND_IN_FP32: tl.constexpr, V_DTYPE: tl.constexpr,
                MAGIC_CONVERT: tl.constexpr, PV_DIRECT: tl.constexpr):
     """The online-softmax update of one key tile from its raw products `qk`, then P·V. MASKED tiles (the
@@ -110,7 +110,7 @@ def softmax_pv(acc, m_i, l_i, qk, q_scale, start_n, offs_m, offs_d, d_valid, ks_
             v = tl.load(v_ptrs, mask=n_valid[:, None] & d_valid[None, :], other=0.0)
         else:
             v = tl.load(v_ptrs, mask=d_valid[None, :], other=0.0)
-        if SMOOTH_V:
+        if SHIFT_V:
             v = (v.to(tl.float32) - v_mean[None, :]).to(V_DTYPE)
         if V_DTYPE == tl.float32:
             acc += tl.dot(p, v)
@@ -124,14 +124,14 @@ def softmax_pv(acc, m_i, l_i, qk, q_scale, start_n, offs_m, offs_d, d_valid, ks_
 
 @triton.jit
 def sage_attention_fwd_kernel(
-    Q8, Q_SCALE, K8, K_SCALE, V, V8, V_SCALE, V_MEAN, BIAS, OUT, LSE, BAD,
+    Q8, Q_SCALE, K8, K_SCALE, V, V8, V_SCALE, V_SHIFT, BIAS, OUT, LSE, BAD,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_bias_b, stride_bias_h,
     H, KV_GROUP, NQ, NK, D, q_groups, k_groups, v_padded,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     Q_GROUP: tl.constexpr, K_GROUP: tl.constexpr,
-    PV_FP8: tl.constexpr, SMOOTH_V: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    PV_FP8: tl.constexpr, SHIFT_V: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_BIAS: tl.constexpr, RETURN_LSE: tl.constexpr, BF16_DOT_IN_FP32: tl.constexpr,
     FP8_ROUND_IN_FP32: tl.constexpr, EVEN_D: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     MAGIC_CONVERT: tl.constexpr, PV_DIRECT: tl.constexpr,
@@ -168,8 +168,8 @@ def sage_attention_fwd_kernel(
     v_base = V + b * stride_vb + (h // KV_GROUP) * stride_vh
     v8_base = V8 + bh_kv * BLOCK_D * v_padded
     v_mean = tl.zeros((BLOCK_D,), tl.float32)
-    if SMOOTH_V and not PV_FP8:  # the FP16 path subtracts V's mean from every V tile; FP8 V was stored smoothed
-        v_mean = tl.load(V_MEAN + bh_kv * BLOCK_D + offs_d)
+    if SHIFT_V and not PV_FP8:  # the FP16 path subtracts V's mean from every V tile; FP8 V was stored smoothed
+        v_mean = tl.load(V_SHIFT + bh_kv * BLOCK_D + offs_d)
     V_DTYPE: tl.constexpr = V.dtype.element_ty
     # the unmasked bulk of the keys, optionally warp-specialised (producer/consumer warps on Blackwell). (Issuing
     # the next tile's Q·Kᵀ before this tile's softmax, by hand, made Triton 3.6 wait on every wgmma: slower.)
@@ -177,21 +177,21 @@ def sage_attention_fwd_kernel(
         qk = tile_scores(q8, k_base, start_n, offs_d, NK, BLOCK_N, BLOCK_D, False, MAGIC_CONVERT)
         acc, m_i, l_i = softmax_pv(
             acc, m_i, l_i, qk, q_scale, start_n, offs_m, offs_d, d_valid, ks_base, bias_base, v_base,
-            v8_base, v_mean, stride_vn, stride_vd, NK, v_padded, BLOCK_N, K_GROUP, False, PV_FP8, SMOOTH_V,
+            v8_base, v_mean, stride_vn, stride_vd, NK, v_padded, BLOCK_N, K_GROUP, False, PV_FP8, SHIFT_V,
             IS_CAUSAL, HAS_BIAS, BF16_DOT_IN_FP32, FP8_ROUND_IN_FP32, V_DTYPE, MAGIC_CONVERT, PV_DIRECT)
     for start_n in range(full_hi, hi, BLOCK_N):  # the ragged tail and the causal diagonal
         qk = tile_scores(q8, k_base, start_n, offs_d, NK, BLOCK_N, BLOCK_D, True, MAGIC_CONVERT)
         acc, m_i, l_i = softmax_pv(
             acc, m_i, l_i, qk, q_scale, start_n, offs_m, offs_d, d_valid, ks_base, bias_base, v_base,
-            v8_base, v_mean, stride_vn, stride_vd, NK, v_padded, BLOCK_N, K_GROUP, True, PV_FP8, SMOOTH_V,
+            v8_base, v_mean, stride_vn, stride_vd, NK, v_padded, BLOCK_N, K_GROUP, True, PV_FP8, SHIFT_V,
             IS_CAUSAL, HAS_BIAS, BF16_DOT_IN_FP32, FP8_ROUND_IN_FP32, V_DTYPE, MAGIC_CONVERT, PV_DIRECT)
 
     out = acc / l_i[:, None]
     if PV_FP8:
         v_scale = tl.load(V_SCALE + bh_kv * BLOCK_D + offs_d)
         out = out * v_scale[None, :]
-    if SMOOTH_V:  # the output shift (launch.output_shift), loaded here: no registers held across the loop
-        out = out + tl.load(V_MEAN + bh_kv * BLOCK_D + offs_d)[None, :]
+    if SHIFT_V:  # the output shift (launch.output_shift), loaded here: no registers held across the loop
+        out = out + tl.load(V_SHIFT + bh_kv * BLOCK_D + offs_d)[None, :]
     o_mask = row_valid[:, None] & d_valid[None, :]
     o_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=o_mask)

@@ -148,10 +148,10 @@ def pipeline_step(j, p_prev, m_i, l_i, alpha_prev, acc, q_smem, k_smem, v_smem, 
 
 @gluon.jit
 def attend_rows(tile_m, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, full_bars, empty_bars, turn_wait,
-                turn_signal, Q_SCALE, K_SCALE, V_SCALE, V_MEAN, OUT, LSE, BAD, stride_ob, stride_oh, stride_on,
+                turn_signal, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh, stride_on,
                 stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles,
                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, Q_GROUP: gl.constexpr,
-                STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, PING_PONG: gl.constexpr, SMOOTH_V: gl.constexpr,
+                STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, PING_PONG: gl.constexpr, SHIFT_V: gl.constexpr,
                 RETURN_LSE: gl.constexpr, MAGIC: gl.constexpr):
     """One warpgroup's work: query rows tile_m·BLOCK_M .. +BLOCK_M of one (batch, head) against every key
     tile, then the output, its non-finite flag and the LSE."""
@@ -223,8 +223,8 @@ def attend_rows(tile_m, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, f
     offs_d = gl.arange(0, BLOCK_D, layout=o_cols)
     out = acc * gl.expand_dims(gl.convert_layout(1.0 / l_i, o_rows), 1)
     out = out * gl.expand_dims(gl.load(V_SCALE + bh_kv * BLOCK_D + offs_d), 0)
-    if SMOOTH_V:
-        out = out + gl.expand_dims(gl.load(V_MEAN + bh_kv * BLOCK_D + offs_d), 0)
+    if SHIFT_V:
+        out = out + gl.expand_dims(gl.load(V_SHIFT + bh_kv * BLOCK_D + offs_d), 0)
     rows = row0 + gl.arange(0, BLOCK_M, layout=o_rows)
     o_mask = gl.expand_dims(rows < NQ, 1) & gl.expand_dims(offs_d < BLOCK_D, 0)
     o_ptrs = (OUT + b * stride_ob + h * stride_oh + gl.expand_dims(rows, 1) * stride_on
@@ -250,11 +250,11 @@ def ring_barriers(STAGES: gl.constexpr, ARRIVALS: gl.constexpr):
 
 @gluon.jit
 def sage_fwd_sm90_kernel(
-    q_desc, k_desc, v_desc, Q_SCALE, K_SCALE, V_SCALE, V_MEAN, OUT, LSE, BAD,
+    q_desc, k_desc, v_desc, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD,
     stride_ob, stride_oh, stride_on, stride_od,
     H, KV_GROUP, NQ, NK, q_groups, k_groups,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, Q_GROUP: gl.constexpr,
-    STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, SMOOTH_V: gl.constexpr, RETURN_LSE: gl.constexpr,
+    STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, SHIFT_V: gl.constexpr, RETURN_LSE: gl.constexpr,
     MAGIC: gl.constexpr,
 ):
     """One warpgroup per program, BLOCK_M = 64 query rows; it issues its own TMA loads STAGES tiles ahead."""
@@ -270,18 +270,18 @@ def sage_fwd_sm90_kernel(
     for s in gl.static_range(STAGES):
         issue_kv_load(k_desc, v_desc, k_smem, v_smem, full_bars, s, s, bh_kv, NK, s < n_tiles, BLOCK_N, BLOCK_D)
     attend_rows(gl.program_id(0), q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, full_bars, empty_bars,
-                q_bar, q_bar, Q_SCALE, K_SCALE, V_SCALE, V_MEAN, OUT, LSE, BAD, stride_ob, stride_oh, stride_on,
+                q_bar, q_bar, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh, stride_on,
                 stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, gl.num_programs(0), BLOCK_M, BLOCK_N, BLOCK_D,
-                Q_GROUP, STAGES, TWO_LEVEL, False, SMOOTH_V, RETURN_LSE, MAGIC)
+                Q_GROUP, STAGES, TWO_LEVEL, False, SHIFT_V, RETURN_LSE, MAGIC)
 
 
 @gluon.jit
 def consume(meta: gl.constexpr, tile_m, q_smem, q_bar, q_desc, k_desc, v_desc, k_smem, v_smem, full_bars, empty_bars,
-            turn_wait, turn_signal, Q_SCALE, K_SCALE, V_SCALE, V_MEAN, OUT, LSE, BAD, stride_ob, stride_oh, stride_on,
+            turn_wait, turn_signal, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh, stride_on,
             stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles):
     """A consumer warpgroup of the ping-pong kernel (meta: the kernel's constants, in its argument order)."""
     attend_rows(tile_m, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, full_bars, empty_bars, turn_wait,
-                turn_signal, Q_SCALE, K_SCALE, V_SCALE, V_MEAN, OUT, LSE, BAD, stride_ob, stride_oh, stride_on,
+                turn_signal, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh, stride_on,
                 stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, meta[0], meta[1], meta[2], meta[3],
                 meta[4], meta[5], True, meta[6], meta[7], meta[8])
 
@@ -303,11 +303,11 @@ def load_kv_ring(k_desc, v_desc, k_smem, v_smem, full_bars, empty_bars, H, KV_GR
 
 @gluon.jit
 def sage_fwd_sm90_pingpong_kernel(
-    q_desc, k_desc, v_desc, Q_SCALE, K_SCALE, V_SCALE, V_MEAN, OUT, LSE, BAD,
+    q_desc, k_desc, v_desc, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD,
     stride_ob, stride_oh, stride_on, stride_od,
     H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, Q_GROUP: gl.constexpr,
-    STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, SMOOTH_V: gl.constexpr, RETURN_LSE: gl.constexpr,
+    STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, SHIFT_V: gl.constexpr, RETURN_LSE: gl.constexpr,
     MAGIC: gl.constexpr, CONSUMER_REGS: gl.constexpr,
 ):
     """Two consumer warpgroups (query tiles 2·pid and 2·pid+1 of BLOCK_M rows) sharing one K/V ring that a
@@ -327,9 +327,9 @@ def sage_fwd_sm90_pingpong_kernel(
     mbarrier.arrive(turn0)  # consumer 0 goes first
     # compile-time values cross into partitions only inside a constexpr tuple (elements of a plain tuple are
     # turned into tensors)
-    meta: gl.constexpr = (BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP, STAGES, TWO_LEVEL, SMOOTH_V, RETURN_LSE, MAGIC)
+    meta: gl.constexpr = (BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP, STAGES, TWO_LEVEL, SHIFT_V, RETURN_LSE, MAGIC)
     runtime = (q_desc, k_desc, v_desc, k_smem, v_smem, full_bars, empty_bars)
-    scalars = (Q_SCALE, K_SCALE, V_SCALE, V_MEAN, OUT, LSE, BAD, stride_ob, stride_oh, stride_on, stride_od, H,
+    scalars = (Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh, stride_on, stride_od, H,
                KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles)
     gl.warp_specialize([
         (consume, (meta, 2 * gl.program_id(0), q_smem.index(0), q_bars.index(0)) + runtime + (turn0, turn1)

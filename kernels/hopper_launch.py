@@ -36,10 +36,10 @@ def serves(device: torch.device, *, config: LaunchConfig, pv_fp8: bool, is_causa
             and torch.cuda.get_device_capability(device) == (9, 0))
 
 
-def kernel_constants(config: LaunchConfig, block_d: int, q_group: int, smooth_v: bool, return_lse: bool) -> dict:
+def kernel_constants(config: LaunchConfig, block_d: int, q_group: int, shift_v: bool, return_lse: bool) -> dict:
     """The compile-time arguments a configuration gives its Gluon kernel (the launch and compile_for_sm90)."""
     constants = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, Q_GROUP=q_group,
-                     STAGES=config.num_stages, TWO_LEVEL=not config.pv_direct, SMOOTH_V=smooth_v,
+                     STAGES=config.num_stages, TWO_LEVEL=not config.pv_direct, SHIFT_V=shift_v,
                      RETURN_LSE=return_lse, MAGIC=config.magic_convert)
     if config.ping_pong:
         constants["CONSUMER_REGS"] = CONSUMER_REGISTERS
@@ -78,7 +78,7 @@ def launch(qz: dict, out: torch.Tensor, lse: torch.Tensor, bad: torch.Tensor, *,
             **({"maxnreg": config.max_registers} if config.max_registers else {}))
 
 
-POINTER_ARGS = ("Q_SCALE", "K_SCALE", "V_SCALE", "V_MEAN", "OUT", "LSE", "BAD")
+POINTER_ARGS = ("Q_SCALE", "K_SCALE", "V_SCALE", "V_SHIFT", "OUT", "LSE", "BAD")
 
 
 def compile_for_sm90(config: LaunchConfig, head_dim: int):
@@ -92,7 +92,7 @@ def compile_for_sm90(config: LaunchConfig, head_dim: int):
     m, n, d = config.block_m, config.block_n, head_dim
     descs = {"q_desc": ("i8", [m, d], gl.int8), "k_desc": ("i8", [n, d], gl.int8),
              "v_desc": ("fp8e4nv", [d, n], gl.float8e4nv)}
-    consts = {**kernel_constants(config, d, 16, smooth_v=False, return_lse=False), "stride_od": 1}
+    consts = {**kernel_constants(config, d, 16, shift_v=False, return_lse=False), "stride_od": 1}
     sig, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in descs:

@@ -180,7 +180,7 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
             *v.stride(), *out.stride(), *bias_strides,
             H, H // HK, NQ, NK, D, qz["q_scale"].shape[-1], k_scale.shape[-1], qz["v_padded"],
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, Q_GROUP=q_group, K_GROUP=k_group,
-            PV_FP8=pv_fp8, SMOOTH_V=v_shift is not None, IS_CAUSAL=is_causal, HAS_BIAS=bias is not None,
+            PV_FP8=pv_fp8, SHIFT_V=v_shift is not None, IS_CAUSAL=is_causal, HAS_BIAS=bias is not None,
             RETURN_LSE=return_lse, BF16_DOT_IN_FP32=interpreting() and v.dtype == torch.bfloat16,
             FP8_ROUND_IN_FP32=interpreting(), EVEN_D=D == block_d, WARP_SPECIALIZE=config.warp_specialize,
             MAGIC_CONVERT=config.magic_convert, PV_DIRECT=config.pv_direct,

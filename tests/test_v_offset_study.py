@@ -1,6 +1,7 @@
 """V smoothing for FP8 P·V in exact arithmetic (bench/v_offset_study.py, the pure-PyTorch reference): with a large
-per-channel offset in V it brings the error down to what bf16 output rounding allows; on zero-mean V it costs a
-little. The GPU figures in bench/NOTES.md rest on this split."""
+per-channel offset in V it brings the error down to what bf16 output rounding allows; on zero-mean V it costs
+nothing now that the mean of V's FP8 rounding error comes off the output (before that it cost 4% at 4k keys and
+16% on the GPU at 32k). The GPU figures in bench/NOTES.md rest on this split."""
 import importlib.util
 from pathlib import Path
 
@@ -13,11 +14,10 @@ def study_module():
     return module
 
 
-def test_smoothing_pays_with_an_offset_and_costs_a_little_without():
+def test_smoothing_pays_with_an_offset_and_costs_nothing_without():
     zero, large = study_module().study(1024, [0.0, 8.0])
-    # zero-mean V: smoothing changes little (its cost grows with length: +4% at 4k and 8k keys, +16% on the GPU
-    # at 32k; at 1k keys it is +4% with this seed)
-    assert zero["smooth_True"]["rel_l1"] <= 1.15 * zero["smooth_False"]["rel_l1"]
+    # zero-mean V: smoothing changes nothing beyond noise (0.0350 plain, 0.0351 smoothed with this seed)
+    assert zero["smooth_True"]["rel_l1"] <= 1.02 * zero["smooth_False"]["rel_l1"]
     # an 8σ offset: smoothed, the error of the output's varying part is near the bf16 rounding floor; plain is not
     floor = large["bf16_floor_centred"]
     assert large["smooth_True"]["rel_l1_centred"] <= 1.1 * floor

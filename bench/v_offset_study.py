@@ -2,7 +2,7 @@
 needed), as a per-channel offset in V grows: where smoothing helps, where it costs, and how much of the error
 the usual relative metric hides under the offset. The reference takes the mean of V's FP8 rounding error off the
 output, as the kernels do (kernels/launch.output_shift); without that, smoothing cost accuracy on zero-mean V
-(0.0388 -> 0.0401 at 4k keys, 0.0398 -> 0.0469 at 32k).
+(0.0388 -> 0.0401 at 4k keys; 0.0398 -> 0.0469 at 32k keys with 256 queries).
 
     python bench/v_offset_study.py [--n 4096] [--offsets 0 0.05 0.1 0.3 1 8]
 

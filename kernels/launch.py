@@ -89,8 +89,9 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
         out["k_mean"] if smooth_k else dummy, out["v_mean"] if smooth_v else dummy, v_err if pv_fp8 else dummy,
         *q.stride(), *k.stride(), *v.stride(),
         B * H, B * HK, H, HK, NQ, NK, D, n_chunks, out["q_scale"].shape[-1], out["k_scale"].shape[-1], v_padded,
-        float(q_multiplier), float(v_code_max), ROWS=rows, Q_GROUP=q_group, K_GROUP=k_group, BLOCK_D=block_d, SMOOTH_K=smooth_k,
-        SMOOTH_V=smooth_v, PV_FP8=pv_fp8, FP8_ROUND_IN_FP32=interpreting(), PV_KEY_ORDER=pv_key_order)
+        float(q_multiplier), float(v_code_max), ROWS=rows, Q_GROUP=q_group, K_GROUP=k_group, BLOCK_D=block_d,
+        SMOOTH_K=smooth_k, SMOOTH_V=smooth_v, PV_FP8=pv_fp8, FP8_ROUND_IN_FP32=interpreting(),
+        PV_KEY_ORDER=pv_key_order)
     return out
 
 
@@ -199,5 +200,5 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
     return (lse if return_lse else None), bad
 
 
-__all__ = ["output_shift", "padded_head_dim", "quant_groups", "quantize_qkv", "quantize_int8", "runs_hopper_kernel", "sage_forward",
-           "LOG2E"]
+__all__ = ["output_shift", "padded_head_dim", "quant_groups", "quantize_qkv", "quantize_int8", "runs_hopper_kernel",
+           "sage_forward", "LOG2E"]

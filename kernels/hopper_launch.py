@@ -36,10 +36,23 @@ def serves(device: torch.device, *, config: LaunchConfig, pv_fp8: bool, is_causa
             and torch.cuda.get_device_capability(device) == (9, 0))
 
 
+# Largest FP8 V code when each key tile's P·V lands in an FP16 accumulator (two-level accumulation): P ≤ 448, so
+# 128 keys × 448 × 0.875 = 50176 stays under FP16's 65504. 0.875 = 448 / 2^9: the codes are the usual ones times
+# 2^-9 (the same rounding), except below 2^-6, e4m3's smallest normal, i.e. for values under 1.8% of a channel's
+# range.
+FP16_TILE_V_CODE_MAX = 448.0 / 512
+
+
+def two_level(config: LaunchConfig) -> bool:
+    """Whether the Gluon kernel of this configuration accumulates P·V per tile in FP16 (its FP8 V codes then
+    stay within FP16_TILE_V_CODE_MAX), else in place."""
+    return not config.pv_direct
+
+
 def kernel_constants(config: LaunchConfig, block_d: int, q_group: int, shift_v: bool, return_lse: bool) -> dict:
     """The compile-time arguments a configuration gives its Gluon kernel (the launch and compile_for_sm90)."""
     constants = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, Q_GROUP=q_group,
-                     STAGES=config.num_stages, TWO_LEVEL=not config.pv_direct, SHIFT_V=shift_v,
+                     STAGES=config.num_stages, TWO_LEVEL=two_level(config), SHIFT_V=shift_v,
                      RETURN_LSE=return_lse, MAGIC=config.magic_convert)
     if config.ping_pong:
         constants["CONSUMER_REGS"] = CONSUMER_REGISTERS

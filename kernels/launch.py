@@ -21,11 +21,6 @@ MAX_STATS_CHUNKS = 16  # partial-statistics rows per head, finished inside each 
 QUANT_ROWS = 128
 V_PAD = 128  # FP8 V rows padded to a multiple of this, so every tile load is in bounds and aligned
 FP8_E4M3_MAX = 448.0
-# Largest FP8 V code when each key tile's P·V lands in an FP16 accumulator (the Hopper kernel's two-level
-# accumulation): P ≤ 448, so 128 keys × 448 × 0.875 = 50176 stays under FP16's 65504. 0.875 = 448 / 2^9: the
-# codes are the usual ones times 2^-9 (the same rounding), except below 2^-6, e4m3's smallest normal, i.e.
-# for values under 1.8% of a channel's range.
-FP16_TILE_V_CODE_MAX = FP8_E4M3_MAX / 512
 
 
 def padded_head_dim(d: int) -> int:
@@ -156,10 +151,10 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
 
     pipelined = runs_hopper_kernel(q, k, config=config, k_group=k_group, pv_fp8=pv_fp8, is_causal=is_causal,
                                    has_bias=bias is not None)
-    fp16_tiles = pipelined and not config.pv_direct
+    fp16_tiles = pipelined and hopper_launch.two_level(config)
     qz = quantize_qkv(q, k, v, q_group=q_group, k_group=k_group, block_d=block_d, q_multiplier=sm_scale * LOG2E,
                       smooth_k=smooth_k, smooth_v=smooth_v, pv_fp8=pv_fp8, pv_key_order=pipelined,
-                      v_code_max=FP16_TILE_V_CODE_MAX if fp16_tiles else FP8_E4M3_MAX)
+                      v_code_max=hopper_launch.FP16_TILE_V_CODE_MAX if fp16_tiles else FP8_E4M3_MAX)
     k_scale, k_mean = qz["k_scale"], qz["k_mean"]
     v_shift = output_shift(qz, NK)
     v8, v_scale = (qz["v8"], qz["v_scale"]) if pv_fp8 else (k_scale, k_scale)

@@ -179,7 +179,6 @@ def attend_rows(tile_m, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, f
     q_scale = gl.load(Q_SCALE + bh * q_groups + offs_m // Q_GROUP, mask=offs_m < NQ, other=1.0)
     ks_base = K_SCALE + bh_kv * k_groups
     seed = gl.full([BLOCK_M, BLOCK_N], MAGIC_I2F_BITS if MAGIC else 0, gl.int32, s_layout)
-    o_zero = gl.zeros([BLOCK_M, BLOCK_D], gl.float32, o_layout)
     # two-level: each tile's P·V in an FP16 accumulator (half the registers of FP32), folded into FP32
     tile_zero = gl.zeros([BLOCK_M, BLOCK_D], gl.float16, o_layout)
 
@@ -198,7 +197,7 @@ def attend_rows(tile_m, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, f
                                         MAGIC)
     if TWO_LEVEL and PING_PONG:
         p = p.to(gl.float16)  # carried to the next step in half the registers (see to_pv_operand)
-    acc = o_zero
+    acc = gl.zeros([BLOCK_M, BLOCK_D], gl.float32, o_layout)
     for j in range(1, n_tiles - 1):
         p, m_i, l_i, alpha, acc = pipeline_step(
             j, p, m_i, l_i, alpha, acc, q_smem, k_smem, v_smem, full_bars, empty_bars, turn_wait, turn_signal, k_desc,

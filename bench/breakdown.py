@@ -1,54 +1,87 @@
-"""Where one Sage call's time goes on this GPU: the quantization launches alone, the whole call, and
-PyTorch's SDPA on the same inputs (back-to-back timing, as in a model forward).
+"""Where one Sage call's time goes on this GPU: the quantization launches alone, the whole call, every kernel
+the call launches (device time from PyTorch's profiler), and PyTorch's SDPA on the same inputs (back-to-back
+timing, as in a model forward).
 
-    python bench/breakdown.py [--shapes flux_1024px wan21_480p_81f] [--out breakdown.json]
+    python bench/breakdown.py [--shapes flux_1024px wan21_480p_81f] [--configs KEY ...] [--out breakdown.json]
+
+Without --configs each shape runs with the launch configuration the tuning table gives it, for FP8 and FP16
+P·V; with --configs, FP8 P·V with each named LaunchConfig key (see bench/compare_configs.py).
 """
 from __future__ import annotations
 
 import argparse
 import json
+from collections import defaultdict
 
 import torch
 
-from sage_attention_pack.kernels import launch
+from sage_attention_pack.kernels import launch, tuning
 from sage_attention_pack.sage_core import backend, bench
 from sage_attention_pack.sage_core.config import SageConfig
 from sage_attention_pack.sage_core.timing import median_ms
 
+PROFILED_CALLS = 5
 
-def breakdown(shape, pv: str) -> dict:
+
+def kernel_ms(call) -> dict:
+    """Mean device milliseconds per call of every kernel that call() launches, by kernel name."""
+    call()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(PROFILED_CALLS):
+            call()
+        torch.cuda.synchronize()
+    per_kernel = defaultdict(float)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[event.name[:80]] += event.device_time / 1e3 / PROFILED_CALLS
+    return dict(sorted(per_kernel.items(), key=lambda kv: -kv[1]))
+
+
+def breakdown(shape, pv: str, launch_config=None) -> dict:
     b, h, n, d = shape
     q, k, v = bench.model_shaped_inputs(b, h, n, d, torch.bfloat16, "cuda")
     config = SageConfig(kernel="int8_fp8" if pv == "fp8" else "int8_fp16")
     block_d = launch.padded_head_dim(d)
-    cfg = backend.tuning_for(q.device, pv, block_d, None, n, n, str(q.dtype), False)
+    cfg = launch_config or backend.tuning_for(q.device, pv, block_d, None, n, n, str(q.dtype), False)
     q_group, k_group = launch.quant_groups(config.q_group_rows, config.k_group_rows, cfg)
     quant = median_ms(lambda: launch.quantize_qkv(
         q, k, v, q_group=q_group, k_group=k_group, block_d=block_d, q_multiplier=d ** -0.5 * launch.LOG2E,
         smooth_k=config.smooth_k, smooth_v=config.smooth_v, pv_fp8=pv == "fp8"), warmup=2)
-    whole = median_ms(lambda: backend.run(q, k, v, layout="HND", sm_scale=d ** -0.5, is_causal=False, bias=None,
-                                          config=config, pv_fp8=pv == "fp8", return_lse=False), warmup=2)
+
+    repairs = torch.zeros(1, device="cuda", dtype=torch.int32)  # the non-finite guard runs, as in a workflow
+
+    def call():
+        return backend.run(q, k, v, layout="HND", sm_scale=d ** -0.5, is_causal=False, bias=None, config=config,
+                           pv_fp8=pv == "fp8", return_lse=False, launch_config=launch_config,
+                           repair_counter=repairs)
+    whole = median_ms(call, warmup=2)
     sdpa = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), warmup=2)
     ops = 4 * b * h * n * n * d
     return {"launch_config": cfg.key(), "quantize_ms": quant, "call_ms": whole, "sdpa_ms": sdpa,
             "quantize_share": quant / whole, "attention_tops_without_quantize": ops / ((whole - quant) * 1e9),
-            "call_tops": ops / (whole * 1e9), "sdpa_tops": ops / (sdpa * 1e9)}
+            "call_tops": ops / (whole * 1e9), "sdpa_tops": ops / (sdpa * 1e9), "kernel_ms": kernel_ms(call)}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="*", default=["flux_1024px", "sdxl_1024px", "wan21_480p_81f"])
+    ap.add_argument("--configs", nargs="*", default=[], help="LaunchConfig keys (FP8 P·V)")
     ap.add_argument("--out", default="breakdown.json")
     args = ap.parse_args()
+    runs = [(key, "fp8", tuning.LaunchConfig.from_key(key)) for key in args.configs] or [
+        ("table", pv, None) for pv in ("fp8", "fp16")]
     result = {"environment": bench.environment(), "shapes": {}}
     with torch.inference_mode():
         for name in args.shapes:
-            for pv in ("fp8", "fp16"):
-                row = breakdown(bench.GPU_SHAPES[name], pv)
-                result["shapes"][f"{name}|{pv}"] = row
+            for label, pv, launch_config in runs:
+                row = breakdown(bench.GPU_SHAPES[name], pv, launch_config)
+                result["shapes"][f"{name}|{pv}" + ("" if label == "table" else f"|{label}")] = row
                 print(f"{name:16s} {pv}: quantize {row['quantize_ms']:.3f} ms of {row['call_ms']:.3f} ms "
                       f"({100 * row['quantize_share']:.1f}%), SDPA {row['sdpa_ms']:.3f} ms, {row['launch_config']}",
                       flush=True)
+                for kernel, ms in row["kernel_ms"].items():
+                    print(f"    {ms:8.3f} ms  {kernel}", flush=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 

@@ -69,7 +69,7 @@ def to_pv_operand(p, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, p_layout: gl.
     """P in FP8, as the A operand of P·V, without moving a byte between threads: within every 32 keys the
     accumulator gives a thread keys {2q, 2q+1, 8+2q, 9+2q} (+16) where the A operand wants {4q..4q+3} (+16).
     Relabelling the keys (bits h u q t -> h q u t) makes the two the same registers; the quantization kernel
-    stores FP8 V with its keys in that order (see quant_kernels.pv_key_slot)."""
+    stores FP8 V with its keys in that order (see quant_kernels.pv_key_source)."""
     # relabel in FP32 (a renaming of registers), then cast: each pair conversion lands in its final half-register
     p = gl.reshape(p, [BLOCK_M, BLOCK_N // 32, 2, 2, 4, 2])
     p = gl.permute(p, [0, 1, 2, 4, 3, 5])

@@ -13,12 +13,17 @@ from . import hopper_launch, tuning
 from .tuning import interpreting
 from .attention_kernel import sage_attention_fwd_kernel
 from .repair_kernel import repair_tiles_kernel
-from .quant_kernels import kv_stats_kernel, quantize_qkv_kernel
+from .quant_kernels import kv_stats_kernel, quantize_qk_kernel, quantize_v_kernel
 
 LOG2E = 1.4426950408889634
 STATS_ROWS = 64
-MAX_STATS_CHUNKS = 16  # partial-statistics rows per head, finished inside each quantization program
+MAX_STATS_CHUNKS = 16  # partial-statistics rows per head (a power of two), finished inside each quantization program
+STATS_TILE = 16  # rows per step of the statistics loop (measured on the H200: 16 ahead of 32 and 64)
 QUANT_ROWS = 128
+QUANT_SUB = 16  # Q/K rows a program codes at a time (of its QUANT_ROWS): measured on the H200, 16 ahead of 32, 64, 128
+QUANT_WARPS = 4
+V_ROWS = 128  # keys per program of V's quantization
+V_WARPS = 4
 V_PAD = 128  # FP8 V rows padded to a multiple of this, so every tile load is in bounds and aligned
 FP8_E4M3_MAX = 448.0
 
@@ -36,10 +41,17 @@ def stats_chunks(n: int) -> tuple[int, int]:
     return triton.cdiv(max(n, 1), rows), rows
 
 
+def slice_rows(group: int, rows: int) -> int:
+    """Rows per slice of an INT8 quantization program: QUANT_SUB, or the group where a group is longer than
+    that but shorter than the program (the kernel finds a longer group's maximum before coding its slices)."""
+    return group if QUANT_SUB < group < rows else min(QUANT_SUB, rows)
+
+
 def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multiplier: float, smooth_k: bool,
                  smooth_v: bool, pv_fp8: bool, pv_key_order: bool = False,
                  v_code_max: float = FP8_E4M3_MAX) -> dict:
-    """All quantization of one call in at most two launches (statistics, then codes and scales).
+    """All quantization of one call in at most three launches (K and V statistics, then the INT8 codes of Q
+    and K, then V's codes: V's transposed FP8 tile and Q/K's row slices want different register budgets).
 
     q: [B, H, NQ, D], k/v: [B, HK, NK, D] views with any strides. Returns a dict of
     q8 [B*H, NQ, block_d] int8, q_scale [B*H, ceil(NQ/q_group)], k8 [B*HK, NK, block_d] int8,
@@ -59,7 +71,7 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
     if smooth_k or need_v_stats:
         kv_stats_kernel[(n_chunks, B * HK)](
             k, v, parts, *k.stride(), *v.stride(), HK, NK, D, chunk_rows,
-            TILE=STATS_ROWS, BLOCK_D=block_d, K_STATS=smooth_k, V_STATS=need_v_stats)
+            TILE=STATS_TILE, BLOCK_D=block_d, K_STATS=smooth_k, V_STATS=need_v_stats)
     out = {
         "q8": torch.empty((B * H, NQ, block_d), device=dev, dtype=torch.int8),
         "q_scale": torch.empty((B * H, triton.cdiv(NQ, q_group)), device=dev, dtype=f32),
@@ -71,22 +83,24 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
         "v_scale": torch.empty((B * HK, block_d), device=dev, dtype=f32) if pv_fp8 else None,
         "v_padded": v_padded,
     }
+    dummy = out["q_scale"]  # stands in for buffers a launch does not write
     rows = max(QUANT_ROWS, q_group, k_group)
-    roles = 3 if need_v_stats else 2
-    programs = triton.cdiv(max(NQ, NK, v_padded, 1), rows)
-    # per program, the sum of its rows' FP8 rounding errors of V; the programs past v_padded write none
-    v_err = torch.empty((B * HK, programs, block_d), device=dev, dtype=f32) if pv_fp8 else None
-    out["v_rounding"] = v_err[:, :triton.cdiv(v_padded, rows)] if pv_fp8 else None
-    dummy = out["q_scale"]  # stands in for buffers a role does not write
-    quantize_qkv_kernel[(programs, max(B * H, B * HK), roles)](
-        q, k, v, parts, out["q8"], out["q_scale"], out["k8"], out["k_scale"],
-        out["v8"] if pv_fp8 else dummy, out["v_scale"] if pv_fp8 else dummy,
-        out["k_mean"] if smooth_k else dummy, out["v_mean"] if smooth_v else dummy, v_err if pv_fp8 else dummy,
-        *q.stride(), *k.stride(), *v.stride(),
-        B * H, B * HK, H, HK, NQ, NK, D, n_chunks, out["q_scale"].shape[-1], out["k_scale"].shape[-1], v_padded,
-        float(q_multiplier), float(v_code_max), ROWS=rows, Q_GROUP=q_group, K_GROUP=k_group, BLOCK_D=block_d,
-        SMOOTH_K=smooth_k, SMOOTH_V=smooth_v, PV_FP8=pv_fp8, FP8_ROUND_IN_FP32=interpreting(),
-        PV_KEY_ORDER=pv_key_order)
+    quantize_qk_kernel[(triton.cdiv(max(NQ, NK, 1), rows), max(B * H, B * HK), 2)](
+        q, k, parts, out["q8"], out["q_scale"], out["k8"], out["k_scale"], out["k_mean"] if smooth_k else dummy,
+        *q.stride(), *k.stride(), B * H, B * HK, H, HK, NQ, NK, D, n_chunks, out["q_scale"].shape[-1],
+        out["k_scale"].shape[-1], float(q_multiplier), ROWS=rows, Q_SUB=slice_rows(q_group, rows),
+        K_SUB=slice_rows(k_group, rows), Q_GROUP=q_group,
+        K_GROUP=k_group, BLOCK_D=block_d, STATS_CHUNKS=MAX_STATS_CHUNKS, SMOOTH_K=smooth_k, num_warps=QUANT_WARPS)
+    # per program, the sum of its rows' FP8 rounding errors of V (see output_shift)
+    v_programs = triton.cdiv(v_padded, V_ROWS) if pv_fp8 else 1
+    out["v_rounding"] = torch.empty((B * HK, v_programs, block_d), device=dev, dtype=f32) if pv_fp8 else None
+    if need_v_stats:
+        quantize_v_kernel[(v_programs, B * HK)](
+            v, parts, out["v8"] if pv_fp8 else dummy, out["v_scale"] if pv_fp8 else dummy,
+            out["v_mean"] if smooth_v else dummy, out["v_rounding"] if pv_fp8 else dummy, *v.stride(),
+            HK, NK, D, n_chunks, v_padded, float(v_code_max), ROWS=V_ROWS, BLOCK_D=block_d,
+            STATS_CHUNKS=MAX_STATS_CHUNKS, SMOOTH_V=smooth_v, PV_FP8=pv_fp8, FP8_ROUND_IN_FP32=interpreting(),
+            PV_KEY_ORDER=pv_key_order, num_warps=V_WARPS)
     return out
 
 

@@ -40,15 +40,18 @@ def load_tile(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N
 
 
 @triton.jit
+def int8_scale(amax, has_nan):
+    """The INT8 scale of a group from its absolute maximum; NaN where the group holds a NaN (has_nan > 0)."""
+    return tl.where(has_nan > 0, float("nan"), tl.maximum(amax, 1e-30) / 127.0)
+
+
+@triton.jit
 def quantize_rows_int8(x, ROWS: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.constexpr):
     """INT8 codes, the scale of each GROUP of rows, and that scale repeated per row, for a [ROWS, BLOCK_D]
     FP32 tile. A group holding NaN or Inf gets a NaN scale, so the attention output turns non-finite and
     the guard recomputes it exactly instead of returning finite garbage."""
     grouped = tl.reshape(x, (ROWS // GROUP, GROUP * BLOCK_D))
-    amax = tl.max(tl.abs(grouped), axis=1)
-    has_bad = tl.max(tl.where(grouped == grouped, 0.0, 1.0), axis=1) > 0
-    scale = tl.maximum(amax, 1e-30) / 127.0
-    scale = tl.where(has_bad, float("nan"), scale)
+    scale = int8_scale(tl.max(tl.abs(grouped), axis=1), tl.max(tl.where(grouped == grouped, 0.0, 1.0), axis=1))
     q = round_half_away(grouped / scale[:, None]).to(tl.int8)
     q = tl.reshape(q, (ROWS, BLOCK_D))
     row_scale = tl.reshape(tl.broadcast_to(scale[:, None], (ROWS // GROUP, GROUP)), (ROWS,))
@@ -71,10 +74,12 @@ def kv_stats_kernel(
     b = bh // HK
     h = bh % HK
     offs_d = tl.arange(0, BLOCK_D)
-    k_sum = tl.zeros((BLOCK_D,), tl.float32)
-    v_sum = tl.zeros((BLOCK_D,), tl.float32)
-    v_max = tl.full((BLOCK_D,), float("-inf"), tl.float32)
-    v_min = tl.full((BLOCK_D,), float("inf"), tl.float32)
+    # elementwise accumulators, reduced across rows once at the end: a reduction per tile would put
+    # shuffles and barriers between every load and the next
+    k_sum = tl.zeros((TILE, BLOCK_D), tl.float32)
+    v_sum = tl.zeros((TILE, BLOCK_D), tl.float32)
+    v_max = tl.full((TILE, BLOCK_D), float("-inf"), tl.float32)
+    v_min = tl.full((TILE, BLOCK_D), float("inf"), tl.float32)
     lo = chunk * rows_per_chunk
     hi = tl.minimum(N, lo + rows_per_chunk)
     for start in range(lo, hi, TILE):
@@ -82,120 +87,159 @@ def kv_stats_kernel(
         row_ok = offs_n < hi
         if K_STATS:
             k, _ = load_tile(K, b, h, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, hi, D)
-            k_sum += tl.sum(k, axis=0)
+            k_sum += k
         if V_STATS:
             v, _ = load_tile(V, b, h, offs_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, hi, D)
-            v_sum += tl.sum(v, axis=0)
-            v_max = tl.maximum(v_max, tl.max(tl.where(row_ok[:, None], v, float("-inf")), axis=0))
-            v_min = tl.minimum(v_min, tl.min(tl.where(row_ok[:, None], v, float("inf")), axis=0))
+            v_sum += v
+            v_max = tl.maximum(v_max, tl.where(row_ok[:, None], v, float("-inf")))
+            v_min = tl.minimum(v_min, tl.where(row_ok[:, None], v, float("inf")))
     out = PARTS + (bh * tl.num_programs(0) + chunk) * 4 * BLOCK_D + offs_d
-    tl.store(out, k_sum)
-    tl.store(out + BLOCK_D, v_sum)
-    tl.store(out + 2 * BLOCK_D, v_max)
-    tl.store(out + 3 * BLOCK_D, v_min)
+    tl.store(out, tl.sum(k_sum, axis=0))
+    tl.store(out + BLOCK_D, tl.sum(v_sum, axis=0))
+    tl.store(out + 2 * BLOCK_D, tl.max(v_max, axis=0))
+    tl.store(out + 3 * BLOCK_D, tl.min(v_min, axis=0))
 
 
 @triton.jit
-def finish_stats(PARTS, bh, n_chunks, N, offs_d, BLOCK_D: tl.constexpr, WHICH: tl.constexpr):
-    """Reduce one statistic over the chunks of kv_stats_kernel: 0 mean of K, 1 mean of V, 2 max of V,
-    3 min of V."""
-    base = PARTS + bh * n_chunks * 4 * BLOCK_D + WHICH * BLOCK_D + offs_d
+def finish_stats(PARTS, bh, n_chunks, N, offs_d, BLOCK_D: tl.constexpr, CHUNKS: tl.constexpr, WHICH: tl.constexpr):
+    """Reduce one statistic over the chunks of kv_stats_kernel (n_chunks <= CHUNKS): 0 mean of K, 1 mean of V,
+    2 max of V, 3 min of V. All chunks load at once: a loop over them would be a chain of dependent L2 round
+    trips in every quantization program."""
+    offs_c = tl.arange(0, CHUNKS)
+    ptrs = PARTS + ((bh * n_chunks + offs_c[:, None]) * 4 + WHICH) * BLOCK_D + offs_d[None, :]
+    present = offs_c[:, None] < n_chunks
     if WHICH == 2:
-        acc = tl.full((BLOCK_D,), float("-inf"), tl.float32)
+        return tl.max(tl.load(ptrs, mask=present, other=float("-inf")), axis=0)
     elif WHICH == 3:
-        acc = tl.full((BLOCK_D,), float("inf"), tl.float32)
+        return tl.min(tl.load(ptrs, mask=present, other=float("inf")), axis=0)
     else:
-        acc = tl.zeros((BLOCK_D,), tl.float32)
-    for c in range(0, n_chunks):
-        x = tl.load(base + c * 4 * BLOCK_D)
-        if WHICH == 2:
-            acc = tl.maximum(acc, x)
-        elif WHICH == 3:
-            acc = tl.minimum(acc, x)
-        else:
-            acc += x
-    if WHICH < 2:
-        acc = acc / tl.maximum(N, 1).to(tl.float32)
-    return acc
+        return tl.sum(tl.load(ptrs, mask=present, other=0.0), axis=0) / tl.maximum(N, 1).to(tl.float32)
 
 
 @triton.jit
-def pv_key_slot(n):
-    """Where key n goes within its 32: bits (h u q t) -> (h q u t), the relabelling under which the scores'
-    accumulator registers are the FP8 P·V operand's (kernels/hopper_attention_kernel.to_pv_operand)."""
-    return (n & ~15) | (((n >> 1) & 3) << 2) | (((n >> 3) & 1) << 1) | (n & 1)
+def pv_key_source(s):
+    """Which key goes to position s within its 32: the Hopper kernel's P operand takes keys relabelled by bits
+    (h u q t) -> (h q u t) (kernels/hopper_attention_kernel.to_pv_operand), so position (h q u t) holds key
+    (h u q t). Gathering the source rows on load (whole rows, as coalesced as in order) lets the transposed
+    FP8 store run along contiguous positions instead of scattering single bytes."""
+    return (s & ~15) | (((s >> 1) & 1) << 3) | (((s >> 2) & 3) << 1) | (s & 1)
 
 
 @triton.jit
-def quantize_qkv_kernel(
-    Q, K, V, PARTS, Q8, Q_SCALE, K8, K_SCALE, V8, V_SCALE, K_MEAN, V_MEAN, V_ERR,
+def quantize_int8_role(X, b, h, row0, stride_b, stride_h, stride_n, stride_d, N, D, shift, multiplier,
+                       OUT8, SCALE, n_groups, ROWS: tl.constexpr, SUB: tl.constexpr, GROUP: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
+    """INT8 codes of (x - shift) * multiplier for rows [row0, row0 + ROWS) of one head, SUB rows at a time,
+    into OUT8 [N, BLOCK_D] and one scale per GROUP rows into SCALE [n_groups]. Slices keep the FP32 tile small
+    (a whole 128-row tile took 255 registers and spilled in 4 warps), so more programs share a multiprocessor.
+    A group longer than a slice is the whole tile: its maximum is found first, then the rows are read again
+    (from the cache) and coded."""
+    offs_d = tl.arange(0, BLOCK_D)
+    tl.static_assert(GROUP <= SUB or GROUP == ROWS)
+    if GROUP > SUB:
+        amax = tl.zeros([1], tl.float32)
+        has_nan = tl.zeros([1], tl.float32)
+        for s in range(0, ROWS, SUB):
+            offs_n = row0 + s + tl.arange(0, SUB)
+            x, valid = load_tile(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D)
+            x = tl.where(valid, (x - shift[None, :]) * multiplier, 0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(x)))
+            has_nan = tl.maximum(has_nan, tl.max(tl.where(x == x, 0.0, 1.0)))
+        scale = int8_scale(amax, has_nan)
+        for s in range(0, ROWS, SUB):
+            offs_n = row0 + s + tl.arange(0, SUB)
+            x, valid = load_tile(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D)
+            x = tl.where(valid, (x - shift[None, :]) * multiplier, 0.0)
+            codes = round_half_away(x / scale[:, None]).to(tl.int8)
+            tl.store(OUT8 + offs_n[:, None] * BLOCK_D + offs_d[None, :], codes, mask=offs_n[:, None] < N)
+        offs_g = row0 // GROUP + tl.arange(0, 1)
+        tl.store(SCALE + offs_g, scale, mask=offs_g < n_groups)
+    else:
+        for s in range(0, ROWS, SUB):
+            offs_n = row0 + s + tl.arange(0, SUB)
+            x, valid = load_tile(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D)
+            x = tl.where(valid, (x - shift[None, :]) * multiplier, 0.0)
+            codes, scale, _ = quantize_rows_int8(x, SUB, GROUP, BLOCK_D)
+            tl.store(OUT8 + offs_n[:, None] * BLOCK_D + offs_d[None, :], codes, mask=offs_n[:, None] < N)
+            offs_g = (row0 + s) // GROUP + tl.arange(0, SUB // GROUP)
+            tl.store(SCALE + offs_g, scale, mask=offs_g < n_groups)
+
+
+@triton.jit
+def quantize_qk_kernel(
+    Q, K, PARTS, Q8, Q_SCALE, K8, K_SCALE, K_MEAN,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    BH, BHK, H, HK, NQ, NK, D, n_chunks, q_groups, k_groups, v_padded, q_multiplier, v_code_max,
-    ROWS: tl.constexpr, Q_GROUP: tl.constexpr, K_GROUP: tl.constexpr, BLOCK_D: tl.constexpr,
-    SMOOTH_K: tl.constexpr, SMOOTH_V: tl.constexpr, PV_FP8: tl.constexpr, FP8_ROUND_IN_FP32: tl.constexpr,
-    PV_KEY_ORDER: tl.constexpr,
+    BH, BHK, H, HK, NQ, NK, D, n_chunks, q_groups, k_groups, q_multiplier,
+    ROWS: tl.constexpr, Q_SUB: tl.constexpr, K_SUB: tl.constexpr, Q_GROUP: tl.constexpr, K_GROUP: tl.constexpr,
+    BLOCK_D: tl.constexpr, STATS_CHUNKS: tl.constexpr, SMOOTH_K: tl.constexpr,
 ):
-    """Every quantization of one attention call in one launch; program_id(2) picks the tensor.
+    """The INT8 quantizations of one attention call in one launch; program_id(2) picks the tensor.
 
     0: Q -> INT8 codes [BH, NQ, BLOCK_D] of q * q_multiplier, one scale per Q_GROUP rows.
-    1: K -> INT8 codes [BHK, NK, BLOCK_D] of k - mean(k) (SMOOTH_K), one scale per K_GROUP rows; the
-       first program of each head also writes the mean (for the LSE correction).
-    2: V -> with PV_FP8, FP8 e4m3 codes stored transposed [BHK, BLOCK_D, v_padded] (the K-major operand
-       FP8 tensor-core dots want) with per-channel scales; the first program writes the scales and, with
-       SMOOTH_V, the mean that the attention kernel adds back. PV_KEY_ORDER stores the keys of every
-       32 in the order the Hopper kernel's P operand comes in (pv_key_slot). Every program also writes the
-       sum of its rows' FP8 rounding errors per channel into V_ERR [BHK, programs, BLOCK_D] (see
-       launch.output_shift: their mean is taken off the output).
-    Means and ranges come from kv_stats_kernel's partial statistics, finished here."""
+    1: K -> INT8 codes [BHK, NK, BLOCK_D] of k - mean(k) (SMOOTH_K, the mean finished from kv_stats_kernel's
+       partial sums), one scale per K_GROUP rows; the first program of each head also writes the mean (for
+       the LSE correction)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
-    role = tl.program_id(2)
-    offs_n = pid * ROWS + tl.arange(0, ROWS)
     offs_d = tl.arange(0, BLOCK_D)
-    if role == 0:
+    if tl.program_id(2) == 0:
         if (bh < BH) & (pid * ROWS < NQ):
-            x, _ = load_tile(Q, bh // H, bh % H, offs_n, offs_d, stride_qb, stride_qh, stride_qn, stride_qd, NQ, D)
-            codes, scale, _ = quantize_rows_int8(x * q_multiplier, ROWS, Q_GROUP, BLOCK_D)
-            tl.store(Q8 + (bh * NQ + offs_n[:, None]) * BLOCK_D + offs_d[None, :], codes, mask=offs_n[:, None] < NQ)
-            offs_g = pid * (ROWS // Q_GROUP) + tl.arange(0, ROWS // Q_GROUP)
-            tl.store(Q_SCALE + bh * q_groups + offs_g, scale, mask=offs_g < q_groups)
-    elif role == 1:
+            quantize_int8_role(Q, bh // H, bh % H, pid * ROWS, stride_qb, stride_qh, stride_qn, stride_qd, NQ, D,
+                               tl.zeros((BLOCK_D,), tl.float32), q_multiplier, Q8 + bh * NQ * BLOCK_D,
+                               Q_SCALE + bh * q_groups, q_groups, ROWS, Q_SUB, Q_GROUP, BLOCK_D)
+    else:
         if (bh < BHK) & (pid * ROWS < NK):
-            k, valid = load_tile(K, bh // HK, bh % HK, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd,
-                                 NK, D)
             if SMOOTH_K:
-                mean = finish_stats(PARTS, bh, n_chunks, NK, offs_d, BLOCK_D, 0)
-                k = tl.where(valid, k - mean[None, :], 0.0)
+                mean = finish_stats(PARTS, bh, n_chunks, NK, offs_d, BLOCK_D, STATS_CHUNKS, 0)
                 if pid == 0:
                     tl.store(K_MEAN + bh * BLOCK_D + offs_d, mean)
-            codes, scale, _ = quantize_rows_int8(k, ROWS, K_GROUP, BLOCK_D)
-            tl.store(K8 + (bh * NK + offs_n[:, None]) * BLOCK_D + offs_d[None, :], codes, mask=offs_n[:, None] < NK)
-            offs_g = pid * (ROWS // K_GROUP) + tl.arange(0, ROWS // K_GROUP)
-            tl.store(K_SCALE + bh * k_groups + offs_g, scale, mask=offs_g < k_groups)
-    else:
-        if (bh < BHK) & (pid * ROWS < tl.maximum(v_padded, 1)):
-            if SMOOTH_V:
-                mean = finish_stats(PARTS, bh, n_chunks, NK, offs_d, BLOCK_D, 1)
             else:
                 mean = tl.zeros((BLOCK_D,), tl.float32)
-            if PV_FP8:
-                vmax = finish_stats(PARTS, bh, n_chunks, NK, offs_d, BLOCK_D, 2)
-                vmin = finish_stats(PARTS, bh, n_chunks, NK, offs_d, BLOCK_D, 3)
-                amax = tl.maximum(vmax - mean, mean - vmin)
-                scale = tl.maximum(amax, 1e-30) / v_code_max
-                v, valid = load_tile(V, bh // HK, bh % HK, offs_n, offs_d, stride_vb, stride_vh, stride_vn,
-                                     stride_vd, NK, D)
-                v = tl.where(valid, v - mean[None, :], 0.0)
-                codes = to_fp8_e4m3(v / scale[None, :], FP8_ROUND_IN_FP32)
-                rounding = tl.where(valid, codes.to(tl.float32) * scale[None, :] - v, 0.0)
-                tl.store(V_ERR + (bh * tl.num_programs(0) + pid) * BLOCK_D + offs_d, tl.sum(rounding, axis=0))
-                slot_n = pv_key_slot(offs_n) if PV_KEY_ORDER else offs_n
-                tl.store(V8 + (bh * BLOCK_D + offs_d[None, :]) * v_padded + slot_n[:, None], codes,
-                         mask=offs_n[:, None] < v_padded)
-                if pid == 0:
-                    tl.store(V_SCALE + bh * BLOCK_D + offs_d, scale)
-            if SMOOTH_V:
-                if pid == 0:
-                    tl.store(V_MEAN + bh * BLOCK_D + offs_d, mean)
+            quantize_int8_role(K, bh // HK, bh % HK, pid * ROWS, stride_kb, stride_kh, stride_kn, stride_kd, NK, D,
+                               mean, 1.0, K8 + bh * NK * BLOCK_D, K_SCALE + bh * k_groups, k_groups, ROWS, K_SUB,
+                               K_GROUP, BLOCK_D)
+
+
+@triton.jit
+def quantize_v_kernel(
+    V, PARTS, V8, V_SCALE, V_MEAN, V_ERR,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    HK, NK, D, n_chunks, v_padded, v_code_max,
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, STATS_CHUNKS: tl.constexpr, SMOOTH_V: tl.constexpr,
+    PV_FP8: tl.constexpr, FP8_ROUND_IN_FP32: tl.constexpr, PV_KEY_ORDER: tl.constexpr,
+):
+    """V's part of one call's quantization, ROWS keys of one head per program (grid: programs, B*HK).
+
+    With PV_FP8: FP8 e4m3 codes stored transposed [BHK, BLOCK_D, v_padded] (the K-major operand FP8
+    tensor-core dots want) with per-channel scales from V's range (kv_stats_kernel's partial maxima and
+    minima, finished here); the first program of each head writes the scales. PV_KEY_ORDER stores the keys of
+    every 32 in the order the Hopper kernel's P operand comes in (pv_key_source). Every program writes the
+    sum of its rows' FP8 rounding errors per channel into V_ERR [BHK, programs, BLOCK_D] (see
+    launch.output_shift: their mean is taken off the output). With SMOOTH_V the codes are of v - mean(v),
+    and the first program writes the mean that the attention kernel adds back.
+    The whole tile is coded at once: slices of it measured 2-3x slower here (unlike Q and K)."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    offs_n = pid * ROWS + tl.arange(0, ROWS)
+    offs_d = tl.arange(0, BLOCK_D)
+    if SMOOTH_V:
+        mean = finish_stats(PARTS, bh, n_chunks, NK, offs_d, BLOCK_D, STATS_CHUNKS, 1)
+        if pid == 0:
+            tl.store(V_MEAN + bh * BLOCK_D + offs_d, mean)
+    else:
+        mean = tl.zeros((BLOCK_D,), tl.float32)
+    if PV_FP8:
+        vmax = finish_stats(PARTS, bh, n_chunks, NK, offs_d, BLOCK_D, STATS_CHUNKS, 2)
+        vmin = finish_stats(PARTS, bh, n_chunks, NK, offs_d, BLOCK_D, STATS_CHUNKS, 3)
+        scale = tl.maximum(tl.maximum(vmax - mean, mean - vmin), 1e-30) / v_code_max
+        src_n = pv_key_source(offs_n) if PV_KEY_ORDER else offs_n
+        v, valid = load_tile(V, bh // HK, bh % HK, src_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, NK, D)
+        v = tl.where(valid, v - mean[None, :], 0.0)
+        codes = to_fp8_e4m3(v / scale[None, :], FP8_ROUND_IN_FP32)
+        rounding = tl.where(valid, codes.to(tl.float32) * scale[None, :] - v, 0.0)
+        tl.store(V_ERR + (bh * tl.num_programs(0) + pid) * BLOCK_D + offs_d, tl.sum(rounding, axis=0))
+        tl.store(V8 + (bh * BLOCK_D + offs_d[None, :]) * v_padded + offs_n[:, None], codes,
+                 mask=offs_n[:, None] < v_padded)
+        if pid == 0:
+            tl.store(V_SCALE + bh * BLOCK_D + offs_d, scale)

@@ -200,6 +200,22 @@ def test_int8_quantization_kernel_is_bit_exact():
         torch.testing.assert_close(scales.repeat_interleave(group, -1)[..., :100], ref_rows, rtol=1e-6, atol=0)
 
 
+def test_fp8_v_in_the_hopper_key_order_is_a_permutation_within_every_32_keys():
+    # position (h q u t) of every 32 holds key (h u q t): what the Gluon kernel's P operand multiplies
+    q, k, v = inputs(1, 2, 2, 64, 200, 64, torch.bfloat16, seed=5)
+    args = dict(q_group=16, k_group=64, block_d=64, q_multiplier=0.1, smooth_k=True, smooth_v=True, pv_fp8=True)
+    plain = launch.quantize_qkv(q, k, v, **args)
+    ordered = launch.quantize_qkv(q, k, v, **args, pv_key_order=True)
+    s = torch.arange(plain["v_padded"])
+    source = (s & ~15) | (((s >> 1) & 1) << 3) | (((s >> 2) & 3) << 1) | (s & 1)
+    assert sorted(source.tolist()) == s.tolist()
+    assert not torch.equal(source, s)
+    assert torch.equal(ordered["v8"].float(), plain["v8"][..., source].float())
+    assert torch.equal(ordered["v_scale"], plain["v_scale"])
+    # the rounding-error sums cover the same keys per program, in another order
+    torch.testing.assert_close(ordered["v_rounding"], plain["v_rounding"], rtol=1e-5, atol=1e-6)
+
+
 def test_nan_input_is_flagged_not_hidden():
     cfg = SageConfig(kernel="int8_fp16")
     q, k, v = inputs(1, 2, 2, 64, 64, 64, torch.float16, seed=19)

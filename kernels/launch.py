@@ -55,9 +55,10 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
 
     q: [B, H, NQ, D], k/v: [B, HK, NK, D] views with any strides. Returns a dict of
     q8 [B*H, NQ, block_d] int8, q_scale [B*H, ceil(NQ/q_group)], k8 [B*HK, NK, block_d] int8,
-    k_scale [B*HK, ceil(NK/k_group)], k_mean and v_mean [B*HK, block_d] (None when not smoothed), and with
+    k_scale [B*HK, ceil(NK/k_group)], k_mean [B*HK, block_d] (None when not smoothed), v_mean [B*HK, block_d]
+    (V's mean, with FP8 V or V smoothing, else None), and with
     pv_fp8 v8 [B*HK, block_d, v_padded] FP8 e4m3 codes up to ±v_code_max, v_scale [B*HK, block_d] and
-    v_rounding [B*HK, programs, block_d] (sums of V's FP8 rounding errors, see output_shift); pv_key_order
+    v_code_sums [B*HK, programs, block_d] (sums of V's dequantized codes, see output_shift); pv_key_order
     stores v8's keys in the order the Hopper kernel's P operand takes them.
     """
     B, H, NQ, D = q.shape
@@ -78,7 +79,7 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
         "k8": torch.empty((B * HK, NK, block_d), device=dev, dtype=torch.int8),
         "k_scale": torch.empty((B * HK, triton.cdiv(NK, k_group)), device=dev, dtype=f32),
         "k_mean": torch.empty((B * HK, block_d), device=dev, dtype=f32) if smooth_k else None,
-        "v_mean": torch.empty((B * HK, block_d), device=dev, dtype=f32) if smooth_v else None,
+        "v_mean": torch.empty((B * HK, block_d), device=dev, dtype=f32) if need_v_stats else None,
         "v8": torch.empty((B * HK, block_d, v_padded), device=dev, dtype=torch.float8_e4m3fn) if pv_fp8 else None,
         "v_scale": torch.empty((B * HK, block_d), device=dev, dtype=f32) if pv_fp8 else None,
         "v_padded": v_padded,
@@ -91,33 +92,33 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
         out["k_scale"].shape[-1], float(q_multiplier), ROWS=rows, Q_SUB=slice_rows(q_group, rows),
         K_SUB=slice_rows(k_group, rows), Q_GROUP=q_group,
         K_GROUP=k_group, BLOCK_D=block_d, STATS_CHUNKS=MAX_STATS_CHUNKS, SMOOTH_K=smooth_k, num_warps=QUANT_WARPS)
-    # per program, the sum of its rows' FP8 rounding errors of V (see output_shift)
+    # per program, the per-channel sum of its dequantized FP8 V codes (see output_shift)
     v_programs = triton.cdiv(v_padded, V_ROWS) if pv_fp8 else 1
-    out["v_rounding"] = torch.empty((B * HK, v_programs, block_d), device=dev, dtype=f32) if pv_fp8 else None
+    out["v_code_sums"] = torch.empty((B * HK, v_programs, block_d), device=dev, dtype=f32) if pv_fp8 else None
     if need_v_stats:
         quantize_v_kernel[(v_programs, B * HK)](
             v, parts, out["v8"] if pv_fp8 else dummy, out["v_scale"] if pv_fp8 else dummy,
-            out["v_mean"] if smooth_v else dummy, out["v_rounding"] if pv_fp8 else dummy, *v.stride(),
+            out["v_mean"], out["v_code_sums"] if pv_fp8 else dummy, *v.stride(),
             HK, NK, D, n_chunks, v_padded, float(v_code_max), ROWS=V_ROWS, BLOCK_D=block_d,
             STATS_CHUNKS=MAX_STATS_CHUNKS, SMOOTH_V=smooth_v, PV_FP8=pv_fp8, FP8_ROUND_IN_FP32=interpreting(),
             PV_KEY_ORDER=pv_key_order, num_warps=V_WARPS)
     return out
 
 
-def output_shift(qz: dict, kv_len: int):
-    """The per-channel vector the attention kernels add to their output, or None: V's mean where V was
-    smoothed, minus, with FP8 V, the mean of V's FP8 rounding errors over the keys.
+def output_shift(qz: dict, kv_len: int, smooth_v: bool):
+    """The per-channel vector the attention kernels add to their output, or None. FP16 P·V: V's mean where V
+    was smoothed. FP8 P·V: V's mean minus the mean of its dequantized FP8 codes (the smoothed V's, when it
+    was), so that the dequantized V has exactly V's mean.
 
-    Long-sequence attention is nearly flat (an output row is close to V's mean), so a systematic part of V's
-    rounding error does not average out the way its random part does: taking it off cut the relative L1 error at
-    32k keys from 0.038 to 0.034 without V smoothing, and from 0.045 to 0.034 with it (exact-arithmetic
-    reference on the CPU), where smoothing alone made it worse. A uniform attention row then returns V's mean."""
-    shift = qz["v_mean"]
-    if qz["v_rounding"] is None:
-        return shift
+    Long-sequence attention is nearly flat (an output row is close to V's mean), so the systematic part of
+    V's rounding error, its mean over the keys, does not average out the way its random part does: taking it
+    off cut the relative L1 error at 32k keys from 0.038 to 0.034 without V smoothing, and from 0.045 to 0.034
+    with it (exact-arithmetic reference on the CPU), where smoothing alone made it worse. A uniform attention
+    row then returns V's mean."""
+    if qz["v_code_sums"] is None:
+        return qz["v_mean"] if smooth_v else None
     # two launches per call (the sum, then one scaled add): this runs on every FP8 call
-    sums, weight = qz["v_rounding"].sum(dim=1), -1.0 / max(kv_len, 1)
-    return sums.mul_(weight) if shift is None else torch.add(shift, sums, alpha=weight)
+    return torch.add(qz["v_mean"], qz["v_code_sums"].sum(dim=1), alpha=-1.0 / max(kv_len, 1))
 
 
 def quantize_int8(x: torch.Tensor, group: int, block_d: int, multiplier: float = 1.0):
@@ -171,7 +172,7 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
                       smooth_k=smooth_k, smooth_v=smooth_v, pv_fp8=pv_fp8, pv_key_order=pipelined,
                       v_code_max=hopper_launch.FP16_TILE_V_CODE_MAX if fp16_tiles else FP8_E4M3_MAX)
     k_scale, k_mean = qz["k_scale"], qz["k_mean"]
-    v_shift = output_shift(qz, NK)
+    v_shift = output_shift(qz, NK, smooth_v)
     v8, v_scale = (qz["v8"], qz["v_scale"]) if pv_fp8 else (k_scale, k_scale)
 
     grid = (triton.cdiv(NQ, block_m), B * H)

@@ -40,6 +40,13 @@ def load_tile(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N
 
 
 @triton.jit
+def reciprocal(scale):
+    """1 / scale, correctly rounded (as PyTorch's, so the reference codes the same), once per group or channel:
+    every element is then coded with a multiplication instead of a division."""
+    return tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+
+
+@triton.jit
 def int8_scale(amax, has_nan):
     """The INT8 scale of a group from its absolute maximum; NaN where the group holds a NaN (has_nan > 0)."""
     return tl.where(has_nan > 0, float("nan"), tl.maximum(amax, 1e-30) / 127.0)
@@ -52,7 +59,7 @@ def quantize_rows_int8(x, ROWS: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.c
     the guard recomputes it exactly instead of returning finite garbage."""
     grouped = tl.reshape(x, (ROWS // GROUP, GROUP * BLOCK_D))
     scale = int8_scale(tl.max(tl.abs(grouped), axis=1), tl.max(tl.where(grouped == grouped, 0.0, 1.0), axis=1))
-    q = round_half_away(grouped / scale[:, None]).to(tl.int8)
+    q = round_half_away(grouped * reciprocal(scale)[:, None]).to(tl.int8)
     q = tl.reshape(q, (ROWS, BLOCK_D))
     row_scale = tl.reshape(tl.broadcast_to(scale[:, None], (ROWS // GROUP, GROUP)), (ROWS,))
     return q, scale, row_scale
@@ -150,7 +157,7 @@ def quantize_int8_role(X, b, h, row0, stride_b, stride_h, stride_n, stride_d, N,
             offs_n = row0 + s + tl.arange(0, SUB)
             x, valid = load_tile(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D)
             x = tl.where(valid, (x - shift[None, :]) * multiplier, 0.0)
-            codes = round_half_away(x / scale[:, None]).to(tl.int8)
+            codes = round_half_away(x * reciprocal(scale)[:, None]).to(tl.int8)
             tl.store(OUT8 + offs_n[:, None] * BLOCK_D + offs_d[None, :], codes, mask=offs_n[:, None] < N)
         offs_g = row0 // GROUP + tl.arange(0, 1)
         tl.store(SCALE + offs_g, scale, mask=offs_g < n_groups)
@@ -203,43 +210,42 @@ def quantize_qk_kernel(
 
 @triton.jit
 def quantize_v_kernel(
-    V, PARTS, V8, V_SCALE, V_MEAN, V_ERR,
+    V, PARTS, V8, V_SCALE, V_MEAN, V_CODE_SUM,
     stride_vb, stride_vh, stride_vn, stride_vd,
     HK, NK, D, n_chunks, v_padded, v_code_max,
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr, STATS_CHUNKS: tl.constexpr, SMOOTH_V: tl.constexpr,
     PV_FP8: tl.constexpr, FP8_ROUND_IN_FP32: tl.constexpr, PV_KEY_ORDER: tl.constexpr,
 ):
-    """V's part of one call's quantization, ROWS keys of one head per program (grid: programs, B*HK).
+    """V's part of one call's quantization, ROWS keys of one head per program (grid: programs, B*HK). The first
+    program of each head writes V's per-channel mean (finished from kv_stats_kernel's partial sums).
 
     With PV_FP8: FP8 e4m3 codes stored transposed [BHK, BLOCK_D, v_padded] (the K-major operand FP8
-    tensor-core dots want) with per-channel scales from V's range (kv_stats_kernel's partial maxima and
-    minima, finished here); the first program of each head writes the scales. PV_KEY_ORDER stores the keys of
-    every 32 in the order the Hopper kernel's P operand comes in (pv_key_source). Every program writes the
-    sum of its rows' FP8 rounding errors per channel into V_ERR [BHK, programs, BLOCK_D] (see
-    launch.output_shift: their mean is taken off the output). With SMOOTH_V the codes are of v - mean(v),
-    and the first program writes the mean that the attention kernel adds back.
-    The whole tile is coded at once: slices of it measured 2-3x slower here (unlike Q and K)."""
+    tensor-core dots want) with per-channel scales from V's range (the partial maxima and minima, finished
+    here), of v - mean(v) with SMOOTH_V; the first program of each head writes the scales. PV_KEY_ORDER stores
+    the keys of every 32 in the order the Hopper kernel's P operand comes in (pv_key_source). Every program
+    writes the per-channel sum of its dequantized codes into V_CODE_SUM [BHK, programs, BLOCK_D] (see
+    launch.output_shift). A sum of the codes alone, not of their rounding errors: an expression of both the
+    codes and V made the compiler code the tile twice, once in the load's layout and once in the transposed
+    store's, which spilled."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     offs_n = pid * ROWS + tl.arange(0, ROWS)
     offs_d = tl.arange(0, BLOCK_D)
-    if SMOOTH_V:
-        mean = finish_stats(PARTS, bh, n_chunks, NK, offs_d, BLOCK_D, STATS_CHUNKS, 1)
-        if pid == 0:
-            tl.store(V_MEAN + bh * BLOCK_D + offs_d, mean)
-    else:
-        mean = tl.zeros((BLOCK_D,), tl.float32)
+    mean = finish_stats(PARTS, bh, n_chunks, NK, offs_d, BLOCK_D, STATS_CHUNKS, 1)
+    if pid == 0:
+        tl.store(V_MEAN + bh * BLOCK_D + offs_d, mean)
     if PV_FP8:
+        if not SMOOTH_V:
+            mean = tl.zeros((BLOCK_D,), tl.float32)
         vmax = finish_stats(PARTS, bh, n_chunks, NK, offs_d, BLOCK_D, STATS_CHUNKS, 2)
         vmin = finish_stats(PARTS, bh, n_chunks, NK, offs_d, BLOCK_D, STATS_CHUNKS, 3)
         scale = tl.maximum(tl.maximum(vmax - mean, mean - vmin), 1e-30) / v_code_max
         src_n = pv_key_source(offs_n) if PV_KEY_ORDER else offs_n
         v, valid = load_tile(V, bh // HK, bh % HK, src_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, NK, D)
-        v = tl.where(valid, v - mean[None, :], 0.0)
-        codes = to_fp8_e4m3(v / scale[None, :], FP8_ROUND_IN_FP32)
-        rounding = tl.where(valid, codes.to(tl.float32) * scale[None, :] - v, 0.0)
-        tl.store(V_ERR + (bh * tl.num_programs(0) + pid) * BLOCK_D + offs_d, tl.sum(rounding, axis=0))
+        codes = to_fp8_e4m3(tl.where(valid, v - mean[None, :], 0.0) * reciprocal(scale)[None, :], FP8_ROUND_IN_FP32)
         tl.store(V8 + (bh * BLOCK_D + offs_d[None, :]) * v_padded + offs_n[:, None], codes,
                  mask=offs_n[:, None] < v_padded)
+        tl.store(V_CODE_SUM + (bh * tl.num_programs(0) + pid) * BLOCK_D + offs_d,
+                 tl.sum(codes.to(tl.float32), axis=0) * scale)
         if pid == 0:
             tl.store(V_SCALE + bh * BLOCK_D + offs_d, scale)

@@ -22,7 +22,7 @@ def quantize_int8_groups(x: torch.Tensor, group: int):
     xp = torch.nn.functional.pad(x, (0, 0, 0, pad))
     g = xp.view(B, H, -1, group * D)
     scale = g.abs().amax(-1).clamp_min(1e-30) / 127.0
-    codes = round_half_away(g / scale[..., None]).view(B, H, -1, D)[:, :, :N]
+    codes = round_half_away(g * (1.0 / scale)[..., None]).view(B, H, -1, D)[:, :, :N]  # as the kernel: x * (1/s)
     rows = scale.repeat_interleave(group, dim=-1)[..., :N]
     return codes, rows
 
@@ -58,11 +58,11 @@ def sage_reference(q, k, v, *, sm_scale=None, is_causal=False, bias=None, q_grou
     vs = vf - v_mean
     if pv_fp8:
         v_scale = vs.abs().amax(dim=2, keepdim=True).clamp_min(1e-30) / FP8_E4M3_MAX
-        v8 = (vs / v_scale).to(torch.float8_e4m3fn).float()
+        v8 = (vs * (1.0 / v_scale)).to(torch.float8_e4m3fn).float()
         p8 = (p * FP8_E4M3_MAX).to(torch.float8_e4m3fn).float()
         out = (p8 @ v8.repeat_interleave(rep, 1)) / row_sum * (v_scale / FP8_E4M3_MAX).repeat_interleave(rep, 1)
-        # the mean of V's FP8 rounding errors comes off the output (kernels/launch.output_shift)
-        v_mean = v_mean - (v8 * v_scale - vs).mean(dim=2, keepdim=True)
+        # the shift makes the dequantized V's mean V's own (kernels/launch.output_shift)
+        v_mean = vf.mean(dim=2, keepdim=True) - (v8 * v_scale).mean(dim=2, keepdim=True)
     else:
         pv_dtype = torch.float32 if v.dtype == torch.float32 else v.dtype
         vv = vs.to(pv_dtype).float() if smooth_v else vf

@@ -224,9 +224,10 @@ def quantize_v_kernel(
     here), of v - mean(v) with SMOOTH_V; the first program of each head writes the scales. PV_KEY_ORDER stores
     the keys of every 32 in the order the Hopper kernel's P operand comes in (pv_key_source). Every program
     writes the per-channel sum of its dequantized codes into V_CODE_SUM [BHK, programs, BLOCK_D] (see
-    launch.output_shift). A sum of the codes alone, not of their rounding errors: an expression of both the
-    codes and V made the compiler code the tile twice, once in the load's layout and once in the transposed
-    store's, which spilled."""
+    launch.output_shift). A sum of the codes alone, not of their rounding errors: Triton codes the tile twice
+    here, in the load's layout for the sum and in the transposed store's (its layout pass recomputes the chain
+    rather than convert the one-byte codes), so every operation per element counts twice; the rounding errors'
+    dequantize-and-subtract made the kernel spill."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     offs_n = pid * ROWS + tl.arange(0, ROWS)

@@ -28,7 +28,7 @@ from sage_attention_pack.sage_core.bench import environment, model_shaped_inputs
 from sage_attention_pack.sage_core.config import SageConfig  # noqa: E402
 from sage_attention_pack.sage_core.metrics import attention_error  # noqa: E402
 from sage_attention_pack.sage_core.progress import progress  # noqa: E402
-from sage_attention_pack.sage_core.timing import median_ms  # noqa: E402
+from sage_attention_pack.sage_core.timing import interleaved_median_ms  # noqa: E402
 
 
 def compare(shape, keys, kernel="int8_fp8", dtype=torch.bfloat16, v_offset=0.0, smooth_v=False) -> dict:
@@ -42,29 +42,34 @@ def compare(shape, keys, kernel="int8_fp8", dtype=torch.bfloat16, v_offset=0.0, 
     ref = reference(q, k, v)
     cfg = SageConfig(kernel=kernel, smooth_v=smooth_v)
     pv_fp8 = kernel == "int8_fp8"
-    rows = {}
-    sdpa = median_ms(lambda: F.scaled_dot_product_attention(q, k, v), warmup=2, repeats=10)
-    rows["sdpa_default"] = {"ms": sdpa}
+    rows, calls = {"sdpa_default": {}}, {"sdpa_default": lambda: F.scaled_dot_product_attention(q, k, v)}
     for key in keys:
         lc = tuning.LaunchConfig.from_key(key)
 
-        def call():
+        def call(lc=lc):
             return backend.run(q, k, v, layout="HND", sm_scale=d ** -0.5, is_causal=False, bias=None, config=cfg,
                                pv_fp8=pv_fp8, return_lse=False, launch_config=lc)[0]
         try:
-            out = call()
-            err = attention_error(out[:, :ref.shape[1]], ref)
-            ms = median_ms(call, warmup=2, repeats=10)
+            err = attention_error(call()[:, :ref.shape[1]], ref)
         except Exception as e:  # a tile that does not fit is reported, not fatal
             rows[key] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
             continue
         _, k_group = launch.quant_groups(cfg.q_group_rows, cfg.k_group_rows, lc)
         gluon = launch.runs_hopper_kernel(q, k, config=lc, k_group=k_group, pv_fp8=pv_fp8, is_causal=False,
                                           has_bias=False)
-        rows[key] = {"ms": ms, "tops": 4 * b * h * n * n * d / (ms * 1e-3) / 1e12, "vs_sdpa_default": sdpa / ms,
-                     "kernel": "hopper_gluon" if gluon else "portable_triton", **err}
+        rows[key] = {"kernel": "hopper_gluon" if gluon else "portable_triton", **err}
+        calls[key] = call
         torch.cuda.empty_cache()
-    rows["sdpa_default"]["tops"] = 4 * b * h * n * n * d / (sdpa * 1e-3) / 1e12
+    # every configuration and SDPA in turn, round after round: the machine's drift reaches all alike
+    for key, ms in interleaved_median_ms(calls, rounds=5, per_round=2, warmup=2).items():
+        if isinstance(ms, str):
+            rows[key] = {"error": ms}
+        else:
+            rows[key].update(ms=ms, tops=4 * b * h * n * n * d / (ms * 1e-3) / 1e12)
+    sdpa = rows["sdpa_default"].get("ms")
+    for key, r in rows.items():
+        if key != "sdpa_default" and "ms" in r and sdpa:
+            r["vs_sdpa_default"] = sdpa / r["ms"]
     return {"shape": {"B": b, "H": h, "N": n, "D": d}, "kernel": kernel, "v_offset": v_offset, "smooth_v": smooth_v,
             "rows": rows}
 

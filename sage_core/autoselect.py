@@ -13,9 +13,10 @@ import torch
 
 from . import backend
 from .config import SageConfig
-from .timing import median_ms
+from .timing import interleaved_median_ms
 
-TIMING_REPEATS = 3
+TIMING_REPEATS = 3  # samples per candidate
+TIMING_ROUNDS = 3  # taken one per round, the candidates in turn
 # Below this many score elements per head a call is launch-bound: exact attention, no measurement.
 MIN_SCORES_FOR_SAGE = 256 * 256
 
@@ -74,11 +75,10 @@ def time_variants(q, k, v, *, is_causal: bool, bias, config: SageConfig) -> dict
             runs[name] = functools.partial(backend.run, q, k, v, layout="HND", sm_scale=q.shape[-1] ** -0.5,
                                            is_causal=is_causal, bias=bias, config=config,
                                            pv_fp8=name == "int8_fp8", return_lse=False)
-    timings = {}
-    for name, fn in runs.items():
-        try:
-            timings[name] = median_ms(fn, warmup=1, repeats=TIMING_REPEATS)
-        except Exception:  # a variant that cannot compile or launch here is simply not a candidate
-            if name == "sdpa":
-                raise
-    return timings
+    # interleaved rounds: a close call between SDPA and a Sage variant is decided by the code, not by the
+    # machine's drift between one timing and the next; a variant that cannot compile or launch here is simply
+    # not a candidate
+    timed = interleaved_median_ms(runs, rounds=TIMING_ROUNDS, per_round=max(1, TIMING_REPEATS // TIMING_ROUNDS))
+    if isinstance(timed.get("sdpa"), str):
+        raise RuntimeError(f"exact attention failed while timing auto's candidates: {timed['sdpa']}")
+    return {name: ms for name, ms in timed.items() if not isinstance(ms, str)}

@@ -9,6 +9,7 @@ the accuracy is real there, the timings are not GPU figures.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import importlib.util
 import json
 import platform
@@ -22,7 +23,7 @@ from .config import SageConfig
 from .dispatch import attention
 from .metrics import attention_error
 from .progress import progress
-from .timing import median_ms
+from .timing import interleaved_median_ms
 
 GPU_SHAPES = {
     "flux_1024px": (1, 24, 4608, 128),
@@ -112,22 +113,28 @@ def reference(q, k, v):
     return F.scaled_dot_product_attention(qs, ks, vs)
 
 
-def bench_shape(name, shape, dtype, device, methods, repeats) -> dict:
+def bench_shape(name, shape, dtype, device, methods, rounds) -> dict:
+    """Accuracy of every method against FP32 attention, then their speed, timed in interleaved rounds."""
     b, h, n, d = shape
     q, k, v = model_shaped_inputs(b, h, n, d, dtype, device)
     ref = reference(q, k, v)
     hh = ref.shape[1]
-    rows = {}
+    rows, runnable = {}, {}
     for method, fn in methods.items():
         try:
-            out = fn(q, k, v)
-            err = attention_error(out[:, :hh], ref)
-            ms = median_ms(lambda: fn(q, k, v), warmup=2 if device == "cuda" else 0, repeats=repeats)
-            rows[method] = {"ms": ms, "tops": 4 * b * h * n * n * d / (ms * 1e-3) / 1e12, **err}
+            rows[method] = attention_error(fn(q, k, v)[:, :hh], ref)
+            runnable[method] = functools.partial(fn, q, k, v)
         except Exception as e:  # a peer that cannot run this shape is reported, not fatal
             rows[method] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
         if device == "cuda":
             torch.cuda.empty_cache()
+    gpu = device == "cuda"
+    timed = interleaved_median_ms(runnable, rounds=rounds, per_round=2 if gpu else 1, warmup=2 if gpu else 0)
+    for method, ms in timed.items():
+        if isinstance(ms, str):
+            rows[method] = {"error": ms}
+        else:
+            rows[method].update(ms=ms, tops=4 * b * h * n * n * d / (ms * 1e-3) / 1e12)
     base = rows.get("sdpa_default", {}).get("ms")
     for row in rows.values():
         if base and "ms" in row:
@@ -165,7 +172,8 @@ def run(shapes=None, dtype=torch.bfloat16, repeats=None, with_peers=True, out_pa
     if method_patterns:
         keep = [m for m in methods if m == "sdpa_default" or any(fnmatch.fnmatch(m, p) for p in method_patterns)]
         methods = {m: methods[m] for m in keep}
-    repeats = repeats or (10 if device == "cuda" else 1)
+    # rounds visit every method in turn, 2 samples each on the GPU (1 in the interpreter)
+    rounds = max(1, (repeats or (10 if device == "cuda" else 1)) // (2 if device == "cuda" else 1))
     result = {"environment": environment(), "tops_definition": "4*B*H*Nq*Nk*D / time",
               "k_offset_scale": K_OFFSET_SCALE, "accuracy_reference": f"fp32 attention, first {ACCURACY_HEADS} heads",
               "bounds": BOUNDS, "peers_missing": peers_missing, "shapes": {}}
@@ -176,7 +184,7 @@ def run(shapes=None, dtype=torch.bfloat16, repeats=None, with_peers=True, out_pa
         shape = table[name]
         long = shape[2] > LONG_SHAPE_TOKENS
         chosen = {m: f for m, f in methods.items() if not long or m in SUMMARY_METHODS or m == "sdpa_default"}
-        row = bench_shape(name, shape, dtype, device, chosen, max(2, repeats // 3) if long else repeats)
+        row = bench_shape(name, shape, dtype, device, chosen, min(rounds, 2) if long else rounds)
         merge_shape(result["shapes"], name, row)
         if out_path:  # written after every shape: a run cut short keeps what it measured
             Path(out_path).parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,8 @@
-"""Median timing of a callable: CUDA events on the GPU (no host clock in the figure), a clock elsewhere."""
+"""Median timing of callables: CUDA events on the GPU (no host clock in the figure), a clock elsewhere."""
 from __future__ import annotations
 
 import math
+import statistics
 import time
 
 import torch
@@ -12,30 +13,63 @@ MIN_SAMPLE_MS = 2.0
 MAX_CALLS_PER_SAMPLE = 50
 
 
-def median_ms(fn, warmup: int = 1, repeats: int = 10) -> float:
-    """Median milliseconds per fn() call over `repeats` samples, after `warmup` untimed runs (compilation,
-    caches)."""
-    for _ in range(warmup):
-        fn()
+def calls_per_sample(fn) -> int:
+    """How many back-to-back calls of fn fill one sample (1 off the GPU)."""
     if not torch.cuda.is_available():
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return sorted(times)[len(times) // 2]
+        return 1
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     fn()
     end.record()
     end.synchronize()
-    calls = max(1, min(MAX_CALLS_PER_SAMPLE, math.ceil(MIN_SAMPLE_MS / max(start.elapsed_time(end), 1e-3))))
-    times = []
-    for _ in range(repeats):
-        start.record()
+    return max(1, min(MAX_CALLS_PER_SAMPLE, math.ceil(MIN_SAMPLE_MS / max(start.elapsed_time(end), 1e-3))))
+
+
+def sample_ms(fn, calls: int) -> float:
+    """Milliseconds per call over `calls` back-to-back calls of fn."""
+    if not torch.cuda.is_available():
+        t0 = time.perf_counter()
         for _ in range(calls):
             fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return sorted(times)[len(times) // 2]
+        return (time.perf_counter() - t0) * 1e3 / calls
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / calls
+
+
+def median_ms(fn, warmup: int = 1, repeats: int = 10) -> float:
+    """Median milliseconds per fn() call over `repeats` samples, after `warmup` untimed runs (compilation,
+    caches)."""
+    for _ in range(warmup):
+        fn()
+    calls = calls_per_sample(fn)
+    return statistics.median(sample_ms(fn, calls) for _ in range(repeats))
+
+
+def interleaved_median_ms(fns: dict, rounds: int = 5, per_round: int = 2, warmup: int = 1) -> dict:
+    """Median milliseconds per call of each named callable, sampled in rounds that visit every callable in
+    turn, so that a drift of the machine (clocks, temperature, other work on the host) reaches all of them
+    alike: timed one after another, the same SDPA call read up to 11% apart within one run. Returns
+    {name: ms}, or {name: "ExceptionType: message"} for a callable that raised (it is then left out)."""
+    result, calls = {}, {}
+    for name, fn in fns.items():
+        try:
+            for _ in range(warmup):
+                fn()
+            calls[name] = calls_per_sample(fn)
+        except Exception as e:  # reported per callable, the others still timed
+            result[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    samples = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name in list(samples):
+            try:
+                samples[name] += [sample_ms(fns[name], calls[name]) for _ in range(per_round)]
+            except Exception as e:
+                result[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                del samples[name]
+    result.update({name: statistics.median(s) for name, s in samples.items()})
+    return {name: result[name] for name in fns if name in result}

@@ -1,8 +1,10 @@
 """sage_core's public API: sageattn's call compatibility, input validation, fallbacks with reasons,
 empty and non-finite inputs, the counters, and the custom op used under torch.compile."""
 import os
+import time
 
 import pytest
+
 import torch
 import torch.nn.functional as F
 
@@ -235,3 +237,26 @@ def test_auto_choosing_exact_defers_to_the_hosts_attention(monkeypatch):
     flat = [t.transpose(1, 2).reshape(1, 64, -1) for t in (q, k, v)]  # ComfyUI's [B, N, H*D]
     assert override(host_attention, *flat, 2) is host_out and seen == [2]
     assert override.stats.snapshot()["sage"] == {"auto:sdpa": 1} and override.stats.snapshot()["fallback"] == {}
+
+def test_interleaved_timing_visits_every_callable_in_turn_and_reports_a_failure():
+    from sage_attention_pack.sage_core.timing import interleaved_median_ms
+
+    order = []
+
+    def sleeper(name, seconds):
+        def run():
+            order.append(name)
+            time.sleep(seconds)
+        return run
+
+    def broken():
+        order.append("broken")
+        raise ValueError("cannot launch here")
+
+    timed = interleaved_median_ms({"slow": sleeper("slow", 0.004), "fast": sleeper("fast", 0.001),
+                                   "broken": broken}, rounds=3, per_round=1, warmup=1)
+    assert list(timed) == ["slow", "fast", "broken"]
+    assert timed["broken"] == "ValueError: cannot launch here"
+    assert 0.5 <= timed["fast"] < timed["slow"] and timed["slow"] >= 3.5
+    # warm-up (and the sample-size probe), then the rounds: slow, fast, slow, fast, ... never all of one first
+    assert order[-6:] == ["slow", "fast"] * 3

@@ -9,6 +9,7 @@ error against FP32 attention stays within the variant's bounds and no more than 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -17,7 +18,7 @@ from .bench import BOUNDS, model_shaped_inputs, reference
 from .config import SageConfig
 from .metrics import attention_error
 from .progress import progress
-from .timing import median_ms
+from .timing import interleaved_median_ms
 
 
 def tune_shape(shape, dtype=torch.bfloat16, pv: str = "fp8", config: SageConfig | None = None,
@@ -37,11 +38,10 @@ def tune_shape(shape, dtype=torch.bfloat16, pv: str = "fp8", config: SageConfig 
                            pv_fp8=pv == "fp8", return_lse=False, launch_config=cand)[0]
 
     def measure(cands):
-        for cand in cands:
-            try:
-                timings[cand] = median_ms(lambda: call(cand), warmup=1, repeats=5)
-            except Exception:  # a tile that does not fit this GPU's shared memory is skipped
-                continue
+        # in interleaved rounds, so that the candidates compared with each other share the machine's drift; a
+        # tile that does not fit this GPU's shared memory is skipped
+        timed = interleaved_median_ms({c: functools.partial(call, c) for c in cands}, rounds=5, per_round=1)
+        timings.update({c: ms for c, ms in timed.items() if not isinstance(ms, str)})
 
     timings = {}
     if tiles:
@@ -53,7 +53,7 @@ def tune_shape(shape, dtype=torch.bfloat16, pv: str = "fp8", config: SageConfig 
     flips = [dataclasses.replace(tile, magic_convert=not tile.magic_convert)]
     if pv == "fp8":
         flips.append(dataclasses.replace(tile, pv_direct=not tile.pv_direct))
-    measure(flips)
+    measure([tile] + flips)  # the chosen tile again, beside its flags flipped
     ref = reference(q, k, v)
     errors = {c: attention_error(call(c)[:, :ref.shape[1]], ref)["rel_l1"] for c in [tile] + flips if c in timings}
     bound = BOUNDS[pv]["rel_l1"]

@@ -200,6 +200,17 @@ def test_int8_quantization_kernel_is_bit_exact():
         torch.testing.assert_close(scales.repeat_interleave(group, -1)[..., :100], ref_rows, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("group", [16, 64, 128])
+def test_a_nan_makes_only_its_own_int8_group_scale_nan(group):
+    # 128 rows per program: groups of 16 are coded within one 16-row slice, 64 in a slice of their own, and 128
+    # (the whole program) after a first pass that finds the maximum
+    x = inputs(1, 1, 1, 300, 300, 64, torch.float32, seed=3)[1]
+    x[0, 0, 130, 7] = float("nan")
+    _, scales = launch.quantize_int8(x, group, 64)
+    bad = torch.isnan(scales[0, 0])
+    assert bad.tolist() == [g == 130 // group for g in range(scales.shape[-1])]
+
+
 def test_fp8_v_in_the_hopper_key_order_is_a_permutation_within_every_32_keys():
     # position (h q u t) of every 32 holds key (h u q t): what the Gluon kernel's P operand multiplies
     q, k, v = inputs(1, 2, 2, 64, 200, 64, torch.bfloat16, seed=5)

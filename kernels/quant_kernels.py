@@ -226,8 +226,8 @@ def quantize_v_kernel(
     writes the per-channel sum of its dequantized codes into V_CODE_SUM [BHK, programs, BLOCK_D] (see
     launch.output_shift). A sum of the codes alone, not of their rounding errors: Triton codes the tile twice
     here, in the load's layout for the sum and in the transposed store's (its layout pass recomputes the chain
-    rather than convert the one-byte codes), so every operation per element counts twice; the rounding errors'
-    dequantize-and-subtract made the kernel spill."""
+    rather than convert the one-byte codes), so every operation per element counts twice, and the rounding
+    errors' dequantize-and-subtract per element measured slower."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     offs_n = pid * ROWS + tl.arange(0, ROWS)

@@ -133,6 +133,13 @@ def pv_key_source(s):
 
 
 @triton.jit
+def shifted_rows(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D, shift, multiplier):
+    """(x - shift) * multiplier for the rows offs_n of one head, as FP32, zero outside the tensor."""
+    x, valid = load_tile(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D)
+    return tl.where(valid, (x - shift[None, :]) * multiplier, 0.0)
+
+
+@triton.jit
 def quantize_int8_role(X, b, h, row0, stride_b, stride_h, stride_n, stride_d, N, D, shift, multiplier,
                        OUT8, SCALE, n_groups, ROWS: tl.constexpr, SUB: tl.constexpr, GROUP: tl.constexpr,
                        BLOCK_D: tl.constexpr):
@@ -148,15 +155,13 @@ def quantize_int8_role(X, b, h, row0, stride_b, stride_h, stride_n, stride_d, N,
         has_nan = tl.zeros([1], tl.float32)
         for s in range(0, ROWS, SUB):
             offs_n = row0 + s + tl.arange(0, SUB)
-            x, valid = load_tile(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D)
-            x = tl.where(valid, (x - shift[None, :]) * multiplier, 0.0)
+            x = shifted_rows(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D, shift, multiplier)
             amax = tl.maximum(amax, tl.max(tl.abs(x)))
             has_nan = tl.maximum(has_nan, tl.max(tl.where(x == x, 0.0, 1.0)))
         scale = int8_scale(amax, has_nan)
         for s in range(0, ROWS, SUB):
             offs_n = row0 + s + tl.arange(0, SUB)
-            x, valid = load_tile(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D)
-            x = tl.where(valid, (x - shift[None, :]) * multiplier, 0.0)
+            x = shifted_rows(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D, shift, multiplier)
             codes = round_half_away(x * reciprocal(scale)[:, None]).to(tl.int8)
             tl.store(OUT8 + offs_n[:, None] * BLOCK_D + offs_d[None, :], codes, mask=offs_n[:, None] < N)
         offs_g = row0 // GROUP + tl.arange(0, 1)
@@ -164,8 +169,7 @@ def quantize_int8_role(X, b, h, row0, stride_b, stride_h, stride_n, stride_d, N,
     else:
         for s in range(0, ROWS, SUB):
             offs_n = row0 + s + tl.arange(0, SUB)
-            x, valid = load_tile(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D)
-            x = tl.where(valid, (x - shift[None, :]) * multiplier, 0.0)
+            x = shifted_rows(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D, shift, multiplier)
             codes, scale, _ = quantize_rows_int8(x, SUB, GROUP, BLOCK_D)
             tl.store(OUT8 + offs_n[:, None] * BLOCK_D + offs_d[None, :], codes, mask=offs_n[:, None] < N)
             offs_g = (row0 + s) // GROUP + tl.arange(0, SUB // GROUP)

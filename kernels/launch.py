@@ -105,10 +105,10 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
     return out
 
 
-def output_shift(qz: dict, kv_len: int, smooth_v: bool):
+def output_shift(qz: dict, kv_len: int):
     """The per-channel vector the attention kernels add to their output, or None. FP16 P·V: V's mean where V
-    was smoothed. FP8 P·V: V's mean minus the mean of its dequantized FP8 codes (the smoothed V's, when it
-    was), so that the dequantized V has exactly V's mean.
+    was smoothed (quantize_qkv gives v_mean there only then). FP8 P·V: V's mean minus the mean of its
+    dequantized FP8 codes (the smoothed V's, when it was), so that the dequantized V has exactly V's mean.
 
     Long-sequence attention is nearly flat (an output row is close to V's mean), so the systematic part of
     V's rounding error, its mean over the keys, does not average out the way its random part does: taking it
@@ -116,7 +116,7 @@ def output_shift(qz: dict, kv_len: int, smooth_v: bool):
     with it (exact-arithmetic reference on the CPU), where smoothing alone made it worse. A uniform attention
     row then returns V's mean."""
     if qz["v_code_sums"] is None:
-        return qz["v_mean"] if smooth_v else None
+        return qz["v_mean"]
     # two launches per call (the sum, then one scaled add): this runs on every FP8 call
     return torch.add(qz["v_mean"], qz["v_code_sums"].sum(dim=1), alpha=-1.0 / max(kv_len, 1))
 
@@ -172,7 +172,7 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
                       smooth_k=smooth_k, smooth_v=smooth_v, pv_fp8=pv_fp8, pv_key_order=pipelined,
                       v_code_max=hopper_launch.FP16_TILE_V_CODE_MAX if fp16_tiles else FP8_E4M3_MAX)
     k_scale, k_mean = qz["k_scale"], qz["k_mean"]
-    v_shift = output_shift(qz, NK, smooth_v)
+    v_shift = output_shift(qz, NK)
     v8, v_scale = (qz["v8"], qz["v_scale"]) if pv_fp8 else (k_scale, k_scale)
 
     grid = (triton.cdiv(NQ, block_m), B * H)

@@ -28,7 +28,7 @@ from sage_attention_pack.sage_core.bench import environment, model_shaped_inputs
 from sage_attention_pack.sage_core.config import SageConfig  # noqa: E402
 from sage_attention_pack.sage_core.metrics import attention_error  # noqa: E402
 from sage_attention_pack.sage_core.progress import progress  # noqa: E402
-from sage_attention_pack.sage_core.timing import interleaved_median_ms  # noqa: E402
+from sage_attention_pack.sage_core.timing import error_line, interleaved_median_ms  # noqa: E402
 
 
 def compare(shape, keys, kernel="int8_fp8", dtype=torch.bfloat16, v_offset=0.0, smooth_v=False) -> dict:
@@ -52,7 +52,7 @@ def compare(shape, keys, kernel="int8_fp8", dtype=torch.bfloat16, v_offset=0.0, 
         try:
             err = attention_error(call()[:, :ref.shape[1]], ref)
         except Exception as e:  # a tile that does not fit is reported, not fatal
-            rows[key] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+            rows[key] = {"error": error_line(e)}
             continue
         _, k_group = launch.quant_groups(cfg.q_group_rows, cfg.k_group_rows, lc)
         gluon = launch.runs_hopper_kernel(q, k, config=lc, k_group=k_group, pv_fp8=pv_fp8, is_causal=False,

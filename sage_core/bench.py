@@ -23,7 +23,7 @@ from .config import SageConfig
 from .dispatch import attention
 from .metrics import attention_error
 from .progress import progress
-from .timing import interleaved_median_ms
+from .timing import error_line, interleaved_median_ms
 
 GPU_SHAPES = {
     "flux_1024px": (1, 24, 4608, 128),
@@ -125,7 +125,7 @@ def bench_shape(name, shape, dtype, device, methods, rounds) -> dict:
             rows[method] = attention_error(fn(q, k, v)[:, :hh], ref)
             runnable[method] = functools.partial(fn, q, k, v)
         except Exception as e:  # a peer that cannot run this shape is reported, not fatal
-            rows[method] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+            rows[method] = {"error": error_line(e)}
         if device == "cuda":
             torch.cuda.empty_cache()
     gpu = device == "cuda"

@@ -13,6 +13,11 @@ MIN_SAMPLE_MS = 2.0
 MAX_CALLS_PER_SAMPLE = 50
 
 
+def error_line(e: Exception) -> str:
+    """An exception in one line, as benchmark rows report a method that could not run."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
 def calls_per_sample(fn) -> int:
     """How many back-to-back calls of fn fill one sample (1 off the GPU)."""
     if not torch.cuda.is_available():
@@ -62,14 +67,14 @@ def interleaved_median_ms(fns: dict, rounds: int = 5, per_round: int = 2, warmup
                 fn()
             calls[name] = calls_per_sample(fn)
         except Exception as e:  # reported per callable, the others still timed
-            result[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            result[name] = error_line(e)
     samples = {name: [] for name in calls}
     for _ in range(rounds):
         for name in list(samples):
             try:
                 samples[name] += [sample_ms(fns[name], calls[name]) for _ in range(per_round)]
             except Exception as e:
-                result[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                result[name] = error_line(e)
                 del samples[name]
     result.update({name: statistics.median(s) for name, s in samples.items()})
     return {name: result[name] for name in fns if name in result}

@@ -113,6 +113,11 @@ def reference(q, k, v):
     return F.scaled_dot_product_attention(qs, ks, vs)
 
 
+def samples_per_round(device: str) -> int:
+    """Samples of each method per timing round: 2 on the GPU, 1 in the interpreter (each call is slow)."""
+    return 2 if device == "cuda" else 1
+
+
 def bench_shape(name, shape, dtype, device, methods, rounds) -> dict:
     """Accuracy of every method against FP32 attention, then their speed, timed in interleaved rounds."""
     b, h, n, d = shape
@@ -128,8 +133,8 @@ def bench_shape(name, shape, dtype, device, methods, rounds) -> dict:
             rows[method] = {"error": error_line(e)}
         if device == "cuda":
             torch.cuda.empty_cache()
-    gpu = device == "cuda"
-    timed = interleaved_median_ms(runnable, rounds=rounds, per_round=2 if gpu else 1, warmup=2 if gpu else 0)
+    timed = interleaved_median_ms(runnable, rounds=rounds, per_round=samples_per_round(device),
+                                  warmup=2 if device == "cuda" else 0)
     for method, ms in timed.items():
         if isinstance(ms, str):
             rows[method] = {"error": ms}
@@ -172,8 +177,8 @@ def run(shapes=None, dtype=torch.bfloat16, repeats=None, with_peers=True, out_pa
     if method_patterns:
         keep = [m for m in methods if m == "sdpa_default" or any(fnmatch.fnmatch(m, p) for p in method_patterns)]
         methods = {m: methods[m] for m in keep}
-    # rounds visit every method in turn, 2 samples each on the GPU (1 in the interpreter)
-    rounds = max(1, (repeats or (10 if device == "cuda" else 1)) // (2 if device == "cuda" else 1))
+    # rounds visit every method in turn; `repeats` samples per method in all
+    rounds = max(1, (repeats or (10 if device == "cuda" else 1)) // samples_per_round(device))
     result = {"environment": environment(), "tops_definition": "4*B*H*Nq*Nk*D / time",
               "k_offset_scale": K_OFFSET_SCALE, "accuracy_reference": f"fp32 attention, first {ACCURACY_HEADS} heads",
               "bounds": BOUNDS, "peers_missing": peers_missing, "shapes": {}}

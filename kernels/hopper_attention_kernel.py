@@ -34,6 +34,40 @@ P8_FROM_F32 = gl.constexpr("{ .reg .b16 lo, hi;\ncvt.rn.satfinite.e4m3x2.f32 lo,
 P8_FROM_F16X2 = gl.constexpr("{ .reg .b16 lo, hi;\ncvt.rn.satfinite.e4m3x2.f16x2 lo, $1;\n"
                              "cvt.rn.satfinite.e4m3x2.f16x2 hi, $2;\nmov.b32 $0, {lo, hi}; }")
 
+# The ping-pong kernel's hand-offs run on hardware named barriers (bar.sync / bar.arrive), as FlashAttention-3's
+# do: a Gluon mbarrier.arrive is one thread's, so the compiler puts a warpgroup bar.sync before each (three per
+# key tile). IDs above the few Triton numbers its partitions with. Barrier TURN_BARRIER + c: consumer c's turn
+# at the tensor cores (the other consumer arrives, c waits); SLOT_BARRIER + s: ring slot s is free (both
+# consumers arrive, the producer waits).
+TURN_BARRIER = gl.constexpr(8)
+SLOT_BARRIER = gl.constexpr(10)
+TURN_THREADS = gl.constexpr(256)  # two consumer warpgroups
+SLOT_THREADS = gl.constexpr(288)  # two consumer warpgroups and the producer warp
+# $1: barrier id; $2: 0 skips the arrive. Each thread runs it once (a one-element-per-thread token).
+NAMED_SYNC = gl.constexpr("bar.sync $1, $2; mov.b32 $0, 0;")
+NAMED_ARRIVE = gl.constexpr("{ .reg .pred p; setp.ne.b32 p, $3, 0; @p bar.arrive $1, $2; mov.b32 $0, 0; }")
+
+
+@gluon.jit
+def named_sync(barrier_id, threads: gl.constexpr, WARPS: gl.constexpr):
+    """bar.sync on hardware barrier `barrier_id` (completes when `threads` threads got there) by every thread
+    of a partition of WARPS warps."""
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+    ids = gl.full([32 * WARPS], barrier_id, gl.int32, layout)
+    counts = gl.full([32 * WARPS], threads, gl.int32, layout)
+    gl.inline_asm_elementwise(NAMED_SYNC, "=r,r,r", [ids, counts], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def named_arrive(barrier_id, threads: gl.constexpr, live, WARPS: gl.constexpr):
+    """bar.arrive on hardware barrier `barrier_id` by every thread of a partition of WARPS warps, if `live`."""
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+    ids = gl.full([32 * WARPS], barrier_id, gl.int32, layout)
+    counts = gl.full([32 * WARPS], threads, gl.int32, layout)
+    flags = gl.full([32 * WARPS], live, gl.int32, layout)
+    gl.inline_asm_elementwise(NAMED_ARRIVE, "=r,r,r,r", [ids, counts, flags], dtype=gl.int32, is_pure=False,
+                              pack=1)
+
 
 @gluon.jit
 def online_softmax(s_bits, m_i, l_i, row_scale, n_left, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
@@ -93,8 +127,8 @@ def issue_kv_load(k_desc, v_desc, k_smem, v_smem, bars, tile, slot, bh_kv, NK, l
 
 
 @gluon.jit
-def pipeline_step(j, p_prev, m_i, l_i, alpha_prev, acc, q_smem, k_smem, v_smem, full_bars, empty_bars, turn_wait,
-                  turn_signal, k_desc, v_desc, seed, tile_zero, q_scale, ks_base, bh_kv, NK, NQ, n_tiles,
+def pipeline_step(j, p_prev, m_i, l_i, alpha_prev, acc, q_smem, k_smem, v_smem, full_bars, consumer, k_desc, v_desc,
+                  seed, tile_zero, q_scale, ks_base, bh_kv, NK, NQ, n_tiles,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, STAGES: gl.constexpr,
                   TWO_LEVEL: gl.constexpr, PING_PONG: gl.constexpr, LAST: gl.constexpr, MAGIC: gl.constexpr,
                   s_layout: gl.constexpr, o_rows: gl.constexpr, p_layout: gl.constexpr):
@@ -103,15 +137,16 @@ def pipeline_step(j, p_prev, m_i, l_i, alpha_prev, acc, q_smem, k_smem, v_smem, 
     steps in FP32 (FP16 in two-level ping-pong, to fit 240 registers) and is cast right before its product
     (carried as bytes, the compiler unpacks and repacks it: ~4 instructions per key); nothing asynchronous is
     in flight across steps.
-    PING_PONG: two warpgroups take turns issuing their products (turn_wait, turn_signal), so that one's softmax
-    runs while the other's products occupy the tensor cores; a producer warp refills the ring (empty_bars)."""
+    PING_PONG: two warpgroups (`consumer` 0 and 1) take turns issuing their products (TURN_BARRIER), so that
+    one's softmax runs while the other's products occupy the tensor cores; a producer warp refills the ring
+    (SLOT_BARRIER)."""
     slot = j % STAGES
     prev = (j - 1) % STAGES
     mbarrier.wait(full_bars.index(slot), (j // STAGES) & 1)
     p8 = to_pv_operand(p_prev, BLOCK_M, BLOCK_N, p_layout)
     alpha_o = gl.expand_dims(gl.convert_layout(alpha_prev, o_rows), 1)
     if PING_PONG:
-        mbarrier.wait(turn_wait, j & 1)
+        named_sync(TURN_BARRIER + consumer, TURN_THREADS, 4)
     s_tok = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), seed, use_acc=MAGIC,
                           is_async=True)
     if TWO_LEVEL:
@@ -120,7 +155,8 @@ def pipeline_step(j, p_prev, m_i, l_i, alpha_prev, acc, q_smem, k_smem, v_smem, 
     else:
         o_tok = warpgroup_mma(p8, v_smem.index(prev).permute((1, 0)), acc * alpha_o, is_async=True)
     if PING_PONG:
-        mbarrier.arrive(turn_signal)
+        # the other's turn; consumer 1 arrived once before its first tile, so it skips its last arrive
+        named_arrive(TURN_BARRIER + 1 - consumer, TURN_THREADS, (consumer == 0) | (j < n_tiles - 1), 4)
     s_bits = warpgroup_mma_wait(1, deps=[s_tok])
     p, m_i, l_i, alpha = online_softmax(s_bits, m_i, l_i, q_scale * gl.load(ks_base + j), NK - j * BLOCK_N,
                                         BLOCK_N, s_layout, LAST, MAGIC)
@@ -137,7 +173,7 @@ def pipeline_step(j, p_prev, m_i, l_i, alpha_prev, acc, q_smem, k_smem, v_smem, 
     else:
         acc = o_tile
     if PING_PONG:
-        mbarrier.arrive(empty_bars.index(prev))  # this warpgroup is done with tile j-1's slot
+        named_arrive(SLOT_BARRIER + prev, SLOT_THREADS, True, 4)  # this warpgroup is done with tile j-1's slot
     else:
         # the slot of tile j-1 is free in every warp: refill it, STAGES tiles ahead
         cta_barrier()
@@ -147,9 +183,9 @@ def pipeline_step(j, p_prev, m_i, l_i, alpha_prev, acc, q_smem, k_smem, v_smem, 
 
 
 @gluon.jit
-def attend_rows(tile_m, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, full_bars, empty_bars, turn_wait,
-                turn_signal, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh, stride_on,
-                stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles,
+def attend_rows(tile_m, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, full_bars, consumer, Q_SCALE, K_SCALE,
+                V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh, stride_on, stride_od, H, KV_GROUP, NQ, NK,
+                q_groups, k_groups, n_q_tiles,
                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, Q_GROUP: gl.constexpr,
                 STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, PING_PONG: gl.constexpr, SHIFT_V: gl.constexpr,
                 RETURN_LSE: gl.constexpr, MAGIC: gl.constexpr):
@@ -186,10 +222,11 @@ def attend_rows(tile_m, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, f
     mbarrier.wait(q_bar, 0)
     mbarrier.wait(full_bars.index(0), 0)
     if PING_PONG:
-        mbarrier.wait(turn_wait, 0)
+        named_arrive(TURN_BARRIER, TURN_THREADS, consumer == 1, 4)  # consumer 0 goes first
+        named_sync(TURN_BARRIER + consumer, TURN_THREADS, 4)
     s_tok = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), seed, use_acc=MAGIC, is_async=True)
     if PING_PONG:
-        mbarrier.arrive(turn_signal)
+        named_arrive(TURN_BARRIER + 1 - consumer, TURN_THREADS, (consumer == 0) | (n_tiles > 1), 4)
     s_bits = warpgroup_mma_wait(0, deps=[s_tok])
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, s_rows)
     l_i = gl.zeros([BLOCK_M], gl.float32, s_rows)
@@ -200,14 +237,14 @@ def attend_rows(tile_m, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, f
     acc = gl.zeros([BLOCK_M, BLOCK_D], gl.float32, o_layout)
     for j in range(1, n_tiles - 1):
         p, m_i, l_i, alpha, acc = pipeline_step(
-            j, p, m_i, l_i, alpha, acc, q_smem, k_smem, v_smem, full_bars, empty_bars, turn_wait, turn_signal, k_desc,
+            j, p, m_i, l_i, alpha, acc, q_smem, k_smem, v_smem, full_bars, consumer, k_desc,
             v_desc, seed, tile_zero, q_scale, ks_base, bh_kv, NK, NQ, n_tiles, BLOCK_M, BLOCK_N, BLOCK_D, STAGES,
             TWO_LEVEL, PING_PONG, False, MAGIC, s_layout, o_rows, p_layout)
     if n_tiles > 1:
         p, m_i, l_i, alpha, acc = pipeline_step(
-            n_tiles - 1, p, m_i, l_i, alpha, acc, q_smem, k_smem, v_smem, full_bars, empty_bars, turn_wait,
-            turn_signal, k_desc, v_desc, seed, tile_zero, q_scale, ks_base, bh_kv, NK, NQ, n_tiles, BLOCK_M, BLOCK_N,
-            BLOCK_D, STAGES, TWO_LEVEL, PING_PONG, True, MAGIC, s_layout, o_rows, p_layout)
+            n_tiles - 1, p, m_i, l_i, alpha, acc, q_smem, k_smem, v_smem, full_bars, consumer, k_desc, v_desc, seed,
+            tile_zero, q_scale, ks_base, bh_kv, NK, NQ, n_tiles, BLOCK_M, BLOCK_N, BLOCK_D, STAGES, TWO_LEVEL,
+            PING_PONG, True, MAGIC, s_layout, o_rows, p_layout)
     # P·V of the last tile
     p8 = to_pv_operand(p, BLOCK_M, BLOCK_N, p_layout)
     alpha_o = gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
@@ -237,14 +274,12 @@ def attend_rows(tile_m, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, f
 
 
 @gluon.jit
-def ring_barriers(STAGES: gl.constexpr, ARRIVALS: gl.constexpr):
-    """`full` (TMA landed) and `empty` (ARRIVALS consumers are done) mbarriers for each ring slot."""
+def ring_barriers(STAGES: gl.constexpr):
+    """A `full` mbarrier (the TMA of the tile has landed) for each ring slot."""
     full_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
         mbarrier.init(full_bars.index(s), count=1)
-        mbarrier.init(empty_bars.index(s), count=ARRIVALS)
-    return full_bars, empty_bars
+    return full_bars
 
 
 @gluon.jit
@@ -262,42 +297,48 @@ def sage_fwd_sm90_kernel(
     q_smem = gl.allocate_shared_memory(gl.int8, [BLOCK_M, BLOCK_D], q_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
-    full_bars, empty_bars = ring_barriers(STAGES, 1)
+    full_bars = ring_barriers(STAGES)
     bh = gl.program_id(1)
     bh_kv = (bh // H) * (H // KV_GROUP) + (bh % H) // KV_GROUP
     n_tiles = (NK + BLOCK_N - 1) // BLOCK_N
     for s in gl.static_range(STAGES):
         issue_kv_load(k_desc, v_desc, k_smem, v_smem, full_bars, s, s, bh_kv, NK, s < n_tiles, BLOCK_N, BLOCK_D)
-    attend_rows(gl.program_id(0), q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, full_bars, empty_bars,
-                q_bar, q_bar, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh, stride_on,
-                stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, gl.num_programs(0), BLOCK_M, BLOCK_N, BLOCK_D,
-                Q_GROUP, STAGES, TWO_LEVEL, False, SHIFT_V, RETURN_LSE, MAGIC)
+    attend_rows(gl.program_id(0), q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, full_bars, 0, Q_SCALE, K_SCALE,
+                V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh, stride_on, stride_od, H, KV_GROUP, NQ, NK,
+                q_groups, k_groups, gl.num_programs(0), BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP, STAGES, TWO_LEVEL, False,
+                SHIFT_V, RETURN_LSE, MAGIC)
 
 
 @gluon.jit
-def consume(meta: gl.constexpr, tile_m, q_smem, q_bar, q_desc, k_desc, v_desc, k_smem, v_smem, full_bars, empty_bars,
-            turn_wait, turn_signal, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh, stride_on,
-            stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles):
-    """A consumer warpgroup of the ping-pong kernel (meta: the kernel's constants, in its argument order)."""
-    attend_rows(tile_m, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, full_bars, empty_bars, turn_wait,
-                turn_signal, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh, stride_on,
-                stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, meta[0], meta[1], meta[2], meta[3],
-                meta[4], meta[5], True, meta[6], meta[7], meta[8])
+def consume(meta: gl.constexpr, tile_m, q_smem, q_bar, q_desc, k_desc, v_desc, k_smem, v_smem, full_bars, Q_SCALE,
+            K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh, stride_on, stride_od, H, KV_GROUP, NQ, NK,
+            q_groups, k_groups, n_q_tiles):
+    """A consumer warpgroup of the ping-pong kernel (meta: the kernel's constants, in its argument order);
+    query tile 2·pid + c is consumer c."""
+    attend_rows(tile_m, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, full_bars, tile_m % 2, Q_SCALE, K_SCALE,
+                V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh, stride_on, stride_od, H, KV_GROUP, NQ, NK,
+                q_groups, k_groups, n_q_tiles, meta[0], meta[1], meta[2], meta[3], meta[4], meta[5], True, meta[6],
+                meta[7], meta[8])
 
 
 @gluon.jit
-def load_kv_ring(k_desc, v_desc, k_smem, v_smem, full_bars, empty_bars, H, KV_GROUP, NK, meta: gl.constexpr):
+def load_kv_ring(k_desc, v_desc, k_smem, v_smem, full_bars, H, KV_GROUP, NK, meta: gl.constexpr):
     """The producer warp: every key tile of this head into the ring, a slot as soon as both consumers are done
-    with the tile it held."""
+    with the tile it held. The consumers free every tile but the last; the producer waits for each of those
+    freeings, the last ones after its loop, so that no named barrier is left half-arrived when the program ends."""
     BLOCK_N: gl.constexpr = meta[1]
     BLOCK_D: gl.constexpr = meta[2]
     STAGES: gl.constexpr = meta[4]
     bh = gl.program_id(1)
     bh_kv = (bh // H) * (H // KV_GROUP) + (bh % H) // KV_GROUP
-    for t in range((NK + BLOCK_N - 1) // BLOCK_N):
+    n_tiles = (NK + BLOCK_N - 1) // BLOCK_N
+    for t in range(n_tiles):
         s = t % STAGES
-        mbarrier.wait(empty_bars.index(s), ((t // STAGES) - 1) & 1, pred=t >= STAGES)
+        if t >= STAGES:
+            named_sync(SLOT_BARRIER + s, SLOT_THREADS, 1)
         issue_kv_load(k_desc, v_desc, k_smem, v_smem, full_bars, t, s, bh_kv, NK, True, BLOCK_N, BLOCK_D)
+    for t in range(gl.maximum(n_tiles - STAGES, 0), n_tiles - 1):
+        named_sync(SLOT_BARRIER + t % STAGES, SLOT_THREADS, 1)
 
 
 @gluon.jit
@@ -315,25 +356,17 @@ def sage_fwd_sm90_pingpong_kernel(
     v_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_D, BLOCK_N], v_desc.layout)
     q_smem = gl.allocate_shared_memory(gl.int8, [2, BLOCK_M, BLOCK_D], q_desc.layout)
     q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    # the turn barriers: each consumer waits on its own before issuing its products, then arrives on the other's
-    turn0 = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    turn1 = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    mbarrier.init(turn0, count=1)
-    mbarrier.init(turn1, count=1)
     for c in gl.static_range(2):
         mbarrier.init(q_bars.index(c), count=1)
-    full_bars, empty_bars = ring_barriers(STAGES, 2)
-    mbarrier.arrive(turn0)  # consumer 0 goes first
+    full_bars = ring_barriers(STAGES)
     # compile-time values cross into partitions only inside a constexpr tuple (elements of a plain tuple are
     # turned into tensors)
     meta: gl.constexpr = (BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP, STAGES, TWO_LEVEL, SHIFT_V, RETURN_LSE, MAGIC)
-    runtime = (q_desc, k_desc, v_desc, k_smem, v_smem, full_bars, empty_bars)
+    runtime = (q_desc, k_desc, v_desc, k_smem, v_smem, full_bars)
     scalars = (Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh, stride_on, stride_od, H,
                KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles)
     gl.warp_specialize([
-        (consume, (meta, 2 * gl.program_id(0), q_smem.index(0), q_bars.index(0)) + runtime + (turn0, turn1)
-         + scalars),
-        (consume, (meta, 2 * gl.program_id(0) + 1, q_smem.index(1), q_bars.index(1)) + runtime + (turn1, turn0)
-         + scalars),
-        (load_kv_ring, (k_desc, v_desc, k_smem, v_smem, full_bars, empty_bars, H, KV_GROUP, NK, meta)),
+        (consume, (meta, 2 * gl.program_id(0), q_smem.index(0), q_bars.index(0)) + runtime + scalars),
+        (consume, (meta, 2 * gl.program_id(0) + 1, q_smem.index(1), q_bars.index(1)) + runtime + scalars),
+        (load_kv_ring, (k_desc, v_desc, k_smem, v_smem, full_bars, H, KV_GROUP, NK, meta)),
     ], [4, 1], [CONSUMER_REGS, 24])

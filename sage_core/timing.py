@@ -11,6 +11,12 @@ import torch
 # them: the host's launch work then overlaps the device's, and the figure is the device's time per call.
 MIN_SAMPLE_MS = 2.0
 MAX_CALLS_PER_SAMPLE = 50
+# Before each callable's samples in an interleaved round, it runs untimed for at least this long: a GPU at its
+# power limit moves its clock with the load, and the first milliseconds after a switch of load carry the
+# previous one's clock (measured on an H200 at 700 W: the same kernel read 6% apart as the first and the second
+# method of a round; clocks ranged 1665-1980 MHz during the benchmark).
+SETTLE_MS = 100.0
+MAX_SETTLE_CALLS = 200
 
 
 def error_line(e: Exception) -> str:
@@ -18,16 +24,26 @@ def error_line(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
-def calls_per_sample(fn) -> int:
-    """How many back-to-back calls of fn fill one sample (1 off the GPU)."""
+def one_call_ms(fn) -> float | None:
+    """Device milliseconds of one fn() call (None off the GPU)."""
     if not torch.cuda.is_available():
-        return 1
+        return None
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     fn()
     end.record()
     end.synchronize()
-    return max(1, min(MAX_CALLS_PER_SAMPLE, math.ceil(MIN_SAMPLE_MS / max(start.elapsed_time(end), 1e-3))))
+    return max(start.elapsed_time(end), 1e-3)
+
+
+def calls_filling(call_ms: float | None, target_ms: float, most: int) -> int:
+    """How many back-to-back calls of call_ms fill target_ms, within 1..most (1 off the GPU)."""
+    return 1 if call_ms is None else max(1, min(most, math.ceil(target_ms / call_ms)))
+
+
+def calls_per_sample(fn) -> int:
+    """How many back-to-back calls of fn fill one sample (1 off the GPU)."""
+    return calls_filling(one_call_ms(fn), MIN_SAMPLE_MS, MAX_CALLS_PER_SAMPLE)
 
 
 def sample_ms(fn, calls: int) -> float:
@@ -55,23 +71,29 @@ def median_ms(fn, warmup: int = 1, repeats: int = 10) -> float:
     return statistics.median(sample_ms(fn, calls) for _ in range(repeats))
 
 
-def interleaved_median_ms(fns: dict, rounds: int = 5, per_round: int = 2, warmup: int = 1) -> dict:
+def interleaved_median_ms(fns: dict, rounds: int = 5, per_round: int = 2, warmup: int = 1,
+                          settle_ms: float = SETTLE_MS) -> dict:
     """Median milliseconds per call of each named callable, sampled in rounds that visit every callable in
     turn, so that a drift of the machine (clocks, temperature, other work on the host) reaches all of them
-    alike: timed one after another, the same SDPA call read up to 11% apart within one run. Returns
-    {name: ms}, or {name: "ExceptionType: message"} for a callable that raised (it is then left out)."""
-    result, calls = {}, {}
+    alike: timed one after another, the same SDPA call read up to 11% apart within one run. On the GPU each
+    visit first runs the callable untimed for settle_ms (see SETTLE_MS). Returns {name: ms}, or
+    {name: "ExceptionType: message"} for a callable that raised (it is then left out)."""
+    result, calls, settle = {}, {}, {}
     for name, fn in fns.items():
         try:
             for _ in range(warmup):
                 fn()
-            calls[name] = calls_per_sample(fn)
+            call_ms = one_call_ms(fn)
+            calls[name] = calls_filling(call_ms, MIN_SAMPLE_MS, MAX_CALLS_PER_SAMPLE)
+            settle[name] = calls_filling(call_ms, settle_ms, MAX_SETTLE_CALLS) if call_ms and settle_ms > 0 else 0
         except Exception as e:  # reported per callable, the others still timed
             result[name] = error_line(e)
     samples = {name: [] for name in calls}
     for _ in range(rounds):
         for name in list(samples):
             try:
+                for _ in range(settle[name]):
+                    fns[name]()
                 samples[name] += [sample_ms(fns[name], calls[name]) for _ in range(per_round)]
             except Exception as e:
                 result[name] = error_line(e)

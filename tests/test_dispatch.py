@@ -260,3 +260,12 @@ def test_interleaved_timing_visits_every_callable_in_turn_and_reports_a_failure(
     assert 0.5 <= timed["fast"] < timed["slow"] and timed["slow"] >= 3.5
     # warm-up (and the sample-size probe), then the rounds: slow, fast, slow, fast, ... never all of one first
     assert order[-6:] == ["slow", "fast"] * 3
+
+
+def test_settle_and_sample_sizes_fill_their_time_within_bounds():
+    from sage_attention_pack.sage_core.timing import calls_filling
+
+    assert calls_filling(None, 100.0, 200) == 1  # off the GPU: one call per sample, no settling
+    assert calls_filling(2.0, 100.0, 200) == 50  # 50 calls of 2 ms settle the clock for 100 ms
+    assert calls_filling(0.01, 100.0, 200) == 200  # tiny calls: capped
+    assert calls_filling(500.0, 100.0, 200) == 1  # one call already longer than the target

@@ -11,12 +11,11 @@ speed-up over ComfyUI's default attention, and the output's cosine similarity an
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import math
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -122,19 +121,6 @@ def load_peer_overrides() -> dict:
     return {f"peer_{name}": PeerOverride(fn) for name, fn in found.items()}
 
 
-def timed(fn, repeats):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3, out
-
-
 def compare(out, ref) -> dict:
     o, r = out.double().flatten(), ref.double().flatten()
     cos = (o @ r / (o.norm() * r.norm())).item()
@@ -147,7 +133,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--comfyui", required=True)
     parser.add_argument("--out", default="e2e_models.json")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="timing rounds: one sample of every setting per round")
     parser.add_argument("--models", nargs="*", default=["wan21_14b_4blocks_480p81f", "flux_dev_2x4blocks_1024px"])
     parser.add_argument("--no-peers", action="store_true", help="only the pack's settings")
     args = parser.parse_args()
@@ -157,6 +143,7 @@ def main():
     from sage_attention_pack.nodes import override as override_mod
     from sage_attention_pack.sage_core import bench as bench_mod
     from sage_attention_pack.sage_core import config as config_mod
+    from sage_attention_pack.sage_core.timing import error_line, interleaved_median_ms
 
     cases = {"wan21_14b_4blocks_480p81f": wan_case, "flux_dev_2x4blocks_1024px": flux_case}
     settings = {"auto": "auto", "int8_fp8": "int8_fp8", "int8_fp16": "int8_fp16", "off": "off"}
@@ -170,16 +157,33 @@ def main():
     for name in args.models:
         _, forward = cases[name](comfy)
         with torch.inference_mode():
-            base_ms, ref = timed(lambda: forward({}), args.repeats)
-            row = {"default_ms": base_ms, "settings": {}}
+            # one forward of each setting for its output and its calls, then every setting and the default
+            # timed in interleaved rounds (sage_core.timing): one after another, a GPU at its power limit gave
+            # the later settings other clocks than the first
+            ref = forward({})
+            runs, row = {"default": lambda: forward({})}, {"settings": {}}
             for label, override in overrides.items():
                 override.stats.reset()
-                ms, out = timed(lambda: forward({"optimized_attention_override": override}), args.repeats)
-                row["settings"][label] = {"ms": ms, "speedup": base_ms / ms, **compare(out, ref),
-                                          "calls": override.stats.snapshot()}
+                try:
+                    out = forward({"optimized_attention_override": override})
+                except Exception as e:  # a peer that cannot run this model is reported, not fatal
+                    row["settings"][label] = {"error": error_line(e)}
+                    continue
+                row["settings"][label] = {**compare(out, ref), "calls": override.stats.snapshot()}
+                runs[label] = functools.partial(forward, {"optimized_attention_override": override})
+                del out
+            timed = interleaved_median_ms(runs, rounds=args.repeats, per_round=1, warmup=1)
+            base_ms = row["default_ms"] = timed.pop("default")
+            if isinstance(base_ms, str):
+                raise RuntimeError(f"ComfyUI's own attention failed: {base_ms}")
+            for label, ms in timed.items():
+                entry = row["settings"][label]
+                if isinstance(ms, str):
+                    entry["error"] = ms
+                    continue
+                entry.update(ms=ms, speedup=base_ms / ms)
                 print(f"{name:28s} {label:10s} {ms:9.2f} ms vs {base_ms:9.2f} ms -> {base_ms / ms:.3f}x  "
-                      f"cos {row['settings'][label]['cosine']:.5f} psnr {row['settings'][label]['psnr_db']:.1f} dB",
-                      flush=True)
+                      f"cos {entry['cosine']:.5f} psnr {entry['psnr_db']:.1f} dB", flush=True)
         result["models"][name] = row
         Path(args.out).write_text(json.dumps(result, indent=1))  # kept even if a later model fails
         torch.cuda.empty_cache()

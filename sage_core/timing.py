@@ -76,7 +76,8 @@ def interleaved_median_ms(fns: dict, rounds: int = 5, per_round: int = 2, warmup
     """Median milliseconds per call of each named callable, sampled in rounds that visit every callable in
     turn, so that a drift of the machine (clocks, temperature, other work on the host) reaches all of them
     alike: timed one after another, the same SDPA call read up to 11% apart within one run. On the GPU each
-    visit first runs the callable untimed for settle_ms (see SETTLE_MS). Returns {name: ms}, or
+    visit first runs the callable untimed for settle_ms (see SETTLE_MS). Each round starts one callable further
+    on, so that no callable always follows the same one. Returns {name: ms}, or
     {name: "ExceptionType: message"} for a callable that raised (it is then left out)."""
     result, calls, settle = {}, {}, {}
     for name, fn in fns.items():
@@ -89,8 +90,10 @@ def interleaved_median_ms(fns: dict, rounds: int = 5, per_round: int = 2, warmup
         except Exception as e:  # reported per callable, the others still timed
             result[name] = error_line(e)
     samples = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name in list(samples):
+    for r in range(rounds):
+        names = list(samples)
+        shift = r % len(names) if names else 0
+        for name in names[shift:] + names[:shift]:
             try:
                 for _ in range(settle[name]):
                     fns[name]()

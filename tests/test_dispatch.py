@@ -258,8 +258,9 @@ def test_interleaved_timing_visits_every_callable_in_turn_and_reports_a_failure(
     assert list(timed) == ["slow", "fast", "broken"]
     assert timed["broken"] == "ValueError: cannot launch here"
     assert 0.5 <= timed["fast"] < timed["slow"] and timed["slow"] >= 3.5
-    # warm-up (and the sample-size probe), then the rounds: slow, fast, slow, fast, ... never all of one first
-    assert order[-6:] == ["slow", "fast"] * 3
+    # warm-up, then the rounds, each visiting every callable once and starting one further on: never all of
+    # one first, and no callable always right after the same one
+    assert order[-6:] == ["slow", "fast", "fast", "slow", "slow", "fast"]
 
 
 def test_settle_and_sample_sizes_fill_their_time_within_bounds():

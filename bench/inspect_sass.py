@@ -133,7 +133,8 @@ def main_loop_mix(sass: str) -> tuple[int, collections.Counter]:
 
 def overlap_report(sass: str) -> dict:
     """Whether the main loop keeps its softmax under P·V: the exp2s between the wait that leaves one wgmma group
-    in flight (the scores done, P·V running) and the next wait; and whether the loop touches local memory."""
+    in flight (the scores done, P·V running) and the next wait; whether the loop touches local memory; and how
+    many barriers its warps wait at per key tile (BAR.SYNC: named or whole-program)."""
     loop = main_loop(sass)
     ops = [line.split()[0] for line in loop]
     waits = [i for i, line in enumerate(loop) if line.startswith("WARPGROUP.DEPBAR")]
@@ -141,6 +142,7 @@ def overlap_report(sass: str) -> dict:
     second = next((i for i in waits if first is not None and i > first), None)
     between = ops[first:second] if first is not None and second is not None else []
     return {"loop_instructions": len(loop), "loop_spills": any(op.startswith(("STL", "LDL")) for op in ops),
+            "loop_barrier_syncs": sum(op.startswith("BAR.SYNC") for op in ops),
             "exp2_between_waits": sum(op.startswith("MUFU.EX2") for op in between),
             "second_wait": loop[second] if second is not None else None}
 

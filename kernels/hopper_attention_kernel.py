@@ -329,6 +329,7 @@ def load_kv_ring(k_desc, v_desc, k_smem, v_smem, full_bars, H, KV_GROUP, NK, met
     BLOCK_N: gl.constexpr = meta[1]
     BLOCK_D: gl.constexpr = meta[2]
     STAGES: gl.constexpr = meta[4]
+    gl.static_assert(SLOT_BARRIER + STAGES <= 16, "a ring this deep has no hardware barrier left for its slots")
     bh = gl.program_id(1)
     bh_kv = (bh // H) * (H // KV_GROUP) + (bh % H) // KV_GROUP
     n_tiles = (NK + BLOCK_N - 1) // BLOCK_N

@@ -12,9 +12,8 @@ import torch
 MIN_SAMPLE_MS = 2.0
 MAX_CALLS_PER_SAMPLE = 50
 # Before each callable's samples in an interleaved round, it runs untimed for at least this long: a GPU at its
-# power limit moves its clock with the load, and the first milliseconds after a switch of load carry the
-# previous one's clock (measured on an H200 at 700 W: the same kernel read 6% apart as the first and the second
-# method of a round; clocks ranged 1665-1980 MHz during the benchmark).
+# power limit moves its clock with the load (measured on an H200 at 700 W: 1470-1980 MHz during the benchmark,
+# and without this step the same kernel read 6% apart as two methods of one round).
 SETTLE_MS = 100.0
 MAX_SETTLE_CALLS = 200
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from sage_attention_pack.kernels import launch, tuning  # noqa: E402
 from sage_attention_pack.sage_core import backend  # noqa: E402
 from sage_attention_pack.sage_core.bench import GPU_SHAPES as MODEL_SHAPES  # noqa: E402
-from sage_attention_pack.sage_core.bench import environment, model_shaped_inputs, reference  # noqa: E402
+from sage_attention_pack.sage_core.bench import add_timings, environment, model_shaped_inputs, reference  # noqa: E402
 from sage_attention_pack.sage_core.config import SageConfig  # noqa: E402
 from sage_attention_pack.sage_core.metrics import attention_error  # noqa: E402
 from sage_attention_pack.sage_core.progress import progress  # noqa: E402
@@ -61,11 +61,7 @@ def compare(shape, keys, kernel="int8_fp8", dtype=torch.bfloat16, v_offset=0.0, 
         calls[key] = call
         torch.cuda.empty_cache()
     # every configuration and SDPA in turn, round after round: the machine's drift reaches all alike
-    for key, ms in interleaved_median_ms(calls, rounds=5, per_round=2, warmup=2).items():
-        if isinstance(ms, str):
-            rows[key] = {"error": ms}
-        else:
-            rows[key].update(ms=ms, tops=4 * b * h * n * n * d / (ms * 1e-3) / 1e12)
+    add_timings(rows, interleaved_median_ms(calls, rounds=5, per_round=2, warmup=2), 4 * b * h * n * n * d)
     sdpa = rows["sdpa_default"].get("ms")
     for key, r in rows.items():
         if key != "sdpa_default" and "ms" in r and sdpa:

@@ -118,6 +118,16 @@ def samples_per_round(device: str) -> int:
     return 2 if device == "cuda" else 1
 
 
+def add_timings(rows: dict, timed: dict, ops: float) -> None:
+    """Each method's milliseconds and TOPS (`ops` operations per call) into its row, or the error that stopped
+    its timing (interleaved_median_ms's result)."""
+    for method, ms in timed.items():
+        if isinstance(ms, str):
+            rows[method] = {"error": ms}
+        else:
+            rows[method].update(ms=ms, tops=ops / (ms * 1e-3) / 1e12)
+
+
 def bench_shape(name, shape, dtype, device, methods, rounds) -> dict:
     """Accuracy of every method against FP32 attention, then their speed, timed in interleaved rounds."""
     b, h, n, d = shape
@@ -135,11 +145,7 @@ def bench_shape(name, shape, dtype, device, methods, rounds) -> dict:
             torch.cuda.empty_cache()
     timed = interleaved_median_ms(runnable, rounds=rounds, per_round=samples_per_round(device),
                                   warmup=2 if device == "cuda" else 0)
-    for method, ms in timed.items():
-        if isinstance(ms, str):
-            rows[method] = {"error": ms}
-        else:
-            rows[method].update(ms=ms, tops=4 * b * h * n * n * d / (ms * 1e-3) / 1e12)
+    add_timings(rows, timed, 4 * b * h * n * n * d)
     base = rows.get("sdpa_default", {}).get("ms")
     for row in rows.values():
         if base and "ms" in row:

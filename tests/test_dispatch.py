@@ -4,7 +4,6 @@ import os
 import time
 
 import pytest
-
 import torch
 import torch.nn.functional as F
 
@@ -237,6 +236,7 @@ def test_auto_choosing_exact_defers_to_the_hosts_attention(monkeypatch):
     flat = [t.transpose(1, 2).reshape(1, 64, -1) for t in (q, k, v)]  # ComfyUI's [B, N, H*D]
     assert override(host_attention, *flat, 2) is host_out and seen == [2]
     assert override.stats.snapshot()["sage"] == {"auto:sdpa": 1} and override.stats.snapshot()["fallback"] == {}
+
 
 def test_interleaved_timing_visits_every_callable_in_turn_and_reports_a_failure():
     from sage_attention_pack.sage_core.timing import interleaved_median_ms

@@ -1,6 +1,7 @@
 """Where one Sage call's time goes on this GPU: the quantization launches alone, the whole call, every kernel
 the call launches (device time from PyTorch's profiler), and PyTorch's SDPA on the same inputs (back-to-back
-timing, as in a model forward).
+timing, as in a model forward), and the host's time per call (Python and launches: where it exceeds the device's, short
+calls are bound by the host).
 
     python bench/breakdown.py [--shapes flux_1024px wan21_480p_81f] [--configs KEY ...] [--out breakdown.json]
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections import defaultdict
 
 import torch
@@ -21,6 +23,20 @@ from sage_attention_pack.sage_core.config import SageConfig
 from sage_attention_pack.sage_core.timing import median_ms
 
 PROFILED_CALLS = 5
+HOST_TIMED_CALLS = 20  # few enough that the launch queue never fills: the host is never held up by the device
+
+
+def host_ms(call) -> float:
+    """Host milliseconds per call: Python and launch work alone, the device left to catch up afterwards. Where
+    this exceeds the device's time per call, back-to-back calls are bound by the host."""
+    call()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(HOST_TIMED_CALLS):
+        call()
+    elapsed = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return elapsed * 1e3 / HOST_TIMED_CALLS
 
 
 def kernel_ms(call) -> dict:
@@ -58,7 +74,8 @@ def breakdown(shape, pv: str, launch_config=None) -> dict:
     whole = median_ms(call, warmup=2)
     sdpa = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), warmup=2)
     ops = 4 * b * h * n * n * d
-    return {"launch_config": cfg.key(), "quantize_ms": quant, "call_ms": whole, "sdpa_ms": sdpa,
+    return {"launch_config": cfg.key(), "quantize_ms": quant, "call_ms": whole, "host_ms": host_ms(call),
+            "sdpa_ms": sdpa, "sdpa_host_ms": host_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)),
             "quantize_share": quant / whole, "attention_tops_without_quantize": ops / ((whole - quant) * 1e9),
             "call_tops": ops / (whole * 1e9), "sdpa_tops": ops / (sdpa * 1e9), "kernel_ms": kernel_ms(call)}
 
@@ -78,7 +95,8 @@ def main():
                 row = breakdown(bench.GPU_SHAPES[name], pv, launch_config)
                 result["shapes"][f"{name}|{pv}" + ("" if label == "table" else f"|{label}")] = row
                 print(f"{name:16s} {pv}: quantize {row['quantize_ms']:.3f} ms of {row['call_ms']:.3f} ms "
-                      f"({100 * row['quantize_share']:.1f}%), SDPA {row['sdpa_ms']:.3f} ms, {row['launch_config']}",
+                      f"({100 * row['quantize_share']:.1f}%), host {row['host_ms']:.3f} ms, SDPA {row['sdpa_ms']:.3f} ms "
+                      f"(host {row['sdpa_host_ms']:.3f}), {row['launch_config']}",
                       flush=True)
                 for kernel, ms in row["kernel_ms"].items():
                     print(f"    {ms:8.3f} ms  {kernel}", flush=True)

@@ -1,5 +1,7 @@
-"""`auto`: per (GPU, dtype, head dim, length bucket, causal, mask) use whichever of the Sage variants and
-SDPA is fastest, decided once by timing them on the first real call of that kind and cached on disk.
+"""`auto`: per (GPU, dtype, head dim, batch·heads bucket, length bucket, causal, mask) use whichever of the Sage
+variants and SDPA is fastest, decided once by timing them on the first real call of that kind and cached on disk.
+The batch·heads bucket is there because one length can go either way: on the H200 at 8k tokens, Flux's 24 heads
+(a short call, where SDPA wins) and 64 batch·heads (where the FP8 kernel wins) fell into one entry.
 
 All candidates are within the accuracy bounds the benchmark checks (FP16 P·V: cosine ≥ 0.9999; FP8 P·V:
 cosine ≥ 0.999), so the choice is about speed alone; where SDPA wins, turning Sage on costs nothing.
@@ -32,7 +34,8 @@ def choice_key(q, k, is_causal: bool, has_bias: bool, config: SageConfig) -> str
     from ..kernels import tuning
 
     dtype = str(q.dtype).replace("torch.", "")
-    return (f"d{q.shape[-1]}|nq{tuning.seq_bucket(q.shape[2])}|nk{tuning.seq_bucket(k.shape[2])}|{dtype}|"
+    return (f"d{q.shape[-1]}|bh{tuning.seq_bucket(q.shape[0] * q.shape[1])}|nq{tuning.seq_bucket(q.shape[2])}|"
+            f"nk{tuning.seq_bucket(k.shape[2])}|{dtype}|"
             f"{'causal' if is_causal else 'full'}|{'mask' if has_bias else 'nomask'}|"
             f"{config.qk_granularity}{config.quant_block}|sk{int(config.smooth_k)}sv{int(config.smooth_v)}")
 

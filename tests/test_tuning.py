@@ -30,8 +30,8 @@ def test_hopper_candidates_only_on_sm90_for_served_head_dims():
 
 def test_shipped_table_loads_and_its_in_place_entries_are_the_measured_ones():
     """Every shipped entry is a valid configuration. FP8 P·V accumulated in place (always with V smoothing, see
-    launch.sage_forward) is shipped only where it was measured within the FP8 bound: head dim 128 at 16k and 32k
-    tokens on the H200, in the ping-pong kernel."""
+    launch.sage_forward) is shipped only where it was measured within the FP8 bound: head dim 128 at 8k (Flux's
+    4608 tokens), 16k and 32k tokens on the H200, in the ping-pong kernel."""
     table = tuning.shipped_table("NVIDIA H200", "launch")
     assert table
     in_place = {}
@@ -40,7 +40,31 @@ def test_shipped_table_loads_and_its_in_place_entries_are_the_measured_ones():
         assert tuning.LaunchConfig.from_key(config.key()) == config
         if key.startswith("fp8") and config.pv_direct:
             in_place[key] = config.key()
-    assert in_place == {f"fp8|d128|many|nq{n}|nk{n}|bfloat16|full": "m64n128w4s4mcpdgppp" for n in (16384, 32768)}
+    assert in_place == {f"fp8|d128|many|nq{n}|nk{n}|bfloat16|full": "m64n128w4s4mcpdgppp"
+                        for n in (8192, 16384, 32768)}
+
+
+def test_auto_keys_tell_batch_heads_apart_and_the_shipped_ones_are_in_that_form():
+    """One length bucket, two answers: on the H200 at 8k tokens, Flux's 24 heads (a short call, SDPA won) and 64
+    batch·heads (the FP8 kernel's case) must not share an `auto` entry. Every shipped entry is a key choice_key
+    gives, so that the table is found."""
+    from sage_attention_pack.sage_core import autoselect
+    from sage_attention_pack.sage_core.config import SageConfig
+
+    def key(b, h, n, d):
+        q = torch.empty(b, h, n, d, dtype=torch.bfloat16)
+        return autoselect.choice_key(q, q, False, False, SageConfig())
+
+    flux, sweep = key(1, 24, 4608, 128), key(2, 32, 8192, 128)
+    assert flux != sweep and "|bh32|" in flux and "|bh64|" in sweep
+    assert key(1, 40, 32760, 128) == key(2, 32, 32768, 128)  # 40 and 64 batch·heads share a bucket
+    for gpu in ("NVIDIA H200", "NVIDIA H100 80GB HBM3"):
+        table = tuning.shipped_table(gpu, "auto")
+        assert table[flux]["variant"] == "sdpa"  # measured at Flux's shape: SDPA won there on both GPUs
+        for shipped in table:
+            d, bh, nq, nk = (int(part[2:] if part.startswith(("bh", "nq", "nk")) else part[1:])
+                             for part in shipped.split("|")[:4])
+            assert shipped == key(bh, 1, nq, d).replace(f"|nk{nq}|", f"|nk{nk}|"), shipped
 
 
 def test_hopper_kernel_declines_what_it_does_not_serve():

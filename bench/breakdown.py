@@ -1,7 +1,7 @@
 """Where one Sage call's time goes on this GPU: the quantization launches alone, the whole call, every kernel
 the call launches (device time from PyTorch's profiler), and PyTorch's SDPA on the same inputs (back-to-back
-timing, as in a model forward), and the host's time per call (Python and launches: where it exceeds the device's, short
-calls are bound by the host).
+timing, as in a model forward), and the host's time per call (Python and launches: where it exceeds the device's,
+short calls are bound by the host).
 
     python bench/breakdown.py [--shapes flux_1024px wan21_480p_81f] [--configs KEY ...] [--out breakdown.json]
 
@@ -95,8 +95,8 @@ def main():
                 row = breakdown(bench.GPU_SHAPES[name], pv, launch_config)
                 result["shapes"][f"{name}|{pv}" + ("" if label == "table" else f"|{label}")] = row
                 print(f"{name:16s} {pv}: quantize {row['quantize_ms']:.3f} ms of {row['call_ms']:.3f} ms "
-                      f"({100 * row['quantize_share']:.1f}%), host {row['host_ms']:.3f} ms, SDPA {row['sdpa_ms']:.3f} ms "
-                      f"(host {row['sdpa_host_ms']:.3f}), {row['launch_config']}",
+                      f"({100 * row['quantize_share']:.1f}%), host {row['host_ms']:.3f} ms, "
+                      f"SDPA {row['sdpa_ms']:.3f} ms (host {row['sdpa_host_ms']:.3f}), {row['launch_config']}",
                       flush=True)
                 for kernel, ms in row["kernel_ms"].items():
                     print(f"    {ms:8.3f} ms  {kernel}", flush=True)

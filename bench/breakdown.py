@@ -71,11 +71,13 @@ def breakdown(shape, pv: str, launch_config=None) -> dict:
         return backend.run(q, k, v, layout="HND", sm_scale=d ** -0.5, is_causal=False, bias=None, config=config,
                            pv_fp8=pv == "fp8", return_lse=False, launch_config=launch_config,
                            repair_counter=repairs)
+    def sdpa_call():
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
     whole = median_ms(call, warmup=2)
-    sdpa = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), warmup=2)
+    sdpa = median_ms(sdpa_call, warmup=2)
     ops = 4 * b * h * n * n * d
     return {"launch_config": cfg.key(), "quantize_ms": quant, "call_ms": whole, "host_ms": host_ms(call),
-            "sdpa_ms": sdpa, "sdpa_host_ms": host_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)),
+            "sdpa_ms": sdpa, "sdpa_host_ms": host_ms(sdpa_call),
             "quantize_share": quant / whole, "attention_tops_without_quantize": ops / ((whole - quant) * 1e9),
             "call_tops": ops / (whole * 1e9), "sdpa_tops": ops / (sdpa * 1e9), "kernel_ms": kernel_ms(call)}
 

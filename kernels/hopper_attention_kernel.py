@@ -49,24 +49,25 @@ NAMED_ARRIVE = gl.constexpr("{ .reg .pred p; setp.ne.b32 p, $3, 0; @p bar.arrive
 
 
 @gluon.jit
+def per_thread(value, WARPS: gl.constexpr):
+    """`value` once in every thread of a partition of WARPS warps: an operand of a barrier's inline PTX."""
+    return gl.full([32 * WARPS], value, gl.int32, gl.BlockedLayout([1], [32], [WARPS], [0]))
+
+
+@gluon.jit
 def named_sync(barrier_id, threads: gl.constexpr, WARPS: gl.constexpr):
     """bar.sync on hardware barrier `barrier_id` (completes when `threads` threads got there) by every thread
     of a partition of WARPS warps."""
-    layout: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
-    ids = gl.full([32 * WARPS], barrier_id, gl.int32, layout)
-    counts = gl.full([32 * WARPS], threads, gl.int32, layout)
-    gl.inline_asm_elementwise(NAMED_SYNC, "=r,r,r", [ids, counts], dtype=gl.int32, is_pure=False, pack=1)
+    gl.inline_asm_elementwise(NAMED_SYNC, "=r,r,r", [per_thread(barrier_id, WARPS), per_thread(threads, WARPS)],
+                              dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.jit
 def named_arrive(barrier_id, threads: gl.constexpr, live, WARPS: gl.constexpr):
     """bar.arrive on hardware barrier `barrier_id` by every thread of a partition of WARPS warps, if `live`."""
-    layout: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
-    ids = gl.full([32 * WARPS], barrier_id, gl.int32, layout)
-    counts = gl.full([32 * WARPS], threads, gl.int32, layout)
-    flags = gl.full([32 * WARPS], live, gl.int32, layout)
-    gl.inline_asm_elementwise(NAMED_ARRIVE, "=r,r,r,r", [ids, counts, flags], dtype=gl.int32, is_pure=False,
-                              pack=1)
+    gl.inline_asm_elementwise(NAMED_ARRIVE, "=r,r,r,r", [per_thread(barrier_id, WARPS), per_thread(threads, WARPS),
+                                                         per_thread(live, WARPS)],
+                              dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.jit

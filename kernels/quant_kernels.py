@@ -217,11 +217,13 @@ def quantize_v_kernel(
     V, PARTS, V8, V_SCALE, V_MEAN, V_CODE_SUM,
     stride_vb, stride_vh, stride_vn, stride_vd,
     HK, NK, D, n_chunks, v_padded, v_code_max,
-    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, STATS_CHUNKS: tl.constexpr, SMOOTH_V: tl.constexpr,
-    PV_FP8: tl.constexpr, FP8_ROUND_IN_FP32: tl.constexpr, PV_KEY_ORDER: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, CHANNELS: tl.constexpr, STATS_CHUNKS: tl.constexpr,
+    SMOOTH_V: tl.constexpr, PV_FP8: tl.constexpr, FP8_ROUND_IN_FP32: tl.constexpr, PV_KEY_ORDER: tl.constexpr,
 ):
-    """V's part of one call's quantization, ROWS keys of one head per program (grid: programs, B*HK). The first
-    program of each head writes V's per-channel mean (finished from kv_stats_kernel's partial sums).
+    """V's part of one call's quantization, ROWS keys and CHANNELS of the BLOCK_D channels of one head per
+    program (grid: programs, B*HK, BLOCK_D // CHANNELS): a whole 128-channel tile took 255 registers and
+    spilled. The first program of each head writes V's per-channel mean (finished from kv_stats_kernel's
+    partial sums).
 
     With PV_FP8: FP8 e4m3 codes stored transposed [BHK, BLOCK_D, v_padded] (the K-major operand FP8
     tensor-core dots want) with per-channel scales from V's range (the partial maxima and minima, finished
@@ -235,13 +237,13 @@ def quantize_v_kernel(
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     offs_n = pid * ROWS + tl.arange(0, ROWS)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = tl.program_id(2) * CHANNELS + tl.arange(0, CHANNELS)
     mean = finish_stats(PARTS, bh, n_chunks, NK, offs_d, BLOCK_D, STATS_CHUNKS, 1)
     if pid == 0:
         tl.store(V_MEAN + bh * BLOCK_D + offs_d, mean)
     if PV_FP8:
         if not SMOOTH_V:
-            mean = tl.zeros((BLOCK_D,), tl.float32)
+            mean = tl.zeros((CHANNELS,), tl.float32)
         vmax = finish_stats(PARTS, bh, n_chunks, NK, offs_d, BLOCK_D, STATS_CHUNKS, 2)
         vmin = finish_stats(PARTS, bh, n_chunks, NK, offs_d, BLOCK_D, STATS_CHUNKS, 3)
         scale = tl.maximum(tl.maximum(vmax - mean, mean - vmin), 1e-30) / v_code_max

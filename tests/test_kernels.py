@@ -229,7 +229,8 @@ def test_fp8_v_in_the_hopper_key_order_is_a_permutation_within_every_32_keys():
 
 def test_v_quantization_split_over_channels_codes_the_same(monkeypatch):
     # V's quantization runs launch.V_CHANNELS channels per program (a whole 128-channel tile spilled): every
-    # split codes the same FP8 values with the same scales and mean
+    # split codes the same FP8 values with the same scales and mean, bit for bit in the interpreter; on the GPU
+    # each split sums the mean over the statistics chunks in its own order, so a code may differ in its last bit
     q, k, v = inputs(1, 2, 2, 16, 200, 128, torch.bfloat16, seed=29)
     args = dict(q_group=16, k_group=64, block_d=128, q_multiplier=0.1, smooth_k=True, smooth_v=True, pv_fp8=True,
                 pv_key_order=True)
@@ -237,11 +238,16 @@ def test_v_quantization_split_over_channels_codes_the_same(monkeypatch):
     for channels in (128, 64, 32):
         monkeypatch.setattr(launch, "V_CHANNELS", channels)
         runs[channels] = launch.quantize_qkv(q, k, v, **args)
+    exact_bits = DEVICE == "cpu"
     for channels in (64, 32):
-        assert torch.equal(runs[channels]["v8"].float(), runs[128]["v8"].float())
+        codes, whole = runs[channels]["v8"].float(), runs[128]["v8"].float()
+        if exact_bits:
+            assert torch.equal(codes, whole)
+        else:
+            assert (codes != whole).float().mean().item() < 1e-3
         for name in ("v_scale", "v_mean"):
-            assert torch.equal(runs[channels][name], runs[128][name])
-        torch.testing.assert_close(runs[channels]["v_code_sums"], runs[128]["v_code_sums"], rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(runs[channels][name], runs[128][name], rtol=0 if exact_bits else 1e-6, atol=0)
+        torch.testing.assert_close(runs[channels]["v_code_sums"], runs[128]["v_code_sums"], rtol=1e-5, atol=1e-5)
 
 
 def test_nan_input_is_flagged_not_hidden():

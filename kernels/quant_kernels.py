@@ -222,14 +222,15 @@ def quantize_v_kernel(
 ):
     """V's part of one call's quantization, ROWS keys and CHANNELS of the BLOCK_D channels of one head per
     program (grid: programs, B*HK, BLOCK_D // CHANNELS): a whole 128-channel tile took 255 registers and
-    spilled. The first program of each head writes V's per-channel mean (finished from kv_stats_kernel's
-    partial sums).
+    spilled. The first program of each head and channel block writes those channels' mean (finished from
+    kv_stats_kernel's partial sums).
 
     With PV_FP8: FP8 e4m3 codes stored transposed [BHK, BLOCK_D, v_padded] (the K-major operand FP8
     tensor-core dots want) with per-channel scales from V's range (the partial maxima and minima, finished
-    here), of v - mean(v) with SMOOTH_V; the first program of each head writes the scales. PV_KEY_ORDER stores
+    here), of v - mean(v) with SMOOTH_V; the same first programs write the scales. PV_KEY_ORDER stores
     the keys of every 32 in the order the Hopper kernel's P operand comes in (pv_key_source). Every program
-    writes the per-channel sum of its dequantized codes into V_CODE_SUM [BHK, programs, BLOCK_D] (see
+    writes the per-channel sums of its dequantized codes into its channels of V_CODE_SUM [BHK, programs,
+    BLOCK_D] (see
     launch.output_shift). A sum of the codes alone, not of their rounding errors: Triton codes the tile twice
     here, in the load's layout for the sum and in the transposed store's (its layout pass recomputes the chain
     rather than convert the one-byte codes), so every operation per element counts twice, and the rounding

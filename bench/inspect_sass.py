@@ -132,19 +132,23 @@ def main_loop_mix(sass: str) -> tuple[int, collections.Counter]:
 
 
 def overlap_report(sass: str) -> dict:
-    """Whether the main loop keeps its softmax under P·V: the exp2s between the wait that leaves one wgmma group
-    in flight (the scores done, P·V running) and the next wait; whether the loop touches local memory; and how
-    many barriers its warps wait at per key tile (BAR.SYNC: named or whole-program)."""
+    """Whether the main loop keeps its softmax under P·V: the exp2s between the wait that leaves P·V (and the row
+    sums) in flight, the scores done, and the next wait; whether the loop touches local memory; how many barriers
+    its warps wait at per key tile (BAR.SYNC: named or whole-program); its FADDs and its m64n8 products (P's row
+    sums on the tensor cores, in place of a FADD per score)."""
     loop = main_loop(sass)
     ops = [line.split()[0] for line in loop]
     waits = [i for i, line in enumerate(loop) if line.startswith("WARPGROUP.DEPBAR")]
-    first = next((i for i in waits if loop[i].endswith("0x1")), None)
+    first = next((i for i in waits if loop[i].endswith(("0x1", "0x2"))), None)
     second = next((i for i in waits if first is not None and i > first), None)
     between = ops[first:second] if first is not None and second is not None else []
     return {"loop_instructions": len(loop), "loop_spills": any(op.startswith(("STL", "LDL")) for op in ops),
             "loop_barrier_syncs": sum(op.startswith("BAR.SYNC") for op in ops),
             "exp2_between_waits": sum(op.startswith("MUFU.EX2") for op in between),
-            "second_wait": loop[second] if second is not None else None}
+            "second_wait": loop[second] if second is not None else None,
+            "first_wait": loop[first] if first is not None else None,
+            "loop_fadds": sum(op.startswith("FADD") for op in ops),
+            "row_sum_mmas": sum(line.replace(" ", "").startswith("QGMMA.64x8x") for line in loop)}
 
 
 def main(argv=None):

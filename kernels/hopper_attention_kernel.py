@@ -18,7 +18,8 @@ Served: non-causal, no mask, head dims 64 and 128, FP8 P·V. Everything else run
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                               warpgroup_mma_wait)
 
 # names that changed after Triton 3.6: the TMA load (async_copy_global_to_shared -> async_load) and the CTA
 # barrier (thread_barrier -> barrier)
@@ -71,9 +72,10 @@ def named_arrive(barrier_id, threads: gl.constexpr, live, WARPS: gl.constexpr):
 
 
 @gluon.jit
-def online_softmax(s_bits, m_i, l_i, row_scale, n_left, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
+def online_softmax(s_bits, m_i, row_scale, n_left, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
                    LAST: gl.constexpr, MAGIC: gl.constexpr):
-    """One key tile's softmax update from its INT32 scores. Returns (P, new max, new sum, rescale).
+    """One key tile's softmax update from its INT32 scores. Returns (P, new max, rescale); P's row sums are
+    taken on the tensor cores (see row_sums).
     MAGIC: the scores were seeded with MAGIC_I2F_BITS and are read as FP32 (plus MAGIC_I2F) for free;
     otherwise they are converted (I2F: no seeding moves, a conversion per score)."""
     if MAGIC:
@@ -95,8 +97,7 @@ def online_softmax(s_bits, m_i, l_i, row_scale, n_left, BLOCK_N: gl.constexpr, s
         bias = m_new + offset * row_scale - LOG2_FP8_MAX
         p = gl.exp2(s * gl.expand_dims(row_scale, 1) - gl.expand_dims(bias, 1))
     alpha = gl.exp2(m_i - m_new)
-    l_i = l_i * alpha + gl.sum(p, axis=1)
-    return p, m_new, l_i, alpha
+    return p, m_new, alpha
 
 
 @gluon.jit
@@ -128,16 +129,38 @@ def issue_kv_load(k_desc, v_desc, k_smem, v_smem, bars, tile, slot, bh_kv, NK, l
 
 
 @gluon.jit
-def pipeline_step(j, p_prev, m_i, l_i, alpha_prev, acc, q_smem, k_smem, v_smem, full_bars, consumer, k_desc, v_desc,
-                  seed, tile_zero, q_scale, ks_base, bh_kv, NK, NQ, n_tiles,
+def row_sums(p8, ones_smem, l_acc):
+    """Issue the key tile's row sums of P as a product with a tile of ones (m64n8: 1/16 of P·V's tensor work):
+    they leave the softmax's instruction stream (~70 of its ~530 per key tile), and the normaliser sums the same
+    FP8 P that P·V multiplies. Every column holds the sum. Each tile's sums start from zero and are folded into
+    l_acc in FP32 (fold_row_sums): accumulated in place, the tensor cores' FP8 accumulation (FP22) would drop the
+    low bits of every addend once the sum is 2^13 times larger than it."""
+    return warpgroup_mma(p8, ones_smem.permute((1, 0)), gl.zeros_like(l_acc), use_acc=False, is_async=True)
+
+
+@gluon.jit
+def fold_row_sums(l_acc, tile_sums, alpha, l_rows: gl.constexpr):
+    """l_acc rescaled to the tile's running max, plus the tile's row sums."""
+    return l_acc * gl.expand_dims(gl.convert_layout(alpha, l_rows), 1) + tile_sums
+
+
+@gluon.jit
+def pipeline_step(j, p_prev, m_i, l_acc, alpha_prev, acc, q_smem, k_smem, v_smem, ones_smem, full_bars, consumer,
+                  k_desc, v_desc, seed, tile_zero, q_scale, ks_base, bh_kv, NK, NQ, n_tiles,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, STAGES: gl.constexpr,
                   TWO_LEVEL: gl.constexpr, PING_PONG: gl.constexpr, LAST: gl.constexpr, MAGIC: gl.constexpr,
-                  s_layout: gl.constexpr, o_rows: gl.constexpr, p_layout: gl.constexpr):
+                  SUMS_ON_MMA: gl.constexpr, s_layout: gl.constexpr, o_rows: gl.constexpr, l_rows: gl.constexpr,
+                  p_layout: gl.constexpr):
     """Step j ≥ 1 of the pipeline (FlashAttention-3's intra-warpgroup overlap): issue the scores of tile j and
-    P·V of tile j-1, run tile j's softmax while both are on the tensor cores, then wait for P·V. P crosses
-    steps in FP32 (FP16 in two-level ping-pong, to fit 240 registers) and is cast right before its product
-    (carried as bytes, the compiler unpacks and repacks it: ~4 instructions per key); nothing asynchronous is
+    P·V of tile j-1, run tile j's softmax, then wait for P·V. P crosses steps in FP32 (FP16 in two-level
+    ping-pong, to fit 240 registers) and is cast right before its product (carried as bytes, the compiler
+    unpacks and repacks it: ~4 instructions per key); nothing asynchronous is
     in flight across steps.
+    SUMS_ON_MMA: P's row sums of tile j-1 are issued with its P·V (row_sums) and l is an [M, 8] accumulator;
+    ptxas then places the P·V wait before the softmax's exponentials (bench/NOTES.md, "Row sums on the tensor
+    cores"; in ping-pong the other warpgroup's products keep the tensor cores busy meanwhile). Otherwise the
+    softmax adds up its row (l: one value per row) and the P·V wait depends on that sum, which keeps the
+    softmax under P·V.
     PING_PONG: two warpgroups (`consumer` 0 and 1) take turns issuing their products (TURN_BARRIER), so that
     one's softmax runs while the other's products occupy the tensor cores; a producer warp refills the ring
     (SLOT_BARRIER)."""
@@ -155,20 +178,30 @@ def pipeline_step(j, p_prev, m_i, l_i, alpha_prev, acc, q_smem, k_smem, v_smem, 
         o_tok = warpgroup_mma(p8, v_smem.index(prev).permute((1, 0)), tile_zero, use_acc=False, is_async=True)
     else:
         o_tok = warpgroup_mma(p8, v_smem.index(prev).permute((1, 0)), acc * alpha_o, is_async=True)
+    if SUMS_ON_MMA:
+        l_tok = row_sums(p8, ones_smem, l_acc)
     if PING_PONG:
         # the other's turn; consumer 1 arrived once before its first tile, so it skips its last arrive
         named_arrive(TURN_BARRIER + 1 - consumer, TURN_THREADS, (consumer == 0) | (j < n_tiles - 1), 4)
-    s_bits = warpgroup_mma_wait(1, deps=[s_tok])
-    p, m_i, l_i, alpha = online_softmax(s_bits, m_i, l_i, q_scale * gl.load(ks_base + j), NK - j * BLOCK_N,
-                                        BLOCK_N, s_layout, LAST, MAGIC)
+    if SUMS_ON_MMA:
+        s_bits = warpgroup_mma_wait(2, deps=[s_tok])
+    else:
+        s_bits = warpgroup_mma_wait(1, deps=[s_tok])
+    p, m_i, alpha = online_softmax(s_bits, m_i, q_scale * gl.load(ks_base + j), NK - j * BLOCK_N, BLOCK_N,
+                                   s_layout, LAST, MAGIC)
+    if SUMS_ON_MMA:
+        o_tile, l_tile = warpgroup_mma_wait(0, deps=[o_tok, l_tok])
+        l_acc = fold_row_sums(l_acc, l_tile, alpha_prev, l_rows)
+    else:
+        l_acc = l_acc * alpha + gl.sum(p, axis=1)
+        # ptxas hoists a wgmma wait to the top of its basic block, which would put this softmax behind P·V:
+        # a branch that is always taken (NQ > 0 here) starts a new block after the softmax
+        if NQ > 0:
+            o_tile, l_acc = warpgroup_mma_wait(0, deps=[o_tok, l_acc])
+        else:
+            o_tile = warpgroup_mma_wait(0, deps=[o_tok])
     if TWO_LEVEL and PING_PONG:
         p = p.to(gl.float16)  # carried to the next step in half the registers (see to_pv_operand)
-    # ptxas hoists a wgmma wait to the top of its basic block, which would put this softmax behind P·V:
-    # a branch that is always taken (NQ > 0 here) starts a new block after the softmax
-    if NQ > 0:
-        o_tile, l_i = warpgroup_mma_wait(0, deps=[o_tok, l_i])
-    else:
-        o_tile = warpgroup_mma_wait(0, deps=[o_tok])
     if TWO_LEVEL:
         acc = acc * alpha_o + o_tile.to(gl.float32)
     else:
@@ -180,13 +213,13 @@ def pipeline_step(j, p_prev, m_i, l_i, alpha_prev, acc, q_smem, k_smem, v_smem, 
         cta_barrier()
         issue_kv_load(k_desc, v_desc, k_smem, v_smem, full_bars, j - 1 + STAGES, prev, bh_kv, NK,
                       j - 1 + STAGES < n_tiles, BLOCK_N, BLOCK_D)
-    return p, m_i, l_i, alpha, acc
+    return p, m_i, l_acc, alpha, acc
 
 
 @gluon.jit
-def attend_rows(tile_m, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, full_bars, consumer, Q_SCALE, K_SCALE,
-                V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh, stride_on, stride_od, H, KV_GROUP, NQ, NK,
-                q_groups, k_groups, n_q_tiles,
+def attend_rows(tile_m, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, full_bars, ones_smem, consumer, Q_SCALE,
+                K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh, stride_on, stride_od, H, KV_GROUP, NQ,
+                NK, q_groups, k_groups, n_q_tiles,
                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, Q_GROUP: gl.constexpr,
                 STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, PING_PONG: gl.constexpr, SHIFT_V: gl.constexpr,
                 RETURN_LSE: gl.constexpr, MAGIC: gl.constexpr):
@@ -201,6 +234,11 @@ def attend_rows(tile_m, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, f
     s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
     o_cols: gl.constexpr = gl.SliceLayout(0, o_layout)
+    # P's row sums: P (the same registers as P·V's A operand) times an 8-column tile of ones
+    l_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 8, 32])
+    l_rows: gl.constexpr = gl.SliceLayout(1, l_layout)
+    # except in the one-warpgroup two-level kernel: at 255 registers already, its loop spills with the sums'
+    SUMS_ON_MMA: gl.constexpr = PING_PONG or not TWO_LEVEL
 
     bh = gl.program_id(1)
     b = bh // H
@@ -230,32 +268,43 @@ def attend_rows(tile_m, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, f
         named_arrive(TURN_BARRIER + 1 - consumer, TURN_THREADS, (consumer == 0) | (n_tiles > 1), 4)
     s_bits = warpgroup_mma_wait(0, deps=[s_tok])
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, s_rows)
-    l_i = gl.zeros([BLOCK_M], gl.float32, s_rows)
-    p, m_i, l_i, alpha = online_softmax(s_bits, m_i, l_i, q_scale * gl.load(ks_base), NK, BLOCK_N, s_layout, True,
-                                        MAGIC)
+    p, m_i, alpha = online_softmax(s_bits, m_i, q_scale * gl.load(ks_base), NK, BLOCK_N, s_layout, True, MAGIC)
+    if SUMS_ON_MMA:
+        l_acc = gl.zeros([BLOCK_M, 8], gl.float32, l_layout)  # tile 0's sums are issued with its P·V
+    else:
+        l_acc = gl.sum(p, axis=1)
     if TWO_LEVEL and PING_PONG:
         p = p.to(gl.float16)  # carried to the next step in half the registers (see to_pv_operand)
     acc = gl.zeros([BLOCK_M, BLOCK_D], gl.float32, o_layout)
     for j in range(1, n_tiles - 1):
-        p, m_i, l_i, alpha, acc = pipeline_step(
-            j, p, m_i, l_i, alpha, acc, q_smem, k_smem, v_smem, full_bars, consumer, k_desc,
+        p, m_i, l_acc, alpha, acc = pipeline_step(
+            j, p, m_i, l_acc, alpha, acc, q_smem, k_smem, v_smem, ones_smem, full_bars, consumer, k_desc,
             v_desc, seed, tile_zero, q_scale, ks_base, bh_kv, NK, NQ, n_tiles, BLOCK_M, BLOCK_N, BLOCK_D, STAGES,
-            TWO_LEVEL, PING_PONG, False, MAGIC, s_layout, o_rows, p_layout)
+            TWO_LEVEL, PING_PONG, False, MAGIC, SUMS_ON_MMA, s_layout, o_rows, l_rows, p_layout)
     if n_tiles > 1:
-        p, m_i, l_i, alpha, acc = pipeline_step(
-            n_tiles - 1, p, m_i, l_i, alpha, acc, q_smem, k_smem, v_smem, full_bars, consumer, k_desc, v_desc, seed,
-            tile_zero, q_scale, ks_base, bh_kv, NK, NQ, n_tiles, BLOCK_M, BLOCK_N, BLOCK_D, STAGES, TWO_LEVEL,
-            PING_PONG, True, MAGIC, s_layout, o_rows, p_layout)
+        p, m_i, l_acc, alpha, acc = pipeline_step(
+            n_tiles - 1, p, m_i, l_acc, alpha, acc, q_smem, k_smem, v_smem, ones_smem, full_bars, consumer, k_desc,
+            v_desc, seed, tile_zero, q_scale, ks_base, bh_kv, NK, NQ, n_tiles, BLOCK_M, BLOCK_N, BLOCK_D, STAGES,
+            TWO_LEVEL, PING_PONG, True, MAGIC, SUMS_ON_MMA, s_layout, o_rows, l_rows, p_layout)
     # P·V of the last tile
     p8 = to_pv_operand(p, BLOCK_M, BLOCK_N, p_layout)
     alpha_o = gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
     v_last = v_smem.index((n_tiles - 1) % STAGES).permute((1, 0))
     if TWO_LEVEL:
         o_tok = warpgroup_mma(p8, v_last, tile_zero, use_acc=False, is_async=True)
-        acc = acc * alpha_o + warpgroup_mma_wait(0, deps=[o_tok]).to(gl.float32)
     else:
         o_tok = warpgroup_mma(p8, v_last, acc * alpha_o, is_async=True)
-        acc = warpgroup_mma_wait(0, deps=[o_tok])
+    if SUMS_ON_MMA:
+        l_tok = row_sums(p8, ones_smem, l_acc)
+        o_tile, l_tile = warpgroup_mma_wait(0, deps=[o_tok, l_tok])
+        l_i = gl.max(fold_row_sums(l_acc, l_tile, alpha, l_rows), axis=1)  # every column holds the sum
+    else:
+        o_tile = warpgroup_mma_wait(0, deps=[o_tok])
+        l_i = l_acc
+    if TWO_LEVEL:
+        acc = acc * alpha_o + o_tile.to(gl.float32)
+    else:
+        acc = o_tile
 
     offs_d = gl.arange(0, BLOCK_D, layout=o_cols)
     out = acc * gl.expand_dims(gl.convert_layout(1.0 / l_i, o_rows), 1)
@@ -270,8 +319,20 @@ def attend_rows(tile_m, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, f
     bad = gl.sum(gl.sum(gl.where(o_mask & ~(gl.abs(out) < float("inf")), 1, 0), axis=1), axis=0)
     gl.store(BAD + bh * n_q_tiles + tile_m, bad, mask=tile_m < n_q_tiles)
     if RETURN_LSE:
-        lse = (m_i + gl.log2(l_i) - LOG2_FP8_MAX) * 0.6931471805599453
+        lse = (m_i + gl.convert_layout(gl.log2(l_i), s_rows) - LOG2_FP8_MAX) * 0.6931471805599453
         gl.store(LSE + bh * NQ + offs_m, lse, mask=offs_m < NQ)
+
+
+@gluon.jit
+def ones_tile(v_desc, BLOCK_N: gl.constexpr):
+    """8 rows of BLOCK_N FP8 ones in shared memory: the B operand of row_sums (as V is P·V's)."""
+    ones_smem = gl.allocate_shared_memory(gl.float8e4nv, [8, BLOCK_N], v_desc.layout)
+    fill: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [1, 4], [1, 0])
+    # 0x38 is 1.0 in e4m3, written as bytes: no conversion
+    ones_smem.store(gl.full([8, BLOCK_N], 0x38, gl.int8, fill).to(gl.float8e4nv, bitcast=True))
+    fence_async_shared()  # the generic-proxy stores, before the tensor cores read them
+    cta_barrier()  # every warp's rows, before any warp's product
+    return ones_smem
 
 
 @gluon.jit
@@ -304,22 +365,23 @@ def sage_fwd_sm90_kernel(
     n_tiles = (NK + BLOCK_N - 1) // BLOCK_N
     for s in gl.static_range(STAGES):
         issue_kv_load(k_desc, v_desc, k_smem, v_smem, full_bars, s, s, bh_kv, NK, s < n_tiles, BLOCK_N, BLOCK_D)
-    attend_rows(gl.program_id(0), q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, full_bars, 0, Q_SCALE, K_SCALE,
-                V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh, stride_on, stride_od, H, KV_GROUP, NQ, NK,
-                q_groups, k_groups, gl.num_programs(0), BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP, STAGES, TWO_LEVEL, False,
-                SHIFT_V, RETURN_LSE, MAGIC)
+    ones_smem = ones_tile(v_desc, BLOCK_N)
+    attend_rows(gl.program_id(0), q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, full_bars, ones_smem, 0,
+                Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh, stride_on, stride_od, H,
+                KV_GROUP, NQ, NK, q_groups, k_groups, gl.num_programs(0), BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP, STAGES,
+                TWO_LEVEL, False, SHIFT_V, RETURN_LSE, MAGIC)
 
 
 @gluon.jit
-def consume(meta: gl.constexpr, tile_m, q_smem, q_bar, q_desc, k_desc, v_desc, k_smem, v_smem, full_bars, Q_SCALE,
-            K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh, stride_on, stride_od, H, KV_GROUP, NQ, NK,
-            q_groups, k_groups, n_q_tiles):
+def consume(meta: gl.constexpr, tile_m, q_smem, q_bar, q_desc, k_desc, v_desc, k_smem, v_smem, full_bars, ones_smem,
+            Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh, stride_on, stride_od, H,
+            KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles):
     """A consumer warpgroup of the ping-pong kernel (meta: the kernel's constants, in its argument order);
     query tile 2·pid + c is consumer c."""
-    attend_rows(tile_m, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, full_bars, tile_m % 2, Q_SCALE, K_SCALE,
-                V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh, stride_on, stride_od, H, KV_GROUP, NQ, NK,
-                q_groups, k_groups, n_q_tiles, meta[0], meta[1], meta[2], meta[3], meta[4], meta[5], True, meta[6],
-                meta[7], meta[8])
+    attend_rows(tile_m, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, full_bars, ones_smem, tile_m % 2,
+                Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh, stride_on, stride_od, H,
+                KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, meta[0], meta[1], meta[2], meta[3], meta[4],
+                meta[5], True, meta[6], meta[7], meta[8])
 
 
 @gluon.jit
@@ -364,7 +426,7 @@ def sage_fwd_sm90_pingpong_kernel(
     # compile-time values cross into partitions only inside a constexpr tuple (elements of a plain tuple are
     # turned into tensors)
     meta: gl.constexpr = (BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP, STAGES, TWO_LEVEL, SHIFT_V, RETURN_LSE, MAGIC)
-    runtime = (q_desc, k_desc, v_desc, k_smem, v_smem, full_bars)
+    runtime = (q_desc, k_desc, v_desc, k_smem, v_smem, full_bars, ones_tile(v_desc, BLOCK_N))
     scalars = (Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh, stride_on, stride_od, H,
                KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles)
     gl.warp_specialize([

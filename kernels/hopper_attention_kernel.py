@@ -189,6 +189,8 @@ def pipeline_step(j, p_prev, m_i, l_acc, alpha_prev, acc, q_smem, k_smem, v_smem
         s_bits = warpgroup_mma_wait(1, deps=[s_tok])
     p, m_i, alpha = online_softmax(s_bits, m_i, q_scale * gl.load(ks_base + j), NK - j * BLOCK_N, BLOCK_N,
                                    s_layout, LAST, MAGIC)
+    if TWO_LEVEL and PING_PONG:
+        p = p.to(gl.float16)  # carried to the next step in half the registers (see to_pv_operand)
     if SUMS_ON_MMA:
         o_tile, l_tile = warpgroup_mma_wait(0, deps=[o_tok, l_tok])
         l_acc = fold_row_sums(l_acc, l_tile, alpha_prev, l_rows)
@@ -200,8 +202,6 @@ def pipeline_step(j, p_prev, m_i, l_acc, alpha_prev, acc, q_smem, k_smem, v_smem
             o_tile, l_acc = warpgroup_mma_wait(0, deps=[o_tok, l_acc])
         else:
             o_tile = warpgroup_mma_wait(0, deps=[o_tok])
-    if TWO_LEVEL and PING_PONG:
-        p = p.to(gl.float16)  # carried to the next step in half the registers (see to_pv_operand)
     if TWO_LEVEL:
         acc = acc * alpha_o + o_tile.to(gl.float32)
     else:

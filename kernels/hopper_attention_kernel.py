@@ -11,7 +11,9 @@ rather than the compiler's:
     see kernels/launch.py) or lands per tile in an FP16 accumulator and joins the FP32 output with one FMA
     (TWO_LEVEL: SageAttention2's two-level accumulation with SageAttention2++'s FP16 tile accumulator, half the
     registers of an FP32 one, which spilled at 128 keys per tile; the launcher keeps FP8 V codes within ±1 so
-    that 128 keys × P ≤ 448 cannot overflow FP16).
+    that 128 keys × P ≤ 448 cannot overflow FP16);
+  - P's row sums (the softmax's normaliser) come from the tensor cores too: P times a tile of FP8 ones, issued
+    with P·V (row_sums), except in the one-warpgroup two-level kernel, whose registers are all taken.
 Two kernels: sage_fwd_sm90_kernel, one warpgroup per program, loading its own tiles; and
 sage_fwd_sm90_pingpong_kernel, two consumer warpgroups taking turns at the tensor cores and a producer warp.
 Served: non-causal, no mask, head dims 64 and 128, FP8 P·V. Everything else runs the portable kernel.
@@ -74,8 +76,8 @@ def named_arrive(barrier_id, threads: gl.constexpr, live, WARPS: gl.constexpr):
 @gluon.jit
 def online_softmax(s_bits, m_i, row_scale, n_left, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
                    LAST: gl.constexpr, MAGIC: gl.constexpr):
-    """One key tile's softmax update from its INT32 scores. Returns (P, new max, rescale); P's row sums are
-    taken on the tensor cores (see row_sums).
+    """One key tile's softmax update from its INT32 scores. Returns (P, new max, rescale); the caller takes
+    P's row sums (on the tensor cores, row_sums, or in the two-level one-warpgroup kernel with a sum here).
     MAGIC: the scores were seeded with MAGIC_I2F_BITS and are read as FP32 (plus MAGIC_I2F) for free;
     otherwise they are converted (I2F: no seeding moves, a conversion per score)."""
     if MAGIC:

@@ -156,8 +156,7 @@ def pipeline_step(j, p_prev, m_i, l_acc, alpha_prev, acc, q_smem, k_smem, v_smem
     """Step j ≥ 1 of the pipeline (FlashAttention-3's intra-warpgroup overlap): issue the scores of tile j and
     P·V of tile j-1, run tile j's softmax, then wait for P·V. P crosses steps in FP32 (FP16 in two-level
     ping-pong, to fit 240 registers) and is cast right before its product (carried as bytes, the compiler
-    unpacks and repacks it: ~4 instructions per key); nothing asynchronous is
-    in flight across steps.
+    unpacks and repacks it: ~4 instructions per key); nothing asynchronous is in flight across steps.
     SUMS_ON_MMA: P's row sums of tile j-1 are issued with its P·V (row_sums) and l is an [M, 8] accumulator;
     ptxas then places the P·V wait before the softmax's exponentials (bench/NOTES.md, "Row sums on the tensor
     cores"; in ping-pong the other warpgroup's products keep the tensor cores busy meanwhile). Otherwise the
@@ -185,10 +184,7 @@ def pipeline_step(j, p_prev, m_i, l_acc, alpha_prev, acc, q_smem, k_smem, v_smem
     if PING_PONG:
         # the other's turn; consumer 1 arrived once before its first tile, so it skips its last arrive
         named_arrive(TURN_BARRIER + 1 - consumer, TURN_THREADS, (consumer == 0) | (j < n_tiles - 1), 4)
-    if SUMS_ON_MMA:
-        s_bits = warpgroup_mma_wait(2, deps=[s_tok])
-    else:
-        s_bits = warpgroup_mma_wait(1, deps=[s_tok])
+    s_bits = warpgroup_mma_wait(2 if SUMS_ON_MMA else 1, deps=[s_tok])  # P·V (and the row sums) in flight
     p, m_i, alpha = online_softmax(s_bits, m_i, q_scale * gl.load(ks_base + j), NK - j * BLOCK_N, BLOCK_N,
                                    s_layout, LAST, MAGIC)
     if TWO_LEVEL and PING_PONG:
@@ -367,7 +363,10 @@ def sage_fwd_sm90_kernel(
     n_tiles = (NK + BLOCK_N - 1) // BLOCK_N
     for s in gl.static_range(STAGES):
         issue_kv_load(k_desc, v_desc, k_smem, v_smem, full_bars, s, s, bh_kv, NK, s < n_tiles, BLOCK_N, BLOCK_D)
-    ones_smem = ones_tile(v_desc, BLOCK_N)
+    if TWO_LEVEL:
+        ones_smem = q_smem  # a placeholder: this kernel sums P's rows in its softmax (attend_rows' SUMS_ON_MMA)
+    else:
+        ones_smem = ones_tile(v_desc, BLOCK_N)
     attend_rows(gl.program_id(0), q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, full_bars, ones_smem, 0,
                 Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh, stride_on, stride_od, H,
                 KV_GROUP, NQ, NK, q_groups, k_groups, gl.num_programs(0), BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP, STAGES,

@@ -95,10 +95,11 @@ def resource_report(kernel, arch: int) -> str:
 
 
 def sass_instructions(sass: str) -> list[tuple[int, str, str]]:
-    """(address, opcode with its modifiers, operands) of each instruction in cuobjdump's listing."""
+    """(address, opcode with its modifiers, operands) of each instruction in cuobjdump's listing (modifiers may hold
+    lower case: a wgmma's shape, QGMMA.64x8x32)."""
     ins = []
     for line in sass.splitlines():
-        hit = re.match(r"\s*/\*([0-9a-f]+)\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*)", line)
+        hit = re.match(r"\s*/\*([0-9a-f]+)\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)([^;]*)", line)
         if hit:
             ins.append((int(hit.group(1), 16), hit.group(3), hit.group(4).strip()))
     return ins
@@ -148,7 +149,7 @@ def overlap_report(sass: str) -> dict:
             "second_wait": loop[second] if second is not None else None,
             "first_wait": loop[first] if first is not None else None,
             "loop_fadds": sum(op.startswith("FADD") for op in ops),
-            "row_sum_mmas": sum(line.replace(" ", "").startswith("QGMMA.64x8x") for line in loop)}
+            "row_sum_mmas": sum(op.startswith("QGMMA.64x8x") for op in ops)}
 
 
 def main(argv=None):

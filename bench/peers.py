@@ -78,6 +78,13 @@ SA2_ALIAS = "_sage_peer_sa2"
 
 PEER_NAMES = ("sa1_triton", "sa2_fp8_sm90", "sa2_fp16_cuda", "sa2_fp16_cuda_fp16acc", "ck_int8")
 
+
+def _sa2(kernel: str, min_cc: tuple[int, int]) -> dict:
+    """A SageAttention 2.x CUDA kernel: head dims up to 128 (padded to 64/128), causal supported."""
+    return {"desc": f"SageAttention 2.x {kernel}", "head_dims": "<=128 (padded to 64/128)", "causal": True,
+            "min_cc": min_cc}
+
+
 # What each peer accepts: head dims (None = any in the range noted), causal support, min compute capability.
 PEER_INFO: dict[str, dict] = {
     "sa1_triton": {
@@ -86,24 +93,9 @@ PEER_INFO: dict[str, dict] = {
         "causal": True,
         "min_cc": (8, 0),
     },
-    "sa2_fp8_sm90": {
-        "desc": "SageAttention 2.x sageattn_qk_int8_pv_fp8_cuda_sm90 (per_thread, fp32+fp32)",
-        "head_dims": "<=128 (padded to 64/128)",
-        "causal": True,
-        "min_cc": (9, 0),
-    },
-    "sa2_fp16_cuda": {
-        "desc": "SageAttention 2.x sageattn_qk_int8_pv_fp16_cuda (per_thread, fp32 accumulation)",
-        "head_dims": "<=128 (padded to 64/128)",
-        "causal": True,
-        "min_cc": (8, 0),
-    },
-    "sa2_fp16_cuda_fp16acc": {
-        "desc": "SageAttention 2.x sageattn_qk_int8_pv_fp16_cuda (per_thread, fp16+fp32 accumulation)",
-        "head_dims": "<=128 (padded to 64/128)",
-        "causal": True,
-        "min_cc": (8, 0),
-    },
+    "sa2_fp8_sm90": _sa2("sageattn_qk_int8_pv_fp8_cuda_sm90 (per_thread, fp32+fp32)", (9, 0)),
+    "sa2_fp16_cuda": _sa2("sageattn_qk_int8_pv_fp16_cuda (per_thread, fp32 accumulation)", (8, 0)),
+    "sa2_fp16_cuda_fp16acc": _sa2("sageattn_qk_int8_pv_fp16_cuda (per_thread, fp16+fp32 accumulation)", (8, 0)),
     "ck_int8": {
         "desc": "comfy-kitchen int8_attention (CUDA extension, INT8 QK / INT8 PV)",
         "head_dims": "1..256 (padded to 64/128/256)",

@@ -130,4 +130,7 @@ def compile_for_sm90(config: LaunchConfig, head_dim: int):
             if name.startswith("stride"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = GluonASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps})
+    options = {"num_warps": config.num_warps}
+    if config.max_registers and not config.ping_pong:  # as launch() passes it
+        options["maxnreg"] = config.max_registers
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)

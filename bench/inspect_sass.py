@@ -136,9 +136,16 @@ def overlap_report(sass: str) -> dict:
     """Whether the main loop keeps its softmax under P·V: the exp2s between the wait that leaves P·V (and the row
     sums) in flight, the scores done, and the next wait; whether the loop touches local memory; how many barriers
     its warps wait at per key tile (BAR.SYNC: named or whole-program); its FADDs and its m64n8 products (P's row
-    sums on the tensor cores, in place of a FADD per score)."""
+    sums on the tensor cores, in place of a FADD per score); in ping-pong, the turn: the instructions from the
+    barrier wait before the tile's first wgmma to the arrive after its last, which the two warpgroups run one
+    after the other, and how far into it the first wgmma comes."""
     loop = main_loop(sass)
     ops = [line.split()[0] for line in loop]
+    mmas = [i for i, op in enumerate(ops) if "GMMA" in op]
+    turn_sync = max((i for i, op in enumerate(ops) if op.startswith("BAR.SYNC") and mmas and i < mmas[0]), default=None)
+    turn_arrive = min((i for i, op in enumerate(ops) if op.startswith("BAR.ARV") and mmas and i > mmas[-1]),
+                      default=None)
+    in_turn = turn_sync is not None and turn_arrive is not None
     waits = [i for i, line in enumerate(loop) if line.startswith("WARPGROUP.DEPBAR")]
     first = next((i for i in waits if loop[i].endswith(("0x1", "0x2"))), None)
     second = next((i for i in waits if first is not None and i > first), None)
@@ -149,7 +156,9 @@ def overlap_report(sass: str) -> dict:
             "second_wait": loop[second] if second is not None else None,
             "first_wait": loop[first] if first is not None else None,
             "loop_fadds": sum(op.startswith("FADD") for op in ops),
-            "row_sum_mmas": sum(op.startswith("QGMMA.64x8x") for op in ops)}
+            "row_sum_mmas": sum(op.startswith("QGMMA.64x8x") for op in ops),
+            "turn_instructions": turn_arrive - turn_sync if in_turn else None,
+            "first_mma_into_turn": mmas[0] - turn_sync if in_turn else None}
 
 
 def main(argv=None):
@@ -185,19 +194,22 @@ def main(argv=None):
         k = compile_attention(args.pv, args.d, args.m, args.n, args.warps, args.stages, args.arch, args.maxnreg,
                               MAGIC_CONVERT=not args.i2f, PV_DIRECT=args.pv_direct)
     sass = sass_of(k)
-    if args.json:
-        print(json.dumps({"resources": resource_report(k, args.arch), "shared": k.metadata.shared,
-                          **overlap_report(sass)}))
-        return 0
-    print(f"{resource_report(k, args.arch)}  shared {k.metadata.shared} B")
     if args.dump:
         Path(args.dump).write_text(sass)
     if args.ptx:
         Path(args.ptx).write_text(k.asm["ptx"])
+    overlap = overlap_report(sass)
+    if args.json:
+        print(json.dumps({"resources": resource_report(k, args.arch), "shared": k.metadata.shared, **overlap}))
+        return 0
+    print(f"{resource_report(k, args.arch)}  shared {k.metadata.shared} B")
     n_loop, loop = main_loop_mix(sass)
     if n_loop:
         print(f"main loop: {n_loop} instructions per key tile per warp: "
               + ", ".join(f"{op} {c}" for op, c in loop.most_common(12)))
+    if overlap["turn_instructions"] is not None:
+        print(f"turn: {overlap['turn_instructions']} instructions from the turn's barrier wait to its arrive, the "
+              f"first wgmma {overlap['first_mma_into_turn']} in")
     mix = instruction_mix(sass)
     watch = ("MUFU", "I2F", "F2F", "F2FP", "FFMA", "FMUL", "FADD", "FMNMX", "IMAD", "IADD3", "MOV", "HGMMA",
              "QGMMA", "IGMMA", "WARPGROUP", "SHFL", "LDS", "LDSM", "STS", "LDG", "LDGSTS", "UTMALDG", "SYNCS",

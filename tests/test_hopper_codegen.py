@@ -28,14 +28,19 @@ TOOL = Path(__file__).resolve().parent.parent / "bench" / "inspect_sass.py"
 CANDIDATES = [c for c in tuning.candidates(128, None, "sm90") if c.pipelined]
 
 
-@pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("config", CANDIDATES, ids=[c.key() for c in CANDIDATES])
-def test_gluon_kernel_sums_rows_on_tensor_cores_and_does_not_spill(config, head_dim):
+def sass_report(config, head_dim) -> dict:
+    """inspect_sass's JSON summary of the kernel a launch key compiles to, for sm90."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, str(TOOL), "--config", config.key(), "--d", str(head_dim), "--json"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
-    report = json.loads(run.stdout.strip().splitlines()[-1])
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("config", CANDIDATES, ids=[c.key() for c in CANDIDATES])
+def test_gluon_kernel_sums_rows_on_tensor_cores_and_does_not_spill(config, head_dim):
+    report = sass_report(config, head_dim)
     assert "serialized" not in report["resources"], report
     assert report["loop_instructions"], "no loop issuing wgmma found"
     assert not report["loop_spills"], report
@@ -64,11 +69,7 @@ def test_register_cap_reaches_the_one_warpgroup_kernel():
     maxnreg, and compile_for_sm90 compiles it the same way: at head dim 64 the in-place kernel fits the cap
     without a spill (uncapped, ptxas takes 170 registers with Triton 3.6 and 179 with 3.9: two programs only)."""
     config = tuning.LaunchConfig.from_key("m64n128w4s3r168mcpdgp")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, str(TOOL), "--config", config.key(), "--d", "64", "--json"],
-                         capture_output=True, text=True, env=env, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    report = json.loads(run.stdout.strip().splitlines()[-1])
+    report = sass_report(config, 64)
     registers = int(re.search(r"Used (\d+) registers", report["resources"]).group(1))
     assert registers <= config.max_registers, report
     assert "0 bytes spill stores" in report["resources"], report

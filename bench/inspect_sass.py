@@ -142,9 +142,10 @@ def overlap_report(sass: str) -> dict:
     loop = main_loop(sass)
     ops = [line.split()[0] for line in loop]
     mmas = [i for i, op in enumerate(ops) if "GMMA" in op]
-    turn_sync = max((i for i, op in enumerate(ops) if op.startswith("BAR.SYNC") and mmas and i < mmas[0]), default=None)
-    turn_arrive = min((i for i, op in enumerate(ops) if op.startswith("BAR.ARV") and mmas and i > mmas[-1]),
-                      default=None)
+    turn_sync = turn_arrive = None
+    if mmas:  # the last barrier wait before the first wgmma, the first arrive after the last
+        turn_sync = max((i for i in range(mmas[0]) if ops[i].startswith("BAR.SYNC")), default=None)
+        turn_arrive = next((i for i in range(mmas[-1], len(ops)) if ops[i].startswith("BAR.ARV")), None)
     in_turn = turn_sync is not None and turn_arrive is not None
     waits = [i for i, line in enumerate(loop) if line.startswith("WARPGROUP.DEPBAR")]
     first = next((i for i in waits if loop[i].endswith(("0x1", "0x2"))), None)

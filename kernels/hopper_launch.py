@@ -91,12 +91,18 @@ def launch(qz: dict, out: torch.Tensor, lse: torch.Tensor, bad: torch.Tensor, *,
               heads, heads // kv_heads, nq, nk, qz["q_scale"].shape[-1], qz["k_scale"].shape[-1])
     meta = kernel_constants(config, block_d, q_group, v_shift is not None, return_lse)
     if config.ping_pong:
-        sage_fwd_sm90_pingpong_kernel[(-(-q_tiles // 2), bh)](*common, q_tiles, **meta,
-                                                              num_warps=config.num_warps)
+        sage_fwd_sm90_pingpong_kernel[(-(-q_tiles // 2), bh)](*common, q_tiles, **meta, **compile_options(config))
     else:
-        sage_fwd_sm90_kernel[(q_tiles, bh)](
-            *common, **meta, num_warps=config.num_warps,
-            **({"maxnreg": config.max_registers} if config.max_registers else {}))
+        sage_fwd_sm90_kernel[(q_tiles, bh)](*common, **meta, **compile_options(config))
+
+
+def compile_options(config: LaunchConfig) -> dict:
+    """The compiler options of a configuration's Gluon kernel (the launch and compile_for_sm90): its warps, and
+    its register cap where it has one (the ping-pong kernel sets its partitions' registers itself)."""
+    options = {"num_warps": config.num_warps}
+    if config.max_registers and not config.ping_pong:
+        options["maxnreg"] = config.max_registers
+    return options
 
 
 POINTER_ARGS = ("Q_SCALE", "K_SCALE", "V_SCALE", "V_SHIFT", "OUT", "LSE", "BAD")
@@ -130,7 +136,4 @@ def compile_for_sm90(config: LaunchConfig, head_dim: int):
             if name.startswith("stride"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = GluonASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
-    options = {"num_warps": config.num_warps}
-    if config.max_registers and not config.ping_pong:  # as launch() passes it
-        options["maxnreg"] = config.max_registers
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=compile_options(config))

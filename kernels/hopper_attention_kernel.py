@@ -157,6 +157,9 @@ def pipeline_step(j, p_prev, m_i, l_acc, alpha_prev, acc, q_smem, k_smem, v_smem
     P·V of tile j-1, run tile j's softmax, then wait for P·V. P crosses steps in FP32 (FP16 in two-level
     ping-pong, to fit 240 registers) and is cast right before its product (carried as bytes, the compiler
     unpacks and repacks it: ~4 instructions per key); nothing asynchronous is in flight across steps.
+    Accumulating in place, the accumulator is rescaled to tile j's max after P·V's wait, not as P·V's operand:
+    the 64 multiplies leave the ping-pong turn and overlap the other warpgroup's products (bench/NOTES.md,
+    "The rescale after P·V's wait").
     SUMS_ON_MMA: P's row sums of tile j-1 are issued with its P·V (row_sums) and l is an [M, 8] accumulator;
     ptxas then places the P·V wait before the softmax's exponentials (bench/NOTES.md, "Row sums on the tensor
     cores"; in ping-pong the other warpgroup's products keep the tensor cores busy meanwhile). Otherwise the
@@ -178,7 +181,7 @@ def pipeline_step(j, p_prev, m_i, l_acc, alpha_prev, acc, q_smem, k_smem, v_smem
         # two-level accumulation: the tile's FP8 product lands in its own FP16 registers
         o_tok = warpgroup_mma(p8, v_smem.index(prev).permute((1, 0)), tile_zero, use_acc=False, is_async=True)
     else:
-        o_tok = warpgroup_mma(p8, v_smem.index(prev).permute((1, 0)), acc * alpha_o, is_async=True)
+        o_tok = warpgroup_mma(p8, v_smem.index(prev).permute((1, 0)), acc, is_async=True)  # rescaled last step
     if SUMS_ON_MMA:
         l_tok = row_sums(p8, ones_smem, l_acc)
     if PING_PONG:
@@ -203,7 +206,7 @@ def pipeline_step(j, p_prev, m_i, l_acc, alpha_prev, acc, q_smem, k_smem, v_smem
     if TWO_LEVEL:
         acc = acc * alpha_o + o_tile.to(gl.float32)
     else:
-        acc = o_tile
+        acc = o_tile * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)  # to this tile's max, out of the turn
     if PING_PONG:
         named_arrive(SLOT_BARRIER + prev, SLOT_THREADS, True, 4)  # this warpgroup is done with tile j-1's slot
     else:
@@ -291,7 +294,7 @@ def attend_rows(tile_m, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, f
     if TWO_LEVEL:
         o_tok = warpgroup_mma(p8, v_last, tile_zero, use_acc=False, is_async=True)
     else:
-        o_tok = warpgroup_mma(p8, v_last, acc * alpha_o, is_async=True)
+        o_tok = warpgroup_mma(p8, v_last, acc, is_async=True)  # rescaled in the last step (zero if none)
     if SUMS_ON_MMA:
         l_tok = row_sums(p8, ones_smem, l_acc)
         o_tile, l_tile = warpgroup_mma_wait(0, deps=[o_tok, l_tok])

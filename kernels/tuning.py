@@ -126,6 +126,11 @@ def candidates(block_d: int, block_m: int | None = None, family: str = "sm90") -
         # two-level accumulation in FP16 tiles or accumulating in place; autotuning's accuracy rule decides.
         plain += [LaunchConfig(64, 128, 4, s, magic_convert=True, pv_direct=direct, pipelined=True, ping_pong=pp)
                   for s, pp in ((3, False), (4, True)) for direct in (False, True)]
+        if block_d == 64:
+            # at head dim 64 one warpgroup capped at 168 registers runs three programs per multiprocessor, and
+            # their softmaxes fill each other's tensor-core gaps (bench/NOTES.md, "The rescale after P·V's wait")
+            plain += [LaunchConfig(64, 128, 4, 3, max_registers=168, magic_convert=magic, pv_direct=True,
+                                   pipelined=True) for magic in (True, False)]
     if family not in ("sm100", "sm120"):
         # Triton 3.6's warp-specialisation pass fails on this kernel for sm90 (an MLIR pipeline error,
         # seen on an H100): offer those pipelines only to Blackwell, where that pass is Triton's default path

@@ -64,12 +64,17 @@ def test_gluon_kernel_sums_rows_on_tensor_cores_and_does_not_spill(config, head_
         assert report["loop_barrier_syncs"] <= 2, report
 
 
-def test_register_cap_reaches_the_one_warpgroup_kernel():
+CAPPED = [c for c in tuning.candidates(64, None, "sm90") if c.pipelined and c.max_registers]
+
+
+@pytest.mark.parametrize("config", CAPPED, ids=[c.key() for c in CAPPED])
+def test_register_cap_reaches_the_one_warpgroup_kernel(config):
     """A launch key's register cap (r168: three 4-warp programs per multiprocessor) is what the launcher passes as
     maxnreg, and compile_for_sm90 compiles it the same way: at head dim 64 the in-place kernel fits the cap
-    without a spill (uncapped, ptxas takes 170 registers with Triton 3.6 and 179 with 3.9: two programs only)."""
-    config = tuning.LaunchConfig.from_key("m64n128w4s3r168mcpdgp")
+    without a spill in its main loop, with or without the magic seeds (uncapped, ptxas takes 170 registers with
+    Triton 3.6 and 179 with 3.9: two programs only; capped, 3.6 spills nothing and 3.9 12 bytes outside the
+    loop)."""
     report = sass_report(config, 64)
     registers = int(re.search(r"Used (\d+) registers", report["resources"]).group(1))
     assert registers <= config.max_registers, report
-    assert "0 bytes spill stores" in report["resources"], report
+    assert not report["loop_spills"] and "serialized" not in report["resources"], report

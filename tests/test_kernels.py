@@ -314,7 +314,7 @@ def test_fp8_accumulation_survives_a_v_offset(key):
 
 @pytest.mark.skipif(not HOPPER, reason=NO_HOPPER)
 @pytest.mark.parametrize("key", ["m64n128w4s3mcpdgp", "m64n64w4s3gp", "m64n128w4s4mcpdgppp", "m64n64w4s4mcgppp",
-                                 "m64n128w4s3mcgp", "m64n128w4s4mcgppp"])
+                                 "m64n128w4s3mcgp", "m64n128w4s4mcgppp", "m64n128w4s3r168pdgp"])
 @pytest.mark.parametrize("b,hq,hk,nq,nk,d,dtype,smooth_v,lse", [
     (1, 2, 2, 200, 200, 64, torch.bfloat16, False, False),
     (2, 4, 4, 1000, 333, 128, torch.float16, False, True),   # ragged, the last key tile partial

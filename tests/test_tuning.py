@@ -23,6 +23,10 @@ def test_hopper_candidates_only_on_sm90_for_served_head_dims():
     assert {c.key() for c in hopper} >= {"m64n128w4s3mcgp", "m64n128w4s3mcpdgp", "m64n128w4s4mcgppp",
                                          "m64n128w4s4mcpdgppp"}
     assert all(c.block_m == hopper_launch.WARPGROUP_ROWS and c.num_warps == 4 for c in hopper)
+    # at head dim 64 also one warpgroup capped for three programs per multiprocessor (measured ahead there)
+    capped = {c.key() for c in tuning.candidates(64, None, "sm90") if c.pipelined and c.max_registers}
+    assert capped == {"m64n128w4s3r168mcpdgp", "m64n128w4s3r168pdgp"}
+    assert not any(c.max_registers for c in hopper)
     assert not any(c.pipelined for c in tuning.candidates(128, None, "sm89"))
     assert not any(c.pipelined for c in tuning.candidates(256, None, "sm90"))
     assert not any(c.pipelined for c in tuning.candidates(128, 128, "sm90"))  # a pinned Q block
@@ -31,7 +35,8 @@ def test_hopper_candidates_only_on_sm90_for_served_head_dims():
 def test_shipped_table_loads_and_its_in_place_entries_are_the_measured_ones():
     """Every shipped entry is a valid configuration. FP8 P·V accumulated in place (always with V smoothing, see
     launch.sage_forward) is shipped only where it was measured within the FP8 bound: head dim 128 at 8k (Flux's
-    4608 tokens), 16k and 32k tokens on the H200, in the ping-pong kernel."""
+    4608 tokens), 16k and 32k tokens on the H200, in the ping-pong kernel; head dim 64 at 8k and 16k tokens, in
+    the one-warpgroup kernel capped at 168 registers."""
     table = tuning.shipped_table("NVIDIA H200", "launch")
     assert table
     in_place = {}
@@ -40,8 +45,9 @@ def test_shipped_table_loads_and_its_in_place_entries_are_the_measured_ones():
         assert tuning.LaunchConfig.from_key(config.key()) == config
         if key.startswith("fp8") and config.pv_direct:
             in_place[key] = config.key()
-    assert in_place == {f"fp8|d128|many|nq{n}|nk{n}|bfloat16|full": "m64n128w4s4mcpdgppp"
-                        for n in (8192, 16384, 32768)}
+    assert in_place == {**{f"fp8|d128|many|nq{n}|nk{n}|bfloat16|full": "m64n128w4s4mcpdgppp"
+                           for n in (8192, 16384, 32768)},
+                        **{f"fp8|d64|many|nq{n}|nk{n}|bfloat16|full": "m64n128w4s3r168pdgp" for n in (8192, 16384)}}
 
 
 def test_auto_keys_tell_batch_heads_apart_and_the_shipped_ones_are_in_that_form():

@@ -6,7 +6,8 @@ Everything here works on a CPU-only machine with no network access and no downlo
 * :func:`prepare_comfy_imports` makes ComfyUI importable in this process and forces ``--cpu`` before
   ``comfy.model_management`` reads its arguments.
 * :func:`build_models` writes tiny random-weight models that ComfyUI's own model detection accepts
-  (SD1.5 UNet, Wan2.1 T2V DiT, SD3 MMDiT, a full-size CLIP-L, TAESD-format and Wan2.1 VAEs).
+  (SD1.5 UNet, Wan2.1 T2V DiT, SD3 MMDiT, a full-size CLIP-L, TAESD-format and Wan2.1 VAEs; on request the
+  Wan2.1 I2V DiT and the full-size CLIP vision ViT-H that feeds it).
 * :func:`workflow_api` builds API-format prompts (loader -> [model patch] -> KSampler -> VAEDecode -> save).
 * :class:`InProcessComfy` executes prompts in this process through ``execution.PromptExecutor``.
 * :func:`start_server` / :class:`ComfyServer` run ``main.py`` on loopback and drive it over HTTP + websocket.
@@ -144,7 +145,8 @@ def write_extra_model_paths(yaml_path: str | os.PathLike, models_dir: str | os.P
     models_dir = Path(models_dir).resolve()
     lines = ["sage_attention_pack_tests:", f"    base_path: {json.dumps(str(models_dir))}"]
     for kind, sub in (("checkpoints", "checkpoints"), ("diffusion_models", "diffusion_models"),
-                      ("text_encoders", "text_encoders"), ("vae", "vae"), ("loras", "loras")):
+                      ("text_encoders", "text_encoders"), ("vae", "vae"), ("loras", "loras"),
+                      ("clip_vision", "clip_vision")):
         lines.append(f"    {kind}: {sub}")
     if custom_nodes_dir is not None:
         lines.append(f"    custom_nodes: {json.dumps(str(Path(custom_nodes_dir).resolve()))}")
@@ -176,7 +178,7 @@ class ModelSet(dict):
     """``build_models`` result: ``{family: {role: file name}}`` plus ``.root``, the models folder.
 
     Roles: ``ckpt`` (checkpoints/), ``unet`` (diffusion_models/), ``clip`` (text_encoders/) with the
-    CLIPLoader ``clip_type`` to use, ``vae`` (vae/).
+    CLIPLoader ``clip_type`` to use, ``vae`` (vae/), ``clip_vision`` (clip_vision/).
     """
 
     root: Path
@@ -186,7 +188,8 @@ class ModelSet(dict):
         self.root = Path(root)
 
     def path(self, family: str, role: str) -> Path:
-        folder = {"ckpt": "checkpoints", "unet": "diffusion_models", "clip": "text_encoders", "vae": "vae"}[role]
+        folder = {"ckpt": "checkpoints", "unet": "diffusion_models", "clip": "text_encoders", "vae": "vae",
+                  "clip_vision": "clip_vision"}[role]
         return self.root / folder / self[family][role]
 
 
@@ -281,19 +284,35 @@ def sd15_unet_sd(seed: int = 1501) -> dict:
     return _export(m)
 
 
-def wan21_t2v_sd(seed: int = 2101) -> dict:
-    """Wan2.1 T2V DiT: dim 256 (2 heads of 128), ffn 512, one block, 16 latent channels, text 4096: ~2.5M params."""
+def wan21_sd(model_type: str = "t2v", seed: int = 2101) -> dict:
+    """Wan2.1 DiT: dim 256 (2 heads of 128), ffn 512, one block, 16 latent channels, text 4096: ~2.5M params.
+    ``i2v``: 36 input channels (the latent, the start image's latent and its mask) and the image embedding
+    that projects CLIP vision ViT-H's 257 x 1280 hidden states into the cross-attention's context."""
     import torch
     import comfy.ops
     from comfy.ldm.wan.model import WanModel
 
-    m = WanModel(model_type="t2v", dim=256, ffn_dim=512, num_heads=2, num_layers=1, in_dim=16, out_dim=16,
-                 text_dim=4096, image_model="wan2.1", operations=comfy.ops.disable_weight_init)
+    in_dim = 36 if model_type == "i2v" else 16
+    m = WanModel(model_type=model_type, dim=256, ffn_dim=512, num_heads=2, num_layers=1, in_dim=in_dim,
+                 out_dim=16, text_dim=4096, image_model="wan2.1", operations=comfy.ops.disable_weight_init)
     _init_module(m, seed)
-    x = _randn(2, 16, 2, 8, 8, seed=seed + 1)
+    x = _randn(2, in_dim, 2, 8, 8, seed=seed + 1)
     ctx, _ = _clip_like_context(2, seed + 2)
-    _calibrate(m, "head.head.weight", lambda m: m(x, torch.tensor([0.5, 0.5]), ctx), 1.0)
+    extra = {"clip_fea": _randn(2, 257, 1280, seed=seed + 3)} if model_type == "i2v" else {}
+    _calibrate(m, "head.head.weight", lambda m: m(x, torch.tensor([0.5, 0.5]), ctx, **extra), 1.0)
     return _export(m)
+
+
+def clip_vision_h_sd(seed: int = 1401) -> dict:
+    """Full-size CLIP vision ViT-H/14 (ComfyUI's clip_vision_config_h.json, ~632M params; detected by its 32
+    layers, and Wan2.1 I2V's image embedding takes its 1280-wide hidden states), fp16."""
+    import torch
+    import comfy.clip_vision
+
+    config = Path(comfy.clip_vision.__file__).with_name("clip_vision_config_h.json")
+    m = comfy.clip_vision.ClipVisionModel(str(config))
+    _init_module(m.model, seed)
+    return _export(m.model, torch.float16)
 
 
 def sd3_mmdit_sd(seed: int = 3001) -> dict:
@@ -358,6 +377,8 @@ _FILES = {
     "sd15_ckpt": "sage_test_sd15.safetensors",
     "sd15_unet": "sage_test_sd15_unet.safetensors",
     "wan_unet": "sage_test_wan21_t2v.safetensors",
+    "wan_i2v_unet": "sage_test_wan21_i2v.safetensors",
+    "clip_vision_h": "sage_test_clip_vision_h.safetensors",
     "sd3_unet": "sage_test_sd3_mmdit.safetensors",
     "clip_l": "sage_test_clip_l.safetensors",
     "taesd4": "sage_test_taesd_4ch.safetensors",
@@ -373,13 +394,16 @@ def _model_table() -> dict:
                  "clip_type": "stable_diffusion", "vae": f["taesd4"]},
         "wan": {"unet": f["wan_unet"], "clip": f["clip_l"], "clip_type": "sd3", "vae": f["wan_vae"]},
         "sd3": {"unet": f["sd3_unet"], "clip": f["clip_l"], "clip_type": "sd3", "vae": f["taesd16"]},
+        "wan_i2v": {"unet": f["wan_i2v_unet"], "clip": f["clip_l"], "clip_type": "sd3", "vae": f["wan_vae"],
+                    "clip_vision": f["clip_vision_h"]},
     }
 
 
 def build_models(models_dir: str | os.PathLike, families: Sequence[str] = FAMILIES,
                  comfy_dir: str | os.PathLike | None = None) -> ModelSet:
     """Write the tiny test models for ``families`` into ``models_dir`` (ComfyUI's layout: checkpoints/,
-    diffusion_models/, text_encoders/, vae/) and return a :class:`ModelSet`.
+    diffusion_models/, text_encoders/, vae/, clip_vision/) and return a :class:`ModelSet`. ``wan_i2v`` is not
+    among the default families: its CLIP vision model alone is a 1.3 GB file, built only where a test asks.
 
     Deterministic (fixed seeds). Files already written by the same ``MODELS_VERSION`` are reused.
     Needs ComfyUI importable (calls :func:`prepare_comfy_imports`).
@@ -389,7 +413,7 @@ def build_models(models_dir: str | os.PathLike, families: Sequence[str] = FAMILI
     from safetensors.torch import save_file
 
     root = Path(models_dir)
-    for sub in ("checkpoints", "diffusion_models", "text_encoders", "vae"):
+    for sub in ("checkpoints", "diffusion_models", "text_encoders", "vae", "clip_vision"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     manifest_path = root / "sage_test_models.json"
     manifest = {}
@@ -445,8 +469,12 @@ def build_models(models_dir: str | os.PathLike, families: Sequence[str] = FAMILI
 
             write("checkpoints", "sd15_ckpt", ckpt)
         if "wan" in families:
-            write("diffusion_models", "wan_unet", wan21_t2v_sd)
+            write("diffusion_models", "wan_unet", wan21_sd)
+        if "wan" in families or "wan_i2v" in families:
             write("vae", "wan_vae", wan21_vae_sd)
+        if "wan_i2v" in families:
+            write("diffusion_models", "wan_i2v_unet", lambda: wan21_sd("i2v", seed=2102))
+            write("clip_vision", "clip_vision_h", clip_vision_h_sd)
         if "sd3" in families:
             write("diffusion_models", "sd3_unet", sd3_mmdit_sd)
             write("vae", "taesd16", lambda: taesd_sd(16, seed=4416, scale=1.5305, shift=0.0609))

@@ -178,17 +178,18 @@ RUNNABLE = {
     "sage_wan2.1_text_to_video": "wan",
     "sage_wan2.2_14B_text_to_video": "wan",
     "sage_sd3.5_large": "sd3",
+    "sage_wan2.1_image_to_video": "wan_i2v",
 }
-NOT_RUNNABLE = {
+NOT_RUNNABLE = {  # parts ComfyUI detects only at full size: SDXL's UNet, CLIP-G, T5-XXL, a Llama text encoder
     "sage_sdxl_base_refiner": "no SDXL test model",
     "sage_flux1_dev": "no Flux test model",
-    "sage_wan2.1_image_to_video": "no Wan I2V test model (image embedding, CLIP vision)",
     "sage_hunyuan_video_text_to_video": "no HunyuanVideo test model",
     "sage_ltxv_text_to_video": "no LTX-Video test model",
 }
 
 
 SD3_CKPT = "sage_test_sd3_all_in_one.safetensors"
+START_IMAGE = "sage_test_start_image.png"  # the I2V workflow's LoadImage, written into the server's input folder
 
 
 @pytest.fixture(scope="module")
@@ -209,6 +210,21 @@ def sd3_checkpoint(small_models):
     return SD3_CKPT
 
 
+@pytest.fixture(scope="module")
+def wan_i2v_models(small_models, comfy_server):
+    """The Wan2.1 I2V test models (the DiT with its image embedding, and the full-size CLIP vision ViT-H) beside
+    the others, and the start image in the server's input folder."""
+    import numpy as np
+    from PIL import Image
+
+    import comfy_harness  # tests/ is on sys.path (conftest.py)
+
+    models = comfy_harness.build_models(small_models.root, families=("wan_i2v",))
+    pixels = np.random.default_rng(52).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(comfy_server.work_dir / "input" / START_IMAGE)
+    return models
+
+
 def small_graph(api: dict, family: str, models, object_info, sd3_ckpt=None) -> dict:
     """The workflow with the test models in place of the real files and tiny sizes and step counts."""
     g = copy.deepcopy(api)
@@ -225,7 +241,11 @@ def small_graph(api: dict, family: str, models, object_info, sd3_ckpt=None) -> d
             ins["clip_name"], ins["type"] = files["clip"], files["clip_type"]
         elif ct == "VAELoader":
             ins["vae_name"] = files["vae"]
-        elif ct in ("EmptyLatentImage", "EmptySD3LatentImage", "EmptyHunyuanLatentVideo"):
+        elif ct == "CLIPVisionLoader":
+            ins["clip_name"] = files["clip_vision"]
+        elif ct == "LoadImage":
+            ins["image"] = START_IMAGE
+        elif ct in ("EmptyLatentImage", "EmptySD3LatentImage", "EmptyHunyuanLatentVideo", "WanImageToVideo"):
             ins["width"] = ins["height"] = 64
             if "length" in ins:
                 ins["length"] = 5
@@ -258,12 +278,15 @@ def test_workflow_renders_end_to_end(name, comfy_server, small_models, object_in
     api = api_twin(name)
     if any(n["class_type"] not in object_info for n in api.values() if n["class_type"] == "SageAttentionCompare"):
         pytest.skip("SageAttentionCompare is not registered by the pack yet")
-    sd3 = request.getfixturevalue("sd3_checkpoint") if RUNNABLE[name] == "sd3" else None
-    if sd3:
-        object_info = comfy_server.object_info()  # lists the checkpoint written just now
-    graph = small_graph(api, RUNNABLE[name], small_models, object_info, sd3)
+    family = RUNNABLE[name]
+    sd3 = request.getfixturevalue("sd3_checkpoint") if family == "sd3" else None
+    models = request.getfixturevalue("wan_i2v_models") if family == "wan_i2v" else small_models
+    if sd3 or family == "wan_i2v":
+        object_info = comfy_server.object_info()  # lists the files written just now
+    graph = small_graph(api, family, models, object_info, sd3)
     assert not validate_graph(graph, object_info)
-    entry = comfy_server.run(graph, timeout=600)
+    prompt_id = comfy_server.queue(graph)
+    entry = comfy_server.wait(prompt_id, timeout=600)
     assert entry["status"]["status_str"] == "success"
     files = [(o.get("subfolder", ""), o["filename"]) for out in entry["outputs"].values()
              for items in out.values() if isinstance(items, list) for o in items
@@ -272,6 +295,13 @@ def test_workflow_renders_end_to_end(name, comfy_server, small_models, object_in
     for sub, fn in files:
         p = comfy_server.output_dir / sub / fn
         assert p.is_file() and p.stat().st_size > 0, p
+    if any(n["class_type"] == "SageAttention" for n in graph.values()) and sage_available(object_info):
+        # every attention call of every patched model went through Sage (for the I2V workflow that includes the
+        # cross-attention to CLIP vision's 257 image tokens): the counters the patch node sends after sampling
+        stats = [d for e, d in comfy_server.messages[prompt_id] if e == "sage_attention.stats"]
+        assert stats, f"{name}: no Sage Attention counters were sent"
+        for snap in stats:
+            assert snap["total"] > 0 and sum(snap["sage"].values()) == snap["total"], snap
 
 
 def test_node_inputs_order_matches_live_definitions_for_sage():

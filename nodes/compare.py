@@ -19,6 +19,7 @@ from comfy_api.latest import io, ui
 from ..sage_core import image_metrics
 from ..sage_core.config import GRANULARITIES, SageConfig
 from . import report_images
+from .frontend import send_to_frontend
 
 CATEGORY = "model_patches/sage_attention"
 FROM_MODEL = "from model"
@@ -379,18 +380,6 @@ def _save_previews(images: torch.Tensor, prefix: str, frames: list[int]) -> list
     return [{"filename": s["filename"], "subfolder": s["subfolder"], "type": str(getattr(s["type"], "value",
                                                                                            s["type"]))}
             for s in saved]
-
-
-def send_to_frontend(event: str, data: dict) -> None:
-    """Send ``data`` to the client that queued the prompt (no-op without a server)."""
-    try:
-        from server import PromptServer
-    except ImportError:
-        return
-    srv = getattr(PromptServer, "instance", None)
-    if srv is None:
-        return
-    srv.send_sync(event, data, getattr(srv, "client_id", None))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from comfy_api.latest import io
 
 from ..sage_core.config import GRANULARITIES, KERNELS, SageConfig
 from . import routing
+from .frontend import send_to_frontend
 from .override import SageOverride
 
 log = logging.getLogger("sage_attention_pack")
@@ -71,12 +72,9 @@ def report(override: SageOverride) -> dict:
         parts.append(f"{snap['recomputed']} recomputed exactly (non-finite output)")
     log.info("Sage Attention: %d attention calls: %s", snap["total"], "; ".join(parts) or "none")
     try:
-        from server import PromptServer
-
-        if PromptServer.instance is not None:
-            PromptServer.instance.send_sync(STATS_EVENT, snap)
-    except Exception:  # no server (library use, tests): the log line is the report
-        pass
+        send_to_frontend(STATS_EVENT, snap)
+    except Exception:  # a render never fails on its report: the log line above is the report then
+        log.debug("Sage Attention: counters not sent to the frontend", exc_info=True)
     return snap
 
 

@@ -20,8 +20,9 @@ from ..sage_core.dispatch import DispatchStats, UnsupportedInput
 from ..sage_core.metrics import attention_error
 from . import comfy_attention, report_images, routing
 from .compare import (CATEGORY, FROM_MODEL, config_from_inputs, find_override, find_sage_override,
-                      install_override, json_safe, sage_settings_inputs, send_to_frontend, synchronize,
+                      install_override, json_safe, sage_settings_inputs, synchronize,
                       without_sage)
+from .frontend import send_to_frontend
 
 EVENT = "sage_attention.probe"
 

@@ -296,12 +296,16 @@ def test_workflow_renders_end_to_end(name, comfy_server, small_models, object_in
         p = comfy_server.output_dir / sub / fn
         assert p.is_file() and p.stat().st_size > 0, p
     if any(n["class_type"] == "SageAttention" for n in graph.values()) and sage_available(object_info):
-        # every attention call of every patched model went through Sage (for the I2V workflow that includes the
-        # cross-attention to CLIP vision's 257 image tokens): the counters the patch node sends after sampling
+        # every attention call of every patched model went through Sage, or stayed exact where the workflow
+        # asks (a block list); none fell back (for the I2V workflow that includes the cross-attention to CLIP
+        # vision's 257 image tokens): the counters the patch node sends after sampling
         stats = [d for e, d in comfy_server.messages[prompt_id] if e == "sage_attention.stats"]
         assert stats, f"{name}: no Sage Attention counters were sent"
         for snap in stats:
-            assert snap["total"] > 0 and sum(snap["sage"].values()) == snap["total"], snap
+            assert snap.get("prompt_id") == prompt_id, snap  # tagged, so a client tells its prompts apart
+            served = sum(snap["sage"].values())
+            assert served > 0 and not snap["fallback"] and not snap["recomputed"], snap
+            assert served + sum(snap["exact"].values()) == snap["total"], snap
 
 
 def test_node_inputs_order_matches_live_definitions_for_sage():

@@ -141,9 +141,15 @@ def row_sums(p8, ones_smem, l_acc):
 
 
 @gluon.jit
+def by_row(factors, rows: gl.constexpr):
+    """Per-row factors (one per score row) as a column that scales a tile whose rows are laid out as `rows`."""
+    return gl.expand_dims(gl.convert_layout(factors, rows), 1)
+
+
+@gluon.jit
 def fold_row_sums(l_acc, tile_sums, alpha, l_rows: gl.constexpr):
     """l_acc rescaled to the tile's running max, plus the tile's row sums."""
-    return l_acc * gl.expand_dims(gl.convert_layout(alpha, l_rows), 1) + tile_sums
+    return l_acc * by_row(alpha, l_rows) + tile_sums
 
 
 @gluon.jit
@@ -172,7 +178,6 @@ def pipeline_step(j, p_prev, m_i, l_acc, alpha_prev, acc, q_smem, k_smem, v_smem
     prev = (j - 1) % STAGES
     mbarrier.wait(full_bars.index(slot), (j // STAGES) & 1)
     p8 = to_pv_operand(p_prev, BLOCK_M, BLOCK_N, p_layout)
-    alpha_o = gl.expand_dims(gl.convert_layout(alpha_prev, o_rows), 1)
     if PING_PONG:
         named_sync(TURN_BARRIER + consumer, TURN_THREADS, 4)
     s_tok = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), seed, use_acc=MAGIC,
@@ -204,9 +209,9 @@ def pipeline_step(j, p_prev, m_i, l_acc, alpha_prev, acc, q_smem, k_smem, v_smem
         else:
             o_tile = warpgroup_mma_wait(0, deps=[o_tok])
     if TWO_LEVEL:
-        acc = acc * alpha_o + o_tile.to(gl.float32)
+        acc = acc * by_row(alpha_prev, o_rows) + o_tile.to(gl.float32)
     else:
-        acc = o_tile * gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)  # to this tile's max, out of the turn
+        acc = o_tile * by_row(alpha, o_rows)  # to this tile's max, out of the turn
     if PING_PONG:
         named_arrive(SLOT_BARRIER + prev, SLOT_THREADS, True, 4)  # this warpgroup is done with tile j-1's slot
     else:
@@ -289,7 +294,6 @@ def attend_rows(tile_m, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, f
             TWO_LEVEL, PING_PONG, True, MAGIC, SUMS_ON_MMA, s_layout, o_rows, l_rows, p_layout)
     # P·V of the last tile
     p8 = to_pv_operand(p, BLOCK_M, BLOCK_N, p_layout)
-    alpha_o = gl.expand_dims(gl.convert_layout(alpha, o_rows), 1)
     v_last = v_smem.index((n_tiles - 1) % STAGES).permute((1, 0))
     if TWO_LEVEL:
         o_tok = warpgroup_mma(p8, v_last, tile_zero, use_acc=False, is_async=True)
@@ -303,7 +307,7 @@ def attend_rows(tile_m, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, f
         o_tile = warpgroup_mma_wait(0, deps=[o_tok])
         l_i = l_acc
     if TWO_LEVEL:
-        acc = acc * alpha_o + o_tile.to(gl.float32)
+        acc = acc * by_row(alpha, o_rows) + o_tile.to(gl.float32)
     else:
         acc = o_tile
 

@@ -19,6 +19,7 @@ sage_fwd_sm90_pingpong_kernel, two consumer warpgroups taking turns at the tenso
 Served: non-causal, no mask, head dims 64 and 128, FP8 P·V. Everything else runs the portable kernel.
 """
 from triton.experimental import gluon
+from triton.runtime.jit import constexpr_function
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                warpgroup_mma_wait)
@@ -128,6 +129,14 @@ def issue_kv_load(k_desc, v_desc, k_smem, v_smem, bars, tile, slot, bh_kv, NK, l
     mbarrier.expect(bar, 2 * BLOCK_N * BLOCK_D, pred=live)  # INT8 K and FP8 V bytes
     tma_load(k_desc, [bh_kv * NK + tile * BLOCK_N, 0], bar, k_smem.index(slot), pred=live)
     tma_load(v_desc, [bh_kv * BLOCK_D, tile * BLOCK_N], bar, v_smem.index(slot), pred=live)
+
+
+@constexpr_function
+def sums_on_mma(two_level, ping_pong):
+    """Whether a kernel sums P's rows on the tensor cores (row_sums) rather than in its softmax: all but the
+    one-warpgroup two-level kernel, which at 255 registers already spills in its loop with the sums' [M, 8]
+    accumulator. Decided here once, for attend_rows and for the kernel that allocates the tile of ones."""
+    return ping_pong or not two_level
 
 
 @gluon.jit
@@ -243,8 +252,7 @@ def attend_rows(tile_m, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, f
     # P's row sums: P (the same registers as P·V's A operand) times an 8-column tile of ones
     l_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 8, 32])
     l_rows: gl.constexpr = gl.SliceLayout(1, l_layout)
-    # except in the one-warpgroup two-level kernel: at 255 registers already, its loop spills with the sums'
-    SUMS_ON_MMA: gl.constexpr = PING_PONG or not TWO_LEVEL
+    SUMS_ON_MMA: gl.constexpr = sums_on_mma(TWO_LEVEL, PING_PONG)
 
     bh = gl.program_id(1)
     b = bh // H
@@ -370,10 +378,10 @@ def sage_fwd_sm90_kernel(
     n_tiles = (NK + BLOCK_N - 1) // BLOCK_N
     for s in gl.static_range(STAGES):
         issue_kv_load(k_desc, v_desc, k_smem, v_smem, full_bars, s, s, bh_kv, NK, s < n_tiles, BLOCK_N, BLOCK_D)
-    if TWO_LEVEL:
-        ones_smem = q_smem  # a placeholder: this kernel sums P's rows in its softmax (attend_rows' SUMS_ON_MMA)
-    else:
+    if sums_on_mma(TWO_LEVEL, False):
         ones_smem = ones_tile(v_desc, BLOCK_N)
+    else:
+        ones_smem = q_smem  # a placeholder, never read: P's rows are summed in the softmax
     attend_rows(gl.program_id(0), q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, full_bars, ones_smem, 0,
                 Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh, stride_on, stride_od, H,
                 KV_GROUP, NQ, NK, q_groups, k_groups, gl.num_programs(0), BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP, STAGES,

@@ -162,8 +162,8 @@ def fold_row_sums(l_acc, tile_sums, alpha, l_rows: gl.constexpr):
 
 
 @gluon.jit
-def pipeline_step(j, p_prev, m_i, l_acc, alpha_prev, acc, q_smem, k_smem, v_smem, ones_smem, full_bars, consumer,
-                  k_desc, v_desc, seed, tile_zero, q_scale, ks_base, bh_kv, NK, NQ, n_tiles,
+def pipeline_step(j, ring0, p_prev, m_i, l_acc, alpha_prev, acc, q_smem, k_smem, v_smem, ones_smem, full_bars,
+                  consumer, k_desc, v_desc, seed, tile_zero, q_scale, ks_base, bh_kv, NK, NQ, n_tiles,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, STAGES: gl.constexpr,
                   TWO_LEVEL: gl.constexpr, PING_PONG: gl.constexpr, LAST: gl.constexpr, MAGIC: gl.constexpr,
                   SUMS_ON_MMA: gl.constexpr, s_layout: gl.constexpr, o_rows: gl.constexpr, l_rows: gl.constexpr,
@@ -182,10 +182,14 @@ def pipeline_step(j, p_prev, m_i, l_acc, alpha_prev, acc, q_smem, k_smem, v_smem
     softmax under P·V.
     PING_PONG: two warpgroups (`consumer` 0 and 1) take turns issuing their products (TURN_BARRIER), so that
     one's softmax runs while the other's products occupy the tensor cores; a producer warp refills the ring
-    (SLOT_BARRIER)."""
-    slot = j % STAGES
-    prev = (j - 1) % STAGES
-    mbarrier.wait(full_bars.index(slot), (j // STAGES) & 1)
+    (SLOT_BARRIER). ring0: how many key tiles this program's ring carried before this work item's (persistent
+    ping-pong), which sets the ring slot and mbarrier phase of tile j."""
+    g = ring0 + j  # the tile's position in the ring's sequence
+    if PING_PONG:
+        g = g.to(gl.uint32)  # ring0 is not known ≥ 0 there: unsigned, % and // by STAGES stay bit operations
+    slot = (g % STAGES).to(gl.int32)
+    prev = ((g - 1) % STAGES).to(gl.int32)
+    mbarrier.wait(full_bars.index(slot), ((g // STAGES) & 1).to(gl.int32))
     p8 = to_pv_operand(p_prev, BLOCK_M, BLOCK_N, p_layout)
     if PING_PONG:
         named_sync(TURN_BARRIER + consumer, TURN_THREADS, 4)
@@ -232,14 +236,15 @@ def pipeline_step(j, p_prev, m_i, l_acc, alpha_prev, acc, q_smem, k_smem, v_smem
 
 
 @gluon.jit
-def attend_rows(tile_m, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, full_bars, ones_smem, consumer, Q_SCALE,
-                K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh, stride_on, stride_od, H, KV_GROUP, NQ,
+def attend_rows(tile_m, bh, ring0, q_phase, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, full_bars, ones_smem,
+                consumer, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh, stride_on, stride_od, H, KV_GROUP, NQ,
                 NK, q_groups, k_groups, n_q_tiles,
                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, Q_GROUP: gl.constexpr,
                 STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, PING_PONG: gl.constexpr, SHIFT_V: gl.constexpr,
                 RETURN_LSE: gl.constexpr, MAGIC: gl.constexpr):
-    """One warpgroup's work: query rows tile_m·BLOCK_M .. +BLOCK_M of one (batch, head) against every key
-    tile, then the output, its non-finite flag and the LSE."""
+    """One warpgroup's work: query rows tile_m·BLOCK_M .. +BLOCK_M of (batch·head) bh against every key
+    tile, then the output, its non-finite flag and the LSE. ring0: key tiles the ring carried before these
+    (their slots and phases go on from there); q_phase: the phase of q_bar for this Q tile."""
     # one warp per 16 query rows; the scores' wgmma spans the key tile, P·V's the head dim (k = 32 bytes)
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 32])
@@ -254,7 +259,6 @@ def attend_rows(tile_m, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, f
     l_rows: gl.constexpr = gl.SliceLayout(1, l_layout)
     SUMS_ON_MMA: gl.constexpr = sums_on_mma(TWO_LEVEL, PING_PONG)
 
-    bh = gl.program_id(1)
     b = bh // H
     h = bh % H
     bh_kv = b * (H // KV_GROUP) + h // KV_GROUP
@@ -272,12 +276,12 @@ def attend_rows(tile_m, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, f
     tile_zero = gl.zeros([BLOCK_M, BLOCK_D], gl.float16, o_layout)
 
     # tile 0: its scores and softmax, with nothing to overlap yet (masked: it may be the last)
-    mbarrier.wait(q_bar, 0)
-    mbarrier.wait(full_bars.index(0), 0)
+    mbarrier.wait(q_bar, q_phase)
+    mbarrier.wait(full_bars.index(ring0 % STAGES), (ring0 // STAGES) & 1)
     if PING_PONG:
         named_arrive(TURN_BARRIER, TURN_THREADS, consumer == 1, 4)  # consumer 0 goes first
         named_sync(TURN_BARRIER + consumer, TURN_THREADS, 4)
-    s_tok = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), seed, use_acc=MAGIC, is_async=True)
+    s_tok = warpgroup_mma(q_smem, k_smem.index(ring0 % STAGES).permute((1, 0)), seed, use_acc=MAGIC, is_async=True)
     if PING_PONG:
         named_arrive(TURN_BARRIER + 1 - consumer, TURN_THREADS, (consumer == 0) | (n_tiles > 1), 4)
     s_bits = warpgroup_mma_wait(0, deps=[s_tok])
@@ -292,17 +296,18 @@ def attend_rows(tile_m, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, f
     acc = gl.zeros([BLOCK_M, BLOCK_D], gl.float32, o_layout)
     for j in range(1, n_tiles - 1):
         p, m_i, l_acc, alpha, acc = pipeline_step(
-            j, p, m_i, l_acc, alpha, acc, q_smem, k_smem, v_smem, ones_smem, full_bars, consumer, k_desc,
+            j, ring0, p, m_i, l_acc, alpha, acc, q_smem, k_smem, v_smem, ones_smem, full_bars, consumer, k_desc,
             v_desc, seed, tile_zero, q_scale, ks_base, bh_kv, NK, NQ, n_tiles, BLOCK_M, BLOCK_N, BLOCK_D, STAGES,
             TWO_LEVEL, PING_PONG, False, MAGIC, SUMS_ON_MMA, s_layout, o_rows, l_rows, p_layout)
     if n_tiles > 1:
         p, m_i, l_acc, alpha, acc = pipeline_step(
-            n_tiles - 1, p, m_i, l_acc, alpha, acc, q_smem, k_smem, v_smem, ones_smem, full_bars, consumer, k_desc,
+            n_tiles - 1, ring0, p, m_i, l_acc, alpha, acc, q_smem, k_smem, v_smem, ones_smem, full_bars, consumer, k_desc,
             v_desc, seed, tile_zero, q_scale, ks_base, bh_kv, NK, NQ, n_tiles, BLOCK_M, BLOCK_N, BLOCK_D, STAGES,
             TWO_LEVEL, PING_PONG, True, MAGIC, SUMS_ON_MMA, s_layout, o_rows, l_rows, p_layout)
     # P·V of the last tile
     p8 = to_pv_operand(p, BLOCK_M, BLOCK_N, p_layout)
-    v_last = v_smem.index((n_tiles - 1) % STAGES).permute((1, 0))
+    last_slot = (ring0 + n_tiles - 1) % STAGES
+    v_last = v_smem.index(last_slot).permute((1, 0))
     if TWO_LEVEL:
         o_tok = warpgroup_mma(p8, v_last, tile_zero, use_acc=False, is_async=True)
     else:
@@ -318,6 +323,8 @@ def attend_rows(tile_m, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, f
         acc = acc * by_row(alpha, o_rows) + o_tile.to(gl.float32)
     else:
         acc = o_tile
+    if PING_PONG:
+        named_arrive(SLOT_BARRIER + last_slot, SLOT_THREADS, True, 4)  # the producer may refill it (next item)
 
     offs_d = gl.arange(0, BLOCK_D, layout=o_cols)
     out = acc * gl.expand_dims(gl.convert_layout(1.0 / l_i, o_rows), 1)
@@ -382,42 +389,71 @@ def sage_fwd_sm90_kernel(
         ones_smem = ones_tile(v_desc, BLOCK_N)
     else:
         ones_smem = q_smem  # a placeholder, never read: P's rows are summed in the softmax
-    attend_rows(gl.program_id(0), q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, full_bars, ones_smem, 0,
+    attend_rows(gl.program_id(0), gl.program_id(1), 0, 0, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, full_bars, ones_smem, 0,
                 Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh, stride_on, stride_od, H,
                 KV_GROUP, NQ, NK, q_groups, k_groups, gl.num_programs(0), BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP, STAGES,
                 TWO_LEVEL, False, SHIFT_V, RETURN_LSE, MAGIC)
 
 
 @gluon.jit
-def consume(meta: gl.constexpr, tile_m, q_smem, q_bar, q_desc, k_desc, v_desc, k_smem, v_smem, full_bars, ones_smem,
-            Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh, stride_on, stride_od, H,
-            KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles):
-    """A consumer warpgroup of the ping-pong kernel (meta: the kernel's constants, in its argument order);
-    query tile 2·pid + c is consumer c."""
-    attend_rows(tile_m, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, full_bars, ones_smem, tile_m % 2,
-                Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh, stride_on, stride_od, H,
-                KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, meta[0], meta[1], meta[2], meta[3], meta[4],
-                meta[5], True, meta[6], meta[7], meta[8])
+def work_items(n_pairs, BH, PERSISTENT: gl.constexpr):
+    """This program's work items (pairs of query tiles of one batch·head), as a range: persistent, the items
+    pid, pid + grid, ... of all n_pairs · BH, in head order so that the programs at work at once share heads'
+    K and V in L2; otherwise one item, the program's grid position."""
+    if PERSISTENT:
+        return gl.program_id(0), n_pairs * BH, gl.num_programs(0)
+    return 0, 1, 1
 
 
 @gluon.jit
-def load_kv_ring(k_desc, v_desc, k_smem, v_smem, full_bars, H, KV_GROUP, NK, meta: gl.constexpr):
-    """The producer warp: every key tile of this head into the ring, a slot as soon as both consumers are done
-    with the tile it held. The consumers free every tile but the last; the producer waits for each of those
+def work_item(i, n_pairs, PERSISTENT: gl.constexpr):
+    """(pair of query tiles, batch·head) of work item i."""
+    if PERSISTENT:
+        return i % n_pairs, i // n_pairs
+    return gl.program_id(0), gl.program_id(1)
+
+
+@gluon.jit
+def consume(meta: gl.constexpr, consumer, q_smem, q_bar, q_desc, k_desc, v_desc, k_smem, v_smem,
+            full_bars, ones_smem, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh,
+            stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, BH):
+    """A consumer warpgroup of the ping-pong kernel (meta: the kernel's constants, in its argument order):
+    query tile 2·pair + consumer of each of its program's work items."""
+    n_tiles = (NK + meta[1] - 1) // meta[1]
+    first, end, step = work_items((n_q_tiles + 1) // 2, BH, meta[9])
+    for i in range(first, end, step):
+        done = (i - first) // step  # work items this warpgroup finished before
+        pair, bh = work_item(i, (n_q_tiles + 1) // 2, meta[9])
+        attend_rows(2 * pair + consumer, bh, done * n_tiles, done & 1, q_desc, k_desc, v_desc, q_smem, q_bar,
+                    k_smem, v_smem, full_bars, ones_smem, consumer, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE,
+                    BAD, stride_ob, stride_oh, stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups,
+                    n_q_tiles, meta[0], meta[1], meta[2], meta[3], meta[4], meta[5], True, meta[6], meta[7],
+                    meta[8])
+
+
+@gluon.jit
+def load_kv_ring(k_desc, v_desc, k_smem, v_smem, full_bars, H, KV_GROUP, NK, n_q_tiles, BH, meta: gl.constexpr):
+    """The producer warp: every key tile of each work item's head into the ring, a slot as soon as both
+    consumers are done with the tile it held (for the next work item's tiles while the consumers finish the
+    last ones and write their outputs). The consumers free every tile; the producer waits for each of those
     freeings, the last ones after its loop, so that no named barrier is left half-arrived when the program ends."""
     BLOCK_N: gl.constexpr = meta[1]
     BLOCK_D: gl.constexpr = meta[2]
     STAGES: gl.constexpr = meta[4]
     gl.static_assert(SLOT_BARRIER + STAGES <= 16, "a ring this deep has no hardware barrier left for its slots")
-    bh = gl.program_id(1)
-    bh_kv = (bh // H) * (H // KV_GROUP) + (bh % H) // KV_GROUP
     n_tiles = (NK + BLOCK_N - 1) // BLOCK_N
-    for t in range(n_tiles):
-        s = t % STAGES
-        if t >= STAGES:
-            named_sync(SLOT_BARRIER + s, SLOT_THREADS, 1)
-        issue_kv_load(k_desc, v_desc, k_smem, v_smem, full_bars, t, s, bh_kv, NK, True, BLOCK_N, BLOCK_D)
-    for t in range(gl.maximum(n_tiles - STAGES, 0), n_tiles - 1):
+    first, end, step = work_items((n_q_tiles + 1) // 2, BH, meta[9])
+    ring0 = 0
+    for i in range(first, end, step):
+        bh = work_item(i, (n_q_tiles + 1) // 2, meta[9])[1]
+        bh_kv = (bh // H) * (H // KV_GROUP) + (bh % H) // KV_GROUP
+        for t in range(n_tiles):
+            s = (ring0 + t) % STAGES
+            if ring0 + t >= STAGES:
+                named_sync(SLOT_BARRIER + s, SLOT_THREADS, 1)
+            issue_kv_load(k_desc, v_desc, k_smem, v_smem, full_bars, t, s, bh_kv, NK, True, BLOCK_N, BLOCK_D)
+        ring0 += n_tiles
+    for t in range(gl.maximum(ring0 - STAGES, 0), ring0):
         named_sync(SLOT_BARRIER + t % STAGES, SLOT_THREADS, 1)
 
 
@@ -425,13 +461,17 @@ def load_kv_ring(k_desc, v_desc, k_smem, v_smem, full_bars, H, KV_GROUP, NK, met
 def sage_fwd_sm90_pingpong_kernel(
     q_desc, k_desc, v_desc, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD,
     stride_ob, stride_oh, stride_on, stride_od,
-    H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles,
+    H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, BH,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, Q_GROUP: gl.constexpr,
     STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, SHIFT_V: gl.constexpr, RETURN_LSE: gl.constexpr,
-    MAGIC: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    MAGIC: gl.constexpr, CONSUMER_REGS: gl.constexpr, PERSISTENT: gl.constexpr,
 ):
-    """Two consumer warpgroups (query tiles 2·pid and 2·pid+1 of BLOCK_M rows) sharing one K/V ring that a
-    producer warp fills, taking turns at the tensor cores (FlashAttention-3's ping-pong schedule)."""
+    """Two consumer warpgroups (query tiles 2·pair and 2·pair+1 of BLOCK_M rows) sharing one K/V ring that a
+    producer warp fills, taking turns at the tensor cores (FlashAttention-3's ping-pong schedule).
+    PERSISTENT: a grid of at most one program per multiprocessor, each looping over work items (pairs of
+    query tiles of one batch·head; see work_items): the producer loads the next item's first key tiles while
+    the consumers finish the last ones and store their outputs. Otherwise one program per item, grid
+    (pairs, B·H)."""
     k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_D], k_desc.layout)
     v_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_D, BLOCK_N], v_desc.layout)
     q_smem = gl.allocate_shared_memory(gl.int8, [2, BLOCK_M, BLOCK_D], q_desc.layout)
@@ -441,12 +481,13 @@ def sage_fwd_sm90_pingpong_kernel(
     full_bars = ring_barriers(STAGES)
     # compile-time values cross into partitions only inside a constexpr tuple (elements of a plain tuple are
     # turned into tensors)
-    meta: gl.constexpr = (BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP, STAGES, TWO_LEVEL, SHIFT_V, RETURN_LSE, MAGIC)
+    meta: gl.constexpr = (BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP, STAGES, TWO_LEVEL, SHIFT_V, RETURN_LSE, MAGIC,
+                          PERSISTENT)
     runtime = (q_desc, k_desc, v_desc, k_smem, v_smem, full_bars, ones_tile(v_desc, BLOCK_N))
     scalars = (Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh, stride_on, stride_od, H,
-               KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles)
+               KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, BH)
     gl.warp_specialize([
-        (consume, (meta, 2 * gl.program_id(0), q_smem.index(0), q_bars.index(0)) + runtime + scalars),
-        (consume, (meta, 2 * gl.program_id(0) + 1, q_smem.index(1), q_bars.index(1)) + runtime + scalars),
-        (load_kv_ring, (k_desc, v_desc, k_smem, v_smem, full_bars, H, KV_GROUP, NK, meta)),
+        (consume, (meta, 0, q_smem.index(0), q_bars.index(0)) + runtime + scalars),
+        (consume, (meta, 1, q_smem.index(1), q_bars.index(1)) + runtime + scalars),
+        (load_kv_ring, (k_desc, v_desc, k_smem, v_smem, full_bars, H, KV_GROUP, NK, n_q_tiles, BH, meta)),
     ], [4, 1], [CONSUMER_REGS, 24])

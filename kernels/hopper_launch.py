@@ -29,11 +29,13 @@ def serves(device: torch.device, *, config: LaunchConfig, pv_fp8: bool, is_causa
            head_dim: int, block_d: int, k_group: int, kv_len: int) -> bool:
     """True when this call can run the Hopper kernel: an sm90 GPU, a pipelined configuration (64 query rows
     per warpgroup), FP8 P·V, no causal mask and no key mask, a head dim of 64 or 128, one K scale per key
-    tile, at least one full key tile (shorter key sequences are launch-bound: the portable kernel serves them).
+    tile, at least one full key tile (shorter key sequences are launch-bound: the portable kernel serves them);
+    only the ping-pong kernel runs persistent.
     """
     return (AVAILABLE and config.pipelined and kv_len >= config.block_n and pv_fp8 and not is_causal and not has_bias
             and head_dim == block_d and block_d in HEAD_DIMS and k_group == config.block_n
             and config.block_m == WARPGROUP_ROWS and config.num_warps == 4
+            and (config.ping_pong or not config.persistent)
             and device.type == "cuda" and not interpreting()
             and torch.cuda.get_device_capability(device) == (9, 0))
 
@@ -58,6 +60,7 @@ def kernel_constants(config: LaunchConfig, block_d: int, q_group: int, shift_v: 
                      RETURN_LSE=return_lse, MAGIC=config.magic_convert)
     if config.ping_pong:
         constants["CONSUMER_REGS"] = CONSUMER_REGISTERS
+        constants["PERSISTENT"] = config.persistent
     return constants
 
 
@@ -91,9 +94,17 @@ def launch(qz: dict, out: torch.Tensor, lse: torch.Tensor, bad: torch.Tensor, *,
               heads, heads // kv_heads, nq, nk, qz["q_scale"].shape[-1], qz["k_scale"].shape[-1])
     meta = kernel_constants(config, block_d, q_group, v_shift is not None, return_lse)
     if config.ping_pong:
-        sage_fwd_sm90_pingpong_kernel[(-(-q_tiles // 2), bh)](*common, q_tiles, **meta, **compile_options(config))
+        pairs = -(-q_tiles // 2)
+        grid = (min(pairs * bh, multiprocessors(out.device)),) if config.persistent else (pairs, bh)
+        sage_fwd_sm90_pingpong_kernel[grid](*common, q_tiles, bh, **meta, **compile_options(config))
     else:
         sage_fwd_sm90_kernel[(q_tiles, bh)](*common, **meta, **compile_options(config))
+
+
+@functools.lru_cache(maxsize=None)
+def multiprocessors(device: torch.device) -> int:
+    """The persistent kernel's grid: one program per multiprocessor (a ping-pong program fills one)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def compile_options(config: LaunchConfig) -> dict:

@@ -127,7 +127,7 @@ def test_smooth_v_adds_mean_back(kernel):
     assert attention_error(out, exact(q, k, v))["cosine"] >= EXACT_BOUNDS[kernel][0]
 
 
-@pytest.mark.parametrize("key", [None, "m64n128w4s3mcgp", "m64n128w4s4mcpdgppp"])
+@pytest.mark.parametrize("key", [None, "m64n128w4s3mcgp", "m64n128w4s4mcpdgppp", "m64n128w4s4mcpdgpppps"])
 @pytest.mark.parametrize("smooth_v", [False, True])
 def test_uniform_attention_returns_the_mean_of_v(key, smooth_v):
     """With uniform attention (Q = 0) every output row is V's mean over the keys. FP8 V rounds each value
@@ -294,7 +294,7 @@ def test_kernel_flags_compute_the_same_attention(kernel, flags):
 
 
 @pytest.mark.parametrize("key", ["m64n64w4s1pd", "m64n128w4s3mcpdgp", "m64n128w4s4mcpdgppp", "m64n128w4s3mcgp",
-                                 "m64n128w4s4mcgppp"])
+                                 "m64n128w4s4mcgppp", "m64n128w4s4mcpdgpppps"])
 def test_fp8_accumulation_survives_a_v_offset(key):
     """V with a large per-channel offset (a projection's bias): FP8 P·V accumulated in place lost 0.26 relative
     L1 on an H200 before V smoothing was made part of that path; the error must stay at two-level levels, and
@@ -314,13 +314,17 @@ def test_fp8_accumulation_survives_a_v_offset(key):
 
 @pytest.mark.skipif(not HOPPER, reason=NO_HOPPER)
 @pytest.mark.parametrize("key", ["m64n128w4s3mcpdgp", "m64n64w4s3gp", "m64n128w4s4mcpdgppp", "m64n64w4s4mcgppp",
-                                 "m64n128w4s3mcgp", "m64n128w4s4mcgppp", "m64n128w4s3r168pdgp"])
+                                 "m64n128w4s3mcgp", "m64n128w4s4mcgppp", "m64n128w4s3r168pdgp",
+                                 "m64n128w4s4mcpdgpppps", "m64n128w4s4mcgpppps"])
 @pytest.mark.parametrize("b,hq,hk,nq,nk,d,dtype,smooth_v,lse", [
     (1, 2, 2, 200, 200, 64, torch.bfloat16, False, False),
     (2, 4, 4, 1000, 333, 128, torch.float16, False, True),   # ragged, the last key tile partial
     (1, 2, 2, 70, 129, 128, torch.bfloat16, False, False),    # one key in the last tile
     (1, 4, 2, 130, 700, 128, torch.bfloat16, True, True),     # grouped-query, V smoothing
     (1, 2, 2, 64, 4096, 64, torch.float16, False, False),     # many key tiles: every ring slot reused
+    # 360 pairs of query tiles, the last one's second tile past the end: a persistent program takes two or three,
+    # its ring going on across them (9 key tiles each, the last partial, against 4 slots)
+    (2, 24, 8, 960, 1100, 128, torch.bfloat16, True, True),
 ])
 def test_hopper_kernel_matches_portable_kernel(key, b, hq, hk, nq, nk, d, dtype, smooth_v, lse):
     """The Hopper Gluon kernels (one warpgroup per program, or two in ping-pong) compute what the portable
@@ -332,7 +336,7 @@ def test_hopper_kernel_matches_portable_kernel(key, b, hq, hk, nq, nk, d, dtype,
     assert hopper_launch.serves(q.device, config=lc, pv_fp8=True, is_causal=False, has_bias=False, head_dim=d,
                                 block_d=d, k_group=lc.block_n, kv_len=nk)
     out, out_lse, bad = run_kernel(q, k, v, cfg, return_lse=lse, launch_cfg=lc)
-    portable = dataclasses.replace(lc, pipelined=False, ping_pong=False)
+    portable = dataclasses.replace(lc, pipelined=False, ping_pong=False, persistent=False)
     ref, ref_lse, _ = run_kernel(q, k, v, cfg, return_lse=lse, launch_cfg=portable)
     assert torch.isfinite(out).all() and int(bad.sum()) == 0
     assert rel_diff(out, ref) < SAME_ALGO_TOL["int8_fp8"]

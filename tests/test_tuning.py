@@ -8,7 +8,8 @@ import torch
 from sage_attention_pack.kernels import hopper_launch, tuning
 
 
-@pytest.mark.parametrize("key", ["m64n128w4s3", "m128n64w8s2r168mc", "m64n128w4s3mcpdgp", "m64n128w4s4mcpdgppp"])
+@pytest.mark.parametrize("key", ["m64n128w4s3", "m128n64w8s2r168mc", "m64n128w4s3mcpdgp", "m64n128w4s4mcpdgppp",
+                                 "m64n128w4s4mcpdgpppps"])
 def test_key_round_trip(key):
     assert tuning.LaunchConfig.from_key(key).key() == key
 
@@ -21,7 +22,8 @@ def test_bad_key_names_the_problem():
 def test_hopper_candidates_only_on_sm90_for_served_head_dims():
     hopper = [c for c in tuning.candidates(128, None, "sm90") if c.pipelined]
     assert {c.key() for c in hopper} >= {"m64n128w4s3mcgp", "m64n128w4s3mcpdgp", "m64n128w4s4mcgppp",
-                                         "m64n128w4s4mcpdgppp"}
+                                         "m64n128w4s4mcpdgppp", "m64n128w4s4mcpdgpppps"}
+    assert all(c.ping_pong for c in hopper if c.persistent)
     assert all(c.block_m == hopper_launch.WARPGROUP_ROWS and c.num_warps == 4 for c in hopper)
     # at head dim 64 also one warpgroup capped for three programs per multiprocessor (measured ahead there)
     capped = {c.key() for c in tuning.candidates(64, None, "sm90") if c.pipelined and c.max_registers}
@@ -75,7 +77,8 @@ def test_auto_keys_tell_batch_heads_apart_and_the_shipped_ones_are_in_that_form(
 
 def test_hopper_kernel_declines_what_it_does_not_serve():
     """Every unserved case runs the portable kernel: the CPU, FP16 P·V, causal, masks, head dims other than
-    64/128, K scales finer than a tile, fewer keys than one tile, and configurations not marked pipelined."""
+    64/128, K scales finer than a tile, fewer keys than one tile, configurations not marked pipelined, and a
+    persistent one-warpgroup configuration (only the ping-pong kernel loops over work items)."""
     lc = tuning.LaunchConfig.from_key("m64n128w4s3mcpdgp")
     base = dict(config=lc, pv_fp8=True, is_causal=False, has_bias=False, head_dim=128, block_d=128, k_group=128,
                 kv_len=4096)
@@ -84,5 +87,6 @@ def test_hopper_kernel_declines_what_it_does_not_serve():
     cuda = torch.device("cuda")
     for change in (dict(pv_fp8=False), dict(is_causal=True), dict(has_bias=True), dict(head_dim=96),
                    dict(block_d=256, head_dim=256), dict(k_group=1), dict(kv_len=100),
-                   dict(config=dataclasses.replace(lc, pipelined=False))):
+                   dict(config=dataclasses.replace(lc, pipelined=False)),
+                   dict(config=dataclasses.replace(lc, persistent=True))):
         assert not hopper_launch.serves(cuda, **{**base, **change}), change

@@ -1,7 +1,7 @@
 """`sageattn`: call-compatible with the official `sageattention.sageattn`, served by the bundled kernels."""
 from __future__ import annotations
 
-from .config import GRANULARITIES, SageConfig
+from .config import DEFAULT_CONFIG, GRANULARITIES
 from .dispatch import DispatchStats, attention
 
 
@@ -19,7 +19,7 @@ def sageattn(q, k, v, tensor_layout: str = "HND", is_causal: bool = False, sm_sc
     "int8_fp16" | "int8_fp8"), quant_block (64 | 128), config (a SageConfig), stats (a DispatchStats).
     Official keywords without meaning here (pv_accum_dtype) are accepted and ignored.
     """
-    config = kwargs.pop("config", None) or SageConfig()
+    config = kwargs.pop("config", None) or DEFAULT_CONFIG
     changes = {}
     for key, field in (("smooth_k", "smooth_k"), ("smooth_v", "smooth_v"), ("quant_block", "quant_block"),
                        ("kernel", "kernel"), ("pv_precision", "kernel")):

@@ -31,13 +31,21 @@ def choice_cache():
 
 
 def choice_key(q, k, is_causal: bool, has_bias: bool, config: SageConfig) -> str:
+    return _choice_key(q.shape[-1], q.shape[0] * q.shape[1], q.shape[2], k.shape[2], q.dtype, is_causal, has_bias,
+                       config)
+
+
+@functools.lru_cache(maxsize=4096)
+def _choice_key(d: int, bh: int, nq: int, nk: int, dtype, is_causal: bool, has_bias: bool,
+                config: SageConfig) -> str:
+    """The key string, made once per distinct call: at image sizes a call lasts ~0.2 ms and the host's work
+    per call shows in the time (bench/NOTES.md, "auto's host path")."""
     from ..kernels import tuning
 
-    dtype = str(q.dtype).replace("torch.", "")
-    return (f"d{q.shape[-1]}|bh{tuning.seq_bucket(q.shape[0] * q.shape[1])}|nq{tuning.seq_bucket(q.shape[2])}|"
-            f"nk{tuning.seq_bucket(k.shape[2])}|{dtype}|"
-            f"{'causal' if is_causal else 'full'}|{'mask' if has_bias else 'nomask'}|"
-            f"{config.qk_granularity}{config.quant_block}|sk{int(config.smooth_k)}sv{int(config.smooth_v)}")
+    return (f"d{d}|bh{tuning.seq_bucket(bh)}|nq{tuning.seq_bucket(nq)}|nk{tuning.seq_bucket(nk)}|"
+            f"{str(dtype).replace('torch.', '')}|{'causal' if is_causal else 'full'}|"
+            f"{'mask' if has_bias else 'nomask'}|{config.qk_granularity}{config.quant_block}|"
+            f"sk{int(config.smooth_k)}sv{int(config.smooth_v)}")
 
 
 def candidates(device) -> list[str]:

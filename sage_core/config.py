@@ -1,6 +1,7 @@
 """One typed configuration for every Sage attention call."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 KERNELS = ("auto", "int8_fp16", "int8_fp8", "off")
@@ -44,7 +45,10 @@ class SageConfig:
         _check_choice("on_unsupported", self.on_unsupported, ON_UNSUPPORTED)
 
     def with_(self, **changes) -> "SageConfig":
-        return replace(self, **changes)
+        try:  # every call through sageattn() with keywords derives one: once per distinct change
+            return _derived(self, tuple(sorted(changes.items())))
+        except TypeError:  # an unhashable value: replace() itself says what is wrong
+            return replace(self, **changes)
 
     @property
     def q_group_rows(self) -> int:
@@ -61,3 +65,11 @@ class SageConfig:
 def _check_choice(name, value, allowed):
     if value not in allowed:
         raise ValueError(f"SageConfig.{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+@functools.lru_cache(maxsize=256)
+def _derived(config: SageConfig, changes: tuple) -> SageConfig:
+    return replace(config, **dict(changes))
+
+
+DEFAULT_CONFIG = SageConfig()  # frozen: one instance serves every call that brings none

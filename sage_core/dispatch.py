@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import autoselect, backend
-from .config import SageConfig
+from .config import DEFAULT_CONFIG, SageConfig
 
 log = logging.getLogger("sage_attention_pack")
 LAYOUTS = ("HND", "NHD")
@@ -187,7 +187,7 @@ def attention(q, k, v, *, tensor_layout="HND", is_causal=False, sm_scale=None, a
 
     defer_exact: where `auto` picks exact attention, raise ExactPreferred (counted as "auto:sdpa") instead of
     running PyTorch's SDPA here."""
-    config = config or SageConfig()
+    config = config or DEFAULT_CONFIG
     stats = stats or GLOBAL_STATS
     validate(q, k, v, tensor_layout, attn_mask)
     qh, kh, vh = (to_hnd(t, tensor_layout) for t in (q, k, v))

@@ -270,3 +270,16 @@ def test_settle_and_sample_sizes_fill_their_time_within_bounds():
     assert calls_filling(2.0, 100.0, 200) == 50  # 50 calls of 2 ms settle the clock for 100 ms
     assert calls_filling(0.01, 100.0, 200) == 200  # tiny calls: capped
     assert calls_filling(500.0, 100.0, 200) == 1  # one call already longer than the target
+
+
+def test_derived_configs_are_made_once_and_still_checked():
+    """sageattn() derives a configuration from its keywords on every call: the derivation is cached (at image
+    sizes a call lasts ~0.2 ms, where the host's work per call shows in the time), and a bad value is still
+    named, an unhashable one included."""
+    base = SageConfig()
+    assert base.with_(kernel="int8_fp8") is base.with_(kernel="int8_fp8")
+    assert base.with_(kernel="int8_fp8", smooth_v=True) == SageConfig(kernel="int8_fp8", smooth_v=True)
+    with pytest.raises(ValueError, match="quant_block"):
+        base.with_(quant_block=[128])
+    with pytest.raises(ValueError, match="kernel"):
+        base.with_(kernel="int4")

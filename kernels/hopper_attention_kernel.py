@@ -15,7 +15,8 @@ rather than the compiler's:
   - P's row sums (the softmax's normaliser) come from the tensor cores too: P times a tile of FP8 ones, issued
     with P·V (row_sums), except in the one-warpgroup two-level kernel, whose registers are all taken.
 Two kernels: sage_fwd_sm90_kernel, one warpgroup per program, loading its own tiles; and
-sage_fwd_sm90_pingpong_kernel, two consumer warpgroups taking turns at the tensor cores and a producer warp.
+sage_fwd_sm90_pingpong_kernel, two consumer warpgroups taking turns at the tensor cores and a producer warp,
+one program per pair of query tiles or (PERSISTENT) one per multiprocessor looping over them.
 Served: non-causal, no mask, head dims 64 and 128, FP8 P·V. Everything else runs the portable kernel.
 """
 from triton.experimental import gluon

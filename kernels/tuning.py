@@ -128,7 +128,8 @@ def candidates(block_d: int, block_m: int | None = None, family: str = "sm90") -
         plain += [LaunchConfig(64, 128, 4, s, magic_convert=True, pv_direct=direct, pipelined=True, ping_pong=pp)
                   for s, pp in ((3, False), (4, True)) for direct in (False, True)]
         # the ping-pong kernel persistent (a program per multiprocessor looping over query tiles): level or 2%
-        # slower on the H200's long shapes (bench/NOTES.md, "Persistent ping-pong"), offered where it may win
+        # slower on the H200's long shapes (bench/NOTES.md, "Threshold rescale, persistent ping-pong, …"), offered
+        # where it may win
         plain.append(LaunchConfig(64, 128, 4, 4, magic_convert=True, pv_direct=True, pipelined=True, ping_pong=True,
                                   persistent=True))
         if block_d == 64:

@@ -132,6 +132,12 @@ def issue_kv_load(k_desc, v_desc, k_smem, v_smem, bars, tile, slot, bh_kv, NK, l
     tma_load(v_desc, [bh_kv * BLOCK_D, tile * BLOCK_N], bar, v_smem.index(slot), pred=live)
 
 
+@gluon.jit
+def kv_head(bh, H, KV_GROUP):
+    """The K/V (batch·head) that query (batch·head) bh reads: KV_GROUP query heads share one (grouped-query)."""
+    return (bh // H) * (H // KV_GROUP) + (bh % H) // KV_GROUP
+
+
 @constexpr_function
 def sums_on_mma(two_level, ping_pong):
     """Whether a kernel sums P's rows on the tensor cores (row_sums) rather than in its softmax: all but the
@@ -237,9 +243,9 @@ def pipeline_step(j, ring0, p_prev, m_i, l_acc, alpha_prev, acc, q_smem, k_smem,
 
 
 @gluon.jit
-def attend_rows(tile_m, bh, ring0, q_phase, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, full_bars, ones_smem,
-                consumer, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh, stride_on, stride_od, H, KV_GROUP, NQ,
-                NK, q_groups, k_groups, n_q_tiles,
+def attend_rows(tile_m, bh, ring0, q_phase, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, full_bars,
+                ones_smem, consumer, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh,
+                stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles,
                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, Q_GROUP: gl.constexpr,
                 STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, PING_PONG: gl.constexpr, SHIFT_V: gl.constexpr,
                 RETURN_LSE: gl.constexpr, MAGIC: gl.constexpr):
@@ -262,7 +268,7 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_desc, k_desc, v_desc, q_smem, q_ba
 
     b = bh // H
     h = bh % H
-    bh_kv = b * (H // KV_GROUP) + h // KV_GROUP
+    bh_kv = kv_head(bh, H, KV_GROUP)
     n_tiles = (NK + BLOCK_N - 1) // BLOCK_N
     row0 = tile_m * BLOCK_M
 
@@ -282,7 +288,8 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_desc, k_desc, v_desc, q_smem, q_ba
     if PING_PONG:
         named_arrive(TURN_BARRIER, TURN_THREADS, consumer == 1, 4)  # consumer 0 goes first
         named_sync(TURN_BARRIER + consumer, TURN_THREADS, 4)
-    s_tok = warpgroup_mma(q_smem, k_smem.index(ring0 % STAGES).permute((1, 0)), seed, use_acc=MAGIC, is_async=True)
+    s_tok = warpgroup_mma(q_smem, k_smem.index(ring0 % STAGES).permute((1, 0)), seed, use_acc=MAGIC,
+                          is_async=True)
     if PING_PONG:
         named_arrive(TURN_BARRIER + 1 - consumer, TURN_THREADS, (consumer == 0) | (n_tiles > 1), 4)
     s_bits = warpgroup_mma_wait(0, deps=[s_tok])
@@ -302,9 +309,9 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_desc, k_desc, v_desc, q_smem, q_ba
             TWO_LEVEL, PING_PONG, False, MAGIC, SUMS_ON_MMA, s_layout, o_rows, l_rows, p_layout)
     if n_tiles > 1:
         p, m_i, l_acc, alpha, acc = pipeline_step(
-            n_tiles - 1, ring0, p, m_i, l_acc, alpha, acc, q_smem, k_smem, v_smem, ones_smem, full_bars, consumer, k_desc,
-            v_desc, seed, tile_zero, q_scale, ks_base, bh_kv, NK, NQ, n_tiles, BLOCK_M, BLOCK_N, BLOCK_D, STAGES,
-            TWO_LEVEL, PING_PONG, True, MAGIC, SUMS_ON_MMA, s_layout, o_rows, l_rows, p_layout)
+            n_tiles - 1, ring0, p, m_i, l_acc, alpha, acc, q_smem, k_smem, v_smem, ones_smem, full_bars, consumer,
+            k_desc, v_desc, seed, tile_zero, q_scale, ks_base, bh_kv, NK, NQ, n_tiles, BLOCK_M, BLOCK_N, BLOCK_D,
+            STAGES, TWO_LEVEL, PING_PONG, True, MAGIC, SUMS_ON_MMA, s_layout, o_rows, l_rows, p_layout)
     # P·V of the last tile
     p8 = to_pv_operand(p, BLOCK_M, BLOCK_N, p_layout)
     last_slot = (ring0 + n_tiles - 1) % STAGES
@@ -381,8 +388,7 @@ def sage_fwd_sm90_kernel(
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
     full_bars = ring_barriers(STAGES)
-    bh = gl.program_id(1)
-    bh_kv = (bh // H) * (H // KV_GROUP) + (bh % H) // KV_GROUP
+    bh_kv = kv_head(gl.program_id(1), H, KV_GROUP)
     n_tiles = (NK + BLOCK_N - 1) // BLOCK_N
     for s in gl.static_range(STAGES):
         issue_kv_load(k_desc, v_desc, k_smem, v_smem, full_bars, s, s, bh_kv, NK, s < n_tiles, BLOCK_N, BLOCK_D)
@@ -390,10 +396,10 @@ def sage_fwd_sm90_kernel(
         ones_smem = ones_tile(v_desc, BLOCK_N)
     else:
         ones_smem = q_smem  # a placeholder, never read: P's rows are summed in the softmax
-    attend_rows(gl.program_id(0), gl.program_id(1), 0, 0, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, full_bars, ones_smem, 0,
-                Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh, stride_on, stride_od, H,
-                KV_GROUP, NQ, NK, q_groups, k_groups, gl.num_programs(0), BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP, STAGES,
-                TWO_LEVEL, False, SHIFT_V, RETURN_LSE, MAGIC)
+    attend_rows(gl.program_id(0), gl.program_id(1), 0, 0, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem,
+                full_bars, ones_smem, 0, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh,
+                stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, gl.num_programs(0), BLOCK_M, BLOCK_N,
+                BLOCK_D, Q_GROUP, STAGES, TWO_LEVEL, False, SHIFT_V, RETURN_LSE, MAGIC)
 
 
 @gluon.jit
@@ -421,10 +427,11 @@ def consume(meta: gl.constexpr, consumer, q_smem, q_bar, q_desc, k_desc, v_desc,
     """A consumer warpgroup of the ping-pong kernel (meta: the kernel's constants, in its argument order):
     query tile 2·pair + consumer of each of its program's work items."""
     n_tiles = (NK + meta[1] - 1) // meta[1]
-    first, end, step = work_items((n_q_tiles + 1) // 2, BH, meta[9])
+    n_pairs = (n_q_tiles + 1) // 2
+    first, end, step = work_items(n_pairs, BH, meta[9])
     for i in range(first, end, step):
         done = (i - first) // step  # work items this warpgroup finished before
-        pair, bh = work_item(i, (n_q_tiles + 1) // 2, meta[9])
+        pair, bh = work_item(i, n_pairs, meta[9])
         attend_rows(2 * pair + consumer, bh, done * n_tiles, done & 1, q_desc, k_desc, v_desc, q_smem, q_bar,
                     k_smem, v_smem, full_bars, ones_smem, consumer, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE,
                     BAD, stride_ob, stride_oh, stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups,
@@ -443,11 +450,11 @@ def load_kv_ring(k_desc, v_desc, k_smem, v_smem, full_bars, H, KV_GROUP, NK, n_q
     STAGES: gl.constexpr = meta[4]
     gl.static_assert(SLOT_BARRIER + STAGES <= 16, "a ring this deep has no hardware barrier left for its slots")
     n_tiles = (NK + BLOCK_N - 1) // BLOCK_N
-    first, end, step = work_items((n_q_tiles + 1) // 2, BH, meta[9])
+    n_pairs = (n_q_tiles + 1) // 2
+    first, end, step = work_items(n_pairs, BH, meta[9])
     ring0 = 0
     for i in range(first, end, step):
-        bh = work_item(i, (n_q_tiles + 1) // 2, meta[9])[1]
-        bh_kv = (bh // H) * (H // KV_GROUP) + (bh % H) // KV_GROUP
+        bh_kv = kv_head(work_item(i, n_pairs, meta[9])[1], H, KV_GROUP)
         for t in range(n_tiles):
             s = (ring0 + t) % STAGES
             if ring0 + t >= STAGES:

@@ -9,6 +9,7 @@ import functools
 
 import torch
 
+from .direct_launch import launch as run_kernel
 from .tuning import LaunchConfig, interpreting
 
 try:  # Gluon's Hopper API (Triton ≥ 3.5); without it every call runs the portable kernel
@@ -36,8 +37,13 @@ def serves(device: torch.device, *, config: LaunchConfig, pv_fp8: bool, is_causa
             and head_dim == block_d and block_d in HEAD_DIMS and k_group == config.block_n
             and config.block_m == WARPGROUP_ROWS and config.num_warps == 4
             and (config.ping_pong or not config.persistent)
-            and device.type == "cuda" and not interpreting()
-            and torch.cuda.get_device_capability(device) == (9, 0))
+            and device.type == "cuda" and not interpreting() and capability(device) == (9, 0))
+
+
+@functools.lru_cache(maxsize=None)
+def capability(device: torch.device) -> tuple[int, int]:
+    """The device's compute capability, asked once (PyTorch's query costs microseconds per call)."""
+    return torch.cuda.get_device_capability(device)
 
 
 # Largest FP8 V code when each key tile's P·V lands in an FP16 accumulator (two-level accumulation): P ≤ 448, so
@@ -96,9 +102,9 @@ def launch(qz: dict, out: torch.Tensor, lse: torch.Tensor, bad: torch.Tensor, *,
     if config.ping_pong:
         pairs = -(-q_tiles // 2)
         grid = (min(pairs * bh, multiprocessors(out.device)),) if config.persistent else (pairs, bh)
-        sage_fwd_sm90_pingpong_kernel[grid](*common, q_tiles, bh, **meta, **compile_options(config))
+        run_kernel(sage_fwd_sm90_pingpong_kernel, grid, (*common, q_tiles, bh), {**meta, **compile_options(config)})
     else:
-        sage_fwd_sm90_kernel[(q_tiles, bh)](*common, **meta, **compile_options(config))
+        run_kernel(sage_fwd_sm90_kernel, (q_tiles, bh), common, {**meta, **compile_options(config)})
 
 
 @functools.lru_cache(maxsize=None)

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 
 import torch
-import triton
 
 from . import hopper_launch, tuning
+from .direct_launch import launch as run_kernel
 from .tuning import interpreting
 from .attention_kernel import sage_attention_fwd_kernel
 from .repair_kernel import repair_tiles_kernel
@@ -29,17 +29,22 @@ V_PAD = 128  # FP8 V rows padded to a multiple of this, so every tile load is in
 FP8_E4M3_MAX = 448.0
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of integers (triton.cdiv costs microseconds per host call: it is a Triton function)."""
+    return -(-a // b)
+
+
 def padded_head_dim(d: int) -> int:
     """Head dims run padded to a power of two (≥ 32, the INT8 MMA depth): 40 -> 64, 72/80/96 -> 128,
     160 -> 256."""
-    return max(32, triton.next_power_of_2(d))
+    return max(32, 1 << (max(d, 1) - 1).bit_length())
 
 
 def stats_chunks(n: int) -> tuple[int, int]:
     """(chunks, rows per chunk) for the statistics pass: enough programs to fill the GPU, few enough
     partial rows that finishing them inside every quantization program stays cheap."""
-    rows = max(STATS_ROWS, triton.cdiv(triton.cdiv(max(n, 1), MAX_STATS_CHUNKS), STATS_ROWS) * STATS_ROWS)
-    return triton.cdiv(max(n, 1), rows), rows
+    rows = max(STATS_ROWS, cdiv(cdiv(max(n, 1), MAX_STATS_CHUNKS), STATS_ROWS) * STATS_ROWS)
+    return cdiv(max(n, 1), rows), rows
 
 
 def slice_rows(group: int, rows: int) -> int:
@@ -66,19 +71,19 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
     HK, NK = k.shape[1], k.shape[2]
     dev = q.device
     f32 = torch.float32
-    v_padded = triton.cdiv(max(NK, 1), V_PAD) * V_PAD if pv_fp8 else 0
+    v_padded = cdiv(max(NK, 1), V_PAD) * V_PAD if pv_fp8 else 0
     n_chunks, chunk_rows = stats_chunks(NK)
     need_v_stats = pv_fp8 or smooth_v
     parts = torch.empty((B * HK, n_chunks, 4, block_d), device=dev, dtype=f32)
     if smooth_k or need_v_stats:
-        kv_stats_kernel[(n_chunks, B * HK)](
-            k, v, parts, *k.stride(), *v.stride(), HK, NK, D, chunk_rows,
-            TILE=STATS_TILE, BLOCK_D=block_d, K_STATS=smooth_k, V_STATS=need_v_stats)
+        run_kernel(kv_stats_kernel, (n_chunks, B * HK), (
+            k, v, parts, *k.stride(), *v.stride(), HK, NK, D, chunk_rows),
+            dict(TILE=STATS_TILE, BLOCK_D=block_d, K_STATS=smooth_k, V_STATS=need_v_stats))
     out = {
         "q8": torch.empty((B * H, NQ, block_d), device=dev, dtype=torch.int8),
-        "q_scale": torch.empty((B * H, triton.cdiv(NQ, q_group)), device=dev, dtype=f32),
+        "q_scale": torch.empty((B * H, cdiv(NQ, q_group)), device=dev, dtype=f32),
         "k8": torch.empty((B * HK, NK, block_d), device=dev, dtype=torch.int8),
-        "k_scale": torch.empty((B * HK, triton.cdiv(NK, k_group)), device=dev, dtype=f32),
+        "k_scale": torch.empty((B * HK, cdiv(NK, k_group)), device=dev, dtype=f32),
         "k_mean": torch.empty((B * HK, block_d), device=dev, dtype=f32) if smooth_k else None,
         "v_mean": torch.empty((B * HK, block_d), device=dev, dtype=f32) if need_v_stats else None,
         "v8": torch.empty((B * HK, block_d, v_padded), device=dev, dtype=torch.float8_e4m3fn) if pv_fp8 else None,
@@ -87,23 +92,23 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
     }
     dummy = out["q_scale"]  # stands in for buffers a launch does not write
     rows = max(QUANT_ROWS, q_group, k_group)
-    quantize_qk_kernel[(triton.cdiv(max(NQ, NK, 1), rows), max(B * H, B * HK), 2)](
+    run_kernel(quantize_qk_kernel, (cdiv(max(NQ, NK, 1), rows), max(B * H, B * HK), 2), (
         q, k, parts, out["q8"], out["q_scale"], out["k8"], out["k_scale"], out["k_mean"] if smooth_k else dummy,
         *q.stride(), *k.stride(), B * H, B * HK, H, HK, NQ, NK, D, n_chunks, out["q_scale"].shape[-1],
-        out["k_scale"].shape[-1], float(q_multiplier), ROWS=rows, Q_SUB=slice_rows(q_group, rows),
-        K_SUB=slice_rows(k_group, rows), Q_GROUP=q_group,
-        K_GROUP=k_group, BLOCK_D=block_d, STATS_CHUNKS=MAX_STATS_CHUNKS, SMOOTH_K=smooth_k, num_warps=QUANT_WARPS)
+        out["k_scale"].shape[-1], float(q_multiplier)), dict(
+        ROWS=rows, Q_SUB=slice_rows(q_group, rows), K_SUB=slice_rows(k_group, rows), Q_GROUP=q_group,
+        K_GROUP=k_group, BLOCK_D=block_d, STATS_CHUNKS=MAX_STATS_CHUNKS, SMOOTH_K=smooth_k, num_warps=QUANT_WARPS))
     # per program, the per-channel sum of its dequantized FP8 V codes (see output_shift)
-    v_programs = triton.cdiv(v_padded, V_ROWS) if pv_fp8 else 1
+    v_programs = cdiv(v_padded, V_ROWS) if pv_fp8 else 1
     out["v_code_sums"] = torch.empty((B * HK, v_programs, block_d), device=dev, dtype=f32) if pv_fp8 else None
     if need_v_stats:
         channels = min(V_CHANNELS, block_d)
-        quantize_v_kernel[(v_programs, B * HK, block_d // channels)](
+        run_kernel(quantize_v_kernel, (v_programs, B * HK, block_d // channels), (
             v, parts, out["v8"] if pv_fp8 else dummy, out["v_scale"] if pv_fp8 else dummy,
             out["v_mean"], out["v_code_sums"] if pv_fp8 else dummy, *v.stride(),
-            HK, NK, D, n_chunks, v_padded, float(v_code_max), ROWS=V_ROWS, BLOCK_D=block_d, CHANNELS=channels,
-            STATS_CHUNKS=MAX_STATS_CHUNKS, SMOOTH_V=smooth_v, PV_FP8=pv_fp8, FP8_ROUND_IN_FP32=interpreting(),
-            PV_KEY_ORDER=pv_key_order, num_warps=V_WARPS)
+            HK, NK, D, n_chunks, v_padded, float(v_code_max)), dict(
+            ROWS=V_ROWS, BLOCK_D=block_d, CHANNELS=channels, STATS_CHUNKS=MAX_STATS_CHUNKS, SMOOTH_V=smooth_v,
+            PV_FP8=pv_fp8, FP8_ROUND_IN_FP32=interpreting(), PV_KEY_ORDER=pv_key_order, num_warps=V_WARPS))
     return out
 
 
@@ -177,7 +182,7 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
     v_shift = output_shift(qz, NK)
     v8, v_scale = (qz["v8"], qz["v_scale"]) if pv_fp8 else (k_scale, k_scale)
 
-    grid = (triton.cdiv(NQ, block_m), B * H)
+    grid = (cdiv(NQ, block_m), B * H)
     lse = torch.empty((B, H, NQ), device=q.device, dtype=torch.float32) if return_lse else k_scale
     bad = torch.empty(grid[1] * grid[0], device=q.device, dtype=torch.int32)  # every program writes its flag
     if bias is not None:
@@ -188,28 +193,29 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
         hopper_launch.launch(qz, out, lse, bad, heads=H, kv_heads=HK, q_group=q_group, v_shift=v_shift,
                              return_lse=return_lse, config=config)
     else:
-        sage_attention_fwd_kernel[grid](
+        run_kernel(sage_attention_fwd_kernel, grid, (
             qz["q8"], qz["q_scale"], qz["k8"], k_scale, v, v8, v_scale, v_shift if v_shift is not None else k_scale,
             bias if bias is not None else k_scale, out, lse, bad,
             *v.stride(), *out.stride(), *bias_strides,
-            H, H // HK, NQ, NK, D, qz["q_scale"].shape[-1], k_scale.shape[-1], qz["v_padded"],
+            H, H // HK, NQ, NK, D, qz["q_scale"].shape[-1], k_scale.shape[-1], qz["v_padded"]), dict(
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, Q_GROUP=q_group, K_GROUP=k_group,
             PV_FP8=pv_fp8, SHIFT_V=v_shift is not None, IS_CAUSAL=is_causal, HAS_BIAS=bias is not None,
             RETURN_LSE=return_lse, BF16_DOT_IN_FP32=interpreting() and v.dtype == torch.bfloat16,
             FP8_ROUND_IN_FP32=interpreting(), EVEN_D=D == block_d, WARP_SPECIALIZE=config.warp_specialize,
             MAGIC_CONVERT=config.magic_convert, PV_DIRECT=config.pv_direct,
             num_warps=config.num_warps, num_stages=config.num_stages,
-            **({"maxnreg": config.max_registers} if config.max_registers and not interpreting() else {}))
+            **({"maxnreg": config.max_registers} if config.max_registers and not interpreting() else {})))
     if return_lse and k_mean is not None:
         # K smoothing shifted every score of a row by q·mean(K)·scale: add it back for the true LSE
         km = k_mean[:, :D].view(B, HK, D).repeat_interleave(H // HK, dim=1)
         lse += torch.einsum("bhnd,bhd->bhn", q.float(), km) * sm_scale
     if repair_counter is not None:  # after the LSE correction: repaired rows get their exact LSE
-        repair_tiles_kernel[grid](
+        run_kernel(repair_tiles_kernel, grid, (
             q, k, v, bias if bias is not None else k_scale, out, lse, bad, repair_counter,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bias_strides,
-            H, H // HK, NQ, NK, D, sm_scale * LOG2E, BLOCK_M=block_m, BLOCK_N=32, BLOCK_D=block_d,
-            IS_CAUSAL=is_causal, HAS_BIAS=bias is not None, RETURN_LSE=return_lse, num_warps=4, num_stages=1)
+            H, H // HK, NQ, NK, D, sm_scale * LOG2E), dict(
+            BLOCK_M=block_m, BLOCK_N=32, BLOCK_D=block_d, IS_CAUSAL=is_causal, HAS_BIAS=bias is not None,
+            RETURN_LSE=return_lse, num_warps=4, num_stages=1))
     return (lse if return_lse else None), bad
 
 

@@ -272,6 +272,31 @@ def test_settle_and_sample_sizes_fill_their_time_within_bounds():
     assert calls_filling(500.0, 100.0, 200) == 1  # one call already longer than the target
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="times the device with CUDA events: needs a GPU")
+def test_gpu_samples_time_the_device_behind_a_lead_call_and_still_show_a_slow_host():
+    from sage_attention_pack.sage_core.timing import sample_ms
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(1_000_000)  # wake the clock before measuring the sleep kernel's rate
+    start.record()
+    torch.cuda._sleep(1_000_000)
+    end.record()
+    end.synchronize()
+    cycles_per_ms = 1_000_000 / start.elapsed_time(end)
+
+    def device_bound():  # 2 ms of host work before 8 ms of device work
+        time.sleep(0.002)
+        torch.cuda._sleep(int(8 * cycles_per_ms))
+
+    def host_bound():  # 3 ms of host work per 0.2 ms of device work
+        time.sleep(0.003)
+        torch.cuda._sleep(int(0.2 * cycles_per_ms))
+
+    # one call per sample: a sample from an idle GPU would read 8 + 2 ms
+    assert 6.5 < sample_ms(device_bound, 1) < 9.5
+    assert sample_ms(host_bound, 5) > 2.5
+
+
 def test_derived_configs_are_made_once_and_still_checked():
     """sageattn() derives a configuration from its keywords on every call: the derivation is cached (at image
     sizes a call lasts ~0.2 ms, where the host's work per call shows in the time), and a bad value is still

@@ -344,3 +344,43 @@ def test_hopper_kernel_matches_portable_kernel(key, b, hq, hk, nq, nk, d, dtype,
     assert err["cosine"] >= EXACT_BOUNDS["int8_fp8"][0] and err["rel_l1"] <= EXACT_BOUNDS["int8_fp8"][1], err
     if lse:
         torch.testing.assert_close(out_lse, ref_lse, atol=2e-2, rtol=0)
+
+
+def test_direct_launch_keys_what_triton_specialises_on():
+    from sage_attention_pack.kernels.direct_launch import NotKeyable, argument_key, arguments_key
+
+    x = torch.zeros(64, dtype=torch.bfloat16)
+    assert argument_key(x) == (torch.bfloat16, True)
+    assert argument_key(x[1:]) == (torch.bfloat16, False)  # 2 bytes in: no longer 16-byte aligned
+    assert argument_key(x.float()) != argument_key(x)
+    assert argument_key(1) != argument_key(True) and argument_key(16) != argument_key(17)
+    assert argument_key(0.5) == argument_key(2.0)  # floats are not specialised by value
+    with pytest.raises(NotKeyable):
+        argument_key(object())
+    values = (x, x[1:], 1, True, 16, 0.5, None)
+    assert arguments_key(values) == tuple(argument_key(a) for a in values)  # the inline path keys alike
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="direct launches exist on the GPU only (the interpreter runs "
+                                             "every launch through Triton)")
+@pytest.mark.parametrize("key", [None, "m64n128w4s4mcpdgppp"])
+def test_direct_launches_repeat_the_first_call_bit_for_bit(key):
+    from sage_attention_pack.kernels.direct_launch import LAUNCHES
+
+    if key and not HOPPER:
+        pytest.skip(NO_HOPPER)
+    cfg = SageConfig(kernel="int8_fp8")
+    launch_cfg = tuning.LaunchConfig.from_key(key) if key else tuning.INTERPRETER_CONFIG
+    q, k, v = inputs(1, 4, 2, 300, 520, 128, torch.bfloat16, seed=3)
+    LAUNCHES.compiled.clear()
+    first = run_kernel(q, k, v, cfg, launch_cfg=launch_cfg, repair_counter=torch.zeros(1, dtype=torch.int32,
+                                                                                       device=DEVICE))[0]
+    hits = LAUNCHES.hits
+    again = run_kernel(q, k, v, cfg, launch_cfg=launch_cfg, repair_counter=torch.zeros(1, dtype=torch.int32,
+                                                                                       device=DEVICE))[0]
+    assert LAUNCHES.hits - hits == 5  # quantization (three launches), attention, repair: all direct
+    assert torch.equal(first, again)
+    # another length and a query view off the 16-byte grid: new keys, compiled through Triton, still right
+    q2 = torch.randn(1, 4, 301 * 128 + 1, device=DEVICE, dtype=torch.bfloat16)[..., 1:].view(1, 4, 301, 128)
+    out = run_kernel(q2, k, v, cfg, launch_cfg=launch_cfg)[0]
+    assert rel_diff(out, exact(q2, k, v).to(out.dtype)) < EXACT_BOUNDS["int8_fp8"][1]

@@ -51,8 +51,8 @@ def argument_key(a):
 
 
 def arguments_key(values) -> tuple:
-    """argument_key of each value, the common types inline: a launch has 20-46 arguments, and a function call
-    per argument was a third of the host time this module saves."""
+    """argument_key of each value, the common types inline: a launch has 20-46 arguments, and with a function
+    call per argument keying took 15 of the 77 ms that 100 FP8 calls at Flux's shape spent under the profiler."""
     key = []
     for a in values:
         kind = type(a)

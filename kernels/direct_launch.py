@@ -27,7 +27,7 @@ except Exception:  # noqa: BLE001 - no Gluon: no tensor descriptors to key
     TensorDescriptor = None
 
 
-MAX_ENTRIES = 4096  # distinct calls kept (a forward has a handful; a session of many resolutions more)
+MAX_ENTRIES = 4096  # distinct calls kept (a forward has a handful; a long run of many resolutions more)
 
 
 class NotKeyable(TypeError):

@@ -36,18 +36,7 @@ class NotKeyable(TypeError):
 
 def argument_key(a):
     """What Triton specialises a runtime argument on (or more: integers by value, not by divisibility)."""
-    if isinstance(a, torch.Tensor):
-        return a.dtype, a.data_ptr() % 16 == 0
-    if isinstance(a, bool):
-        return bool, a
-    if isinstance(a, int) or a is None:
-        return a
-    if isinstance(a, float):
-        return float
-    if TensorDescriptor is not None and isinstance(a, TensorDescriptor):
-        return (TensorDescriptor, a.base.dtype, a.base.data_ptr() % 16 == 0, tuple(a.shape), tuple(a.strides),
-                tuple(a.block_shape), a.layout, a.padding)
-    raise NotKeyable(type(a).__name__)
+    return arguments_key((a,))[0]
 
 
 def arguments_key(values) -> tuple:
@@ -63,8 +52,24 @@ def arguments_key(values) -> tuple:
         elif kind is float:
             key.append(float)
         else:
-            key.append(argument_key(a))
+            key.append(uncommon_argument_key(a))
     return tuple(key)
+
+
+def uncommon_argument_key(a):
+    """argument_key of what arguments_key does not take inline: booleans, subclasses, tensor descriptors."""
+    if isinstance(a, bool):
+        return bool, a
+    if isinstance(a, torch.Tensor):
+        return a.dtype, a.data_ptr() % 16 == 0
+    if isinstance(a, int):
+        return a
+    if isinstance(a, float):
+        return float
+    if TensorDescriptor is not None and isinstance(a, TensorDescriptor):
+        return (TensorDescriptor, a.base.dtype, a.base.data_ptr() % 16 == 0, tuple(a.shape), tuple(a.strides),
+                tuple(a.block_shape), a.layout, a.padding)
+    raise NotKeyable(type(a).__name__)
 
 
 class DirectLaunches:

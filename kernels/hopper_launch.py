@@ -10,7 +10,7 @@ import functools
 import torch
 
 from .direct_launch import launch as run_kernel
-from .tuning import LaunchConfig, interpreting
+from .tuning import LaunchConfig, cuda_capability, interpreting
 
 try:  # Gluon's Hopper API (Triton ≥ 3.5); without it every call runs the portable kernel
     from triton.experimental.gluon import language as gl
@@ -37,13 +37,7 @@ def serves(device: torch.device, *, config: LaunchConfig, pv_fp8: bool, is_causa
             and head_dim == block_d and block_d in HEAD_DIMS and k_group == config.block_n
             and config.block_m == WARPGROUP_ROWS and config.num_warps == 4
             and (config.ping_pong or not config.persistent)
-            and device.type == "cuda" and not interpreting() and capability(device) == (9, 0))
-
-
-@functools.lru_cache(maxsize=None)
-def capability(device: torch.device) -> tuple[int, int]:
-    """The device's compute capability, asked once (PyTorch's query costs microseconds per call)."""
-    return torch.cuda.get_device_capability(device)
+            and not interpreting() and cuda_capability(device) == (9, 0))
 
 
 # Largest FP8 V code when each key tile's P·V lands in an FP16 accumulator (two-level accumulation): P ≤ 448, so

@@ -6,6 +6,7 @@ autotuning tries; results are stored per device and Triton version so a second r
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -69,6 +70,23 @@ ARCH_TABLE = {
 def interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def capability(device_index: int) -> tuple[int, int]:
+    """A GPU's compute capability, asked once (PyTorch's query costs microseconds, and calls ask per call)."""
+    import torch
+
+    return torch.cuda.get_device_capability(device_index)
+
+
+def cuda_capability(device) -> tuple[int, int] | None:
+    """The compute capability of a torch.device, None off CUDA."""
+    if device.type != "cuda":
+        return None
+    import torch
+
+    return capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
 # The CPU interpreter: fewer, larger programs run faster there.

@@ -8,7 +8,7 @@ import functools
 
 import torch
 
-from ..kernels.tuning import interpreting  # triton-free: importing it loads no Triton
+from ..kernels.tuning import cuda_capability, interpreting  # triton-free: importing it loads no Triton
 from .config import SageConfig
 
 LOG2E = 1.4426950408889634
@@ -25,17 +25,6 @@ def triton_error() -> str | None:
     except Exception as e:  # an ImportError, or a broken install raising anything
         return f"Triton not importable ({type(e).__name__}: {e})".splitlines()[0][:160]
     return None
-
-
-@functools.lru_cache(maxsize=None)
-def capability(device_index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device_index)
-
-
-def cuda_capability(device: torch.device) -> tuple[int, int] | None:
-    if device.type != "cuda":
-        return None
-    return capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def device_refusal(device: torch.device) -> str | None:

@@ -79,18 +79,19 @@ class DirectLaunches:
         self.compiled = {}  # key -> (compiled kernel, the names of the keyword arguments that are parameters)
         self.hits = 0
 
-    def launch(self, fn, grid: tuple, args: tuple, kwargs: dict) -> None:
-        """fn[grid](*args, **kwargs), directly where this call's key has compiled before."""
-        if not AVAILABLE or interpreting() or hooks_set():
+    def launch(self, fn, grid: tuple, args: tuple, kwargs: dict):
+        """fn[grid](*args, **kwargs), directly where this call's key has compiled before. Returns the entry that
+        can launch this call again (None where Triton's path ran without one to keep)."""
+        if not direct_path_open():
             fn[grid](*args, **kwargs)
-            return
-        device = torch.cuda.current_device()
+            return None
         try:
-            key = (fn, device, arguments_key(args), tuple(kwargs), arguments_key(kwargs.values()))
+            key = (fn, torch.cuda.current_device(), arguments_key(args), tuple(kwargs),
+                   arguments_key(kwargs.values()))
             entry = self.compiled.get(key)
         except NotKeyable:
             fn[grid](*args, **kwargs)
-            return
+            return None
         if entry is None:
             compiled = fn[grid](*args, **kwargs)
             params = [n for n in fn.arg_names[len(args):] if n in kwargs]
@@ -98,15 +99,52 @@ class DirectLaunches:
                     len(args) + len(params) == len(fn.arg_names):
                 if len(self.compiled) >= MAX_ENTRIES:  # shapes seen long ago: start over rather than grow
                     self.compiled.clear()
-                self.compiled[key] = (compiled, params)
-            return
+                entry = self.compiled[key] = (compiled, params)
+            return entry
+        self.run_entry(entry, grid, args, kwargs)
+        return entry
+
+    def run_entry(self, entry, grid: tuple, args: tuple, kwargs: dict) -> None:
+        """Launch a kept entry on the current device's current stream (the caller knows the key matches)."""
         compiled, params = entry
         self.hits += 1
         runner = compiled.run  # initialises the kernel's handles on first use
         grid = tuple(grid) + (1,) * (3 - len(grid))
-        stream = driver.active.get_current_stream(device)
+        stream = driver.active.get_current_stream(torch.cuda.current_device())
         runner(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, None, None, None,
                *args, *(kwargs[n] for n in params))
+
+
+class LaunchSlot:
+    """One launch site of a call plan (kernels/call_plan.py). A plan's signature fixes everything Triton
+    specialises on, so the entry its first launch found serves every later launch without a key."""
+
+    __slots__ = ("entry",)
+
+    def __init__(self):
+        self.entry = None
+
+    def __call__(self, fn, grid: tuple, args: tuple, kwargs: dict) -> None:
+        if self.entry is not None and direct_path_open():
+            LAUNCHES.run_entry(self.entry, grid, args, kwargs)
+        else:
+            self.entry = LAUNCHES.launch(fn, grid, args, kwargs)
+
+
+def current_stream(device: torch.device):
+    """(current device, raw handle of its current stream): where launches go now (None off CUDA). Each
+    device's default stream has the handle 0, hence the device."""
+    if device.type != "cuda":
+        return None
+    index = torch.cuda.current_device()
+    if AVAILABLE:
+        return index, driver.active.get_current_stream(index)
+    return index, torch.cuda.current_stream(index).cuda_stream
+
+
+def direct_path_open() -> bool:
+    """Whether launches may skip Triton's path: not in the interpreter, and no launch hook set."""
+    return AVAILABLE and not interpreting() and not hooks_set()
 
 
 def hooks_set() -> bool:

@@ -9,7 +9,6 @@ import functools
 
 import torch
 
-from .direct_launch import launch as run_kernel
 from .tuning import LaunchConfig, cuda_capability, interpreting
 
 try:  # Gluon's Hopper API (Triton ≥ 3.5); without it every call runs the portable kernel
@@ -76,29 +75,35 @@ def descriptor(t: torch.Tensor, block: list[int], dtype) -> "TensorDescriptor":
     return TensorDescriptor(t, list(t.shape), list(t.stride()), block, shared_layout(tuple(block), dtype))
 
 
+def descriptors(qz: dict, config: LaunchConfig) -> tuple:
+    """The TMA descriptors of Q's, K's and V's codes (launch.quantize_qkv's buffers) in this configuration's
+    tiles: made once per call plan, whose buffers stay put."""
+    q8, k8, v8 = qz["q8"], qz["k8"], qz["v8"]
+    block_d = q8.shape[-1]
+    return (descriptor(q8.view(-1, block_d), [config.block_m, block_d], gl.int8),
+            descriptor(k8.view(-1, block_d), [config.block_n, block_d], gl.int8),
+            descriptor(v8.view(-1, v8.shape[-1]), [block_d, config.block_n], gl.float8e4nv))
+
+
 def launch(qz: dict, out: torch.Tensor, lse: torch.Tensor, bad: torch.Tensor, *, heads: int, kv_heads: int,
-           q_group: int, v_shift, return_lse: bool, config: LaunchConfig) -> None:
+           q_group: int, v_shift, return_lse: bool, config: LaunchConfig, run, tma: tuple) -> None:
     """One warpgroup per (query tile of 64 rows, batch·head), as the portable kernel's grid with BLOCK_M = 64;
     the ping-pong kernel puts two of them in a program. v_shift: None or the [B·HK, D] vector added to the
-    output (launch.output_shift)."""
-    q8, k8, v8 = qz["q8"], qz["k8"], qz["v8"]
-    bh, nq, block_d = q8.shape
-    nk = k8.shape[1]
-    bm, bn = config.block_m, config.block_n
-    q_desc = descriptor(q8.view(-1, block_d), [bm, block_d], gl.int8)
-    k_desc = descriptor(k8.view(-1, block_d), [bn, block_d], gl.int8)
-    v_desc = descriptor(v8.view(-1, v8.shape[-1]), [block_d, bn], gl.float8e4nv)
-    q_tiles = -(-nq // bm)
-    common = (q_desc, k_desc, v_desc, qz["q_scale"], qz["k_scale"], qz["v_scale"],
+    output (launch.output_shift); run: the call plan's launcher; tma: `descriptors` of qz."""
+    bh, nq, block_d = qz["q8"].shape
+    nk = qz["k8"].shape[1]
+    q_tiles = -(-nq // config.block_m)
+    common = (*tma, qz["q_scale"], qz["k_scale"], qz["v_scale"],
               v_shift if v_shift is not None else qz["v_scale"], out, lse, bad, *out.stride(),
               heads, heads // kv_heads, nq, nk, qz["q_scale"].shape[-1], qz["k_scale"].shape[-1])
     meta = kernel_constants(config, block_d, q_group, v_shift is not None, return_lse)
     if config.ping_pong:
         pairs = -(-q_tiles // 2)
         grid = (min(pairs * bh, multiprocessors(out.device)),) if config.persistent else (pairs, bh)
-        run_kernel(sage_fwd_sm90_pingpong_kernel, grid, (*common, q_tiles, bh), {**meta, **compile_options(config)})
+        run("attention", sage_fwd_sm90_pingpong_kernel, grid, (*common, q_tiles, bh),
+            {**meta, **compile_options(config)})
     else:
-        run_kernel(sage_fwd_sm90_kernel, (q_tiles, bh), common, {**meta, **compile_options(config)})
+        run("attention", sage_fwd_sm90_kernel, (q_tiles, bh), common, {**meta, **compile_options(config)})
 
 
 @functools.lru_cache(maxsize=None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import hopper_launch, tuning
+from .call_plan import PLANS
 from .direct_launch import launch as run_kernel
 from .tuning import interpreting
 from .attention_kernel import sage_attention_fwd_kernel
@@ -53,33 +54,16 @@ def slice_rows(group: int, rows: int) -> int:
     return group if QUANT_SUB < group < rows else min(QUANT_SUB, rows)
 
 
-def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multiplier: float, smooth_k: bool,
-                 smooth_v: bool, pv_fp8: bool, pv_key_order: bool = False,
-                 v_code_max: float = FP8_E4M3_MAX) -> dict:
-    """All quantization of one call in at most three launches (K and V statistics, then the INT8 codes of Q
-    and K, then V's codes: V's transposed FP8 tile and Q/K's row slices want different register budgets).
-
-    q: [B, H, NQ, D], k/v: [B, HK, NK, D] views with any strides. Returns a dict of
-    q8 [B*H, NQ, block_d] int8, q_scale [B*H, ceil(NQ/q_group)], k8 [B*HK, NK, block_d] int8,
-    k_scale [B*HK, ceil(NK/k_group)], k_mean [B*HK, block_d] (None when not smoothed), v_mean [B*HK, block_d]
-    (V's mean, with FP8 V or V smoothing, else None), and with
-    pv_fp8 v8 [B*HK, block_d, v_padded] FP8 e4m3 codes up to ±v_code_max, v_scale [B*HK, block_d] and
-    v_code_sums [B*HK, programs, block_d] (sums of V's dequantized codes, see output_shift); pv_key_order
-    stores v8's keys in the order the Hopper kernel's P operand takes them.
-    """
-    B, H, NQ, D = q.shape
+def quant_buffers(q, k, *, q_group: int, k_group: int, block_d: int, smooth_k: bool, smooth_v: bool,
+                  pv_fp8: bool) -> dict:
+    """The buffers quantize_qkv writes (see there), and "v_padded", FP8 V's key count padded to V_PAD."""
+    B, H, NQ = q.shape[:3]
     HK, NK = k.shape[1], k.shape[2]
-    dev = q.device
-    f32 = torch.float32
+    dev, f32 = q.device, torch.float32
     v_padded = cdiv(max(NK, 1), V_PAD) * V_PAD if pv_fp8 else 0
-    n_chunks, chunk_rows = stats_chunks(NK)
     need_v_stats = pv_fp8 or smooth_v
-    parts = torch.empty((B * HK, n_chunks, 4, block_d), device=dev, dtype=f32)
-    if smooth_k or need_v_stats:
-        run_kernel(kv_stats_kernel, (n_chunks, B * HK), (
-            k, v, parts, *k.stride(), *v.stride(), HK, NK, D, chunk_rows),
-            dict(TILE=STATS_TILE, BLOCK_D=block_d, K_STATS=smooth_k, V_STATS=need_v_stats))
-    out = {
+    return {
+        "parts": torch.empty((B * HK, stats_chunks(NK)[0], 4, block_d), device=dev, dtype=f32),
         "q8": torch.empty((B * H, NQ, block_d), device=dev, dtype=torch.int8),
         "q_scale": torch.empty((B * H, cdiv(NQ, q_group)), device=dev, dtype=f32),
         "k8": torch.empty((B * HK, NK, block_d), device=dev, dtype=torch.int8),
@@ -88,22 +72,62 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
         "v_mean": torch.empty((B * HK, block_d), device=dev, dtype=f32) if need_v_stats else None,
         "v8": torch.empty((B * HK, block_d, v_padded), device=dev, dtype=torch.float8_e4m3fn) if pv_fp8 else None,
         "v_scale": torch.empty((B * HK, block_d), device=dev, dtype=f32) if pv_fp8 else None,
+        # per program of V's quantization, the per-channel sum of its dequantized FP8 codes (see output_shift)
+        "v_code_sums": torch.empty((B * HK, cdiv(v_padded, V_ROWS), block_d), device=dev, dtype=f32)
+        if pv_fp8 else None,
         "v_padded": v_padded,
     }
+
+
+def tensor_signature(t: torch.Tensor) -> tuple:
+    """What a call plan's kernels specialise on in a caller's tensor (with shape and strides, which size its
+    buffers and grids)."""
+    return t.dtype, t.shape, t.stride(), t.data_ptr() % 16 == 0
+
+
+def launch_now(site: str, fn, grid: tuple, args: tuple, kwargs: dict) -> None:
+    """A launch outside any call plan (the `run` of quantize_qkv's and hopper_launch's callers without one)."""
+    run_kernel(fn, grid, args, kwargs)
+
+
+def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multiplier: float, smooth_k: bool,
+                 smooth_v: bool, pv_fp8: bool, pv_key_order: bool = False,
+                 v_code_max: float = FP8_E4M3_MAX, buffers: dict | None = None, run=launch_now) -> dict:
+    """All quantization of one call in at most three launches (K and V statistics, then the INT8 codes of Q
+    and K, then V's codes: V's transposed FP8 tile and Q/K's row slices want different register budgets).
+
+    q: [B, H, NQ, D], k/v: [B, HK, NK, D] views with any strides. Returns (and writes, where a call plan gives
+    them, `buffers`: quant_buffers of the same arguments) a dict of
+    q8 [B*H, NQ, block_d] int8, q_scale [B*H, ceil(NQ/q_group)], k8 [B*HK, NK, block_d] int8,
+    k_scale [B*HK, ceil(NK/k_group)], k_mean [B*HK, block_d] (None when not smoothed), v_mean [B*HK, block_d]
+    (V's mean, with FP8 V or V smoothing, else None), and with
+    pv_fp8 v8 [B*HK, block_d, v_padded] FP8 e4m3 codes up to ±v_code_max, v_scale [B*HK, block_d] and
+    v_code_sums [B*HK, programs, block_d] (sums of V's dequantized codes, see output_shift); pv_key_order
+    stores v8's keys in the order the Hopper kernel's P operand takes them. run: a call plan's launcher.
+    """
+    B, H, NQ, D = q.shape
+    HK, NK = k.shape[1], k.shape[2]
+    out = buffers if buffers is not None else quant_buffers(
+        q, k, q_group=q_group, k_group=k_group, block_d=block_d, smooth_k=smooth_k, smooth_v=smooth_v,
+        pv_fp8=pv_fp8)
+    parts, v_padded = out["parts"], out["v_padded"]
+    n_chunks, chunk_rows = stats_chunks(NK)
+    need_v_stats = pv_fp8 or smooth_v
+    if smooth_k or need_v_stats:
+        run("kv_stats", kv_stats_kernel, (n_chunks, B * HK), (
+            k, v, parts, *k.stride(), *v.stride(), HK, NK, D, chunk_rows),
+            dict(TILE=STATS_TILE, BLOCK_D=block_d, K_STATS=smooth_k, V_STATS=need_v_stats))
     dummy = out["q_scale"]  # stands in for buffers a launch does not write
     rows = max(QUANT_ROWS, q_group, k_group)
-    run_kernel(quantize_qk_kernel, (cdiv(max(NQ, NK, 1), rows), max(B * H, B * HK), 2), (
+    run("quantize_qk", quantize_qk_kernel, (cdiv(max(NQ, NK, 1), rows), max(B * H, B * HK), 2), (
         q, k, parts, out["q8"], out["q_scale"], out["k8"], out["k_scale"], out["k_mean"] if smooth_k else dummy,
         *q.stride(), *k.stride(), B * H, B * HK, H, HK, NQ, NK, D, n_chunks, out["q_scale"].shape[-1],
         out["k_scale"].shape[-1], float(q_multiplier)), dict(
         ROWS=rows, Q_SUB=slice_rows(q_group, rows), K_SUB=slice_rows(k_group, rows), Q_GROUP=q_group,
         K_GROUP=k_group, BLOCK_D=block_d, STATS_CHUNKS=MAX_STATS_CHUNKS, SMOOTH_K=smooth_k, num_warps=QUANT_WARPS))
-    # per program, the per-channel sum of its dequantized FP8 V codes (see output_shift)
-    v_programs = cdiv(v_padded, V_ROWS) if pv_fp8 else 1
-    out["v_code_sums"] = torch.empty((B * HK, v_programs, block_d), device=dev, dtype=f32) if pv_fp8 else None
     if need_v_stats:
         channels = min(V_CHANNELS, block_d)
-        run_kernel(quantize_v_kernel, (v_programs, B * HK, block_d // channels), (
+        run("quantize_v", quantize_v_kernel, (cdiv(v_padded, V_ROWS) if pv_fp8 else 1, B * HK, block_d // channels), (
             v, parts, out["v8"] if pv_fp8 else dummy, out["v_scale"] if pv_fp8 else dummy,
             out["v_mean"], out["v_code_sums"] if pv_fp8 else dummy, *v.stride(),
             HK, NK, D, n_chunks, v_padded, float(v_code_max)), dict(
@@ -112,7 +136,7 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
     return out
 
 
-def output_shift(qz: dict, kv_len: int):
+def output_shift(qz: dict, kv_len: int, into: torch.Tensor | None = None):
     """The per-channel vector the attention kernels add to their output, or None. FP16 P·V: V's mean where V
     was smoothed (quantize_qkv gives v_mean there only then). FP8 P·V: V's mean minus the mean of its
     dequantized FP8 codes (the smoothed V's, when it was), so that the dequantized V has exactly V's mean.
@@ -121,11 +145,12 @@ def output_shift(qz: dict, kv_len: int):
     V's rounding error, its mean over the keys, does not average out the way its random part does: taking it
     off cut the relative L1 error at 32k keys from 0.038 to 0.034 without V smoothing, and from 0.045 to 0.034
     with it (exact-arithmetic reference on the CPU), where smoothing alone made it worse. A uniform attention
-    row then returns V's mean."""
+    row then returns V's mean. into: a [B*HK, block_d] FP32 buffer to write it to (a call plan's)."""
     if qz["v_code_sums"] is None:
         return qz["v_mean"]
     # two launches per call (the sum, then one scaled add): this runs on every FP8 call
-    return torch.add(qz["v_mean"], qz["v_code_sums"].sum(dim=1), alpha=-1.0 / max(kv_len, 1))
+    sums = torch.sum(qz["v_code_sums"], dim=1, out=into)
+    return torch.add(qz["v_mean"], sums, alpha=-1.0 / max(kv_len, 1), out=into)
 
 
 def quantize_int8(x: torch.Tensor, group: int, block_d: int, multiplier: float = 1.0):
@@ -154,7 +179,8 @@ def runs_hopper_kernel(q, k, *, config: tuning.LaunchConfig, k_group: int, pv_fp
 def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_group: int, k_group: int,
                  pv_fp8: bool, smooth_k: bool, smooth_v: bool, return_lse: bool, config: tuning.LaunchConfig,
                  repair_counter=None):
-    """Run quantization and attention; writes `out` ([B, H, Nq, D] view) and returns (lse, bad_count).
+    """Run quantization and attention; writes `out` ([B, H, Nq, D] view) and returns (lse, bad): bad holds a
+    flag per program (non-zero where its tile came out non-finite), valid until the next call of this shape.
 
     q_group: query rows per INT8 scale (capped at the Q tile); k_group: keys per scale, 0 for one per tile.
     repair_counter: a 1-element int32 device tensor: tiles with a non-finite output are then recomputed
@@ -175,25 +201,41 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
     pipelined = runs_hopper_kernel(q, k, config=config, k_group=k_group, pv_fp8=pv_fp8, is_causal=is_causal,
                                    has_bias=bias is not None)
     fp16_tiles = pipelined and hopper_launch.two_level(config)
+    grid = (cdiv(NQ, block_m), B * H)
+    signature = (q.device, tensor_signature(q), tensor_signature(k), tensor_signature(v), tensor_signature(out),
+                 tensor_signature(bias) if bias is not None else None,
+                 tensor_signature(repair_counter) if repair_counter is not None else None,
+                 config, q_group, k_group, pv_fp8, smooth_k, smooth_v, return_lse, is_causal, interpreting())
+
+    def call_buffers() -> dict:
+        buffers = quant_buffers(q, k, q_group=q_group, k_group=k_group, block_d=block_d, smooth_k=smooth_k,
+                                smooth_v=smooth_v, pv_fp8=pv_fp8)
+        buffers["v_shift"] = torch.empty((B * HK, block_d), device=q.device, dtype=torch.float32) \
+            if pv_fp8 else None
+        buffers["bad"] = torch.empty(grid[1] * grid[0], device=q.device, dtype=torch.int32)  # a flag per program
+        return buffers
+
+    plan = PLANS.plan(q.device, signature, call_buffers)
     qz = quantize_qkv(q, k, v, q_group=q_group, k_group=k_group, block_d=block_d, q_multiplier=sm_scale * LOG2E,
                       smooth_k=smooth_k, smooth_v=smooth_v, pv_fp8=pv_fp8, pv_key_order=pipelined,
-                      v_code_max=hopper_launch.FP16_TILE_V_CODE_MAX if fp16_tiles else FP8_E4M3_MAX)
+                      v_code_max=hopper_launch.FP16_TILE_V_CODE_MAX if fp16_tiles else FP8_E4M3_MAX,
+                      buffers=plan.buffers, run=plan.run)
     k_scale, k_mean = qz["k_scale"], qz["k_mean"]
-    v_shift = output_shift(qz, NK)
+    v_shift = output_shift(qz, NK, into=qz["v_shift"])
     v8, v_scale = (qz["v8"], qz["v_scale"]) if pv_fp8 else (k_scale, k_scale)
 
-    grid = (cdiv(NQ, block_m), B * H)
     lse = torch.empty((B, H, NQ), device=q.device, dtype=torch.float32) if return_lse else k_scale
-    bad = torch.empty(grid[1] * grid[0], device=q.device, dtype=torch.int32)  # every program writes its flag
+    bad = qz["bad"]
     if bias is not None:
         bias_strides = (bias.stride(0) if bias.shape[0] > 1 else 0, bias.stride(1) if bias.shape[1] > 1 else 0)
     else:
         bias_strides = (0, 0)
     if pipelined:
         hopper_launch.launch(qz, out, lse, bad, heads=H, kv_heads=HK, q_group=q_group, v_shift=v_shift,
-                             return_lse=return_lse, config=config)
+                             return_lse=return_lse, config=config, run=plan.run,
+                             tma=plan.derive("tma", lambda: hopper_launch.descriptors(qz, config)))
     else:
-        run_kernel(sage_attention_fwd_kernel, grid, (
+        plan.run("attention", sage_attention_fwd_kernel, grid, (
             qz["q8"], qz["q_scale"], qz["k8"], k_scale, v, v8, v_scale, v_shift if v_shift is not None else k_scale,
             bias if bias is not None else k_scale, out, lse, bad,
             *v.stride(), *out.stride(), *bias_strides,
@@ -210,7 +252,7 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
         km = k_mean[:, :D].view(B, HK, D).repeat_interleave(H // HK, dim=1)
         lse += torch.einsum("bhnd,bhd->bhn", q.float(), km) * sm_scale
     if repair_counter is not None:  # after the LSE correction: repaired rows get their exact LSE
-        run_kernel(repair_tiles_kernel, grid, (
+        plan.run("repair", repair_tiles_kernel, grid, (
             q, k, v, bias if bias is not None else k_scale, out, lse, bad, repair_counter,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bias_strides,
             H, H // HK, NQ, NK, D, sm_scale * LOG2E), dict(

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from sage_attention_pack.kernels import hopper_launch, launch, tuning
+from sage_attention_pack.kernels.call_plan import PLANS, CallPlans
 from sage_attention_pack.sage_core.config import SageConfig
 from sage_attention_pack.sage_core.metrics import attention_error
 from sage_attention_pack.sage_core.reference import quantize_int8_groups, sage_reference
@@ -373,14 +374,94 @@ def test_direct_launches_repeat_the_first_call_bit_for_bit(key):
     launch_cfg = tuning.LaunchConfig.from_key(key) if key else tuning.INTERPRETER_CONFIG
     q, k, v = inputs(1, 4, 2, 300, 520, 128, torch.bfloat16, seed=3)
     LAUNCHES.compiled.clear()
+    PLANS.clear()
     first = run_kernel(q, k, v, cfg, launch_cfg=launch_cfg, repair_counter=torch.zeros(1, dtype=torch.int32,
                                                                                        device=DEVICE))[0]
-    hits = LAUNCHES.hits
+    hits, reused = LAUNCHES.hits, PLANS.reused
     again = run_kernel(q, k, v, cfg, launch_cfg=launch_cfg, repair_counter=torch.zeros(1, dtype=torch.int32,
                                                                                        device=DEVICE))[0]
     assert LAUNCHES.hits - hits == 5  # quantization (three launches), attention, repair: all direct
+    assert PLANS.reused - reused == 1  # through the first call's plan (its buffers and launch slots)
     assert torch.equal(first, again)
     # another length and a query view off the 16-byte grid: new keys, compiled through Triton, still right
     q2 = torch.randn(1, 4, 301 * 128 + 1, device=DEVICE, dtype=torch.bfloat16)[..., 1:].view(1, 4, 301, 128)
     out = run_kernel(q2, k, v, cfg, launch_cfg=launch_cfg)[0]
     assert rel_diff(out, exact(q2, k, v).to(out.dtype)) < EXACT_BOUNDS["int8_fp8"][1]
+
+
+def test_call_plans_reuse_their_buffers_and_every_call_stays_exact():
+    cfg = SageConfig(kernel="int8_fp8")
+    PLANS.clear()
+    q, k, v = inputs(1, 2, 1, 70, 150, 64, torch.float16, seed=5)
+    q2, k2, v2 = inputs(1, 2, 1, 70, 150, 64, torch.float16, seed=6)
+    reused = PLANS.reused
+    first, lse1, _ = run_kernel(q, k, v, cfg, return_lse=True)
+    assert len(PLANS.plans) == 1 and PLANS.reused == reused
+    plan = next(iter(PLANS.plans.values()))
+    q8_ptr = plan.buffers["q8"].data_ptr()
+    second, lse2, _ = run_kernel(q2, k2, v2, cfg, return_lse=True)  # same shape: the same buffers
+    assert PLANS.reused == reused + 1 and plan.buffers["q8"].data_ptr() == q8_ptr
+    assert lse2.data_ptr() != lse1.data_ptr()  # what the caller keeps is never a plan's
+    PLANS.clear()
+    fresh, fresh_lse, _ = run_kernel(q2, k2, v2, cfg, return_lse=True)
+    assert torch.equal(second, fresh) and torch.equal(lse2, fresh_lse)  # nothing of the first call left in it
+    assert not torch.equal(first, second)
+    # another key length is another plan; both are kept
+    k3, v3 = k[:, :, :100], v[:, :, :100]
+    out3, _, _ = run_kernel(q, k3, v3, cfg)
+    assert len(PLANS.plans) == 2
+    assert rel_diff(out3, exact(q, k3, v3).to(out3.dtype)) < EXACT_BOUNDS["int8_fp8"][1]
+
+
+def test_call_plans_stay_within_their_memory_bounds_per_thread():
+    import threading
+
+    def buffers(n):
+        return lambda: {"x": torch.empty(n, dtype=torch.uint8), "count": n}
+
+    cpu = torch.device("cpu")
+    plans = CallPlans(max_bytes=1000, plan_max_bytes=600)
+    a = plans.plan(cpu, ("a",), buffers(400))
+    assert plans.plan(cpu, ("a",), buffers(400)) is a and plans.reused == 1 and plans.nbytes == 400
+    plans.plan(cpu, ("b",), buffers(500))
+    assert plans.nbytes == 900
+    plans.plan(cpu, ("c",), buffers(300))  # over 1000 bytes: the least recently used plan ("a") goes
+    assert [key[-1] for key in plans.plans] == [("b",), ("c",)] and plans.nbytes == 800
+    big = plans.plan(cpu, ("d",), buffers(700))  # larger than one plan may be: served, not kept
+    assert big.nbytes == 700 and len(plans.plans) == 2 and plans.plan(cpu, ("d",), buffers(700)) is not big
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append(plans.plan(cpu, ("b",), buffers(500))))
+    worker.start()
+    worker.join()
+    assert seen[0] is not plans.plan(cpu, ("b",), buffers(500))  # another thread: its own buffers
+    plans.clear()
+    assert not plans.plans and plans.nbytes == 0
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="streams and CUDA graphs exist on the GPU only")
+def test_call_plans_give_each_stream_and_a_graph_capture_their_own_buffers():
+    cfg = SageConfig(kernel="int8_fp8")
+    key = "m64n128w4s4mcpdgppp" if HOPPER else None
+    launch_cfg = tuning.LaunchConfig.from_key(key) if key else tuning.INTERPRETER_CONFIG
+    q, k, v = inputs(1, 4, 2, 300, 520, 128, torch.bfloat16, seed=7)
+    PLANS.clear()
+    eager = run_kernel(q, k, v, cfg, launch_cfg=launch_cfg)[0]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        on_side = run_kernel(q, k, v, cfg, launch_cfg=launch_cfg)[0]
+    torch.cuda.current_stream().wait_stream(side)
+    assert len(PLANS.plans) == 2 and torch.equal(on_side, eager)
+    # a graph captured after the eager calls: it keeps fresh buffers, and replays on new inputs exactly
+    static = [t.clone() for t in (q, k, v)]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run_kernel(*static, cfg, launch_cfg=launch_cfg)[0]
+    assert len(PLANS.plans) == 2
+    q2, k2, v2 = inputs(1, 4, 2, 300, 520, 128, torch.bfloat16, seed=8)
+    for dst, src in zip(static, (q2, k2, v2)):
+        dst.copy_(src)
+    run_kernel(q, k, v, cfg, launch_cfg=launch_cfg)  # the eager plan in between: must not disturb the graph
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, run_kernel(q2, k2, v2, cfg, launch_cfg=launch_cfg)[0])

@@ -9,7 +9,7 @@ capture gets fresh buffers, as before.
 
 Memory: a plan is kept only where its buffers take at most PLAN_MAX_BYTES (the short calls, whose host time
 shows; a 32k-token call's device time hides it), and all kept plans at most PLANS_MAX_BYTES, the least recently
-used dropped first.
+used dropped first. The ComfyUI node clears them at the end of each sampling run (sage_core.backend.release_buffers).
 """
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ import logging
 import comfy.patcher_extension as pe
 from comfy_api.latest import io
 
+from ..sage_core import backend
 from ..sage_core.config import GRANULARITIES, KERNELS, SageConfig
 from . import routing
 from .frontend import send_to_frontend
@@ -57,8 +58,17 @@ def _make_outer_sample_wrapper(override: SageOverride):
         try:
             return executor(*args, **kwargs)
         finally:
+            release_buffers()
             report(override)
     return outer_sample
+
+
+def release_buffers() -> None:
+    """The kernels' buffers kept for the run's repeated calls go back to PyTorch's allocator once it ends."""
+    try:
+        backend.release_buffers()
+    except Exception:  # a render never fails on its cleanup
+        log.debug("Sage Attention: kept buffers not released", exc_info=True)
 
 
 def report(override: SageOverride) -> dict:

@@ -1,6 +1,7 @@
 """The "Sage Attention" node inside a real ComfyUI: small random-weight SD1.5 UNet, SD3 MMDiT and Wan2.1
 DiT sample on the CPU with the real Triton kernels (through the interpreter)."""
 import os
+import sys
 
 import pytest
 import torch
@@ -34,6 +35,12 @@ def stats_of(run):
     return events[0]
 
 
+def loaded_call_plans():
+    """PLANS of every loaded copy of the pack's kernels (ComfyUI loads the pack under its folder's name)."""
+    return [m.PLANS for name, m in list(sys.modules.items())
+            if name.endswith("kernels.call_plan") and hasattr(m, "PLANS")]
+
+
 @pytest.fixture(scope="module")
 def unpatched(run_prompt, small_models):
     return {f: run_prompt(workflow_api(f, small_models, output="PreviewImage")).image() for f in FAMILIES}
@@ -41,7 +48,12 @@ def unpatched(run_prompt, small_models):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_attention_call_goes_through_sage_and_stays_close(family, run_prompt, small_models, unpatched):
+    reused_before = {id(plans): plans.reused for plans in loaded_call_plans()}
     run = run_prompt(workflow_api(family, small_models, model_patch=sage(), output="PreviewImage"))
+    # the run's repeated call shapes reused their kept buffers, and the run's end returned them
+    plans = loaded_call_plans()
+    assert sum(p.reused - reused_before.get(id(p), 0) for p in plans) > 0
+    assert all(not p.plans and p.nbytes == 0 for p in plans)
     stats = stats_of(run)
     assert stats["total"] == ATTENTION_CALLS_PER_RUN[family]
     assert stats["sage"] == {"int8_fp16": ATTENTION_CALLS_PER_RUN[family]}

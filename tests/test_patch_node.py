@@ -50,10 +50,10 @@ def unpatched(run_prompt, small_models):
 def test_every_attention_call_goes_through_sage_and_stays_close(family, run_prompt, small_models, unpatched):
     reused_before = {id(plans): plans.reused for plans in loaded_call_plans()}
     run = run_prompt(workflow_api(family, small_models, model_patch=sage(), output="PreviewImage"))
-    # the run's repeated call shapes reused their kept buffers, and the run's end returned them
-    plans = loaded_call_plans()
-    assert sum(p.reused - reused_before.get(id(p), 0) for p in plans) > 0
-    assert all(not p.plans and p.nbytes == 0 for p in plans)
+    # the run's repeated call shapes reused their kept buffers, and the run's end returned them (other copies of
+    # the module, such as the one the kernel tests import, keep what their own calls left)
+    used = [p for p in loaded_call_plans() if p.reused > reused_before.get(id(p), 0)]
+    assert used and all(not p.plans and p.nbytes == 0 for p in used)
     stats = stats_of(run)
     assert stats["total"] == ATTENTION_CALLS_PER_RUN[family]
     assert stats["sage"] == {"int8_fp16": ATTENTION_CALLS_PER_RUN[family]}

@@ -289,21 +289,27 @@ function fitNode(node, minWidth) {
     });
 }
 
-function showCompare(node, report) {
-    if (!node || !report) return;
-    const view = createCompareView(report, () => fitNode(node, 360));
-    let widget = node.widgets?.find((w) => w.name === COMPARE_WIDGET);
+// Shows `content` in the node's DOM widget `name`, made on first use: never serialised, at least `minHeight` px.
+function showInDomWidget(node, name, type, hostClass, minHeight, content) {
+    let widget = node.widgets?.find((w) => w.name === name);
     if (!widget) {
-        const host = el("div", "sage-compare-host");
-        widget = node.addDOMWidget(COMPARE_WIDGET, "sage_compare", host, {
+        const host = el("div", hostClass);
+        widget = node.addDOMWidget(name, type, host, {
             serialize: false,
             hideOnZoom: false,
             margin: WIDGET_MARGIN,
-            getMinHeight: () => Math.max(200, contentHeight(host)),
+            getMinHeight: () => Math.max(minHeight, contentHeight(host)),
         });
         widget.serialize = false;
     }
-    widget.element.replaceChildren(view);
+    widget.element.replaceChildren(content);
+    return widget;
+}
+
+function showCompare(node, report) {
+    if (!node || !report) return;
+    const view = createCompareView(report, () => fitNode(node, 360));
+    showInDomWidget(node, COMPARE_WIDGET, "sage_compare", "sage-compare-host", 200, view);
     node.sageCompareReport = report;
     fitNode(node, 360);
 }
@@ -359,18 +365,7 @@ function showCounters(node, stats) {
     }
     root.append(list);
 
-    let widget = node.widgets?.find((w) => w.name === STATS_WIDGET);
-    if (!widget) {
-        const host = el("div", "sage-stats-host");
-        widget = node.addDOMWidget(STATS_WIDGET, "sage_stats", host, {
-            serialize: false,
-            hideOnZoom: false,
-            margin: WIDGET_MARGIN,
-            getMinHeight: () => Math.max(40, contentHeight(host)),
-        });
-        widget.serialize = false;
-    }
-    widget.element.replaceChildren(root);
+    showInDomWidget(node, STATS_WIDGET, "sage_stats", "sage-stats-host", 40, root);
     node.sageStats = stats;
     fitNode(node);
 }

@@ -56,29 +56,33 @@ class CallPlans:
         self.plans: OrderedDict[tuple, CallPlan] = OrderedDict()
         self.nbytes = 0
         self.reused = 0
+        self.lock = threading.Lock()  # threads share the table (each has its own plans in it)
 
     def plan(self, device: torch.device, signature: tuple, make_buffers) -> CallPlan:
         """The kept plan of this signature on the current stream and thread, else a new one (kept if it fits)."""
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return CallPlan(make_buffers())  # a graph keeps its own buffers' addresses: never share them
         key = (current_stream(device), threading.get_ident(), signature)
-        plan = self.plans.get(key)
-        if plan is not None:
-            self.plans.move_to_end(key)
-            self.reused += 1
-            return plan
+        with self.lock:
+            plan = self.plans.get(key)
+            if plan is not None:
+                self.plans.move_to_end(key)
+                self.reused += 1
+                return plan
         plan = CallPlan(make_buffers())
         if plan.nbytes <= self.plan_max_bytes:
-            while self.plans and self.nbytes + plan.nbytes > self.max_bytes:
-                self.nbytes -= self.plans.popitem(last=False)[1].nbytes
-            self.plans[key] = plan
-            self.nbytes += plan.nbytes
+            with self.lock:
+                while self.plans and self.nbytes + plan.nbytes > self.max_bytes:
+                    self.nbytes -= self.plans.popitem(last=False)[1].nbytes
+                self.plans[key] = plan
+                self.nbytes += plan.nbytes
         return plan
 
     def clear(self) -> None:
         """Drop every kept plan (their buffers return to PyTorch's allocator)."""
-        self.plans.clear()
-        self.nbytes = 0
+        with self.lock:
+            self.plans.clear()
+            self.nbytes = 0
 
 
 PLANS = CallPlans()

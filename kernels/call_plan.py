@@ -27,8 +27,9 @@ PLANS_MAX_BYTES = 128 << 20
 class CallPlan:
     """The buffers of one call shape, a launch slot per launch site and whatever else is derived from them."""
 
-    def __init__(self, buffers: dict):
+    def __init__(self, buffers: dict, stream=None):
         self.buffers = buffers
+        self.stream = stream  # the raw handle of the stream the plan is keyed on (None: asked per launch)
         self.nbytes = sum(t.numel() * t.element_size() for t in buffers.values() if isinstance(t, torch.Tensor))
         self.slots: dict[str, LaunchSlot] = {}
         self.derived: dict = {}
@@ -38,10 +39,11 @@ class CallPlan:
         slot = self.slots.get(site)
         if slot is None:
             slot = self.slots[site] = LaunchSlot()
-        slot(fn, grid, args, kwargs)
+        slot(fn, grid, args, kwargs, self.stream)
 
     def derive(self, name: str, make):
-        """make(), once per plan (TMA descriptors over the plan's buffers)."""
+        """make(), once per plan (what the signature fixes: the kernel that serves, TMA descriptors over the plan's
+        buffers)."""
         hit = self.derived.get(name)
         if hit is None:
             hit = self.derived[name] = make()
@@ -62,14 +64,15 @@ class CallPlans:
         """The kept plan of this signature on the current stream and thread, else a new one (kept if it fits)."""
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return CallPlan(make_buffers())  # a graph keeps its own buffers' addresses: never share them
-        key = (current_stream(device), threading.get_ident(), signature)
+        stream = current_stream(device)
+        key = (stream, threading.get_ident(), signature)
         with self.lock:
             plan = self.plans.get(key)
             if plan is not None:
                 self.plans.move_to_end(key)
                 self.reused += 1
                 return plan
-        plan = CallPlan(make_buffers())
+        plan = CallPlan(make_buffers(), stream[1] if stream is not None else None)
         if plan.nbytes <= self.plan_max_bytes:
             with self.lock:
                 while self.plans and self.nbytes + plan.nbytes > self.max_bytes:

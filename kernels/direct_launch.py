@@ -104,13 +104,15 @@ class DirectLaunches:
         self.run_entry(entry, grid, args, kwargs)
         return entry
 
-    def run_entry(self, entry, grid: tuple, args: tuple, kwargs: dict) -> None:
-        """Launch a kept entry on the current device's current stream (the caller knows the key matches)."""
+    def run_entry(self, entry, grid: tuple, args: tuple, kwargs: dict, stream=None) -> None:
+        """Launch a kept entry on `stream`, by default the current device's current stream (the caller knows the
+        key matches)."""
         compiled, params = entry
         self.hits += 1
         runner = compiled.run  # initialises the kernel's handles on first use
         grid = tuple(grid) + (1,) * (3 - len(grid))
-        stream = driver.active.get_current_stream(torch.cuda.current_device())
+        if stream is None:
+            stream = driver.active.get_current_stream(torch.cuda.current_device())
         runner(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, None, None, None,
                *args, *(kwargs[n] for n in params))
 
@@ -124,9 +126,10 @@ class LaunchSlot:
     def __init__(self):
         self.entry = None
 
-    def __call__(self, fn, grid: tuple, args: tuple, kwargs: dict) -> None:
+    def __call__(self, fn, grid: tuple, args: tuple, kwargs: dict, stream=None) -> None:
+        """Launch fn; stream: the raw handle of the current stream where the caller has it (None: asked here)."""
         if self.entry is not None and direct_path_open():
-            LAUNCHES.run_entry(self.entry, grid, args, kwargs)
+            LAUNCHES.run_entry(self.entry, grid, args, kwargs, stream)
         else:
             self.entry = LAUNCHES.launch(fn, grid, args, kwargs)
 

@@ -198,9 +198,6 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
     # the mean is added back) removes the offset, and with it the loss (0.0014, as two-level accumulation).
     smooth_v = smooth_v or (pv_fp8 and config.pv_direct)
 
-    pipelined = runs_hopper_kernel(q, k, config=config, k_group=k_group, pv_fp8=pv_fp8, is_causal=is_causal,
-                                   has_bias=bias is not None)
-    fp16_tiles = pipelined and hopper_launch.two_level(config)
     grid = (cdiv(NQ, block_m), B * H)
     signature = (q.device, tensor_signature(q), tensor_signature(k), tensor_signature(v), tensor_signature(out),
                  tensor_signature(bias) if bias is not None else None,
@@ -216,6 +213,9 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
         return buffers
 
     plan = PLANS.plan(q.device, signature, call_buffers)
+    pipelined = plan.derive("pipelined", lambda: runs_hopper_kernel(
+        q, k, config=config, k_group=k_group, pv_fp8=pv_fp8, is_causal=is_causal, has_bias=bias is not None))
+    fp16_tiles = pipelined and hopper_launch.two_level(config)
     qz = quantize_qkv(q, k, v, q_group=q_group, k_group=k_group, block_d=block_d, q_multiplier=sm_scale * LOG2E,
                       smooth_k=smooth_k, smooth_v=smooth_v, pv_fp8=pv_fp8, pv_key_order=pipelined,
                       v_code_max=hopper_launch.FP16_TILE_V_CODE_MAX if fp16_tiles else FP8_E4M3_MAX,

@@ -46,7 +46,6 @@ P8_FROM_F16X2 = gl.constexpr("{ .reg .b16 lo, hi;\ncvt.rn.satfinite.e4m3x2.f16x2
 # consumers arrive, the producer waits).
 TURN_BARRIER = gl.constexpr(8)
 SLOT_BARRIER = gl.constexpr(10)
-Q_BARRIER = gl.constexpr(14)  # + c: consumer c's own warpgroup, after it stored its Q codes (FUSED_Q)
 TURN_THREADS = gl.constexpr(256)  # two consumer warpgroups
 SLOT_THREADS = gl.constexpr(288)  # two consumer warpgroups and the producer warp
 # $1: barrier id; $2: 0 skips the arrive. Each thread runs it once (a one-element-per-thread token).
@@ -121,53 +120,6 @@ def to_pv_operand(p, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, p_layout: gl.
     if p.dtype == gl.float16:
         return gl.inline_asm_elementwise(P8_FROM_F16X2, "=r,r,r", [p], dtype=gl.float8e4nv, is_pure=True, pack=4)
     return gl.inline_asm_elementwise(P8_FROM_F32, "=r,r,r,r,r", [p], dtype=gl.float8e4nv, is_pure=True, pack=4)
-
-
-@constexpr_function
-def q_load_layout(BLOCK_M, BLOCK_D, Q_GROUP):
-    """Registers of one warpgroup's Q tile as [groups, rows per group, channels]: 16 bytes of bf16 per thread
-    along the channels, a group's rows inside one warp where they fit (its maximum then needs no shared memory)."""
-    along_d = BLOCK_D // 8
-    rows = 32 // along_d
-    in_group = min(rows, Q_GROUP)
-    warps_g = min(4, BLOCK_M // Q_GROUP)
-    return gl.BlockedLayout([1, 1, 8], [rows // in_group, in_group, along_d], [warps_g, 4 // warps_g, 1], [2, 1, 0])
-
-
-@gluon.jit
-def round_half_away(x):
-    """As kernels/quant_kernels.round_half_away: the codes equal the quantization kernel's bit for bit."""
-    return gl.where(x >= 0, x + 0.5, x - 0.5)
-
-
-@gluon.jit
-def quantize_q_tile(Q, q_smem, b, h, row0, stride_qb, stride_qh, stride_qn, stride_qd, NQ, q_multiplier,
-                    BLOCK_M: gl.constexpr, BLOCK_D: gl.constexpr, Q_GROUP: gl.constexpr, rows_layout: gl.constexpr):
-    """Q's INT8 codes of this warpgroup's rows, made from the caller's Q and stored into q_smem (the scores'
-    A operand), with one scale per Q_GROUP rows: the arithmetic of quant_kernels.quantize_int8_role, so the
-    codes and scales are the quantization kernel's bit for bit. Q is read once here instead of once there and
-    again as codes. Returns the per-row scales in `rows_layout`. The caller synchronises its warpgroup before
-    the tensor cores read q_smem."""
-    L3: gl.constexpr = q_load_layout(BLOCK_M, BLOCK_D, Q_GROUP)
-    GROUPS: gl.constexpr = BLOCK_M // Q_GROUP
-    offs_g = gl.arange(0, GROUPS, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
-    offs_r = gl.arange(0, Q_GROUP, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3)))
-    offs_d = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3)))
-    rows = row0 + gl.expand_dims(gl.expand_dims(offs_g * Q_GROUP, 1) + gl.expand_dims(offs_r, 0), 2)
-    cols = gl.expand_dims(gl.expand_dims(offs_d, 0), 1)
-    ptrs = Q + b * stride_qb + h * stride_qh + rows * stride_qn + cols * stride_qd
-    valid = (rows < NQ) & (cols < BLOCK_D)
-    x = gl.where(valid, gl.load(ptrs, mask=valid, other=0.0).to(gl.float32) * q_multiplier, 0.0)
-    amax = gl.max(gl.max(gl.abs(x), axis=2), axis=1)
-    has_nan = gl.max(gl.max(gl.where(x == x, 0.0, 1.0), axis=2), axis=1)
-    scale = gl.where(has_nan > 0, float("nan"), gl.maximum(amax, 1e-30) / 127.0)
-    recip = gl.div_rn(gl.full(scale.shape, 1.0, gl.float32, scale.type.layout), scale)
-    codes = round_half_away(x * gl.expand_dims(gl.expand_dims(recip, 1), 2)).to(gl.int8)
-    q_smem.store(gl.reshape(codes, [BLOCK_M, BLOCK_D]))
-    fence_async_shared()  # the generic-proxy stores, before the tensor cores read them
-    # each row's scale: the group's, spread over the tile and reduced back to one per row (exact: equal values)
-    spread = gl.reshape(gl.zeros_like(x) + gl.expand_dims(gl.expand_dims(scale, 1), 2), [BLOCK_M, BLOCK_D])
-    return gl.convert_layout(gl.max(spread, axis=1), rows_layout)
 
 
 @gluon.jit
@@ -292,17 +244,14 @@ def pipeline_step(j, ring0, p_prev, m_i, l_acc, alpha_prev, acc, q_smem, k_smem,
 
 @gluon.jit
 def attend_rows(tile_m, bh, ring0, q_phase, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, full_bars,
-                ones_smem, consumer, Q, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_qb, stride_qh,
-                stride_qn, stride_qd, stride_ob, stride_oh, stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups,
-                k_groups, n_q_tiles, q_multiplier,
+                ones_smem, consumer, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh,
+                stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles,
                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, Q_GROUP: gl.constexpr,
                 STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, PING_PONG: gl.constexpr, SHIFT_V: gl.constexpr,
-                RETURN_LSE: gl.constexpr, MAGIC: gl.constexpr, FUSED_Q: gl.constexpr):
+                RETURN_LSE: gl.constexpr, MAGIC: gl.constexpr):
     """One warpgroup's work: query rows tile_m·BLOCK_M .. +BLOCK_M of (batch·head) bh against every key
     tile, then the output, its non-finite flag and the LSE. ring0: key tiles the ring carried before these
-    (their slots and phases go on from there); q_phase: the phase of q_bar for this Q tile. FUSED_Q: Q's codes
-    are made here from the caller's Q (quantize_q_tile); otherwise they arrive by TMA from q_desc, with their
-    scales in Q_SCALE."""
+    (their slots and phases go on from there); q_phase: the phase of q_bar for this Q tile."""
     # one warp per 16 query rows; the scores' wgmma spans the key tile, P·V's the head dim (k = 32 bytes)
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 32])
@@ -323,27 +272,18 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_desc, k_desc, v_desc, q_smem, q_ba
     n_tiles = (NK + BLOCK_N - 1) // BLOCK_N
     row0 = tile_m * BLOCK_M
 
+    # Q rows past this head's end read the next head's (or TMA's zero fill): their outputs are never stored
+    mbarrier.expect(q_bar, BLOCK_M * BLOCK_D)  # INT8 bytes
+    tma_load(q_desc, [bh * NQ + row0, 0], q_bar, q_smem)
     offs_m = row0 + gl.arange(0, BLOCK_M, layout=s_rows)
-    if FUSED_Q:
-        q_scale = quantize_q_tile(Q, q_smem, b, h, row0, stride_qb, stride_qh, stride_qn, stride_qd, NQ,
-                                  q_multiplier, BLOCK_M, BLOCK_D, Q_GROUP, s_rows)
-        if PING_PONG:
-            named_sync(Q_BARRIER + consumer, 128, 4)  # every warp's rows, before this warpgroup's first product
-        else:
-            cta_barrier()
-    else:
-        # Q rows past this head's end read the next head's (or TMA's zero fill): their outputs are never stored
-        mbarrier.expect(q_bar, BLOCK_M * BLOCK_D)  # INT8 bytes
-        tma_load(q_desc, [bh * NQ + row0, 0], q_bar, q_smem)
-        q_scale = gl.load(Q_SCALE + bh * q_groups + offs_m // Q_GROUP, mask=offs_m < NQ, other=1.0)
+    q_scale = gl.load(Q_SCALE + bh * q_groups + offs_m // Q_GROUP, mask=offs_m < NQ, other=1.0)
     ks_base = K_SCALE + bh_kv * k_groups
     seed = gl.full([BLOCK_M, BLOCK_N], MAGIC_I2F_BITS if MAGIC else 0, gl.int32, s_layout)
     # two-level: each tile's P·V in an FP16 accumulator (half the registers of FP32), folded into FP32
     tile_zero = gl.zeros([BLOCK_M, BLOCK_D], gl.float16, o_layout)
 
     # tile 0: its scores and softmax, with nothing to overlap yet (masked: it may be the last)
-    if not FUSED_Q:
-        mbarrier.wait(q_bar, q_phase)
+    mbarrier.wait(q_bar, q_phase)
     mbarrier.wait(full_bars.index(ring0 % STAGES), (ring0 // STAGES) & 1)
     if PING_PONG:
         named_arrive(TURN_BARRIER, TURN_THREADS, consumer == 1, 4)  # consumer 0 goes first
@@ -434,12 +374,12 @@ def ring_barriers(STAGES: gl.constexpr):
 
 @gluon.jit
 def sage_fwd_sm90_kernel(
-    q_desc, k_desc, v_desc, Q, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD,
-    stride_qb, stride_qh, stride_qn, stride_qd, stride_ob, stride_oh, stride_on, stride_od,
-    H, KV_GROUP, NQ, NK, q_groups, k_groups, q_multiplier,
+    q_desc, k_desc, v_desc, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD,
+    stride_ob, stride_oh, stride_on, stride_od,
+    H, KV_GROUP, NQ, NK, q_groups, k_groups,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, Q_GROUP: gl.constexpr,
     STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, SHIFT_V: gl.constexpr, RETURN_LSE: gl.constexpr,
-    MAGIC: gl.constexpr, FUSED_Q: gl.constexpr,
+    MAGIC: gl.constexpr,
 ):
     """One warpgroup per program, BLOCK_M = 64 query rows; it issues its own TMA loads STAGES tiles ahead."""
     k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_D], k_desc.layout)
@@ -457,10 +397,9 @@ def sage_fwd_sm90_kernel(
     else:
         ones_smem = q_smem  # a placeholder, never read: P's rows are summed in the softmax
     attend_rows(gl.program_id(0), gl.program_id(1), 0, 0, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem,
-                full_bars, ones_smem, 0, Q, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_qb, stride_qh,
-                stride_qn, stride_qd, stride_ob, stride_oh, stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups,
-                k_groups, gl.num_programs(0), q_multiplier, BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP, STAGES, TWO_LEVEL,
-                False, SHIFT_V, RETURN_LSE, MAGIC, FUSED_Q)
+                full_bars, ones_smem, 0, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh,
+                stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, gl.num_programs(0), BLOCK_M, BLOCK_N,
+                BLOCK_D, Q_GROUP, STAGES, TWO_LEVEL, False, SHIFT_V, RETURN_LSE, MAGIC)
 
 
 @gluon.jit
@@ -483,9 +422,8 @@ def work_item(i, n_pairs, PERSISTENT: gl.constexpr):
 
 @gluon.jit
 def consume(meta: gl.constexpr, consumer, q_smem, q_bar, q_desc, k_desc, v_desc, k_smem, v_smem,
-            full_bars, ones_smem, Q, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_qb, stride_qh,
-            stride_qn, stride_qd, stride_ob, stride_oh, stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups,
-            k_groups, n_q_tiles, BH, q_multiplier):
+            full_bars, ones_smem, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh,
+            stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, BH):
     """A consumer warpgroup of the ping-pong kernel (meta: the kernel's constants, in its argument order):
     query tile 2·pair + consumer of each of its program's work items."""
     n_tiles = (NK + meta[1] - 1) // meta[1]
@@ -495,10 +433,10 @@ def consume(meta: gl.constexpr, consumer, q_smem, q_bar, q_desc, k_desc, v_desc,
         done = (i - first) // step  # work items this warpgroup finished before
         pair, bh = work_item(i, n_pairs, meta[9])
         attend_rows(2 * pair + consumer, bh, done * n_tiles, done & 1, q_desc, k_desc, v_desc, q_smem, q_bar,
-                    k_smem, v_smem, full_bars, ones_smem, consumer, Q, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE,
-                    BAD, stride_qb, stride_qh, stride_qn, stride_qd, stride_ob, stride_oh, stride_on, stride_od, H,
-                    KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, q_multiplier, meta[0], meta[1], meta[2], meta[3],
-                    meta[4], meta[5], True, meta[6], meta[7], meta[8], meta[10])
+                    k_smem, v_smem, full_bars, ones_smem, consumer, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE,
+                    BAD, stride_ob, stride_oh, stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups,
+                    n_q_tiles, meta[0], meta[1], meta[2], meta[3], meta[4], meta[5], True, meta[6], meta[7],
+                    meta[8])
 
 
 @gluon.jit
@@ -510,7 +448,7 @@ def load_kv_ring(k_desc, v_desc, k_smem, v_smem, full_bars, H, KV_GROUP, NK, n_q
     BLOCK_N: gl.constexpr = meta[1]
     BLOCK_D: gl.constexpr = meta[2]
     STAGES: gl.constexpr = meta[4]
-    gl.static_assert(SLOT_BARRIER + STAGES <= Q_BARRIER, "a ring this deep has no hardware barrier left for its slots")
+    gl.static_assert(SLOT_BARRIER + STAGES <= 16, "a ring this deep has no hardware barrier left for its slots")
     n_tiles = (NK + BLOCK_N - 1) // BLOCK_N
     n_pairs = (n_q_tiles + 1) // 2
     first, end, step = work_items(n_pairs, BH, meta[9])
@@ -529,12 +467,12 @@ def load_kv_ring(k_desc, v_desc, k_smem, v_smem, full_bars, H, KV_GROUP, NK, n_q
 
 @gluon.jit
 def sage_fwd_sm90_pingpong_kernel(
-    q_desc, k_desc, v_desc, Q, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD,
-    stride_qb, stride_qh, stride_qn, stride_qd, stride_ob, stride_oh, stride_on, stride_od,
-    H, KV_GROUP, NQ, NK, q_groups, k_groups, q_multiplier, n_q_tiles, BH,
+    q_desc, k_desc, v_desc, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD,
+    stride_ob, stride_oh, stride_on, stride_od,
+    H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, BH,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, Q_GROUP: gl.constexpr,
     STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, SHIFT_V: gl.constexpr, RETURN_LSE: gl.constexpr,
-    MAGIC: gl.constexpr, FUSED_Q: gl.constexpr, CONSUMER_REGS: gl.constexpr, PERSISTENT: gl.constexpr,
+    MAGIC: gl.constexpr, CONSUMER_REGS: gl.constexpr, PERSISTENT: gl.constexpr,
 ):
     """Two consumer warpgroups (query tiles 2·pair and 2·pair+1 of BLOCK_M rows) sharing one K/V ring that a
     producer warp fills, taking turns at the tensor cores (FlashAttention-3's ping-pong schedule).
@@ -552,11 +490,10 @@ def sage_fwd_sm90_pingpong_kernel(
     # compile-time values cross into partitions only inside a constexpr tuple (elements of a plain tuple are
     # turned into tensors)
     meta: gl.constexpr = (BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP, STAGES, TWO_LEVEL, SHIFT_V, RETURN_LSE, MAGIC,
-                          PERSISTENT, FUSED_Q)
+                          PERSISTENT)
     runtime = (q_desc, k_desc, v_desc, k_smem, v_smem, full_bars, ones_tile(v_desc, BLOCK_N))
-    scalars = (Q, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_qb, stride_qh, stride_qn, stride_qd,
-               stride_ob, stride_oh, stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, BH,
-               q_multiplier)
+    scalars = (Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh, stride_on, stride_od, H,
+               KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, BH)
     gl.warp_specialize([
         (consume, (meta, 0, q_smem.index(0), q_bars.index(0)) + runtime + scalars),
         (consume, (meta, 1, q_smem.index(1), q_bars.index(1)) + runtime + scalars),

@@ -56,7 +56,7 @@ def kernel_constants(config: LaunchConfig, block_d: int, q_group: int, shift_v: 
     """The compile-time arguments a configuration gives its Gluon kernel (the launch and compile_for_sm90)."""
     constants = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, Q_GROUP=q_group,
                      STAGES=config.num_stages, TWO_LEVEL=two_level(config), SHIFT_V=shift_v,
-                     RETURN_LSE=return_lse, MAGIC=config.magic_convert, FUSED_Q=config.fused_q)
+                     RETURN_LSE=return_lse, MAGIC=config.magic_convert)
     if config.ping_pong:
         constants["CONSUMER_REGS"] = CONSUMER_REGISTERS
         constants["PERSISTENT"] = config.persistent
@@ -85,19 +85,17 @@ def descriptors(qz: dict, config: LaunchConfig) -> tuple:
             descriptor(v8.view(-1, v8.shape[-1]), [block_d, config.block_n], gl.float8e4nv))
 
 
-def launch(qz: dict, q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, bad: torch.Tensor, *, heads: int,
-           kv_heads: int, q_group: int, q_multiplier: float, v_shift, return_lse: bool, config: LaunchConfig,
-           run, tma: tuple) -> None:
+def launch(qz: dict, out: torch.Tensor, lse: torch.Tensor, bad: torch.Tensor, *, heads: int, kv_heads: int,
+           q_group: int, v_shift, return_lse: bool, config: LaunchConfig, run, tma: tuple) -> None:
     """One warpgroup per (query tile of 64 rows, batch·head), as the portable kernel's grid with BLOCK_M = 64;
-    the ping-pong kernel puts two of them in a program. q: the caller's [B, H, NQ, D] view, which the kernel
-    codes itself with config.fused_q (scaled by q_multiplier; qz then holds no Q codes); v_shift: None or the [B·HK, D]
-    vector added to the output (launch.output_shift); run: the call plan's launcher; tma: `descriptors` of qz."""
+    the ping-pong kernel puts two of them in a program. v_shift: None or the [B·HK, D] vector added to the
+    output (launch.output_shift); run: the call plan's launcher; tma: `descriptors` of qz."""
     bh, nq, block_d = qz["q8"].shape
     nk = qz["k8"].shape[1]
     q_tiles = -(-nq // config.block_m)
-    common = (*tma, q, qz["q_scale"], qz["k_scale"], qz["v_scale"],
-              v_shift if v_shift is not None else qz["v_scale"], out, lse, bad, *q.stride(), *out.stride(),
-              heads, heads // kv_heads, nq, nk, qz["q_scale"].shape[-1], qz["k_scale"].shape[-1], q_multiplier)
+    common = (*tma, qz["q_scale"], qz["k_scale"], qz["v_scale"],
+              v_shift if v_shift is not None else qz["v_scale"], out, lse, bad, *out.stride(),
+              heads, heads // kv_heads, nq, nk, qz["q_scale"].shape[-1], qz["k_scale"].shape[-1])
     meta = kernel_constants(config, block_d, q_group, v_shift is not None, return_lse)
     if config.ping_pong:
         pairs = -(-q_tiles // 2)
@@ -123,13 +121,12 @@ def compile_options(config: LaunchConfig) -> dict:
     return options
 
 
-POINTER_ARGS = ("Q", "Q_SCALE", "K_SCALE", "V_SCALE", "V_SHIFT", "OUT", "LSE", "BAD")
+POINTER_ARGS = ("Q_SCALE", "K_SCALE", "V_SCALE", "V_SHIFT", "OUT", "LSE", "BAD")
 
 
 def compile_for_sm90(config: LaunchConfig, head_dim: int):
     """Compile the kernel a pipelined configuration launches, for sm90, on any machine (no GPU needed): what
-    `bench/inspect_sass.py` disassembles and the code-generation tests check (bf16 input and output, no LSE, no
-    V mean)."""
+    `bench/inspect_sass.py` disassembles and the code-generation tests check (bf16 output, no LSE, no V mean)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -138,7 +135,7 @@ def compile_for_sm90(config: LaunchConfig, head_dim: int):
     m, n, d = config.block_m, config.block_n, head_dim
     descs = {"q_desc": ("i8", [m, d], gl.int8), "k_desc": ("i8", [n, d], gl.int8),
              "v_desc": ("fp8e4nv", [d, n], gl.float8e4nv)}
-    consts = {**kernel_constants(config, d, 16, shift_v=False, return_lse=False), "stride_od": 1, "stride_qd": 1}
+    consts = {**kernel_constants(config, d, 16, shift_v=False, return_lse=False), "stride_od": 1}
     sig, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in descs:
@@ -148,10 +145,8 @@ def compile_for_sm90(config: LaunchConfig, head_dim: int):
         elif name in consts:
             sig[name], constexprs[(i,)] = "constexpr", consts[name]
         elif name in POINTER_ARGS:
-            sig[name] = {"Q": "*bf16", "OUT": "*bf16", "BAD": "*i32"}.get(name, "*fp32")
+            sig[name] = {"OUT": "*bf16", "BAD": "*i32"}.get(name, "*fp32")
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name == "q_multiplier":
-            sig[name] = "fp32"
         else:  # integers; strides are multiples of 16 at run time, as the launcher's tensors give
             sig[name] = "i32"
             if name.startswith("stride"):

@@ -92,8 +92,7 @@ def launch_now(site: str, fn, grid: tuple, args: tuple, kwargs: dict) -> None:
 
 def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multiplier: float, smooth_k: bool,
                  smooth_v: bool, pv_fp8: bool, pv_key_order: bool = False,
-                 v_code_max: float = FP8_E4M3_MAX, code_q: bool = True, buffers: dict | None = None,
-                 run=launch_now) -> dict:
+                 v_code_max: float = FP8_E4M3_MAX, buffers: dict | None = None, run=launch_now) -> dict:
     """All quantization of one call in at most three launches (K and V statistics, then the INT8 codes of Q
     and K, then V's codes: V's transposed FP8 tile and Q/K's row slices want different register budgets).
 
@@ -104,8 +103,7 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
     (V's mean, with FP8 V or V smoothing, else None), and with
     pv_fp8 v8 [B*HK, block_d, v_padded] FP8 e4m3 codes up to ±v_code_max, v_scale [B*HK, block_d] and
     v_code_sums [B*HK, programs, block_d] (sums of V's dequantized codes, see output_shift); pv_key_order
-    stores v8's keys in the order the Hopper kernel's P operand takes them. code_q=False leaves q8 and q_scale
-    unwritten (the Hopper kernel codes Q itself). run: a call plan's launcher.
+    stores v8's keys in the order the Hopper kernel's P operand takes them. run: a call plan's launcher.
     """
     B, H, NQ, D = q.shape
     HK, NK = k.shape[1], k.shape[2]
@@ -121,15 +119,12 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
             dict(TILE=STATS_TILE, BLOCK_D=block_d, K_STATS=smooth_k, V_STATS=need_v_stats))
     dummy = out["q_scale"]  # stands in for buffers a launch does not write
     rows = max(QUANT_ROWS, q_group, k_group)
-    # grid z: 0 codes Q, 1 codes K (FIRST_ROLE 1: K alone)
-    grid = (cdiv(max(NQ, NK, 1), rows), max(B * H, B * HK), 2) if code_q else (cdiv(max(NK, 1), rows), B * HK, 1)
-    run("quantize_qk", quantize_qk_kernel, grid, (
+    run("quantize_qk", quantize_qk_kernel, (cdiv(max(NQ, NK, 1), rows), max(B * H, B * HK), 2), (
         q, k, parts, out["q8"], out["q_scale"], out["k8"], out["k_scale"], out["k_mean"] if smooth_k else dummy,
         *q.stride(), *k.stride(), B * H, B * HK, H, HK, NQ, NK, D, n_chunks, out["q_scale"].shape[-1],
         out["k_scale"].shape[-1], float(q_multiplier)), dict(
         ROWS=rows, Q_SUB=slice_rows(q_group, rows), K_SUB=slice_rows(k_group, rows), Q_GROUP=q_group,
-        K_GROUP=k_group, BLOCK_D=block_d, STATS_CHUNKS=MAX_STATS_CHUNKS, SMOOTH_K=smooth_k,
-        FIRST_ROLE=0 if code_q else 1, num_warps=QUANT_WARPS))
+        K_GROUP=k_group, BLOCK_D=block_d, STATS_CHUNKS=MAX_STATS_CHUNKS, SMOOTH_K=smooth_k, num_warps=QUANT_WARPS))
     if need_v_stats:
         channels = min(V_CHANNELS, block_d)
         run("quantize_v", quantize_v_kernel, (cdiv(v_padded, V_ROWS) if pv_fp8 else 1, B * HK, block_d // channels), (
@@ -221,12 +216,10 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
     pipelined = plan.derive("pipelined", lambda: runs_hopper_kernel(
         q, k, config=config, k_group=k_group, pv_fp8=pv_fp8, is_causal=is_causal, has_bias=bias is not None))
     fp16_tiles = pipelined and hopper_launch.two_level(config)
-    fused_q = pipelined and config.fused_q  # the Hopper kernel codes Q itself
-    q_multiplier = sm_scale * LOG2E
-    qz = quantize_qkv(q, k, v, q_group=q_group, k_group=k_group, block_d=block_d, q_multiplier=q_multiplier,
+    qz = quantize_qkv(q, k, v, q_group=q_group, k_group=k_group, block_d=block_d, q_multiplier=sm_scale * LOG2E,
                       smooth_k=smooth_k, smooth_v=smooth_v, pv_fp8=pv_fp8, pv_key_order=pipelined,
                       v_code_max=hopper_launch.FP16_TILE_V_CODE_MAX if fp16_tiles else FP8_E4M3_MAX,
-                      code_q=not fused_q, buffers=plan.buffers, run=plan.run)
+                      buffers=plan.buffers, run=plan.run)
     k_scale, k_mean = qz["k_scale"], qz["k_mean"]
     v_shift = output_shift(qz, NK, into=qz["v_shift"])
     v8, v_scale = (qz["v8"], qz["v_scale"]) if pv_fp8 else (k_scale, k_scale)
@@ -238,8 +231,7 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
     else:
         bias_strides = (0, 0)
     if pipelined:
-        hopper_launch.launch(qz, q, out, lse, bad, heads=H, kv_heads=HK, q_group=q_group,
-                             q_multiplier=float(q_multiplier), v_shift=v_shift,
+        hopper_launch.launch(qz, out, lse, bad, heads=H, kv_heads=HK, q_group=q_group, v_shift=v_shift,
                              return_lse=return_lse, config=config, run=plan.run,
                              tma=plan.derive("tma", lambda: hopper_launch.descriptors(qz, config)))
     else:

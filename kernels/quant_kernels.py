@@ -183,10 +183,9 @@ def quantize_qk_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     BH, BHK, H, HK, NQ, NK, D, n_chunks, q_groups, k_groups, q_multiplier,
     ROWS: tl.constexpr, Q_SUB: tl.constexpr, K_SUB: tl.constexpr, Q_GROUP: tl.constexpr, K_GROUP: tl.constexpr,
-    BLOCK_D: tl.constexpr, STATS_CHUNKS: tl.constexpr, SMOOTH_K: tl.constexpr, FIRST_ROLE: tl.constexpr,
+    BLOCK_D: tl.constexpr, STATS_CHUNKS: tl.constexpr, SMOOTH_K: tl.constexpr,
 ):
-    """The INT8 quantizations of one attention call in one launch; FIRST_ROLE + program_id(2) picks the tensor
-    (FIRST_ROLE 1: K alone, where the attention kernel codes Q itself).
+    """The INT8 quantizations of one attention call in one launch; program_id(2) picks the tensor.
 
     0: Q -> INT8 codes [BH, NQ, BLOCK_D] of q * q_multiplier, one scale per Q_GROUP rows.
     1: K -> INT8 codes [BHK, NK, BLOCK_D] of k - mean(k) (SMOOTH_K, the mean finished from kv_stats_kernel's
@@ -195,7 +194,7 @@ def quantize_qk_kernel(
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     offs_d = tl.arange(0, BLOCK_D)
-    if FIRST_ROLE + tl.program_id(2) == 0:
+    if tl.program_id(2) == 0:
         if (bh < BH) & (pid * ROWS < NQ):
             quantize_int8_role(Q, bh // H, bh % H, pid * ROWS, stride_qb, stride_qh, stride_qn, stride_qd, NQ, D,
                                tl.zeros((BLOCK_D,), tl.float32), q_multiplier, Q8 + bh * NQ * BLOCK_D,

@@ -28,26 +28,24 @@ class LaunchConfig:
     pipelined: bool = False  # Hopper: the Gluon kernel (TMA ring, asynchronous wgmma, softmax under P·V)
     ping_pong: bool = False  # with `pipelined`: two warpgroups per program taking turns at the tensor cores
     persistent: bool = False  # with `ping_pong`: one program per multiprocessor, looping over query tiles
-    fused_q: bool = False  # with `pipelined`: Q's INT8 codes made in the attention kernel's prologue
 
     def key(self) -> str:
         flags = "".join(tag for on, tag in ((self.warp_specialize, "ws"), (self.magic_convert, "mc"),
                                             (self.pv_direct, "pd"), (self.pipelined, "gp"),
-                                            (self.ping_pong, "pp"), (self.persistent, "ps"),
-                                            (self.fused_q, "fq")) if on)
+                                            (self.ping_pong, "pp"), (self.persistent, "ps")) if on)
         regs = f"r{self.max_registers}" if self.max_registers else ""
         return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}{regs}{flags}"
 
     @classmethod
     def from_key(cls, key: str) -> "LaunchConfig":
         """The inverse of key(): "m64n128w4s3r168mcpdgp" -> LaunchConfig."""
-        hit = re.fullmatch(r"m(\d+)n(\d+)w(\d+)s(\d+)(?:r(\d+))?((?:ws|mc|pd|gp|pp|ps|fq)*)", key)
+        hit = re.fullmatch(r"m(\d+)n(\d+)w(\d+)s(\d+)(?:r(\d+))?((?:ws|mc|pd|gp|pp|ps)*)", key)
         if not hit:
             raise ValueError(f"not a launch configuration key: {key!r}")
         m, n, w, s, r, flags = hit.groups()
         tags = {flags[i:i + 2] for i in range(0, len(flags), 2)}
         return cls(int(m), int(n), int(w), int(s), "ws" in tags, "mc" in tags, "pd" in tags,
-                   int(r) if r else None, "gp" in tags, "pp" in tags, "ps" in tags, "fq" in tags)
+                   int(r) if r else None, "gp" in tags, "pp" in tags, "ps" in tags)
 
 
 def _c(m, n, w, s):
@@ -152,10 +150,6 @@ def candidates(block_d: int, block_m: int | None = None, family: str = "sm90") -
         # where it may win
         plain.append(LaunchConfig(64, 128, 4, 4, magic_convert=True, pv_direct=True, pipelined=True, ping_pong=True,
                                   persistent=True))
-        # Q's codes made in the ping-pong kernel's prologue: 4% faster at Flux's 4608 tokens, level at 2k and 8k,
-        # 3% slower at Wan2.1's 32k on the H200 (bench/NOTES.md, "Q's codes in the kernel's prologue")
-        plain.append(LaunchConfig(64, 128, 4, 4, magic_convert=True, pv_direct=True, pipelined=True, ping_pong=True,
-                                  fused_q=True))
         if block_d == 64:
             # at head dim 64 one warpgroup capped at 168 registers runs three programs per multiprocessor, and
             # their softmaxes fill each other's tensor-core gaps (bench/NOTES.md, "The rescale after P·V's wait")

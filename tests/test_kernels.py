@@ -347,48 +347,6 @@ def test_hopper_kernel_matches_portable_kernel(key, b, hq, hk, nq, nk, d, dtype,
         torch.testing.assert_close(out_lse, ref_lse, atol=2e-2, rtol=0)
 
 
-@pytest.mark.skipif(not HOPPER, reason=NO_HOPPER)
-@pytest.mark.parametrize("key,q_group,b,hq,hk,nq,nk,d,dtype,layout", [
-    # ragged: the last Q tile's groups partly past the end
-    ("m64n128w4s4mcpdgppp", 16, 1, 2, 2, 200, 300, 128, torch.bfloat16, "hnd"),
-    ("m64n128w4s3mcpdgp", 16, 1, 2, 2, 200, 300, 128, torch.bfloat16, "hnd"),
-    ("m64n128w4s4mcgppp", 1, 1, 2, 2, 200, 300, 128, torch.bfloat16, "hnd"),  # a scale per row
-    # grouped-query, Q read through an NHD view's strides; persistent: a program takes several work items
-    ("m64n128w4s4mcpdgpppps", 16, 2, 4, 2, 1000, 333, 64, torch.float16, "nhd"),
-    ("m64n128w4s3r168mcpdgp", 16, 2, 4, 2, 1000, 333, 64, torch.float16, "nhd"),
-    ("m64n64w4s4mcgppp", 1, 2, 4, 2, 1000, 333, 64, torch.float16, "nhd"),
-    ("m64n128w4s4mcpdgppp", 16, 1, 3, 3, 64, 700, 128, torch.float32, "nhd"),  # FP32 input, one Q tile
-])
-def test_hopper_kernel_codes_q_itself_bit_for_bit(key, q_group, b, hq, hk, nq, nk, d, dtype, layout):
-    """Q's INT8 codes made in the Hopper kernel's prologue (a configuration's fused_q) are the quantization
-    kernel's, scale for scale: output and LSE equal those of the kernel that takes Q's codes by TMA bit for bit,
-    in every Hopper kernel, with a scale per 16 rows (per_warp) or per row, and a NaN in Q flags the tile of its
-    row and no other."""
-    lc = tuning.LaunchConfig.from_key(key)
-    q, k, v = inputs(b, hq, hk, nq, nk, d, dtype, seed=nq + d)
-    if layout == "nhd":
-        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
-    q[0, 1, nq - 3, 5] = float("nan")
-    assert hopper_launch.serves(q.device, config=lc, pv_fp8=True, is_causal=False, has_bias=False, head_dim=d,
-                                block_d=d, k_group=lc.block_n, kv_len=nk)
-    results = []
-    for fused in (False, True):
-        out = torch.full_like(q, float("nan"))
-        lse, bad = launch.sage_forward(q, k, v, out, sm_scale=d ** -0.5, is_causal=False, bias=None, q_group=q_group,
-                                       k_group=0, pv_fp8=True, smooth_k=True, smooth_v=False, return_lse=True,
-                                       config=dataclasses.replace(lc, fused_q=fused))
-        results.append((out, lse, bad.clone()))
-    (out0, lse0, bad0), (out1, lse1, bad1) = results
-    flagged = bad1.view(b * hq, -1) != 0
-    expected = torch.zeros_like(flagged)
-    expected[1, (nq - 3) // 64] = True
-    assert torch.equal(flagged, expected) and torch.equal(bad0, bad1)
-    finite = torch.isfinite(out0)
-    assert torch.equal(finite, torch.isfinite(out1)) and int((~finite).sum()) > 0
-    assert torch.equal(out0[finite], out1[finite])
-    assert torch.equal(torch.nan_to_num(lse0), torch.nan_to_num(lse1))
-
-
 def test_direct_launch_keys_what_triton_specialises_on():
     from sage_attention_pack.kernels.direct_launch import NotKeyable, argument_key, arguments_key
 

@@ -38,7 +38,7 @@ def test_shipped_table_loads_and_its_in_place_entries_are_the_measured_ones():
     """Every shipped entry is a valid configuration. FP8 P·V accumulated in place (always with V smoothing, see
     launch.sage_forward) is shipped only where it was measured within the FP8 bound: head dim 128 at 8k (Flux's
     4608 tokens), 16k and 32k tokens on the H200, in the ping-pong kernel; head dim 64 at 8k and 16k tokens, in
-    the one-warpgroup kernel capped at 168 registers. At 8k (Flux) the kernel also codes Q itself (fused_q)."""
+    the one-warpgroup kernel capped at 168 registers."""
     table = tuning.shipped_table("NVIDIA H200", "launch")
     assert table
     in_place = {}
@@ -47,8 +47,8 @@ def test_shipped_table_loads_and_its_in_place_entries_are_the_measured_ones():
         assert tuning.LaunchConfig.from_key(config.key()) == config
         if key.startswith("fp8") and config.pv_direct:
             in_place[key] = config.key()
-    assert in_place == {"fp8|d128|many|nq8192|nk8192|bfloat16|full": "m64n128w4s4mcpdgpppfq",
-                        **{f"fp8|d128|many|nq{n}|nk{n}|bfloat16|full": "m64n128w4s4mcpdgppp" for n in (16384, 32768)},
+    assert in_place == {**{f"fp8|d128|many|nq{n}|nk{n}|bfloat16|full": "m64n128w4s4mcpdgppp"
+                           for n in (8192, 16384, 32768)},
                         **{f"fp8|d64|many|nq{n}|nk{n}|bfloat16|full": "m64n128w4s3r168pdgp" for n in (8192, 16384)}}
 
 

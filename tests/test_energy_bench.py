@@ -1,0 +1,29 @@
+"""bench/energy.py's command line refuses what it cannot measure before doing any work: an unknown method by name,
+and a machine without an NVIDIA GPU (nvidia-smi samples the power it reports)."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def energy_module():
+    path = Path(__file__).resolve().parent.parent / "bench" / "energy.py"
+    spec = importlib.util.spec_from_file_location("energy_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_an_unknown_method_is_named_before_any_work(capsys):
+    with pytest.raises(SystemExit) as hit:
+        energy_module().main(["--methods", "sdpa_default", "sage_int9", "--out", "/nonexistent/energy.json"])
+    assert hit.value.code == 2
+    err = capsys.readouterr().err
+    assert "sage_int9" in err and "sage_int8_fp8" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the command would measure")
+def test_no_gpu_is_refused_with_the_reason():
+    with pytest.raises(SystemExit, match="NVIDIA GPU"):
+        energy_module().main(["--shapes", "flux_1024px"])

@@ -13,6 +13,7 @@ used dropped first. The ComfyUI node clears them at the end of each sampling run
 """
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 
@@ -22,6 +23,10 @@ from .direct_launch import LaunchSlot, current_stream
 
 PLAN_MAX_BYTES = 64 << 20
 PLANS_MAX_BYTES = 128 << 20
+# A plan's launch slots reuse what their first launch compiled, so a later launch that asks for other compile-time
+# arguments (a switch that is not in the call's signature) would silently run the first kernel. Checked where
+# SAGE_ATTENTION_CHECK_PLANS is set (the tests set it): one dict comparison per launch.
+CHECK_LAUNCHES = os.environ.get("SAGE_ATTENTION_CHECK_PLANS", "0") not in ("", "0")
 
 
 class CallPlan:
@@ -33,13 +38,31 @@ class CallPlan:
         self.nbytes = sum(t.numel() * t.element_size() for t in buffers.values() if isinstance(t, torch.Tensor))
         self.slots: dict[str, LaunchSlot] = {}
         self.derived: dict = {}
+        self.first_launch: dict[str, tuple] = {}  # site -> (kernel, compile-time arguments), with CHECK_LAUNCHES
 
     def run(self, site: str, fn, grid: tuple, args: tuple, kwargs: dict) -> None:
         """Launch fn at one of this plan's sites (the same site launches the same specialisation every call)."""
         slot = self.slots.get(site)
         if slot is None:
             slot = self.slots[site] = LaunchSlot()
+            if CHECK_LAUNCHES:
+                self.first_launch[site] = (fn, dict(kwargs))
+        elif CHECK_LAUNCHES:
+            self.check_launch(site, fn, kwargs)
         slot(fn, grid, args, kwargs, self.stream)
+
+    def check_launch(self, site: str, fn, kwargs: dict) -> None:
+        """Raise if a launch at `site` asks for another kernel or other compile-time arguments than its first."""
+        first = self.first_launch.get(site)
+        if first is None:  # the plan was made before checking was switched on
+            return
+        first_fn, first_kwargs = first
+        if fn is not first_fn or kwargs != first_kwargs:
+            changed = sorted(k for k in first_kwargs.keys() | kwargs.keys() if first_kwargs.get(k) != kwargs.get(k))
+            raise RuntimeError(
+                f"launch site {site!r} of a call plan asked for {getattr(fn, '__name__', fn)} with other compile-time "
+                f"arguments than its first launch ({', '.join(changed) or 'another kernel'}): what sets them must "
+                f"be part of the call's signature (kernels/launch.py, sage_forward)")
 
     def derive(self, name: str, make):
         """make(), once per plan (what the signature fixes: the kernel that serves, TMA descriptors over the plan's

@@ -14,10 +14,14 @@ See tests/comfy_harness.py for the helpers (``workflow_api``, ``NODE_IDS``, ``bu
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+# every call plan checks that its launches ask for what their first launch compiled (kernels/call_plan.py)
+os.environ.setdefault("SAGE_ATTENTION_CHECK_PLANS", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

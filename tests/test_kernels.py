@@ -413,6 +413,26 @@ def test_call_plans_reuse_their_buffers_and_every_call_stays_exact():
     assert rel_diff(out3, exact(q, k3, v3).to(out3.dtype)) < EXACT_BOUNDS["int8_fp8"][1]
 
 
+def test_a_launch_asking_its_plan_for_another_kernel_is_refused(monkeypatch):
+    """A call plan's launch slots keep what their first launch compiled. A switch outside the call's signature that
+    changes a kernel's compile-time arguments (here the quantization kernel's warps) would otherwise run the first
+    kernel on: with SAGE_ATTENTION_CHECK_PLANS (set for the whole test suite) the launch is refused, naming the
+    site and the argument; repeats of the same call pass."""
+    from sage_attention_pack.kernels import call_plan
+
+    monkeypatch.setattr(call_plan, "CHECK_LAUNCHES", True)
+    PLANS.clear()
+    cfg = SageConfig(kernel="int8_fp8")
+    q, k, v = inputs(1, 2, 2, 64, 64, 64, torch.float16, seed=23)
+    first, _, _ = run_kernel(q, k, v, cfg)
+    again, _, _ = run_kernel(q, k, v, cfg)
+    assert torch.equal(first, again)
+    monkeypatch.setattr(launch, "QUANT_WARPS", 2)
+    with pytest.raises(RuntimeError, match=r"'quantize_qk'.*quantize_qk_kernel.*\(num_warps\)"):
+        run_kernel(q, k, v, cfg)
+    PLANS.clear()
+
+
 def test_call_plans_stay_within_their_memory_bounds_per_thread():
     import threading
 

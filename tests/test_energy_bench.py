@@ -1,18 +1,13 @@
 """bench/energy.py's command line refuses what it cannot measure before doing any work: an unknown method by name,
 and a machine without an NVIDIA GPU (nvidia-smi samples the power it reports)."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
+import bench_script
+
 
 def energy_module():
-    path = Path(__file__).resolve().parent.parent / "bench" / "energy.py"
-    spec = importlib.util.spec_from_file_location("energy_bench", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_script.load("energy")
 
 
 def test_an_unknown_method_is_named_before_any_work(capsys):

@@ -2,16 +2,11 @@
 per-channel offset in V it brings the error down to what bf16 output rounding allows; on zero-mean V it costs
 nothing now that the mean of V's FP8 rounding error comes off the output (before that it cost 4% at 4k keys and
 16% on the GPU at 32k). The GPU figures in bench/NOTES.md rest on this split."""
-import importlib.util
-from pathlib import Path
+import bench_script
 
 
 def study_module():
-    path = Path(__file__).resolve().parent.parent / "bench" / "v_offset_study.py"
-    spec = importlib.util.spec_from_file_location("v_offset_study", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_script.load("v_offset_study")
 
 
 def test_smoothing_pays_with_an_offset_and_costs_nothing_without():

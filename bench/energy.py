@@ -28,6 +28,11 @@ SETTLE_S = 0.5  # samples this soon after a run starts are left out
 SAMPLE_MS = 100
 
 
+def methods() -> dict:
+    """Every method this script can measure, by name: SDPA's backends and the Sage variants of the benchmark."""
+    return {**sdpa_backends(), **{name: sage_method(cfg) for name, cfg in SAGE_VARIANTS.items()}}
+
+
 class PowerSampler:
     """nvidia-smi sampling one GPU's power draw (W) and SM clock (MHz) every SAMPLE_MS, stamped on arrival."""
 
@@ -83,7 +88,7 @@ def measure(shapes, methods, seconds: float, rounds: int) -> dict:
         idle = [w for w, _ in sampler.between(time.monotonic() - 1.0 - SETTLE_S, time.monotonic())]
         result = {"environment": environment(), "power_field": sampler.field, "seconds_per_run": seconds,
                   "rounds": rounds, "idle_watts": statistics.median(idle) if idle else None, "shapes": {}}
-        fns = {**sdpa_backends(), **{name: sage_method(cfg) for name, cfg in SAGE_VARIANTS.items()}}
+        fns = methods()
         for name in progress(list(shapes), desc="energy", unit="shape"):
             b, h, n, d = GPU_SHAPES[name]
             q, k, v = model_shaped_inputs(b, h, n, d, torch.bfloat16, "cuda")
@@ -120,14 +125,11 @@ def measure(shapes, methods, seconds: float, rounds: int) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="*", default=list(DEFAULT_SHAPES), choices=sorted(GPU_SHAPES))
-    ap.add_argument("--methods", nargs="*", default=list(DEFAULT_METHODS))
+    ap.add_argument("--methods", nargs="*", default=list(DEFAULT_METHODS), choices=sorted(methods()))
     ap.add_argument("--seconds", type=float, default=3.0, help="length of each method's run")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", default="energy.json")
     args = ap.parse_args(argv)
-    unknown = sorted(set(args.methods) - set(sdpa_backends()) - set(SAGE_VARIANTS))
-    if unknown:
-        ap.error(f"unknown methods {unknown}: choose from {sorted({*sdpa_backends(), *SAGE_VARIANTS})}")
     if not torch.cuda.is_available():
         raise SystemExit("energy per call is measured on an NVIDIA GPU (nvidia-smi samples its power)")
     result = measure(args.shapes, tuple(args.methods), args.seconds, args.rounds)

@@ -16,7 +16,8 @@ rather than the compiler's:
     with P·V (row_sums), except in the one-warpgroup two-level kernel, whose registers are all taken.
 Two kernels: sage_fwd_sm90_kernel, one warpgroup per program, loading its own tiles; and
 sage_fwd_sm90_pingpong_kernel, two consumer warpgroups taking turns at the tensor cores and a producer warp,
-one program per pair of query tiles or (PERSISTENT) one per multiprocessor looping over them.
+one program per pair of query tiles or (PERSISTENT) one per multiprocessor looping over them, with or without
+(TURNS) the turn-taking.
 Served: non-causal, no mask, head dims 64 and 128, FP8 P·V. Everything else runs the portable kernel.
 """
 from triton.experimental import gluon
@@ -172,7 +173,8 @@ def fold_row_sums(l_acc, tile_sums, alpha, l_rows: gl.constexpr):
 def pipeline_step(j, ring0, p_prev, m_i, l_acc, alpha_prev, acc, q_smem, k_smem, v_smem, ones_smem, full_bars,
                   consumer, k_desc, v_desc, seed, tile_zero, q_scale, ks_base, bh_kv, NK, NQ, n_tiles,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, STAGES: gl.constexpr,
-                  TWO_LEVEL: gl.constexpr, PING_PONG: gl.constexpr, LAST: gl.constexpr, MAGIC: gl.constexpr,
+                  TWO_LEVEL: gl.constexpr, PING_PONG: gl.constexpr, TURNS: gl.constexpr, LAST: gl.constexpr,
+                  MAGIC: gl.constexpr,
                   SUMS_ON_MMA: gl.constexpr, s_layout: gl.constexpr, o_rows: gl.constexpr, l_rows: gl.constexpr,
                   p_layout: gl.constexpr):
     """Step j ≥ 1 of the pipeline (FlashAttention-3's intra-warpgroup overlap): issue the scores of tile j and
@@ -190,7 +192,9 @@ def pipeline_step(j, ring0, p_prev, m_i, l_acc, alpha_prev, acc, q_smem, k_smem,
     PING_PONG: two warpgroups (`consumer` 0 and 1) take turns issuing their products (TURN_BARRIER), so that
     one's softmax runs while the other's products occupy the tensor cores; a producer warp refills the ring
     (SLOT_BARRIER). ring0: how many key tiles this program's ring carried before this work item's (persistent
-    ping-pong), which sets the ring slot and mbarrier phase of tile j."""
+    ping-pong), which sets the ring slot and mbarrier phase of tile j.
+    TURNS (ping-pong): the warpgroups take their turns; without, each issues its products as soon as its softmax
+    is done, and the tensor cores take them in the order they come (bench/NOTES.md, "Ping-pong without turns")."""
     g = ring0 + j  # the tile's position in the ring's sequence
     if PING_PONG:
         g = g.to(gl.uint32)  # ring0 is not known ≥ 0 there: unsigned, % and // by STAGES stay bit operations
@@ -198,7 +202,7 @@ def pipeline_step(j, ring0, p_prev, m_i, l_acc, alpha_prev, acc, q_smem, k_smem,
     prev = ((g - 1) % STAGES).to(gl.int32)
     mbarrier.wait(full_bars.index(slot), ((g // STAGES) & 1).to(gl.int32))
     p8 = to_pv_operand(p_prev, BLOCK_M, BLOCK_N, p_layout)
-    if PING_PONG:
+    if PING_PONG and TURNS:
         named_sync(TURN_BARRIER + consumer, TURN_THREADS, 4)
     s_tok = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), seed, use_acc=MAGIC,
                           is_async=True)
@@ -209,7 +213,7 @@ def pipeline_step(j, ring0, p_prev, m_i, l_acc, alpha_prev, acc, q_smem, k_smem,
         o_tok = warpgroup_mma(p8, v_smem.index(prev).permute((1, 0)), acc, is_async=True)  # rescaled last step
     if SUMS_ON_MMA:
         l_tok = row_sums(p8, ones_smem, l_acc)
-    if PING_PONG:
+    if PING_PONG and TURNS:
         # the other's turn; consumer 1 arrived once before its first tile, so it skips its last arrive
         named_arrive(TURN_BARRIER + 1 - consumer, TURN_THREADS, (consumer == 0) | (j < n_tiles - 1), 4)
     s_bits = warpgroup_mma_wait(2 if SUMS_ON_MMA else 1, deps=[s_tok])  # P·V (and the row sums) in flight
@@ -247,7 +251,8 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_desc, k_desc, v_desc, q_smem, q_ba
                 ones_smem, consumer, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh,
                 stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles,
                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, Q_GROUP: gl.constexpr,
-                STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, PING_PONG: gl.constexpr, SHIFT_V: gl.constexpr,
+                STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, PING_PONG: gl.constexpr, TURNS: gl.constexpr,
+                SHIFT_V: gl.constexpr,
                 RETURN_LSE: gl.constexpr, MAGIC: gl.constexpr):
     """One warpgroup's work: query rows tile_m·BLOCK_M .. +BLOCK_M of (batch·head) bh against every key
     tile, then the output, its non-finite flag and the LSE. ring0: key tiles the ring carried before these
@@ -285,12 +290,12 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_desc, k_desc, v_desc, q_smem, q_ba
     # tile 0: its scores and softmax, with nothing to overlap yet (masked: it may be the last)
     mbarrier.wait(q_bar, q_phase)
     mbarrier.wait(full_bars.index(ring0 % STAGES), (ring0 // STAGES) & 1)
-    if PING_PONG:
+    if PING_PONG and TURNS:
         named_arrive(TURN_BARRIER, TURN_THREADS, consumer == 1, 4)  # consumer 0 goes first
         named_sync(TURN_BARRIER + consumer, TURN_THREADS, 4)
     s_tok = warpgroup_mma(q_smem, k_smem.index(ring0 % STAGES).permute((1, 0)), seed, use_acc=MAGIC,
                           is_async=True)
-    if PING_PONG:
+    if PING_PONG and TURNS:
         named_arrive(TURN_BARRIER + 1 - consumer, TURN_THREADS, (consumer == 0) | (n_tiles > 1), 4)
     s_bits = warpgroup_mma_wait(0, deps=[s_tok])
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, s_rows)
@@ -306,12 +311,12 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_desc, k_desc, v_desc, q_smem, q_ba
         p, m_i, l_acc, alpha, acc = pipeline_step(
             j, ring0, p, m_i, l_acc, alpha, acc, q_smem, k_smem, v_smem, ones_smem, full_bars, consumer, k_desc,
             v_desc, seed, tile_zero, q_scale, ks_base, bh_kv, NK, NQ, n_tiles, BLOCK_M, BLOCK_N, BLOCK_D, STAGES,
-            TWO_LEVEL, PING_PONG, False, MAGIC, SUMS_ON_MMA, s_layout, o_rows, l_rows, p_layout)
+            TWO_LEVEL, PING_PONG, TURNS, False, MAGIC, SUMS_ON_MMA, s_layout, o_rows, l_rows, p_layout)
     if n_tiles > 1:
         p, m_i, l_acc, alpha, acc = pipeline_step(
             n_tiles - 1, ring0, p, m_i, l_acc, alpha, acc, q_smem, k_smem, v_smem, ones_smem, full_bars, consumer,
             k_desc, v_desc, seed, tile_zero, q_scale, ks_base, bh_kv, NK, NQ, n_tiles, BLOCK_M, BLOCK_N, BLOCK_D,
-            STAGES, TWO_LEVEL, PING_PONG, True, MAGIC, SUMS_ON_MMA, s_layout, o_rows, l_rows, p_layout)
+            STAGES, TWO_LEVEL, PING_PONG, TURNS, True, MAGIC, SUMS_ON_MMA, s_layout, o_rows, l_rows, p_layout)
     # P·V of the last tile
     p8 = to_pv_operand(p, BLOCK_M, BLOCK_N, p_layout)
     last_slot = (ring0 + n_tiles - 1) % STAGES
@@ -399,7 +404,7 @@ def sage_fwd_sm90_kernel(
     attend_rows(gl.program_id(0), gl.program_id(1), 0, 0, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem,
                 full_bars, ones_smem, 0, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh,
                 stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, gl.num_programs(0), BLOCK_M, BLOCK_N,
-                BLOCK_D, Q_GROUP, STAGES, TWO_LEVEL, False, SHIFT_V, RETURN_LSE, MAGIC)
+                BLOCK_D, Q_GROUP, STAGES, TWO_LEVEL, False, False, SHIFT_V, RETURN_LSE, MAGIC)
 
 
 @gluon.jit
@@ -435,8 +440,8 @@ def consume(meta: gl.constexpr, consumer, q_smem, q_bar, q_desc, k_desc, v_desc,
         attend_rows(2 * pair + consumer, bh, done * n_tiles, done & 1, q_desc, k_desc, v_desc, q_smem, q_bar,
                     k_smem, v_smem, full_bars, ones_smem, consumer, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE,
                     BAD, stride_ob, stride_oh, stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups,
-                    n_q_tiles, meta[0], meta[1], meta[2], meta[3], meta[4], meta[5], True, meta[6], meta[7],
-                    meta[8])
+                    n_q_tiles, meta[0], meta[1], meta[2], meta[3], meta[4], meta[5], True, meta[10], meta[6],
+                    meta[7], meta[8])
 
 
 @gluon.jit
@@ -472,14 +477,16 @@ def sage_fwd_sm90_pingpong_kernel(
     H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, BH,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, Q_GROUP: gl.constexpr,
     STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, SHIFT_V: gl.constexpr, RETURN_LSE: gl.constexpr,
-    MAGIC: gl.constexpr, CONSUMER_REGS: gl.constexpr, PERSISTENT: gl.constexpr,
+    MAGIC: gl.constexpr, CONSUMER_REGS: gl.constexpr, PERSISTENT: gl.constexpr, TURNS: gl.constexpr,
 ):
     """Two consumer warpgroups (query tiles 2·pair and 2·pair+1 of BLOCK_M rows) sharing one K/V ring that a
     producer warp fills, taking turns at the tensor cores (FlashAttention-3's ping-pong schedule).
     PERSISTENT: a grid of at most one program per multiprocessor, each looping over work items (pairs of
     query tiles of one batch·head; see work_items): the producer loads the next item's first key tiles while
     the consumers finish the last ones and store their outputs. Otherwise one program per item, grid
-    (pairs, B·H)."""
+    (pairs, B·H).
+    TURNS: the two warpgroups take turns at the tensor cores; False lets each issue whenever its softmax is done
+    (faster on the H200 from 4.6k to 16k tokens, slower at 32k: bench/NOTES.md, "Ping-pong without turns")."""
     k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_D], k_desc.layout)
     v_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_D, BLOCK_N], v_desc.layout)
     q_smem = gl.allocate_shared_memory(gl.int8, [2, BLOCK_M, BLOCK_D], q_desc.layout)
@@ -490,7 +497,7 @@ def sage_fwd_sm90_pingpong_kernel(
     # compile-time values cross into partitions only inside a constexpr tuple (elements of a plain tuple are
     # turned into tensors)
     meta: gl.constexpr = (BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP, STAGES, TWO_LEVEL, SHIFT_V, RETURN_LSE, MAGIC,
-                          PERSISTENT)
+                          PERSISTENT, TURNS)
     runtime = (q_desc, k_desc, v_desc, k_smem, v_smem, full_bars, ones_tile(v_desc, BLOCK_N))
     scalars = (Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh, stride_on, stride_od, H,
                KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, BH)

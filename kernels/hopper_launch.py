@@ -30,12 +30,12 @@ def serves(device: torch.device, *, config: LaunchConfig, pv_fp8: bool, is_causa
     """True when this call can run the Hopper kernel: an sm90 GPU, a pipelined configuration (64 query rows
     per warpgroup), FP8 P·V, no causal mask and no key mask, a head dim of 64 or 128, one K scale per key
     tile, at least one full key tile (shorter key sequences are launch-bound: the portable kernel serves them);
-    only the ping-pong kernel runs persistent.
+    only the ping-pong kernel runs persistent or without turns.
     """
     return (AVAILABLE and config.pipelined and kv_len >= config.block_n and pv_fp8 and not is_causal and not has_bias
             and head_dim == block_d and block_d in HEAD_DIMS and k_group == config.block_n
             and config.block_m == WARPGROUP_ROWS and config.num_warps == 4
-            and (config.ping_pong or not config.persistent)
+            and (config.ping_pong or not (config.persistent or config.no_turns))
             and not interpreting() and cuda_capability(device) == (9, 0))
 
 
@@ -60,6 +60,7 @@ def kernel_constants(config: LaunchConfig, block_d: int, q_group: int, shift_v: 
     if config.ping_pong:
         constants["CONSUMER_REGS"] = CONSUMER_REGISTERS
         constants["PERSISTENT"] = config.persistent
+        constants["TURNS"] = not config.no_turns
     return constants
 
 

@@ -28,24 +28,26 @@ class LaunchConfig:
     pipelined: bool = False  # Hopper: the Gluon kernel (TMA ring, asynchronous wgmma, softmax under P·V)
     ping_pong: bool = False  # with `pipelined`: two warpgroups per program taking turns at the tensor cores
     persistent: bool = False  # with `ping_pong`: one program per multiprocessor, looping over query tiles
+    no_turns: bool = False  # with `ping_pong`: the two warpgroups issue their products without taking turns
 
     def key(self) -> str:
         flags = "".join(tag for on, tag in ((self.warp_specialize, "ws"), (self.magic_convert, "mc"),
                                             (self.pv_direct, "pd"), (self.pipelined, "gp"),
-                                            (self.ping_pong, "pp"), (self.persistent, "ps")) if on)
+                                            (self.ping_pong, "pp"), (self.persistent, "ps"),
+                                            (self.no_turns, "nt")) if on)
         regs = f"r{self.max_registers}" if self.max_registers else ""
         return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}{regs}{flags}"
 
     @classmethod
     def from_key(cls, key: str) -> "LaunchConfig":
         """The inverse of key(): "m64n128w4s3r168mcpdgp" -> LaunchConfig."""
-        hit = re.fullmatch(r"m(\d+)n(\d+)w(\d+)s(\d+)(?:r(\d+))?((?:ws|mc|pd|gp|pp|ps)*)", key)
+        hit = re.fullmatch(r"m(\d+)n(\d+)w(\d+)s(\d+)(?:r(\d+))?((?:ws|mc|pd|gp|pp|ps|nt)*)", key)
         if not hit:
             raise ValueError(f"not a launch configuration key: {key!r}")
         m, n, w, s, r, flags = hit.groups()
         tags = {flags[i:i + 2] for i in range(0, len(flags), 2)}
         return cls(int(m), int(n), int(w), int(s), "ws" in tags, "mc" in tags, "pd" in tags,
-                   int(r) if r else None, "gp" in tags, "pp" in tags, "ps" in tags)
+                   int(r) if r else None, "gp" in tags, "pp" in tags, "ps" in tags, "nt" in tags)
 
 
 def _c(m, n, w, s):
@@ -150,6 +152,10 @@ def candidates(block_d: int, block_m: int | None = None, family: str = "sm90") -
         # where it may win
         plain.append(LaunchConfig(64, 128, 4, 4, magic_convert=True, pv_direct=True, pipelined=True, ping_pong=True,
                                   persistent=True))
+        # ping-pong without the turn-taking: 3-5% faster on the H200 from 4.6k to 16k tokens, 3.5% slower at
+        # Wan2.1's 32k (bench/NOTES.md, "Ping-pong without turns")
+        plain.append(LaunchConfig(64, 128, 4, 4, magic_convert=True, pv_direct=True, pipelined=True, ping_pong=True,
+                                  no_turns=True))
         if block_d == 64:
             # at head dim 64 one warpgroup capped at 168 registers runs three programs per multiprocessor, and
             # their softmaxes fill each other's tensor-core gaps (bench/NOTES.md, "The rescale after P·V's wait")

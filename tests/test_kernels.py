@@ -295,7 +295,7 @@ def test_kernel_flags_compute_the_same_attention(kernel, flags):
 
 
 @pytest.mark.parametrize("key", ["m64n64w4s1pd", "m64n128w4s3mcpdgp", "m64n128w4s4mcpdgppp", "m64n128w4s3mcgp",
-                                 "m64n128w4s4mcgppp", "m64n128w4s4mcpdgpppps"])
+                                 "m64n128w4s4mcgppp", "m64n128w4s4mcpdgpppps", "m64n128w4s4mcpdgpppnt"])
 def test_fp8_accumulation_survives_a_v_offset(key):
     """V with a large per-channel offset (a projection's bias): FP8 P·V accumulated in place lost 0.26 relative
     L1 on an H200 before V smoothing was made part of that path; the error must stay at two-level levels, and
@@ -316,7 +316,7 @@ def test_fp8_accumulation_survives_a_v_offset(key):
 @pytest.mark.skipif(not HOPPER, reason=NO_HOPPER)
 @pytest.mark.parametrize("key", ["m64n128w4s3mcpdgp", "m64n64w4s3gp", "m64n128w4s4mcpdgppp", "m64n64w4s4mcgppp",
                                  "m64n128w4s3mcgp", "m64n128w4s4mcgppp", "m64n128w4s3r168pdgp",
-                                 "m64n128w4s4mcpdgpppps", "m64n128w4s4mcgpppps"])
+                                 "m64n128w4s4mcpdgpppps", "m64n128w4s4mcgpppps", "m64n128w4s4mcpdgpppnt"])
 @pytest.mark.parametrize("b,hq,hk,nq,nk,d,dtype,smooth_v,lse", [
     (1, 2, 2, 200, 200, 64, torch.bfloat16, False, False),
     (2, 4, 4, 1000, 333, 128, torch.float16, False, True),   # ragged, the last key tile partial
@@ -337,7 +337,7 @@ def test_hopper_kernel_matches_portable_kernel(key, b, hq, hk, nq, nk, d, dtype,
     assert hopper_launch.serves(q.device, config=lc, pv_fp8=True, is_causal=False, has_bias=False, head_dim=d,
                                 block_d=d, k_group=lc.block_n, kv_len=nk)
     out, out_lse, bad = run_kernel(q, k, v, cfg, return_lse=lse, launch_cfg=lc)
-    portable = dataclasses.replace(lc, pipelined=False, ping_pong=False, persistent=False)
+    portable = dataclasses.replace(lc, pipelined=False, ping_pong=False, persistent=False, no_turns=False)
     ref, ref_lse, _ = run_kernel(q, k, v, cfg, return_lse=lse, launch_cfg=portable)
     assert torch.isfinite(out).all() and int(bad.sum()) == 0
     assert rel_diff(out, ref) < SAME_ALGO_TOL["int8_fp8"]
@@ -345,6 +345,24 @@ def test_hopper_kernel_matches_portable_kernel(key, b, hq, hk, nq, nk, d, dtype,
     assert err["cosine"] >= EXACT_BOUNDS["int8_fp8"][0] and err["rel_l1"] <= EXACT_BOUNDS["int8_fp8"][1], err
     if lse:
         torch.testing.assert_close(out_lse, ref_lse, atol=2e-2, rtol=0)
+
+
+@pytest.mark.skipif(not HOPPER, reason=NO_HOPPER)
+@pytest.mark.parametrize("key", ["m64n128w4s4mcpdgppp", "m64n128w4s4mcgppp"])
+@pytest.mark.parametrize("b,hq,hk,nq,nk,d", [(2, 4, 4, 1000, 333, 128), (1, 4, 2, 130, 4096, 64),
+                                             (2, 24, 8, 960, 1100, 128)])
+def test_ping_pong_without_turns_computes_the_same_bits(key, b, hq, hk, nq, nk, d):
+    """The turns only order the two warpgroups' products on the tensor cores; each warpgroup's arithmetic is the
+    same, so the outputs and the LSE are the same bits with and without them (in place and with FP16 tiles;
+    ragged tiles, grouped-query, a key tile loop that reuses every ring slot)."""
+    lc = tuning.LaunchConfig.from_key(key)
+    free = dataclasses.replace(lc, no_turns=True)
+    q, k, v = inputs(b, hq, hk, nq, nk, d, torch.bfloat16, seed=nq + nk)
+    cfg = SageConfig(kernel="int8_fp8", smooth_v=True)
+    out, lse, bad = run_kernel(q, k, v, cfg, return_lse=True, launch_cfg=lc)
+    out_free, lse_free, bad_free = run_kernel(q, k, v, cfg, return_lse=True, launch_cfg=free)
+    assert int(bad.sum()) == 0 and int(bad_free.sum()) == 0
+    assert torch.equal(out, out_free) and torch.equal(lse, lse_free)
 
 
 def test_direct_launch_keys_what_triton_specialises_on():

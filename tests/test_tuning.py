@@ -9,7 +9,7 @@ from sage_attention_pack.kernels import hopper_launch, tuning
 
 
 @pytest.mark.parametrize("key", ["m64n128w4s3", "m128n64w8s2r168mc", "m64n128w4s3mcpdgp", "m64n128w4s4mcpdgppp",
-                                 "m64n128w4s4mcpdgpppps"])
+                                 "m64n128w4s4mcpdgpppps", "m64n128w4s4mcpdgpppnt"])
 def test_key_round_trip(key):
     assert tuning.LaunchConfig.from_key(key).key() == key
 
@@ -22,8 +22,8 @@ def test_bad_key_names_the_problem():
 def test_hopper_candidates_only_on_sm90_for_served_head_dims():
     hopper = [c for c in tuning.candidates(128, None, "sm90") if c.pipelined]
     assert {c.key() for c in hopper} >= {"m64n128w4s3mcgp", "m64n128w4s3mcpdgp", "m64n128w4s4mcgppp",
-                                         "m64n128w4s4mcpdgppp", "m64n128w4s4mcpdgpppps"}
-    assert all(c.ping_pong for c in hopper if c.persistent)
+                                         "m64n128w4s4mcpdgppp", "m64n128w4s4mcpdgpppps", "m64n128w4s4mcpdgpppnt"}
+    assert all(c.ping_pong for c in hopper if c.persistent or c.no_turns)
     assert all(c.block_m == hopper_launch.WARPGROUP_ROWS and c.num_warps == 4 for c in hopper)
     # at head dim 64 also one warpgroup capped for three programs per multiprocessor (measured ahead there)
     capped = {c.key() for c in tuning.candidates(64, None, "sm90") if c.pipelined and c.max_registers}
@@ -37,8 +37,9 @@ def test_hopper_candidates_only_on_sm90_for_served_head_dims():
 def test_shipped_table_loads_and_its_in_place_entries_are_the_measured_ones():
     """Every shipped entry is a valid configuration. FP8 P·V accumulated in place (always with V smoothing, see
     launch.sage_forward) is shipped only where it was measured within the FP8 bound: head dim 128 at 8k (Flux's
-    4608 tokens), 16k and 32k tokens on the H200, in the ping-pong kernel; head dim 64 at 8k and 16k tokens, in
-    the one-warpgroup kernel capped at 168 registers."""
+    4608 tokens), 16k, 32k and 128k tokens on the H200, in the ping-pong kernel (without its turns except at
+    Wan2.1's 32k, where only the turns measured faster); head dim 64 at 8k and 16k tokens, in the one-warpgroup kernel capped at 168
+    registers."""
     table = tuning.shipped_table("NVIDIA H200", "launch")
     assert table
     in_place = {}
@@ -47,8 +48,9 @@ def test_shipped_table_loads_and_its_in_place_entries_are_the_measured_ones():
         assert tuning.LaunchConfig.from_key(config.key()) == config
         if key.startswith("fp8") and config.pv_direct:
             in_place[key] = config.key()
-    assert in_place == {**{f"fp8|d128|many|nq{n}|nk{n}|bfloat16|full": "m64n128w4s4mcpdgppp"
-                           for n in (8192, 16384, 32768)},
+    assert in_place == {**{f"fp8|d128|many|nq{n}|nk{n}|bfloat16|full": "m64n128w4s4mcpdgpppnt"
+                           for n in (8192, 16384, 131072)},
+                        "fp8|d128|many|nq32768|nk32768|bfloat16|full": "m64n128w4s4mcpdgppp",
                         **{f"fp8|d64|many|nq{n}|nk{n}|bfloat16|full": "m64n128w4s3r168pdgp" for n in (8192, 16384)}}
 
 
@@ -78,7 +80,8 @@ def test_auto_keys_tell_batch_heads_apart_and_the_shipped_ones_are_in_that_form(
 def test_hopper_kernel_declines_what_it_does_not_serve():
     """Every unserved case runs the portable kernel: the CPU, FP16 P·V, causal, masks, head dims other than
     64/128, K scales finer than a tile, fewer keys than one tile, configurations not marked pipelined, and a
-    persistent one-warpgroup configuration (only the ping-pong kernel loops over work items)."""
+    persistent or turnless one-warpgroup configuration (only the ping-pong kernel loops over work items or takes
+    turns)."""
     lc = tuning.LaunchConfig.from_key("m64n128w4s3mcpdgp")
     base = dict(config=lc, pv_fp8=True, is_causal=False, has_bias=False, head_dim=128, block_d=128, k_group=128,
                 kv_len=4096)
@@ -88,5 +91,6 @@ def test_hopper_kernel_declines_what_it_does_not_serve():
     for change in (dict(pv_fp8=False), dict(is_causal=True), dict(has_bias=True), dict(head_dim=96),
                    dict(block_d=256, head_dim=256), dict(k_group=1), dict(kv_len=100),
                    dict(config=dataclasses.replace(lc, pipelined=False)),
-                   dict(config=dataclasses.replace(lc, persistent=True))):
+                   dict(config=dataclasses.replace(lc, persistent=True)),
+                   dict(config=dataclasses.replace(lc, no_turns=True))):
         assert not hopper_launch.serves(cuda, **{**base, **change}), change

@@ -194,7 +194,7 @@ def pipeline_step(j, ring0, p_prev, m_i, l_acc, alpha_prev, acc, q_smem, k_smem,
     (SLOT_BARRIER). ring0: how many key tiles this program's ring carried before this work item's (persistent
     ping-pong), which sets the ring slot and mbarrier phase of tile j.
     TURNS (ping-pong): the warpgroups take their turns; without, each issues its products as soon as its softmax
-    is done, and the tensor cores take them in the order they come (bench/NOTES.md, "Ping-pong without turns")."""
+    is done, and the tensor cores take them in the order they come (bench/NOTES.md, "Ping-pong without turns, …")."""
     g = ring0 + j  # the tile's position in the ring's sequence
     if PING_PONG:
         g = g.to(gl.uint32)  # ring0 is not known ≥ 0 there: unsigned, % and // by STAGES stay bit operations
@@ -486,7 +486,8 @@ def sage_fwd_sm90_pingpong_kernel(
     the consumers finish the last ones and store their outputs. Otherwise one program per item, grid
     (pairs, B·H).
     TURNS: the two warpgroups take turns at the tensor cores; False lets each issue whenever its softmax is done
-    (faster on the H200 from 4.6k to 16k tokens, slower at 32k: bench/NOTES.md, "Ping-pong without turns")."""
+    (on the H200 faster at 4.6k to 16k and at 118k tokens, slower at Wan2.1's 32k: bench/NOTES.md, "Ping-pong
+    without turns, …")."""
     k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_D], k_desc.layout)
     v_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_D, BLOCK_N], v_desc.layout)
     q_smem = gl.allocate_shared_memory(gl.int8, [2, BLOCK_M, BLOCK_D], q_desc.layout)

@@ -152,8 +152,8 @@ def candidates(block_d: int, block_m: int | None = None, family: str = "sm90") -
         # where it may win
         plain.append(LaunchConfig(64, 128, 4, 4, magic_convert=True, pv_direct=True, pipelined=True, ping_pong=True,
                                   persistent=True))
-        # ping-pong without the turn-taking: 3-5% faster on the H200 from 4.6k to 16k tokens, 3.5% slower at
-        # Wan2.1's 32k (bench/NOTES.md, "Ping-pong without turns")
+        # ping-pong without the turn-taking: 1-4% faster on the H200 at 4.6k to 16k and at 118k tokens, 3.5% slower
+        # at Wan2.1's 32k (bench/NOTES.md, "Ping-pong without turns, …")
         plain.append(LaunchConfig(64, 128, 4, 4, magic_convert=True, pv_direct=True, pipelined=True, ping_pong=True,
                                   no_turns=True))
         if block_d == 64:

@@ -81,23 +81,24 @@ def run_for(fn, seconds: float) -> tuple[float, float, int]:
     return t0, time.monotonic(), calls
 
 
-def measure(shapes, methods, seconds: float, rounds: int) -> dict:
+def measure(shapes, fns: dict, seconds: float, rounds: int) -> dict:
+    """fns: the methods to measure, name -> callable (q, k, v), as methods() gives them."""
+    names = tuple(fns)
     sampler = PowerSampler(torch.cuda.current_device())
     try:
         time.sleep(2 * SETTLE_S + 1.0)
         idle = [w for w, _ in sampler.between(time.monotonic() - 1.0 - SETTLE_S, time.monotonic())]
         result = {"environment": environment(), "power_field": sampler.field, "seconds_per_run": seconds,
                   "rounds": rounds, "idle_watts": statistics.median(idle) if idle else None, "shapes": {}}
-        fns = methods()
         for name in progress(list(shapes), desc="energy", unit="shape"):
             b, h, n, d = GPU_SHAPES[name]
             q, k, v = model_shaped_inputs(b, h, n, d, torch.bfloat16, "cuda")
-            runs = {m: [] for m in methods}
-            for m in methods:  # compile, tune and settle before any run counts
+            runs = {m: [] for m in names}
+            for m in names:  # compile, tune and settle before any run counts
                 for _ in range(3):
                     fns[m](q, k, v)
             for r in range(rounds):
-                for m in (methods if r % 2 == 0 else methods[::-1]):
+                for m in (names if r % 2 == 0 else names[::-1]):
                     t0, t1, calls = run_for(lambda: fns[m](q, k, v), seconds)
                     time.sleep(SAMPLE_MS / 1000 * 2)  # the last samples of the run arrive
                     runs[m].append((t0, t1, calls, sampler.between(t0, t1)))
@@ -123,16 +124,17 @@ def measure(shapes, methods, seconds: float, rounds: int) -> dict:
 
 
 def main(argv=None) -> int:
+    table = methods()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="*", default=list(DEFAULT_SHAPES), choices=sorted(GPU_SHAPES))
-    ap.add_argument("--methods", nargs="*", default=list(DEFAULT_METHODS), choices=sorted(methods()))
+    ap.add_argument("--methods", nargs="*", default=list(DEFAULT_METHODS), choices=sorted(table))
     ap.add_argument("--seconds", type=float, default=3.0, help="length of each method's run")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", default="energy.json")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("energy per call is measured on an NVIDIA GPU (nvidia-smi samples its power)")
-    result = measure(args.shapes, tuple(args.methods), args.seconds, args.rounds)
+    result = measure(args.shapes, {m: table[m] for m in args.methods}, args.seconds, args.rounds)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     for name, shape in result["shapes"].items():

@@ -22,3 +22,21 @@ def test_an_unknown_method_is_named_before_any_work(capsys):
 def test_no_gpu_is_refused_with_the_reason():
     with pytest.raises(SystemExit, match="NVIDIA GPU"):
         energy_module().main(["--shapes", "flux_1024px"])
+
+
+def test_the_named_methods_reach_the_measurement_as_callables(monkeypatch, tmp_path):
+    """main hands the measurement the callables of exactly the methods named, from the one table it validated them
+    against (a name the measurement then looked up again by calling a shadowed table was the bug this guards)."""
+    module = energy_module()
+    seen = {}
+
+    def fake_measure(shapes, fns, seconds, rounds):
+        seen.update(shapes=shapes, fns=fns)
+        return {"shapes": {}}
+
+    monkeypatch.setattr(module, "measure", fake_measure)
+    monkeypatch.setattr(module.torch.cuda, "is_available", lambda: True)
+    assert module.main(["--shapes", "flux_1024px", "--methods", "sdpa_default", "sage_int8_fp8",
+                        "--out", str(tmp_path / "energy.json")]) == 0
+    assert seen["shapes"] == ["flux_1024px"]
+    assert list(seen["fns"]) == ["sdpa_default", "sage_int8_fp8"] and all(callable(f) for f in seen["fns"].values())

@@ -14,17 +14,20 @@ from .direct_launch import launch as run_kernel
 from .tuning import interpreting
 from .attention_kernel import sage_attention_fwd_kernel
 from .repair_kernel import repair_tiles_kernel
-from .quant_kernels import kv_stats_kernel, quantize_qk_kernel, quantize_v_kernel
+from .quant_kernels import quantize_kernel
 
 LOG2E = 1.4426950408889634
 STATS_ROWS = 64
 MAX_STATS_CHUNKS = 16  # partial-statistics rows per head (a power of two), finished inside each quantization program
-STATS_TILE = 16  # rows per step of the statistics loop (measured on the H200: 16 ahead of 32 and 64)
+# rows per step of the statistics loop, and Q/K rows a program codes at a time (of its QUANT_ROWS): with the
+# statistics beside Q's codes in one launch, 32 and 32 measured fastest on the H200 where the quantization is a
+# large share of the call (Flux 110 -> 97 us, SDXL 47 -> 36), 5% slower at Wan2.1 (0.2% of its call); they were
+# 16 and 16 with three launches (bench/NOTES.md, "A turn at the exponentials, and two quantization launches")
+STATS_TILE = 32
 QUANT_ROWS = 128
-QUANT_SUB = 16  # Q/K rows a program codes at a time (of its QUANT_ROWS): measured on the H200, 16 ahead of 32, 64, 128
-QUANT_WARPS = 4
+QUANT_SUB = 32
+QUANT_WARPS = 4  # per program of every quantization role (V's measured slower with 8 on the H200)
 V_ROWS = 128  # keys per program of V's quantization
-V_WARPS = 4
 V_CHANNELS = 32  # channels per V program (measured on the H200: 32 ahead of 64 and the whole 128)
 V_PAD = 128  # FP8 V rows padded to a multiple of this, so every tile load is in bounds and aligned
 FP8_E4M3_MAX = 448.0
@@ -93,8 +96,9 @@ def launch_now(site: str, fn, grid: tuple, args: tuple, kwargs: dict) -> None:
 def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multiplier: float, smooth_k: bool,
                  smooth_v: bool, pv_fp8: bool, pv_key_order: bool = False,
                  v_code_max: float = FP8_E4M3_MAX, buffers: dict | None = None, run=launch_now) -> dict:
-    """All quantization of one call in at most three launches (K and V statistics, then the INT8 codes of Q
-    and K, then V's codes: V's transposed FP8 tile and Q/K's row slices want different register budgets).
+    """All quantization of one call in at most two launches of quantize_kernel: K's and V's statistics with Q's
+    INT8 codes, then K's INT8 codes and V's (which need the statistics); with nothing to smooth, Q's and K's
+    codes in one.
 
     q: [B, H, NQ, D], k/v: [B, HK, NK, D] views with any strides. Returns (and writes, where a call plan gives
     them, `buffers`: quant_buffers of the same arguments) a dict of
@@ -110,29 +114,35 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
     out = buffers if buffers is not None else quant_buffers(
         q, k, q_group=q_group, k_group=k_group, block_d=block_d, smooth_k=smooth_k, smooth_v=smooth_v,
         pv_fp8=pv_fp8)
-    parts, v_padded = out["parts"], out["v_padded"]
     n_chunks, chunk_rows = stats_chunks(NK)
     need_v_stats = pv_fp8 or smooth_v
-    if smooth_k or need_v_stats:
-        run("kv_stats", kv_stats_kernel, (n_chunks, B * HK), (
-            k, v, parts, *k.stride(), *v.stride(), HK, NK, D, chunk_rows),
-            dict(TILE=STATS_TILE, BLOCK_D=block_d, K_STATS=smooth_k, V_STATS=need_v_stats))
-    dummy = out["q_scale"]  # stands in for buffers a launch does not write
+    stats = smooth_k or need_v_stats
     rows = max(QUANT_ROWS, q_group, k_group)
-    run("quantize_qk", quantize_qk_kernel, (cdiv(max(NQ, NK, 1), rows), max(B * H, B * HK), 2), (
-        q, k, parts, out["q8"], out["q_scale"], out["k8"], out["k_scale"], out["k_mean"] if smooth_k else dummy,
-        *q.stride(), *k.stride(), B * H, B * HK, H, HK, NQ, NK, D, n_chunks, out["q_scale"].shape[-1],
-        out["k_scale"].shape[-1], float(q_multiplier)), dict(
-        ROWS=rows, Q_SUB=slice_rows(q_group, rows), K_SUB=slice_rows(k_group, rows), Q_GROUP=q_group,
-        K_GROUP=k_group, BLOCK_D=block_d, STATS_CHUNKS=MAX_STATS_CHUNKS, SMOOTH_K=smooth_k, num_warps=QUANT_WARPS))
-    if need_v_stats:
-        channels = min(V_CHANNELS, block_d)
-        run("quantize_v", quantize_v_kernel, (cdiv(v_padded, V_ROWS) if pv_fp8 else 1, B * HK, block_d // channels), (
-            v, parts, out["v8"] if pv_fp8 else dummy, out["v_scale"] if pv_fp8 else dummy,
-            out["v_mean"], out["v_code_sums"] if pv_fp8 else dummy, *v.stride(),
-            HK, NK, D, n_chunks, v_padded, float(v_code_max)), dict(
-            ROWS=V_ROWS, BLOCK_D=block_d, CHANNELS=channels, STATS_CHUNKS=MAX_STATS_CHUNKS, SMOOTH_V=smooth_v,
-            PV_FP8=pv_fp8, FP8_ROUND_IN_FP32=interpreting(), PV_KEY_ORDER=pv_key_order, num_warps=V_WARPS))
+    n_v_programs = cdiv(out["v_padded"], V_ROWS) if pv_fp8 else 1
+    dummy = out["q_scale"]  # stands in for buffers a launch does not write
+    args = (q, k, v, out["parts"], out["q8"], out["q_scale"], out["k8"], out["k_scale"],
+            out["k_mean"] if smooth_k else dummy, out["v8"] if pv_fp8 else dummy,
+            out["v_scale"] if pv_fp8 else dummy, out["v_mean"] if need_v_stats else dummy,
+            out["v_code_sums"] if pv_fp8 else dummy, *q.stride(), *k.stride(), *v.stride(),
+            B * H, B * HK, H, HK, NQ, NK, D, n_chunks, chunk_rows, out["q_scale"].shape[-1],
+            out["k_scale"].shape[-1], float(q_multiplier), out["v_padded"], float(v_code_max), n_v_programs)
+    constants = dict(ROWS=rows, Q_SUB=slice_rows(q_group, rows), K_SUB=slice_rows(k_group, rows), Q_GROUP=q_group,
+                     K_GROUP=k_group, BLOCK_D=block_d, STATS_TILE=STATS_TILE, STATS_CHUNKS=MAX_STATS_CHUNKS,
+                     SMOOTH_K=smooth_k, V_STATS=need_v_stats, V_ROWS=V_ROWS, CHANNELS=min(V_CHANNELS, block_d),
+                     SMOOTH_V=smooth_v, PV_FP8=pv_fp8, FP8_ROUND_IN_FP32=interpreting(), PV_KEY_ORDER=pv_key_order,
+                     num_warps=QUANT_WARPS)
+    # the statistics' chunks first: they are the longest programs, and blocks are dispatched in grid order
+    passes = [dict(DO_STATS=1, DO_Q=1, DO_K=0, V_BLOCKS=0),
+              dict(DO_STATS=0, DO_Q=0, DO_K=1, V_BLOCKS=block_d // constants["CHANNELS"] if need_v_stats else 0)] \
+        if stats else [dict(DO_STATS=0, DO_Q=1, DO_K=1, V_BLOCKS=0)]
+    for roles in passes:
+        role_programs = [(n_chunks, roles["DO_STATS"]), (cdiv(NQ, rows), roles["DO_Q"]),
+                         (cdiv(NK, rows), roles["DO_K"]), (n_v_programs, roles["V_BLOCKS"])]
+        grid = (max(max(n, 1) for n, count in role_programs if count), max(B * H, B * HK) if roles["DO_Q"] else B * HK,
+                sum(count for _, count in role_programs))
+        site = "quantize_" + "_".join(name for name, on in (("stats", roles["DO_STATS"]), ("q", roles["DO_Q"]),
+                                                             ("k", roles["DO_K"]), ("v", roles["V_BLOCKS"])) if on)
+        run(site, quantize_kernel, grid, args, {**constants, **roles})
     return out
 
 

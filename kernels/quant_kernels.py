@@ -66,8 +66,8 @@ def quantize_rows_int8(x, ROWS: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.c
 
 
 @triton.jit
-def kv_stats_kernel(
-    K, V, PARTS,
+def kv_stats_chunk(
+    K, V, PARTS, bh, chunk, n_chunks,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     HK, N, D, rows_per_chunk,
@@ -75,9 +75,8 @@ def kv_stats_kernel(
 ):
     """Partial per-channel statistics of K and V over one chunk of tokens, for one (batch, KV head):
     PARTS[bh, chunk] = (sum of K, sum of V, max of V, min of V), each [BLOCK_D] in FP32 (padded channels
-    read as 0). The quantization kernel finishes the reduction, so no PyTorch reduction runs in between."""
-    chunk = tl.program_id(0)
-    bh = tl.program_id(1)
+    read as 0). The quantization programs of the next pass finish the reduction (finish_stats), so no PyTorch
+    reduction runs in between."""
     b = bh // HK
     h = bh % HK
     offs_d = tl.arange(0, BLOCK_D)
@@ -100,7 +99,7 @@ def kv_stats_kernel(
             v_sum += v
             v_max = tl.maximum(v_max, tl.where(row_ok[:, None], v, float("-inf")))
             v_min = tl.minimum(v_min, tl.where(row_ok[:, None], v, float("inf")))
-    out = PARTS + (bh * tl.num_programs(0) + chunk) * 4 * BLOCK_D + offs_d
+    out = PARTS + (bh * n_chunks + chunk) * 4 * BLOCK_D + offs_d
     tl.store(out, tl.sum(k_sum, axis=0))
     tl.store(out + BLOCK_D, tl.sum(v_sum, axis=0))
     tl.store(out + 2 * BLOCK_D, tl.max(v_max, axis=0))
@@ -109,7 +108,7 @@ def kv_stats_kernel(
 
 @triton.jit
 def finish_stats(PARTS, bh, n_chunks, N, offs_d, BLOCK_D: tl.constexpr, CHUNKS: tl.constexpr, WHICH: tl.constexpr):
-    """Reduce one statistic over the chunks of kv_stats_kernel (n_chunks <= CHUNKS): 0 mean of K, 1 mean of V,
+    """Reduce one statistic over the chunks of kv_stats_chunk (n_chunks <= CHUNKS): 0 mean of K, 1 mean of V,
     2 max of V, 3 min of V. All chunks load at once: a loop over them would be a chain of dependent L2 round
     trips in every quantization program."""
     offs_c = tl.arange(0, CHUNKS)
@@ -177,68 +176,29 @@ def quantize_int8_role(X, b, h, row0, stride_b, stride_h, stride_n, stride_d, N,
 
 
 @triton.jit
-def quantize_qk_kernel(
-    Q, K, PARTS, Q8, Q_SCALE, K8, K_SCALE, K_MEAN,
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    BH, BHK, H, HK, NQ, NK, D, n_chunks, q_groups, k_groups, q_multiplier,
-    ROWS: tl.constexpr, Q_SUB: tl.constexpr, K_SUB: tl.constexpr, Q_GROUP: tl.constexpr, K_GROUP: tl.constexpr,
-    BLOCK_D: tl.constexpr, STATS_CHUNKS: tl.constexpr, SMOOTH_K: tl.constexpr,
-):
-    """The INT8 quantizations of one attention call in one launch; program_id(2) picks the tensor.
-
-    0: Q -> INT8 codes [BH, NQ, BLOCK_D] of q * q_multiplier, one scale per Q_GROUP rows.
-    1: K -> INT8 codes [BHK, NK, BLOCK_D] of k - mean(k) (SMOOTH_K, the mean finished from kv_stats_kernel's
-       partial sums), one scale per K_GROUP rows; the first program of each head also writes the mean (for
-       the LSE correction)."""
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    offs_d = tl.arange(0, BLOCK_D)
-    if tl.program_id(2) == 0:
-        if (bh < BH) & (pid * ROWS < NQ):
-            quantize_int8_role(Q, bh // H, bh % H, pid * ROWS, stride_qb, stride_qh, stride_qn, stride_qd, NQ, D,
-                               tl.zeros((BLOCK_D,), tl.float32), q_multiplier, Q8 + bh * NQ * BLOCK_D,
-                               Q_SCALE + bh * q_groups, q_groups, ROWS, Q_SUB, Q_GROUP, BLOCK_D)
-    else:
-        if (bh < BHK) & (pid * ROWS < NK):
-            if SMOOTH_K:
-                mean = finish_stats(PARTS, bh, n_chunks, NK, offs_d, BLOCK_D, STATS_CHUNKS, 0)
-                if pid == 0:
-                    tl.store(K_MEAN + bh * BLOCK_D + offs_d, mean)
-            else:
-                mean = tl.zeros((BLOCK_D,), tl.float32)
-            quantize_int8_role(K, bh // HK, bh % HK, pid * ROWS, stride_kb, stride_kh, stride_kn, stride_kd, NK, D,
-                               mean, 1.0, K8 + bh * NK * BLOCK_D, K_SCALE + bh * k_groups, k_groups, ROWS, K_SUB,
-                               K_GROUP, BLOCK_D)
-
-
-@triton.jit
-def quantize_v_kernel(
-    V, PARTS, V8, V_SCALE, V_MEAN, V_CODE_SUM,
+def quantize_v_tile(
+    V, PARTS, V8, V_SCALE, V_MEAN, V_CODE_SUM, pid, bh, channel_block, n_programs,
     stride_vb, stride_vh, stride_vn, stride_vd,
     HK, NK, D, n_chunks, v_padded, v_code_max,
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr, CHANNELS: tl.constexpr, STATS_CHUNKS: tl.constexpr,
     SMOOTH_V: tl.constexpr, PV_FP8: tl.constexpr, FP8_ROUND_IN_FP32: tl.constexpr, PV_KEY_ORDER: tl.constexpr,
 ):
-    """V's part of one call's quantization, ROWS keys and CHANNELS of the BLOCK_D channels of one head per
-    program (grid: programs, B*HK, BLOCK_D // CHANNELS): a whole 128-channel tile took 255 registers and
-    spilled. The first program of each head and channel block writes those channels' mean (finished from
-    kv_stats_kernel's partial sums).
+    """V's part of one call's quantization: ROWS keys (program pid of n_programs) and CHANNELS of the BLOCK_D
+    channels (channel_block) of one head: a whole 128-channel tile took 255 registers and spilled. The first
+    program of each head and channel block writes those channels' mean (finished from kv_stats_chunk's partial
+    sums).
 
     With PV_FP8: FP8 e4m3 codes stored transposed [BHK, BLOCK_D, v_padded] (the K-major operand FP8
     tensor-core dots want) with per-channel scales from V's range (the partial maxima and minima, finished
     here), of v - mean(v) with SMOOTH_V; the same first programs write the scales. PV_KEY_ORDER stores
     the keys of every 32 in the order the Hopper kernel's P operand comes in (pv_key_source). Every program
-    writes the per-channel sums of its dequantized codes into its channels of V_CODE_SUM [BHK, programs,
-    BLOCK_D] (see
-    launch.output_shift). A sum of the codes alone, not of their rounding errors: Triton codes the tile twice
-    here, in the load's layout for the sum and in the transposed store's (its layout pass recomputes the chain
-    rather than convert the one-byte codes), so every operation per element counts twice, and the rounding
-    errors' dequantize-and-subtract per element measured slower."""
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
+    writes the per-channel sums of its dequantized codes into its channels of V_CODE_SUM [BHK, n_programs,
+    BLOCK_D] (see launch.output_shift). A sum of the codes alone, not of their rounding errors: Triton codes the
+    tile twice here, in the load's layout for the sum and in the transposed store's (its layout pass recomputes
+    the chain rather than convert the one-byte codes), so every operation per element counts twice, and the
+    rounding errors' dequantize-and-subtract per element measured slower."""
     offs_n = pid * ROWS + tl.arange(0, ROWS)
-    offs_d = tl.program_id(2) * CHANNELS + tl.arange(0, CHANNELS)
+    offs_d = channel_block * CHANNELS + tl.arange(0, CHANNELS)
     mean = finish_stats(PARTS, bh, n_chunks, NK, offs_d, BLOCK_D, STATS_CHUNKS, 1)
     if pid == 0:
         tl.store(V_MEAN + bh * BLOCK_D + offs_d, mean)
@@ -253,7 +213,68 @@ def quantize_v_kernel(
         codes = to_fp8_e4m3(tl.where(valid, v - mean[None, :], 0.0) * reciprocal(scale)[None, :], FP8_ROUND_IN_FP32)
         tl.store(V8 + (bh * BLOCK_D + offs_d[None, :]) * v_padded + offs_n[:, None], codes,
                  mask=offs_n[:, None] < v_padded)
-        tl.store(V_CODE_SUM + (bh * tl.num_programs(0) + pid) * BLOCK_D + offs_d,
+        tl.store(V_CODE_SUM + (bh * n_programs + pid) * BLOCK_D + offs_d,
                  tl.sum(codes.to(tl.float32), axis=0) * scale)
         if pid == 0:
             tl.store(V_SCALE + bh * BLOCK_D + offs_d, scale)
+
+
+@triton.jit
+def quantize_kernel(
+    Q, K, V, PARTS, Q8, Q_SCALE, K8, K_SCALE, K_MEAN, V8, V_SCALE, V_MEAN, V_CODE_SUM,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    BH, BHK, H, HK, NQ, NK, D, n_chunks, chunk_rows, q_groups, k_groups, q_multiplier, v_padded, v_code_max,
+    n_v_programs,
+    DO_STATS: tl.constexpr, DO_Q: tl.constexpr, DO_K: tl.constexpr, V_BLOCKS: tl.constexpr,
+    ROWS: tl.constexpr, Q_SUB: tl.constexpr, K_SUB: tl.constexpr, Q_GROUP: tl.constexpr, K_GROUP: tl.constexpr,
+    BLOCK_D: tl.constexpr, STATS_TILE: tl.constexpr, STATS_CHUNKS: tl.constexpr, SMOOTH_K: tl.constexpr,
+    V_STATS: tl.constexpr, V_ROWS: tl.constexpr, CHANNELS: tl.constexpr, SMOOTH_V: tl.constexpr,
+    PV_FP8: tl.constexpr, FP8_ROUND_IN_FP32: tl.constexpr, PV_KEY_ORDER: tl.constexpr,
+):
+    """One launch of a call's quantization: the roles it is given (DO_STATS, DO_Q, DO_K, V_BLOCKS), one per
+    program_id(2), in that order; program_id(0) is the role's chunk or row block, program_id(1) its head. Roles
+    that need no statistics share a launch with those that make them, so that the short passes fill the GPU
+    together (the statistics alone were under one wave at Flux's shape) and a call has two launches, not three.
+
+    statistics (role 0): K's sums (SMOOTH_K) and V's sums and range (V_STATS) over chunk program_id(0) of
+       chunk_rows tokens (kv_stats_chunk), for the next launch's K and V codes.
+    Q: INT8 codes [BH, NQ, BLOCK_D] of q * q_multiplier, one scale per Q_GROUP rows.
+    K: INT8 codes [BHK, NK, BLOCK_D] of k - mean(k) (SMOOTH_K, the mean finished from the statistics), one
+       scale per K_GROUP rows; the first program of each head also writes the mean (for the LSE correction).
+    V (V_BLOCKS roles, one per CHANNELS channels): quantize_v_tile, n_v_programs programs per head."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    role = tl.program_id(2)
+    offs_d = tl.arange(0, BLOCK_D)
+    Q_ROLE: tl.constexpr = DO_STATS
+    K_ROLE: tl.constexpr = DO_STATS + DO_Q
+    V_ROLE: tl.constexpr = DO_STATS + DO_Q + DO_K
+    if DO_STATS:
+        if (role == 0) & (pid < n_chunks) & (bh < BHK):
+            kv_stats_chunk(K, V, PARTS, bh, pid, n_chunks, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb,
+                           stride_vh, stride_vn, stride_vd, HK, NK, D, chunk_rows, STATS_TILE, BLOCK_D, SMOOTH_K,
+                           V_STATS)
+    if DO_Q:
+        if (role == Q_ROLE) & (bh < BH) & (pid * ROWS < NQ):
+            quantize_int8_role(Q, bh // H, bh % H, pid * ROWS, stride_qb, stride_qh, stride_qn, stride_qd, NQ, D,
+                               tl.zeros((BLOCK_D,), tl.float32), q_multiplier, Q8 + bh * NQ * BLOCK_D,
+                               Q_SCALE + bh * q_groups, q_groups, ROWS, Q_SUB, Q_GROUP, BLOCK_D)
+    if DO_K:
+        if (role == K_ROLE) & (bh < BHK) & (pid * ROWS < NK):
+            if SMOOTH_K:
+                mean = finish_stats(PARTS, bh, n_chunks, NK, offs_d, BLOCK_D, STATS_CHUNKS, 0)
+                if pid == 0:
+                    tl.store(K_MEAN + bh * BLOCK_D + offs_d, mean)
+            else:
+                mean = tl.zeros((BLOCK_D,), tl.float32)
+            quantize_int8_role(K, bh // HK, bh % HK, pid * ROWS, stride_kb, stride_kh, stride_kn, stride_kd, NK, D,
+                               mean, 1.0, K8 + bh * NK * BLOCK_D, K_SCALE + bh * k_groups, k_groups, ROWS, K_SUB,
+                               K_GROUP, BLOCK_D)
+    if V_BLOCKS > 0:
+        if (role >= V_ROLE) & (bh < BHK) & (pid < n_v_programs):
+            quantize_v_tile(V, PARTS, V8, V_SCALE, V_MEAN, V_CODE_SUM, pid, bh, role - V_ROLE, n_v_programs,
+                            stride_vb, stride_vh, stride_vn, stride_vd, HK, NK, D, n_chunks, v_padded, v_code_max,
+                            V_ROWS, BLOCK_D, CHANNELS, STATS_CHUNKS, SMOOTH_V, PV_FP8, FP8_ROUND_IN_FP32,
+                            PV_KEY_ORDER)

@@ -203,8 +203,8 @@ def test_int8_quantization_kernel_is_bit_exact():
 
 @pytest.mark.parametrize("group", [16, 64, 128])
 def test_a_nan_makes_only_its_own_int8_group_scale_nan(group):
-    # 128 rows per program: groups of 16 are coded within one 16-row slice, 64 in a slice of their own, and 128
-    # (the whole program) after a first pass that finds the maximum
+    # 128 rows per program: groups of 16 are coded two to a 32-row slice (launch.QUANT_SUB), 64 in a slice of their
+    # own, and 128 (the whole program) after a first pass that finds the maximum
     x = inputs(1, 1, 1, 300, 300, 64, torch.float32, seed=3)[1]
     x[0, 0, 130, 7] = float("nan")
     _, scales = launch.quantize_int8(x, group, 64)
@@ -249,6 +249,46 @@ def test_v_quantization_split_over_channels_codes_the_same(monkeypatch):
         for name in ("v_scale", "v_mean"):
             torch.testing.assert_close(runs[channels][name], runs[128][name], rtol=0 if exact_bits else 1e-6, atol=0)
         torch.testing.assert_close(runs[channels]["v_code_sums"], runs[128]["v_code_sums"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("smooth_k,smooth_v,pv_fp8,sites", [
+    (True, True, True, ["quantize_stats_q", "quantize_k_v"]),
+    (False, True, False, ["quantize_stats_q", "quantize_k_v"]),
+    (True, False, False, ["quantize_stats_q", "quantize_k"]),
+    (False, False, False, ["quantize_q_k"]),
+])
+def test_quantization_takes_two_launches_and_codes_what_three_did(smooth_k, smooth_v, pv_fp8, sites):
+    """The statistics share a launch with Q's codes (which do not need them) and K's and V's codes share the next;
+    with nothing to smooth, Q's and K's codes are one launch. Every role writes what the reference quantization
+    gives: Q's and K's INT8 codes and scales, K's mean, V's FP8 codes, scales and mean."""
+    q, k, v = inputs(1, 4, 2, 150, 333, 64, torch.bfloat16, seed=41)
+    k = k + 0.5  # a mean for K's smoothing to take off
+    launched = []
+
+    def run(site, fn, grid, args, kwargs):
+        launched.append(site)
+        launch.launch_now(site, fn, grid, args, kwargs)
+
+    qz = launch.quantize_qkv(q, k, v, q_group=16, k_group=64, block_d=64, q_multiplier=0.1, smooth_k=smooth_k,
+                             smooth_v=smooth_v, pv_fp8=pv_fp8, run=run)
+    assert launched == sites
+    q_codes, q_scales = launch.quantize_int8(q, 16, 64, multiplier=0.1)
+    assert torch.equal(qz["q8"].view_as(q_codes), q_codes) and torch.equal(qz["q_scale"].view_as(q_scales), q_scales)
+    k_mean = k.float().mean(dim=2, keepdim=True) if smooth_k else torch.zeros_like(k[:, :, :1]).float()
+    k_codes, k_scales = launch.quantize_int8(k.float() - k_mean, 64, 64)
+    assert (qz["k8"].view_as(k_codes).int() - k_codes.int()).abs().max() <= 1
+    torch.testing.assert_close(qz["k_scale"].view_as(k_scales), k_scales, rtol=1e-5, atol=0)
+    if smooth_k:
+        torch.testing.assert_close(qz["k_mean"].view(1, 2, 1, 64), k_mean, rtol=1e-5, atol=1e-6)
+    if smooth_v or pv_fp8:
+        torch.testing.assert_close(qz["v_mean"].view(1, 2, 1, 64), v.float().mean(dim=2, keepdim=True), rtol=1e-5,
+                                   atol=1e-6)
+    if pv_fp8:
+        centred = v.float() - v.float().mean(dim=2, keepdim=True)
+        scale = centred.abs().amax(dim=2) / launch.FP8_E4M3_MAX
+        torch.testing.assert_close(qz["v_scale"].view_as(scale), scale, rtol=1e-5, atol=0)
+        decoded = qz["v8"][..., :333].float().view(1, 2, 64, 333).transpose(-1, -2) * scale.unsqueeze(2)
+        torch.testing.assert_close(decoded, centred, rtol=0.07, atol=scale.max().item())
 
 
 def test_nan_input_is_flagged_not_hidden():
@@ -398,7 +438,7 @@ def test_direct_launches_repeat_the_first_call_bit_for_bit(key):
     hits, reused = LAUNCHES.hits, PLANS.reused
     again = run_kernel(q, k, v, cfg, launch_cfg=launch_cfg, repair_counter=torch.zeros(1, dtype=torch.int32,
                                                                                        device=DEVICE))[0]
-    assert LAUNCHES.hits - hits == 5  # quantization (three launches), attention, repair: all direct
+    assert LAUNCHES.hits - hits == 4  # quantization (two launches), attention, repair: all direct
     assert PLANS.reused - reused == 1  # through the first call's plan (its buffers and launch slots)
     assert torch.equal(first, again)
     # another length and a query view off the 16-byte grid: new keys, compiled through Triton, still right
@@ -446,7 +486,7 @@ def test_a_launch_asking_its_plan_for_another_kernel_is_refused(monkeypatch):
     again, _, _ = run_kernel(q, k, v, cfg)
     assert torch.equal(first, again)
     monkeypatch.setattr(launch, "QUANT_WARPS", 2)
-    with pytest.raises(RuntimeError, match=r"'quantize_qk'.*quantize_qk_kernel.*\(num_warps\)"):
+    with pytest.raises(RuntimeError, match=r"'quantize_stats_q'.*quantize_kernel.*\(num_warps\)"):
         run_kernel(q, k, v, cfg)
     PLANS.clear()
 

@@ -5,8 +5,9 @@ under overrides of the launch module's quantization constants, side by side on m
         [--shapes flux_1024px wan21_480p_81f] [--rounds 7] [--out F.json]
 
 A variant is NAME or NAME:CONST=VALUE[,CONST=VALUE...] over the constants in TUNABLE; `base` (no overrides) is the
-shipped setting. Each variant runs as a CUDA graph of GRAPH_CALLS calls into buffers of its own, all variants in
-turn for --rounds rounds (the machine's drift reaches all alike); the report is the median per call. Every
+shipped setting. Each variant runs as a CUDA graph of GRAPH_CALLS calls into buffers of its own, the graphs timed
+by the benchmark's interleaved timing (sage_core/timing.py: every variant in turn for --rounds rounds, each visit
+settled first, so that the machine's drift reaches all alike); the report is the median per call. Every
 variant's outputs (codes, scales, means, code sums) are compared with the first variant's, bit for bit: a
 constant that changed what the quantization writes would show there (on the GPU, V_CHANNELS and the statistics'
 chunking change the order in which V's mean is summed, so a code may differ in its last bit; V_ROWS changes how
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,13 +28,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from sage_attention_pack.kernels import launch  # noqa: E402
 from sage_attention_pack.sage_core.bench import GPU_SHAPES, environment, model_shaped_inputs  # noqa: E402
 from sage_attention_pack.sage_core.progress import progress  # noqa: E402
+from sage_attention_pack.sage_core.timing import interleaved_median_ms  # noqa: E402
 
 # the constants of kernels/launch.py that shape the quantization launches without changing what they write
 TUNABLE = ("STATS_ROWS", "MAX_STATS_CHUNKS", "STATS_TILE", "QUANT_ROWS", "QUANT_SUB", "QUANT_WARPS", "V_ROWS",
            "V_CHANNELS")
 GRAPH_CALLS = 20
-# the in-place Hopper path's quantization (kernels/launch.sage_forward for an FP8 call with a pipelined key)
-QUANT_ARGS = dict(q_group=64, k_group=128, smooth_k=True, smooth_v=True, pv_fp8=True, pv_key_order=True)
+# the in-place Hopper path's quantization (kernels/launch.sage_forward for an FP8 call with a pipelined key):
+# what sizes its buffers (launch.quant_buffers), then the rest of quantize_qkv's arguments
+BUFFER_ARGS = dict(q_group=64, k_group=128, smooth_k=True, smooth_v=True, pv_fp8=True)
+QUANT_ARGS = dict(BUFFER_ARGS, pv_key_order=True)
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -87,8 +90,7 @@ def measure_shape(shape, variants: dict, rounds: int) -> dict:
             out = quantize(q, k, v)
             first = first or out
             rows[name] = {"overrides": overrides, "same_bits_as_first": same_outputs(first, out)}
-            buffers = launch.quant_buffers(q, k, block_d=launch.padded_head_dim(d), **{
-                key: QUANT_ARGS[key] for key in ("q_group", "k_group", "smooth_k", "smooth_v", "pv_fp8")})
+            buffers = launch.quant_buffers(q, k, block_d=launch.padded_head_dim(d), **BUFFER_ARGS)
             quantize(q, k, v, buffers)  # compiled and warm before the capture
             torch.cuda.synchronize()
             graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
@@ -99,18 +101,12 @@ def measure_shape(shape, variants: dict, rounds: int) -> dict:
                         quantize(q, k, v, buffers)
             torch.cuda.synchronize()
             graphs[name], kept[name] = graph, buffers  # the graph writes into these buffers
-    samples = {name: [] for name in graphs}
-    for _ in range(rounds):
-        for name, graph in graphs.items():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            graph.replay()  # the replay before the timed one settles the clock and the caches alike for all
-            start.record()
-            graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-            samples[name].append(start.elapsed_time(end) * 1000.0 / GRAPH_CALLS)
-    for name, us in samples.items():
-        rows[name].update(us=statistics.median(us), min_us=min(us))
+    for name, ms in interleaved_median_ms({name: graph.replay for name, graph in graphs.items()},
+                                          rounds=rounds).items():
+        if isinstance(ms, str):  # the replay raised: its message
+            rows[name]["error"] = ms
+        else:
+            rows[name]["us"] = ms * 1000.0 / GRAPH_CALLS
     return {"shape": {"B": b, "H": h, "N": n, "D": d}, "rows": rows}
 
 
@@ -136,7 +132,8 @@ def main(argv=None) -> int:
         result["shapes"][shape] = row
         for name, r in row["rows"].items():
             differ = [key for key, same in r["same_bits_as_first"].items() if not same]
-            print(f"{shape:18s} {name:20s} {r['us']:9.1f} us (min {r['min_us']:.1f})"
+            timing = f"{r['us']:9.1f} us" if "us" in r else r["error"]
+            print(f"{shape:18s} {name:20s} {timing}"
                   + (f"  differs from the first in {', '.join(differ)}" if differ else ""), flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=1))

@@ -4,6 +4,7 @@ SASS, whole and in the main loop.
 
     python bench/inspect_sass.py --pv fp8 --d 128 --m 128 --n 128 --warps 8 --stages 3 [--arch 90] [--dump F]
     python bench/inspect_sass.py --config m64n128w4s4mcpdgppp --d 128      # a launch key; gp = the Gluon kernels
+    python bench/inspect_sass.py --quant stats_q --d 128 STATS_TILE=16     # a quantization launch
 
 The per-element work of the inner loop is what bounds an attention kernel on Hopper: the counts of MUFU
 (exp2), I2F/F2F/F2FP (conversions, on the same quarter-rate pipe) and FFMA/FMUL/FADD tell a change's
@@ -63,6 +64,47 @@ def compile_attention(pv: str, d: int, m: int, n: int, warps: int, stages: int, 
     src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": warps, "num_stages": stages, "maxnreg": maxnreg})
+
+
+def compile_quantize(stats_pass: bool, d: int, arch: int, **overrides):
+    """One of the quantization's two launches (kernels/launch.quantize_qkv, FP8 P·V with both smoothings, as the
+    in-place Hopper path launches it) compiled for `arch`: the statistics with Q's codes (stats_pass) or K's and
+    V's codes; `overrides` replace the launch module's constants (STATS_TILE=16, ...)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from sage_attention_pack.kernels import launch
+    from sage_attention_pack.kernels.quant_kernels import quantize_kernel as fn
+
+    consts = {name: getattr(launch, name) for name in ("STATS_TILE", "MAX_STATS_CHUNKS", "QUANT_ROWS",
+                                                       "QUANT_SUB", "QUANT_WARPS", "V_ROWS", "V_CHANNELS")}
+    consts.update(overrides)
+    rows = consts["QUANT_ROWS"]
+    ptypes = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Q8": "*i8", "K8": "*i8", "V8": "*fp8e4nv"}
+    floats = ("q_multiplier", "v_code_max")
+    launch.QUANT_SUB, saved = consts["QUANT_SUB"], launch.QUANT_SUB  # slice_rows reads it
+    q_sub, k_sub = launch.slice_rows(64, rows), launch.slice_rows(128, rows)
+    launch.QUANT_SUB = saved
+    const_values = dict(ROWS=rows, Q_SUB=q_sub, K_SUB=k_sub, Q_GROUP=64, K_GROUP=128, BLOCK_D=d,
+                        STATS_TILE=consts["STATS_TILE"],
+                        STATS_CHUNKS=consts["MAX_STATS_CHUNKS"], SMOOTH_K=True, V_STATS=True, V_ROWS=consts["V_ROWS"],
+                        CHANNELS=min(consts["V_CHANNELS"], d), SMOOTH_V=True, PV_FP8=True, FP8_ROUND_IN_FP32=False,
+                        PV_KEY_ORDER=True, DO_STATS=int(stats_pass), DO_Q=int(stats_pass), DO_K=int(not stats_pass),
+                        V_BLOCKS=0 if stats_pass else d // min(consts["V_CHANNELS"], d))
+    const_values.update({name: 1 for name in fn.arg_names if re.fullmatch(r"stride_[a-z]d", name)})
+    sig, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in const_values:
+            sig[name] = "constexpr"
+            constexprs[(i,)] = const_values[name]
+            continue
+        is_ptr = i < fn.arg_names.index("stride_qb")  # the buffers come first
+        sig[name] = ptypes.get(name, "*fp32") if is_ptr else ("fp32" if name in floats else "i32")
+        if is_ptr or name.startswith("stride") or name in ("D", "v_padded"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": consts["QUANT_WARPS"]})
 
 
 def sass_of(kernel) -> str:
@@ -162,6 +204,26 @@ def overlap_report(sass: str) -> dict:
             "first_mma_into_turn": mmas[0] - turn_sync if in_turn else None}
 
 
+def load_loops(sass: str) -> list[dict]:
+    """Every loop of the listing that loads from global memory: its global loads, and how many of them issue
+    before the loop's first FP32 add or min/max (where the quantization's loops use what they loaded). A loop whose
+    loads all come first keeps them in flight together; one that adds after each load waits for each in turn."""
+    ins = sass_instructions(sass)
+    loops = []
+    for i, (addr, op, operands) in enumerate(ins):
+        target = re.search(r"0x([0-9a-f]+)", operands) if op.startswith("BRA") else None
+        if target is None or int(target.group(1), 16) >= addr:
+            continue
+        body = [o for a, o, _ in ins if int(target.group(1), 16) <= a <= addr]
+        loads = [j for j, o in enumerate(body) if o.startswith("LDG")]
+        if loads:
+            uses = [j for j, o in enumerate(body) if o.split(".")[0] in ("FADD", "FMNMX")]
+            first_use = uses[0] if uses else len(body)
+            loops.append({"instructions": len(body), "loads": len(loads),
+                          "loads_before_first_add": sum(j < first_use for j in loads)})
+    return loops
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pv", default="fp8", choices=["fp8", "fp16"])
@@ -179,7 +241,22 @@ def main(argv=None):
     ap.add_argument("--dump", help="write the SASS here")
     ap.add_argument("--ptx", help="write the PTX here")
     ap.add_argument("--json", action="store_true", help="print only a JSON summary (resources, main-loop overlap)")
+    ap.add_argument("--quant", choices=["stats_q", "k_v"],
+                    help="compile a quantization launch instead (its constants as CONST=VALUE after it)")
+    ap.add_argument("overrides", nargs="*", help="with --quant: CONST=VALUE overrides of kernels/launch.py")
     args = ap.parse_args(argv)
+    if args.quant:
+        k = compile_quantize(args.quant == "stats_q", args.d, args.arch,
+                             **{c: int(v) for c, v in (o.split("=") for o in args.overrides)})
+        if args.json:
+            print(json.dumps({"resources": resource_report(k, args.arch), "shared": k.metadata.shared,
+                              "load_loops": load_loops(sass_of(k))}))
+            return 0
+        print(f"{resource_report(k, args.arch)}  shared {k.metadata.shared} B")
+        for loop in load_loops(sass_of(k)):
+            print(f"  loop of {loop['instructions']} instructions: {loop['loads']} global loads, "
+                  f"{loop['loads_before_first_add']} of them before its first add")
+        return 0
     if args.config:
         from sage_attention_pack.kernels.tuning import LaunchConfig
 

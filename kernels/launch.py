@@ -19,11 +19,10 @@ from .quant_kernels import quantize_kernel
 LOG2E = 1.4426950408889634
 STATS_ROWS = 64
 MAX_STATS_CHUNKS = 16  # partial-statistics rows per head (a power of two), finished inside each quantization program
-# rows per step of the statistics loop, and Q/K rows a program codes at a time (of its QUANT_ROWS): with the
-# statistics beside Q's codes in one launch, 32 and 32 measured fastest on the H200 where the quantization is a
-# large share of the call (Flux 110 -> 97 us, SDXL 47 -> 36), 5% slower at Wan2.1 (0.2% of its call); they were
-# 16 and 16 with three launches (bench/NOTES.md, "A turn at the exponentials, and two quantization launches")
-STATS_TILE = 32
+# rows per step of the statistics loop, and Q/K rows a program codes at a time (of its QUANT_ROWS). With each
+# loop loading its next tile ahead, 16-row statistics steps (128 registers; 32 took 253) and 32-row slices
+# measured fastest on the H200 (bench/NOTES.md, "Loads issued ahead")
+STATS_TILE = 16
 QUANT_ROWS = 128
 QUANT_SUB = 32
 QUANT_WARPS = 4  # per program of every quantization role (V's measured slower with 8 on the H200)

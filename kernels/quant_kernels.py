@@ -32,11 +32,16 @@ def to_fp8_e4m3(x, ROUND_IN_FP32: tl.constexpr):
 
 
 @triton.jit
-def load_tile(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D):
-    """A [rows, BLOCK_D] FP32 tile of a strided [B, H, N, D] tensor, zero outside it, and its in-bounds mask."""
+def load_raw(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D):
+    """A [rows, BLOCK_D] tile of a strided [B, H, N, D] tensor in its own dtype, zero outside it. Nothing waits
+    for the load until its value is used, and ptxas leaves loads where Triton emits them, each right before its
+    first use: so the loops below load their next tile before they use this one (two tiles' reads in flight
+    instead of one), and K's and V's programs issue their first load before they finish the statistics (measured
+    on the H200: the quantization 22% faster at Flux's and Wan2.1's shapes; bench/NOTES.md, "Loads issued
+    ahead")."""
     valid = (offs_n[:, None] < N) & (offs_d[None, :] < D)
     ptrs = X + b * stride_b + h * stride_h + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d
-    return tl.load(ptrs, mask=valid, other=0.0).to(tl.float32), valid
+    return tl.load(ptrs, mask=valid, other=0.0)
 
 
 @triton.jit
@@ -76,10 +81,11 @@ def kv_stats_chunk(
     """Partial per-channel statistics of K and V over one chunk of tokens, for one (batch, KV head):
     PARTS[bh, chunk] = (sum of K, sum of V, max of V, min of V), each [BLOCK_D] in FP32 (padded channels
     read as 0). The quantization programs of the next pass finish the reduction (finish_stats), so no PyTorch
-    reduction runs in between."""
+    reduction runs in between. Each step loads the next tile before it adds up this one (load_raw)."""
     b = bh // HK
     h = bh % HK
     offs_d = tl.arange(0, BLOCK_D)
+    rows = tl.arange(0, TILE)
     # elementwise accumulators, reduced across rows once at the end: a reduction per tile would put
     # shuffles and barriers between every load and the next
     k_sum = tl.zeros((TILE, BLOCK_D), tl.float32)
@@ -88,14 +94,24 @@ def kv_stats_chunk(
     v_min = tl.full((TILE, BLOCK_D), float("inf"), tl.float32)
     lo = chunk * rows_per_chunk
     hi = tl.minimum(N, lo + rows_per_chunk)
+    if K_STATS:
+        k_next = load_raw(K, b, h, lo + rows, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, hi, D)
+    if V_STATS:
+        v_next = load_raw(V, b, h, lo + rows, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, hi, D)
     for start in range(lo, hi, TILE):
-        offs_n = start + tl.arange(0, TILE)
+        offs_n = start + rows
         row_ok = offs_n < hi
+        # both next loads issued before this step's tiles are waited for
         if K_STATS:
-            k, _ = load_tile(K, b, h, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, hi, D)
-            k_sum += k
+            k_raw = k_next
+            k_next = load_raw(K, b, h, offs_n + TILE, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, hi, D)
         if V_STATS:
-            v, _ = load_tile(V, b, h, offs_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, hi, D)
+            v_raw = v_next
+            v_next = load_raw(V, b, h, offs_n + TILE, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, hi, D)
+        if K_STATS:
+            k_sum += k_raw.to(tl.float32)
+        if V_STATS:
+            v = v_raw.to(tl.float32)
             v_sum += v
             v_max = tl.maximum(v_max, tl.where(row_ok[:, None], v, float("-inf")))
             v_min = tl.minimum(v_min, tl.where(row_ok[:, None], v, float("inf")))
@@ -132,43 +148,68 @@ def pv_key_source(s):
 
 
 @triton.jit
-def shifted_rows(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D, shift, multiplier):
-    """(x - shift) * multiplier for the rows offs_n of one head, as FP32, zero outside the tensor."""
-    x, valid = load_tile(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D)
-    return tl.where(valid, (x - shift[None, :]) * multiplier, 0.0)
+def shifted(raw, offs_n, offs_d, N, D, shift, multiplier):
+    """(x - shift) * multiplier of a tile load_raw read, as FP32, zero outside the tensor."""
+    valid = (offs_n[:, None] < N) & (offs_d[None, :] < D)
+    return tl.where(valid, (raw.to(tl.float32) - shift[None, :]) * multiplier, 0.0)
+
+
+@triton.jit
+def shifted_slice(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D, shift, multiplier, nxt, end,
+                  SUB: tl.constexpr):
+    """The slice offs_n of a program's rows, which came loaded in `nxt`, shifted and scaled (see shifted), and
+    the next slice's load (rows up to `end`, the program's end), issued before this one is used."""
+    raw = nxt
+    nxt = load_raw(X, b, h, offs_n + SUB, offs_d, stride_b, stride_h, stride_n, stride_d, end, D)
+    return shifted(raw, offs_n, offs_d, N, D, shift, multiplier), nxt
+
+
+@triton.jit
+def first_slice(X, b, h, row0, stride_b, stride_h, stride_n, stride_d, N, D, ROWS: tl.constexpr,
+                SUB: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The load of the first SUB rows of quantize_int8_role's program (its `first`)."""
+    return load_raw(X, b, h, row0 + tl.arange(0, SUB), tl.arange(0, BLOCK_D), stride_b, stride_h, stride_n, stride_d,
+                    tl.minimum(N, row0 + ROWS), D)
 
 
 @triton.jit
 def quantize_int8_role(X, b, h, row0, stride_b, stride_h, stride_n, stride_d, N, D, shift, multiplier,
-                       OUT8, SCALE, n_groups, ROWS: tl.constexpr, SUB: tl.constexpr, GROUP: tl.constexpr,
+                       OUT8, SCALE, n_groups, first, ROWS: tl.constexpr, SUB: tl.constexpr, GROUP: tl.constexpr,
                        BLOCK_D: tl.constexpr):
     """INT8 codes of (x - shift) * multiplier for rows [row0, row0 + ROWS) of one head, SUB rows at a time,
     into OUT8 [N, BLOCK_D] and one scale per GROUP rows into SCALE [n_groups]. Slices keep the FP32 tile small
     (a whole 128-row tile took 255 registers and spilled in 4 warps), so more programs share a multiprocessor.
     A group longer than a slice is the whole tile: its maximum is found first, then the rows are read again
-    (from the cache) and coded."""
+    (from the cache) and coded. Every slice's load is issued one step ahead (shifted_slice); the caller issues
+    the first (first_slice), ahead of whatever else it waits for."""
     offs_d = tl.arange(0, BLOCK_D)
+    rows = tl.arange(0, SUB)
+    end = tl.minimum(N, row0 + ROWS)
+    nxt = first
     tl.static_assert(GROUP <= SUB or GROUP == ROWS)
     if GROUP > SUB:
         amax = tl.zeros([1], tl.float32)
         has_nan = tl.zeros([1], tl.float32)
         for s in range(0, ROWS, SUB):
-            offs_n = row0 + s + tl.arange(0, SUB)
-            x = shifted_rows(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D, shift, multiplier)
+            x, nxt = shifted_slice(X, b, h, row0 + s + rows, offs_d, stride_b, stride_h, stride_n, stride_d, N, D,
+                                   shift, multiplier, nxt, end, SUB)
             amax = tl.maximum(amax, tl.max(tl.abs(x)))
             has_nan = tl.maximum(has_nan, tl.max(tl.where(x == x, 0.0, 1.0)))
         scale = int8_scale(amax, has_nan)
+        nxt = first_slice(X, b, h, row0, stride_b, stride_h, stride_n, stride_d, N, D, ROWS, SUB, BLOCK_D)
         for s in range(0, ROWS, SUB):
-            offs_n = row0 + s + tl.arange(0, SUB)
-            x = shifted_rows(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D, shift, multiplier)
+            offs_n = row0 + s + rows
+            x, nxt = shifted_slice(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D, shift,
+                                   multiplier, nxt, end, SUB)
             codes = round_half_away(x * reciprocal(scale)[:, None]).to(tl.int8)
             tl.store(OUT8 + offs_n[:, None] * BLOCK_D + offs_d[None, :], codes, mask=offs_n[:, None] < N)
         offs_g = row0 // GROUP + tl.arange(0, 1)
         tl.store(SCALE + offs_g, scale, mask=offs_g < n_groups)
     else:
         for s in range(0, ROWS, SUB):
-            offs_n = row0 + s + tl.arange(0, SUB)
-            x = shifted_rows(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D, shift, multiplier)
+            offs_n = row0 + s + rows
+            x, nxt = shifted_slice(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D, shift,
+                                   multiplier, nxt, end, SUB)
             codes, scale, _ = quantize_rows_int8(x, SUB, GROUP, BLOCK_D)
             tl.store(OUT8 + offs_n[:, None] * BLOCK_D + offs_d[None, :], codes, mask=offs_n[:, None] < N)
             offs_g = (row0 + s) // GROUP + tl.arange(0, SUB // GROUP)
@@ -199,6 +240,9 @@ def quantize_v_tile(
     rounding errors' dequantize-and-subtract per element measured slower."""
     offs_n = pid * ROWS + tl.arange(0, ROWS)
     offs_d = channel_block * CHANNELS + tl.arange(0, CHANNELS)
+    src_n = pv_key_source(offs_n) if PV_KEY_ORDER else offs_n
+    if PV_FP8:  # in flight while the statistics are finished: nothing in it waits for them
+        v_raw = load_raw(V, bh // HK, bh % HK, src_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, NK, D)
     mean = finish_stats(PARTS, bh, n_chunks, NK, offs_d, BLOCK_D, STATS_CHUNKS, 1)
     if pid == 0:
         tl.store(V_MEAN + bh * BLOCK_D + offs_d, mean)
@@ -208,8 +252,8 @@ def quantize_v_tile(
         vmax = finish_stats(PARTS, bh, n_chunks, NK, offs_d, BLOCK_D, STATS_CHUNKS, 2)
         vmin = finish_stats(PARTS, bh, n_chunks, NK, offs_d, BLOCK_D, STATS_CHUNKS, 3)
         scale = tl.maximum(tl.maximum(vmax - mean, mean - vmin), 1e-30) / v_code_max
-        src_n = pv_key_source(offs_n) if PV_KEY_ORDER else offs_n
-        v, valid = load_tile(V, bh // HK, bh % HK, src_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, NK, D)
+        v = v_raw.to(tl.float32)
+        valid = (src_n[:, None] < NK) & (offs_d[None, :] < D)
         codes = to_fp8_e4m3(tl.where(valid, v - mean[None, :], 0.0) * reciprocal(scale)[None, :], FP8_ROUND_IN_FP32)
         tl.store(V8 + (bh * BLOCK_D + offs_d[None, :]) * v_padded + offs_n[:, None], codes,
                  mask=offs_n[:, None] < v_padded)
@@ -254,15 +298,20 @@ def quantize_kernel(
     if DO_STATS:
         if (role == 0) & (pid < n_chunks) & (bh < BHK):
             kv_stats_chunk(K, V, PARTS, bh, pid, n_chunks, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb,
-                           stride_vh, stride_vn, stride_vd, HK, NK, D, chunk_rows, STATS_TILE, BLOCK_D, SMOOTH_K,
-                           V_STATS)
+                           stride_vh, stride_vn, stride_vd, HK, NK, D, chunk_rows, STATS_TILE, BLOCK_D,
+                           SMOOTH_K, V_STATS)
     if DO_Q:
         if (role == Q_ROLE) & (bh < BH) & (pid * ROWS < NQ):
+            first = first_slice(Q, bh // H, bh % H, pid * ROWS, stride_qb, stride_qh, stride_qn, stride_qd, NQ, D, ROWS,
+                                Q_SUB, BLOCK_D)
             quantize_int8_role(Q, bh // H, bh % H, pid * ROWS, stride_qb, stride_qh, stride_qn, stride_qd, NQ, D,
                                tl.zeros((BLOCK_D,), tl.float32), q_multiplier, Q8 + bh * NQ * BLOCK_D,
-                               Q_SCALE + bh * q_groups, q_groups, ROWS, Q_SUB, Q_GROUP, BLOCK_D)
+                               Q_SCALE + bh * q_groups, q_groups, first, ROWS, Q_SUB, Q_GROUP, BLOCK_D)
     if DO_K:
         if (role == K_ROLE) & (bh < BHK) & (pid * ROWS < NK):
+            # K's first rows in flight while the mean is finished from the statistics
+            first = first_slice(K, bh // HK, bh % HK, pid * ROWS, stride_kb, stride_kh, stride_kn, stride_kd, NK, D,
+                                ROWS, K_SUB, BLOCK_D)
             if SMOOTH_K:
                 mean = finish_stats(PARTS, bh, n_chunks, NK, offs_d, BLOCK_D, STATS_CHUNKS, 0)
                 if pid == 0:
@@ -270,8 +319,8 @@ def quantize_kernel(
             else:
                 mean = tl.zeros((BLOCK_D,), tl.float32)
             quantize_int8_role(K, bh // HK, bh % HK, pid * ROWS, stride_kb, stride_kh, stride_kn, stride_kd, NK, D,
-                               mean, 1.0, K8 + bh * NK * BLOCK_D, K_SCALE + bh * k_groups, k_groups, ROWS, K_SUB,
-                               K_GROUP, BLOCK_D)
+                               mean, 1.0, K8 + bh * NK * BLOCK_D, K_SCALE + bh * k_groups, k_groups, first, ROWS,
+                               K_SUB, K_GROUP, BLOCK_D)
     if V_BLOCKS > 0:
         if (role >= V_ROLE) & (bh < BHK) & (pid < n_v_programs):
             quantize_v_tile(V, PARTS, V8, V_SCALE, V_MEAN, V_CODE_SUM, pid, bh, role - V_ROLE, n_v_programs,

@@ -291,6 +291,37 @@ def test_quantization_takes_two_launches_and_codes_what_three_did(smooth_k, smoo
         torch.testing.assert_close(decoded, centred, rtol=0.07, atol=scale.max().item())
 
 
+def test_statistics_count_every_key_once_across_chunk_and_tile_edges():
+    """The statistics loop loads its next tile while it adds up this one, and Q's and K's slices load one step
+    ahead: spikes on the rows at every chunk's and tile's edges (and the last key) must each count once, in K's
+    mean and in V's range, and a prefetch past a chunk's end must add nothing."""
+    n = 333
+    chunks, rows = launch.stats_chunks(n)
+    assert chunks > 2 and n % rows and rows % launch.STATS_TILE == 0
+    q, k, v = inputs(1, 2, 2, 40, n, 64, torch.bfloat16, seed=43)
+    edges = sorted({0, n - 1, *(c * rows + d for c in range(1, chunks) for d in (-1, 0)),
+                    launch.STATS_TILE - 1, launch.STATS_TILE, rows - launch.STATS_TILE})
+    for i, row in enumerate(edges):
+        k[:, :, row, i % 64] += 40.0 + i
+        v[:, :, row, (i + 7) % 64] = -(30.0 + i) if i % 2 else 30.0 + i
+    qz = launch.quantize_qkv(q, k, v, q_group=16, k_group=64, block_d=64, q_multiplier=0.1, smooth_k=True,
+                             smooth_v=True, pv_fp8=True)
+    torch.testing.assert_close(qz["k_mean"].view(1, 2, 1, 64), k.float().mean(dim=2, keepdim=True), rtol=1e-5,
+                               atol=1e-6)
+    centred = v.float() - v.float().mean(dim=2, keepdim=True)
+    scale = centred.abs().amax(dim=2) / launch.FP8_E4M3_MAX
+    torch.testing.assert_close(qz["v_scale"].view_as(scale), scale, rtol=1e-5, atol=0)
+    # codes against the PyTorch reference (sage_core/reference.py), not against another launch of the same loops
+    k_codes, k_rows = quantize_int8_groups(k.float() - k.float().mean(dim=2, keepdim=True), 64)
+    assert (qz["k8"].view(1, 2, n, 64).int() - k_codes.int()).abs().max() <= 1
+    torch.testing.assert_close(qz["k_scale"].view(1, 2, -1).repeat_interleave(64, -1)[..., :n], k_rows, rtol=1e-5,
+                               atol=0)
+    q_codes, q_rows = quantize_int8_groups(q.float() * 0.1, 16)
+    assert torch.equal(qz["q8"].view(1, 2, 40, 64).float(), q_codes)
+    torch.testing.assert_close(qz["q_scale"].view(1, 2, -1).repeat_interleave(16, -1)[..., :40], q_rows, rtol=1e-6,
+                               atol=0)
+
+
 def test_nan_input_is_flagged_not_hidden():
     cfg = SageConfig(kernel="int8_fp16")
     q, k, v = inputs(1, 2, 2, 64, 64, 64, torch.float16, seed=19)

@@ -78,20 +78,24 @@ def compile_quantize(stats_pass: bool, d: int, arch: int, **overrides):
     from sage_attention_pack.kernels.quant_kernels import quantize_kernel as fn
 
     consts = {name: getattr(launch, name) for name in ("STATS_TILE", "MAX_STATS_CHUNKS", "QUANT_ROWS",
-                                                       "QUANT_SUB", "QUANT_WARPS", "V_ROWS", "V_CHANNELS")}
+                                                       "QUANT_SUB", "QUANT_WARPS", "V_ROWS", "V_CHANNELS",
+                                                       "V_CHANNELS_SMALL_HEADS")}
     consts.update(overrides)
     rows = consts["QUANT_ROWS"]
     ptypes = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Q8": "*i8", "K8": "*i8", "V8": "*fp8e4nv"}
     floats = ("q_multiplier", "v_code_max")
-    launch.QUANT_SUB, saved = consts["QUANT_SUB"], launch.QUANT_SUB  # slice_rows reads it
-    q_sub, k_sub = launch.slice_rows(64, rows), launch.slice_rows(128, rows)
-    launch.QUANT_SUB = saved
+    saved = {name: getattr(launch, name) for name in consts}
+    for name, value in consts.items():  # slice_rows and v_channels read them
+        setattr(launch, name, value)
+    q_sub, k_sub, channels = launch.slice_rows(64, rows), launch.slice_rows(128, rows), launch.v_channels(d)
+    for name, value in saved.items():
+        setattr(launch, name, value)
     const_values = dict(ROWS=rows, Q_SUB=q_sub, K_SUB=k_sub, Q_GROUP=64, K_GROUP=128, BLOCK_D=d,
                         STATS_TILE=consts["STATS_TILE"],
                         STATS_CHUNKS=consts["MAX_STATS_CHUNKS"], SMOOTH_K=True, V_STATS=True, V_ROWS=consts["V_ROWS"],
-                        CHANNELS=min(consts["V_CHANNELS"], d), SMOOTH_V=True, PV_FP8=True, FP8_ROUND_IN_FP32=False,
+                        CHANNELS=channels, SMOOTH_V=True, PV_FP8=True, FP8_ROUND_IN_FP32=False,
                         PV_KEY_ORDER=True, DO_STATS=int(stats_pass), DO_Q=int(stats_pass), DO_K=int(not stats_pass),
-                        V_BLOCKS=0 if stats_pass else d // min(consts["V_CHANNELS"], d))
+                        V_BLOCKS=0 if stats_pass else d // channels)
     const_values.update({name: 1 for name in fn.arg_names if re.fullmatch(r"stride_[a-z]d", name)})
     sig, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):

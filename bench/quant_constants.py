@@ -32,7 +32,7 @@ from sage_attention_pack.sage_core.timing import interleaved_median_ms  # noqa: 
 
 # the constants of kernels/launch.py that shape the quantization launches without changing what they write
 TUNABLE = ("STATS_ROWS", "MAX_STATS_CHUNKS", "STATS_TILE", "QUANT_ROWS", "QUANT_SUB", "QUANT_WARPS", "V_ROWS",
-           "V_CHANNELS")
+           "V_CHANNELS", "V_CHANNELS_SMALL_HEADS")
 GRAPH_CALLS = 20
 # the in-place Hopper path's quantization (kernels/launch.sage_forward for an FP8 call with a pipelined key):
 # what sizes its buffers (launch.quant_buffers), then the rest of quantize_qkv's arguments

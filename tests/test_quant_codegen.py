@@ -1,9 +1,10 @@
 """The quantization launches' code generation for sm90, checked without a GPU (bench/inspect_sass.py --quant): each
-launch fits 4 programs of 4 warps per multiprocessor (at most 128 registers per thread) and does not spill. The
-loops load their next tile before they use this one, so a tile's registers are live twice; with 32-row statistics
-steps that took 253 registers, and the statistics with Q's codes ran at 168 before the loads moved ahead (bench/NOTES.md,
-"Loads issued ahead"): a change of tile or of the loops' order that costs occupancy changes no output value, so
-only this test would notice. Each compilation runs in its own process, outside the interpreter."""
+launch fits 4 programs of 4 warps per multiprocessor (at most 128 registers per thread) and spills no more than a
+few bytes. The loops load their next tile before they use this one, so a tile's registers are live twice: with
+32-row statistics steps that took 253 registers, and the statistics with Q's codes ran at 168 before the loads
+moved ahead (bench/NOTES.md, "Loads issued ahead"). A change of tile or of the loops' order that costs occupancy
+changes no output value, so only this test would notice. Each compilation runs in its own process, outside the
+interpreter."""
 import json
 import os
 import re
@@ -30,6 +31,9 @@ def test_quantization_launch_fits_four_programs_per_multiprocessor(launch, head_
     report = quant_report(launch, head_dim)
     registers = int(re.search(r"Used (\d+) registers", report["resources"]).group(1))
     assert registers <= 128, report
-    assert "0 bytes spill stores" in report["resources"], report
+    # a few bytes of spill are cheap in a kernel bound by DRAM (Triton 3.9's ptxas spills 4 bytes in K's and V's
+    # launch at head dim 128, Triton 3.6's none); a tile too large for the registers spills hundreds
+    spilled = int(re.search(r"(\d+) bytes spill stores", report["resources"]).group(1))
+    assert spilled <= 16, report
     # the statistics loop (the launch's shortest loop with loads) and the slices' loops are there to be checked
     assert report["load_loops"] and all(loop["loads"] > 0 for loop in report["load_loops"]), report

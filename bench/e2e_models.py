@@ -112,13 +112,24 @@ class PeerOverride:
 
 
 def load_peer_overrides() -> dict:
-    spec = importlib.util.spec_from_file_location("sage_attention_bench_peers", REPO / "bench" / "peers.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    found = mod.available_peers(check_device=True)
+    found = load_bench_script("peers").available_peers(check_device=True)
     for name, why in getattr(found, "missing", {}).items():
         print(f"peer {name} not benchmarked: {why}", flush=True)
     return {f"peer_{name}": PeerOverride(fn) for name, fn in found.items()}
+
+
+def load_bench_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"sage_attention_bench_{name}", REPO / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def kernel_profile(forward, top: int = 15) -> dict:
+    """Device milliseconds per forward, all kernels and the `top` ones by name (bench/breakdown.kernel_ms): where a
+    setting's forward spends what the timing shows, beside ComfyUI's default."""
+    per_kernel = load_bench_script("breakdown").kernel_ms(forward)
+    return {"device_ms": sum(per_kernel.values()), "kernels": dict(list(per_kernel.items())[:top])}
 
 
 def compare(out, ref) -> dict:
@@ -136,6 +147,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=5, help="timing rounds: one sample of every setting per round")
     parser.add_argument("--models", nargs="*", default=["wan21_14b_4blocks_480p81f", "flux_dev_2x4blocks_1024px"])
     parser.add_argument("--no-peers", action="store_true", help="only the pack's settings")
+    parser.add_argument("--profile", nargs="*", default=[],
+                        help="settings ('default' for ComfyUI's own) whose forward is profiled: device time per kernel")
     args = parser.parse_args()
 
     comfy = load_comfy(args.comfyui)
@@ -184,6 +197,13 @@ def main():
                 entry.update(ms=ms, speedup=base_ms / ms)
                 print(f"{name:28s} {label:10s} {ms:9.2f} ms vs {base_ms:9.2f} ms -> {base_ms / ms:.3f}x  "
                       f"cos {entry['cosine']:.5f} psnr {entry['psnr_db']:.1f} dB", flush=True)
+            for label in args.profile:
+                if label not in runs:
+                    print(f"{name}: no setting {label!r} to profile", flush=True)
+                    continue
+                profile = row.setdefault("profile", {})[label] = kernel_profile(runs[label])
+                print(f"{name:28s} {label:10s} device {profile['device_ms']:.2f} ms per forward: " + "; ".join(
+                    f"{kernel[:48]} {ms:.2f}" for kernel, ms in list(profile["kernels"].items())[:8]), flush=True)
         result["models"][name] = row
         Path(args.out).write_text(json.dumps(result, indent=1))  # kept even if a later model fails
         torch.cuda.empty_cache()

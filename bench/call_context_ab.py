@@ -59,7 +59,7 @@ def model_inputs(comfyui: str, rounds: int) -> dict:
 
     def capture(func, *args, **kwargs):
         call = comfy_attention.parse(args, kwargs)
-        if not captured and call.is_self_attention():
+        if not captured and call.is_self_attention:
             captured.append((*(t.clone() for t in (call.q, call.k, call.v)), call.layout))
         return func(*args, **kwargs)
 

@@ -66,10 +66,12 @@ def compile_attention(pv: str, d: int, m: int, n: int, warps: int, stages: int, 
                           options={"num_warps": warps, "num_stages": stages, "maxnreg": maxnreg})
 
 
-def compile_quantize(stats_pass: bool, d: int, arch: int, **overrides):
-    """One of the quantization's two launches (kernels/launch.quantize_qkv, FP8 P·V with both smoothings, as the
-    in-place Hopper path launches it) compiled for `arch`: the statistics with Q's codes (stats_pass) or K's and
-    V's codes; `overrides` replace the launch module's constants (STATS_TILE=16, ...)."""
+def compile_quantize(stats_pass: bool, d: int, arch: int, pv_fp8: bool = True, **overrides):
+    """One of the quantization's two launches (kernels/launch.quantize_qkv) compiled for `arch`: the statistics with
+    Q's codes (stats_pass), or K's codes with V's. pv_fp8: as the in-place Hopper path launches it (FP8 P·V, both
+    smoothings, Q in groups of 64 rows, K of 128); otherwise as the portable kernel's FP16 P·V does by default (K
+    smoothed alone, groups of 16 and 64 rows, no V codes). `overrides` replace the launch module's constants
+    (STATS_TILE=16, ...)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -82,20 +84,20 @@ def compile_quantize(stats_pass: bool, d: int, arch: int, **overrides):
                                                        "V_CHANNELS_SMALL_HEADS")}
     consts.update(overrides)
     rows = consts["QUANT_ROWS"]
-    ptypes = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Q8": "*i8", "K8": "*i8", "V8": "*fp8e4nv"}
+    ptypes = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Q8": "*i8", "K8": "*i8", "V8": "*fp8e4nv" if pv_fp8 else "*i8"}
     floats = ("q_multiplier", "v_code_max")
     saved = {name: getattr(launch, name) for name in consts}
     for name, value in consts.items():  # slice_rows and v_channels read them
         setattr(launch, name, value)
-    q_sub, k_sub, channels = launch.slice_rows(64, rows), launch.slice_rows(128, rows), launch.v_channels(d)
+    q_group, k_group = (64, 128) if pv_fp8 else (16, 64)
+    q_sub, k_sub, channels = launch.slice_rows(q_group, rows), launch.slice_rows(k_group, rows), launch.v_channels(d)
     for name, value in saved.items():
         setattr(launch, name, value)
-    const_values = dict(ROWS=rows, Q_SUB=q_sub, K_SUB=k_sub, Q_GROUP=64, K_GROUP=128, BLOCK_D=d,
-                        STATS_TILE=consts["STATS_TILE"],
-                        STATS_CHUNKS=consts["MAX_STATS_CHUNKS"], SMOOTH_K=True, V_STATS=True, V_ROWS=consts["V_ROWS"],
-                        CHANNELS=channels, SMOOTH_V=True, PV_FP8=True, FP8_ROUND_IN_FP32=False,
-                        PV_KEY_ORDER=True, DO_STATS=int(stats_pass), DO_Q=int(stats_pass), DO_K=int(not stats_pass),
-                        V_BLOCKS=0 if stats_pass else d // channels)
+    const_values = dict(ROWS=rows, Q_SUB=q_sub, K_SUB=k_sub, Q_GROUP=q_group, K_GROUP=k_group, BLOCK_D=d,
+                        STATS_TILE=consts["STATS_TILE"], STATS_CHUNKS=consts["MAX_STATS_CHUNKS"], SMOOTH_K=True,
+                        V_STATS=pv_fp8, V_ROWS=consts["V_ROWS"], CHANNELS=channels, SMOOTH_V=pv_fp8, PV_FP8=pv_fp8,
+                        FP8_ROUND_IN_FP32=False, PV_KEY_ORDER=pv_fp8, DO_STATS=int(stats_pass), DO_Q=int(stats_pass),
+                        DO_K=int(not stats_pass), V_BLOCKS=d // channels if pv_fp8 and not stats_pass else 0)
     const_values.update({name: 1 for name in fn.arg_names if re.fullmatch(r"stride_[a-z]d", name)})
     sig, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -130,7 +132,8 @@ def resource_report(kernel, arch: int) -> str:
         ptx = os.path.join(tmp, "k.ptx")
         Path(ptx).write_text(kernel.asm["ptx"])
         for name in ("ptxas", "ptxas-blackwell"):  # newer Tritons emit PTX only their second ptxas reads
-            res = subprocess.run([str(bindir / name), "-v", f"--gpu-name=sm_{arch}a", ptx, "-o",
+            # the arch-specific target where there is one (sm_90a, sm_100a, sm_120a), as Triton compiles for
+            res = subprocess.run([str(bindir / name), "-v", f"--gpu-name=sm_{arch}{'a' if arch >= 90 else ''}", ptx, "-o",
                                   os.path.join(tmp, "k.o")], capture_output=True, text=True)
             if res.returncode == 0:
                 break
@@ -250,7 +253,7 @@ def main(argv=None):
     ap.add_argument("overrides", nargs="*", help="with --quant: CONST=VALUE overrides of kernels/launch.py")
     args = ap.parse_args(argv)
     if args.quant:
-        k = compile_quantize(args.quant == "stats_q", args.d, args.arch,
+        k = compile_quantize(args.quant == "stats_q", args.d, args.arch, args.pv == "fp8",
                              **{c: int(v) for c, v in (o.split("=") for o in args.overrides)})
         if args.json:
             print(json.dumps({"resources": resource_report(k, args.arch), "shared": k.metadata.shared,

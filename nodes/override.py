@@ -57,7 +57,8 @@ class SageOverride:
             self.stats.record_exact("outside step range")
             return self.exact(func, args, kwargs)
         try:
-            out = run_sage(call, self.config, self.stats, self.stats_id)
+            out = run_sage(call, self.config, self.stats, self.stats_id,
+                           host_exact=lambda: self.exact(func, args, kwargs))
         except ExactPreferred:  # `auto` measured exact attention fastest here: ComfyUI's own, as unpatched
             return self.exact(func, args, kwargs)
         except UnsupportedInput as e:
@@ -82,10 +83,12 @@ class SageOverride:
 
 
 def run_sage(call: comfy_attention.AttentionCall, config: SageConfig, stats: DispatchStats,
-             stats_id: int = 0) -> torch.Tensor:
-    """Sage attention for one ComfyUI call; raises UnsupportedInput where the kernels cannot serve."""
+             stats_id: int = 0, host_exact=None) -> torch.Tensor:
+    """Sage attention for one ComfyUI call; raises UnsupportedInput where the kernels cannot serve, and
+    ExactPreferred where `auto` measured the exact attention ComfyUI runs instead (host_exact, this call through
+    it) fastest."""
     strict = config.with_(on_unsupported="raise")
     if torch.compiler.is_compiling():
         return sage_attention_op(call.q, call.k, call.v, call.mask, call.layout, strict, stats_id)
     return attention(call.q, call.k, call.v, tensor_layout=call.layout, attn_mask=call.mask, config=strict,
-                     stats=stats, defer_exact=True)
+                     stats=stats, defer_exact=True, host_exact=host_exact)

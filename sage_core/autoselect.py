@@ -55,8 +55,8 @@ def candidates(device) -> list[str]:
     return names
 
 
-def choose(q, k, v, *, is_causal: bool, bias, config: SageConfig) -> str:
-    """The variant `auto` runs for these HND inputs."""
+def choose(q, k, v, *, is_causal: bool, bias, config: SageConfig, host_exact=None) -> str:
+    """The variant `auto` runs for these HND inputs. host_exact: see time_variants."""
     if q.device.type != "cuda":
         return "int8_fp16"  # the interpreter is for correctness, not speed
     if q.shape[2] * k.shape[2] < MIN_SCORES_FOR_SAGE:
@@ -67,21 +67,27 @@ def choose(q, k, v, *, is_causal: bool, bias, config: SageConfig) -> str:
         return cached["variant"]
     if torch.cuda.is_current_stream_capturing() or os.environ.get("SAGE_ATTENTION_NO_AUTOTIME"):
         return "int8_fp8" if backend.supports_fp8(q.device) else "int8_fp16"
-    timings = time_variants(q, k, v, is_causal=is_causal, bias=bias, config=config)
+    timings = time_variants(q, k, v, is_causal=is_causal, bias=bias, config=config, host_exact=host_exact)
     best = min(timings, key=timings.get)
     choice_cache().put(key, {"variant": best, "ms": timings})
     return best
 
 
-def time_variants(q, k, v, *, is_causal: bool, bias, config: SageConfig) -> dict[str, float]:
-    """Median milliseconds of each candidate on these very inputs (warm-up run excluded)."""
+def time_variants(q, k, v, *, is_causal: bool, bias, config: SageConfig, host_exact=None) -> dict[str, float]:
+    """Median milliseconds of each candidate on these very inputs (warm-up run excluded).
+
+    host_exact: where a host runs its own exact attention for the calls `auto` leaves exact (ComfyUI's hook), that
+    attention on this very call, as a function of no arguments: it is timed as the exact candidate instead of
+    PyTorch's SDPA called here, because it is what will run, and the two need not match: in a ComfyUI process, in
+    inference mode, SDPA called plainly took 61 ms at Wan2.1's shape where ComfyUI's attention (cuDNN first) took
+    39.4 ms in the model's forward (bench/NOTES.md, "Inside the Wan2.1 forward")."""
     from .dispatch import sdpa
 
     mask = None if bias is None else (bias[:, :, None, :] / backend.LOG2E).to(q.dtype)
     runs = {}
     for name in candidates(q.device):
         if name == "sdpa":
-            runs[name] = lambda: sdpa(q, k, v, is_causal=is_causal, attn_mask=mask)
+            runs[name] = host_exact or (lambda: sdpa(q, k, v, is_causal=is_causal, attn_mask=mask))
         else:
             runs[name] = functools.partial(backend.run, q, k, v, layout="HND", sm_scale=q.shape[-1] ** -0.5,
                                            is_causal=is_causal, bias=bias, config=config,

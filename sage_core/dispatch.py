@@ -182,11 +182,12 @@ def sdpa(q, k, v, *, is_causal=False, sm_scale=None, attn_mask=None, dropout_p=0
 
 def attention(q, k, v, *, tensor_layout="HND", is_causal=False, sm_scale=None, attn_mask=None, dropout_p=0.0,
               config: SageConfig | None = None, stats: DispatchStats | None = None, return_lse=False,
-              defer_exact=False):
+              defer_exact=False, host_exact=None):
     """Attention through the fastest path that can serve; same semantics as SDPA (top-left causal).
 
     defer_exact: where `auto` picks exact attention, raise ExactPreferred (counted as "auto:sdpa") instead of
-    running PyTorch's SDPA here."""
+    running PyTorch's SDPA here. host_exact: the exact attention the host then runs for this call (no arguments),
+    which `auto` times in place of PyTorch's SDPA when it first decides for calls of this kind."""
     config = config or DEFAULT_CONFIG
     stats = stats or GLOBAL_STATS
     validate(q, k, v, tensor_layout, attn_mask)
@@ -228,7 +229,8 @@ def attention(q, k, v, *, tensor_layout="HND", is_causal=False, sm_scale=None, a
 
     variant = config.kernel
     if variant == "auto":
-        variant = autoselect.choose(qh, kh, vh, is_causal=is_causal, bias=bias, config=config)
+        variant = autoselect.choose(qh, kh, vh, is_causal=is_causal, bias=bias, config=config,
+                                    host_exact=host_exact if defer_exact else None)
         if variant == "sdpa":
             stats.record_sage("auto:sdpa")
             if defer_exact:

@@ -209,6 +209,57 @@ def test_auto_timing_skips_variants_that_cannot_run(monkeypatch):
     assert list(timings) == ["sdpa"] and timings["sdpa"] > 0
 
 
+def test_auto_times_the_hosts_exact_attention_where_the_host_runs_it(monkeypatch):
+    """Where a host runs its own exact attention for the calls `auto` leaves exact (ComfyUI's hook), `auto` times
+    that attention on the very call as its exact candidate, not PyTorch's SDPA called here: the two can differ
+    (bench/NOTES.md, "Inside the Wan2.1 forward"). Timing SDPA here instead fails this test (its exact timing
+    raises), as does a host attention that is never called."""
+    from sage_attention_pack.sage_core import autoselect, dispatch
+
+    def plain_sdpa(*args, **kwargs):
+        raise AssertionError("PyTorch's SDPA was timed instead of the host's attention")
+
+    monkeypatch.setattr(dispatch, "sdpa", plain_sdpa)
+    q, k, v = (t.cpu() for t in qkv(n=32, dtype=torch.float32))
+    calls = []
+
+    def host_exact():
+        calls.append(1)
+        return F.scaled_dot_product_attention(q, k, v)
+
+    timings = autoselect.time_variants(q, k, v, is_causal=False, bias=None, config=SageConfig(),
+                                       host_exact=host_exact)
+    assert set(timings) == set(autoselect.candidates(q.device)) and timings["sdpa"] > 0
+    assert len(calls) >= autoselect.TIMING_ROUNDS
+
+
+def test_the_comfyui_hook_hands_auto_its_own_exact_attention(monkeypatch):
+    """SageOverride gives `auto` ComfyUI's attention on the call at hand (through the override chain), and runs it
+    once more as the result where `auto` picks it."""
+    from sage_attention_pack.nodes.override import SageOverride
+    from sage_attention_pack.sage_core import autoselect
+
+    timed = []
+
+    def choose(q, k, v, *, host_exact=None, **kwargs):
+        timed.append(host_exact())  # what auto would time: the host's attention on this very call
+        return "sdpa"
+
+    monkeypatch.setattr(autoselect, "choose", choose)
+    q, k, v = qkv(n=64, nk=64)
+    host_out = torch.full((1, 64, 2 * q.shape[-1]), 3.0)
+    calls = []
+
+    def host_attention(*args, **kwargs):
+        calls.append(args[3])
+        return host_out
+
+    override = SageOverride(SageConfig(kernel="auto"))
+    flat = [t.transpose(1, 2).reshape(1, 64, -1) for t in (q, k, v)]  # ComfyUI's [B, N, H*D]
+    assert override(host_attention, *flat, 2) is host_out
+    assert timed == [host_out] and calls == [2, 2]  # once timed, once run
+
+
 def test_auto_choosing_exact_defers_to_the_hosts_attention(monkeypatch):
     """Where `auto` measured exact attention fastest, a host that asked for it (ComfyUI's hook) runs its own
     exact attention, as unpatched: the dispatcher raises ExactPreferred and counts the call as auto:sdpa."""

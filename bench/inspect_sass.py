@@ -79,23 +79,19 @@ def compile_quantize(stats_pass: bool, d: int, arch: int, pv_fp8: bool = True, *
     from sage_attention_pack.kernels import launch
     from sage_attention_pack.kernels.quant_kernels import quantize_kernel as fn
 
-    consts = {name: getattr(launch, name) for name in ("STATS_TILE", "MAX_STATS_CHUNKS", "QUANT_ROWS",
-                                                       "QUANT_SUB", "QUANT_WARPS", "V_ROWS", "V_CHANNELS",
-                                                       "V_CHANNELS_SMALL_HEADS")}
-    consts.update(overrides)
-    rows = consts["QUANT_ROWS"]
+    from quant_constants import constants  # bench/, beside this script
+
     ptypes = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Q8": "*i8", "K8": "*i8", "V8": "*fp8e4nv" if pv_fp8 else "*i8"}
     floats = ("q_multiplier", "v_code_max")
-    saved = {name: getattr(launch, name) for name in consts}
-    for name, value in consts.items():  # slice_rows and v_channels read them
-        setattr(launch, name, value)
     q_group, k_group = (64, 128) if pv_fp8 else (16, 64)
-    q_sub, k_sub, channels = launch.slice_rows(q_group, rows), launch.slice_rows(k_group, rows), launch.v_channels(d)
-    for name, value in saved.items():
-        setattr(launch, name, value)
+    with constants(overrides):  # slice_rows and v_channels read them too
+        rows = launch.QUANT_ROWS
+        q_sub, k_sub = launch.slice_rows(q_group, rows), launch.slice_rows(k_group, rows)
+        channels, stats_tile, stats_chunks = launch.v_channels(d), launch.STATS_TILE, launch.MAX_STATS_CHUNKS
+        v_rows, warps = launch.V_ROWS, launch.QUANT_WARPS
     const_values = dict(ROWS=rows, Q_SUB=q_sub, K_SUB=k_sub, Q_GROUP=q_group, K_GROUP=k_group, BLOCK_D=d,
-                        STATS_TILE=consts["STATS_TILE"], STATS_CHUNKS=consts["MAX_STATS_CHUNKS"], SMOOTH_K=True,
-                        V_STATS=pv_fp8, V_ROWS=consts["V_ROWS"], CHANNELS=channels, SMOOTH_V=pv_fp8, PV_FP8=pv_fp8,
+                        STATS_TILE=stats_tile, STATS_CHUNKS=stats_chunks, SMOOTH_K=True,
+                        V_STATS=pv_fp8, V_ROWS=v_rows, CHANNELS=channels, SMOOTH_V=pv_fp8, PV_FP8=pv_fp8,
                         FP8_ROUND_IN_FP32=False, PV_KEY_ORDER=pv_fp8, DO_STATS=int(stats_pass), DO_Q=int(stats_pass),
                         DO_K=int(not stats_pass), V_BLOCKS=d // channels if pv_fp8 and not stats_pass else 0)
     const_values.update({name: 1 for name in fn.arg_names if re.fullmatch(r"stride_[a-z]d", name)})
@@ -110,7 +106,7 @@ def compile_quantize(stats_pass: bool, d: int, arch: int, pv_fp8: bool = True, *
         if is_ptr or name.startswith("stride") or name in ("D", "v_padded"):
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": consts["QUANT_WARPS"]})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
 
 
 def sass_of(kernel) -> str:
@@ -133,8 +129,9 @@ def resource_report(kernel, arch: int) -> str:
         Path(ptx).write_text(kernel.asm["ptx"])
         for name in ("ptxas", "ptxas-blackwell"):  # newer Tritons emit PTX only their second ptxas reads
             # the arch-specific target where there is one (sm_90a, sm_100a, sm_120a), as Triton compiles for
-            res = subprocess.run([str(bindir / name), "-v", f"--gpu-name=sm_{arch}{'a' if arch >= 90 else ''}", ptx, "-o",
-                                  os.path.join(tmp, "k.o")], capture_output=True, text=True)
+            gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+            res = subprocess.run([str(bindir / name), "-v", f"--gpu-name={gpu}", ptx, "-o", os.path.join(tmp, "k.o")],
+                                 capture_output=True, text=True)
             if res.returncode == 0:
                 break
     # C7514 and its kin: ptxas serialised the asynchronous wgmma (each one waited for), a silent slowdown

@@ -32,6 +32,12 @@ def to_fp8_e4m3(x, ROUND_IN_FP32: tl.constexpr):
 
 
 @triton.jit
+def in_bounds(offs_n, offs_d, N, D):
+    """Which elements of a [rows, channels] tile lie inside an [N, D] head."""
+    return (offs_n[:, None] < N) & (offs_d[None, :] < D)
+
+
+@triton.jit
 def load_raw(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D):
     """A [rows, BLOCK_D] tile of a strided [B, H, N, D] tensor in its own dtype, zero outside it. Nothing waits
     for the load until its value is used, and ptxas leaves loads where Triton emits them, each right before its
@@ -39,7 +45,7 @@ def load_raw(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N,
     instead of one), and K's and V's programs issue their first load before they finish the statistics (measured
     on the H200: the quantization 22% faster at Flux's and Wan2.1's shapes; bench/NOTES.md, "Loads issued
     ahead")."""
-    valid = (offs_n[:, None] < N) & (offs_d[None, :] < D)
+    valid = in_bounds(offs_n, offs_d, N, D)
     ptrs = X + b * stride_b + h * stride_h + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d
     return tl.load(ptrs, mask=valid, other=0.0)
 
@@ -150,7 +156,7 @@ def pv_key_source(s):
 @triton.jit
 def shifted(raw, offs_n, offs_d, N, D, shift, multiplier):
     """(x - shift) * multiplier of a tile load_raw read, as FP32, zero outside the tensor."""
-    valid = (offs_n[:, None] < N) & (offs_d[None, :] < D)
+    valid = in_bounds(offs_n, offs_d, N, D)
     return tl.where(valid, (raw.to(tl.float32) - shift[None, :]) * multiplier, 0.0)
 
 
@@ -253,7 +259,7 @@ def quantize_v_tile(
         vmin = finish_stats(PARTS, bh, n_chunks, NK, offs_d, BLOCK_D, STATS_CHUNKS, 3)
         scale = tl.maximum(tl.maximum(vmax - mean, mean - vmin), 1e-30) / v_code_max
         v = v_raw.to(tl.float32)
-        valid = (src_n[:, None] < NK) & (offs_d[None, :] < D)
+        valid = in_bounds(src_n, offs_d, NK, D)
         codes = to_fp8_e4m3(tl.where(valid, v - mean[None, :], 0.0) * reciprocal(scale)[None, :], FP8_ROUND_IN_FP32)
         tl.store(V8 + (bh * BLOCK_D + offs_d[None, :]) * v_padded + offs_n[:, None], codes,
                  mask=offs_n[:, None] < v_padded)

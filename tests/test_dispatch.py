@@ -209,6 +209,20 @@ def test_auto_timing_skips_variants_that_cannot_run(monkeypatch):
     assert list(timings) == ["sdpa"] and timings["sdpa"] > 0
 
 
+def comfy_hook_call(q, k, v, fill: float):
+    """One call as ComfyUI's attention hook makes it: (q, k, v) flattened to [B, N, H*D], and a host attention
+    that records the heads it was called with and returns a fixed output."""
+    host_out = torch.full((1, q.shape[2], q.shape[1] * q.shape[-1]), fill)
+    calls = []
+
+    def host_attention(*args, **kwargs):
+        calls.append(args[3])
+        return host_out
+
+    flat = [t.transpose(1, 2).reshape(1, t.shape[2], -1) for t in (q, k, v)]
+    return flat, host_attention, host_out, calls
+
+
 def test_auto_times_the_hosts_exact_attention_where_the_host_runs_it(monkeypatch):
     """Where a host runs its own exact attention for the calls `auto` leaves exact (ComfyUI's hook), `auto` times
     that attention on the very call as its exact candidate, not PyTorch's SDPA called here: the two can differ
@@ -246,16 +260,8 @@ def test_the_comfyui_hook_hands_auto_its_own_exact_attention(monkeypatch):
         return "sdpa"
 
     monkeypatch.setattr(autoselect, "choose", choose)
-    q, k, v = qkv(n=64, nk=64)
-    host_out = torch.full((1, 64, 2 * q.shape[-1]), 3.0)
-    calls = []
-
-    def host_attention(*args, **kwargs):
-        calls.append(args[3])
-        return host_out
-
+    flat, host_attention, host_out, calls = comfy_hook_call(*qkv(n=64, nk=64), 3.0)
     override = SageOverride(SageConfig(kernel="auto"))
-    flat = [t.transpose(1, 2).reshape(1, 64, -1) for t in (q, k, v)]  # ComfyUI's [B, N, H*D]
     assert override(host_attention, *flat, 2) is host_out
     assert timed == [host_out] and calls == [2, 2]  # once timed, once run
 
@@ -276,15 +282,8 @@ def test_auto_choosing_exact_defers_to_the_hosts_attention(monkeypatch):
     out = attention(q, k, v, config=SageConfig(kernel="auto"), stats=stats)  # without the request: SDPA here
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
 
-    host_out = torch.full((1, 64, 2 * q.shape[-1]), 7.0)
-    seen = []
-
-    def host_attention(*args, **kwargs):
-        seen.append(args[3])
-        return host_out
-
+    flat, host_attention, host_out, seen = comfy_hook_call(q, k, v, 7.0)
     override = SageOverride(SageConfig(kernel="auto"))
-    flat = [t.transpose(1, 2).reshape(1, 64, -1) for t in (q, k, v)]  # ComfyUI's [B, N, H*D]
     assert override(host_attention, *flat, 2) is host_out and seen == [2]
     assert override.stats.snapshot()["sage"] == {"auto:sdpa": 1} and override.stats.snapshot()["fallback"] == {}
 

@@ -1,12 +1,13 @@
 """End-to-end: ComfyUI's own model classes at real width with random bf16 weights, one forward (one
 sampling step), with ComfyUI's default attention and with Sage through the patch node's override.
 
-  python bench/e2e_models.py --comfyui PATH [--out results.json]
+  python bench/e2e_models.py --comfyui PATH [--out results.json] [--profile default auto] [--clocks default auto]
 
 Models (as in the issue): Wan2.1-14B (dim 5120, 40 heads of 128) with 4 of its 40 blocks at 480p, 81
 frames (32760 tokens); Flux.1-dev (hidden 3072, 24 heads) with 2 double + 4 single blocks at 1024px
 (4096 image + 512 text tokens). Reported per model: median forward time of each attention setting, the
-speed-up over ComfyUI's default attention, and the output's cosine similarity and PSNR against it.
+speed-up over ComfyUI's default attention, and the output's cosine similarity and PSNR against it; --profile adds
+the device time per kernel of a setting's forward, --clocks the SM clock and power its forwards run at.
 """
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import functools
 import importlib.util
 import json
 import math
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -111,11 +114,12 @@ class PeerOverride:
         return call.finish(out if call.layout == "HND" else out.transpose(1, 2))
 
 
-def load_peer_overrides() -> dict:
+def load_peer_overrides() -> tuple[dict, dict]:
+    """The peers' overrides by setting name, and their package versions."""
     found = load_bench_script("peers").available_peers(check_device=True)
     for name, why in getattr(found, "missing", {}).items():
         print(f"peer {name} not benchmarked: {why}", flush=True)
-    return {f"peer_{name}": PeerOverride(fn) for name, fn in found.items()}
+    return {f"peer_{name}": PeerOverride(fn) for name, fn in found.items()}, found.versions()
 
 
 def load_bench_script(name: str):
@@ -130,6 +134,33 @@ def kernel_profile(forward, top: int = 15) -> dict:
     setting's forward spends what the timing shows, beside ComfyUI's default."""
     per_kernel = load_bench_script("breakdown").kernel_ms(forward)
     return {"device_ms": sum(per_kernel.values()), "kernels": dict(list(per_kernel.items())[:top])}
+
+
+def forward_clocks(runs: dict, labels, seconds: float, rounds: int = 2) -> dict:
+    """Per setting, its forward run back to back for `seconds` (settings interleaved over `rounds`) while nvidia-smi
+    samples the board (bench/energy.py's sampler): the SM clock and the power a whole forward runs at, to set beside
+    the clock of one attention kernel run alone (bench/energy.py)."""
+    energy = load_bench_script("energy")
+    sampler = energy.PowerSampler(torch.cuda.current_device())
+    spans = {label: [] for label in labels}
+    try:
+        for r in range(rounds):
+            for label in (labels if r % 2 == 0 else labels[::-1]):
+                t0, t1, calls = energy.run_for(runs[label], seconds)
+                time.sleep(energy.SAMPLE_MS / 1000 * 2)  # the run's last samples arrive
+                spans[label].append((t1 - t0, calls, sampler.between(t0, t1)))
+    finally:
+        sampler.close()
+    out = {}
+    for label, segs in spans.items():
+        samples = [s for *_, seg in segs for s in seg]
+        if not samples:
+            out[label] = {"error": "no power samples"}
+            continue
+        out[label] = {"mhz_median": statistics.median(c for _, c in samples), "mhz_min": min(c for _, c in samples),
+                      "watts_mean": statistics.mean(w for w, _ in samples), "samples": len(samples),
+                      "ms_per_forward": 1e3 * sum(t for t, _, _ in segs) / sum(c for _, c, _ in segs)}
+    return out
 
 
 def compare(out, ref) -> dict:
@@ -149,6 +180,10 @@ def main():
     parser.add_argument("--no-peers", action="store_true", help="only the pack's settings")
     parser.add_argument("--profile", nargs="*", default=[],
                         help="settings ('default' for ComfyUI's own) whose forward is profiled: device time per kernel")
+    parser.add_argument("--clocks", nargs="*", default=[],
+                        help="settings ('default' for ComfyUI's own) whose forward runs back to back for --clock-seconds "
+                             "while nvidia-smi samples the SM clock and power")
+    parser.add_argument("--clock-seconds", type=float, default=4.0)
     args = parser.parse_args()
 
     comfy = load_comfy(args.comfyui)
@@ -166,7 +201,8 @@ def main():
     overrides = {label: override_mod.SageOverride(config_mod.SageConfig(kernel=kernel))
                  for label, kernel in settings.items()}
     if not args.no_peers:
-        overrides.update(load_peer_overrides())
+        peer_overrides, result["peer_versions"] = load_peer_overrides()
+        overrides.update(peer_overrides)
     for name in args.models:
         _, forward = cases[name](comfy)
         with torch.inference_mode():
@@ -204,6 +240,15 @@ def main():
                 profile = row.setdefault("profile", {})[label] = kernel_profile(runs[label])
                 print(f"{name:28s} {label:10s} device {profile['device_ms']:.2f} ms per forward: " + "; ".join(
                     f"{kernel[:48]} {ms:.2f}" for kernel, ms in list(profile["kernels"].items())[:8]), flush=True)
+            if args.clocks:
+                labels = [label for label in args.clocks if label in runs]
+                for label in sorted(set(args.clocks) - set(labels)):
+                    print(f"{name}: no setting {label!r} to sample", flush=True)
+                row["clocks"] = forward_clocks(runs, labels, args.clock_seconds)
+                for label, c in row["clocks"].items():
+                    print(f"{name:28s} {label:10s} " + (c["error"] if "error" in c else
+                          f"{c['mhz_median']:.0f} MHz (min {c['mhz_min']:.0f}) {c['watts_mean']:.0f} W "
+                          f"{c['ms_per_forward']:.2f} ms per forward"), flush=True)
         result["models"][name] = row
         Path(args.out).write_text(json.dumps(result, indent=1))  # kept even if a later model fails
         torch.cuda.empty_cache()

@@ -64,6 +64,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -112,6 +113,12 @@ class PeerSet(dict):
         super().__init__()
         self.missing: dict[str, str] = {}
         self.sources: dict[str, str] = {}
+
+    def versions(self) -> dict[str, str]:
+        """Each usable peer's package version, as its source line names it: what a result file records (the
+        source lines hold paths of the machine, the versions do not)."""
+        found = {name: re.search(r"\(version ([^)]+)\)", self.sources.get(name, "")) for name in self}
+        return {name: hit.group(1) for name, hit in found.items() if hit}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
-"""Time one call's quantization (kernels/launch.quantize_qkv, with the arguments the in-place Hopper path gives it)
-under overrides of the launch module's quantization constants, side by side on model shapes.
+"""Time one call's quantization (kernels/launch.quantize_qkv, with the arguments the in-place Hopper path gives it,
+or with --path fp16 the portable FP16-P·V path's) under overrides of the launch module's quantization constants,
+side by side on model shapes.
 
     python bench/quant_constants.py --variants base "sub16:QUANT_SUB=16" "tile16:STATS_TILE=16,MAX_STATS_CHUNKS=32" \
-        [--shapes flux_1024px wan21_480p_81f] [--rounds 7] [--out F.json]
+        [--shapes flux_1024px wan21_480p_81f] [--rounds 7] [--path fp8|fp16] [--out F.json]
 
 A variant is NAME or NAME:CONST=VALUE[,CONST=VALUE...] over the constants in TUNABLE; `base` (no overrides) is the
 shipped setting. Each variant runs as a CUDA graph of GRAPH_CALLS calls into buffers of its own, the graphs timed
@@ -34,10 +35,14 @@ from sage_attention_pack.sage_core.timing import interleaved_median_ms  # noqa: 
 TUNABLE = ("STATS_ROWS", "MAX_STATS_CHUNKS", "STATS_TILE", "QUANT_ROWS", "QUANT_SUB", "QUANT_WARPS", "V_ROWS",
            "V_CHANNELS", "V_CHANNELS_SMALL_HEADS")
 GRAPH_CALLS = 20
-# the in-place Hopper path's quantization (kernels/launch.sage_forward for an FP8 call with a pipelined key):
-# what sizes its buffers (launch.quant_buffers), then the rest of quantize_qkv's arguments
-BUFFER_ARGS = dict(q_group=64, k_group=128, smooth_k=True, smooth_v=True, pv_fp8=True)
-QUANT_ARGS = dict(BUFFER_ARGS, pv_key_order=True)
+# per path, what sizes the quantization's buffers (launch.quant_buffers) and the rest of quantize_qkv's arguments:
+# fp8, the in-place Hopper path (kernels/launch.sage_forward for an FP8 call with a pipelined key); fp16, the
+# portable FP16-P·V path as Ampere and Ada run it (per-warp Q scales, K smoothed alone in 64-key groups, the
+# tables' BLOCK_N at head dim 128 there)
+PATHS = {
+    "fp8": (dict(q_group=64, k_group=128, smooth_k=True, smooth_v=True, pv_fp8=True), dict(pv_key_order=True)),
+    "fp16": (dict(q_group=16, k_group=64, smooth_k=True, smooth_v=False, pv_fp8=False), dict(pv_key_order=False)),
+}
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -69,9 +74,10 @@ def constants(overrides: dict):
             setattr(launch, k, v)
 
 
-def quantize(q, k, v, buffers=None) -> dict:
+def quantize(q, k, v, buffers=None, path: str = "fp8") -> dict:
+    buffer_args, extra = PATHS[path]
     return launch.quantize_qkv(q, k, v, block_d=launch.padded_head_dim(q.shape[-1]), q_multiplier=0.1275,
-                               buffers=buffers, **QUANT_ARGS)
+                               buffers=buffers, **buffer_args, **extra)
 
 
 def same_outputs(a: dict, b: dict) -> dict:
@@ -81,24 +87,24 @@ def same_outputs(a: dict, b: dict) -> dict:
             if torch.is_tensor(val) and key != "parts"}
 
 
-def measure_shape(shape, variants: dict, rounds: int) -> dict:
+def measure_shape(shape, variants: dict, rounds: int, path: str = "fp8") -> dict:
     b, h, n, d = shape
     q, k, v = model_shaped_inputs(b, h, n, d, torch.bfloat16, "cuda")
     graphs, kept, rows, first = {}, {}, {}, None
     for name, overrides in variants.items():
         with constants(overrides):
-            out = quantize(q, k, v)
+            out = quantize(q, k, v, path=path)
             first = first or out
             rows[name] = {"overrides": overrides, "same_bits_as_first": same_outputs(first, out)}
-            buffers = launch.quant_buffers(q, k, block_d=launch.padded_head_dim(d), **BUFFER_ARGS)
-            quantize(q, k, v, buffers)  # compiled and warm before the capture
+            buffers = launch.quant_buffers(q, k, block_d=launch.padded_head_dim(d), **PATHS[path][0])
+            quantize(q, k, v, buffers, path)  # compiled and warm before the capture
             torch.cuda.synchronize()
             graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
             with torch.cuda.stream(stream):
-                quantize(q, k, v, buffers)  # once more on the capturing stream, as PyTorch asks before a capture
+                quantize(q, k, v, buffers, path)  # once more on the capturing stream, as PyTorch asks first
                 with torch.cuda.graph(graph, stream=stream):
                     for _ in range(GRAPH_CALLS):
-                        quantize(q, k, v, buffers)
+                        quantize(q, k, v, buffers, path)
             torch.cuda.synchronize()
             graphs[name], kept[name] = graph, buffers  # the graph writes into these buffers
     for name, ms in interleaved_median_ms({name: graph.replay for name, graph in graphs.items()},
@@ -116,6 +122,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", nargs="+", default=["flux_1024px", "sdxl_1024px", "wan21_480p_81f"],
                     choices=sorted(GPU_SHAPES))
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--path", choices=sorted(PATHS), default="fp8", help="which call path's quantization (see PATHS)")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     try:
@@ -126,9 +133,10 @@ def main(argv=None) -> int:
         ap.error("two variants share a name")
     if not torch.cuda.is_available():
         raise SystemExit("bench/quant_constants.py times CUDA graphs: it needs an NVIDIA GPU")
-    result = {"environment": environment(), "graph_calls": GRAPH_CALLS, "quant_args": QUANT_ARGS, "shapes": {}}
+    result = {"environment": environment(), "graph_calls": GRAPH_CALLS, "path": args.path,
+              "quant_args": {**PATHS[args.path][0], **PATHS[args.path][1]}, "shapes": {}}
     for shape in progress(args.shapes, desc="shapes", unit="shape"):
-        row = measure_shape(GPU_SHAPES[shape], variants, args.rounds)
+        row = measure_shape(GPU_SHAPES[shape], variants, args.rounds, args.path)
         result["shapes"][shape] = row
         for name, r in row["rows"].items():
             differ = [key for key, same in r["same_bits_as_first"].items() if not same]

@@ -78,16 +78,17 @@ def sdpa_backends():
             "sdpa_default": lambda q, k, v: F.scaled_dot_product_attention(q, k, v)}
 
 
-def load_peers() -> tuple[dict, dict]:
-    """The peers of bench/peers.py (beside the package, in a source checkout), and why others are missing."""
+def load_peers() -> tuple[dict, dict, dict]:
+    """The peers of bench/peers.py (beside the package, in a source checkout), why others are missing, and the
+    versions of those found."""
     path = Path(__file__).resolve().parent.parent / "bench" / "peers.py"
     if not path.exists():
-        return {}, {"peers": "bench/peers.py not found (peers are benchmarked from a source checkout)"}
+        return {}, {"peers": "bench/peers.py not found (peers are benchmarked from a source checkout)"}, {}
     spec = importlib.util.spec_from_file_location("sage_attention_bench_peers", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     found = mod.available_peers(check_device=True)
-    return dict(found), dict(getattr(found, "missing", {}))
+    return dict(found), dict(getattr(found, "missing", {})), found.versions()
 
 
 def environment() -> dict:
@@ -172,11 +173,11 @@ def run(shapes=None, dtype=torch.bfloat16, repeats=None, with_peers=True, out_pa
     if unknown:
         raise SystemExit(f"unknown shape(s) {unknown}; known: {sorted(table)}")
     methods = {k: sage_method(c) for k, c in SAGE_VARIANTS.items()}
-    peers_missing = {}
+    peers_missing, peer_versions = {}, {}
     if device == "cuda":
         methods.update(sdpa_backends())
         if with_peers:
-            peers, peers_missing = load_peers()
+            peers, peers_missing, peer_versions = load_peers()
             methods.update({f"peer_{k}": v for k, v in peers.items()})
     else:
         methods["sdpa_default"] = lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
@@ -187,10 +188,11 @@ def run(shapes=None, dtype=torch.bfloat16, repeats=None, with_peers=True, out_pa
     rounds = max(1, (repeats or (10 if device == "cuda" else 1)) // samples_per_round(device))
     result = {"environment": environment(), "tops_definition": "4*B*H*Nq*Nk*D / time",
               "k_offset_scale": K_OFFSET_SCALE, "accuracy_reference": f"fp32 attention, first {ACCURACY_HEADS} heads",
-              "bounds": BOUNDS, "peers_missing": peers_missing, "shapes": {}}
+              "bounds": BOUNDS, "peers_missing": peers_missing, "peer_versions": peer_versions, "shapes": {}}
     if merge and out_path and Path(out_path).exists():
         result = json.loads(Path(out_path).read_text())
         result["peers_missing"] = {**result.get("peers_missing", {}), **peers_missing}
+        result["peer_versions"] = {**result.get("peer_versions", {}), **peer_versions}
     for name in progress(names, desc="benchmark", unit="shape"):
         shape = table[name]
         long = shape[2] > LONG_SHAPE_TOKENS

@@ -64,3 +64,26 @@ def test_tunable_constants_leave_the_outputs_as_they_are(overrides):
         torch.testing.assert_close(base["v_code_sums"].sum(1), other["v_code_sums"].sum(1), rtol=1e-5, atol=1e-5)
         same.pop("v_code_sums")
     assert all(same.values()), same
+
+
+def test_fp16_path_quantizes_as_an_ampere_fp16_call_does():
+    """--path fp16 times what the portable FP16-P·V path quantizes on Ampere and Ada: the default per-warp Q
+    groups, one K scale per key tile of those GPUs' head-dim-128 tiles, K smoothed alone, no FP8 V."""
+    from sage_attention_pack.kernels import tuning
+    from sage_attention_pack.sage_core.config import SageConfig
+
+    module = quant_constants()
+    buffer_args, extra = module.PATHS["fp16"]
+    for family in ("sm80", "sm86", "sm89"):
+        assert buffer_args["k_group"] == tuning.default_config(family, "fp16", 128).block_n
+    assert buffer_args["q_group"] == SageConfig().q_group_rows
+    assert (buffer_args["smooth_k"], buffer_args["smooth_v"], buffer_args["pv_fp8"]) == (True, False, False)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, n, 128, generator=g).to(torch.bfloat16) for n in (100, 200, 200))
+    out = module.quantize(q, k, v, path="fp16")
+    assert out["v8"] is None
+    assert out["k_scale"].shape[-1] == -(-200 // 64)
+    assert out["q_scale"].shape[-1] == -(-100 // 16)
+    # the same codes as the launch module gives an FP16 call with these groups
+    direct = launch.quantize_qkv(q, k, v, block_d=128, q_multiplier=0.1275, **buffer_args, **extra)
+    assert all(module.same_outputs(direct, out).values())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import random
 import statistics
 import time
 
@@ -77,13 +78,23 @@ def median_ms(fn, warmup: int = 1, repeats: int = 10) -> float:
     return statistics.median(sample_ms(fn, calls) for _ in range(repeats))
 
 
+def visit_order(names: list, round_index: int) -> list:
+    """The order in which round `round_index` visits `names`: the given order first, then a fixed pseudo-random
+    permutation per round. A rotation per round (what this did before) keeps every callable behind the same one
+    in every round but the first: in the model forwards with the peers, ComfyUI's default always ran right
+    after comfy-kitchen's forward and read 4% slower than the same attention through the node (bench/NOTES.md)."""
+    if round_index == 0 or len(names) < 2:
+        return list(names)
+    return random.Random(round_index).sample(names, len(names))
+
+
 def interleaved_median_ms(fns: dict, rounds: int = 5, per_round: int = 2, warmup: int = 1,
                           settle_ms: float = SETTLE_MS) -> dict:
     """Median milliseconds per call of each named callable, sampled in rounds that visit every callable in
     turn, so that a drift of the machine (clocks, temperature, other work on the host) reaches all of them
     alike: timed one after another, the same SDPA call read up to 11% apart within one run. On the GPU each
-    visit first runs the callable untimed for settle_ms (see SETTLE_MS). Each round starts one callable further
-    on, so that no callable always follows the same one. Returns {name: ms}, or
+    visit first runs the callable untimed for settle_ms (see SETTLE_MS). Each round visits them in its own
+    order (visit_order), so that no callable always follows the same one. Returns {name: ms}, or
     {name: "ExceptionType: message"} for a callable that raised (it is then left out)."""
     result, calls, settle = {}, {}, {}
     for name, fn in fns.items():
@@ -97,9 +108,7 @@ def interleaved_median_ms(fns: dict, rounds: int = 5, per_round: int = 2, warmup
             result[name] = error_line(e)
     samples = {name: [] for name in calls}
     for r in range(rounds):
-        names = list(samples)
-        shift = r % len(names) if names else 0
-        for name in names[shift:] + names[:shift]:
+        for name in visit_order(list(samples), r):
             try:
                 for _ in range(settle[name]):
                     fns[name]()

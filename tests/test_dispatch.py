@@ -308,12 +308,29 @@ def test_interleaved_timing_visits_every_callable_in_turn_and_reports_a_failure(
     assert list(timed) == ["slow", "fast", "broken"]
     assert timed["broken"] == "ValueError: cannot launch here"
     assert 0.5 <= timed["fast"] < timed["slow"] and timed["slow"] >= 3.5
-    # warm-up, then the rounds, each visiting every callable once and starting one further on: never all of
-    # one first, and no callable always right after the same one. A visit is a run of calls of one callable
-    # (one on the CPU; on the GPU its settling calls, the untimed lead call and the sample's calls).
-    visits = [name for i, name in enumerate(order) if i == 0 or order[i - 1] != name]
-    # rounds (slow, fast), (fast, slow), (slow, fast): the visits at the rounds' seams merge into one run
-    assert visits == ["slow", "fast", "broken", "slow", "fast", "slow", "fast"]
+    # warm-up, then the rounds, each visiting every callable once (a visit is a run of calls of one callable:
+    # one on the CPU; on the GPU its settling calls, the untimed lead call and the sample's calls)
+    warm, rounds = order[:3], order[3:]
+    assert warm == ["slow", "fast", "broken"]
+    assert sorted(rounds) == ["fast"] * 3 + ["slow"] * 3
+
+
+def test_rounds_visit_in_orders_where_no_callable_always_follows_the_same_one():
+    from sage_attention_pack.sage_core.timing import visit_order
+
+    names = ["default", "auto", "int8_fp8", "int8_fp16", "off", "peer_a", "peer_b"]
+    orders = [visit_order(names, r) for r in range(7)]
+    assert orders[0] == names and all(sorted(o) == sorted(names) for o in orders)
+    assert orders == [visit_order(names, r) for r in range(7)]  # the same orders in every run
+    # who came right before each callable, over the rounds (the previous round's last before a round's first)
+    flat = [name for o in orders for name in o]
+    before = {name: {flat[i - 1] for i in range(1, len(flat)) if flat[i] == name} for name in names}
+    assert all(len(prev) >= 3 for prev in before.values()), before
+    # a rotation per round, as before, kept each callable behind one neighbour in every round but the first
+    rotated = [n for r in range(7) for n in names[r % 7:] + names[:r % 7]]
+    behind_default = {rotated[i - 1] for i in range(1, len(rotated)) if rotated[i] == "default"}
+    assert behind_default == {"peer_b"}
+    assert visit_order(["only"], 3) == ["only"] and visit_order([], 2) == []
 
 
 def test_settle_and_sample_sizes_fill_their_time_within_bounds():

@@ -79,11 +79,12 @@ def compile_quantize(stats_pass: bool, d: int, arch: int, pv_fp8: bool = True, *
     from sage_attention_pack.kernels import launch
     from sage_attention_pack.kernels.quant_kernels import quantize_kernel as fn
 
-    from quant_constants import constants  # bench/, beside this script
+    from quant_constants import PATHS, constants  # bench/, beside this script
 
     ptypes = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Q8": "*i8", "K8": "*i8", "V8": "*fp8e4nv" if pv_fp8 else "*i8"}
     floats = ("q_multiplier", "v_code_max")
-    q_group, k_group = (64, 128) if pv_fp8 else (16, 64)
+    path = PATHS["fp8" if pv_fp8 else "fp16"]  # the groups each call path quantizes in
+    q_group, k_group = path["q_group"], path["k_group"]
     with constants(overrides):  # slice_rows and v_channels read them too
         rows = launch.QUANT_ROWS
         q_sub, k_sub = launch.slice_rows(q_group, rows), launch.slice_rows(k_group, rows)

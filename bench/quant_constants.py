@@ -35,14 +35,19 @@ from sage_attention_pack.sage_core.timing import interleaved_median_ms  # noqa: 
 TUNABLE = ("STATS_ROWS", "MAX_STATS_CHUNKS", "STATS_TILE", "QUANT_ROWS", "QUANT_SUB", "QUANT_WARPS", "V_ROWS",
            "V_CHANNELS", "V_CHANNELS_SMALL_HEADS")
 GRAPH_CALLS = 20
-# per path, what sizes the quantization's buffers (launch.quant_buffers) and the rest of quantize_qkv's arguments:
-# fp8, the in-place Hopper path (kernels/launch.sage_forward for an FP8 call with a pipelined key); fp16, the
-# portable FP16-P·V path as Ampere and Ada run it (per-warp Q scales, K smoothed alone in 64-key groups, the
-# tables' BLOCK_N at head dim 128 there)
+# per path, what sizes the quantization's buffers (launch.quant_buffers): fp8, the in-place Hopper path
+# (kernels/launch.sage_forward for an FP8 call with a pipelined key); fp16, the portable FP16-P·V path as Ampere and
+# Ada run it (per-warp Q scales, K smoothed alone in 64-key groups, the tables' BLOCK_N at head dim 128 there)
 PATHS = {
-    "fp8": (dict(q_group=64, k_group=128, smooth_k=True, smooth_v=True, pv_fp8=True), dict(pv_key_order=True)),
-    "fp16": (dict(q_group=16, k_group=64, smooth_k=True, smooth_v=False, pv_fp8=False), dict(pv_key_order=False)),
+    "fp8": dict(q_group=64, k_group=128, smooth_k=True, smooth_v=True, pv_fp8=True),
+    "fp16": dict(q_group=16, k_group=64, smooth_k=True, smooth_v=False, pv_fp8=False),
 }
+
+
+def quant_args(path: str) -> dict:
+    """quantize_qkv's arguments on a path: its buffers' and the key order, which is the Hopper kernel's P order
+    exactly where P·V is FP8 (the pipelined kernels serve FP8 P·V only)."""
+    return dict(PATHS[path], pv_key_order=PATHS[path]["pv_fp8"])
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -75,9 +80,8 @@ def constants(overrides: dict):
 
 
 def quantize(q, k, v, buffers=None, path: str = "fp8") -> dict:
-    buffer_args, extra = PATHS[path]
     return launch.quantize_qkv(q, k, v, block_d=launch.padded_head_dim(q.shape[-1]), q_multiplier=0.1275,
-                               buffers=buffers, **buffer_args, **extra)
+                               buffers=buffers, **quant_args(path))
 
 
 def same_outputs(a: dict, b: dict) -> dict:
@@ -96,7 +100,7 @@ def measure_shape(shape, variants: dict, rounds: int, path: str = "fp8") -> dict
             out = quantize(q, k, v, path=path)
             first = first or out
             rows[name] = {"overrides": overrides, "same_bits_as_first": same_outputs(first, out)}
-            buffers = launch.quant_buffers(q, k, block_d=launch.padded_head_dim(d), **PATHS[path][0])
+            buffers = launch.quant_buffers(q, k, block_d=launch.padded_head_dim(d), **PATHS[path])
             quantize(q, k, v, buffers, path)  # compiled and warm before the capture
             torch.cuda.synchronize()
             graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
@@ -134,7 +138,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("bench/quant_constants.py times CUDA graphs: it needs an NVIDIA GPU")
     result = {"environment": environment(), "graph_calls": GRAPH_CALLS, "path": args.path,
-              "quant_args": {**PATHS[args.path][0], **PATHS[args.path][1]}, "shapes": {}}
+              "quant_args": quant_args(args.path), "shapes": {}}
     for shape in progress(args.shapes, desc="shapes", unit="shape"):
         row = measure_shape(GPU_SHAPES[shape], variants, args.rounds, args.path)
         result["shapes"][shape] = row

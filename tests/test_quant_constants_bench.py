@@ -73,7 +73,7 @@ def test_fp16_path_quantizes_as_an_ampere_fp16_call_does():
     from sage_attention_pack.sage_core.config import SageConfig
 
     module = quant_constants()
-    buffer_args, extra = module.PATHS["fp16"]
+    buffer_args = module.PATHS["fp16"]
     for family in ("sm80", "sm86", "sm89"):
         assert buffer_args["k_group"] == tuning.default_config(family, "fp16", 128).block_n
     assert buffer_args["q_group"] == SageConfig().q_group_rows
@@ -85,5 +85,5 @@ def test_fp16_path_quantizes_as_an_ampere_fp16_call_does():
     assert out["k_scale"].shape[-1] == -(-200 // 64)
     assert out["q_scale"].shape[-1] == -(-100 // 16)
     # the same codes as the launch module gives an FP16 call with these groups
-    direct = launch.quantize_qkv(q, k, v, block_d=128, q_multiplier=0.1275, **buffer_args, **extra)
+    direct = launch.quantize_qkv(q, k, v, block_d=128, q_multiplier=0.1275, **buffer_args, pv_key_order=False)
     assert all(module.same_outputs(direct, out).values())

@@ -33,6 +33,13 @@ V_CHANNELS = 64
 V_CHANNELS_SMALL_HEADS = 32
 V_PAD = 128  # FP8 V rows padded to a multiple of this, so every tile load is in bounds and aligned
 FP8_E4M3_MAX = 448.0
+# K's mean for its smoothing comes from every `every`-th STATS_TILE of a head's keys (stats_every), at least
+# STATS_SAMPLE_KEYS of them: any vector taken off K is exact (softmax ignores a constant per row, and the LSE is
+# corrected with the same vector), so the sample only has to be close enough to the mean to take the channels'
+# offset off. V's statistics read every key: V's mean is what the in-place FP8 accumulator needs taken off
+# (sage_forward), and its range bounds the FP8 codes.
+STATS_SAMPLE_KEYS = 512
+MAX_STATS_EVERY = 16
 
 
 def cdiv(a: int, b: int) -> int:
@@ -46,10 +53,27 @@ def padded_head_dim(d: int) -> int:
     return max(32, 1 << (max(d, 1) - 1).bit_length())
 
 
-def stats_chunks(n: int) -> tuple[int, int]:
+def stats_every(n: int) -> int:
+    """Every how many STATS_TILE-key tiles K's statistics read one, for n keys: a power of two up to
+    MAX_STATS_EVERY that leaves at least STATS_SAMPLE_KEYS keys sampled (1, all of them, below 1024 keys)."""
+    every = 1
+    while every < MAX_STATS_EVERY and n // (2 * every) >= STATS_SAMPLE_KEYS:
+        every *= 2
+    return every
+
+
+def sampled_keys(n: int, every: int) -> int:
+    """How many of n keys K's statistics read: those in tiles whose index is a multiple of `every`."""
+    full, rest = divmod(n, STATS_TILE * every)
+    return full * STATS_TILE + min(rest, STATS_TILE)
+
+
+def stats_chunks(n: int, every: int = 1) -> tuple[int, int]:
     """(chunks, rows per chunk) for the statistics pass: enough programs to fill the GPU, few enough
-    partial rows that finishing them inside every quantization program stays cheap."""
-    rows = max(STATS_ROWS, cdiv(cdiv(max(n, 1), MAX_STATS_CHUNKS), STATS_ROWS) * STATS_ROWS)
+    partial rows that finishing them inside every quantization program stays cheap. A chunk starts on a
+    sampled tile."""
+    step = max(STATS_ROWS, STATS_TILE * every)
+    rows = max(step, cdiv(cdiv(max(n, 1), MAX_STATS_CHUNKS), step) * step)
     return cdiv(max(n, 1), rows), rows
 
 
@@ -73,7 +97,7 @@ def quant_buffers(q, k, *, q_group: int, k_group: int, block_d: int, smooth_k: b
     v_padded = cdiv(max(NK, 1), V_PAD) * V_PAD if pv_fp8 else 0
     need_v_stats = pv_fp8 or smooth_v
     return {
-        "parts": torch.empty((B * HK, stats_chunks(NK)[0], 4, block_d), device=dev, dtype=f32),
+        "parts": torch.empty((B * HK, stats_chunks(NK, stats_every(NK))[0], 4, block_d), device=dev, dtype=f32),
         "q8": torch.empty((B * H, NQ, block_d), device=dev, dtype=torch.int8),
         "q_scale": torch.empty((B * H, cdiv(NQ, q_group)), device=dev, dtype=f32),
         "k8": torch.empty((B * HK, NK, block_d), device=dev, dtype=torch.int8),
@@ -103,14 +127,15 @@ def launch_now(site: str, fn, grid: tuple, args: tuple, kwargs: dict) -> None:
 def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multiplier: float, smooth_k: bool,
                  smooth_v: bool, pv_fp8: bool, pv_key_order: bool = False,
                  v_code_max: float = FP8_E4M3_MAX, buffers: dict | None = None, run=launch_now) -> dict:
-    """All quantization of one call in at most two launches of quantize_kernel: K's and V's statistics with Q's
-    INT8 codes, then K's INT8 codes and V's (which need the statistics); with nothing to smooth, Q's and K's
-    codes in one.
+    """All quantization of one call in at most two launches of quantize_kernel: K's and V's statistics (K's over
+    a sample of the keys from 1024 on, stats_every) with Q's INT8 codes, then K's INT8 codes and V's (which need
+    the statistics); with nothing to smooth, Q's and K's codes in one.
 
     q: [B, H, NQ, D], k/v: [B, HK, NK, D] views with any strides. Returns (and writes, where a call plan gives
     them, `buffers`: quant_buffers of the same arguments) a dict of
     q8 [B*H, NQ, block_d] int8, q_scale [B*H, ceil(NQ/q_group)], k8 [B*HK, NK, block_d] int8,
-    k_scale [B*HK, ceil(NK/k_group)], k_mean [B*HK, block_d] (None when not smoothed), v_mean [B*HK, block_d]
+    k_scale [B*HK, ceil(NK/k_group)], k_mean [B*HK, block_d] (the sample's mean taken off K; None when not
+    smoothed), v_mean [B*HK, block_d]
     (V's mean, with FP8 V or V smoothing, else None), and with
     pv_fp8 v8 [B*HK, block_d, v_padded] FP8 e4m3 codes up to ±v_code_max, v_scale [B*HK, block_d] and
     v_code_sums [B*HK, programs, block_d] (sums of V's dequantized codes, see output_shift); pv_key_order
@@ -121,7 +146,8 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
     out = buffers if buffers is not None else quant_buffers(
         q, k, q_group=q_group, k_group=k_group, block_d=block_d, smooth_k=smooth_k, smooth_v=smooth_v,
         pv_fp8=pv_fp8)
-    n_chunks, chunk_rows = stats_chunks(NK)
+    k_every = stats_every(NK)
+    n_chunks, chunk_rows = stats_chunks(NK, k_every)
     need_v_stats = pv_fp8 or smooth_v
     stats = smooth_k or need_v_stats
     rows = max(QUANT_ROWS, q_group, k_group)
@@ -131,7 +157,8 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
             out["k_mean"] if smooth_k else dummy, out["v8"] if pv_fp8 else dummy,
             out["v_scale"] if pv_fp8 else dummy, out["v_mean"] if need_v_stats else dummy,
             out["v_code_sums"] if pv_fp8 else dummy, *q.stride(), *k.stride(), *v.stride(),
-            B * H, B * HK, H, HK, NQ, NK, D, n_chunks, chunk_rows, out["q_scale"].shape[-1],
+            B * H, B * HK, H, HK, NQ, NK, D, n_chunks, chunk_rows, k_every, sampled_keys(NK, k_every),
+            out["q_scale"].shape[-1],
             out["k_scale"].shape[-1], float(q_multiplier), out["v_padded"], float(v_code_max), n_v_programs)
     constants = dict(ROWS=rows, Q_SUB=slice_rows(q_group, rows), K_SUB=slice_rows(k_group, rows), Q_GROUP=q_group,
                      K_GROUP=k_group, BLOCK_D=block_d, STATS_TILE=STATS_TILE, STATS_CHUNKS=MAX_STATS_CHUNKS,

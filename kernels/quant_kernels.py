@@ -81,13 +81,16 @@ def kv_stats_chunk(
     K, V, PARTS, bh, chunk, n_chunks,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    HK, N, D, rows_per_chunk,
+    HK, N, D, rows_per_chunk, k_every,
     TILE: tl.constexpr, BLOCK_D: tl.constexpr, K_STATS: tl.constexpr, V_STATS: tl.constexpr,
 ):
     """Partial per-channel statistics of K and V over one chunk of tokens, for one (batch, KV head):
     PARTS[bh, chunk] = (sum of K, sum of V, max of V, min of V), each [BLOCK_D] in FP32 (padded channels
-    read as 0). The quantization programs of the next pass finish the reduction (finish_stats), so no PyTorch
-    reduction runs in between. Each step loads the next tile before it adds up this one (load_raw)."""
+    read as 0). K's sum covers a sample: the tiles whose index is a multiple of k_every (chunks start on one;
+    launch.stats_every); K's loads in the tiles between are masked off, which issues no memory access. V's
+    statistics cover every key. The quantization programs of the next pass finish the reduction (finish_stats),
+    so no PyTorch reduction runs in between. Each step loads the next tile before it adds up this one
+    (load_raw)."""
     b = bh // HK
     h = bh % HK
     offs_d = tl.arange(0, BLOCK_D)
@@ -110,7 +113,8 @@ def kv_stats_chunk(
         # both next loads issued before this step's tiles are waited for
         if K_STATS:
             k_raw = k_next
-            k_next = load_raw(K, b, h, offs_n + TILE, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, hi, D)
+            k_end = tl.where(((start + TILE - lo) // TILE) % k_every == 0, hi, 0)  # the next tile K's, or none
+            k_next = load_raw(K, b, h, offs_n + TILE, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, k_end, D)
         if V_STATS:
             v_raw = v_next
             v_next = load_raw(V, b, h, offs_n + TILE, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, hi, D)
@@ -131,8 +135,8 @@ def kv_stats_chunk(
 @triton.jit
 def finish_stats(PARTS, bh, n_chunks, N, offs_d, BLOCK_D: tl.constexpr, CHUNKS: tl.constexpr, WHICH: tl.constexpr):
     """Reduce one statistic over the chunks of kv_stats_chunk (n_chunks <= CHUNKS): 0 mean of K, 1 mean of V,
-    2 max of V, 3 min of V. All chunks load at once: a loop over them would be a chain of dependent L2 round
-    trips in every quantization program."""
+    2 max of V, 3 min of V; N the keys the statistic covers. All chunks load at once: a loop over them would be
+    a chain of dependent L2 round trips in every quantization program."""
     offs_c = tl.arange(0, CHUNKS)
     ptrs = PARTS + ((bh * n_chunks + offs_c[:, None]) * 4 + WHICH) * BLOCK_D + offs_d[None, :]
     present = offs_c[:, None] < n_chunks
@@ -275,7 +279,7 @@ def quantize_kernel(
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    BH, BHK, H, HK, NQ, NK, D, n_chunks, chunk_rows, q_groups, k_groups, q_multiplier, v_padded, v_code_max,
+    BH, BHK, H, HK, NQ, NK, D, n_chunks, chunk_rows, k_every, k_sampled, q_groups, k_groups, q_multiplier, v_padded, v_code_max,
     n_v_programs,
     DO_STATS: tl.constexpr, DO_Q: tl.constexpr, DO_K: tl.constexpr, V_BLOCKS: tl.constexpr,
     ROWS: tl.constexpr, Q_SUB: tl.constexpr, K_SUB: tl.constexpr, Q_GROUP: tl.constexpr, K_GROUP: tl.constexpr,
@@ -288,10 +292,11 @@ def quantize_kernel(
     that need no statistics share a launch with those that make them, so that the short passes fill the GPU
     together (the statistics alone were under one wave at Flux's shape) and a call has two launches, not three.
 
-    statistics (role 0): K's sums (SMOOTH_K) and V's sums and range (V_STATS) over chunk program_id(0) of
-       chunk_rows tokens (kv_stats_chunk), for the next launch's K and V codes.
+    statistics (role 0): K's sums (SMOOTH_K; every k_every-th tile, k_sampled keys per head in all) and V's sums
+       and range (V_STATS) over chunk program_id(0) of chunk_rows tokens (kv_stats_chunk), for the next launch's
+       K and V codes.
     Q: INT8 codes [BH, NQ, BLOCK_D] of q * q_multiplier, one scale per Q_GROUP rows.
-    K: INT8 codes [BHK, NK, BLOCK_D] of k - mean(k) (SMOOTH_K, the mean finished from the statistics), one
+    K: INT8 codes [BHK, NK, BLOCK_D] of k - mean(k) (SMOOTH_K, the sample's mean finished from the statistics), one
        scale per K_GROUP rows; the first program of each head also writes the mean (for the LSE correction).
     V (V_BLOCKS roles, one per CHANNELS channels): quantize_v_tile, n_v_programs programs per head."""
     pid = tl.program_id(0)
@@ -304,7 +309,7 @@ def quantize_kernel(
     if DO_STATS:
         if (role == 0) & (pid < n_chunks) & (bh < BHK):
             kv_stats_chunk(K, V, PARTS, bh, pid, n_chunks, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb,
-                           stride_vh, stride_vn, stride_vd, HK, NK, D, chunk_rows, STATS_TILE, BLOCK_D,
+                           stride_vh, stride_vn, stride_vd, HK, NK, D, chunk_rows, k_every, STATS_TILE, BLOCK_D,
                            SMOOTH_K, V_STATS)
     if DO_Q:
         if (role == Q_ROLE) & (bh < BH) & (pid * ROWS < NQ):
@@ -319,7 +324,7 @@ def quantize_kernel(
             first = first_slice(K, bh // HK, bh % HK, pid * ROWS, stride_kb, stride_kh, stride_kn, stride_kd, NK, D,
                                 ROWS, K_SUB, BLOCK_D)
             if SMOOTH_K:
-                mean = finish_stats(PARTS, bh, n_chunks, NK, offs_d, BLOCK_D, STATS_CHUNKS, 0)
+                mean = finish_stats(PARTS, bh, n_chunks, k_sampled, offs_d, BLOCK_D, STATS_CHUNKS, 0)
                 if pid == 0:
                     tl.store(K_MEAN + bh * BLOCK_D + offs_d, mean)
             else:

@@ -27,15 +27,23 @@ def quantize_int8_groups(x: torch.Tensor, group: int):
     return codes, rows
 
 
+def sampled_keys(n: int, every: int, tile: int = 16) -> torch.Tensor:
+    """Which of n keys K's mean is taken over: the tiles of `tile` keys whose index is a multiple of `every`."""
+    return (torch.arange(n) // tile) % every == 0
+
+
 def sage_reference(q, k, v, *, sm_scale=None, is_causal=False, bias=None, q_group=16, k_group=1,
-                   block_m=128, pv_fp8=False, smooth_k=True, smooth_v=False, return_lse=False):
+                   block_m=128, pv_fp8=False, smooth_k=True, smooth_v=False, return_lse=False, k_stats_every=1):
     """q, k, v: [B, H, N, D] (any float dtype; K/V may have fewer heads). bias: additive [Bb, Hb, Nk]
-    in natural units (as SDPA's float mask). Returns the output in q's dtype (and the natural-log LSE)."""
+    in natural units (as SDPA's float mask). k_stats_every: K's mean from every k_stats_every-th tile of 16 keys
+    (kernels/launch.stats_every gives the kernels' value). Returns the output in q's dtype (and the natural-log
+    LSE)."""
     B, H, NQ, D = q.shape
     HK = k.shape[1]
     sm_scale = D ** -0.5 if sm_scale is None else sm_scale
     qf, kf, vf = q.float(), k.float(), v.float()
-    k_mean = kf.mean(dim=2, keepdim=True) if smooth_k else torch.zeros_like(kf[:, :, :1])
+    sample = sampled_keys(k.shape[2], k_stats_every).to(k.device)
+    k_mean = kf[:, :, sample].mean(dim=2, keepdim=True) if smooth_k else torch.zeros_like(kf[:, :, :1])
     k_codes, k_rows = quantize_int8_groups(kf - k_mean, k_group)
 
     # Q is quantized per Q tile: groups never straddle a tile boundary

@@ -19,13 +19,14 @@ from collections import OrderedDict
 
 import torch
 
-from .direct_launch import LaunchSlot, current_stream
+from .direct_launch import LaunchSlot, current_stream, specialisation_key
 
 PLAN_MAX_BYTES = 64 << 20
 PLANS_MAX_BYTES = 128 << 20
 # A plan's launch slots reuse what their first launch compiled, so a later launch that asks for other compile-time
-# arguments (a switch that is not in the call's signature) would silently run the first kernel. Checked where
-# SAGE_ATTENTION_CHECK_PLANS is set (the tests set it): one dict comparison per launch.
+# arguments (a switch that is not in the call's signature), or whose runtime integers Triton would specialise
+# differently (one that is 1, or that 16 divides, where the first was not), would silently run the first kernel.
+# Checked where SAGE_ATTENTION_CHECK_PLANS is set (the tests set it): a comparison of both per launch.
 CHECK_LAUNCHES = os.environ.get("SAGE_ATTENTION_CHECK_PLANS", "0") not in ("", "0")
 
 
@@ -38,7 +39,8 @@ class CallPlan:
         self.nbytes = sum(t.numel() * t.element_size() for t in buffers.values() if isinstance(t, torch.Tensor))
         self.slots: dict[str, LaunchSlot] = {}
         self.derived: dict = {}
-        self.first_launch: dict[str, tuple] = {}  # site -> (kernel, compile-time arguments), with CHECK_LAUNCHES
+        # site -> (kernel, compile-time arguments, runtime arguments' specialisation), with CHECK_LAUNCHES
+        self.first_launch: dict[str, tuple] = {}
 
     def run(self, site: str, fn, grid: tuple, args: tuple, kwargs: dict) -> None:
         """Launch fn at one of this plan's sites (the same site launches the same specialisation every call)."""
@@ -46,18 +48,29 @@ class CallPlan:
         if slot is None:
             slot = self.slots[site] = LaunchSlot()
             if CHECK_LAUNCHES:
-                self.first_launch[site] = (fn, dict(kwargs))
+                self.first_launch[site] = (fn, dict(kwargs), specialisation_key(args))
         elif CHECK_LAUNCHES:
-            self.check_launch(site, fn, kwargs)
+            self.check_launch(site, fn, args, kwargs)
         slot(fn, grid, args, kwargs, self.stream)
 
-    def check_launch(self, site: str, fn, kwargs: dict) -> None:
-        """Raise if a launch at `site` asks for another kernel or other compile-time arguments than its first."""
+    def check_launch(self, site: str, fn, args: tuple, kwargs: dict) -> None:
+        """Raise if a launch at `site` asks for another kernel, other compile-time arguments or another
+        specialisation of its runtime arguments than its first."""
         first = self.first_launch.get(site)
         if first is None:  # the plan was made before checking was switched on
             return
-        first_fn, first_kwargs = first
-        if fn is not first_fn or kwargs != first_kwargs:
+        first_fn, first_kwargs, first_args = first
+        if fn is first_fn and kwargs == first_kwargs:
+            now = specialisation_key(args)
+            if now != first_args and None not in (now, first_args):
+                names = getattr(fn, "arg_names", [])
+                changed = [names[i] if i < len(names) else str(i)
+                           for i, (a, b) in enumerate(zip(first_args, now)) if a != b] or ["their number"]
+                raise RuntimeError(
+                    f"launch site {site!r} of a call plan passed {getattr(fn, '__name__', fn)} runtime arguments that "
+                    f"Triton specialises otherwise than at its first launch ({', '.join(changed)}): what sets them "
+                    f"must be part of the call's signature (kernels/launch.py, sage_forward)")
+        else:
             changed = sorted(k for k in first_kwargs.keys() | kwargs.keys() if first_kwargs.get(k) != kwargs.get(k))
             raise RuntimeError(
                 f"launch site {site!r} of a call plan asked for {getattr(fn, '__name__', fn)} with other compile-time "

@@ -72,6 +72,15 @@ def uncommon_argument_key(a):
     raise NotKeyable(type(a).__name__)
 
 
+def specialisation_key(values) -> tuple:
+    """What Triton compiles into a kernel from its runtime arguments: an integer by whether it is 1 and whether 16
+    divides it (not by its value), the rest as argument_key; None where an argument is not keyable."""
+    try:
+        return tuple(("int", a == 1, a % 16 == 0) if type(a) is int else argument_key(a) for a in values)
+    except NotKeyable:
+        return None
+
+
 class DirectLaunches:
     """The compiled kernels launched so far, by key; `launch` is the one entry point."""
 

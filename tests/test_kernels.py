@@ -577,6 +577,27 @@ def test_a_launch_asking_its_plan_for_another_kernel_is_refused(monkeypatch):
     PLANS.clear()
 
 
+def test_a_launch_whose_integers_triton_would_specialise_otherwise_is_refused(monkeypatch):
+    """Triton compiles an integer argument that is 1, or that 16 divides, into the kernel. A plan's launch slot
+    keeps its first kernel, so a later launch at the site whose integers specialise otherwise (here K's statistics
+    sampling every key at the first call, every 2nd tile after the launch module's cap was raised: a switch outside
+    the call's signature) would run with the first call's 1 in it: refused, naming the argument."""
+    from sage_attention_pack.kernels import call_plan
+
+    monkeypatch.setattr(call_plan, "CHECK_LAUNCHES", True)
+    PLANS.clear()
+    cfg = SageConfig(kernel="int8_fp8")
+    q, k, v = inputs(1, 1, 1, 16, 1100, 64, torch.float16, seed=29)
+    monkeypatch.setattr(launch, "MAX_STATS_EVERY", 1)
+    run_kernel(q, k, v, cfg)
+    monkeypatch.setattr(launch, "MAX_STATS_EVERY", 16)
+    with pytest.raises(RuntimeError, match=r"'quantize_stats_q'.*quantize_kernel.*specialises.*\(k_every\)"):
+        run_kernel(q, k, v, cfg)
+    PLANS.clear()
+    run_kernel(q, k, v, cfg)  # a fresh plan compiles for what it is given
+    PLANS.clear()
+
+
 def test_call_plans_stay_within_their_memory_bounds_per_thread():
     import threading
 

@@ -5,6 +5,7 @@ in sage_core/dispatch.py, before any work is done.
 """
 from __future__ import annotations
 
+import math
 
 import torch
 
@@ -72,7 +73,7 @@ def stats_chunks(n: int, every: int = 1) -> tuple[int, int]:
     """(chunks, rows per chunk) for the statistics pass: enough programs to fill the GPU, few enough
     partial rows that finishing them inside every quantization program stays cheap. A chunk starts on a
     sampled tile."""
-    step = max(STATS_ROWS, STATS_TILE * every)
+    step = math.lcm(STATS_ROWS, STATS_TILE * every)
     rows = max(step, cdiv(cdiv(max(n, 1), MAX_STATS_CHUNKS), step) * step)
     return cdiv(max(n, 1), rows), rows
 

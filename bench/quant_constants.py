@@ -31,7 +31,8 @@ from sage_attention_pack.sage_core.bench import GPU_SHAPES, environment, model_s
 from sage_attention_pack.sage_core.progress import progress  # noqa: E402
 from sage_attention_pack.sage_core.timing import interleaved_median_ms  # noqa: E402
 
-# the constants of kernels/launch.py that shape the quantization launches without changing what they write
+# the constants of kernels/launch.py that shape the quantization launches without changing what they write, and
+# MAX_STATS_EVERY, whose 1 reads every key for K's mean (its codes then differ from the sampled mean's)
 TUNABLE = ("STATS_ROWS", "MAX_STATS_CHUNKS", "STATS_TILE", "QUANT_ROWS", "QUANT_SUB", "QUANT_WARPS", "V_ROWS",
            "V_CHANNELS", "V_CHANNELS_SMALL_HEADS", "MAX_STATS_EVERY")
 GRAPH_CALLS = 20

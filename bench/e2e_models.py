@@ -181,8 +181,8 @@ def main():
     parser.add_argument("--profile", nargs="*", default=[],
                         help="settings ('default' for ComfyUI's own) whose forward is profiled: device time per kernel")
     parser.add_argument("--clocks", nargs="*", default=[],
-                        help="settings ('default' for ComfyUI's own) whose forward runs back to back for --clock-seconds "
-                             "while nvidia-smi samples the SM clock and power")
+                        help="settings ('default' for ComfyUI's own) whose forward runs back to back for "
+                             "--clock-seconds while nvidia-smi samples the SM clock and power")
     parser.add_argument("--clock-seconds", type=float, default=4.0)
     args = parser.parse_args()
 

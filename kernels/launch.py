@@ -136,8 +136,7 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
     them, `buffers`: quant_buffers of the same arguments) a dict of
     q8 [B*H, NQ, block_d] int8, q_scale [B*H, ceil(NQ/q_group)], k8 [B*HK, NK, block_d] int8,
     k_scale [B*HK, ceil(NK/k_group)], k_mean [B*HK, block_d] (the sample's mean taken off K; None when not
-    smoothed), v_mean [B*HK, block_d]
-    (V's mean, with FP8 V or V smoothing, else None), and with
+    smoothed), v_mean [B*HK, block_d] (V's mean, with FP8 V or V smoothing, else None), and with
     pv_fp8 v8 [B*HK, block_d, v_padded] FP8 e4m3 codes up to ±v_code_max, v_scale [B*HK, block_d] and
     v_code_sums [B*HK, programs, block_d] (sums of V's dequantized codes, see output_shift); pv_key_order
     stores v8's keys in the order the Hopper kernel's P operand takes them. run: a call plan's launcher.
@@ -159,8 +158,8 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
             out["v_scale"] if pv_fp8 else dummy, out["v_mean"] if need_v_stats else dummy,
             out["v_code_sums"] if pv_fp8 else dummy, *q.stride(), *k.stride(), *v.stride(),
             B * H, B * HK, H, HK, NQ, NK, D, n_chunks, chunk_rows, k_every, sampled_keys(NK, k_every),
-            out["q_scale"].shape[-1],
-            out["k_scale"].shape[-1], float(q_multiplier), out["v_padded"], float(v_code_max), n_v_programs)
+            out["q_scale"].shape[-1], out["k_scale"].shape[-1], float(q_multiplier), out["v_padded"],
+            float(v_code_max), n_v_programs)
     constants = dict(ROWS=rows, Q_SUB=slice_rows(q_group, rows), K_SUB=slice_rows(k_group, rows), Q_GROUP=q_group,
                      K_GROUP=k_group, BLOCK_D=block_d, STATS_TILE=STATS_TILE, STATS_CHUNKS=MAX_STATS_CHUNKS,
                      SMOOTH_K=smooth_k, V_STATS=need_v_stats, V_ROWS=V_ROWS, CHANNELS=v_channels(block_d),

@@ -234,7 +234,7 @@ def test_auto_times_the_hosts_exact_attention_where_the_host_runs_it(monkeypatch
         raise AssertionError("PyTorch's SDPA was timed instead of the host's attention")
 
     monkeypatch.setattr(dispatch, "sdpa", plain_sdpa)
-    q, k, v = (t.cpu() for t in qkv(n=32, dtype=torch.float32))
+    q, k, v = qkv(n=32, dtype=torch.float32)
     calls = []
 
     def host_exact():
@@ -309,10 +309,15 @@ def test_interleaved_timing_visits_every_callable_in_turn_and_reports_a_failure(
     assert timed["broken"] == "ValueError: cannot launch here"
     assert 0.5 <= timed["fast"] < timed["slow"] and timed["slow"] >= 3.5
     # warm-up, then the rounds, each visiting every callable once (a visit is a run of calls of one callable:
-    # one on the CPU; on the GPU its settling calls, the untimed lead call and the sample's calls)
-    warm, rounds = order[:3], order[3:]
-    assert warm == ["slow", "fast", "broken"]
-    assert sorted(rounds) == ["fast"] * 3 + ["slow"] * 3
+    # one call on the CPU; on the GPU its warm-up and calibration calls, then per round its settling calls and
+    # the sample's calls)
+    visits = [name for i, name in enumerate(order) if i == 0 or order[i - 1] != name]
+    assert visits[:3] == ["slow", "fast", "broken"]
+    rounds = order[order.index("broken") + 1:]
+    if DEVICE == "cpu":
+        assert sorted(rounds) == ["fast"] * 3 + ["slow"] * 3
+    else:  # interleaved (two visits of one callable in a row merge where a round ends with what the next begins)
+        assert set(rounds) == {"fast", "slow"} and len(visits[3:]) >= 3
 
 
 def test_rounds_visit_in_orders_where_no_callable_always_follows_the_same_one():

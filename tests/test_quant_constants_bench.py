@@ -7,6 +7,9 @@ import torch
 import bench_script
 from sage_attention_pack.kernels import launch
 
+# the kernels run on the GPU where there is one, else through Triton's interpreter (TRITON_INTERPRET=1)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def quant_constants():
     return bench_script.load("quant_constants")
@@ -53,7 +56,7 @@ def test_constants_are_restored_even_when_the_block_fails():
 def test_tunable_constants_leave_the_outputs_as_they_are(overrides):
     module = quant_constants()
     g = torch.Generator().manual_seed(7)
-    q, k, v = (torch.randn(1, 2, n, 64, generator=g).to(torch.bfloat16) for n in (150, 333, 333))
+    q, k, v = (torch.randn(1, 2, n, 64, generator=g).to(DEVICE, torch.bfloat16) for n in (150, 333, 333))
     k = k + 0.5
     base = module.quantize(q, k, v)
     with module.constants(overrides):
@@ -79,7 +82,7 @@ def test_fp16_path_quantizes_as_an_ampere_fp16_call_does():
     assert buffer_args["q_group"] == SageConfig().q_group_rows
     assert (buffer_args["smooth_k"], buffer_args["smooth_v"], buffer_args["pv_fp8"]) == (True, False, False)
     g = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(1, 2, n, 128, generator=g).to(torch.bfloat16) for n in (100, 200, 200))
+    q, k, v = (torch.randn(1, 2, n, 128, generator=g).to(DEVICE, torch.bfloat16) for n in (100, 200, 200))
     out = module.quantize(q, k, v, path="fp16")
     assert out["v8"] is None
     assert out["k_scale"].shape[-1] == -(-200 // 64)

@@ -66,6 +66,11 @@ def test_tunable_constants_leave_the_outputs_as_they_are(overrides):
     if "V_ROWS" in overrides:
         torch.testing.assert_close(base["v_code_sums"].sum(1), other["v_code_sums"].sum(1), rtol=1e-5, atol=1e-5)
         same.pop("v_code_sums")
+    # on the GPU the statistics' chunking sets the order in which the means are summed: their last bits may move
+    if DEVICE == "cuda" and {"MAX_STATS_CHUNKS", "STATS_ROWS", "STATS_TILE"} & set(overrides):
+        for name in ("k_mean", "v_mean"):
+            torch.testing.assert_close(base[name], other[name], rtol=1e-6, atol=1e-7)
+            same.pop(name)
     assert all(same.values()), same
 
 

@@ -38,7 +38,8 @@ FP8_E4M3_MAX = 448.0
 # STATS_SAMPLE_KEYS of them: any vector taken off K is exact (softmax ignores a constant per row, and the LSE is
 # corrected with the same vector), so the sample only has to be close enough to the mean to take the channels'
 # offset off. V's statistics read every key: V's mean is what the in-place FP8 accumulator needs taken off
-# (sage_forward), and its range bounds the FP8 codes.
+# (sage_forward), exactly (a sample's mean cost accuracy that grew with the sequence: bench/NOTES.md, round "V's
+# statistics from a sample, measured"), and its range bounds the FP8 codes.
 STATS_SAMPLE_KEYS = 512
 MAX_STATS_EVERY = 16
 
@@ -63,7 +64,7 @@ def stats_every(n: int) -> int:
     return every
 
 
-def sampled_keys(n: int, every: int) -> int:
+def sampled_key_count(n: int, every: int) -> int:
     """How many of n keys K's statistics read: those in tiles whose index is a multiple of `every`."""
     full, rest = divmod(n, STATS_TILE * every)
     return full * STATS_TILE + min(rest, STATS_TILE)
@@ -157,7 +158,7 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
             out["k_mean"] if smooth_k else dummy, out["v8"] if pv_fp8 else dummy,
             out["v_scale"] if pv_fp8 else dummy, out["v_mean"] if need_v_stats else dummy,
             out["v_code_sums"] if pv_fp8 else dummy, *q.stride(), *k.stride(), *v.stride(),
-            B * H, B * HK, H, HK, NQ, NK, D, n_chunks, chunk_rows, k_every, sampled_keys(NK, k_every),
+            B * H, B * HK, H, HK, NQ, NK, D, n_chunks, chunk_rows, k_every, sampled_key_count(NK, k_every),
             out["q_scale"].shape[-1], out["k_scale"].shape[-1], float(q_multiplier), out["v_padded"],
             float(v_code_max), n_v_programs)
     constants = dict(ROWS=rows, Q_SUB=slice_rows(q_group, rows), K_SUB=slice_rows(k_group, rows), Q_GROUP=q_group,

@@ -329,7 +329,7 @@ def test_k_mean_comes_from_a_sample_of_the_keys_and_v_statistics_from_every_key(
     n = 1500
     every = launch.stats_every(n)
     sample = sampled_keys(n, every, launch.STATS_TILE).to(DEVICE)
-    assert every == 2 and int(sample.sum()) == launch.sampled_keys(n, every) < n
+    assert every == 2 and int(sample.sum()) == launch.sampled_key_count(n, every) < n
     assert launch.stats_chunks(n, every)[1] % (launch.STATS_TILE * every) == 0
     q, k, v = inputs(1, 2, 2, 40, n, 64, torch.bfloat16, seed=47)
     k[:, :, 20, 3] += 60.0  # a spike in tile 1, which the sample leaves out: its own group's scale codes it

@@ -15,7 +15,7 @@ from .direct_launch import launch as run_kernel
 from .tuning import interpreting
 from .attention_kernel import sage_attention_fwd_kernel
 from .repair_kernel import repair_tiles_kernel
-from .quant_kernels import quantize_kernel
+from .quant_kernels import output_shift_kernel, quantize_kernel
 
 LOG2E = 1.4426950408889634
 STATS_ROWS = 64
@@ -32,6 +32,9 @@ V_ROWS = 128  # keys per program of V's quantization
 # ahead: 64 channels 2-6% faster at head dim 128, 4% slower at 64; 32 was ahead of 64 and 128 before)
 V_CHANNELS = 64
 V_CHANNELS_SMALL_HEADS = 32
+# the output shift's launch: channels per program and code sums added per step (one [32, 32] FP32 tile)
+SHIFT_CHANNELS = 32
+SHIFT_PROGRAMS = 32
 V_PAD = 128  # FP8 V rows padded to a multiple of this, so every tile load is in bounds and aligned
 FP8_E4M3_MAX = 448.0
 # K's mean for its smoothing comes from every `every`-th STATS_TILE of a head's keys (stats_every), at least
@@ -128,7 +131,8 @@ def launch_now(site: str, fn, grid: tuple, args: tuple, kwargs: dict) -> None:
 
 def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multiplier: float, smooth_k: bool,
                  smooth_v: bool, pv_fp8: bool, pv_key_order: bool = False,
-                 v_code_max: float = FP8_E4M3_MAX, buffers: dict | None = None, run=launch_now) -> dict:
+                 v_code_max: float = FP8_E4M3_MAX, buffers: dict | None = None, run=launch_now,
+                 chained: bool = False) -> dict:
     """All quantization of one call in at most two launches of quantize_kernel: K's and V's statistics (K's over
     a sample of the keys from 1024 on, stats_every) with Q's INT8 codes, then K's INT8 codes and V's (which need
     the statistics); with nothing to smooth, Q's and K's codes in one.
@@ -141,6 +145,8 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
     pv_fp8 v8 [B*HK, block_d, v_padded] FP8 e4m3 codes up to ±v_code_max, v_scale [B*HK, block_d] and
     v_code_sums [B*HK, programs, block_d] (sums of V's dequantized codes, see output_shift); pv_key_order
     stores v8's keys in the order the Hopper kernel's P operand takes them. run: a call plan's launcher.
+    chained: the launches let the next one start early, and the second waits for the first inside
+    (tuning.chains_launches); the first starts as any launch does, after everything before it.
     """
     B, H, NQ, D = q.shape
     HK, NK = k.shape[1], k.shape[2]
@@ -170,18 +176,25 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
     passes = [dict(DO_STATS=1, DO_Q=1, DO_K=0, V_BLOCKS=0),
               dict(DO_STATS=0, DO_Q=0, DO_K=1, V_BLOCKS=block_d // constants["CHANNELS"] if need_v_stats else 0)] \
         if stats else [dict(DO_STATS=0, DO_Q=1, DO_K=1, V_BLOCKS=0)]
-    for roles in passes:
+    for index, roles in enumerate(passes):
         role_programs = [(n_chunks, roles["DO_STATS"]), (cdiv(NQ, rows), roles["DO_Q"]),
                          (cdiv(NK, rows), roles["DO_K"]), (n_v_programs, roles["V_BLOCKS"])]
         grid = (max(max(n, 1) for n, count in role_programs if count), max(B * H, B * HK) if roles["DO_Q"] else B * HK,
                 sum(count for _, count in role_programs))
         site = "quantize_" + "_".join(name for name, on in (("stats", roles["DO_STATS"]), ("q", roles["DO_Q"]),
                                                              ("k", roles["DO_K"]), ("v", roles["V_BLOCKS"])) if on)
-        run(site, quantize_kernel, grid, args, {**constants, **roles})
+        run(site, quantize_kernel, grid, args, {**constants, **roles, **chaining(chained, wait=index > 0)})
     return out
 
 
-def output_shift(qz: dict, kv_len: int, into: torch.Tensor | None = None):
+def chaining(chained: bool, wait: bool = True) -> dict:
+    """The compile-time arguments of a launch in a chain (tuning.chains_launches): it lets the next launch start
+    early and, with `wait`, is launched early itself, waiting inside for the launch before it."""
+    wait = chained and wait
+    return dict(WAIT_PRIOR=wait, START_NEXT=chained, **({"launch_pdl": True} if wait else {}))
+
+
+def output_shift(qz: dict, kv_len: int, into: torch.Tensor | None = None, run=launch_now, chained: bool = False):
     """The per-channel vector the attention kernels add to their output, or None. FP16 P·V: V's mean where V
     was smoothed (quantize_qkv gives v_mean there only then). FP8 P·V: V's mean minus the mean of its
     dequantized FP8 codes (the smoothed V's, when it was), so that the dequantized V has exactly V's mean.
@@ -190,12 +203,18 @@ def output_shift(qz: dict, kv_len: int, into: torch.Tensor | None = None):
     V's rounding error, its mean over the keys, does not average out the way its random part does: taking it
     off cut the relative L1 error at 32k keys from 0.038 to 0.034 without V smoothing, and from 0.045 to 0.034
     with it (exact-arithmetic reference on the CPU), where smoothing alone made it worse. A uniform attention
-    row then returns V's mean. into: a [B*HK, block_d] FP32 buffer to write it to (a call plan's)."""
-    if qz["v_code_sums"] is None:
+    row then returns V's mean. into: a [B*HK, block_d] FP32 buffer to write it to (a call plan's); run: a call
+    plan's launcher; chained: one more launch of quantize_qkv's chain."""
+    sums = qz["v_code_sums"]
+    if sums is None:
         return qz["v_mean"]
-    # two launches per call (the sum, then one scaled add): this runs on every FP8 call
-    sums = torch.sum(qz["v_code_sums"], dim=1, out=into)
-    return torch.add(qz["v_mean"], sums, alpha=-1.0 / max(kv_len, 1), out=into)
+    bhk, programs, block_d = sums.shape
+    shift = into if into is not None else torch.empty((bhk, block_d), device=sums.device, dtype=torch.float32)
+    channels = min(SHIFT_CHANNELS, block_d)
+    run("output_shift", output_shift_kernel, (bhk, block_d // channels),
+        (qz["v_mean"], sums, shift, programs, 1.0 / max(kv_len, 1)),
+        dict(BLOCK_D=block_d, CHANNELS=channels, PROGRAMS=SHIFT_PROGRAMS, num_warps=4, **chaining(chained)))
+    return shift
 
 
 def quantize_int8(x: torch.Tensor, group: int, block_d: int, multiplier: float = 1.0):
@@ -261,12 +280,13 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
     pipelined = plan.derive("pipelined", lambda: runs_hopper_kernel(
         q, k, config=config, k_group=k_group, pv_fp8=pv_fp8, is_causal=is_causal, has_bias=bias is not None))
     fp16_tiles = pipelined and hopper_launch.two_level(config)
+    chained = tuning.chains_launches(q.device)
     qz = quantize_qkv(q, k, v, q_group=q_group, k_group=k_group, block_d=block_d, q_multiplier=sm_scale * LOG2E,
                       smooth_k=smooth_k, smooth_v=smooth_v, pv_fp8=pv_fp8, pv_key_order=pipelined,
                       v_code_max=hopper_launch.FP16_TILE_V_CODE_MAX if fp16_tiles else FP8_E4M3_MAX,
-                      buffers=plan.buffers, run=plan.run)
+                      buffers=plan.buffers, run=plan.run, chained=chained)
     k_scale, k_mean = qz["k_scale"], qz["k_mean"]
-    v_shift = output_shift(qz, NK, into=qz["v_shift"])
+    v_shift = output_shift(qz, NK, into=qz["v_shift"], run=plan.run, chained=chained)
     v8, v_scale = (qz["v8"], qz["v_scale"]) if pv_fp8 else (k_scale, k_scale)
 
     lse = torch.empty((B, H, NQ), device=q.device, dtype=torch.float32) if return_lse else k_scale
@@ -277,7 +297,7 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
         bias_strides = (0, 0)
     if pipelined:
         hopper_launch.launch(qz, out, lse, bad, heads=H, kv_heads=HK, q_group=q_group, v_shift=v_shift,
-                             return_lse=return_lse, config=config, run=plan.run,
+                             return_lse=return_lse, config=config, run=plan.run, chained=chained,
                              tma=plan.derive("tma", lambda: hopper_launch.descriptors(qz, config)))
     else:
         plan.run("attention", sage_attention_fwd_kernel, grid, (
@@ -302,7 +322,8 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bias_strides,
             H, H // HK, NQ, NK, D, sm_scale * LOG2E), dict(
             BLOCK_M=block_m, BLOCK_N=32, BLOCK_D=block_d, IS_CAUSAL=is_causal, HAS_BIAS=bias is not None,
-            RETURN_LSE=return_lse, num_warps=4, num_stages=1))
+            RETURN_LSE=return_lse, WAIT_PRIOR=chained, num_warps=4, num_stages=1,
+            **({"launch_pdl": True} if chained else {})))
     return (lse if return_lse else None), bad
 
 

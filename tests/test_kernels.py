@@ -649,3 +649,62 @@ def test_call_plans_give_each_stream_and_a_graph_capture_their_own_buffers():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, run_kernel(q2, k2, v2, cfg, launch_cfg=launch_cfg)[0])
+
+
+def test_output_shift_launch_sums_the_code_sums_in_a_fixed_order():
+    """launch.output_shift's launch: V's mean minus the mean of V's dequantized codes, from the per-program code
+    sums of V's quantization, over a program count that is no multiple of the launch's step, the same bits on
+    every run (a fixed order: a render repeats exactly), and written into a call plan's buffer when given one."""
+    gen = torch.Generator().manual_seed(5)
+    bhk, programs, block_d, keys = 3, 37, 128, 4700
+    qz = {"v_mean": torch.randn(bhk, block_d, generator=gen).to(DEVICE),
+          "v_code_sums": (torch.randn(bhk, programs, block_d, generator=gen) * 40).to(DEVICE)}
+    shift = launch.output_shift(qz, keys)
+    expected = qz["v_mean"].double() - qz["v_code_sums"].double().sum(1) / keys
+    torch.testing.assert_close(shift.double(), expected, rtol=0, atol=2e-6)
+    into = torch.full((bhk, block_d), float("nan"), device=DEVICE)
+    assert launch.output_shift(qz, keys, into=into) is into and torch.equal(into, shift)
+    assert launch.output_shift({"v_mean": qz["v_mean"], "v_code_sums": None}, keys) is qz["v_mean"]
+
+
+def test_chaining_asks_for_an_early_launch_only_where_a_launch_waits():
+    """The compile-time arguments of a chain's launches (launch.chaining): the first lets the next start and
+    starts as usual itself; the others also wait, and only those are launched early (`launch_pdl`). Off the
+    GPU, and in the interpreter, nothing is chained."""
+    assert launch.chaining(True, wait=False) == {"WAIT_PRIOR": False, "START_NEXT": True}
+    assert launch.chaining(True) == {"WAIT_PRIOR": True, "START_NEXT": True, "launch_pdl": True}
+    assert launch.chaining(False) == {"WAIT_PRIOR": False, "START_NEXT": False}
+    assert not tuning.chains_launches(torch.device("cpu"))
+    if DEVICE == "cuda":
+        expected = (torch.cuda.get_device_capability() == (9, 0) and tuning.pdl_available()
+                    and not tuning.interpreting())
+        assert tuning.chains_launches(torch.device("cuda")) == expected
+
+
+@pytest.mark.skipif(not HOPPER, reason="launches are chained on sm90 only (tuning.chains_launches)")
+@pytest.mark.parametrize("head_dim,key", [(128, "m64n128w4s4mcpdgppp"), (64, "m64n128w4s3r168pdgp")])
+def test_chained_launches_give_the_bits_of_unchained_ones(monkeypatch, head_dim, key):
+    """A call's launches chained (each started early, waiting inside for the one before) write the same bits as
+    the same launches one after another: on the ping-pong and the one-warpgroup Hopper kernels, with the guard,
+    the LSE and calls back to back on one plan. A wait placed after a read of the launch before's outputs
+    would read stale codes or statistics here: the plan's buffers hold the previous call's."""
+    cfg = SageConfig(kernel="int8_fp8")
+    launch_cfg = tuning.LaunchConfig.from_key(key)
+    first = inputs(1, 4, 2, 700, 1300, head_dim, torch.bfloat16, seed=11)
+    second = inputs(1, 4, 2, 700, 1300, head_dim, torch.bfloat16, seed=12)
+    assert tuning.chains_launches(first[0].device)
+
+    def calls():
+        PLANS.clear()
+        counter = torch.zeros(1, device=DEVICE, dtype=torch.int32)
+        outs = [run_kernel(*x, cfg, return_lse=True, launch_cfg=launch_cfg, repair_counter=counter)[:2]
+                for x in (first, second, first)]
+        torch.cuda.synchronize()
+        return outs
+
+    chained = calls()
+    monkeypatch.setattr(tuning, "chains_launches", lambda device: False)
+    plain = calls()
+    for (out, lse), (plain_out, plain_lse) in zip(chained, plain):
+        assert torch.equal(out, plain_out) and torch.equal(lse, plain_lse)
+    assert not torch.equal(chained[0][0], chained[1][0])

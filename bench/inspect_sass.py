@@ -66,35 +66,6 @@ def compile_attention(pv: str, d: int, m: int, n: int, warps: int, stages: int, 
                           options={"num_warps": warps, "num_stages": stages, "maxnreg": maxnreg})
 
 
-def chain_report(ptx: str) -> dict:
-    """Where a chained launch (kernels/tuning.chains_launches) waits, in PTX order: how many
-    griddepcontrol.launch_dependents ("starts") and griddepcontrol.wait it issues, the global loads (TMA ones
-    included) and stores before its first wait, and after each start the memory accesses up to the next wait
-    (None where no wait follows; a read of the launch before's outputs there would race with it)."""
-    starts, waits, loads, stores = 0, 0, 0, 0
-    between, open_start = [], False
-    for line in ptx.splitlines():
-        body = re.sub(r"^@%p\d+\s+", "", line.strip())
-        if body.startswith("griddepcontrol.launch_dependents"):
-            starts += 1
-            between.append(0)
-            open_start = True
-        elif body.startswith("griddepcontrol.wait"):
-            waits += 1
-            open_start = False
-        else:
-            is_load = body.startswith(("ld.global", "cp.async.bulk.tensor"))
-            is_store = body.startswith(("st.global", "atom.global", "red.global"))
-            if (is_load or is_store) and not waits:
-                loads, stores = loads + is_load, stores + is_store
-            if (is_load or is_store) and open_start:
-                between[-1] += 1
-    if open_start:
-        between[-1] = None
-    return {"starts": starts, "waits": waits, "loads_before_first_wait": loads, "stores_before_first_wait": stores,
-            "accesses_between_start_and_wait": between}
-
-
 def compile_quantize(stats_pass: bool, d: int, arch: int, pv_fp8: bool = True, **overrides):
     """One of the quantization's two launches (kernels/launch.quantize_qkv) compiled for `arch`: the statistics with
     Q's codes (stats_pass), or K's codes with V's. pv_fp8: as the in-place Hopper path launches it (FP8 P·V, both
@@ -124,9 +95,6 @@ def compile_quantize(stats_pass: bool, d: int, arch: int, pv_fp8: bool = True, *
                         V_STATS=pv_fp8, V_ROWS=v_rows, CHANNELS=channels, SMOOTH_V=pv_fp8, PV_FP8=pv_fp8,
                         FP8_ROUND_IN_FP32=False, PV_KEY_ORDER=pv_fp8, DO_STATS=int(stats_pass), DO_Q=int(stats_pass),
                         DO_K=int(not stats_pass), V_BLOCKS=d // channels if pv_fp8 and not stats_pass else 0)
-    # chained on sm90, as the pack launches it there (kernels/tuning.chains_launches); launch_pdl is no constant
-    const_values.update({name: value for name, value in launch.chaining(arch == 90, wait=not stats_pass).items()
-                         if name != "launch_pdl"})
     const_values.update({name: 1 for name in fn.arg_names if re.fullmatch(r"stride_[a-z]d", name)})
     sig, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -287,7 +255,7 @@ def main(argv=None):
                              **{c: int(v) for c, v in (o.split("=") for o in args.overrides)})
         if args.json:
             print(json.dumps({"resources": resource_report(k, args.arch), "shared": k.metadata.shared,
-                              "load_loops": load_loops(sass_of(k)), "chain": chain_report(k.asm["ptx"])}))
+                              "load_loops": load_loops(sass_of(k))}))
             return 0
         print(f"{resource_report(k, args.arch)}  shared {k.metadata.shared} B")
         for loop in load_loops(sass_of(k)):
@@ -315,8 +283,7 @@ def main(argv=None):
         Path(args.ptx).write_text(k.asm["ptx"])
     overlap = overlap_report(sass)
     if args.json:
-        print(json.dumps({"resources": resource_report(k, args.arch), "shared": k.metadata.shared, **overlap,
-                          "chain": chain_report(k.asm["ptx"])}))
+        print(json.dumps({"resources": resource_report(k, args.arch), "shared": k.metadata.shared, **overlap}))
         return 0
     print(f"{resource_report(k, args.arch)}  shared {k.metadata.shared} B")
     n_loop, loop = main_loop_mix(sass)

@@ -54,19 +54,6 @@ NAMED_SYNC = gl.constexpr("bar.sync $1, $2; mov.b32 $0, 0;")
 NAMED_ARRIVE = gl.constexpr("{ .reg .pred p; setp.ne.b32 p, $3, 0; @p bar.arrive $1, $2; mov.b32 $0, 0; }")
 
 
-# Chained launches (kernels/tuning.chains_launches): griddepcontrol.wait holds a thread until the launch before
-# this one has finished and its writes are visible; launch_dependents lets the next launch start once every
-# program of this one has issued it. Each partition issues both: its threads are the ones that read.
-GRID_WAIT = gl.constexpr("griddepcontrol.wait; mov.b32 $0, $1;")
-GRID_START_NEXT = gl.constexpr("griddepcontrol.launch_dependents; mov.b32 $0, $1;")
-
-
-@gluon.jit
-def chain_point(asm: gl.constexpr, WARPS: gl.constexpr):
-    """GRID_WAIT or GRID_START_NEXT by every thread of a partition of WARPS warps."""
-    gl.inline_asm_elementwise(asm, "=r,r", [per_thread(0, WARPS)], dtype=gl.int32, is_pure=False, pack=1)
-
-
 @gluon.jit
 def per_thread(value, WARPS: gl.constexpr):
     """`value` once in every thread of a partition of WARPS warps: an operand of a barrier's inline PTX."""
@@ -397,13 +384,9 @@ def sage_fwd_sm90_kernel(
     H, KV_GROUP, NQ, NK, q_groups, k_groups,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, Q_GROUP: gl.constexpr,
     STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, SHIFT_V: gl.constexpr, RETURN_LSE: gl.constexpr,
-    MAGIC: gl.constexpr, CHAINED: gl.constexpr,
+    MAGIC: gl.constexpr,
 ):
-    """One warpgroup per program, BLOCK_M = 64 query rows; it issues its own TMA loads STAGES tiles ahead.
-    CHAINED: launched early (kernels/tuning.chains_launches), it waits for the launch before it once its shared
-    memory and barriers are set up."""
-    if CHAINED:
-        chain_point(GRID_START_NEXT, 4)
+    """One warpgroup per program, BLOCK_M = 64 query rows; it issues its own TMA loads STAGES tiles ahead."""
     k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_D], k_desc.layout)
     v_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_D, BLOCK_N], v_desc.layout)
     q_smem = gl.allocate_shared_memory(gl.int8, [BLOCK_M, BLOCK_D], q_desc.layout)
@@ -412,8 +395,6 @@ def sage_fwd_sm90_kernel(
     full_bars = ring_barriers(STAGES)
     bh_kv = kv_head(gl.program_id(1), H, KV_GROUP)
     n_tiles = (NK + BLOCK_N - 1) // BLOCK_N
-    if CHAINED:
-        chain_point(GRID_WAIT, 4)
     for s in gl.static_range(STAGES):
         issue_kv_load(k_desc, v_desc, k_smem, v_smem, full_bars, s, s, bh_kv, NK, s < n_tiles, BLOCK_N, BLOCK_D)
     if sums_on_mma(TWO_LEVEL, False):
@@ -450,9 +431,6 @@ def consume(meta: gl.constexpr, consumer, q_smem, q_bar, q_desc, k_desc, v_desc,
             stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, BH):
     """A consumer warpgroup of the ping-pong kernel (meta: the kernel's constants, in its argument order):
     query tile 2·pair + consumer of each of its program's work items."""
-    if meta[11]:
-        chain_point(GRID_START_NEXT, 4)
-        chain_point(GRID_WAIT, 4)
     n_tiles = (NK + meta[1] - 1) // meta[1]
     n_pairs = (n_q_tiles + 1) // 2
     first, end, step = work_items(n_pairs, BH, meta[9])
@@ -476,9 +454,6 @@ def load_kv_ring(k_desc, v_desc, k_smem, v_smem, full_bars, H, KV_GROUP, NK, n_q
     BLOCK_D: gl.constexpr = meta[2]
     STAGES: gl.constexpr = meta[4]
     gl.static_assert(SLOT_BARRIER + STAGES <= 16, "a ring this deep has no hardware barrier left for its slots")
-    if meta[11]:
-        chain_point(GRID_START_NEXT, 1)
-        chain_point(GRID_WAIT, 1)
     n_tiles = (NK + BLOCK_N - 1) // BLOCK_N
     n_pairs = (n_q_tiles + 1) // 2
     first, end, step = work_items(n_pairs, BH, meta[9])
@@ -503,7 +478,6 @@ def sage_fwd_sm90_pingpong_kernel(
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, Q_GROUP: gl.constexpr,
     STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, SHIFT_V: gl.constexpr, RETURN_LSE: gl.constexpr,
     MAGIC: gl.constexpr, CONSUMER_REGS: gl.constexpr, PERSISTENT: gl.constexpr, TURNS: gl.constexpr,
-    CHAINED: gl.constexpr,
 ):
     """Two consumer warpgroups (query tiles 2·pair and 2·pair+1 of BLOCK_M rows) sharing one K/V ring that a
     producer warp fills, taking turns at the tensor cores (FlashAttention-3's ping-pong schedule).
@@ -513,9 +487,7 @@ def sage_fwd_sm90_pingpong_kernel(
     (pairs, B·H).
     TURNS: the two warpgroups take turns at the tensor cores; False lets each issue whenever its softmax is done
     (on the H200 faster at 4.6k to 16k and at 118k tokens, slower at Wan2.1's 32k: bench/NOTES.md, "Ping-pong
-    without turns, …").
-    CHAINED: launched early (kernels/tuning.chains_launches); each partition waits for the launch before it
-    before its first read."""
+    without turns, …")."""
     k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_D], k_desc.layout)
     v_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_D, BLOCK_N], v_desc.layout)
     q_smem = gl.allocate_shared_memory(gl.int8, [2, BLOCK_M, BLOCK_D], q_desc.layout)
@@ -526,7 +498,7 @@ def sage_fwd_sm90_pingpong_kernel(
     # compile-time values cross into partitions only inside a constexpr tuple (elements of a plain tuple are
     # turned into tensors)
     meta: gl.constexpr = (BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP, STAGES, TWO_LEVEL, SHIFT_V, RETURN_LSE, MAGIC,
-                          PERSISTENT, TURNS, CHAINED)
+                          PERSISTENT, TURNS)
     runtime = (q_desc, k_desc, v_desc, k_smem, v_smem, full_bars, ones_tile(v_desc, BLOCK_N))
     scalars = (Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh, stride_on, stride_od, H,
                KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, BH)

@@ -52,13 +52,11 @@ def two_level(config: LaunchConfig) -> bool:
     return not config.pv_direct
 
 
-def kernel_constants(config: LaunchConfig, block_d: int, q_group: int, shift_v: bool, return_lse: bool,
-                     chained: bool = False) -> dict:
-    """The compile-time arguments a configuration gives its Gluon kernel (the launch and compile_for_sm90);
-    chained: launched early in a chain of launches (tuning.chains_launches)."""
+def kernel_constants(config: LaunchConfig, block_d: int, q_group: int, shift_v: bool, return_lse: bool) -> dict:
+    """The compile-time arguments a configuration gives its Gluon kernel (the launch and compile_for_sm90)."""
     constants = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, Q_GROUP=q_group,
                      STAGES=config.num_stages, TWO_LEVEL=two_level(config), SHIFT_V=shift_v,
-                     RETURN_LSE=return_lse, MAGIC=config.magic_convert, CHAINED=chained)
+                     RETURN_LSE=return_lse, MAGIC=config.magic_convert)
     if config.ping_pong:
         constants["CONSUMER_REGS"] = CONSUMER_REGISTERS
         constants["PERSISTENT"] = config.persistent
@@ -89,21 +87,17 @@ def descriptors(qz: dict, config: LaunchConfig) -> tuple:
 
 
 def launch(qz: dict, out: torch.Tensor, lse: torch.Tensor, bad: torch.Tensor, *, heads: int, kv_heads: int,
-           q_group: int, v_shift, return_lse: bool, config: LaunchConfig, run, tma: tuple,
-           chained: bool = False) -> None:
+           q_group: int, v_shift, return_lse: bool, config: LaunchConfig, run, tma: tuple) -> None:
     """One warpgroup per (query tile of 64 rows, batch·head), as the portable kernel's grid with BLOCK_M = 64;
     the ping-pong kernel puts two of them in a program. v_shift: None or the [B·HK, D] vector added to the
-    output (launch.output_shift); run: the call plan's launcher; tma: `descriptors` of qz; chained: launched
-    early, after the launches of the quantization (tuning.chains_launches)."""
+    output (launch.output_shift); run: the call plan's launcher; tma: `descriptors` of qz."""
     bh, nq, block_d = qz["q8"].shape
     nk = qz["k8"].shape[1]
     q_tiles = -(-nq // config.block_m)
     common = (*tma, qz["q_scale"], qz["k_scale"], qz["v_scale"],
               v_shift if v_shift is not None else qz["v_scale"], out, lse, bad, *out.stride(),
               heads, heads // kv_heads, nq, nk, qz["q_scale"].shape[-1], qz["k_scale"].shape[-1])
-    meta = kernel_constants(config, block_d, q_group, v_shift is not None, return_lse, chained)
-    if chained:
-        meta["launch_pdl"] = True
+    meta = kernel_constants(config, block_d, q_group, v_shift is not None, return_lse)
     if config.ping_pong:
         pairs = -(-q_tiles // 2)
         grid = (min(pairs * bh, multiprocessors(out.device)),) if config.persistent else (pairs, bh)
@@ -131,10 +125,9 @@ def compile_options(config: LaunchConfig) -> dict:
 POINTER_ARGS = ("Q_SCALE", "K_SCALE", "V_SCALE", "V_SHIFT", "OUT", "LSE", "BAD")
 
 
-def compile_for_sm90(config: LaunchConfig, head_dim: int, chained: bool = True):
+def compile_for_sm90(config: LaunchConfig, head_dim: int):
     """Compile the kernel a pipelined configuration launches, for sm90, on any machine (no GPU needed): what
-    `bench/inspect_sass.py` disassembles and the code-generation tests check (bf16 output, no LSE, no V mean;
-    chained, as sm90 launches it: tuning.chains_launches)."""
+    `bench/inspect_sass.py` disassembles and the code-generation tests check (bf16 output, no LSE, no V mean)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -143,7 +136,7 @@ def compile_for_sm90(config: LaunchConfig, head_dim: int, chained: bool = True):
     m, n, d = config.block_m, config.block_n, head_dim
     descs = {"q_desc": ("i8", [m, d], gl.int8), "k_desc": ("i8", [n, d], gl.int8),
              "v_desc": ("fp8e4nv", [d, n], gl.float8e4nv)}
-    consts = {**kernel_constants(config, d, 16, shift_v=False, return_lse=False, chained=chained), "stride_od": 1}
+    consts = {**kernel_constants(config, d, 16, shift_v=False, return_lse=False), "stride_od": 1}
     sig, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in descs:

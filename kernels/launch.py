@@ -131,8 +131,7 @@ def launch_now(site: str, fn, grid: tuple, args: tuple, kwargs: dict) -> None:
 
 def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multiplier: float, smooth_k: bool,
                  smooth_v: bool, pv_fp8: bool, pv_key_order: bool = False,
-                 v_code_max: float = FP8_E4M3_MAX, buffers: dict | None = None, run=launch_now,
-                 chained: bool = False) -> dict:
+                 v_code_max: float = FP8_E4M3_MAX, buffers: dict | None = None, run=launch_now) -> dict:
     """All quantization of one call in at most two launches of quantize_kernel: K's and V's statistics (K's over
     a sample of the keys from 1024 on, stats_every) with Q's INT8 codes, then K's INT8 codes and V's (which need
     the statistics); with nothing to smooth, Q's and K's codes in one.
@@ -145,8 +144,6 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
     pv_fp8 v8 [B*HK, block_d, v_padded] FP8 e4m3 codes up to ±v_code_max, v_scale [B*HK, block_d] and
     v_code_sums [B*HK, programs, block_d] (sums of V's dequantized codes, see output_shift); pv_key_order
     stores v8's keys in the order the Hopper kernel's P operand takes them. run: a call plan's launcher.
-    chained: the launches let the next one start early, and the second waits for the first inside
-    (tuning.chains_launches); the first starts as any launch does, after everything before it.
     """
     B, H, NQ, D = q.shape
     HK, NK = k.shape[1], k.shape[2]
@@ -176,25 +173,18 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
     passes = [dict(DO_STATS=1, DO_Q=1, DO_K=0, V_BLOCKS=0),
               dict(DO_STATS=0, DO_Q=0, DO_K=1, V_BLOCKS=block_d // constants["CHANNELS"] if need_v_stats else 0)] \
         if stats else [dict(DO_STATS=0, DO_Q=1, DO_K=1, V_BLOCKS=0)]
-    for index, roles in enumerate(passes):
+    for roles in passes:
         role_programs = [(n_chunks, roles["DO_STATS"]), (cdiv(NQ, rows), roles["DO_Q"]),
                          (cdiv(NK, rows), roles["DO_K"]), (n_v_programs, roles["V_BLOCKS"])]
         grid = (max(max(n, 1) for n, count in role_programs if count), max(B * H, B * HK) if roles["DO_Q"] else B * HK,
                 sum(count for _, count in role_programs))
         site = "quantize_" + "_".join(name for name, on in (("stats", roles["DO_STATS"]), ("q", roles["DO_Q"]),
                                                              ("k", roles["DO_K"]), ("v", roles["V_BLOCKS"])) if on)
-        run(site, quantize_kernel, grid, args, {**constants, **roles, **chaining(chained, wait=index > 0)})
+        run(site, quantize_kernel, grid, args, {**constants, **roles})
     return out
 
 
-def chaining(chained: bool, wait: bool = True) -> dict:
-    """The compile-time arguments of a launch in a chain (tuning.chains_launches): it lets the next launch start
-    early and, with `wait`, is launched early itself, waiting inside for the launch before it."""
-    wait = chained and wait
-    return dict(WAIT_PRIOR=wait, START_NEXT=chained, **({"launch_pdl": True} if wait else {}))
-
-
-def output_shift(qz: dict, kv_len: int, into: torch.Tensor | None = None, run=launch_now, chained: bool = False):
+def output_shift(qz: dict, kv_len: int, into: torch.Tensor | None = None, run=launch_now):
     """The per-channel vector the attention kernels add to their output, or None. FP16 P·V: V's mean where V
     was smoothed (quantize_qkv gives v_mean there only then). FP8 P·V: V's mean minus the mean of its
     dequantized FP8 codes (the smoothed V's, when it was), so that the dequantized V has exactly V's mean.
@@ -204,7 +194,8 @@ def output_shift(qz: dict, kv_len: int, into: torch.Tensor | None = None, run=la
     off cut the relative L1 error at 32k keys from 0.038 to 0.034 without V smoothing, and from 0.045 to 0.034
     with it (exact-arithmetic reference on the CPU), where smoothing alone made it worse. A uniform attention
     row then returns V's mean. into: a [B*HK, block_d] FP32 buffer to write it to (a call plan's); run: a call
-    plan's launcher; chained: one more launch of quantize_qkv's chain."""
+    plan's launcher. One Triton launch (output_shift_kernel): PyTorch's sum and scaled add took 14 µs more per
+    call at Flux's and SDXL's shapes on the H200 (bench/NOTES.md, "The output shift in one launch")."""
     sums = qz["v_code_sums"]
     if sums is None:
         return qz["v_mean"]
@@ -213,7 +204,7 @@ def output_shift(qz: dict, kv_len: int, into: torch.Tensor | None = None, run=la
     channels = min(SHIFT_CHANNELS, block_d)
     run("output_shift", output_shift_kernel, (bhk, block_d // channels),
         (qz["v_mean"], sums, shift, programs, 1.0 / max(kv_len, 1)),
-        dict(BLOCK_D=block_d, CHANNELS=channels, PROGRAMS=SHIFT_PROGRAMS, num_warps=4, **chaining(chained)))
+        dict(BLOCK_D=block_d, CHANNELS=channels, PROGRAMS=SHIFT_PROGRAMS, num_warps=4))
     return shift
 
 
@@ -280,13 +271,12 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
     pipelined = plan.derive("pipelined", lambda: runs_hopper_kernel(
         q, k, config=config, k_group=k_group, pv_fp8=pv_fp8, is_causal=is_causal, has_bias=bias is not None))
     fp16_tiles = pipelined and hopper_launch.two_level(config)
-    chained = tuning.chains_launches(q.device)
     qz = quantize_qkv(q, k, v, q_group=q_group, k_group=k_group, block_d=block_d, q_multiplier=sm_scale * LOG2E,
                       smooth_k=smooth_k, smooth_v=smooth_v, pv_fp8=pv_fp8, pv_key_order=pipelined,
                       v_code_max=hopper_launch.FP16_TILE_V_CODE_MAX if fp16_tiles else FP8_E4M3_MAX,
-                      buffers=plan.buffers, run=plan.run, chained=chained)
+                      buffers=plan.buffers, run=plan.run)
     k_scale, k_mean = qz["k_scale"], qz["k_mean"]
-    v_shift = output_shift(qz, NK, into=qz["v_shift"], run=plan.run, chained=chained)
+    v_shift = output_shift(qz, NK, into=qz["v_shift"], run=plan.run)
     v8, v_scale = (qz["v8"], qz["v_scale"]) if pv_fp8 else (k_scale, k_scale)
 
     lse = torch.empty((B, H, NQ), device=q.device, dtype=torch.float32) if return_lse else k_scale
@@ -297,7 +287,7 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
         bias_strides = (0, 0)
     if pipelined:
         hopper_launch.launch(qz, out, lse, bad, heads=H, kv_heads=HK, q_group=q_group, v_shift=v_shift,
-                             return_lse=return_lse, config=config, run=plan.run, chained=chained,
+                             return_lse=return_lse, config=config, run=plan.run,
                              tma=plan.derive("tma", lambda: hopper_launch.descriptors(qz, config)))
     else:
         plan.run("attention", sage_attention_fwd_kernel, grid, (
@@ -322,8 +312,7 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bias_strides,
             H, H // HK, NQ, NK, D, sm_scale * LOG2E), dict(
             BLOCK_M=block_m, BLOCK_N=32, BLOCK_D=block_d, IS_CAUSAL=is_causal, HAS_BIAS=bias is not None,
-            RETURN_LSE=return_lse, WAIT_PRIOR=chained, num_warps=4, num_stages=1,
-            **({"launch_pdl": True} if chained else {})))
+            RETURN_LSE=return_lse, num_warps=4, num_stages=1))
     return (lse if return_lse else None), bad
 
 

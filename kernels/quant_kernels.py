@@ -6,11 +6,6 @@ views need no copy. Rounding is half away from zero, the same as sage_core/refer
 import triton
 import triton.language as tl
 
-try:  # programmatic dependent launch (kernels/tuning.chains_launches): Triton >= 3.4
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # noqa: BLE001 - never traced: launches are not chained there
-    gdc_launch_dependents = gdc_wait = None
-
 FP8_E4M3_MAX = tl.constexpr(448.0)
 
 
@@ -238,7 +233,6 @@ def quantize_v_tile(
     HK, NK, D, n_chunks, v_padded, v_code_max,
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr, CHANNELS: tl.constexpr, STATS_CHUNKS: tl.constexpr,
     SMOOTH_V: tl.constexpr, PV_FP8: tl.constexpr, FP8_ROUND_IN_FP32: tl.constexpr, PV_KEY_ORDER: tl.constexpr,
-    WAIT_PRIOR: tl.constexpr,
 ):
     """V's part of one call's quantization: ROWS keys (program pid of n_programs) and CHANNELS of the BLOCK_D
     channels (channel_block) of one head: a whole 128-channel tile took 255 registers and spilled. The first
@@ -253,15 +247,12 @@ def quantize_v_tile(
     BLOCK_D] (see launch.output_shift). A sum of the codes alone, not of their rounding errors: Triton codes the
     tile twice here, in the load's layout for the sum and in the transposed store's (its layout pass recomputes
     the chain rather than convert the one-byte codes), so every operation per element counts twice, and the
-    rounding errors' dequantize-and-subtract per element measured slower. WAIT_PRIOR: launched chained (see
-    quantize_kernel), it waits for the statistics' launch once its tile's load is issued."""
+    rounding errors' dequantize-and-subtract per element measured slower."""
     offs_n = pid * ROWS + tl.arange(0, ROWS)
     offs_d = channel_block * CHANNELS + tl.arange(0, CHANNELS)
     src_n = pv_key_source(offs_n) if PV_KEY_ORDER else offs_n
     if PV_FP8:  # in flight while the statistics are finished: nothing in it waits for them
         v_raw = load_raw(V, bh // HK, bh % HK, src_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, NK, D)
-    if WAIT_PRIOR:
-        gdc_wait()
     mean = finish_stats(PARTS, bh, n_chunks, NK, offs_d, BLOCK_D, STATS_CHUNKS, 1)
     if pid == 0:
         tl.store(V_MEAN + bh * BLOCK_D + offs_d, mean)
@@ -295,7 +286,6 @@ def quantize_kernel(
     BLOCK_D: tl.constexpr, STATS_TILE: tl.constexpr, STATS_CHUNKS: tl.constexpr, SMOOTH_K: tl.constexpr,
     V_STATS: tl.constexpr, V_ROWS: tl.constexpr, CHANNELS: tl.constexpr, SMOOTH_V: tl.constexpr,
     PV_FP8: tl.constexpr, FP8_ROUND_IN_FP32: tl.constexpr, PV_KEY_ORDER: tl.constexpr,
-    WAIT_PRIOR: tl.constexpr, START_NEXT: tl.constexpr,
 ):
     """One launch of a call's quantization: the roles it is given (DO_STATS, DO_Q, DO_K, V_BLOCKS), one per
     program_id(2), in that order; program_id(0) is the role's chunk or row block, program_id(1) its head. Roles
@@ -308,14 +298,7 @@ def quantize_kernel(
     Q: INT8 codes [BH, NQ, BLOCK_D] of q * q_multiplier, one scale per Q_GROUP rows.
     K: INT8 codes [BHK, NK, BLOCK_D] of k - mean(k) (SMOOTH_K, the sample's mean finished from the statistics),
        one scale per K_GROUP rows; the first program of each head also writes the mean (for the LSE correction).
-    V (V_BLOCKS roles, one per CHANNELS channels): quantize_v_tile, n_v_programs programs per head.
-
-    Chained launches (kernels/tuning.chains_launches): START_NEXT lets the next launch start once every program
-    of this one has started; WAIT_PRIOR (a launch so started) waits for the launch before it to finish before
-    anything reads what that one wrote, and before any store: up to there only the caller's Q, K and V are read.
-    Programs with no role return without waiting: they read and write nothing."""
-    if START_NEXT:
-        gdc_launch_dependents()
+    V (V_BLOCKS roles, one per CHANNELS channels): quantize_v_tile, n_v_programs programs per head."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     role = tl.program_id(2)
@@ -340,8 +323,6 @@ def quantize_kernel(
             # K's first rows in flight while the mean is finished from the statistics
             first = first_slice(K, bh // HK, bh % HK, pid * ROWS, stride_kb, stride_kh, stride_kn, stride_kd, NK, D,
                                 ROWS, K_SUB, BLOCK_D)
-            if WAIT_PRIOR:
-                gdc_wait()
             if SMOOTH_K:
                 mean = finish_stats(PARTS, bh, n_chunks, k_sampled, offs_d, BLOCK_D, STATS_CHUNKS, 0)
                 if pid == 0:
@@ -356,25 +337,20 @@ def quantize_kernel(
             quantize_v_tile(V, PARTS, V8, V_SCALE, V_MEAN, V_CODE_SUM, pid, bh, role - V_ROLE, n_v_programs,
                             stride_vb, stride_vh, stride_vn, stride_vd, HK, NK, D, n_chunks, v_padded, v_code_max,
                             V_ROWS, BLOCK_D, CHANNELS, STATS_CHUNKS, SMOOTH_V, PV_FP8, FP8_ROUND_IN_FP32,
-                            PV_KEY_ORDER, WAIT_PRIOR)
+                            PV_KEY_ORDER)
 
 
 @triton.jit
 def output_shift_kernel(
     V_MEAN, V_CODE_SUM, V_SHIFT, n_programs, inv_keys,
-    BLOCK_D: tl.constexpr, CHANNELS: tl.constexpr, PROGRAMS: tl.constexpr, WAIT_PRIOR: tl.constexpr,
-    START_NEXT: tl.constexpr,
+    BLOCK_D: tl.constexpr, CHANNELS: tl.constexpr, PROGRAMS: tl.constexpr,
 ):
     """The output shift (launch.output_shift) of one head (program_id(0)) and CHANNELS channels (program_id(1)):
     V_SHIFT = V_MEAN - inv_keys · (the sum over V's n_programs quantization programs of V_CODE_SUM), summed in a
-    fixed order (the same bits every run). WAIT_PRIOR / START_NEXT: chained, as quantize_kernel."""
-    if START_NEXT:
-        gdc_launch_dependents()
+    fixed order (the same bits every run). One launch where PyTorch took two (a sum, then a scaled add)."""
     bh = tl.program_id(0)
     offs_d = tl.program_id(1) * CHANNELS + tl.arange(0, CHANNELS)
     offs_p = tl.arange(0, PROGRAMS)
-    if WAIT_PRIOR:
-        gdc_wait()
     total = tl.zeros((PROGRAMS, CHANNELS), tl.float32)
     for start in range(0, n_programs, PROGRAMS):
         rows = start + offs_p

@@ -8,11 +8,6 @@ attention is finite the returned output is finite too.
 import triton
 import triton.language as tl
 
-try:  # programmatic dependent launch (kernels/tuning.chains_launches): Triton >= 3.4
-    from triton.language.extra.cuda import gdc_wait
-except ImportError:  # noqa: BLE001 - never traced: launches are not chained there
-    gdc_wait = None
-
 
 @triton.jit
 def repair_tiles_kernel(
@@ -24,11 +19,8 @@ def repair_tiles_kernel(
     stride_bias_b, stride_bias_h,
     H, KV_GROUP, NQ, NK, D, qk_multiplier,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, RETURN_LSE: tl.constexpr, WAIT_PRIOR: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, RETURN_LSE: tl.constexpr,
 ):
-    """WAIT_PRIOR: launched chained (kernels/tuning.chains_launches), so waits for the attention launch first."""
-    if WAIT_PRIOR:
-        gdc_wait()
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     if tl.load(BAD + bh * tl.num_programs(0) + pid_m) == 0:

@@ -91,27 +91,6 @@ def cuda_capability(device) -> tuple[int, int] | None:
     return capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def chains_launches(device) -> bool:
-    """Whether a call's launches run chained (programmatic dependent launch): each launch after the first may
-    start while the one before it finishes (its programs take the multiprocessors that one leaves idle, run
-    what does not need its outputs, then wait for it), which hides the gaps between a short call's launches.
-    On sm90 only, where it was measured (bench/NOTES.md, "Chained launches"); never in the interpreter, whose
-    programs cannot run the wait's PTX."""
-    return not interpreting() and cuda_capability(device) == (9, 0) and pdl_available()
-
-
-@functools.lru_cache(maxsize=None)
-def pdl_available() -> bool:
-    """Triton's launcher sets the launch attribute (the `launch_pdl` option) and its language has the wait
-    (asked on first use: importing this module loads no Triton)."""
-    try:
-        from triton.backends.nvidia.compiler import CUDAOptions
-        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
-    except Exception:  # noqa: BLE001 - an older Triton: launches stay unchained
-        return False
-    return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
-
-
 # The CPU interpreter: fewer, larger programs run faster there.
 INTERPRETER_CONFIG = _c(64, 64, 4, 1)
 

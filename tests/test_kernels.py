@@ -523,7 +523,7 @@ def test_direct_launches_repeat_the_first_call_bit_for_bit(key):
     hits, reused = LAUNCHES.hits, PLANS.reused
     again = run_kernel(q, k, v, cfg, launch_cfg=launch_cfg, repair_counter=torch.zeros(1, dtype=torch.int32,
                                                                                        device=DEVICE))[0]
-    assert LAUNCHES.hits - hits == 4  # quantization (two launches), attention, repair: all direct
+    assert LAUNCHES.hits - hits == 5  # quantization (two launches), output shift, attention, repair: all direct
     assert PLANS.reused - reused == 1  # through the first call's plan (its buffers and launch slots)
     assert torch.equal(first, again)
     # another length and a query view off the 16-byte grid: new keys, compiled through Triton, still right
@@ -666,45 +666,3 @@ def test_output_shift_launch_sums_the_code_sums_in_a_fixed_order():
     assert launch.output_shift(qz, keys, into=into) is into and torch.equal(into, shift)
     assert launch.output_shift({"v_mean": qz["v_mean"], "v_code_sums": None}, keys) is qz["v_mean"]
 
-
-def test_chaining_asks_for_an_early_launch_only_where_a_launch_waits():
-    """The compile-time arguments of a chain's launches (launch.chaining): the first lets the next start and
-    starts as usual itself; the others also wait, and only those are launched early (`launch_pdl`). Off the
-    GPU, and in the interpreter, nothing is chained."""
-    assert launch.chaining(True, wait=False) == {"WAIT_PRIOR": False, "START_NEXT": True}
-    assert launch.chaining(True) == {"WAIT_PRIOR": True, "START_NEXT": True, "launch_pdl": True}
-    assert launch.chaining(False) == {"WAIT_PRIOR": False, "START_NEXT": False}
-    assert not tuning.chains_launches(torch.device("cpu"))
-    if DEVICE == "cuda":
-        expected = (torch.cuda.get_device_capability() == (9, 0) and tuning.pdl_available()
-                    and not tuning.interpreting())
-        assert tuning.chains_launches(torch.device("cuda")) == expected
-
-
-@pytest.mark.skipif(not HOPPER, reason="launches are chained on sm90 only (tuning.chains_launches)")
-@pytest.mark.parametrize("head_dim,key", [(128, "m64n128w4s4mcpdgppp"), (64, "m64n128w4s3r168pdgp")])
-def test_chained_launches_give_the_bits_of_unchained_ones(monkeypatch, head_dim, key):
-    """A call's launches chained (each started early, waiting inside for the one before) write the same bits as
-    the same launches one after another: on the ping-pong and the one-warpgroup Hopper kernels, with the guard,
-    the LSE and calls back to back on one plan. A wait placed after a read of the launch before's outputs
-    would read stale codes or statistics here: the plan's buffers hold the previous call's."""
-    cfg = SageConfig(kernel="int8_fp8")
-    launch_cfg = tuning.LaunchConfig.from_key(key)
-    first = inputs(1, 4, 2, 700, 1300, head_dim, torch.bfloat16, seed=11)
-    second = inputs(1, 4, 2, 700, 1300, head_dim, torch.bfloat16, seed=12)
-    assert tuning.chains_launches(first[0].device)
-
-    def calls():
-        PLANS.clear()
-        counter = torch.zeros(1, device=DEVICE, dtype=torch.int32)
-        outs = [run_kernel(*x, cfg, return_lse=True, launch_cfg=launch_cfg, repair_counter=counter)[:2]
-                for x in (first, second, first)]
-        torch.cuda.synchronize()
-        return outs
-
-    chained = calls()
-    monkeypatch.setattr(tuning, "chains_launches", lambda device: False)
-    plain = calls()
-    for (out, lse), (plain_out, plain_lse) in zip(chained, plain):
-        assert torch.equal(out, plain_out) and torch.equal(lse, plain_lse)
-    assert not torch.equal(chained[0][0], chained[1][0])

@@ -194,8 +194,9 @@ def output_shift(qz: dict, kv_len: int, into: torch.Tensor | None = None, run=la
     off cut the relative L1 error at 32k keys from 0.038 to 0.034 without V smoothing, and from 0.045 to 0.034
     with it (exact-arithmetic reference on the CPU), where smoothing alone made it worse. A uniform attention
     row then returns V's mean. into: a [B*HK, block_d] FP32 buffer to write it to (a call plan's); run: a call
-    plan's launcher. One Triton launch (output_shift_kernel): PyTorch's sum and scaled add took 14 µs more per
-    call at Flux's and SDXL's shapes on the H200 (bench/NOTES.md, "The output shift in one launch")."""
+    plan's launcher. One Triton launch (output_shift_kernel): with PyTorch's sum and scaled add in its place a
+    call took 11-14 µs more at SDXL's and Flux's shapes on the H200 (bench/NOTES.md, round "Chained launches, and
+    the output shift in one launch")."""
     sums = qz["v_code_sums"]
     if sums is None:
         return qz["v_mean"]

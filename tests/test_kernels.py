@@ -665,4 +665,3 @@ def test_output_shift_launch_sums_the_code_sums_in_a_fixed_order():
     into = torch.full((bhk, block_d), float("nan"), device=DEVICE)
     assert launch.output_shift(qz, keys, into=into) is into and torch.equal(into, shift)
     assert launch.output_shift({"v_mean": qz["v_mean"], "v_code_sums": None}, keys) is qz["v_mean"]
-

@@ -1,7 +1,8 @@
 """Where one Sage call's time goes on this GPU: the quantization launches alone, the whole call, every kernel
-the call launches (device time from PyTorch's profiler), and PyTorch's SDPA on the same inputs (back-to-back
-timing, as in a model forward), and the host's time per call (Python and launches: where it exceeds the device's,
-short calls are bound by the host).
+the call launches (device time from PyTorch's profiler; a kernel launched twice per call, as the quantization's,
+listed per launch, with the bytes each quantization launch moves and the bandwidth that makes), and PyTorch's SDPA
+on the same inputs (back-to-back timing, as in a model forward), and the host's time per call (Python and launches:
+where it exceeds the device's, short calls are bound by the host).
 
     python bench/breakdown.py [--shapes flux_1024px wan21_480p_81f] [--configs KEY ...] [--out breakdown.json]
 
@@ -40,18 +41,44 @@ def host_ms(call) -> float:
 
 
 def kernel_ms(call) -> dict:
-    """Mean device milliseconds per call of every kernel that call() launches, by kernel name."""
+    """Mean device milliseconds per call of every kernel that call() launches, by kernel name; a kernel launched
+    more than once per call is listed per launch, in launch order ("quantize_kernel [1/2]", "[2/2]")."""
     call()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(PROFILED_CALLS):
             call()
         torch.cuda.synchronize()
-    per_kernel = defaultdict(float)
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            per_kernel[event.name[:80]] += event.device_time / 1e3 / PROFILED_CALLS
+    events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                    key=lambda e: e.time_range.start)
+    launches = defaultdict(list)
+    for event in events:
+        launches[event.name[:80]].append(event.device_time / 1e3)
+    per_kernel = {}
+    for name, times in launches.items():
+        per_call = max(1, len(times) // PROFILED_CALLS)
+        for i in range(per_call):
+            key = name if per_call == 1 else f"{name} [{i + 1}/{per_call}]"
+            per_kernel[key] = sum(times[i::per_call]) / PROFILED_CALLS
     return dict(sorted(per_kernel.items(), key=lambda kv: -kv[1]))
+
+
+def quantize_launch_bytes(shape, pv: str, config: SageConfig) -> list[int]:
+    """Bytes each quantization launch of one call reads and writes in DRAM, in launch order (as
+    launch.quantize_qkv splits the work; scales, means and partial sums left out, they are < 1%): with statistics,
+    Q's codes beside K's sampled statistics (and V's full ones where V is coded or smoothed), then K's codes and
+    V's; without, Q's and K's codes in one."""
+    b, h, n, d = shape
+    block_d = launch.padded_head_dim(d)
+    elems, codes = b * h * n * d, b * h * n * block_d
+    v_stats = pv == "fp8" or config.smooth_v
+    sampled = launch.sampled_key_count(n, launch.stats_every(n))
+    q_codes, k_codes = 2 * elems + codes, 2 * elems + codes  # bf16 read, int8 written
+    v_codes = 2 * elems + b * h * block_d * launch.cdiv(n, launch.V_PAD) * launch.V_PAD if pv == "fp8" else 0
+    if not (config.smooth_k or v_stats):
+        return [q_codes + k_codes]
+    stats = 2 * b * h * d * (sampled if config.smooth_k else 0) + (2 * elems if v_stats else 0)
+    return [q_codes + stats, k_codes + v_codes]
 
 
 def breakdown(shape, pv: str, launch_config=None) -> dict:
@@ -74,12 +101,24 @@ def breakdown(shape, pv: str, launch_config=None) -> dict:
     def sdpa_call():
         return torch.nn.functional.scaled_dot_product_attention(q, k, v)
     whole = median_ms(call, warmup=2)
+    per_kernel = kernel_ms(call)
     sdpa = median_ms(sdpa_call, warmup=2)
     ops = 4 * b * h * n * n * d
     return {"launch_config": cfg.key(), "quantize_ms": quant, "call_ms": whole, "host_ms": host_ms(call),
             "sdpa_ms": sdpa, "sdpa_host_ms": host_ms(sdpa_call),
             "quantize_share": quant / whole, "attention_tops_without_quantize": ops / ((whole - quant) * 1e9),
-            "call_tops": ops / (whole * 1e9), "sdpa_tops": ops / (sdpa * 1e9), "kernel_ms": kernel_ms(call)}
+            "call_tops": ops / (whole * 1e9), "sdpa_tops": ops / (sdpa * 1e9), "kernel_ms": per_kernel,
+            "quantize_launches": quantize_launches(per_kernel, quantize_launch_bytes(shape, pv, config))}
+
+
+def quantize_launches(per_kernel: dict, launch_bytes: list[int]) -> list[dict]:
+    """Each quantization launch's device time with the bytes it moves and the bandwidth that makes."""
+    names = [k for k in per_kernel if k.startswith("quantize_kernel")]
+    names.sort(key=lambda k: k.rsplit("[", 1)[-1])  # launch order
+    if len(names) != len(launch_bytes):
+        return []
+    return [{"launch": name, "ms": per_kernel[name], "bytes": nbytes, "tb_per_s": nbytes / (per_kernel[name] * 1e9)}
+            for name, nbytes in zip(names, launch_bytes)]
 
 
 def main():
@@ -102,6 +141,8 @@ def main():
                       flush=True)
                 for kernel, ms in row["kernel_ms"].items():
                     print(f"    {ms:8.3f} ms  {kernel}", flush=True)
+                for q in row["quantize_launches"]:
+                    print(f"    {q['launch']}: {q['bytes'] / 1e6:.1f} MB, {q['tb_per_s']:.2f} TB/s", flush=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 

@@ -66,7 +66,7 @@ def compile_attention(pv: str, d: int, m: int, n: int, warps: int, stages: int, 
                           options={"num_warps": warps, "num_stages": stages, "maxnreg": maxnreg})
 
 
-def compile_quantize(stats_pass: bool, d: int, arch: int, pv_fp8: bool = True, **overrides):
+def compile_quantize(stats_pass: bool, d: int, arch: int, pv_fp8: bool = True, maxnreg=None, **overrides):
     """One of the quantization's two launches (kernels/launch.quantize_qkv) compiled for `arch`: the statistics with
     Q's codes (stats_pass), or K's codes with V's. pv_fp8: as the in-place Hopper path launches it (FP8 P·V, both
     smoothings, Q in groups of 64 rows, K of 128); otherwise as the portable kernel's FP16 P·V does by default (K
@@ -107,7 +107,7 @@ def compile_quantize(stats_pass: bool, d: int, arch: int, pv_fp8: bool = True, *
         if is_ptr or name.startswith("stride") or name in ("D", "v_padded"):
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "maxnreg": maxnreg})
 
 
 def sass_of(kernel) -> str:
@@ -238,7 +238,7 @@ def main(argv=None):
     ap.add_argument("--warps", type=int, default=8)
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--arch", type=int, default=90)
-    ap.add_argument("--maxnreg", type=int, default=None, help="cap registers per thread (more programs per SM)")
+    ap.add_argument("--maxnreg", type=int, default=None, help="cap registers per thread (more programs per SM); with --quant too")
     ap.add_argument("--i2f", action="store_true", help="convert scores with I2F instead of the FP32 bit trick")
     ap.add_argument("--pv-direct", action="store_true", help="FP8 P·V accumulated straight into the output")
     ap.add_argument("--config", help="a LaunchConfig key (overrides --m/--n/--warps/--stages and the flags); "
@@ -251,7 +251,7 @@ def main(argv=None):
     ap.add_argument("overrides", nargs="*", help="with --quant: CONST=VALUE overrides of kernels/launch.py")
     args = ap.parse_args(argv)
     if args.quant:
-        k = compile_quantize(args.quant == "stats_q", args.d, args.arch, args.pv == "fp8",
+        k = compile_quantize(args.quant == "stats_q", args.d, args.arch, args.pv == "fp8", args.maxnreg,
                              **{c: int(v) for c, v in (o.split("=") for o in args.overrides)})
         if args.json:
             print(json.dumps({"resources": resource_report(k, args.arch), "shared": k.metadata.shared,

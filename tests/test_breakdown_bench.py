@@ -1,0 +1,60 @@
+"""bench/breakdown.py's accounting of the quantization launches: the bytes it credits each launch are the
+bytes of the tensors that launch reads and the buffers it writes (sized by the launcher itself), and each launch's
+bandwidth pairs its own device time with its own bytes."""
+import pytest
+import torch
+
+import bench_script
+from sage_attention_pack.kernels import launch
+from sage_attention_pack.sage_core.config import SageConfig
+
+
+def breakdown():
+    return bench_script.load("breakdown")
+
+
+def written(shape, config: SageConfig, pv_fp8: bool) -> dict:
+    """The launcher's own buffers for one call, on the meta device (sizes only)."""
+    b, h, n, d = shape
+    q = torch.empty(shape, device="meta", dtype=torch.bfloat16)
+    return launch.quant_buffers(q, q, q_group=64, k_group=128, block_d=launch.padded_head_dim(d),
+                                smooth_k=config.smooth_k, smooth_v=config.smooth_v, pv_fp8=pv_fp8)
+
+
+@pytest.mark.parametrize("shape", [(1, 24, 4608, 128), (2, 10, 4096, 64), (1, 2, 1000, 80)])
+def test_fp8_launch_bytes_are_the_tensors_each_launch_reads_and_writes(shape):
+    config = SageConfig(kernel="int8_fp8")
+    b, h, n, d = shape
+    head_bytes = b * h * n * d * 2  # one bf16 input
+    buffers = written(shape, config, pv_fp8=True)
+    sampled = launch.sampled_key_count(n, launch.stats_every(n))
+    assert sampled <= n and (n < 1024 or sampled < n)
+    first, second = breakdown().quantize_launch_bytes(shape, "fp8", config)
+    # Q read and coded, K's sampled keys and all of V read for the statistics
+    assert first == head_bytes + buffers["q8"].nbytes + b * h * sampled * d * 2 + head_bytes
+    # K and V read and coded
+    assert second == 2 * head_bytes + buffers["k8"].nbytes + buffers["v8"].nbytes
+
+
+def test_fp16_path_reads_v_nowhere_and_unsmoothed_calls_take_one_launch():
+    shape = (1, 24, 4608, 128)
+    head_bytes = 24 * 4608 * 128 * 2
+    config = SageConfig(kernel="int8_fp16")
+    buffers = written(shape, config, pv_fp8=False)
+    sampled = launch.sampled_key_count(4608, launch.stats_every(4608))
+    first, second = breakdown().quantize_launch_bytes(shape, "fp16", config)
+    assert first == head_bytes + buffers["q8"].nbytes + 24 * sampled * 128 * 2
+    assert second == head_bytes + buffers["k8"].nbytes
+    plain = SageConfig(kernel="int8_fp16", smooth_k=False)
+    assert breakdown().quantize_launch_bytes(shape, "fp16", plain) == [first - 24 * sampled * 128 * 2 + second]
+
+
+def test_each_launch_gets_its_own_time_and_a_mismatch_reports_nothing():
+    module = breakdown()
+    per_kernel = {"sage_fwd_sm90_pingpong_kernel": 0.343, "quantize_kernel [2/2]": 0.040,
+                  "quantize_kernel [1/2]": 0.030, "output_shift_kernel": 0.002}
+    rows = module.quantize_launches(per_kernel, [60_000_000, 100_000_000])
+    assert [r["launch"] for r in rows] == ["quantize_kernel [1/2]", "quantize_kernel [2/2]"]
+    assert rows[0]["tb_per_s"] == pytest.approx(2.0) and rows[1]["tb_per_s"] == pytest.approx(2.5)
+    assert module.quantize_launches(per_kernel, [1]) == []
+    assert module.quantize_launches({"quantize_kernel": 0.05}, [100_000_000])[0]["tb_per_s"] == pytest.approx(2.0)

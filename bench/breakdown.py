@@ -63,21 +63,21 @@ def kernel_ms(call) -> dict:
     return dict(sorted(per_kernel.items(), key=lambda kv: -kv[1]))
 
 
-def quantize_launch_bytes(shape, pv: str, config: SageConfig) -> list[int]:
+def quantize_launch_bytes(shape, pv: str, config: SageConfig, q_group: int, k_group: int) -> list[int]:
     """Bytes each quantization launch of one call reads and writes in DRAM, in launch order (as
     launch.quantize_qkv splits the work; scales, means and partial sums left out, they are < 1%): with statistics,
     Q's codes beside K's sampled statistics (and V's full ones where V is coded or smoothed), then K's codes and
-    V's; without, Q's and K's codes in one."""
+    V's; without, Q's and K's codes in one. The codes' sizes are those of the launcher's own buffers."""
     b, h, n, d = shape
-    block_d = launch.padded_head_dim(d)
-    elems, codes = b * h * n * d, b * h * n * block_d
-    v_stats = pv == "fp8" or config.smooth_v
-    sampled = launch.sampled_key_count(n, launch.stats_every(n))
-    q_codes, k_codes = 2 * elems + codes, 2 * elems + codes  # bf16 read, int8 written
-    v_codes = 2 * elems + b * h * block_d * launch.cdiv(n, launch.V_PAD) * launch.V_PAD if pv == "fp8" else 0
-    if not (config.smooth_k or v_stats):
+    head = torch.empty(shape, device="meta", dtype=torch.bfloat16)
+    out = launch.quant_buffers(head, head, q_group=q_group, k_group=k_group, block_d=launch.padded_head_dim(d),
+                               smooth_k=config.smooth_k, smooth_v=config.smooth_v, pv_fp8=pv == "fp8")
+    q_codes, k_codes = head.nbytes + out["q8"].nbytes, head.nbytes + out["k8"].nbytes  # bf16 read, codes written
+    v_codes = head.nbytes + out["v8"].nbytes if out["v8"] is not None else 0
+    if not (config.smooth_k or out["v_mean"] is not None):  # no statistics: one launch
         return [q_codes + k_codes]
-    stats = 2 * b * h * d * (sampled if config.smooth_k else 0) + (2 * elems if v_stats else 0)
+    sampled = launch.sampled_key_count(n, launch.stats_every(n))
+    stats = 2 * b * h * d * (sampled if config.smooth_k else 0) + (head.nbytes if out["v_mean"] is not None else 0)
     return [q_codes + stats, k_codes + v_codes]
 
 
@@ -108,7 +108,7 @@ def breakdown(shape, pv: str, launch_config=None) -> dict:
             "sdpa_ms": sdpa, "sdpa_host_ms": host_ms(sdpa_call),
             "quantize_share": quant / whole, "attention_tops_without_quantize": ops / ((whole - quant) * 1e9),
             "call_tops": ops / (whole * 1e9), "sdpa_tops": ops / (sdpa * 1e9), "kernel_ms": per_kernel,
-            "quantize_launches": quantize_launches(per_kernel, quantize_launch_bytes(shape, pv, config))}
+            "quantize_launches": quantize_launches(per_kernel, quantize_launch_bytes(shape, pv, config, q_group, k_group))}
 
 
 def quantize_launches(per_kernel: dict, launch_bytes: list[int]) -> list[dict]:

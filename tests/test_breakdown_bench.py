@@ -29,7 +29,7 @@ def test_fp8_launch_bytes_are_the_tensors_each_launch_reads_and_writes(shape):
     buffers = written(shape, config, pv_fp8=True)
     sampled = launch.sampled_key_count(n, launch.stats_every(n))
     assert sampled <= n and (n < 1024 or sampled < n)
-    first, second = breakdown().quantize_launch_bytes(shape, "fp8", config)
+    first, second = breakdown().quantize_launch_bytes(shape, "fp8", config, 64, 128)
     # Q read and coded, K's sampled keys and all of V read for the statistics
     assert first == head_bytes + buffers["q8"].nbytes + b * h * sampled * d * 2 + head_bytes
     # K and V read and coded
@@ -42,11 +42,11 @@ def test_fp16_path_reads_v_nowhere_and_unsmoothed_calls_take_one_launch():
     config = SageConfig(kernel="int8_fp16")
     buffers = written(shape, config, pv_fp8=False)
     sampled = launch.sampled_key_count(4608, launch.stats_every(4608))
-    first, second = breakdown().quantize_launch_bytes(shape, "fp16", config)
+    first, second = breakdown().quantize_launch_bytes(shape, "fp16", config, 16, 64)
     assert first == head_bytes + buffers["q8"].nbytes + 24 * sampled * 128 * 2
     assert second == head_bytes + buffers["k8"].nbytes
     plain = SageConfig(kernel="int8_fp16", smooth_k=False)
-    assert breakdown().quantize_launch_bytes(shape, "fp16", plain) == [first - 24 * sampled * 128 * 2 + second]
+    assert breakdown().quantize_launch_bytes(shape, "fp16", plain, 16, 64) == [first - 24 * sampled * 128 * 2 + second]
 
 
 def test_each_launch_gets_its_own_time_and_a_mismatch_reports_nothing():

@@ -244,12 +244,24 @@ def quantize_v_tile(
     here), of v - mean(v) with SMOOTH_V; the same first programs write the scales. PV_KEY_ORDER stores
     the keys of every 32 in the order the Hopper kernel's P operand comes in (pv_key_source). Every program
     writes the per-channel sums of its dequantized codes into its channels of V_CODE_SUM [BHK, n_programs,
-    BLOCK_D] (see launch.output_shift). A sum of the codes alone, not of their rounding errors: Triton codes the
-    tile twice here, in the load's layout for the sum and in the transposed store's (its layout pass recomputes
-    the chain rather than convert the one-byte codes), so every operation per element counts twice, and the
-    rounding errors' dequantize-and-subtract per element measured slower."""
-    offs_n = pid * ROWS + tl.arange(0, ROWS)
-    offs_d = channel_block * CHANNELS + tl.arange(0, CHANNELS)
+    BLOCK_D] (see launch.output_shift). A sum of the codes alone, not of their rounding errors: the rounding
+    errors' dequantize-and-subtract per element measured slower.
+
+    Layouts (Triton picks them; these choices steer it): V loads 8 bytes (4 channels) per thread rather than 16, so
+    the tile arrives in the layout the statistics' loads have (finish_stats), where with 16-byte loads Triton
+    converted the BF16 tile to that layout through shared memory first. And the tile's rows are loaded out of
+    order, so that each thread's rows (R apart in that layout) are A consecutive stored positions: the codes then
+    cross shared memory in 4- and 16-byte accesses to the store's layout instead of two bytes at a time. Both
+    steer only speed (every code goes to the address it belongs at): one call's quantization 2-3% faster on the
+    H200 from Flux's shape to HunyuanVideo's, the same bits (bench/NOTES.md, round "V's tile layout, and
+    statistics finished once per head")."""
+    # rows per repetition of that layout: 4 warps (launch.QUANT_WARPS) of 32 threads, CHANNELS // 4 along the channels
+    REPEAT: tl.constexpr = 4 * 32 // (CHANNELS // 4)
+    R: tl.constexpr = REPEAT if REPEAT < ROWS else ROWS
+    A: tl.constexpr = ROWS // R
+    i = tl.arange(0, ROWS)
+    offs_n = pid * ROWS + (i % R) * A + i // R  # the stored position of load row i
+    offs_d = channel_block * CHANNELS + tl.max_contiguous(tl.arange(0, CHANNELS), 4)
     src_n = pv_key_source(offs_n) if PV_KEY_ORDER else offs_n
     if PV_FP8:  # in flight while the statistics are finished: nothing in it waits for them
         v_raw = load_raw(V, bh // HK, bh % HK, src_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, NK, D)
@@ -265,8 +277,10 @@ def quantize_v_tile(
         v = v_raw.to(tl.float32)
         valid = in_bounds(src_n, offs_d, NK, D)
         codes = to_fp8_e4m3(tl.where(valid, v - mean[None, :], 0.0) * reciprocal(scale)[None, :], FP8_ROUND_IN_FP32)
-        tl.store(V8 + (bh * BLOCK_D + offs_d[None, :]) * v_padded + offs_n[:, None], codes,
-                 mask=offs_n[:, None] < v_padded)
+        # [A, R, CHANNELS]: load row i = a * R + r at position r * A + a, contiguous along a
+        pos = pid * ROWS + tl.arange(0, R)[None, :, None] * A + tl.arange(0, A)[:, None, None]
+        tl.store(V8 + (bh * BLOCK_D + offs_d[None, None, :]) * v_padded + pos, tl.reshape(codes, (A, R, CHANNELS)),
+                 mask=pos < v_padded)
         tl.store(V_CODE_SUM + (bh * n_programs + pid) * BLOCK_D + offs_d,
                  tl.sum(codes.to(tl.float32), axis=0) * scale)
         if pid == 0:

@@ -254,8 +254,11 @@ def main(argv=None):
         k = compile_quantize(args.quant == "stats_q", args.d, args.arch, args.pv == "fp8", args.maxnreg,
                              **{c: int(v) for c, v in (o.split("=") for o in args.overrides)})
         if args.json:
+            sass = sass_of(k)
             print(json.dumps({"resources": resource_report(k, args.arch), "shared": k.metadata.shared,
-                              "load_loops": load_loops(sass_of(k))}))
+                              "load_loops": load_loops(sass),
+                              "shared_accesses": {op: n for op, n in sorted(instruction_mix(sass).items())
+                                                  if op.startswith(("STS", "LDS"))}}))
             return 0
         print(f"{resource_report(k, args.arch)}  shared {k.metadata.shared} B")
         for loop in load_loops(sass_of(k)):

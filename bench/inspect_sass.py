@@ -185,7 +185,7 @@ def overlap_report(sass: str) -> dict:
     its warps wait at per key tile (BAR.SYNC: named or whole-program); its FADDs and its m64n8 products (P's row
     sums on the tensor cores, in place of a FADD per score); in ping-pong, the turn: the instructions from the
     barrier wait before the tile's first wgmma to the arrive after its last, which the two warpgroups run one
-    after the other, and how far into it the first wgmma comes."""
+    after the other, and how far into it the first wgmma comes; where the scores' products read Q from."""
     loop = main_loop(sass)
     ops = [line.split()[0] for line in loop]
     mmas = [i for i, op in enumerate(ops) if "GMMA" in op]
@@ -206,7 +206,16 @@ def overlap_report(sass: str) -> dict:
             "loop_fadds": sum(op.startswith("FADD") for op in ops),
             "row_sum_mmas": sum(op.startswith("QGMMA.64x8x") for op in ops),
             "turn_instructions": turn_arrive - turn_sync if in_turn else None,
-            "first_mma_into_turn": mmas[0] - turn_sync if in_turn else None}
+            "first_mma_into_turn": mmas[0] - turn_sync if in_turn else None,
+            "scores_a_operand": scores_a_operand(loop)}
+
+
+def scores_a_operand(loop: list[str]) -> str | None:
+    """Where the loop's Q·Kᵀ products (IGMMA) take Q from: "registers" (IGMMA D, R.., gdesc[..]), "shared"
+    (IGMMA D, gdesc[..]: a descriptor for each operand), "mixed", or None without one."""
+    sources = {"registers" if re.match(r"IGMMA\S* R\d+, R\d+, gdesc", line) else "shared"
+               for line in loop if line.startswith("IGMMA")}
+    return None if not sources else sources.pop() if len(sources) == 1 else "mixed"
 
 
 def load_loops(sass: str) -> list[dict]:

@@ -14,6 +14,7 @@ rather than the compiler's:
     that 128 keys × P ≤ 448 cannot overflow FP16);
   - P's row sums (the softmax's normaliser) come from the tensor cores too: P times a tile of FP8 ones, issued
     with P·V (row_sums), except in the one-warpgroup two-level kernel, whose registers are all taken.
+  - in the ping-pong kernel with turns, Q's codes sit in registers (scores_operand): each turn is shorter.
 Two kernels: sage_fwd_sm90_kernel, one warpgroup per program, loading its own tiles; and
 sage_fwd_sm90_pingpong_kernel, two consumer warpgroups taking turns at the tensor cores and a producer warp,
 one program per pair of query tiles or (PERSISTENT) one per multiprocessor looping over them, with or without
@@ -134,6 +135,21 @@ def issue_kv_load(k_desc, v_desc, k_smem, v_smem, bars, tile, slot, bh_kv, NK, l
 
 
 @gluon.jit
+def scores_operand(q_smem, s_layout: gl.constexpr, IN_REGISTERS: gl.constexpr):
+    """Q's INT8 codes as the A operand of every Q·Kᵀ: read from shared memory by each wgmma, or (IN_REGISTERS)
+    loaded once into 16 registers per thread. In the ping-pong kernel with turns, registers shorten each turn
+    (123 -> 101 instructions before its first product, the seeds' moves being most of the rest) and lift
+    Wan2.1 by 3-4%; without turns and in the one-warpgroup kernel they read level or 2% slower (bench/NOTES.md,
+    "Q's codes in registers"). The next work item's TMA of Q overwrites the tile only after every use of
+    these registers, so no proxy fence is needed between the load and that write."""
+    if IN_REGISTERS:
+        q_op = q_smem.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=4))
+    else:
+        q_op = q_smem
+    return q_op
+
+
+@gluon.jit
 def kv_head(bh, H, KV_GROUP):
     """The K/V (batch·head) that query (batch·head) bh reads: KV_GROUP query heads share one (grouped-query)."""
     return (bh // H) * (H // KV_GROUP) + (bh % H) // KV_GROUP
@@ -170,7 +186,7 @@ def fold_row_sums(l_acc, tile_sums, alpha, l_rows: gl.constexpr):
 
 
 @gluon.jit
-def pipeline_step(j, ring0, p_prev, m_i, l_acc, alpha_prev, acc, q_smem, k_smem, v_smem, ones_smem, full_bars,
+def pipeline_step(j, ring0, p_prev, m_i, l_acc, alpha_prev, acc, q_op, k_smem, v_smem, ones_smem, full_bars,
                   consumer, k_desc, v_desc, seed, tile_zero, q_scale, ks_base, bh_kv, NK, NQ, n_tiles,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, STAGES: gl.constexpr,
                   TWO_LEVEL: gl.constexpr, PING_PONG: gl.constexpr, TURNS: gl.constexpr, LAST: gl.constexpr,
@@ -204,7 +220,7 @@ def pipeline_step(j, ring0, p_prev, m_i, l_acc, alpha_prev, acc, q_smem, k_smem,
     p8 = to_pv_operand(p_prev, BLOCK_M, BLOCK_N, p_layout)
     if PING_PONG and TURNS:
         named_sync(TURN_BARRIER + consumer, TURN_THREADS, 4)
-    s_tok = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), seed, use_acc=MAGIC,
+    s_tok = warpgroup_mma(q_op, k_smem.index(slot).permute((1, 0)), seed, use_acc=MAGIC,
                           is_async=True)
     if TWO_LEVEL:
         # two-level accumulation: the tile's FP8 product lands in its own FP16 registers
@@ -289,11 +305,12 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_desc, k_desc, v_desc, q_smem, q_ba
 
     # tile 0: its scores and softmax, with nothing to overlap yet (masked: it may be the last)
     mbarrier.wait(q_bar, q_phase)
+    q_op = scores_operand(q_smem, s_layout, PING_PONG and TURNS)
     mbarrier.wait(full_bars.index(ring0 % STAGES), (ring0 // STAGES) & 1)
     if PING_PONG and TURNS:
         named_arrive(TURN_BARRIER, TURN_THREADS, consumer == 1, 4)  # consumer 0 goes first
         named_sync(TURN_BARRIER + consumer, TURN_THREADS, 4)
-    s_tok = warpgroup_mma(q_smem, k_smem.index(ring0 % STAGES).permute((1, 0)), seed, use_acc=MAGIC,
+    s_tok = warpgroup_mma(q_op, k_smem.index(ring0 % STAGES).permute((1, 0)), seed, use_acc=MAGIC,
                           is_async=True)
     if PING_PONG and TURNS:
         named_arrive(TURN_BARRIER + 1 - consumer, TURN_THREADS, (consumer == 0) | (n_tiles > 1), 4)
@@ -309,12 +326,12 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_desc, k_desc, v_desc, q_smem, q_ba
     acc = gl.zeros([BLOCK_M, BLOCK_D], gl.float32, o_layout)
     for j in range(1, n_tiles - 1):
         p, m_i, l_acc, alpha, acc = pipeline_step(
-            j, ring0, p, m_i, l_acc, alpha, acc, q_smem, k_smem, v_smem, ones_smem, full_bars, consumer, k_desc,
+            j, ring0, p, m_i, l_acc, alpha, acc, q_op, k_smem, v_smem, ones_smem, full_bars, consumer, k_desc,
             v_desc, seed, tile_zero, q_scale, ks_base, bh_kv, NK, NQ, n_tiles, BLOCK_M, BLOCK_N, BLOCK_D, STAGES,
             TWO_LEVEL, PING_PONG, TURNS, False, MAGIC, SUMS_ON_MMA, s_layout, o_rows, l_rows, p_layout)
     if n_tiles > 1:
         p, m_i, l_acc, alpha, acc = pipeline_step(
-            n_tiles - 1, ring0, p, m_i, l_acc, alpha, acc, q_smem, k_smem, v_smem, ones_smem, full_bars, consumer,
+            n_tiles - 1, ring0, p, m_i, l_acc, alpha, acc, q_op, k_smem, v_smem, ones_smem, full_bars, consumer,
             k_desc, v_desc, seed, tile_zero, q_scale, ks_base, bh_kv, NK, NQ, n_tiles, BLOCK_M, BLOCK_N, BLOCK_D,
             STAGES, TWO_LEVEL, PING_PONG, TURNS, True, MAGIC, SUMS_ON_MMA, s_layout, o_rows, l_rows, p_layout)
     # P·V of the last tile

@@ -139,7 +139,7 @@ def scores_operand(q_smem, s_layout: gl.constexpr, IN_REGISTERS: gl.constexpr):
     """Q's INT8 codes as the A operand of every Q·Kᵀ: read from shared memory by each wgmma, or (IN_REGISTERS)
     loaded once into 16 registers per thread. In the ping-pong kernel with turns, registers shorten each turn
     (123 -> 101 instructions before its first product, the seeds' moves being most of the rest) and lift
-    Wan2.1 by 3-4%; without turns and in the one-warpgroup kernel they read level or 2% slower (bench/NOTES.md,
+    Wan2.1 by 2-4%; without turns and in the one-warpgroup kernel they read level or 2% slower (bench/NOTES.md,
     "Q's codes in registers"). The next work item's TMA of Q overwrites the tile only after every use of
     these registers, so no proxy fence is needed between the load and that write."""
     if IN_REGISTERS:

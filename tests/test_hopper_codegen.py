@@ -1,15 +1,16 @@
 """The Hopper Gluon kernels' code generation, checked without a GPU: every configuration autotuning may pick compiles
-for sm90 with the installed Triton, does not spill in its main loop, and (ping-pong) waits at no more than two
-barriers per key tile, and (ping-pong with turns) issues Q·Kᵀ with Q's codes in registers. The kernels that take P's row sums on the tensor cores (ping-pong, and accumulating in place)
-wait for the scores with P·V and the row sums still in flight and have no FADD per score; the one-warpgroup two-level
-kernel, which sums in its softmax, keeps its exponentials between the wait for the scores and the wait for P·V.
-ptxas serialising the wgmma, hoisting a wait, spilling in the loop or a row sum back in the softmax would each make
-the kernel slower without changing a single output value, so no other test would notice. (Replacing the
-always-taken branch before the two-level kernel's P·V wait with `if True:` makes this test fail: ptxas then hoists
-the wait.) With the row sums on the tensor cores ptxas places the P·V wait before the exponentials (the softmax no
-longer ends in a sum that the wait could depend on), measured faster all the same (bench/NOTES.md, "Row sums on the
-tensor cores"). Each compilation runs in its own process: the Triton interpreter, active in the rest of the suite,
-patches the language that the compiler would otherwise see."""
+for sm90 with the installed Triton, does not spill in its main loop, (ping-pong) waits at no more than two barriers
+per key tile, and (ping-pong with turns only) issues Q·Kᵀ with Q's codes in registers. The kernels that take P's row
+sums on the tensor cores (ping-pong, and accumulating in place) wait for the scores with P·V and the row sums still
+in flight and have no FADD per score; the one-warpgroup two-level kernel, which sums in its softmax, keeps its
+exponentials between the wait for the scores and the wait for P·V. ptxas serialising the wgmma, hoisting a wait,
+spilling in the loop or a row sum back in the softmax would each make the kernel slower without changing a single
+output value, so no other test would notice. (Replacing the always-taken branch before the two-level kernel's P·V
+wait with `if True:` makes this test fail: ptxas then hoists the wait.) With the row sums on the tensor cores ptxas
+places the P·V wait before the exponentials (the softmax no longer ends in a sum that the wait could depend on),
+measured faster all the same (bench/NOTES.md, "Row sums on the tensor cores"). Each compilation runs in its own
+process: the Triton interpreter, active in the rest of the suite, patches the language that the compiler would
+otherwise see."""
 import json
 import os
 import re
@@ -62,7 +63,7 @@ def test_gluon_kernel_sums_rows_on_tensor_cores_and_does_not_spill(config, head_
         # one barrier the compiler puts before the tile's mbarrier wait (with mbarrier hand-offs Triton 3.6 made
         # it three: each single-thread arrive got a warpgroup barrier before it)
         assert report["loop_barrier_syncs"] <= 2, report
-    # Q's codes: in registers where the warpgroups take turns (a shorter turn: Wan2.1 3-4% faster), read by
+    # Q's codes: in registers where the warpgroups take turns (a shorter turn: Wan2.1 2-4% faster), read by
     # descriptor from shared memory elsewhere (registers measured level or slower there)
     turns = config.ping_pong and not config.no_turns
     assert report["scores_a_operand"] == ("registers" if turns else "shared"), report

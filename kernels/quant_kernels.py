@@ -233,6 +233,7 @@ def quantize_v_tile(
     HK, NK, D, n_chunks, v_padded, v_code_max,
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr, CHANNELS: tl.constexpr, STATS_CHUNKS: tl.constexpr,
     SMOOTH_V: tl.constexpr, PV_FP8: tl.constexpr, FP8_ROUND_IN_FP32: tl.constexpr, PV_KEY_ORDER: tl.constexpr,
+    WARPS: tl.constexpr,
 ):
     """V's part of one call's quantization: ROWS keys (program pid of n_programs) and CHANNELS of the BLOCK_D
     channels (channel_block) of one head: a whole 128-channel tile took 255 registers and spilled. The first
@@ -255,8 +256,9 @@ def quantize_v_tile(
     steer only speed (every code goes to the address it belongs at): one call's quantization 2-3% faster on the
     H200 from Flux's shape to HunyuanVideo's, the same bits (bench/NOTES.md, round "V's tile layout, and
     statistics finished once per head")."""
-    # rows per repetition of that layout: 4 warps (launch.QUANT_WARPS) of 32 threads, CHANNELS // 4 along the channels
-    REPEAT: tl.constexpr = 4 * 32 // (CHANNELS // 4)
+    # rows per repetition of that layout: WARPS warps (the launch's num_warps) of 32 threads, CHANNELS // 4 along the
+    # channels
+    REPEAT: tl.constexpr = WARPS * 32 // (CHANNELS // 4)
     R: tl.constexpr = REPEAT if REPEAT < ROWS else ROWS
     A: tl.constexpr = ROWS // R
     i = tl.arange(0, ROWS)
@@ -299,7 +301,7 @@ def quantize_kernel(
     ROWS: tl.constexpr, Q_SUB: tl.constexpr, K_SUB: tl.constexpr, Q_GROUP: tl.constexpr, K_GROUP: tl.constexpr,
     BLOCK_D: tl.constexpr, STATS_TILE: tl.constexpr, STATS_CHUNKS: tl.constexpr, SMOOTH_K: tl.constexpr,
     V_STATS: tl.constexpr, V_ROWS: tl.constexpr, CHANNELS: tl.constexpr, SMOOTH_V: tl.constexpr,
-    PV_FP8: tl.constexpr, FP8_ROUND_IN_FP32: tl.constexpr, PV_KEY_ORDER: tl.constexpr,
+    PV_FP8: tl.constexpr, FP8_ROUND_IN_FP32: tl.constexpr, PV_KEY_ORDER: tl.constexpr, WARPS: tl.constexpr,
 ):
     """One launch of a call's quantization: the roles it is given (DO_STATS, DO_Q, DO_K, V_BLOCKS), one per
     program_id(2), in that order; program_id(0) is the role's chunk or row block, program_id(1) its head. Roles
@@ -351,7 +353,7 @@ def quantize_kernel(
             quantize_v_tile(V, PARTS, V8, V_SCALE, V_MEAN, V_CODE_SUM, pid, bh, role - V_ROLE, n_v_programs,
                             stride_vb, stride_vh, stride_vn, stride_vd, HK, NK, D, n_chunks, v_padded, v_code_max,
                             V_ROWS, BLOCK_D, CHANNELS, STATS_CHUNKS, SMOOTH_V, PV_FP8, FP8_ROUND_IN_FP32,
-                            PV_KEY_ORDER)
+                            PV_KEY_ORDER, WARPS)
 
 
 @triton.jit

@@ -108,7 +108,8 @@ def breakdown(shape, pv: str, launch_config=None) -> dict:
             "sdpa_ms": sdpa, "sdpa_host_ms": host_ms(sdpa_call),
             "quantize_share": quant / whole, "attention_tops_without_quantize": ops / ((whole - quant) * 1e9),
             "call_tops": ops / (whole * 1e9), "sdpa_tops": ops / (sdpa * 1e9), "kernel_ms": per_kernel,
-            "quantize_launches": quantize_launches(per_kernel, quantize_launch_bytes(shape, pv, config, q_group, k_group))}
+            "quantize_launches": quantize_launches(per_kernel,
+                                                   quantize_launch_bytes(shape, pv, config, q_group, k_group))}
 
 
 def quantize_launches(per_kernel: dict, launch_bytes: list[int]) -> list[dict]:

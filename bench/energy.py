@@ -10,6 +10,7 @@ the clock stay higher. Samples from the first half second of each run are left o
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import subprocess
@@ -99,7 +100,7 @@ def measure(shapes, fns: dict, seconds: float, rounds: int) -> dict:
                     fns[m](q, k, v)
             for r in range(rounds):
                 for m in (names if r % 2 == 0 else names[::-1]):
-                    t0, t1, calls = run_for(lambda: fns[m](q, k, v), seconds)
+                    t0, t1, calls = run_for(functools.partial(fns[m], q, k, v), seconds)
                     time.sleep(SAMPLE_MS / 1000 * 2)  # the last samples of the run arrive
                     runs[m].append((t0, t1, calls, sampler.between(t0, t1)))
             ops = 4 * b * h * n * n * d

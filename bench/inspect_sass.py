@@ -248,7 +248,8 @@ def main(argv=None):
     ap.add_argument("--warps", type=int, default=8)
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--arch", type=int, default=90)
-    ap.add_argument("--maxnreg", type=int, default=None, help="cap registers per thread (more programs per SM); with --quant too")
+    ap.add_argument("--maxnreg", type=int, default=None,
+                    help="cap registers per thread (more programs per SM); with --quant too")
     ap.add_argument("--i2f", action="store_true", help="convert scores with I2F instead of the FP32 bit trick")
     ap.add_argument("--pv-direct", action="store_true", help="FP8 P·V accumulated straight into the output")
     ap.add_argument("--config", help="a LaunchConfig key (overrides --m/--n/--warps/--stages and the flags); "

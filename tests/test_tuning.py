@@ -38,8 +38,8 @@ def test_shipped_table_loads_and_its_in_place_entries_are_the_measured_ones():
     """Every shipped entry is a valid configuration. FP8 P·V accumulated in place (always with V smoothing, see
     launch.sage_forward) is shipped only where it was measured within the FP8 bound: head dim 128 at 8k (Flux's
     4608 tokens), 16k, 32k and 128k tokens on the H200, in the ping-pong kernel (without its turns except at
-    Wan2.1's 32k, where only the turns measured faster); head dim 64 at 8k and 16k tokens, in the one-warpgroup kernel capped at 168
-    registers."""
+    Wan2.1's 32k, where only the turns measured faster); head dim 64 at 8k and 16k tokens, in the one-warpgroup
+    kernel capped at 168 registers."""
     table = tuning.shipped_table("NVIDIA H200", "launch")
     assert table
     in_place = {}

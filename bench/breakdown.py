@@ -1,6 +1,7 @@
 """Where one Sage call's time goes on this GPU: the quantization launches alone, the whole call, every kernel
 the call launches (device time from PyTorch's profiler; a kernel launched twice per call, as the quantization's,
-listed per launch, with the bytes each quantization launch moves and the bandwidth that makes), and PyTorch's SDPA
+listed per launch, with the bytes each quantization launch moves and the bandwidth that makes, beside what PyTorch's
+own copy and add reach on the same inputs), and PyTorch's SDPA
 on the same inputs (back-to-back timing, as in a model forward), and the host's time per call (Python and launches:
 where it exceeds the device's, short calls are bound by the host).
 
@@ -81,6 +82,20 @@ def quantize_launch_bytes(shape, pv: str, config: SageConfig, q_group: int, k_gr
     return [q_codes + stats, k_codes + v_codes]
 
 
+def bandwidth_reference(q, k) -> dict:
+    """What PyTorch's memory-bound elementwise kernels reach on the call's own inputs, the yardstick for the
+    quantization launches' bandwidth: a copy of Q (one input read, one written) and Q + K into a buffer (two read,
+    one written: the bytes of the second quantization launch, which reads K and V and writes their one-byte codes).
+    Device time from PyTorch's profiler, as the call's kernels."""
+    out = torch.empty_like(q)
+    refs = {"copy": (lambda: out.copy_(q), 2 * q.nbytes), "add": (lambda: torch.add(q, k, out=out), 3 * q.nbytes)}
+    result = {}
+    for name, (fn, nbytes) in refs.items():
+        ms = sum(kernel_ms(fn).values())
+        result[name] = {"ms": ms, "bytes": nbytes, "tb_per_s": nbytes / (ms * 1e9)}
+    return result
+
+
 def breakdown(shape, pv: str, launch_config=None) -> dict:
     b, h, n, d = shape
     q, k, v = bench.model_shaped_inputs(b, h, n, d, torch.bfloat16, "cuda")
@@ -109,7 +124,8 @@ def breakdown(shape, pv: str, launch_config=None) -> dict:
             "quantize_share": quant / whole, "attention_tops_without_quantize": ops / ((whole - quant) * 1e9),
             "call_tops": ops / (whole * 1e9), "sdpa_tops": ops / (sdpa * 1e9), "kernel_ms": per_kernel,
             "quantize_launches": quantize_launches(per_kernel,
-                                                   quantize_launch_bytes(shape, pv, config, q_group, k_group))}
+                                                   quantize_launch_bytes(shape, pv, config, q_group, k_group)),
+            "bandwidth_reference": bandwidth_reference(q, k)}
 
 
 def quantize_launches(per_kernel: dict, launch_bytes: list[int]) -> list[dict]:
@@ -144,6 +160,9 @@ def main():
                     print(f"    {ms:8.3f} ms  {kernel}", flush=True)
                 for q in row["quantize_launches"]:
                     print(f"    {q['launch']}: {q['bytes'] / 1e6:.1f} MB, {q['tb_per_s']:.2f} TB/s", flush=True)
+                print("    PyTorch on the same inputs: " + ", ".join(
+                    f"{name} {ref['bytes'] / 1e6:.1f} MB {ref['tb_per_s']:.2f} TB/s"
+                    for name, ref in row["bandwidth_reference"].items()), flush=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 

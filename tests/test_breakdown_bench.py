@@ -58,3 +58,30 @@ def test_each_launch_gets_its_own_time_and_a_mismatch_reports_nothing():
     assert rows[0]["tb_per_s"] == pytest.approx(2.0) and rows[1]["tb_per_s"] == pytest.approx(2.5)
     assert module.quantize_launches(per_kernel, [1]) == []
     assert module.quantize_launches({"quantize_kernel": 0.05}, [100_000_000])[0]["tb_per_s"] == pytest.approx(2.0)
+
+
+def test_the_bandwidth_reference_pairs_each_operation_with_its_own_bytes(monkeypatch):
+    module = breakdown()
+    timed = []
+
+    def fake_kernel_ms(call):
+        out = call()  # the operation itself runs (on the CPU here)
+        timed.append(out.clone())  # both operations write the same buffer
+        return {"elementwise_kernel": 0.010}
+
+    monkeypatch.setattr(module, "kernel_ms", fake_kernel_ms)
+    q = torch.randn(1, 2, 64, 32, dtype=torch.bfloat16)
+    k = torch.randn(1, 2, 64, 32, dtype=torch.bfloat16)
+    ref = module.bandwidth_reference(q, k)
+    assert set(ref) == {"copy", "add"}
+    assert ref["copy"]["bytes"] == 2 * q.nbytes and ref["add"]["bytes"] == 3 * q.nbytes
+    assert ref["add"]["tb_per_s"] == pytest.approx(3 * q.nbytes / (0.010 * 1e9))
+    assert torch.equal(timed[0], q) and torch.equal(timed[1], q + k)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the profiler times its kernels)")
+def test_the_bandwidth_reference_measures_on_the_gpu():
+    q = torch.randn(1, 8, 2048, 128, device="cuda", dtype=torch.bfloat16)
+    ref = breakdown().bandwidth_reference(q, torch.randn_like(q))
+    for entry in ref.values():
+        assert entry["ms"] > 0 and 0 < entry["tb_per_s"] < 20

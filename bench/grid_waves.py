@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # breakdown.py, beside
 
 from breakdown import kernel_ms  # noqa: E402
 
-from sage_attention_pack.kernels import launch  # noqa: E402
+from sage_attention_pack.kernels import hopper_launch, launch  # noqa: E402
 from sage_attention_pack.sage_core import backend, bench  # noqa: E402
 from sage_attention_pack.sage_core.config import SageConfig  # noqa: E402
 from sage_attention_pack.sage_core.progress import progress  # noqa: E402
@@ -35,12 +35,10 @@ DEFAULT_HEADS = (18, 20, 22, 23, 24, 25, 26, 28, 29, 30, 33)
 
 
 def programs_per_head(config, rows: int) -> int | None:
-    """The attention kernel's programs per batch·head for `rows` query rows: one per query tile, or one per pair of
-    tiles in the ping-pong kernel; None for a persistent grid (one program per multiprocessor, whatever the heads)."""
-    if config.persistent:
-        return None
-    tiles = -(-rows // config.block_m)
-    return -(-tiles // 2) if config.ping_pong else tiles
+    """The attention kernel's programs per batch·head for `rows` query rows, as its launcher makes the grid (one per
+    query tile, or per pair of tiles in the ping-pong kernel); None for a persistent grid (one program per
+    multiprocessor, whatever the heads)."""
+    return None if config.persistent else hopper_launch.work_items_per_head(config, rows)
 
 
 def kernel_parts(per_kernel: dict) -> dict:
@@ -85,12 +83,13 @@ def measure(shape: tuple, heads: list[int], rounds: int) -> tuple[list[dict], ob
     if per_head is None:
         raise SystemExit(f"the launch configuration {config.key()} is persistent: its grid does not grow in waves")
     repairs = torch.zeros(1, device="cuda", dtype=torch.int32)  # the non-finite guard runs, as in a workflow
+    fp8 = SageConfig(kernel="int8_fp8")
     rows = []
     for step in progress([(r, h) for r in range(rounds) for h in heads], desc="head counts", unit="call"):
         rnd, h = step
         q, k, v = bench.model_shaped_inputs(b, h, n, d, torch.bfloat16, "cuda")
         ours = functools.partial(backend.run, q, k, v, layout="HND", sm_scale=d ** -0.5, is_causal=False, bias=None,
-                                 config=SageConfig(kernel="int8_fp8"), pv_fp8=True, return_lse=False,
+                                 config=fp8, pv_fp8=True, return_lse=False,
                                  launch_config=config, repair_counter=repairs)
         sdpa = functools.partial(torch.nn.functional.scaled_dot_product_attention, q, k, v)
         per_kernel = kernel_ms(ours)

@@ -98,13 +98,21 @@ def launch(qz: dict, out: torch.Tensor, lse: torch.Tensor, bad: torch.Tensor, *,
               v_shift if v_shift is not None else qz["v_scale"], out, lse, bad, *out.stride(),
               heads, heads // kv_heads, nq, nk, qz["q_scale"].shape[-1], qz["k_scale"].shape[-1])
     meta = kernel_constants(config, block_d, q_group, v_shift is not None, return_lse)
+    items = work_items_per_head(config, nq)
     if config.ping_pong:
-        pairs = -(-q_tiles // 2)
-        grid = (min(pairs * bh, multiprocessors(out.device)),) if config.persistent else (pairs, bh)
+        grid = (min(items * bh, multiprocessors(out.device)),) if config.persistent else (items, bh)
         run("attention", sage_fwd_sm90_pingpong_kernel, grid, (*common, q_tiles, bh),
             {**meta, **compile_options(config)})
     else:
-        run("attention", sage_fwd_sm90_kernel, (q_tiles, bh), common, {**meta, **compile_options(config)})
+        run("attention", sage_fwd_sm90_kernel, (items, bh), common, {**meta, **compile_options(config)})
+
+
+def work_items_per_head(config: LaunchConfig, nq: int) -> int:
+    """The Gluon kernels' work items per batch·head for nq query rows: query tiles of block_m rows, one warpgroup
+    each, paired two to a program in the ping-pong kernel. Without `persistent` each item is a program of the grid
+    (bench/grid_waves.py counts the grid's waves with it)."""
+    q_tiles = -(-nq // config.block_m)
+    return -(-q_tiles // 2) if config.ping_pong else q_tiles
 
 
 @functools.lru_cache(maxsize=None)

@@ -265,14 +265,15 @@ def pipeline_step(j, ring0, p_prev, m_i, l_acc, alpha_prev, acc, q_op, k_smem, v
 @gluon.jit
 def attend_rows(tile_m, bh, ring0, q_phase, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, full_bars,
                 ones_smem, consumer, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh,
-                stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles,
-                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, Q_GROUP: gl.constexpr,
-                STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, PING_PONG: gl.constexpr, TURNS: gl.constexpr,
-                SHIFT_V: gl.constexpr,
-                RETURN_LSE: gl.constexpr, MAGIC: gl.constexpr):
-    """One warpgroup's work: query rows tile_m·BLOCK_M .. +BLOCK_M of (batch·head) bh against every key
-    tile, then the output, its non-finite flag and the LSE. ring0: key tiles the ring carried before these
-    (their slots and phases go on from there); q_phase: the phase of q_bar for this Q tile."""
+                stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, t0, t1, part, PART_O,
+                PART_LSE, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr,
+                Q_GROUP: gl.constexpr, STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, PING_PONG: gl.constexpr,
+                TURNS: gl.constexpr, SHIFT_V: gl.constexpr, RETURN_LSE: gl.constexpr, MAGIC: gl.constexpr):
+    """One warpgroup's work: query rows tile_m·BLOCK_M .. +BLOCK_M of (batch·head) bh against key tiles
+    t0 .. t1-1, then the output, its non-finite flag and the LSE; or, for a part of a split work item
+    (part ≥ 0, the grid's tail: see work_item), the part's normalised output in FP32 and its base-2 LSE at
+    partial `part` (PART_O, PART_LSE), which tail_merge_kernel joins. ring0: key tiles the ring carried before
+    these (their slots and phases go on from there); q_phase: the phase of q_bar for this Q tile."""
     # one warp per 16 query rows; the scores' wgmma spans the key tile, P·V's the head dim (k = 32 bytes)
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 32])
@@ -290,7 +291,10 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_desc, k_desc, v_desc, q_smem, q_ba
     b = bh // H
     h = bh % H
     bh_kv = kv_head(bh, H, KV_GROUP)
-    n_tiles = (NK + BLOCK_N - 1) // BLOCK_N
+    n_tiles = t1 - t0
+    # the keys from tile t0 on: the softmax masks what lies past NK (the one-warpgroup kernel, which also loads
+    # its own tiles with it, always starts at tile 0)
+    nk_left = NK - t0 * BLOCK_N
     row0 = tile_m * BLOCK_M
 
     # Q rows past this head's end read the next head's (or TMA's zero fill): their outputs are never stored
@@ -298,7 +302,7 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_desc, k_desc, v_desc, q_smem, q_ba
     tma_load(q_desc, [bh * NQ + row0, 0], q_bar, q_smem)
     offs_m = row0 + gl.arange(0, BLOCK_M, layout=s_rows)
     q_scale = gl.load(Q_SCALE + bh * q_groups + offs_m // Q_GROUP, mask=offs_m < NQ, other=1.0)
-    ks_base = K_SCALE + bh_kv * k_groups
+    ks_base = K_SCALE + bh_kv * k_groups + t0
     seed = gl.full([BLOCK_M, BLOCK_N], MAGIC_I2F_BITS if MAGIC else 0, gl.int32, s_layout)
     # two-level: each tile's P·V in an FP16 accumulator (half the registers of FP32), folded into FP32
     tile_zero = gl.zeros([BLOCK_M, BLOCK_D], gl.float16, o_layout)
@@ -316,7 +320,8 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_desc, k_desc, v_desc, q_smem, q_ba
         named_arrive(TURN_BARRIER + 1 - consumer, TURN_THREADS, (consumer == 0) | (n_tiles > 1), 4)
     s_bits = warpgroup_mma_wait(0, deps=[s_tok])
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, s_rows)
-    p, m_i, alpha = online_softmax(s_bits, m_i, q_scale * gl.load(ks_base), NK, BLOCK_N, s_layout, True, MAGIC)
+    p, m_i, alpha = online_softmax(s_bits, m_i, q_scale * gl.load(ks_base), nk_left, BLOCK_N, s_layout, True,
+                                   MAGIC)
     if SUMS_ON_MMA:
         l_acc = gl.zeros([BLOCK_M, 8], gl.float32, l_layout)  # tile 0's sums are issued with its P·V
     else:
@@ -327,12 +332,12 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_desc, k_desc, v_desc, q_smem, q_ba
     for j in range(1, n_tiles - 1):
         p, m_i, l_acc, alpha, acc = pipeline_step(
             j, ring0, p, m_i, l_acc, alpha, acc, q_op, k_smem, v_smem, ones_smem, full_bars, consumer, k_desc,
-            v_desc, seed, tile_zero, q_scale, ks_base, bh_kv, NK, NQ, n_tiles, BLOCK_M, BLOCK_N, BLOCK_D, STAGES,
+            v_desc, seed, tile_zero, q_scale, ks_base, bh_kv, nk_left, NQ, n_tiles, BLOCK_M, BLOCK_N, BLOCK_D, STAGES,
             TWO_LEVEL, PING_PONG, TURNS, False, MAGIC, SUMS_ON_MMA, s_layout, o_rows, l_rows, p_layout)
     if n_tiles > 1:
         p, m_i, l_acc, alpha, acc = pipeline_step(
             n_tiles - 1, ring0, p, m_i, l_acc, alpha, acc, q_op, k_smem, v_smem, ones_smem, full_bars, consumer,
-            k_desc, v_desc, seed, tile_zero, q_scale, ks_base, bh_kv, NK, NQ, n_tiles, BLOCK_M, BLOCK_N, BLOCK_D,
+            k_desc, v_desc, seed, tile_zero, q_scale, ks_base, bh_kv, nk_left, NQ, n_tiles, BLOCK_M, BLOCK_N, BLOCK_D,
             STAGES, TWO_LEVEL, PING_PONG, TURNS, True, MAGIC, SUMS_ON_MMA, s_layout, o_rows, l_rows, p_layout)
     # P·V of the last tile
     p8 = to_pv_operand(p, BLOCK_M, BLOCK_N, p_layout)
@@ -361,16 +366,25 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_desc, k_desc, v_desc, q_smem, q_ba
     out = out * gl.expand_dims(gl.load(V_SCALE + bh_kv * BLOCK_D + offs_d), 0)
     if SHIFT_V:
         out = out + gl.expand_dims(gl.load(V_SHIFT + bh_kv * BLOCK_D + offs_d), 0)
-    rows = row0 + gl.arange(0, BLOCK_M, layout=o_rows)
-    o_mask = gl.expand_dims(rows < NQ, 1) & gl.expand_dims(offs_d < BLOCK_D, 0)
-    o_ptrs = (OUT + b * stride_ob + h * stride_oh + gl.expand_dims(rows, 1) * stride_on
-              + gl.expand_dims(offs_d, 0) * stride_od)
-    gl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=o_mask)
-    bad = gl.sum(gl.sum(gl.where(o_mask & ~(gl.abs(out) < float("inf")), 1, 0), axis=1), axis=0)
-    gl.store(BAD + bh * n_q_tiles + tile_m, bad, mask=tile_m < n_q_tiles)
-    if RETURN_LSE:
-        lse = (m_i + gl.convert_layout(gl.log2(l_i), s_rows) - LOG2_FP8_MAX) * 0.6931471805599453
-        gl.store(LSE + bh * NQ + offs_m, lse, mask=offs_m < NQ)
+    if part >= 0:
+        # a part of a split work item: its output over its keys, normalised, and its LSE in the scores' base-2
+        # units (see online_softmax), for tail_merge_kernel to join (which adds its count to the flag cleared here)
+        gl.store(BAD + bh * n_q_tiles + tile_m, tile_m * 0, mask=tile_m < n_q_tiles)
+        part_rows = (2 * part + consumer) * BLOCK_M + gl.arange(0, BLOCK_M, layout=o_rows)
+        gl.store(PART_O + gl.expand_dims(part_rows, 1) * BLOCK_D + gl.expand_dims(offs_d, 0), out)
+        gl.store(PART_LSE + (2 * part + consumer) * BLOCK_M + gl.arange(0, BLOCK_M, layout=s_rows),
+                 m_i + gl.convert_layout(gl.log2(l_i), s_rows))
+    else:
+        rows = row0 + gl.arange(0, BLOCK_M, layout=o_rows)
+        o_mask = gl.expand_dims(rows < NQ, 1) & gl.expand_dims(offs_d < BLOCK_D, 0)
+        o_ptrs = (OUT + b * stride_ob + h * stride_oh + gl.expand_dims(rows, 1) * stride_on
+                  + gl.expand_dims(offs_d, 0) * stride_od)
+        gl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=o_mask)
+        bad = gl.sum(gl.sum(gl.where(o_mask & ~(gl.abs(out) < float("inf")), 1, 0), axis=1), axis=0)
+        gl.store(BAD + bh * n_q_tiles + tile_m, bad, mask=tile_m < n_q_tiles)
+        if RETURN_LSE:
+            lse = (m_i + gl.convert_layout(gl.log2(l_i), s_rows) - LOG2_FP8_MAX) * 0.6931471805599453
+            gl.store(LSE + bh * NQ + offs_m, lse, mask=offs_m < NQ)
 
 
 @gluon.jit
@@ -420,49 +434,64 @@ def sage_fwd_sm90_kernel(
         ones_smem = q_smem  # a placeholder, never read: P's rows are summed in the softmax
     attend_rows(gl.program_id(0), gl.program_id(1), 0, 0, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem,
                 full_bars, ones_smem, 0, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh,
-                stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, gl.num_programs(0), BLOCK_M, BLOCK_N,
-                BLOCK_D, Q_GROUP, STAGES, TWO_LEVEL, False, False, SHIFT_V, RETURN_LSE, MAGIC)
+                stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, gl.num_programs(0), 0, n_tiles, -1,
+                OUT, LSE, BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP, STAGES, TWO_LEVEL, False, False, SHIFT_V,
+                RETURN_LSE, MAGIC)
 
 
 @gluon.jit
-def work_items(n_pairs, BH, PERSISTENT: gl.constexpr):
+def work_items(n_items, PERSISTENT: gl.constexpr):
     """This program's work items (pairs of query tiles of one batch·head), as a range: persistent, the items
-    pid, pid + grid, ... of all n_pairs · BH, in head order so that the programs at work at once share heads'
-    K and V in L2; otherwise one item, the program's grid position."""
+    pid, pid + grid, ... of all n_items, in head order so that the programs at work at once share heads' K and
+    V in L2; otherwise one item, the program's grid position."""
     if PERSISTENT:
-        return gl.program_id(0), n_pairs * BH, gl.num_programs(0)
+        return gl.program_id(0), n_items, gl.num_programs(0)
     return 0, 1, 1
 
 
 @gluon.jit
-def work_item(i, n_pairs, PERSISTENT: gl.constexpr):
-    """(pair of query tiles, batch·head) of work item i."""
+def work_item(i, n_pairs, n_tiles, whole, splits, PERSISTENT: gl.constexpr):
+    """Work item i as (pair of query tiles, batch·head, first key tile, end key tile, part). Persistent: item i,
+    all its keys, part -1. Otherwise the grid is 1-D: programs 0 .. whole-1 are items 0 .. whole-1 whole, and
+    the rest split each later item's key tiles into `splits` ranges, one program each, `part` numbering them
+    from 0 (hopper_launch.tail_split: the grid's part-full last wave, done in pieces that fill it better)."""
     if PERSISTENT:
-        return i % n_pairs, i // n_pairs
-    return gl.program_id(0), gl.program_id(1)
+        # part -1, made from the grid's arguments: with a constant there (the split's arguments and buffers then
+        # unused) Triton 3.6's lowering to LLVM failed on this kernel
+        return i % n_pairs, i // n_pairs, 0, n_tiles, gl.minimum(whole * splits, 0) - 1
+    pid = gl.program_id(0)
+    tail = (pid >= whole).to(gl.int32)
+    r = gl.maximum(pid - whole, 0)  # the program's place among the split ones (0 for the whole ones)
+    item = pid + tail * (r // splits - r)
+    s = r % splits
+    t0 = tail * (s * n_tiles // splits)
+    t1 = n_tiles - tail * (n_tiles - (s + 1) * n_tiles // splits)
+    return item % n_pairs, item // n_pairs, t0, t1, tail * (r + 1) - 1
 
 
 @gluon.jit
 def consume(meta: gl.constexpr, consumer, q_smem, q_bar, q_desc, k_desc, v_desc, k_smem, v_smem,
-            full_bars, ones_smem, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh,
-            stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, BH):
+            full_bars, ones_smem, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, PART_O, PART_LSE,
+            stride_ob, stride_oh, stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, BH, whole,
+            splits):
     """A consumer warpgroup of the ping-pong kernel (meta: the kernel's constants, in its argument order):
     query tile 2·pair + consumer of each of its program's work items."""
     n_tiles = (NK + meta[1] - 1) // meta[1]
     n_pairs = (n_q_tiles + 1) // 2
-    first, end, step = work_items(n_pairs, BH, meta[9])
+    first, end, step = work_items(n_pairs * BH, meta[9])
     for i in range(first, end, step):
-        done = (i - first) // step  # work items this warpgroup finished before
-        pair, bh = work_item(i, n_pairs, meta[9])
+        done = (i - first) // step  # work items this warpgroup finished before (persistent: each of all keys)
+        pair, bh, t0, t1, part = work_item(i, n_pairs, n_tiles, whole, splits, meta[9])
         attend_rows(2 * pair + consumer, bh, done * n_tiles, done & 1, q_desc, k_desc, v_desc, q_smem, q_bar,
                     k_smem, v_smem, full_bars, ones_smem, consumer, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE,
                     BAD, stride_ob, stride_oh, stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups,
-                    n_q_tiles, meta[0], meta[1], meta[2], meta[3], meta[4], meta[5], True, meta[10], meta[6],
-                    meta[7], meta[8])
+                    n_q_tiles, t0, t1, part, PART_O, PART_LSE, meta[0], meta[1], meta[2], meta[3],
+                    meta[4], meta[5], True, meta[10], meta[6], meta[7], meta[8])
 
 
 @gluon.jit
-def load_kv_ring(k_desc, v_desc, k_smem, v_smem, full_bars, H, KV_GROUP, NK, n_q_tiles, BH, meta: gl.constexpr):
+def load_kv_ring(k_desc, v_desc, k_smem, v_smem, full_bars, H, KV_GROUP, NK, n_q_tiles, BH, whole, splits,
+                 meta: gl.constexpr):
     """The producer warp: every key tile of each work item's head into the ring, a slot as soon as both
     consumers are done with the tile it held (for the next work item's tiles while the consumers finish the
     last ones and write their outputs). The consumers free every tile; the producer waits for each of those
@@ -473,25 +502,27 @@ def load_kv_ring(k_desc, v_desc, k_smem, v_smem, full_bars, H, KV_GROUP, NK, n_q
     gl.static_assert(SLOT_BARRIER + STAGES <= 16, "a ring this deep has no hardware barrier left for its slots")
     n_tiles = (NK + BLOCK_N - 1) // BLOCK_N
     n_pairs = (n_q_tiles + 1) // 2
-    first, end, step = work_items(n_pairs, BH, meta[9])
+    first, end, step = work_items(n_pairs * BH, meta[9])
     ring0 = 0
     for i in range(first, end, step):
-        bh_kv = kv_head(work_item(i, n_pairs, meta[9])[1], H, KV_GROUP)
-        for t in range(n_tiles):
-            s = (ring0 + t) % STAGES
-            if ring0 + t >= STAGES:
+        _, bh, t0, t1, _ = work_item(i, n_pairs, n_tiles, whole, splits, meta[9])
+        bh_kv = kv_head(bh, H, KV_GROUP)
+        for t in range(t0, t1):
+            g = ring0 + t - t0  # the tile's position in the ring's sequence
+            s = g % STAGES
+            if g >= STAGES:
                 named_sync(SLOT_BARRIER + s, SLOT_THREADS, 1)
             issue_kv_load(k_desc, v_desc, k_smem, v_smem, full_bars, t, s, bh_kv, NK, True, BLOCK_N, BLOCK_D)
-        ring0 += n_tiles
+        ring0 += t1 - t0
     for t in range(gl.maximum(ring0 - STAGES, 0), ring0):
         named_sync(SLOT_BARRIER + t % STAGES, SLOT_THREADS, 1)
 
 
 @gluon.jit
 def sage_fwd_sm90_pingpong_kernel(
-    q_desc, k_desc, v_desc, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD,
+    q_desc, k_desc, v_desc, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, PART_O, PART_LSE,
     stride_ob, stride_oh, stride_on, stride_od,
-    H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, BH,
+    H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, BH, whole, splits,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, Q_GROUP: gl.constexpr,
     STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, SHIFT_V: gl.constexpr, RETURN_LSE: gl.constexpr,
     MAGIC: gl.constexpr, CONSUMER_REGS: gl.constexpr, PERSISTENT: gl.constexpr, TURNS: gl.constexpr,
@@ -500,8 +531,8 @@ def sage_fwd_sm90_pingpong_kernel(
     producer warp fills, taking turns at the tensor cores (FlashAttention-3's ping-pong schedule).
     PERSISTENT: a grid of at most one program per multiprocessor, each looping over work items (pairs of
     query tiles of one batch·head; see work_items): the producer loads the next item's first key tiles while
-    the consumers finish the last ones and store their outputs. Otherwise one program per item, grid
-    (pairs, B·H).
+    the consumers finish the last ones and store their outputs. Otherwise one program per item, or per part of
+    an item for the last (BH·pairs - whole) items, split in `splits` key ranges (work_item); 1-D grid.
     TURNS: the two warpgroups take turns at the tensor cores; False lets each issue whenever its softmax is done
     (on the H200 faster at 4.6k to 16k and at 118k tokens, slower at Wan2.1's 32k: bench/NOTES.md, "Ping-pong
     without turns, …")."""
@@ -517,10 +548,11 @@ def sage_fwd_sm90_pingpong_kernel(
     meta: gl.constexpr = (BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP, STAGES, TWO_LEVEL, SHIFT_V, RETURN_LSE, MAGIC,
                           PERSISTENT, TURNS)
     runtime = (q_desc, k_desc, v_desc, k_smem, v_smem, full_bars, ones_tile(v_desc, BLOCK_N))
-    scalars = (Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh, stride_on, stride_od, H,
-               KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, BH)
+    scalars = (Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, PART_O, PART_LSE, stride_ob, stride_oh,
+               stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, BH, whole, splits)
     gl.warp_specialize([
         (consume, (meta, 0, q_smem.index(0), q_bars.index(0)) + runtime + scalars),
         (consume, (meta, 1, q_smem.index(1), q_bars.index(1)) + runtime + scalars),
-        (load_kv_ring, (k_desc, v_desc, k_smem, v_smem, full_bars, H, KV_GROUP, NK, n_q_tiles, BH, meta)),
+        (load_kv_ring, (k_desc, v_desc, k_smem, v_smem, full_bars, H, KV_GROUP, NK, n_q_tiles, BH, whole, splits,
+                        meta)),
     ], [4, 1], [CONSUMER_REGS, 24])

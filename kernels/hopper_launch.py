@@ -16,6 +16,7 @@ try:  # Gluon's Hopper API (Triton ≥ 3.5); without it every call runs the port
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from .hopper_attention_kernel import sage_fwd_sm90_kernel, sage_fwd_sm90_pingpong_kernel
+    from .tail_merge_kernel import sage_fwd_tail_merge_kernel
     AVAILABLE = True
 except Exception:  # noqa: BLE001 - an older or newer Triton whose Gluon differs: the portable path serves
     AVAILABLE = False
@@ -89,22 +90,93 @@ def descriptors(qz: dict, config: LaunchConfig) -> tuple:
 def launch(qz: dict, out: torch.Tensor, lse: torch.Tensor, bad: torch.Tensor, *, heads: int, kv_heads: int,
            q_group: int, v_shift, return_lse: bool, config: LaunchConfig, run, tma: tuple) -> None:
     """One warpgroup per (query tile of 64 rows, batch·head), as the portable kernel's grid with BLOCK_M = 64;
-    the ping-pong kernel puts two of them in a program. v_shift: None or the [B·HK, D] vector added to the
-    output (launch.output_shift); run: the call plan's launcher; tma: `descriptors` of qz."""
+    the ping-pong kernel puts two of them in a program, and splits its grid's last items where tail_split says
+    (their parts in qz's "tail_o" and "tail_lse", tail_buffers; joined by a second launch). v_shift: None or
+    the [B·HK, D] vector added to the output (launch.output_shift); run: the call plan's launcher; tma:
+    `descriptors` of qz."""
     bh, nq, block_d = qz["q8"].shape
     nk = qz["k8"].shape[1]
     q_tiles = -(-nq // config.block_m)
-    common = (*tma, qz["q_scale"], qz["k_scale"], qz["v_scale"],
-              v_shift if v_shift is not None else qz["v_scale"], out, lse, bad, *out.stride(),
-              heads, heads // kv_heads, nq, nk, qz["q_scale"].shape[-1], qz["k_scale"].shape[-1])
+    scales = (qz["q_scale"], qz["k_scale"], qz["v_scale"], v_shift if v_shift is not None else qz["v_scale"])
+    sizes = (heads, heads // kv_heads, nq, nk, qz["q_scale"].shape[-1], qz["k_scale"].shape[-1])
     meta = kernel_constants(config, block_d, q_group, v_shift is not None, return_lse)
     items = work_items_per_head(config, nq)
-    if config.ping_pong:
-        grid = (min(items * bh, multiprocessors(out.device)),) if config.persistent else (items, bh)
-        run("attention", sage_fwd_sm90_pingpong_kernel, grid, (*common, q_tiles, bh),
+    if not config.ping_pong:
+        run("attention", sage_fwd_sm90_kernel, (items, bh), (*tma, *scales, out, lse, bad, *out.stride(), *sizes),
             {**meta, **compile_options(config)})
-    else:
-        run("attention", sage_fwd_sm90_kernel, (items, bh), common, {**meta, **compile_options(config)})
+        return
+    whole, splits = tail_split(config, items * bh, nk, out.device)
+    grid = (min(items * bh, multiprocessors(out.device)),) if config.persistent else \
+        (whole + (items * bh - whole) * splits,)
+    # without split items the parts' buffers are never touched: any FP32 buffers keep one signature
+    part_o, part_lse = (qz["tail_o"], qz["tail_lse"]) if splits > 1 else (qz["q_scale"], qz["q_scale"])
+    run("attention", sage_fwd_sm90_pingpong_kernel, grid,
+        (*tma, *scales, out, lse, bad, part_o, part_lse, *out.stride(), *sizes, q_tiles, bh, whole, splits),
+        {**meta, **compile_options(config)})
+    if splits > 1:
+        merge_programs = 2 * (items * bh - whole) * config.block_m // MERGE_ROWS
+        run("tail merge", sage_fwd_tail_merge_kernel, (merge_programs,),
+            (part_o, part_lse, out, lse, bad, *out.stride(), heads, nq, q_tiles, items, whole),
+            dict(SPLITS=splits, BLOCK_M=config.block_m, ROWS=MERGE_ROWS, BLOCK_D=block_d, RETURN_LSE=return_lse,
+                 num_warps=4))
+
+
+# The grid's tail (bench/NOTES.md, "The grid's tail at Flux, measured"): a ping-pong program fills a
+# multiprocessor, so the grid runs in waves of one program per multiprocessor, and a part-full last wave takes
+# nearly as long as a full one (90% at Flux's shape on the H200, where it is 72 programs of 132). Split in
+# `splits` key ranges, the last wave's items become programs of 1/splits the work that fill the machine better;
+# a second launch joins their parts. Measured on the H200 (bench/NOTES.md, "The grid's tail, split"): 26 heads
+# at Flux's length (7.09 waves, the 8th's 12 items in quarters) 3.9% faster a call, Flux at batch 2 1.5%; Flux
+# itself (its 7th wave in thirds, a third of a wave saved) 0.8% slower: the join's launch cost more than it saved.
+MAX_TAIL_SPLITS = 4  # more parts: more partial outputs to write and join, and shorter pipelines
+MIN_TAIL_TILES = 4  # key tiles per part at least: the ring's depth, so that every part still pipelines
+MERGE_ROWS = 32  # query rows per program of the join
+MIN_TAIL_WAVES = 0.5  # of a wave at least saved (by the count of programs), to pay for the join's launch
+MIN_TAIL_SAVING = 0.01  # and at least this share of the grid's waves
+# "policy": split where split_last_wave says; "off": never; "forced": wherever a split ends the grid sooner, the
+# thresholds aside. The benchmarks set it to time calls both ways (bench/grid_waves.py --unsplit-too,
+# bench/tail_split_ab.py); call plans made before a change keep what they were made with.
+TAIL_SPLIT = "policy"
+
+
+def tail_split(config: LaunchConfig, items: int, kv_len: int, device: torch.device) -> tuple[int, int]:
+    """(whole, splits): the ping-pong grid's first `whole` work items run whole, each later one as `splits`
+    programs over key ranges (splits 1: no split). Persistent grids are never split. TAIL_SPLIT decides."""
+    if TAIL_SPLIT == "off" or not config.ping_pong or config.persistent:
+        return items, 1
+    return split_last_wave(items, multiprocessors(device), -(-kv_len // config.block_n), TAIL_SPLIT == "forced")
+
+
+@functools.lru_cache(maxsize=4096)
+def split_last_wave(items: int, slots: int, key_tiles: int, forced: bool = False) -> tuple[int, int]:
+    """tail_split for `items` equal programs on `slots` places at once: the last wave's items split in the
+    number of parts (2 .. MAX_TAIL_SPLITS, at least MIN_TAIL_TILES key tiles each) that ends the grid soonest,
+    if that saves at least MIN_TAIL_WAVES of a wave and MIN_TAIL_SAVING of the grid's waves (forced: if it saves
+    anything)."""
+    tail = items % slots
+    waves = -(-items // slots)
+    best_time, best = 1.0, 1  # the last wave's time, in waves
+    for splits in range(2, min(MAX_TAIL_SPLITS, key_tiles // MIN_TAIL_TILES) + 1):
+        time = -(-tail * splits // slots) / splits
+        if time < best_time:
+            best_time, best = time, splits
+    saved = 1.0 - best_time
+    if tail == 0 or best == 1 or not forced and (saved < MIN_TAIL_WAVES or saved / waves < MIN_TAIL_SAVING):
+        return items, 1
+    return items - tail, best
+
+
+def tail_buffers(config: LaunchConfig, batch_heads: int, nq: int, kv_len: int, block_d: int,
+                 device: torch.device) -> dict:
+    """The parts of the split items that tail_split gives this call (FP32 outputs of both query tiles of each
+    part, and their LSE), or None where it splits nothing."""
+    items = work_items_per_head(config, nq) * batch_heads
+    whole, splits = tail_split(config, items, kv_len, device)
+    rows = (items - whole) * splits * 2 * config.block_m
+    if splits == 1:
+        return {"tail_o": None, "tail_lse": None}
+    return {"tail_o": torch.empty((rows, block_d), device=device, dtype=torch.float32),
+            "tail_lse": torch.empty(rows, device=device, dtype=torch.float32)}
 
 
 def work_items_per_head(config: LaunchConfig, nq: int) -> int:
@@ -130,7 +202,7 @@ def compile_options(config: LaunchConfig) -> dict:
     return options
 
 
-POINTER_ARGS = ("Q_SCALE", "K_SCALE", "V_SCALE", "V_SHIFT", "OUT", "LSE", "BAD")
+POINTER_ARGS = ("Q_SCALE", "K_SCALE", "V_SCALE", "V_SHIFT", "OUT", "LSE", "BAD", "PART_O", "PART_LSE")
 
 
 def compile_for_sm90(config: LaunchConfig, head_dim: int):

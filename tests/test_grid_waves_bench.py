@@ -59,6 +59,18 @@ def test_summary_takes_medians_and_prices_the_tail_from_whole_waves():
     assert h24["attention_us_per_head"] == pytest.approx(1e3 * 0.343 / 24)
 
 
+def test_summary_sets_each_head_count_split_beside_unsplit():
+    """With --unsplit-too the rows of the split-off calls give their own median, and the saving is against the
+    calls as shipped (split where the launcher splits)."""
+    rows = [dict(row(24, r, t), split=True, splits=3) for r, t in enumerate((0.330, 0.326, 0.327))]
+    rows += [dict(row(24, r, t), split=False, splits=1) for r, t in enumerate((0.343, 0.344, 0.340))]
+    h24 = grid_waves().summarize(rows, 132)["heads"][24]
+    assert h24["attention_ms"] == pytest.approx(0.327) and h24["splits"] == 3
+    assert h24["unsplit_attention_ms"] == pytest.approx(0.343)
+    assert h24["split_saving_ms"] == pytest.approx(0.016)
+    assert "unsplit_attention_ms" not in grid_waves().summarize(rows[:3], 132)["heads"][24]
+
+
 def test_without_a_whole_wave_there_is_no_balanced_estimate():
     summary = grid_waves().summarize([row(24, 0, 0.343), row(25, 0, 0.344)], 132)
     assert summary["wave_ms"] is None
@@ -83,11 +95,16 @@ def test_no_gpu_is_refused_with_the_reason():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the profiler times its kernels)")
 def test_a_short_sweep_writes_its_summary(tmp_path):
     out = tmp_path / "waves.json"
-    assert grid_waves().main(["--heads", "2", "3", "--rounds", "1", "--out", str(out)]) == 0
+    assert grid_waves().main(["--heads", "1", "3", "--rounds", "1", "--unsplit-too", "--out", str(out)]) == 0
     import json
     result = json.loads(out.read_text())
-    assert set(result["heads"]) == {"2", "3"}
+    assert set(result["heads"]) == {"1", "3"}
     for entry in result["heads"].values():
         assert entry["attention_ms"] > 0 and entry["quantize_ms"] > 0 and entry["sdpa_ms"] > 0
+        assert entry["unsplit_attention_ms"] > 0
         assert entry["programs"] % 36 == 0
-    assert len(result["calls"]) == 2 and result["launch_config"]
+    assert len(result["calls"]) == 4 and result["launch_config"]
+    # Flux's rows at 1 head: 36 programs, one part-full wave, in quarters on a 132-multiprocessor H100/H200; at 3
+    # heads 108, which no split of at most 4 parts fits into fewer waves
+    if result["multiprocessors"] == 132:
+        assert result["heads"]["1"]["splits"] == 4 and result["heads"]["3"]["splits"] == 1

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTER
                                 reason="no GPU and TRITON_INTERPRET is not 1: the kernels cannot run here")
 # Kernel vs reference of the same algorithm: only accumulation order and FP32 rounding differ.
 SAME_ALGO_TOL = {"int8_fp16": 2e-3, "int8_fp8": 2e-2}
+SPLIT_TAIL_TOL = 3.5e-2  # FP8 P·V, the grid's tail split in key ranges (test_tail_split.py) against unsplit
 # Against FP32 attention on inputs with a K offset (the issue's bounds for model-shaped inputs).
 EXACT_BOUNDS = {"int8_fp16": (0.9999, 0.015), "int8_fp8": (0.999, 0.045)}
 
@@ -465,7 +466,11 @@ def test_hopper_kernel_matches_portable_kernel(key, b, hq, hk, nq, nk, d, dtype,
     portable = dataclasses.replace(lc, pipelined=False, ping_pong=False, persistent=False, no_turns=False)
     ref, ref_lse, _ = run_kernel(q, k, v, cfg, return_lse=lse, launch_cfg=portable)
     assert torch.isfinite(out).all() and int(bad.sum()) == 0
-    assert rel_diff(out, ref) < SAME_ALGO_TOL["int8_fp8"]
+    # a call whose grid's tail is split (hopper_launch.tail_split) rounds its last items' FP8 P per part, each
+    # part at its own running max: a rounding of the size of the kernel's own error against exact attention
+    items = hopper_launch.work_items_per_head(lc, nq) * b * hq
+    split = hopper_launch.tail_split(lc, items, nk, q.device)[1] > 1
+    assert rel_diff(out, ref) < (SPLIT_TAIL_TOL if split else SAME_ALGO_TOL["int8_fp8"])
     err = attention_error(out, exact(q, k, v))
     assert err["cosine"] >= EXACT_BOUNDS["int8_fp8"][0] and err["rel_l1"] <= EXACT_BOUNDS["int8_fp8"][1], err
     if lse:

@@ -1,0 +1,63 @@
+"""The join of split work items (device code only; the launcher is kernels/hopper_launch.py).
+
+When the ping-pong kernel's grid ends in a part-full wave, its last work items run as `splits` programs each,
+one per range of key tiles (hopper_launch.tail_split). Each part leaves its output normalised over its own keys
+(FP32, V's scale and shift applied) and its LSE in the scores' base-2 units; this kernel weighs the parts by
+their share of the softmax's sum and writes what the whole item would have: the output, its non-finite flag and
+the LSE.
+"""
+import triton
+import triton.language as tl
+
+LOG2_FP8_MAX = tl.constexpr(8.807354922057604)  # the attention kernel's exp2 offset (log2 of e4m3's 448)
+
+
+@triton.jit
+def sage_fwd_tail_merge_kernel(
+    PART_O, PART_LSE, OUT, LSE, BAD,
+    stride_ob, stride_oh, stride_on, stride_od,
+    H, NQ, n_q_tiles, n_pairs, whole,
+    SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, RETURN_LSE: tl.constexpr,
+):
+    """One program per ROWS rows of a split item's query tile (BLOCK_M rows; the item's two tiles are its two
+    halves): program u joins rows block u % (BLOCK_M / ROWS) of tile (u // (BLOCK_M / ROWS)) % 2 of item
+    whole + u // (2·BLOCK_M / ROWS), whose parts are partials (that item's index)·SPLITS .. +SPLITS-1. The parts
+    were just written and sit in L2: the join is bound by the latency of reading them, so every part's load is
+    issued before the first is used (SPLITS unrolled: with a loop over a run-time count the loads went one after
+    another, 5.5 µs at Flux's shape)."""
+    blocks: tl.constexpr = BLOCK_M // ROWS
+    u = tl.program_id(0)
+    tail_item = u // (2 * blocks)
+    half = (u // blocks) % 2
+    item = whole + tail_item
+    pair = item % n_pairs
+    bh = item // n_pairs
+    tile_m = 2 * pair + half
+    rows = (u % blocks) * ROWS + tl.arange(0, ROWS)  # within the tile
+    offs_d = tl.arange(0, BLOCK_D)
+    m = tl.full((ROWS,), float("-inf"), tl.float32)
+    total = tl.zeros((ROWS,), tl.float32)
+    acc = tl.zeros((ROWS, BLOCK_D), tl.float32)
+    for s in tl.static_range(SPLITS):  # a running max, as the softmax's: no part's weight overflows
+        part_rows = ((tail_item * SPLITS + s) * 2 + half) * BLOCK_M + rows
+        lse = tl.load(PART_LSE + part_rows)
+        part_o = tl.load(PART_O + part_rows[:, None] * BLOCK_D + offs_d[None, :])
+        m_new = tl.maximum(m, lse)
+        rescale = tl.exp2(m - m_new)
+        weight = tl.exp2(lse - m_new)
+        acc = acc * rescale[:, None] + part_o * weight[:, None]
+        total = total * rescale + weight
+        m = m_new
+    out = acc / total[:, None]
+    b = bh // H
+    h = bh % H
+    q_rows = tile_m * BLOCK_M + rows
+    o_mask = (q_rows < NQ)[:, None] & (offs_d < BLOCK_D)[None, :]
+    tl.store(OUT + b * stride_ob + h * stride_oh + q_rows[:, None] * stride_on + offs_d[None, :] * stride_od,
+             out.to(OUT.dtype.element_ty), mask=o_mask)
+    # the tile's flag counts its non-finite outputs: each program adds its rows' (the flag starts at 0 here)
+    bad = tl.sum(tl.sum(tl.where(o_mask & ~(tl.abs(out) < float("inf")), 1, 0), axis=1), axis=0)
+    if bad > 0:
+        tl.atomic_add(BAD + bh * n_q_tiles + tile_m, bad, mask=tile_m < n_q_tiles)
+    if RETURN_LSE:
+        tl.store(LSE + bh * NQ + q_rows, (m + tl.log2(total) - LOG2_FP8_MAX) * 0.6931471805599453, mask=q_rows < NQ)

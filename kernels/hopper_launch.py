@@ -126,13 +126,17 @@ def launch(qz: dict, out: torch.Tensor, lse: torch.Tensor, bad: torch.Tensor, *,
 # nearly as long as a full one (90% at Flux's shape on the H200, where it is 72 programs of 132). Split in
 # `splits` key ranges, the last wave's items become programs of 1/splits the work that fill the machine better;
 # a second launch joins their parts. Measured on the H200 (bench/NOTES.md, "The grid's tail, split"): 26 heads
-# at Flux's length (7.09 waves, the 8th's 12 items in quarters) 3.9% faster a call, Flux at batch 2 1.5%; Flux
-# itself (its 7th wave in thirds, a third of a wave saved) 0.8% slower: the join's launch cost more than it saved.
+# at Flux's length (7.09 waves, the 8th's 12 items in quarters) 3.8% faster a call, Flux at batch 2 2.7%; Flux
+# itself (its 7th wave in thirds: a third of a 0.05 ms wave) level or 0.8% slower, the join's launch costing about
+# what the split saved; Wan2.1 (a third of a 0.32 ms wave) 0.5% faster.
 MAX_TAIL_SPLITS = 4  # more parts: more partial outputs to write and join, and shorter pipelines
 MIN_TAIL_TILES = 4  # key tiles per part at least: the ring's depth, so that every part still pipelines
 MERGE_ROWS = 32  # query rows per program of the join
-MIN_TAIL_WAVES = 0.5  # of a wave at least saved (by the count of programs), to pay for the join's launch
-MIN_TAIL_SAVING = 0.01  # and at least this share of the grid's waves
+# A wave's time per key of its items (head dim 128, the H200: 0.0496 ms a wave at Flux's 4608 keys,
+# bench/results/h200_flux_grid_waves.json), and the least saving at that rate that pays for the join: Flux's
+# predicted 0.0165 ms took 0.006 off the kernel, against 0.004 for the join and the gap before it.
+WAVE_MS_PER_KEY = 0.0496 / 4608
+MIN_TAIL_MS = 0.02
 # "policy": split where split_last_wave says; "off": never; "forced": wherever a split ends the grid sooner, the
 # thresholds aside. The benchmarks set it to time calls both ways (bench/grid_waves.py --unsplit-too,
 # bench/tail_split_ab.py); call plans made before a change keep what they were made with.
@@ -144,24 +148,24 @@ def tail_split(config: LaunchConfig, items: int, kv_len: int, device: torch.devi
     programs over key ranges (splits 1: no split). Persistent grids are never split. TAIL_SPLIT decides."""
     if TAIL_SPLIT == "off" or not config.ping_pong or config.persistent:
         return items, 1
-    return split_last_wave(items, multiprocessors(device), -(-kv_len // config.block_n), TAIL_SPLIT == "forced")
+    return split_last_wave(items, multiprocessors(device), kv_len, -(-kv_len // config.block_n),
+                           TAIL_SPLIT == "forced")
 
 
 @functools.lru_cache(maxsize=4096)
-def split_last_wave(items: int, slots: int, key_tiles: int, forced: bool = False) -> tuple[int, int]:
-    """tail_split for `items` equal programs on `slots` places at once: the last wave's items split in the
-    number of parts (2 .. MAX_TAIL_SPLITS, at least MIN_TAIL_TILES key tiles each) that ends the grid soonest,
-    if that saves at least MIN_TAIL_WAVES of a wave and MIN_TAIL_SAVING of the grid's waves (forced: if it saves
-    anything)."""
+def split_last_wave(items: int, slots: int, kv_len: int, key_tiles: int, forced: bool = False) -> tuple[int, int]:
+    """tail_split for `items` equal programs over kv_len keys in key_tiles tiles, on `slots` places at once:
+    the last wave's items split in the number of parts (2 .. MAX_TAIL_SPLITS, at least MIN_TAIL_TILES key tiles
+    each) that ends the grid soonest, if the time saved (by the count of programs, at WAVE_MS_PER_KEY) is at
+    least MIN_TAIL_MS (forced: if it saves anything)."""
     tail = items % slots
-    waves = -(-items // slots)
     best_time, best = 1.0, 1  # the last wave's time, in waves
     for splits in range(2, min(MAX_TAIL_SPLITS, key_tiles // MIN_TAIL_TILES) + 1):
         time = -(-tail * splits // slots) / splits
         if time < best_time:
             best_time, best = time, splits
-    saved = 1.0 - best_time
-    if tail == 0 or best == 1 or not forced and (saved < MIN_TAIL_WAVES or saved / waves < MIN_TAIL_SAVING):
+    saved_ms = (1.0 - best_time) * kv_len * WAVE_MS_PER_KEY
+    if tail == 0 or best == 1 or not forced and saved_ms < MIN_TAIL_MS:
         return items, 1
     return items - tail, best
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from sage_attention_pack.kernels import hopper_launch, tuning
-from sage_attention_pack.kernels.hopper_launch import MAX_TAIL_SPLITS, MIN_TAIL_SAVING, MIN_TAIL_TILES, \
-    MIN_TAIL_WAVES, split_last_wave
+from sage_attention_pack.kernels.hopper_launch import MAX_TAIL_SPLITS, MIN_TAIL_MS, MIN_TAIL_TILES, \
+    WAVE_MS_PER_KEY, split_last_wave
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KERNELS_RUN = DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
@@ -27,48 +27,54 @@ def finish_time(items: int, slots: int, whole: int, splits: int) -> float:
     return max(free)
 
 
-@pytest.mark.parametrize("items,slots,key_tiles,expected", [
-    (864, 132, 36, (864, 1)),      # Flux 1024px: thirds would save a third of a wave, less than the join costs
-    (936, 132, 36, (924, 4)),      # 26 heads at Flux's length: the 8th wave's 12 items in quarters
-    (1728, 132, 36, (1716, 4)),    # Flux at batch 2: 12 items in the 14th wave
-    (10240, 132, 256, (10240, 1)),  # Wan2.1 480p: 78 waves, a third of the last saved is 0.4%
-    (8192, 132, 128, (8184, 4)),    # B2 H32 N16384: 8 items in the 63rd wave, in quarters
-    (792, 132, 36, (792, 1)),       # whole waves
-    (864, 132, 7, (864, 1)),        # too few key tiles for parts of MIN_TAIL_TILES
-    (864, 132, 8, (864, 1)),        # halves only: 144 halves on 132 places still take a wave
+@pytest.mark.parametrize("items,slots,kv_len,expected", [
+    (864, 132, 4608, (864, 1)),     # Flux 1024px: thirds would save a third of a 0.05 ms wave, what the join costs
+    (936, 132, 4608, (924, 4)),     # 26 heads at Flux's length: the 8th wave's 12 items in quarters
+    (1728, 132, 4608, (1716, 4)),   # Flux at batch 2: 12 items in the 14th wave
+    (36, 132, 4608, (0, 3)),        # Flux's rows, one head: a lone part-full wave in thirds (quarters: 2 waves)
+    (10240, 132, 32760, (10164, 3)),  # Wan2.1 480p: a third of a 0.32 ms wave
+    (8192, 132, 16384, (8184, 4)),  # B2 H32 N16384: 8 items in the 63rd wave, in quarters
+    (792, 132, 4608, (792, 1)),     # whole waves
+    (864, 132, 896, (864, 1)),      # 7 key tiles: too few for parts of MIN_TAIL_TILES
+    (864, 132, 1024, (864, 1)),     # halves only: 144 halves on 132 places still take a wave
+    (12, 132, 4096, (0, 4)),        # one short wave of 12 items in quarters: 0.033 ms saved
+    (12, 132, 1024, (12, 1)),       # halves at 1024 keys: 0.0055 ms, less than the join costs
 ])
-def test_split_last_wave_on_known_shapes(items, slots, key_tiles, expected):
-    assert split_last_wave(items, slots, key_tiles) == expected
+def test_split_last_wave_on_known_shapes(items, slots, kv_len, expected):
+    assert split_last_wave(items, slots, kv_len, -(-kv_len // 128)) == expected
 
 
 @pytest.mark.parametrize("slots", [7, 78, 132])
 def test_a_split_always_ends_the_grid_sooner_by_what_it_promised(slots):
     """For every grid up to 12 waves: a split grid ends sooner when its programs take the places in grid order,
-    by at least MIN_TAIL_WAVES of a wave and MIN_TAIL_SAVING of the unsplit grid's time, with parts of at least
-    MIN_TAIL_TILES key tiles; and where no split is chosen, none of the allowed ones would have saved that much."""
+    by at least MIN_TAIL_MS at the policy's time per wave, with parts of at least MIN_TAIL_TILES key tiles; and
+    where no split is chosen, none of the allowed ones would have saved that much."""
     for items in range(1, 12 * slots + 1):
-        for key_tiles in (4, 8, 12, 36):
-            whole, splits = split_last_wave(items, slots, key_tiles)
+        for key_tiles in (4, 8, 12, 36, 256):
+            kv_len = 128 * key_tiles
+            wave_ms = kv_len * WAVE_MS_PER_KEY
+            whole, splits = split_last_wave(items, slots, kv_len, key_tiles)
             plain = finish_time(items, slots, items, 1)
             assert plain == math.ceil(items / slots)
             if splits == 1:
                 assert whole == items
                 for s in range(2, min(MAX_TAIL_SPLITS, key_tiles // MIN_TAIL_TILES) + 1):
                     saved = plain - finish_time(items, slots, items - items % slots, s)
-                    assert saved < MIN_TAIL_WAVES - 1e-9 or saved < plain * MIN_TAIL_SAVING - 1e-9
+                    assert saved * wave_ms < MIN_TAIL_MS + 1e-12
                 continue
             assert whole == items - items % slots and 2 <= splits <= MAX_TAIL_SPLITS
             assert key_tiles // splits >= MIN_TAIL_TILES
             saved = plain - finish_time(items, slots, whole, splits)
-            assert saved >= MIN_TAIL_WAVES - 1e-9 and saved >= plain * MIN_TAIL_SAVING - 1e-9, (items, key_tiles)
+            assert saved * wave_ms >= MIN_TAIL_MS - 1e-12, (items, key_tiles)
 
 
 def test_forced_splits_wherever_the_grid_ends_sooner():
-    """The benchmarks' "forced" setting drops the thresholds, not the search: Flux's shape in thirds."""
-    assert split_last_wave(864, 132, 36, forced=True) == (792, 3)
-    assert split_last_wave(10240, 132, 256, forced=True) == (10164, 3)
-    assert split_last_wave(792, 132, 36, forced=True) == (792, 1)  # whole waves: nothing to gain
-    assert split_last_wave(864, 132, 8, forced=True) == (864, 1)  # halves end no sooner
+    """The benchmarks' "forced" setting drops the threshold, not the search: Flux's shape in thirds."""
+    assert split_last_wave(864, 132, 4608, 36, forced=True) == (792, 3)
+    assert split_last_wave(12, 132, 512, 4, forced=True) == (12, 1)  # parts of 4 tiles at least: no split
+    assert split_last_wave(12, 132, 1024, 8, forced=True) == (0, 2)
+    assert split_last_wave(792, 132, 4608, 36, forced=True) == (792, 1)  # whole waves: nothing to gain
+    assert split_last_wave(864, 132, 1024, 8, forced=True) == (864, 1)  # halves end no sooner
 
 
 def test_persistent_and_one_warpgroup_grids_are_never_split():
@@ -176,8 +182,8 @@ HOPPER = DEVICE == "cuda" and hopper_launch.AVAILABLE and torch.cuda.get_device_
 @pytest.mark.parametrize("key", ["m64n128w4s4mcpdgpppnt", "m64n128w4s4mcpdgppp", "m64n128w4s4mcgppp"])
 @pytest.mark.parametrize("b,hq,hk,nq,nk,d,lse", [
     (1, 26, 26, 4608, 4608, 128, True),    # 26 heads at Flux's length: 12 of 936 items in quarters
-    (1, 2, 1, 300, 2000, 64, False),       # one wave of 6 items, each in four parts; the last key tile partial
-    (1, 4, 2, 1000, 1100, 128, True),      # 32 items in halves; grouped-query, ragged queries and keys
+    (1, 2, 1, 300, 4000, 64, False),       # one wave of 6 items, each in four parts; the last key tile partial
+    (1, 6, 3, 1400, 4000, 128, True),      # 66 items in halves; grouped-query, ragged queries and keys
 ])
 def test_split_tail_calls_match_unsplit_ones(monkeypatch, key, b, hq, hk, nq, nk, d, lse):
     """The same call with its grid's tail split and unsplit (hopper_launch.TAIL_SPLIT "off") gives the same output

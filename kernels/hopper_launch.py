@@ -90,8 +90,9 @@ def descriptors(qz: dict, config: LaunchConfig) -> tuple:
 def launch(qz: dict, out: torch.Tensor, lse: torch.Tensor, bad: torch.Tensor, *, heads: int, kv_heads: int,
            q_group: int, v_shift, return_lse: bool, config: LaunchConfig, run, tma: tuple) -> None:
     """One warpgroup per (query tile of 64 rows, batch·head), as the portable kernel's grid with BLOCK_M = 64;
-    the ping-pong kernel puts two of them in a program, and splits its grid's last items where tail_split says
-    (their parts in qz's "tail_o" and "tail_lse", tail_buffers; joined by a second launch). v_shift: None or
+    the ping-pong kernel puts two of them in a program, and splits its grid's last items as qz's "tail_split"
+    says (tail_buffers, made with the call plan; the parts in its "tail_o" and "tail_lse", joined by a second
+    launch). v_shift: None or
     the [B·HK, D] vector added to the output (launch.output_shift); run: the call plan's launcher; tma:
     `descriptors` of qz."""
     bh, nq, block_d = qz["q8"].shape
@@ -105,7 +106,7 @@ def launch(qz: dict, out: torch.Tensor, lse: torch.Tensor, bad: torch.Tensor, *,
         run("attention", sage_fwd_sm90_kernel, (items, bh), (*tma, *scales, out, lse, bad, *out.stride(), *sizes),
             {**meta, **compile_options(config)})
         return
-    whole, splits = tail_split(config, items * bh, nk, out.device)
+    whole, splits = qz.get("tail_split") or (items * bh, 1)
     grid = (min(items * bh, multiprocessors(out.device)),) if config.persistent else \
         (whole + (items * bh - whole) * splits,)
     # without split items the parts' buffers are never touched: any FP32 buffers keep one signature
@@ -138,8 +139,8 @@ MERGE_ROWS = 32  # query rows per program of the join
 WAVE_MS_PER_KEY = 0.0496 / 4608
 MIN_TAIL_MS = 0.02
 # "policy": split where split_last_wave says; "off": never; "forced": wherever a split ends the grid sooner, the
-# thresholds aside. The benchmarks set it to time calls both ways (bench/grid_waves.py --unsplit-too,
-# bench/tail_split_ab.py); call plans made before a change keep what they were made with.
+# threshold aside. The benchmarks set it to time calls both ways (bench/grid_waves.py --unsplit-too,
+# bench/tail_split_ab.py); a call plan keeps the split it was made with (tail_buffers), until the plans are cleared.
 TAIL_SPLIT = "policy"
 
 
@@ -172,14 +173,15 @@ def split_last_wave(items: int, slots: int, kv_len: int, key_tiles: int, forced:
 
 def tail_buffers(config: LaunchConfig, batch_heads: int, nq: int, kv_len: int, block_d: int,
                  device: torch.device) -> dict:
-    """The parts of the split items that tail_split gives this call (FP32 outputs of both query tiles of each
-    part, and their LSE), or None where it splits nothing."""
+    """A call plan's share of the split: "tail_split", the (whole, splits) that tail_split gives this call, and
+    the parts of its split items (FP32 outputs of both query tiles of each part, and their LSE), None where it
+    splits nothing."""
     items = work_items_per_head(config, nq) * batch_heads
     whole, splits = tail_split(config, items, kv_len, device)
     rows = (items - whole) * splits * 2 * config.block_m
     if splits == 1:
-        return {"tail_o": None, "tail_lse": None}
-    return {"tail_o": torch.empty((rows, block_d), device=device, dtype=torch.float32),
+        return {"tail_split": None, "tail_o": None, "tail_lse": None}
+    return {"tail_split": (whole, splits), "tail_o": torch.empty((rows, block_d), device=device, dtype=torch.float32),
             "tail_lse": torch.empty(rows, device=device, dtype=torch.float32)}
 
 

@@ -269,7 +269,7 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
         hopper = runs_hopper_kernel(q, k, config=config, k_group=k_group, pv_fp8=pv_fp8, is_causal=is_causal,
                                     has_bias=bias is not None)
         buffers.update(hopper_launch.tail_buffers(config, B * H, NQ, NK, block_d, q.device) if hopper
-                       else {"tail_o": None, "tail_lse": None})
+                       else {"tail_split": None, "tail_o": None, "tail_lse": None})
         return buffers
 
     plan = PLANS.plan(q.device, signature, call_buffers)

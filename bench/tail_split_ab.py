@@ -65,7 +65,7 @@ class SplitSwitch:
         self.current = None
 
 
-def measure(name: str, shape: tuple, rounds: int, switch: SplitSwitch) -> dict:
+def measure(shape: tuple, rounds: int, switch: SplitSwitch) -> dict:
     b, h, n, d = shape
     q, k, v = bench.model_shaped_inputs(b, h, n, d, torch.bfloat16, "cuda")
     config = backend.tuning_for(q.device, "fp8", launch.padded_head_dim(d), None, n, n, str(q.dtype), False)
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     switch = SplitSwitch()
     with torch.inference_mode():
         for name in progress(list(shapes), desc="shapes", unit="shape"):
-            row = result["shapes"][name] = measure(name, shapes[name], args.rounds, switch)
+            row = result["shapes"][name] = measure(shapes[name], args.rounds, switch)
             print(name, json.dumps(row), flush=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

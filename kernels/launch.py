@@ -266,15 +266,15 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
         buffers["v_shift"] = torch.empty((B * HK, block_d), device=q.device, dtype=torch.float32) \
             if pv_fp8 else None
         buffers["bad"] = torch.empty(grid[1] * grid[0], device=q.device, dtype=torch.int32)  # a flag per program
-        hopper = runs_hopper_kernel(q, k, config=config, k_group=k_group, pv_fp8=pv_fp8, is_causal=is_causal,
-                                    has_bias=bias is not None)
-        buffers.update(hopper_launch.tail_buffers(config, B * H, NQ, NK, block_d, q.device) if hopper
+        # whether the Hopper kernel serves, decided once per plan, with the share of the tail split it needs
+        buffers["pipelined"] = runs_hopper_kernel(q, k, config=config, k_group=k_group, pv_fp8=pv_fp8,
+                                                  is_causal=is_causal, has_bias=bias is not None)
+        buffers.update(hopper_launch.tail_buffers(config, B * H, NQ, NK, block_d, q.device) if buffers["pipelined"]
                        else {"tail_split": None, "tail_o": None, "tail_lse": None})
         return buffers
 
     plan = PLANS.plan(q.device, signature, call_buffers)
-    pipelined = plan.derive("pipelined", lambda: runs_hopper_kernel(
-        q, k, config=config, k_group=k_group, pv_fp8=pv_fp8, is_causal=is_causal, has_bias=bias is not None))
+    pipelined = plan.buffers["pipelined"]
     fp16_tiles = pipelined and hopper_launch.two_level(config)
     qz = quantize_qkv(q, k, v, q_group=q_group, k_group=k_group, block_d=block_d, q_multiplier=sm_scale * LOG2E,
                       smooth_k=smooth_k, smooth_v=smooth_v, pv_fp8=pv_fp8, pv_key_order=pipelined,

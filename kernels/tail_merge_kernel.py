@@ -9,7 +9,7 @@ the LSE.
 import triton
 import triton.language as tl
 
-LOG2_FP8_MAX = tl.constexpr(8.807354922057604)  # the attention kernel's exp2 offset (log2 of e4m3's 448)
+from .attention_kernel import LOG2_FP8_MAX  # the attention kernels' exp2 offset (log2 of e4m3's 448)
 
 
 @triton.jit

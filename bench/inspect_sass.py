@@ -37,7 +37,9 @@ def compile_attention(pv: str, d: int, m: int, n: int, warps: int, stages: int, 
     fp8 = pv == "fp8"
     sig, constexprs = {}, {}
     pointers = ["Q8", "Q_SCALE", "K8", "K_SCALE", "V", "V8", "V_SCALE", "V_SHIFT", "BIAS", "OUT", "LSE", "BAD"]
-    ptypes = {"Q8": "*i8", "K8": "*i8", "V": "*bf16", "V8": "*fp8e4nv", "OUT": "*bf16", "BAD": "*i32"}
+    # FP16 P·V passes an FP32 tensor where V8 goes (kernels/launch.py): FP8 e4m3 does not exist before sm89
+    ptypes = {"Q8": "*i8", "K8": "*i8", "V": "*bf16", "V8": "*fp8e4nv" if fp8 else "*fp32", "OUT": "*bf16",
+              "BAD": "*i32"}
     for name in fn.arg_names:
         if name in pointers:
             sig[name] = ptypes.get(name, "*fp32")

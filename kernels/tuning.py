@@ -54,10 +54,9 @@ def _c(m, n, w, s):
     return LaunchConfig(m, n, w, s)
 
 
-# (arch family, pv) -> {padded head dim: config}. Families: sm75 (Turing), sm80 (A100), sm86/sm89
+# (arch family, pv) -> {padded head dim: config}. Families: sm80 (A100), sm86/sm89
 # (consumer Ampere/Ada, ~100 KB shared memory), sm90 (Hopper), sm100/sm120 (Blackwell).
 ARCH_TABLE = {
-    ("sm75", "fp16"): {64: _c(64, 64, 4, 2), 128: _c(64, 64, 4, 2), 256: _c(32, 32, 4, 1)},
     ("sm80", "fp16"): {64: _c(128, 64, 4, 3), 128: _c(128, 64, 8, 3), 256: _c(64, 32, 8, 2)},
     ("sm86", "fp16"): {64: _c(128, 64, 4, 2), 128: _c(64, 64, 4, 2), 256: _c(64, 32, 8, 1)},
     ("sm89", "fp16"): {64: _c(128, 64, 4, 2), 128: _c(64, 64, 4, 2), 256: _c(64, 32, 8, 1)},
@@ -111,7 +110,7 @@ def arch_family(capability: tuple[int, int] | None) -> str:
         return "sm86"
     if major == 8:
         return "sm80"
-    return "sm75"
+    return f"sm{major}{minor}"  # older than Ampere: refused (sage_core.backend.device_refusal), no table
 
 
 def default_config(family: str, pv: str, block_d: int, block_m: int | None = None) -> LaunchConfig:

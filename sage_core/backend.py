@@ -12,7 +12,9 @@ from ..kernels.tuning import cuda_capability, interpreting  # triton-free: impor
 from .config import SageConfig
 
 LOG2E = 1.4426950408889634
-MIN_CAPABILITY = (7, 5)  # Triton's INT8 tensor-core dot needs Turing or newer
+# Triton compiles the INT8 tensor-core dot from Ampere on: for Turing (sm75) its pass pipeline rejects the INT8
+# product (Triton 3.6 and 3.9; tests/test_arch_codegen.py compiles every other architecture's configurations)
+MIN_CAPABILITY = (8, 0)
 MIN_TUNED_LENGTH = 2048  # shorter lengths never borrow a longer bucket's tuned tiles
 
 
@@ -53,7 +55,7 @@ def device_refusal(device: torch.device) -> str | None:
         return err
     cap = cuda_capability(device)
     if cap < MIN_CAPABILITY:
-        return f"GPU sm{cap[0]}{cap[1]} is older than Turing (sm75)"
+        return f"GPU sm{cap[0]}{cap[1]} is older than Ampere (sm80): Triton cannot compile the INT8 product for it"
     return None
 
 

@@ -18,6 +18,7 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
+from ..kernels.tuning import seq_bucket  # triton-free
 from . import autoselect, backend
 from .config import DEFAULT_CONFIG, SageConfig
 
@@ -49,6 +50,10 @@ class DispatchStats:
             self.fallback = Counter()
             self.exact = Counter()  # calls routed to exact attention on purpose (block list, step range, off)
             self._counters = {}  # device -> int32 tensor the repair kernel counts into; read when reported
+            # kernel failures that every call of the same kind would repeat (a compile error on this GPU and
+            # Triton), by failure_key -> reason: such calls then go straight to exact attention instead of
+            # compiling again, seconds each. Out-of-memory is not remembered: the next call may fit.
+            self._failed = {}
 
     def record_sage(self, variant: str):
         with self._lock:
@@ -61,6 +66,14 @@ class DispatchStats:
     def record_exact(self, why: str):
         with self._lock:
             self.exact[why] += 1
+
+    def remember_failure(self, key: tuple, reason: str):
+        with self._lock:
+            self._failed[key] = reason
+
+    def known_failure(self, key: tuple) -> str | None:
+        with self._lock:
+            return self._failed.get(key)
 
     def repair_counter(self, device) -> torch.Tensor:
         """The device counter of output tiles recomputed exactly (NaN/Inf guard)."""
@@ -89,6 +102,13 @@ class DispatchStats:
 
 GLOBAL_STATS = DispatchStats()
 _WARNED: set[str] = set()
+
+
+def failure_key(q, k, variant: str, is_causal: bool, has_bias: bool) -> tuple:
+    """What a kernel's compilation depends on for a call (HND q and k): device, variant, head dim, dtype, masking
+    and the length buckets (tuned launch configurations differ by bucket)."""
+    return (str(q.device), variant, q.shape[-1], q.dtype, is_causal, has_bias, seq_bucket(q.shape[2]),
+            seq_bucket(k.shape[2]))
 
 
 def to_hnd(t: torch.Tensor, layout: str) -> torch.Tensor:
@@ -242,6 +262,9 @@ def attention(q, k, v, *, tensor_layout="HND", is_causal=False, sm_scale=None, a
     if variant == "int8_fp8" and not backend.supports_fp8(qh.device):
         variant = "int8_fp16"  # FP8 tensor cores start at Ada (sm89); INT8·FP16 is exact elsewhere
 
+    failed = failure_key(qh, kh, variant, is_causal, bias is not None)
+    if config.on_unsupported != "raise" and stats.known_failure(failed):
+        return exact(stats.known_failure(failed))
     try:
         out, lse, _ = backend.run(qh, kh, vh, layout=tensor_layout, sm_scale=sm_scale, is_causal=is_causal,
                                   bias=bias, config=config, pv_fp8=variant == "int8_fp8", return_lse=return_lse,
@@ -250,6 +273,8 @@ def attention(q, k, v, *, tensor_layout="HND", is_causal=False, sm_scale=None, a
         if config.on_unsupported == "raise":
             raise
         reason = f"kernel error: {type(e).__name__}"
+        if not isinstance(e, torch.OutOfMemoryError):
+            stats.remember_failure(failed, reason)
         if reason not in _WARNED:
             _WARNED.add(reason)
             log.warning("Sage attention: %s (%s); exact attention serves such calls", reason,

@@ -197,6 +197,46 @@ def test_kernel_failure_falls_back_exactly_or_raises(monkeypatch):
         attention(q, k, v, config=SageConfig(kernel="int8_fp16", on_unsupported="raise"))
 
 
+def test_a_kernel_failure_is_not_compiled_again_for_calls_of_its_kind(monkeypatch):
+    """A compile error repeats for every call of the same kind (device, variant, head dim, dtype, masking, length
+    buckets): after the first, such calls go to exact attention without trying the kernel again (each try can
+    cost seconds of compilation). Another kind still tries; out-of-memory is never remembered."""
+    from sage_attention_pack.sage_core import backend
+
+    tries = []
+
+    def broken(q, *args, **kwargs):
+        tries.append(tuple(q.shape))
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(backend, "device_refusal", lambda device: None)
+    monkeypatch.setattr(backend, "run", broken)
+    stats = DispatchStats()
+    config = SageConfig(kernel="int8_fp16")
+    q, k, v = qkv(dtype=torch.float32)
+    for _ in range(3):
+        out = attention(q, k, v, config=config, stats=stats)
+        torch.testing.assert_close(out.double(), sdpa_ref(q, k, v), rtol=1e-4, atol=1e-5)
+    assert len(tries) == 1
+    assert stats.snapshot()["fallback"] == {"kernel error: RuntimeError": 3}
+    q2, k2, v2 = (t[..., :32].contiguous() for t in (q, k, v))  # another head dim: another kind
+    attention(q2, k2, v2, config=config, stats=stats)
+    assert len(tries) == 2
+    with pytest.raises(RuntimeError, match="PassManager"):  # raise mode always tries, and says why
+        attention(q, k, v, config=SageConfig(kernel="int8_fp16", on_unsupported="raise"), stats=stats)
+    assert len(tries) == 3
+
+    def out_of_memory(q, *args, **kwargs):
+        tries.append(tuple(q.shape))
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(backend, "run", out_of_memory)
+    fresh = DispatchStats()
+    for _ in range(2):
+        attention(q, k, v, config=config, stats=fresh)
+    assert len(tries) == 5 and fresh.snapshot()["fallback"] == {"kernel error: OutOfMemoryError": 2}
+
+
 def test_auto_timing_skips_variants_that_cannot_run(monkeypatch):
     from sage_attention_pack.sage_core import autoselect, backend
 

@@ -5,6 +5,7 @@ SASS, whole and in the main loop.
     python bench/inspect_sass.py --pv fp8 --d 128 --m 128 --n 128 --warps 8 --stages 3 [--arch 90] [--dump F]
     python bench/inspect_sass.py --config m64n128w4s4mcpdgppp --d 128      # a launch key; gp = the Gluon kernels
     python bench/inspect_sass.py --quant stats_q --d 128 STATS_TILE=16     # a quantization launch
+    python bench/inspect_sass.py --repair --m 64 --d 256 --arch 86           # the exact repair of flagged tiles
 
 The per-element work of the inner loop is what bounds an attention kernel on Hopper: the counts of MUFU
 (exp2), I2F/F2F/F2FP (conversions, on the same quarter-rate pipe) and FFMA/FMUL/FADD tell a change's
@@ -111,6 +112,25 @@ def compile_quantize(stats_pass: bool, d: int, arch: int, pv_fp8: bool = True, m
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "maxnreg": maxnreg})
+
+
+def compile_repair(block_m: int, d: int, arch: int):
+    """The exact repair of flagged tiles (kernels/repair_kernel.py) as the launcher runs it after a kernel with
+    query tiles of block_m rows."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from sage_attention_pack.kernels.launch import repair_block_n
+    from sage_attention_pack.kernels.repair_kernel import repair_tiles_kernel as fn
+
+    consts = dict(BLOCK_M=block_m, BLOCK_N=repair_block_n(block_m, d), BLOCK_D=d, IS_CAUSAL=False, HAS_BIAS=False,
+                  RETURN_LSE=False)
+    types = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "OUT": "*bf16", "BIAS": "*fp32", "LSE": "*fp32",
+             "BAD": "*i32", "REPAIRED": "*i32", "qk_multiplier": "fp32"}
+    sig = {name: "constexpr" if name in consts else types.get(name, "i32") for name in fn.arg_names}
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "num_stages": 1})
 
 
 def sass_of(kernel) -> str:
@@ -261,8 +281,15 @@ def main(argv=None):
     ap.add_argument("--json", action="store_true", help="print only a JSON summary (resources, main-loop overlap)")
     ap.add_argument("--quant", choices=["stats_q", "k_v"],
                     help="compile a quantization launch instead (its constants as CONST=VALUE after it)")
+    ap.add_argument("--repair", action="store_true",
+                    help="compile the exact repair of flagged tiles instead (query tiles of --m rows)")
     ap.add_argument("overrides", nargs="*", help="with --quant: CONST=VALUE overrides of kernels/launch.py")
     args = ap.parse_args(argv)
+    if args.repair:
+        k = compile_repair(args.m, args.d, args.arch)
+        print(json.dumps({"resources": resource_report(k, args.arch), "shared": k.metadata.shared}) if args.json
+              else f"{resource_report(k, args.arch)}  shared {k.metadata.shared} B")
+        return 0
     if args.quant:
         k = compile_quantize(args.quant == "stats_q", args.d, args.arch, args.pv == "fp8", args.maxnreg,
                              **{c: int(v) for c, v in (o.split("=") for o in args.overrides)})

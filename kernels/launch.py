@@ -47,6 +47,13 @@ STATS_SAMPLE_KEYS = 512
 MAX_STATS_EVERY = 16
 
 
+def repair_block_n(block_m: int, block_d: int) -> int:
+    """Keys per step of the exact repair (kernels/repair_kernel.py): its FP32 tiles take shared memory with the
+    query tile and the head dim, and 32 keys at 64 rows × 256 dims take ~105 KB, over the 99 KB per block of
+    consumer Ampere, Ada and Blackwell; 16 keys take ~86 KB there (tests/test_arch_codegen.py)."""
+    return 32 if block_m * block_d <= 64 * 128 else 16
+
+
 def cdiv(a: int, b: int) -> int:
     """Ceiling division of integers (triton.cdiv costs microseconds per host call: it is a Triton function)."""
     return -(-a // b)
@@ -316,8 +323,8 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
             q, k, v, bias if bias is not None else k_scale, out, lse, bad, repair_counter,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bias_strides,
             H, H // HK, NQ, NK, D, sm_scale * LOG2E), dict(
-            BLOCK_M=block_m, BLOCK_N=32, BLOCK_D=block_d, IS_CAUSAL=is_causal, HAS_BIAS=bias is not None,
-            RETURN_LSE=return_lse, num_warps=4, num_stages=1))
+            BLOCK_M=block_m, BLOCK_N=repair_block_n(block_m, block_d), BLOCK_D=block_d, IS_CAUSAL=is_causal,
+            HAS_BIAS=bias is not None, RETURN_LSE=return_lse, num_warps=4, num_stages=1))
     return (lse if return_lse else None), bad
 
 

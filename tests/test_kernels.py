@@ -385,10 +385,11 @@ def test_nan_input_is_flagged_not_hidden():
     assert int(bad.sum()) > 0  # the dispatcher recomputes such calls exactly
 
 
+@pytest.mark.parametrize("head_dim", [64, 256])  # 256: the repair takes 16 keys a step (launch.repair_block_n)
 @pytest.mark.parametrize("kernel", ["int8_fp16", "int8_fp8"])
-def test_flagged_tiles_are_recomputed_exactly_on_device(kernel):
+def test_flagged_tiles_are_recomputed_exactly_on_device(kernel, head_dim):
     cfg = SageConfig(kernel=kernel)
-    q, k, v = inputs(1, 2, 2, 150, 90, 64, torch.float32, seed=23)
+    q, k, v = inputs(1, 2, 2, 150, 90, head_dim, torch.float32, seed=23)
     q[0, 1, 5, 3] = float("nan")  # poisons row 5's INT8 scale group, so the whole first tile of head 1
     counter = torch.zeros(1, dtype=torch.int32, device=DEVICE)
     out, lse, bad = run_kernel(q, k, v, cfg, return_lse=True, repair_counter=counter)
@@ -399,7 +400,7 @@ def test_flagged_tiles_are_recomputed_exactly_on_device(kernel):
     # the repaired tile (head 1, rows 0..63) is exact attention in FP32, the rest the 8-bit kernel
     torch.testing.assert_close(out[0, 1, 6:64].double(), ref[0, 1, 6:64], rtol=1e-4, atol=1e-5)
     assert attention_error(out[finite], ref[finite])["cosine"] >= EXACT_BOUNDS[kernel][0]
-    true_lse = torch.logsumexp((q.double() @ k.double().transpose(-1, -2)) * 64 ** -0.5, dim=-1)
+    true_lse = torch.logsumexp((q.double() @ k.double().transpose(-1, -2)) * head_dim ** -0.5, dim=-1)
     torch.testing.assert_close(lse[0, 1, 6:64].double(), true_lse[0, 1, 6:64], rtol=1e-5, atol=1e-4)
 
 

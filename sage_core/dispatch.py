@@ -71,9 +71,10 @@ class DispatchStats:
         with self._lock:
             self._failed[key] = reason
 
-    def known_failure(self, key: tuple) -> str | None:
-        with self._lock:
-            return self._failed.get(key)
+    def known_failure(self, key_of) -> str | None:
+        """The remembered failure of calls of this kind, if any: key_of() makes the key, only when some failure
+        was remembered at all (the common case asks nothing more; a dict's truth and get are atomic)."""
+        return self._failed.get(key_of()) if self._failed else None
 
     def repair_counter(self, device) -> torch.Tensor:
         """The device counter of output tiles recomputed exactly (NaN/Inf guard)."""
@@ -262,9 +263,12 @@ def attention(q, k, v, *, tensor_layout="HND", is_causal=False, sm_scale=None, a
     if variant == "int8_fp8" and not backend.supports_fp8(qh.device):
         variant = "int8_fp16"  # FP8 tensor cores start at Ada (sm89); INT8·FP16 is exact elsewhere
 
-    failed = failure_key(qh, kh, variant, is_causal, bias is not None)
-    if config.on_unsupported != "raise" and stats.known_failure(failed):
-        return exact(stats.known_failure(failed))
+    def kind():
+        return failure_key(qh, kh, variant, is_causal, bias is not None)
+
+    known = stats.known_failure(kind) if config.on_unsupported != "raise" else None
+    if known:
+        return exact(known)
     try:
         out, lse, _ = backend.run(qh, kh, vh, layout=tensor_layout, sm_scale=sm_scale, is_causal=is_causal,
                                   bias=bias, config=config, pv_fp8=variant == "int8_fp8", return_lse=return_lse,
@@ -274,7 +278,7 @@ def attention(q, k, v, *, tensor_layout="HND", is_causal=False, sm_scale=None, a
             raise
         reason = f"kernel error: {type(e).__name__}"
         if not isinstance(e, torch.OutOfMemoryError):
-            stats.remember_failure(failed, reason)
+            stats.remember_failure(kind(), reason)
         if reason not in _WARNED:
             _WARNED.add(reason)
             log.warning("Sage attention: %s (%s); exact attention serves such calls", reason,

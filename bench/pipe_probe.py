@@ -112,11 +112,12 @@ def main(argv=None):
     ap.add_argument("--json", action="store_true", help="with --sass: one JSON line, {case: {opcode: count}}")
     args = ap.parse_args(argv)
     if args.sass:
-        mixes = {case: dict(sass_mix(case)) for case in CASES}
+        mixes = {case: sass_mix(case) for case in CASES}
         if args.json:
             print(json.dumps(mixes))
-        for case, mix in ([] if args.json else mixes.items()):
-            print(case, dict(collections.Counter(mix).most_common(4)))
+        else:
+            for case, mix in mixes.items():
+                print(case, dict(mix.most_common(4)))
         return
     out = measure(args.iters)
     if args.out:

@@ -2,22 +2,18 @@
 (kernels/tuning.ARCH_TABLE: Ampere sm80/sm86, Ada sm89, Hopper sm90, Blackwell sm100/sm120; FP16 and, from Ada on,
 FP8 P·V; head dims 64/128/256) compiles for that architecture with the installed Triton, without a GPU: within its
 shared memory per block, and spilling at most a few bytes; and so does the exact repair of flagged tiles that runs
-after it. No Ampere, Ada or Blackwell GPU was at hand to measure
-on (bench/NOTES.md), so this is what keeps a change of the kernel or of a table entry from breaking those cards
-unnoticed. Each compilation runs in its own process, outside the interpreter that the rest of the suite may run."""
-import json
-import os
+after it. No Ampere, Ada or Blackwell GPU was at hand to measure on (bench/NOTES.md), so this is what keeps a change
+of the kernel or of a table entry from breaking those cards unnoticed. Each compilation runs in its own process,
+outside the interpreter that the rest of the suite may run."""
 import re
-import subprocess
-import sys
 from pathlib import Path
 
+import bench_script
 import pytest
 
 from sage_attention_pack.kernels import tuning
 
 triton = pytest.importorskip("triton")
-TOOL = Path(__file__).resolve().parent.parent / "bench" / "inspect_sass.py"
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 pytestmark = pytest.mark.skipif(not (BIN / "cuobjdump").exists(),
                                 reason="this Triton has no NVIDIA backend binaries (cuobjdump): nothing to compile to")
@@ -33,15 +29,12 @@ CASES = [(family, pv, d, cfg) for (family, pv), table in tuning.ARCH_TABLE.items
 @pytest.mark.parametrize("family,pv,head_dim,config", CASES,
                          ids=[f"{f}-{pv}-d{d}-{c.key()}" for f, pv, d, c in CASES])
 def test_table_configuration_compiles_for_its_architecture(family, pv, head_dim, config):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     # the table's entries convert the scores with I2F (no magic seeds), as the launcher runs them
     assert not config.magic_convert and not config.pipelined
-    run = subprocess.run([sys.executable, str(TOOL), "--arch", family[2:], "--pv", pv, "--d", str(head_dim),
-                          "--m", str(config.block_m), "--n", str(config.block_n), "--warps", str(config.num_warps),
-                          "--stages", str(config.num_stages), "--i2f", "--json"],
-                         capture_output=True, text=True, env=env, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    report = json.loads(run.stdout.strip().splitlines()[-1])
+    report = bench_script.json_report("inspect_sass", "--arch", family[2:], "--pv", pv, "--d", str(head_dim),
+                                      "--m", str(config.block_m), "--n", str(config.block_n),
+                                      "--warps", str(config.num_warps), "--stages", str(config.num_stages), "--i2f",
+                                      "--json")
     spilled = re.search(r"(\d+) bytes spill stores", report["resources"])
     assert spilled and int(spilled.group(1)) <= MAX_SPILL_BYTES, report["resources"]
     assert report["shared"] <= SHARED_PER_BLOCK[family], report
@@ -56,15 +49,12 @@ def test_repair_after_table_configuration_fits_shared_memory(family, block_m, he
     """The exact repair runs after every call (a program with a clean tile returns at once): if it cannot launch
     on a card, no call of that kind is served. With 32 keys a step it took ~105 KB at head dim 256, over consumer
     Ampere's, Ada's and Blackwell's 99 KB; the launcher takes 16 keys there (launch.repair_block_n)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, str(TOOL), "--repair", "--arch", family[2:], "--m", str(block_m),
-                          "--d", str(head_dim), "--json"], capture_output=True, text=True, env=env, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    report = json.loads(run.stdout.strip().splitlines()[-1])
+    report = bench_script.json_report("inspect_sass", "--repair", "--arch", family[2:], "--m", str(block_m),
+                                      "--d", str(head_dim), "--json")
     assert report["shared"] <= SHARED_PER_BLOCK[family], report
 
 
-def test_every_family_below_hopper_and_above_has_a_table_entry_and_turing_is_refused():
+def test_every_family_from_ampere_on_has_a_table_entry_and_turing_is_refused():
     """Every family arch_family names from Ampere on has its own FP16 configuration (and FP8 from Ada on); older
     GPUs are refused before any table is read (Triton does not compile the INT8 product for Turing)."""
     from sage_attention_pack.sage_core import backend
@@ -73,6 +63,6 @@ def test_every_family_below_hopper_and_above_has_a_table_entry_and_turing_is_ref
     assert families == set(SHARED_PER_BLOCK)
     for family in families:
         assert (family, "fp16") in tuning.ARCH_TABLE
-        if family != "sm80" and family != "sm86":
+        if family not in ("sm80", "sm86"):
             assert (family, "fp8") in tuning.ARCH_TABLE
     assert backend.MIN_CAPABILITY == (8, 0) and tuning.arch_family((7, 5)) not in families

@@ -11,13 +11,9 @@ places the P·V wait before the exponentials (the softmax no longer ends in a su
 measured faster all the same (bench/NOTES.md, "Row sums on the tensor cores"). Each compilation runs in its own
 process: the Triton interpreter, active in the rest of the suite, patches the language that the compiler would
 otherwise see."""
-import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
+import bench_script
 import pytest
 
 from sage_attention_pack.kernels import hopper_launch, tuning
@@ -25,17 +21,12 @@ from sage_attention_pack.kernels import hopper_launch, tuning
 pytestmark = pytest.mark.skipif(not hopper_launch.AVAILABLE,
                                 reason="this Triton has no Gluon Hopper API: the Gluon kernels never run with it")
 
-TOOL = Path(__file__).resolve().parent.parent / "bench" / "inspect_sass.py"
 CANDIDATES = [c for c in tuning.candidates(128, None, "sm90") if c.pipelined]
 
 
 def sass_report(config, head_dim) -> dict:
     """inspect_sass's JSON summary of the kernel a launch key compiles to, for sm90."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, str(TOOL), "--config", config.key(), "--d", str(head_dim), "--json"],
-                         capture_output=True, text=True, env=env, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return bench_script.json_report("inspect_sass", "--config", config.key(), "--d", str(head_dim), "--json")
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])

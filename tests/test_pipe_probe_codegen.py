@@ -3,16 +3,10 @@ operations, one MUFU.EX2 per exponential, one F2FP and one PRMT per conversion, 
 thread's 8 elements per chain, and nothing else of those kinds (a compiler that folded a chain or merged the
 conversions would make the probe's timings mean something else). Compiled in its own process, outside the
 interpreter that the rest of the suite may run."""
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+import bench_script
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "bench"))
 
 triton = pytest.importorskip("triton")
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -21,13 +15,8 @@ pytestmark = pytest.mark.skipif(not (BIN / "cuobjdump").exists(),
 
 
 def test_each_case_compiles_to_its_operations_alone():
-    import pipe_probe
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, str(REPO / "bench" / "pipe_probe.py"), "--sass", "--json"],
-                         capture_output=True, text=True, env=env, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    mixes = json.loads(run.stdout.strip().splitlines()[-1])
+    pipe_probe = bench_script.load("pipe_probe")
+    mixes = bench_script.json_report("pipe_probe", "--sass", "--json")
     assert set(mixes) == set(pipe_probe.CASES)
     for case, (a, b, kind_a, kind_b) in pipe_probe.CASES.items():
         per_kind = {"ex2": 0, "cvt": 0, "fmul": 0}

@@ -7,25 +7,16 @@ of tile or of the loops' order that costs occupancy changes no output value, so 
 does one that makes V's FP8 codes cross shared memory a byte or two at a time again (the last test). Each
 compilation runs in its own process, outside the interpreter, once per target and head dim."""
 import functools
-import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
+import bench_script
 import pytest
-
-TOOL = Path(__file__).resolve().parent.parent / "bench" / "inspect_sass.py"
 
 
 @functools.lru_cache(maxsize=None)
 def quant_report(launch: str, head_dim: int, arch: int, pv: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, str(TOOL), "--quant", launch, "--d", str(head_dim), "--arch", str(arch),
-                          "--pv", pv, "--json"], capture_output=True, text=True, env=env, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return bench_script.json_report("inspect_sass", "--quant", launch, "--d", str(head_dim), "--arch", str(arch),
+                                    "--pv", pv, "--json")
 
 
 # (arch, P·V): the H200's FP8 path, measured; Ampere's and Ada's FP16 path, Ada's and Blackwell's FP8 path, compiled

@@ -377,6 +377,34 @@ def test_a_call_with_k_mean_from_a_sample_matches_the_reference_and_keeps_its_ls
     assert (lse.double() - true_lse).abs().max().item() < 0.01  # the INT8 scores' own error
 
 
+@pytest.mark.parametrize("case", ["v_beyond_fp16", "products_beyond_fp16"])
+@pytest.mark.parametrize("kernel", ["int8_fp16", "int8_fp8"])
+def test_bf16_values_beyond_fp16s_range_stay_finite_and_accurate(kernel, case):
+    """Black renders in other integrations come from BF16 activations that FP16 cannot hold (a V cast to FP16
+    becomes inf; Q·Kᵀ summed in FP16 overflows). Here V reaches ~4e5, or the raw products ~1e6 under a small
+    sm_scale: the call stays on the Sage kernel, finite, as accurate as on ordinary inputs, and nothing is
+    recomputed."""
+    from sage_attention_pack.sage_core import sageattn
+    from sage_attention_pack.sage_core.dispatch import DispatchStats
+
+    q, k, v = inputs(1, 2, 2, 200, 200, 64, torch.float32, seed=29)
+    scale = 64 ** -0.5
+    if case == "v_beyond_fp16":
+        v = v * 1e5 + 2e5
+    else:
+        q, k, scale = q * 100, k * 100, scale * 1e-4
+    q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    largest = v.float().abs().max() if case == "v_beyond_fp16" else (q.float() @ k.float().mT).abs().max()
+    assert largest > 65504  # FP16's largest finite value
+    stats = DispatchStats()
+    out = sageattn(q, k, v, sm_scale=scale, kernel=kernel, stats=stats)
+    err = attention_error(out, F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=scale))
+    assert torch.isfinite(out).all()
+    assert err["cosine"] >= EXACT_BOUNDS[kernel][0] and err["rel_l1"] <= EXACT_BOUNDS[kernel][1], err
+    snap = stats.snapshot()
+    assert sum(snap["sage"].values()) == 1 and not snap["fallback"] and snap["recomputed"] == 0, snap
+
+
 def test_nan_input_is_flagged_not_hidden():
     cfg = SageConfig(kernel="int8_fp16")
     q, k, v = inputs(1, 2, 2, 64, 64, 64, torch.float16, seed=19)

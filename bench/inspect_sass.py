@@ -179,9 +179,9 @@ def instruction_mix(sass: str) -> collections.Counter:
     return collections.Counter(op for _, op, _ in sass_instructions(sass))
 
 
-def main_loop(sass: str) -> list[str]:
-    """The instructions (opcode and operands) of the innermost loop that issues wgmma: the backward branch with
-    the shortest span that contains an IGMMA, QGMMA or HGMMA. One pass of it is one key tile for one warp."""
+def main_loop_span(sass: str) -> tuple[int, int] | None:
+    """(first, last) address of the innermost loop that issues wgmma: the backward branch with the shortest span
+    that contains an IGMMA, QGMMA or HGMMA. One pass of it is one key tile for one warp."""
     ins = sass_instructions(sass)
     best = None
     for addr, op, rest in ins:
@@ -191,9 +191,24 @@ def main_loop(sass: str) -> list[str]:
             has_mma = any(lo <= a <= addr and o.split(".")[0] in ("IGMMA", "QGMMA", "HGMMA") for a, o, _ in ins)
             if has_mma and (best is None or addr - lo < best[1] - best[0]):
                 best = (lo, addr)
-    if best is None:
+    return best
+
+
+def main_loop(sass: str) -> list[str]:
+    """The instructions (opcode and operands) of main_loop_span(sass)."""
+    span = main_loop_span(sass)
+    if span is None:
         return []
-    return [f"{op} {rest}".strip() for a, op, rest in ins if best[0] <= a <= best[1]]
+    return [f"{op} {rest}".strip() for a, op, rest in sass_instructions(sass) if span[0] <= a <= span[1]]
+
+
+def code_bytes(sass: str) -> dict:
+    """Bytes of machine code: the whole kernel and its main loop (on sm90 every instruction is 16 bytes). What a
+    multiprocessor's instruction cache must hold while its programs run at different points of the loop."""
+    ins = sass_instructions(sass)
+    span = main_loop_span(sass)
+    return {"code_bytes": ins[-1][0] + 16 - ins[0][0] if ins else 0,
+            "loop_bytes": span[1] + 16 - span[0] if span else 0}
 
 
 def main_loop_mix(sass: str) -> tuple[int, collections.Counter]:
@@ -230,7 +245,7 @@ def overlap_report(sass: str) -> dict:
             "row_sum_mmas": sum(op.startswith("QGMMA.64x8x") for op in ops),
             "turn_instructions": turn_arrive - turn_sync if in_turn else None,
             "first_mma_into_turn": mmas[0] - turn_sync if in_turn else None,
-            "scores_a_operand": scores_a_operand(loop)}
+            "scores_a_operand": scores_a_operand(loop), **code_bytes(sass)}
 
 
 def scores_a_operand(loop: list[str]) -> str | None:
@@ -333,6 +348,7 @@ def main(argv=None):
     if n_loop:
         print(f"main loop: {n_loop} instructions per key tile per warp: "
               + ", ".join(f"{op} {c}" for op, c in loop.most_common(12)))
+    print(f"code: {overlap['code_bytes']} bytes, the main loop {overlap['loop_bytes']}")
     if overlap["turn_instructions"] is not None:
         print(f"turn: {overlap['turn_instructions']} instructions from the turn's barrier wait to its arrive, the "
               f"first wgmma {overlap['first_mma_into_turn']} in")

@@ -35,6 +35,8 @@ def test_gluon_kernel_sums_rows_on_tensor_cores_and_does_not_spill(config, head_
     report = sass_report(config, head_dim)
     assert "serialized" not in report["resources"], report
     assert report["loop_instructions"], "no loop issuing wgmma found"
+    # every sm90 instruction is 16 bytes: the loop's span holds exactly the instructions counted in it
+    assert report["loop_bytes"] == 16 * report["loop_instructions"] < report["code_bytes"], report
     assert not report["loop_spills"], report
     assert report["second_wait"].endswith("0x0"), report
     if config.ping_pong or config.pv_direct:

@@ -179,10 +179,10 @@ def instruction_mix(sass: str) -> collections.Counter:
     return collections.Counter(op for _, op, _ in sass_instructions(sass))
 
 
-def main_loop_span(sass: str) -> tuple[int, int] | None:
-    """(first, last) address of the innermost loop that issues wgmma: the backward branch with the shortest span
-    that contains an IGMMA, QGMMA or HGMMA. One pass of it is one key tile for one warp."""
-    ins = sass_instructions(sass)
+def main_loop_span(ins: list[tuple[int, str, str]]) -> tuple[int, int] | None:
+    """(first, last) address, in sass_instructions' listing, of the innermost loop that issues wgmma: the backward
+    branch with the shortest span that contains an IGMMA, QGMMA or HGMMA. One pass of it is one key tile for one
+    warp."""
     best = None
     for addr, op, rest in ins:
         target = re.search(r"0x([0-9a-f]+)", rest) if op == "BRA" else None
@@ -194,19 +194,20 @@ def main_loop_span(sass: str) -> tuple[int, int] | None:
     return best
 
 
+def loop_lines(ins: list[tuple[int, str, str]], span: tuple[int, int] | None) -> list[str]:
+    """The instructions (opcode and operands) within `span`; none without one."""
+    return [] if span is None else [f"{op} {rest}".strip() for a, op, rest in ins if span[0] <= a <= span[1]]
+
+
 def main_loop(sass: str) -> list[str]:
-    """The instructions (opcode and operands) of main_loop_span(sass)."""
-    span = main_loop_span(sass)
-    if span is None:
-        return []
-    return [f"{op} {rest}".strip() for a, op, rest in sass_instructions(sass) if span[0] <= a <= span[1]]
-
-
-def code_bytes(sass: str) -> dict:
-    """Bytes of machine code: the whole kernel and its main loop (on sm90 every instruction is 16 bytes). What a
-    multiprocessor's instruction cache must hold while its programs run at different points of the loop."""
+    """The instructions (opcode and operands) of the main loop (main_loop_span)."""
     ins = sass_instructions(sass)
-    span = main_loop_span(sass)
+    return loop_lines(ins, main_loop_span(ins))
+
+
+def code_bytes(ins: list[tuple[int, str, str]], span: tuple[int, int] | None) -> dict:
+    """Bytes of machine code: the whole kernel and its main loop `span` (on sm90 every instruction is 16 bytes).
+    What a multiprocessor's instruction cache must hold while its programs run at different points of the loop."""
     return {"code_bytes": ins[-1][0] + 16 - ins[0][0] if ins else 0,
             "loop_bytes": span[1] + 16 - span[0] if span else 0}
 
@@ -224,7 +225,9 @@ def overlap_report(sass: str) -> dict:
     sums on the tensor cores, in place of a FADD per score); in ping-pong, the turn: the instructions from the
     barrier wait before the tile's first wgmma to the arrive after its last, which the two warpgroups run one
     after the other, and how far into it the first wgmma comes; where the scores' products read Q from."""
-    loop = main_loop(sass)
+    ins = sass_instructions(sass)
+    span = main_loop_span(ins)  # found once: it pairs every backward branch with the listing
+    loop = loop_lines(ins, span)
     ops = [line.split()[0] for line in loop]
     mmas = [i for i, op in enumerate(ops) if "GMMA" in op]
     turn_sync = turn_arrive = None
@@ -245,7 +248,7 @@ def overlap_report(sass: str) -> dict:
             "row_sum_mmas": sum(op.startswith("QGMMA.64x8x") for op in ops),
             "turn_instructions": turn_arrive - turn_sync if in_turn else None,
             "first_mma_into_turn": mmas[0] - turn_sync if in_turn else None,
-            "scores_a_operand": scores_a_operand(loop), **code_bytes(sass)}
+            "scores_a_operand": scores_a_operand(loop), **code_bytes(ins, span)}
 
 
 def scores_a_operand(loop: list[str]) -> str | None:

@@ -55,7 +55,7 @@ def compare(shape, keys, kernel="int8_fp8", dtype=torch.bfloat16, v_offset=0.0, 
             rows[key] = {"error": error_line(e)}
             continue
         _, k_group = launch.quant_groups(cfg.q_group_rows, cfg.k_group_rows, lc)
-        gluon = launch.runs_hopper_kernel(q, k, config=lc, k_group=k_group, pv_fp8=pv_fp8, is_causal=False,
+        gluon = launch.runs_hopper_kernel(q, k, v, config=lc, k_group=k_group, pv_fp8=pv_fp8, is_causal=False,
                                           has_bias=False)
         rows[key] = {"kernel": "hopper_gluon" if gluon else "portable_triton", **err}
         calls[key] = call

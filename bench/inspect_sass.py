@@ -245,7 +245,7 @@ def overlap_report(sass: str) -> dict:
             "second_wait": loop[second] if second is not None else None,
             "first_wait": loop[first] if first is not None else None,
             "loop_fadds": sum(op.startswith("FADD") for op in ops),
-            "row_sum_mmas": sum(op.startswith("QGMMA.64x8x") for op in ops),
+            "row_sum_mmas": sum(op.startswith(("QGMMA.64x8x", "HGMMA.64x8x")) for op in ops),
             "turn_instructions": turn_arrive - turn_sync if in_turn else None,
             "first_mma_into_turn": mmas[0] - turn_sync if in_turn else None,
             "scores_a_operand": scores_a_operand(loop), **code_bytes(ins, span)}
@@ -330,7 +330,7 @@ def main(argv=None):
         if cfg.pipelined:
             from sage_attention_pack.kernels.hopper_launch import compile_for_sm90
 
-            k = compile_for_sm90(cfg, args.d)
+            k = compile_for_sm90(cfg, args.d, pv_fp8=args.pv == "fp8")
         else:
             k = compile_attention(args.pv, args.d, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, args.arch,
                                   cfg.max_registers, MAGIC_CONVERT=cfg.magic_convert, PV_DIRECT=cfg.pv_direct)

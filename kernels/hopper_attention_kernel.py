@@ -14,12 +14,15 @@ rather than the compiler's:
     that 128 keys × P ≤ 448 cannot overflow FP16);
   - P's row sums (the softmax's normaliser) come from the tensor cores too: P times a tile of FP8 ones, issued
     with P·V (row_sums), except in the one-warpgroup two-level kernel, whose registers are all taken.
-  - in the ping-pong kernel with turns, Q's codes sit in registers (scores_operand): each turn is shorter.
+  - in the ping-pong kernel with turns, Q's codes sit in registers (scores_operand): each turn is shorter;
+  - or (V16: the call's V in FP16 or BF16, read by TMA from the caller's tensor as it is) P·V in V's own 16-bit
+    type, accumulated in place in FP32: no V quantization at all, P rounded to 8 or 11 significant bits rather
+    than e4m3's 4, at twice FP8's tensor-core time for P·V (SageAttention's INT8·FP16 variant).
 Two kernels: sage_fwd_sm90_kernel, one warpgroup per program, loading its own tiles; and
 sage_fwd_sm90_pingpong_kernel, two consumer warpgroups taking turns at the tensor cores and a producer warp,
 one program per pair of query tiles or (PERSISTENT) one per multiprocessor looping over them, with or without
 (TURNS) the turn-taking.
-Served: non-causal, no mask, head dims 64 and 128, FP8 P·V. Everything else runs the portable kernel.
+Served: non-causal, no mask, head dims 64 and 128, FP8 P·V or a 16-bit V. Everything else runs the portable kernel.
 """
 from triton.experimental import gluon
 from triton.runtime.jit import constexpr_function
@@ -53,6 +56,18 @@ SLOT_THREADS = gl.constexpr(288)  # two consumer warpgroups and the producer war
 # $1: barrier id; $2: 0 skips the arrive. Each thread runs it once (a one-element-per-thread token).
 NAMED_SYNC = gl.constexpr("bar.sync $1, $2; mov.b32 $0, 0;")
 NAMED_ARRIVE = gl.constexpr("{ .reg .pred p; setp.ne.b32 p, $3, 0; @p bar.arrive $1, $2; mov.b32 $0, 0; }")
+
+
+@constexpr_function
+def is_16bit(dtype):
+    """Whether V (its descriptor's or its ring's element type) is the call's own FP16/BF16 V rather than FP8 codes."""
+    return dtype.primitive_bitwidth == 16
+
+
+@constexpr_function
+def mma_k(dtype):
+    """The k of one wgmma instruction for operands of `dtype`: 32 bytes of them."""
+    return 256 // dtype.primitive_bitwidth
 
 
 @gluon.jit
@@ -107,31 +122,80 @@ def online_softmax(s_bits, m_i, row_scale, n_left, BLOCK_N: gl.constexpr, s_layo
 
 
 @gluon.jit
-def to_pv_operand(p, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, p_layout: gl.constexpr):
-    """P in FP8, as the A operand of P·V, without moving a byte between threads: within every 32 keys the
-    accumulator gives a thread keys {2q, 2q+1, 8+2q, 9+2q} (+16) where the A operand wants {4q..4q+3} (+16).
-    Relabelling the keys (bits h u q t -> h q u t) makes the two the same registers; the quantization kernel
-    stores FP8 V with its keys in that order (see quant_kernels.pv_key_source)."""
-    # relabel in FP32 (a renaming of registers), then cast: each pair conversion lands in its final half-register
-    p = gl.reshape(p, [BLOCK_M, BLOCK_N // 32, 2, 2, 4, 2])
-    p = gl.permute(p, [0, 1, 2, 4, 3, 5])
-    p = gl.reshape(p, [BLOCK_M, BLOCK_N])
-    p = gl.convert_layout(p, p_layout, assert_trivial=True)
-    # four neighbours of a thread -> one A-operand register, two conversions. P carried across steps in FP16
-    # (two-level ping-pong, whose FP32 P spilled beside the producer warp) arrives as two f16x2 registers.
-    if p.dtype == gl.float16:
-        return gl.inline_asm_elementwise(P8_FROM_F16X2, "=r,r,r", [p], dtype=gl.float8e4nv, is_pure=True, pack=4)
-    return gl.inline_asm_elementwise(P8_FROM_F32, "=r,r,r,r,r", [p], dtype=gl.float8e4nv, is_pure=True, pack=4)
+def carried(p, V_DTYPE: gl.constexpr):
+    """P as it crosses to the next step, where its product is issued: with a 16-bit V in V's type, what P·V
+    multiplies (half the registers of FP32: at head dim 64 under 168 registers the loop spilled with FP32 P), cast
+    after P·V's wait (the A operand's registers written while a wgmma is in flight make ptxas serialise every
+    wgmma); FP8 P·V: as it is (see to_pv_operand)."""
+    if is_16bit(V_DTYPE):
+        p = p.to(V_DTYPE)
+    return p
 
 
 @gluon.jit
-def issue_kv_load(k_desc, v_desc, k_smem, v_smem, bars, tile, slot, bh_kv, NK, live,
+def to_pv_operand(p, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, p_layout: gl.constexpr, V_DTYPE: gl.constexpr):
+    """P as the A operand of P·V. A 16-bit V (V_DTYPE): P in that type, which the scores' accumulator layout
+    already matches register for register (k_width 2). Otherwise P in FP8, without moving a byte between
+    threads: within every 32 keys the accumulator gives a thread keys {2q, 2q+1, 8+2q, 9+2q} (+16) where the A
+    operand wants {4q..4q+3} (+16). Relabelling the keys (bits h u q t -> h q u t) makes the two the same
+    registers; the quantization kernel stores FP8 V with its keys in that order (see quant_kernels.pv_key_source)."""
+    if is_16bit(V_DTYPE):
+        operand = gl.convert_layout(p.to(V_DTYPE), p_layout, assert_trivial=True)
+    else:
+        # relabel in FP32 (a renaming of registers), then cast: each pair conversion lands in its final
+        # half-register
+        p = gl.reshape(p, [BLOCK_M, BLOCK_N // 32, 2, 2, 4, 2])
+        p = gl.permute(p, [0, 1, 2, 4, 3, 5])
+        p = gl.reshape(p, [BLOCK_M, BLOCK_N])
+        p = gl.convert_layout(p, p_layout, assert_trivial=True)
+        # four neighbours of a thread -> one A-operand register, two conversions. P carried across steps in FP16
+        # (two-level ping-pong, whose FP32 P spilled beside the producer warp) arrives as two f16x2 registers.
+        if p.dtype == gl.float16:
+            operand = gl.inline_asm_elementwise(P8_FROM_F16X2, "=r,r,r", [p], dtype=gl.float8e4nv, is_pure=True,
+                                                pack=4)
+        else:
+            operand = gl.inline_asm_elementwise(P8_FROM_F32, "=r,r,r,r,r", [p], dtype=gl.float8e4nv, is_pure=True,
+                                                pack=4)
+    return operand
+
+
+@gluon.jit
+def issue_kv_load(k_desc, v_desc, k_smem, v_smem, bars, tile, slot, bh_kv, v_row0, v_col0, NK, live,
                   BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr):
-    """TMA of key tile `tile` (K rows and the matching FP8 Vᵀ columns) into ring slot `slot`, if `live`."""
+    """TMA of key tile `tile` (K rows and the matching V: FP8 Vᵀ columns, or a 16-bit V's rows) into ring slot
+    `slot`, if `live`. (v_row0, v_col0): where the head's V starts in v_desc (v_origin)."""
     bar = bars.index(slot)
-    mbarrier.expect(bar, 2 * BLOCK_N * BLOCK_D, pred=live)  # INT8 K and FP8 V bytes
+    mbarrier.expect(bar, BLOCK_N * BLOCK_D * (1 + v_desc.dtype.primitive_bitwidth // 8), pred=live)  # INT8 K, V
     tma_load(k_desc, [bh_kv * NK + tile * BLOCK_N, 0], bar, k_smem.index(slot), pred=live)
-    tma_load(v_desc, [bh_kv * BLOCK_D, tile * BLOCK_N], bar, v_smem.index(slot), pred=live)
+    if is_16bit(v_desc.dtype):
+        # the call's V [B, HK, NK, D]: keys past NK arrive as zeros (a ragged last tile's P is 0 there, and 0
+        # times whatever lay in memory past the head could be NaN)
+        tma_load(v_desc, [v_row0, v_col0, tile * BLOCK_N, 0], bar,
+                 v_smem.index(slot).reshape([1, 1, BLOCK_N, BLOCK_D]), pred=live)
+    else:
+        tma_load(v_desc, [v_row0, v_col0 + tile * BLOCK_N], bar, v_smem.index(slot), pred=live)
+
+
+@gluon.jit
+def v_origin(v_desc, bh_kv, HK, BLOCK_D: gl.constexpr):
+    """Where K/V head bh_kv's V starts in v_desc, as two coordinates: FP8 codes, (its first row of BLOCK_D
+    channels, 0); a 16-bit V, the call's own [B, HK, NK, D] in a 4-D descriptor, (batch, head)."""
+    if is_16bit(v_desc.dtype):
+        origin = (bh_kv // HK, bh_kv % HK)
+    else:
+        origin = (bh_kv * BLOCK_D, bh_kv * 0)
+    return origin
+
+
+@gluon.jit
+def pv_operand(v_smem, slot):
+    """Ring slot `slot`'s V as P·V's B operand [keys, head dim]: FP8 codes are stored [head dim, keys] (FP8's
+    wgmma reads B K-major only); a 16-bit V as it came, [keys, head dim]."""
+    if is_16bit(v_smem.dtype):
+        operand = v_smem.index(slot)
+    else:
+        operand = v_smem.index(slot).permute((1, 0))
+    return operand
 
 
 @gluon.jit
@@ -140,8 +204,10 @@ def scores_operand(q_smem, s_layout: gl.constexpr, IN_REGISTERS: gl.constexpr):
     loaded once into 16 registers per thread. In the ping-pong kernel with turns, registers shorten each turn
     (123 -> 101 instructions before its first product, the seeds' moves being most of the rest) and lift
     Wan2.1 by 2-4%; without turns and in the one-warpgroup kernel they read level or 2% slower (bench/NOTES.md,
-    "Q's codes in registers"). The next work item's TMA of Q overwrites the tile only after every use of
-    these registers, so no proxy fence is needed between the load and that write."""
+    "Q's codes in registers"). With FP16 P·V (its A operand twice FP8's registers) they stay in shared memory:
+    with them in registers Triton 3.9's ping-pong kernel spilled in its loop. The next work item's TMA of Q
+    overwrites the tile only after every use of these registers, so no proxy fence is needed between the load
+    and that write."""
     if IN_REGISTERS:
         q_op = q_smem.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=4))
     else:
@@ -187,7 +253,7 @@ def fold_row_sums(l_acc, tile_sums, alpha, l_rows: gl.constexpr):
 
 @gluon.jit
 def pipeline_step(j, ring0, p_prev, m_i, l_acc, alpha_prev, acc, q_op, k_smem, v_smem, ones_smem, full_bars,
-                  consumer, k_desc, v_desc, seed, tile_zero, q_scale, ks_base, bh_kv, NK, NQ, n_tiles,
+                  consumer, k_desc, v_desc, seed, tile_zero, q_scale, ks_base, bh_kv, v_row0, v_col0, NK, NQ, n_tiles,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, STAGES: gl.constexpr,
                   TWO_LEVEL: gl.constexpr, PING_PONG: gl.constexpr, TURNS: gl.constexpr, LAST: gl.constexpr,
                   MAGIC: gl.constexpr,
@@ -217,16 +283,16 @@ def pipeline_step(j, ring0, p_prev, m_i, l_acc, alpha_prev, acc, q_op, k_smem, v
     slot = (g % STAGES).to(gl.int32)
     prev = ((g - 1) % STAGES).to(gl.int32)
     mbarrier.wait(full_bars.index(slot), ((g // STAGES) & 1).to(gl.int32))
-    p8 = to_pv_operand(p_prev, BLOCK_M, BLOCK_N, p_layout)
+    p8 = to_pv_operand(p_prev, BLOCK_M, BLOCK_N, p_layout, v_smem.dtype)
     if PING_PONG and TURNS:
         named_sync(TURN_BARRIER + consumer, TURN_THREADS, 4)
     s_tok = warpgroup_mma(q_op, k_smem.index(slot).permute((1, 0)), seed, use_acc=MAGIC,
                           is_async=True)
     if TWO_LEVEL:
         # two-level accumulation: the tile's FP8 product lands in its own FP16 registers
-        o_tok = warpgroup_mma(p8, v_smem.index(prev).permute((1, 0)), tile_zero, use_acc=False, is_async=True)
+        o_tok = warpgroup_mma(p8, pv_operand(v_smem, prev), tile_zero, use_acc=False, is_async=True)
     else:
-        o_tok = warpgroup_mma(p8, v_smem.index(prev).permute((1, 0)), acc, is_async=True)  # rescaled last step
+        o_tok = warpgroup_mma(p8, pv_operand(v_smem, prev), acc, is_async=True)  # rescaled last step
     if SUMS_ON_MMA:
         l_tok = row_sums(p8, ones_smem, l_acc)
     if PING_PONG and TURNS:
@@ -248,6 +314,7 @@ def pipeline_step(j, ring0, p_prev, m_i, l_acc, alpha_prev, acc, q_op, k_smem, v
             o_tile, l_acc = warpgroup_mma_wait(0, deps=[o_tok, l_acc])
         else:
             o_tile = warpgroup_mma_wait(0, deps=[o_tok])
+    p = carried(p, v_smem.dtype)
     if TWO_LEVEL:
         acc = acc * by_row(alpha_prev, o_rows) + o_tile.to(gl.float32)
     else:
@@ -257,7 +324,7 @@ def pipeline_step(j, ring0, p_prev, m_i, l_acc, alpha_prev, acc, q_op, k_smem, v
     else:
         # the slot of tile j-1 is free in every warp: refill it, STAGES tiles ahead
         cta_barrier()
-        issue_kv_load(k_desc, v_desc, k_smem, v_smem, full_bars, j - 1 + STAGES, prev, bh_kv, NK,
+        issue_kv_load(k_desc, v_desc, k_smem, v_smem, full_bars, j - 1 + STAGES, prev, bh_kv, v_row0, v_col0, NK,
                       j - 1 + STAGES < n_tiles, BLOCK_N, BLOCK_D)
     return p, m_i, l_acc, alpha, acc
 
@@ -275,22 +342,25 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_desc, k_desc, v_desc, q_smem, q_ba
     partial `part` (PART_O, PART_LSE), which tail_merge_kernel joins. ring0: key tiles the ring carried before
     these (their slots and phases go on from there); q_phase: the phase of q_bar for this Q tile."""
     # one warp per 16 query rows; the scores' wgmma spans the key tile, P·V's the head dim (k = 32 bytes)
+    PV_K: gl.constexpr = mma_k(v_smem.dtype)
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 32])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_D, 32])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+                                                       instr_shape=[16, BLOCK_D, PV_K])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=PV_K // 8)
     s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
     o_cols: gl.constexpr = gl.SliceLayout(0, o_layout)
     # P's row sums: P (the same registers as P·V's A operand) times an 8-column tile of ones
-    l_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 8, 32])
+    l_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, 8, PV_K])
     l_rows: gl.constexpr = gl.SliceLayout(1, l_layout)
     SUMS_ON_MMA: gl.constexpr = sums_on_mma(TWO_LEVEL, PING_PONG)
 
     b = bh // H
     h = bh % H
     bh_kv = kv_head(bh, H, KV_GROUP)
+    v_row0, v_col0 = v_origin(v_desc, bh_kv, H // KV_GROUP, BLOCK_D)
     n_tiles = t1 - t0
     # the keys from tile t0 on: the softmax masks what lies past NK (the one-warpgroup kernel, which also loads
     # its own tiles with it, always starts at tile 0)
@@ -309,7 +379,7 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_desc, k_desc, v_desc, q_smem, q_ba
 
     # tile 0: its scores and softmax, with nothing to overlap yet (masked: it may be the last)
     mbarrier.wait(q_bar, q_phase)
-    q_op = scores_operand(q_smem, s_layout, PING_PONG and TURNS)
+    q_op = scores_operand(q_smem, s_layout, PING_PONG and TURNS and not is_16bit(v_smem.dtype))
     mbarrier.wait(full_bars.index(ring0 % STAGES), (ring0 // STAGES) & 1)
     if PING_PONG and TURNS:
         named_arrive(TURN_BARRIER, TURN_THREADS, consumer == 1, 4)  # consumer 0 goes first
@@ -328,21 +398,23 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_desc, k_desc, v_desc, q_smem, q_ba
         l_acc = gl.sum(p, axis=1)
     if TWO_LEVEL and PING_PONG:
         p = p.to(gl.float16)  # carried to the next step in half the registers (see to_pv_operand)
+    p = carried(p, v_smem.dtype)
     acc = gl.zeros([BLOCK_M, BLOCK_D], gl.float32, o_layout)
     for j in range(1, n_tiles - 1):
         p, m_i, l_acc, alpha, acc = pipeline_step(
             j, ring0, p, m_i, l_acc, alpha, acc, q_op, k_smem, v_smem, ones_smem, full_bars, consumer, k_desc,
-            v_desc, seed, tile_zero, q_scale, ks_base, bh_kv, nk_left, NQ, n_tiles, BLOCK_M, BLOCK_N, BLOCK_D, STAGES,
-            TWO_LEVEL, PING_PONG, TURNS, False, MAGIC, SUMS_ON_MMA, s_layout, o_rows, l_rows, p_layout)
+            v_desc, seed, tile_zero, q_scale, ks_base, bh_kv, v_row0, v_col0, nk_left, NQ, n_tiles, BLOCK_M, BLOCK_N,
+            BLOCK_D, STAGES, TWO_LEVEL, PING_PONG, TURNS, False, MAGIC, SUMS_ON_MMA, s_layout, o_rows, l_rows, p_layout)
     if n_tiles > 1:
         p, m_i, l_acc, alpha, acc = pipeline_step(
             n_tiles - 1, ring0, p, m_i, l_acc, alpha, acc, q_op, k_smem, v_smem, ones_smem, full_bars, consumer,
-            k_desc, v_desc, seed, tile_zero, q_scale, ks_base, bh_kv, nk_left, NQ, n_tiles, BLOCK_M, BLOCK_N, BLOCK_D,
-            STAGES, TWO_LEVEL, PING_PONG, TURNS, True, MAGIC, SUMS_ON_MMA, s_layout, o_rows, l_rows, p_layout)
+            k_desc, v_desc, seed, tile_zero, q_scale, ks_base, bh_kv, v_row0, v_col0, nk_left, NQ, n_tiles, BLOCK_M,
+            BLOCK_N, BLOCK_D, STAGES, TWO_LEVEL, PING_PONG, TURNS, True, MAGIC, SUMS_ON_MMA, s_layout, o_rows, l_rows,
+            p_layout)
     # P·V of the last tile
-    p8 = to_pv_operand(p, BLOCK_M, BLOCK_N, p_layout)
+    p8 = to_pv_operand(p, BLOCK_M, BLOCK_N, p_layout, v_smem.dtype)
     last_slot = (ring0 + n_tiles - 1) % STAGES
-    v_last = v_smem.index(last_slot).permute((1, 0))
+    v_last = pv_operand(v_smem, last_slot)
     if TWO_LEVEL:
         o_tok = warpgroup_mma(p8, v_last, tile_zero, use_acc=False, is_async=True)
     else:
@@ -363,7 +435,8 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_desc, k_desc, v_desc, q_smem, q_ba
 
     offs_d = gl.arange(0, BLOCK_D, layout=o_cols)
     out = acc * gl.expand_dims(gl.convert_layout(1.0 / l_i, o_rows), 1)
-    out = out * gl.expand_dims(gl.load(V_SCALE + bh_kv * BLOCK_D + offs_d), 0)
+    if not is_16bit(v_smem.dtype):  # FP8 codes: back to V's units
+        out = out * gl.expand_dims(gl.load(V_SCALE + bh_kv * BLOCK_D + offs_d), 0)
     if SHIFT_V:
         out = out + gl.expand_dims(gl.load(V_SHIFT + bh_kv * BLOCK_D + offs_d), 0)
     if part >= 0:
@@ -389,14 +462,29 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_desc, k_desc, v_desc, q_smem, q_ba
 
 @gluon.jit
 def ones_tile(v_desc, BLOCK_N: gl.constexpr):
-    """8 rows of BLOCK_N FP8 ones in shared memory: the B operand of row_sums (as V is P·V's)."""
-    ones_smem = gl.allocate_shared_memory(gl.float8e4nv, [8, BLOCK_N], v_desc.layout)
+    """8 rows of BLOCK_N ones in V's P·V type in shared memory: the B operand of row_sums (as V is P·V's)."""
     fill: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [1, 4], [1, 0])
-    # 0x38 is 1.0 in e4m3, written as bytes: no conversion
-    ones_smem.store(gl.full([8, BLOCK_N], 0x38, gl.int8, fill).to(gl.float8e4nv, bitcast=True))
+    if is_16bit(v_desc.dtype):
+        ones_smem = gl.allocate_shared_memory(v_desc.dtype, [8, BLOCK_N], gl.NVMMASharedLayout(128, 16))
+        ones_smem.store(gl.full([8, BLOCK_N], 1.0, v_desc.dtype, fill))
+    else:
+        ones_smem = gl.allocate_shared_memory(gl.float8e4nv, [8, BLOCK_N], v_desc.layout)
+        # 0x38 is 1.0 in e4m3, written as bytes: no conversion
+        ones_smem.store(gl.full([8, BLOCK_N], 0x38, gl.int8, fill).to(gl.float8e4nv, bitcast=True))
     fence_async_shared()  # the generic-proxy stores, before the tensor cores read them
     cta_barrier()  # every warp's rows, before any warp's product
     return ones_smem
+
+
+@gluon.jit
+def v_ring(v_desc, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr):
+    """The ring's V slots: FP8 codes [head dim, keys], or a 16-bit V's tiles [keys, head dim] (v_desc's block)."""
+    if is_16bit(v_desc.dtype):
+        # the swizzle of v_desc's [1, 1, BLOCK_N, BLOCK_D] tiles, in two dimensions for the wgmma
+        ring = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, BLOCK_D], gl.NVMMASharedLayout(128, 16))
+    else:
+        ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_D, BLOCK_N], v_desc.layout)
+    return ring
 
 
 @gluon.jit
@@ -419,15 +507,17 @@ def sage_fwd_sm90_kernel(
 ):
     """One warpgroup per program, BLOCK_M = 64 query rows; it issues its own TMA loads STAGES tiles ahead."""
     k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_D], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_D, BLOCK_N], v_desc.layout)
+    v_smem = v_ring(v_desc, STAGES, BLOCK_N, BLOCK_D)
     q_smem = gl.allocate_shared_memory(gl.int8, [BLOCK_M, BLOCK_D], q_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
     full_bars = ring_barriers(STAGES)
     bh_kv = kv_head(gl.program_id(1), H, KV_GROUP)
+    v_row0, v_col0 = v_origin(v_desc, bh_kv, H // KV_GROUP, BLOCK_D)
     n_tiles = (NK + BLOCK_N - 1) // BLOCK_N
     for s in gl.static_range(STAGES):
-        issue_kv_load(k_desc, v_desc, k_smem, v_smem, full_bars, s, s, bh_kv, NK, s < n_tiles, BLOCK_N, BLOCK_D)
+        issue_kv_load(k_desc, v_desc, k_smem, v_smem, full_bars, s, s, bh_kv, v_row0, v_col0, NK, s < n_tiles,
+                      BLOCK_N, BLOCK_D)
     if sums_on_mma(TWO_LEVEL, False):
         ones_smem = ones_tile(v_desc, BLOCK_N)
     else:
@@ -507,12 +597,14 @@ def load_kv_ring(k_desc, v_desc, k_smem, v_smem, full_bars, H, KV_GROUP, NK, n_q
     for i in range(first, end, step):
         _, bh, t0, t1, _ = work_item(i, n_pairs, n_tiles, whole, splits, meta[9])
         bh_kv = kv_head(bh, H, KV_GROUP)
+        v_row0, v_col0 = v_origin(v_desc, bh_kv, H // KV_GROUP, BLOCK_D)
         for t in range(t0, t1):
             g = ring0 + t - t0  # the tile's position in the ring's sequence
             s = g % STAGES
             if g >= STAGES:
                 named_sync(SLOT_BARRIER + s, SLOT_THREADS, 1)
-            issue_kv_load(k_desc, v_desc, k_smem, v_smem, full_bars, t, s, bh_kv, NK, True, BLOCK_N, BLOCK_D)
+            issue_kv_load(k_desc, v_desc, k_smem, v_smem, full_bars, t, s, bh_kv, v_row0, v_col0, NK, True, BLOCK_N,
+                          BLOCK_D)
         ring0 += t1 - t0
     for t in range(gl.maximum(ring0 - STAGES, 0), ring0):
         named_sync(SLOT_BARRIER + t % STAGES, SLOT_THREADS, 1)
@@ -537,7 +629,7 @@ def sage_fwd_sm90_pingpong_kernel(
     (on the H200 faster at 4.6k to 16k and at 118k tokens, slower at Wan2.1's 32k: bench/NOTES.md, "Ping-pong
     without turns, …")."""
     k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_D], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_D, BLOCK_N], v_desc.layout)
+    v_smem = v_ring(v_desc, STAGES, BLOCK_N, BLOCK_D)
     q_smem = gl.allocate_shared_memory(gl.int8, [2, BLOCK_M, BLOCK_D], q_desc.layout)
     q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for c in gl.static_range(2):

@@ -1,7 +1,8 @@
 """Launcher of the Hopper (sm90) Gluon kernel: which calls it serves, its TMA descriptors and its grid.
 
-It takes the buffers of launch.quantize_qkv (made with pv_key_order=True) and writes the same outputs as
-the portable kernel: the output, the per-program non-finite flags and, on request, the LSE.
+It takes the buffers of launch.quantize_qkv (made with pv_key_order=True) and, for FP16 P·V, the call's own V
+(read as it is: v_tiles), and writes the same outputs as the portable kernel: the output, the per-program
+non-finite flags and, on request, the LSE.
 """
 from __future__ import annotations
 
@@ -27,13 +28,15 @@ CONSUMER_REGISTERS = 240  # ping-pong: per thread of each consumer warpgroup; th
 
 
 def serves(device: torch.device, *, config: LaunchConfig, pv_fp8: bool, is_causal: bool, has_bias: bool,
-           head_dim: int, block_d: int, k_group: int, kv_len: int) -> bool:
+           head_dim: int, block_d: int, k_group: int, kv_len: int, v_tiles: bool = False) -> bool:
     """True when this call can run the Hopper kernel: an sm90 GPU, a pipelined configuration (64 query rows
-    per warpgroup), FP8 P·V, no causal mask and no key mask, a head dim of 64 or 128, one K scale per key
-    tile, at least one full key tile (shorter key sequences are launch-bound: the portable kernel serves them);
-    only the ping-pong kernel runs persistent or without turns.
+    per warpgroup), FP8 P·V or (v_tiles: TMA reads the call's FP16/BF16 V as it is) FP16 P·V, no causal mask
+    and no key mask, a head dim of 64 or 128, one K scale per key tile, at least one full key tile (shorter key
+    sequences are launch-bound: the portable kernel serves them); only the ping-pong kernel runs persistent or
+    without turns.
     """
-    return (AVAILABLE and config.pipelined and kv_len >= config.block_n and pv_fp8 and not is_causal and not has_bias
+    return (AVAILABLE and config.pipelined and kv_len >= config.block_n and (pv_fp8 or v_tiles) and not is_causal
+            and not has_bias
             and head_dim == block_d and block_d in HEAD_DIMS and k_group == config.block_n
             and config.block_m == WARPGROUP_ROWS and config.num_warps == 4
             and (config.ping_pong or not (config.persistent or config.no_turns))
@@ -47,16 +50,27 @@ def serves(device: torch.device, *, config: LaunchConfig, pv_fp8: bool, is_causa
 FP16_TILE_V_CODE_MAX = 448.0 / 512
 
 
-def two_level(config: LaunchConfig) -> bool:
+def two_level(config: LaunchConfig, pv_fp8: bool = True) -> bool:
     """Whether the Gluon kernel of this configuration accumulates P·V per tile in FP16 (its FP8 V codes then
-    stay within FP16_TILE_V_CODE_MAX), else in place."""
-    return not config.pv_direct
+    stay within FP16_TILE_V_CODE_MAX), else in place (always with a 16-bit V: its products are FP32-exact)."""
+    return pv_fp8 and not config.pv_direct
 
 
-def kernel_constants(config: LaunchConfig, block_d: int, q_group: int, shift_v: bool, return_lse: bool) -> dict:
+def v_tiles(v: torch.Tensor, block_d: int) -> bool:
+    """Whether TMA reads the call's V ([B, HK, NK, D] in any layout: HND, NHD, a fused QKV projection's slice) as
+    it is, in a 4-D descriptor (v_descriptor): FP16 or BF16, an unpadded head dim, contiguous channels, and every
+    other stride a positive multiple of 16 bytes (a dimension of size 1 aside) from a 16-byte aligned start."""
+    if v.dtype not in (torch.float16, torch.bfloat16) or v.shape[-1] != block_d or v.stride(-1) != 1:
+        return False
+    return v.data_ptr() % 16 == 0 and all(s > 0 and s % 8 == 0 for n, s in zip(v.shape[:-1], v.stride()[:-1])
+                                          if n > 1)
+
+
+def kernel_constants(config: LaunchConfig, block_d: int, q_group: int, shift_v: bool, return_lse: bool,
+                     pv_fp8: bool = True) -> dict:
     """The compile-time arguments a configuration gives its Gluon kernel (the launch and compile_for_sm90)."""
     constants = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, Q_GROUP=q_group,
-                     STAGES=config.num_stages, TWO_LEVEL=two_level(config), SHIFT_V=shift_v,
+                     STAGES=config.num_stages, TWO_LEVEL=two_level(config, pv_fp8), SHIFT_V=shift_v,
                      RETURN_LSE=return_lse, MAGIC=config.magic_convert)
     if config.ping_pong:
         constants["CONSUMER_REGS"] = CONSUMER_REGISTERS
@@ -77,30 +91,51 @@ def descriptor(t: torch.Tensor, block: list[int], dtype) -> "TensorDescriptor":
     return TensorDescriptor(t, list(t.shape), list(t.stride()), block, shared_layout(tuple(block), dtype))
 
 
+GL_TYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
 def descriptors(qz: dict, config: LaunchConfig) -> tuple:
-    """The TMA descriptors of Q's, K's and V's codes (launch.quantize_qkv's buffers) in this configuration's
-    tiles: made once per call plan, whose buffers stay put."""
+    """The TMA descriptors of Q's, K's and (FP8 P·V) V's codes (launch.quantize_qkv's buffers) in this
+    configuration's tiles: made once per call plan, whose buffers stay put."""
     q8, k8, v8 = qz["q8"], qz["k8"], qz["v8"]
     block_d = q8.shape[-1]
-    return (descriptor(q8.view(-1, block_d), [config.block_m, block_d], gl.int8),
-            descriptor(k8.view(-1, block_d), [config.block_n, block_d], gl.int8),
-            descriptor(v8.view(-1, v8.shape[-1]), [block_d, config.block_n], gl.float8e4nv))
+    codes = (descriptor(q8.view(-1, block_d), [config.block_m, block_d], gl.int8),
+             descriptor(k8.view(-1, block_d), [config.block_n, block_d], gl.int8))
+    if v8 is None:
+        return codes
+    return (*codes, descriptor(v8.view(-1, v8.shape[-1]), [block_d, config.block_n], gl.float8e4nv))
+
+
+def v_descriptor(v: torch.Tensor, config: LaunchConfig):
+    """The TMA descriptor of the call's own V [B, HK, NK, D] (v_tiles) in tiles of one head's key tile, made per
+    call: its address is the caller's, where a plan's buffers stay put. Its bounds are each head's: a ragged
+    last tile's keys past NK arrive as zeros, whatever lies in memory there. A dimension of size 1 takes any
+    stride: TMA is given a valid one."""
+    block = [1, 1, config.block_n, v.shape[-1]]
+    strides = [s if n > 1 else 8 for n, s in zip(v.shape, v.stride())]
+    strides[-1] = 1
+    return TensorDescriptor(v, list(v.shape), strides, block,
+                            shared_layout(tuple(block), getattr(gl, GL_TYPES[v.dtype])))
 
 
 def launch(qz: dict, out: torch.Tensor, lse: torch.Tensor, bad: torch.Tensor, *, heads: int, kv_heads: int,
-           q_group: int, v_shift, return_lse: bool, config: LaunchConfig, run, tma: tuple) -> None:
+           q_group: int, v_shift, return_lse: bool, config: LaunchConfig, run, tma: tuple, v=None) -> None:
     """One warpgroup per (query tile of 64 rows, batch·head), as the portable kernel's grid with BLOCK_M = 64;
     the ping-pong kernel puts two of them in a program, and splits its grid's last items as qz's "tail_split"
     says (tail_buffers, made with the call plan; the parts in its "tail_o" and "tail_lse", joined by a second
     launch). v_shift: None or
     the [B·HK, D] vector added to the output (launch.output_shift); run: the call plan's launcher; tma:
-    `descriptors` of qz."""
+    `descriptors` of qz; v: None (FP8 P·V: V's codes in qz) or the call's V (FP16 P·V, v_tiles)."""
     bh, nq, block_d = qz["q8"].shape
     nk = qz["k8"].shape[1]
     q_tiles = -(-nq // config.block_m)
-    scales = (qz["q_scale"], qz["k_scale"], qz["v_scale"], v_shift if v_shift is not None else qz["v_scale"])
+    pv_fp8 = v is None
+    if not pv_fp8:
+        tma = (*tma, v_descriptor(v, config))
+    v_scale = qz["v_scale"] if pv_fp8 else qz["q_scale"]  # FP16 P·V: a placeholder, never read
+    scales = (qz["q_scale"], qz["k_scale"], v_scale, v_shift if v_shift is not None else v_scale)
     sizes = (heads, heads // kv_heads, nq, nk, qz["q_scale"].shape[-1], qz["k_scale"].shape[-1])
-    meta = kernel_constants(config, block_d, q_group, v_shift is not None, return_lse)
+    meta = kernel_constants(config, block_d, q_group, v_shift is not None, return_lse, pv_fp8)
     items = work_items_per_head(config, nq)
     if not config.ping_pong:
         run("attention", sage_fwd_sm90_kernel, (items, bh), (*tma, *scales, out, lse, bad, *out.stride(), *sizes),
@@ -211,9 +246,10 @@ def compile_options(config: LaunchConfig) -> dict:
 POINTER_ARGS = ("Q_SCALE", "K_SCALE", "V_SCALE", "V_SHIFT", "OUT", "LSE", "BAD", "PART_O", "PART_LSE")
 
 
-def compile_for_sm90(config: LaunchConfig, head_dim: int):
+def compile_for_sm90(config: LaunchConfig, head_dim: int, pv_fp8: bool = True):
     """Compile the kernel a pipelined configuration launches, for sm90, on any machine (no GPU needed): what
-    `bench/inspect_sass.py` disassembles and the code-generation tests check (bf16 output, no LSE, no V mean)."""
+    `bench/inspect_sass.py` disassembles and the code-generation tests check (bf16 output, no LSE, no V mean;
+    pv_fp8 False: FP16 P·V on a BF16 V)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -221,8 +257,8 @@ def compile_for_sm90(config: LaunchConfig, head_dim: int):
     fn = sage_fwd_sm90_pingpong_kernel if config.ping_pong else sage_fwd_sm90_kernel
     m, n, d = config.block_m, config.block_n, head_dim
     descs = {"q_desc": ("i8", [m, d], gl.int8), "k_desc": ("i8", [n, d], gl.int8),
-             "v_desc": ("fp8e4nv", [d, n], gl.float8e4nv)}
-    consts = {**kernel_constants(config, d, 16, shift_v=False, return_lse=False), "stride_od": 1}
+             "v_desc": ("fp8e4nv", [d, n], gl.float8e4nv) if pv_fp8 else ("bf16", [1, 1, n, d], gl.bfloat16)}
+    consts = {**kernel_constants(config, d, 16, shift_v=False, return_lse=False, pv_fp8=pv_fp8), "stride_od": 1}
     sig, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in descs:

@@ -231,12 +231,16 @@ def quant_groups(q_group: int, k_group: int, config: tuning.LaunchConfig) -> tup
     return min(q_group, config.block_m), k_group or config.block_n
 
 
-def runs_hopper_kernel(q, k, *, config: tuning.LaunchConfig, k_group: int, pv_fp8: bool, is_causal: bool,
+def runs_hopper_kernel(q, k, v, *, config: tuning.LaunchConfig, k_group: int, pv_fp8: bool, is_causal: bool,
                        has_bias: bool) -> bool:
-    """Whether sage_forward runs this call on the Hopper Gluon kernel (k_group as quant_groups gives it)."""
+    """Whether sage_forward runs this call on the Hopper Gluon kernel (k_group as quant_groups gives it); FP16
+    P·V where it reads the call's V as it is (hopper_launch.v_tiles), without grouped-query heads: that case of
+    FP16 P·V has not run on a GPU yet, so the portable kernel keeps it."""
     D = q.shape[-1]
+    block_d = padded_head_dim(D)
+    v_tiles = not pv_fp8 and q.shape[1] == k.shape[1] and hopper_launch.v_tiles(v, block_d)
     return hopper_launch.serves(q.device, config=config, pv_fp8=pv_fp8, is_causal=is_causal, has_bias=has_bias,
-                                head_dim=D, block_d=padded_head_dim(D), k_group=k_group, kv_len=k.shape[2])
+                                head_dim=D, block_d=block_d, k_group=k_group, kv_len=k.shape[2], v_tiles=v_tiles)
 
 
 def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_group: int, k_group: int,
@@ -260,6 +264,10 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
     # offset in V (projections with a bias) the output lost 0.26 relative L1 at 16k keys. V smoothing (exact:
     # the mean is added back) removes the offset, and with it the loss (0.0014, as two-level accumulation).
     smooth_v = smooth_v or (pv_fp8 and config.pv_direct)
+    # FP16 P·V multiplies an FP16/BF16 V as it is: subtracting V's mean would only add a rounding of V - mean to
+    # V's own type (relative L1 0.0122 -> 0.0152 against exact attention in the reference, 0.013 -> 0.022 in the
+    # portable kernel, bench/NOTES.md). An FP32 V keeps the option (its products run in TF32).
+    smooth_v = smooth_v and (pv_fp8 or v.dtype == torch.float32)
 
     grid = (cdiv(NQ, block_m), B * H)
     signature = (q.device, tensor_signature(q), tensor_signature(k), tensor_signature(v), tensor_signature(out),
@@ -274,7 +282,7 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
             if pv_fp8 else None
         buffers["bad"] = torch.empty(grid[1] * grid[0], device=q.device, dtype=torch.int32)  # a flag per program
         # whether the Hopper kernel serves, decided once per plan, with the share of the tail split it needs
-        buffers["pipelined"] = runs_hopper_kernel(q, k, config=config, k_group=k_group, pv_fp8=pv_fp8,
+        buffers["pipelined"] = runs_hopper_kernel(q, k, v, config=config, k_group=k_group, pv_fp8=pv_fp8,
                                                   is_causal=is_causal, has_bias=bias is not None)
         buffers.update(hopper_launch.tail_buffers(config, B * H, NQ, NK, block_d, q.device) if buffers["pipelined"]
                        else {"tail_split": None, "tail_o": None, "tail_lse": None})
@@ -282,7 +290,7 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
 
     plan = PLANS.plan(q.device, signature, call_buffers)
     pipelined = plan.buffers["pipelined"]
-    fp16_tiles = pipelined and hopper_launch.two_level(config)
+    fp16_tiles = pipelined and hopper_launch.two_level(config, pv_fp8)
     qz = quantize_qkv(q, k, v, q_group=q_group, k_group=k_group, block_d=block_d, q_multiplier=sm_scale * LOG2E,
                       smooth_k=smooth_k, smooth_v=smooth_v, pv_fp8=pv_fp8, pv_key_order=pipelined,
                       v_code_max=hopper_launch.FP16_TILE_V_CODE_MAX if fp16_tiles else FP8_E4M3_MAX,
@@ -300,7 +308,8 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
     if pipelined:
         hopper_launch.launch(qz, out, lse, bad, heads=H, kv_heads=HK, q_group=q_group, v_shift=v_shift,
                              return_lse=return_lse, config=config, run=plan.run,
-                             tma=plan.derive("tma", lambda: hopper_launch.descriptors(qz, config)))
+                             tma=plan.derive("tma", lambda: hopper_launch.descriptors(qz, config)),
+                             v=None if pv_fp8 else v)
     else:
         plan.run("attention", sage_attention_fwd_kernel, grid, (
             qz["q8"], qz["q_scale"], qz["k8"], k_scale, v, v8, v_scale, v_shift if v_shift is not None else k_scale,

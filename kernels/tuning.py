@@ -141,9 +141,10 @@ def candidates(block_d: int, block_m: int | None = None, family: str = "sm90") -
         plain += [LaunchConfig(c.block_m, c.block_n, c.num_warps, c.num_stages, max_registers=r)
                   for c in plain if c.num_warps == 4 for r in ((168, 128) if c.block_n == 64 else (168,))]
     if family == "sm90" and block_d in (64, 128) and not block_m:
-        # the Gluon kernels (kernels/hopper_attention_kernel.py; FP8 P·V only: elsewhere they fall back to the
-        # portable kernel): one warpgroup per program, or two in ping-pong with a producer warp, each with
-        # two-level accumulation in FP16 tiles or accumulating in place; autotuning's accuracy rule decides.
+        # the Gluon kernels (kernels/hopper_attention_kernel.py; FP8 P·V, or FP16 P·V on a V that TMA reads as
+        # it is: elsewhere they fall back to the portable kernel): one warpgroup per program, or two in ping-pong
+        # with a producer warp, each (FP8 P·V) with two-level accumulation in FP16 tiles or accumulating in place;
+        # autotuning's accuracy rule decides.
         plain += [LaunchConfig(64, 128, 4, s, magic_convert=True, pv_direct=direct, pipelined=True, ping_pong=pp)
                   for s, pp in ((3, False), (4, True)) for direct in (False, True)]
         # the ping-pong kernel persistent (a program per multiprocessor looping over query tiles): level or 2%
@@ -157,9 +158,10 @@ def candidates(block_d: int, block_m: int | None = None, family: str = "sm90") -
                                   no_turns=True))
         if block_d == 64:
             # at head dim 64 one warpgroup capped at 168 registers runs three programs per multiprocessor, and
-            # their softmaxes fill each other's tensor-core gaps (bench/NOTES.md, "The rescale after P·V's wait")
-            plain += [LaunchConfig(64, 128, 4, 3, max_registers=168, magic_convert=magic, pv_direct=True,
-                                   pipelined=True) for magic in (True, False)]
+            # their softmaxes fill each other's tensor-core gaps (bench/NOTES.md, "The rescale after P·V's wait");
+            # FP16 P·V's V tiles are twice FP8's: three programs fit shared memory with two stages only
+            plain += [LaunchConfig(64, 128, 4, s, max_registers=168, magic_convert=magic, pv_direct=True,
+                                   pipelined=True) for s in (2, 3) for magic in (True, False)]
     if family not in ("sm100", "sm120"):
         # Triton 3.6's warp-specialisation pass fails on this kernel for sm90 (an MLIR pipeline error,
         # seen on an H100): offer those pipelines only to Blackwell, where that pass is Triton's default path

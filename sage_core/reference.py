@@ -62,6 +62,7 @@ def sage_reference(q, k, v, *, sm_scale=None, is_causal=False, bias=None, q_grou
     p = torch.exp2(s - m)
     row_sum = p.sum(-1, keepdim=True)
 
+    smooth_v = smooth_v and (pv_fp8 or v.dtype == torch.float32)  # as launch.sage_forward: a 16-bit V is exact
     v_mean = vf.mean(dim=2, keepdim=True) if smooth_v else torch.zeros_like(vf[:, :, :1])
     vs = vf - v_mean
     if pv_fp8:

@@ -25,9 +25,10 @@ def test_hopper_candidates_only_on_sm90_for_served_head_dims():
                                          "m64n128w4s4mcpdgppp", "m64n128w4s4mcpdgpppps", "m64n128w4s4mcpdgpppnt"}
     assert all(c.ping_pong for c in hopper if c.persistent or c.no_turns)
     assert all(c.block_m == hopper_launch.WARPGROUP_ROWS and c.num_warps == 4 for c in hopper)
-    # at head dim 64 also one warpgroup capped for three programs per multiprocessor (measured ahead there)
+    # at head dim 64 also one warpgroup capped for three programs per multiprocessor (measured ahead there), with
+    # two stages too (FP16 P·V's larger V tiles fit three programs' shared memory so)
     capped = {c.key() for c in tuning.candidates(64, None, "sm90") if c.pipelined and c.max_registers}
-    assert capped == {"m64n128w4s3r168mcpdgp", "m64n128w4s3r168pdgp"}
+    assert capped == {"m64n128w4s3r168mcpdgp", "m64n128w4s3r168pdgp", "m64n128w4s2r168mcpdgp", "m64n128w4s2r168pdgp"}
     assert not any(c.max_registers for c in hopper)
     assert not any(c.pipelined for c in tuning.candidates(128, None, "sm89"))
     assert not any(c.pipelined for c in tuning.candidates(256, None, "sm90"))
@@ -39,15 +40,24 @@ def test_shipped_table_loads_and_its_in_place_entries_are_the_measured_ones():
     launch.sage_forward) is shipped only where it was measured within the FP8 bound: head dim 128 at 8k (Flux's
     4608 tokens), 16k, 32k and 128k tokens on the H200, in the ping-pong kernel (without its turns except at
     Wan2.1's 32k, where only the turns measured faster); head dim 64 at 8k and 16k tokens, in the one-warpgroup
-    kernel capped at 168 registers."""
+    kernel capped at 168 registers. FP16 P·V runs the Hopper kernels where they measured ahead of the portable
+    kernel (bench/results/h200_fp16_pv_ab.json): head dim 64 at 8k and 16k tokens (one warpgroup, two stages),
+    head dim 128 at 2k to 32k (ping-pong); at SDXL's 4096 tokens and head dim 64 the portable kernel stays."""
     table = tuning.shipped_table("NVIDIA H200", "launch")
     assert table
-    in_place = {}
+    in_place, fp16_hopper = {}, {}
     for key, value in table.items():
         config = tuning.LaunchConfig(**value)
         assert tuning.LaunchConfig.from_key(config.key()) == config
         if key.startswith("fp8") and config.pv_direct:
             in_place[key] = config.key()
+        if key.startswith("fp16") and config.pipelined:
+            fp16_hopper[key] = config.key()
+    assert fp16_hopper == {"fp16|d64|many|nq8192|nk8192|bfloat16|full": "m64n128w4s2r168mcpdgp",
+                           "fp16|d64|many|nq16384|nk16384|bfloat16|full": "m64n128w4s2r168pdgp",
+                           **{f"fp16|d128|many|nq{n}|nk{n}|bfloat16|full": "m64n128w4s4mcpdgppp"
+                              for n in (2048, 8192, 32768)},
+                           "fp16|d128|many|nq16384|nk16384|bfloat16|full": "m64n128w4s3mcpdgppp"}
     assert in_place == {**{f"fp8|d128|many|nq{n}|nk{n}|bfloat16|full": "m64n128w4s4mcpdgpppnt"
                            for n in (8192, 16384, 131072)},
                         "fp8|d128|many|nq32768|nk32768|bfloat16|full": "m64n128w4s4mcpdgppp",
@@ -81,8 +91,27 @@ def test_auto_keys_tell_batch_heads_apart_and_the_shipped_ones_are_in_that_form(
             assert shipped == key(bh, 1, nq, d).replace(f"|nk{nq}|", f"|nk{nk}|"), shipped
 
 
+def test_fp16_pv_reads_the_callers_v_in_the_layouts_tma_takes():
+    """FP16 P·V on the Hopper kernel reads the call's V by TMA as it lies (hopper_launch.v_tiles): HND, NHD
+    (ComfyUI's), a fused QKV projection's slice, keys sliced from a longer buffer, one batch or head whatever its
+    stride; not FP32 V, not a head dim the kernel pads, not channels strided, not rows off 16 bytes."""
+    b, h, n, d = 2, 3, 40, 64
+    v = torch.randn(b, h, n, d, dtype=torch.bfloat16)
+    fused = torch.randn(b, n, 3, h, d, dtype=torch.float16)
+    good = {"HND": v, "NHD": v.transpose(1, 2).contiguous().transpose(1, 2), "fused": fused[:, :, 2].transpose(1, 2),
+            "sliced keys": torch.cat([v, v], dim=2)[:, :, :n], "one batch": v[:1].transpose(0, 1)[:, :1]}
+    for name, t in good.items():
+        assert hopper_launch.v_tiles(t, d), name
+    bad = {"fp32": v.float(), "padded head dim": v[..., :48], "strided channels": v.transpose(2, 3).contiguous()
+           .transpose(2, 3), "rows off 16 bytes": torch.randn(b, h, n, d + 1, dtype=torch.bfloat16)[..., :d],
+           "start off 16 bytes": torch.randn(b * h * n * d + 1, dtype=torch.bfloat16)[1:].view(b, h, n, d)}
+    for name, t in bad.items():
+        assert not hopper_launch.v_tiles(t, d), name
+
+
 def test_hopper_kernel_declines_what_it_does_not_serve():
-    """Every unserved case runs the portable kernel: the CPU, FP16 P·V, causal, masks, head dims other than
+    """Every unserved case runs the portable kernel: the CPU, FP16 P·V on a V that TMA cannot read as it is
+    (v_tiles), causal, masks, head dims other than
     64/128, K scales finer than a tile, fewer keys than one tile, configurations not marked pipelined, and a
     persistent or turnless one-warpgroup configuration (only the ping-pong kernel loops over work items or takes
     turns)."""

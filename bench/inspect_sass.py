@@ -281,7 +281,8 @@ def load_loops(sass: str) -> list[dict]:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pv", default="fp8", choices=["fp8", "fp16"])
+    ap.add_argument("--pv", default="fp8", choices=["fp8", "fp16"],
+                    help="P·V's precision (with a gp --config: fp16 compiles the Gluon kernel on a BF16 V)")
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--m", type=int, default=128)
     ap.add_argument("--n", type=int, default=128)

@@ -15,9 +15,10 @@ rather than the compiler's:
   - P's row sums (the softmax's normaliser) come from the tensor cores too: P times a tile of FP8 ones, issued
     with P·V (row_sums), except in the one-warpgroup two-level kernel, whose registers are all taken.
   - in the ping-pong kernel with turns, Q's codes sit in registers (scores_operand): each turn is shorter;
-  - or (V16: the call's V in FP16 or BF16, read by TMA from the caller's tensor as it is) P·V in V's own 16-bit
-    type, accumulated in place in FP32: no V quantization at all, P rounded to 8 or 11 significant bits rather
-    than e4m3's 4, at twice FP8's tensor-core time for P·V (SageAttention's INT8·FP16 variant).
+  - or, given a 16-bit v_desc (the call's V in FP16 or BF16, read by TMA from the caller's tensor as it lies),
+    P·V in V's own type, accumulated in place in FP32: no V quantization at all, P rounded to 8 or 11
+    significant bits rather than e4m3's 4, at twice FP8's tensor-core time for P·V (SageAttention's INT8·FP16
+    variant).
 Two kernels: sage_fwd_sm90_kernel, one warpgroup per program, loading its own tiles; and
 sage_fwd_sm90_pingpong_kernel, two consumer warpgroups taking turns at the tensor cores and a producer warp,
 one program per pair of query tiles or (PERSISTENT) one per multiprocessor looping over them, with or without

@@ -394,7 +394,7 @@ def sage_settings_inputs(include_from_model: bool = True) -> list:
                                "model (from the Sage Attention node); 'off' runs the Sage path with exact "
                                "attention (both outputs must then be identical)."),
         io.Boolean.Input("smooth_k", default=True, tooltip="Subtract K's per-channel mean before quantizing."),
-        io.Boolean.Input("smooth_v", default=False, tooltip="Subtract V's per-channel mean (helps FP8 P·V)."),
+        io.Boolean.Input("smooth_v", default=False, tooltip="Subtract V's per-channel mean (for FP8 P·V)."),
         io.Combo.Input("qk_granularity", options=list(GRANULARITIES), default="per_warp",
                        tooltip="Rows of Q sharing one INT8 scale."),
         io.Combo.Input("quant_block", options=["128", "64"], default="128", tooltip="Tokens per quantization block."),

@@ -144,7 +144,7 @@ class SageAttention(io.ComfyNode):
                                tooltip="auto: fastest measured for this GPU and shape (exact attention where that "
                                        "wins); int8_fp16 / int8_fp8: the P·V precision; off: exact attention (A/B)"),
                 io.Boolean.Input("smooth_k", default=True, tooltip="subtract K's channel mean before quantizing"),
-                io.Boolean.Input("smooth_v", default=False, tooltip="subtract V's channel mean (FP8 P·V accuracy)"),
+                io.Boolean.Input("smooth_v", default=False, tooltip="subtract V's channel mean (for FP8 P·V)"),
                 io.Combo.Input("qk_granularity", options=list(GRANULARITIES), default="per_warp",
                                tooltip="rows sharing one INT8 scale: a quant block, 16 rows, or each token"),
                 io.Combo.Input("quant_block", options=["128", "64"], default="128",

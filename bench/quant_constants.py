@@ -47,7 +47,7 @@ PATHS = {
 
 def quant_args(path: str) -> dict:
     """quantize_qkv's arguments on a path: its buffers' and the key order, which is the Hopper kernel's P order
-    exactly where P·V is FP8 (the pipelined kernels serve FP8 P·V only)."""
+    exactly where P·V is FP8 (with FP16 P·V the Hopper kernels read V itself: no V codes, no key order)."""
     return dict(PATHS[path], pv_key_order=PATHS[path]["pv_fp8"])
 
 

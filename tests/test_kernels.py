@@ -122,6 +122,21 @@ def test_gqa_fewer_kv_heads():
     assert attention_error(out, exact(q, k, v))["cosine"] >= 0.9999
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fp16_pv_multiplies_a_16bit_v_as_it_is(dtype):
+    """FP16 P·V with V smoothing asked for: a 16-bit V is exact in its own type, so the kernel multiplies it as it
+    is (smoothed, V - mean rounded to that type lost accuracy: launch.sage_forward). The same bits as without the
+    option, and the same in the reference."""
+    q, k, v = inputs(1, 2, 2, 70, 150, 64, dtype, seed=9)
+    v = v + 3.0
+    on, _, _ = run_kernel(q, k, v, SageConfig(kernel="int8_fp16", smooth_v=True))
+    off, _, _ = run_kernel(q, k, v, SageConfig(kernel="int8_fp16", smooth_v=False))
+    assert torch.equal(on, off)
+    cfg_on, cfg_off = SageConfig(kernel="int8_fp16", smooth_v=True), SageConfig(kernel="int8_fp16")
+    assert torch.equal(reference_for(q, k, v, cfg_on), reference_for(q, k, v, cfg_off))
+    assert attention_error(on, exact(q, k, v))["cosine"] >= EXACT_BOUNDS["int8_fp16"][0]
+
+
 @pytest.mark.parametrize("kernel", ["int8_fp16", "int8_fp8"])
 def test_smooth_v_adds_mean_back(kernel):
     """FP8 P·V codes V smoothed and adds its mean back; FP16 P·V multiplies the 16-bit V as it is, which smoothing

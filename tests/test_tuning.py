@@ -109,6 +109,20 @@ def test_fp16_pv_reads_the_callers_v_in_the_layouts_tma_takes():
         assert not hopper_launch.v_tiles(t, d), name
 
 
+@pytest.mark.skipif(not hopper_launch.AVAILABLE, reason="this Triton has no Gluon Hopper API")
+def test_fp16_pv_descriptor_covers_the_callers_v_head_by_head():
+    """The 4-D TMA descriptor of the call's V (hopper_launch.v_descriptor): V's own shape and strides, so that each
+    head's keys end at the descriptor's bound (a ragged last tile reads zeros past them), a valid 16-byte stride for
+    a dimension of size 1, one head's key tile per load, and the 128-byte swizzle of the ring's 2-D slots."""
+    config = tuning.LaunchConfig.from_key("m64n128w4s4mcpdgppp")
+    v = torch.randn(1, 200, 3, 128, dtype=torch.bfloat16).transpose(1, 2)  # NHD, one batch
+    desc = hopper_launch.v_descriptor(v, config)
+    assert list(desc.shape) == [1, 3, 200, 128]
+    assert list(desc.strides) == [8, 128, 384, 1]
+    assert list(desc.block_shape) == [1, 1, config.block_n, 128]
+    assert desc.layout.swizzle_byte_width == 128 and desc.layout.element_bitwidth == 16 and desc.layout.rank == 4
+
+
 def test_hopper_kernel_declines_what_it_does_not_serve():
     """Every unserved case runs the portable kernel: the CPU, FP16 P·V on a V that TMA cannot read as it is
     (v_tiles), causal, masks, head dims other than

@@ -37,6 +37,8 @@ tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
 LOG2_FP8_MAX = gl.constexpr(8.807354922057604)  # log2(448): P is scaled into e4m3's range inside its exp2
+# a 16-bit V's ring slots and the row sums' tile of ones: rows of 128 or 256 bytes, TMA's and wgmma's swizzle
+V16_SHARED = gl.constexpr(gl.NVMMASharedLayout(128, 16))
 MAGIC_I2F_BITS = gl.constexpr(0x4B400000)  # see attention_kernel.py: INT32 scores read as FP32 for free
 MAGIC_I2F = gl.constexpr(12582912.0)
 # four P values -> one register of four FP8 bytes (the P·V A operand), from FP32 or from two f16x2 registers
@@ -466,7 +468,7 @@ def ones_tile(v_desc, BLOCK_N: gl.constexpr):
     """8 rows of BLOCK_N ones in V's P·V type in shared memory: the B operand of row_sums (as V is P·V's)."""
     fill: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [1, 4], [1, 0])
     if is_16bit(v_desc.dtype):
-        ones_smem = gl.allocate_shared_memory(v_desc.dtype, [8, BLOCK_N], gl.NVMMASharedLayout(128, 16))
+        ones_smem = gl.allocate_shared_memory(v_desc.dtype, [8, BLOCK_N], V16_SHARED)
         ones_smem.store(gl.full([8, BLOCK_N], 1.0, v_desc.dtype, fill))
     else:
         ones_smem = gl.allocate_shared_memory(gl.float8e4nv, [8, BLOCK_N], v_desc.layout)
@@ -482,7 +484,7 @@ def v_ring(v_desc, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.cons
     """The ring's V slots: FP8 codes [head dim, keys], or a 16-bit V's tiles [keys, head dim] (v_desc's block)."""
     if is_16bit(v_desc.dtype):
         # the swizzle of v_desc's [1, 1, BLOCK_N, BLOCK_D] tiles, in two dimensions for the wgmma
-        ring = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, BLOCK_D], gl.NVMMASharedLayout(128, 16))
+        ring = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, BLOCK_D], V16_SHARED)
     else:
         ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_D, BLOCK_N], v_desc.layout)
     return ring

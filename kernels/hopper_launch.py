@@ -87,8 +87,11 @@ def shared_layout(block: tuple[int, int], dtype) -> "gl.NVMMASharedLayout":
 
 
 def descriptor(t: torch.Tensor, block: list[int], dtype) -> "TensorDescriptor":
-    """A 2-D TMA descriptor over `t` (rows × contiguous columns) in tiles of `block`."""
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, shared_layout(tuple(block), dtype))
+    """A TMA descriptor over `t` (contiguous in its last dimension) in tiles of `block`. A dimension of size 1
+    takes any stride in PyTorch; TMA is given a valid one (16 bytes)."""
+    strides = [s if n > 1 or i == t.dim() - 1 else 16 // t.element_size()
+               for i, (n, s) in enumerate(zip(t.shape, t.stride()))]
+    return TensorDescriptor(t, list(t.shape), strides, block, shared_layout(tuple(block), dtype))
 
 
 GL_TYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -109,13 +112,8 @@ def descriptors(qz: dict, config: LaunchConfig) -> tuple:
 def v_descriptor(v: torch.Tensor, config: LaunchConfig):
     """The TMA descriptor of the call's own V [B, HK, NK, D] (v_tiles) in tiles of one head's key tile, made per
     call: its address is the caller's, where a plan's buffers stay put. Its bounds are each head's: a ragged
-    last tile's keys past NK arrive as zeros, whatever lies in memory there. A dimension of size 1 takes any
-    stride: TMA is given a valid one."""
-    block = [1, 1, config.block_n, v.shape[-1]]
-    strides = [s if n > 1 else 8 for n, s in zip(v.shape, v.stride())]
-    strides[-1] = 1
-    return TensorDescriptor(v, list(v.shape), strides, block,
-                            shared_layout(tuple(block), getattr(gl, GL_TYPES[v.dtype])))
+    last tile's keys past NK arrive as zeros, whatever lies in memory there."""
+    return descriptor(v, [1, 1, config.block_n, v.shape[-1]], getattr(gl, GL_TYPES[v.dtype]))
 
 
 def launch(qz: dict, out: torch.Tensor, lse: torch.Tensor, bad: torch.Tensor, *, heads: int, kv_heads: int,

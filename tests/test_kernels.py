@@ -129,10 +129,10 @@ def test_fp16_pv_multiplies_a_16bit_v_as_it_is(dtype):
     option, and the same in the reference."""
     q, k, v = inputs(1, 2, 2, 70, 150, 64, dtype, seed=9)
     v = v + 3.0
-    on, _, _ = run_kernel(q, k, v, SageConfig(kernel="int8_fp16", smooth_v=True))
-    off, _, _ = run_kernel(q, k, v, SageConfig(kernel="int8_fp16", smooth_v=False))
-    assert torch.equal(on, off)
     cfg_on, cfg_off = SageConfig(kernel="int8_fp16", smooth_v=True), SageConfig(kernel="int8_fp16")
+    on, _, _ = run_kernel(q, k, v, cfg_on)
+    off, _, _ = run_kernel(q, k, v, cfg_off)
+    assert torch.equal(on, off)
     assert torch.equal(reference_for(q, k, v, cfg_on), reference_for(q, k, v, cfg_off))
     assert attention_error(on, exact(q, k, v))["cosine"] >= EXACT_BOUNDS["int8_fp16"][0]
 

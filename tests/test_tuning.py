@@ -125,10 +125,9 @@ def test_fp16_pv_descriptor_covers_the_callers_v_head_by_head():
 
 def test_hopper_kernel_declines_what_it_does_not_serve():
     """Every unserved case runs the portable kernel: the CPU, FP16 P·V on a V that TMA cannot read as it is
-    (v_tiles), causal, masks, head dims other than
-    64/128, K scales finer than a tile, fewer keys than one tile, configurations not marked pipelined, and a
-    persistent or turnless one-warpgroup configuration (only the ping-pong kernel loops over work items or takes
-    turns)."""
+    (v_tiles), causal, masks, head dims other than 64/128, K scales finer than a tile, fewer keys than one tile,
+    configurations not marked pipelined, and a persistent or turnless one-warpgroup configuration (only the
+    ping-pong kernel loops over work items or takes turns)."""
     lc = tuning.LaunchConfig.from_key("m64n128w4s3mcpdgp")
     base = dict(config=lc, pv_fp8=True, is_causal=False, has_bias=False, head_dim=128, block_d=128, k_group=128,
                 kv_len=4096)

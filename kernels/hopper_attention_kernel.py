@@ -50,12 +50,11 @@ P8_FROM_F16X2 = gl.constexpr("{ .reg .b16 lo, hi;\ncvt.rn.satfinite.e4m3x2.f16x2
 # The ping-pong kernel's hand-offs run on hardware named barriers (bar.sync / bar.arrive), as FlashAttention-3's
 # do: a Gluon mbarrier.arrive is one thread's, so the compiler puts a warpgroup bar.sync before each (three per
 # key tile). IDs above the few Triton numbers its partitions with. Barrier TURN_BARRIER + c: consumer c's turn
-# at the tensor cores (the other consumer arrives, c waits); SLOT_BARRIER + s: ring slot s is free (both
-# consumers arrive, the producer waits).
+# at the tensor cores (the other consumer arrives, c waits); SLOT_BARRIER + s: ring slot s is free (every
+# consumer arrives, the producer waits: slot_threads).
 TURN_BARRIER = gl.constexpr(8)
 SLOT_BARRIER = gl.constexpr(10)
 TURN_THREADS = gl.constexpr(256)  # two consumer warpgroups
-SLOT_THREADS = gl.constexpr(288)  # two consumer warpgroups and the producer warp
 # $1: barrier id; $2: 0 skips the arrive. Each thread runs it once (a one-element-per-thread token).
 NAMED_SYNC = gl.constexpr("bar.sync $1, $2; mov.b32 $0, 0;")
 NAMED_ARRIVE = gl.constexpr("{ .reg .pred p; setp.ne.b32 p, $3, 0; @p bar.arrive $1, $2; mov.b32 $0, 0; }")
@@ -71,6 +70,12 @@ def is_16bit(dtype):
 def mma_k(dtype):
     """The k of one wgmma instruction for operands of `dtype`: 32 bytes of them."""
     return 256 // dtype.primitive_bitwidth
+
+
+@constexpr_function
+def slot_threads(consumers):
+    """The threads at a ring slot's barrier: the consumer warpgroups and the producer warp."""
+    return consumers * 128 + 32
 
 
 @gluon.jit
@@ -229,7 +234,7 @@ def sums_on_mma(two_level, ping_pong):
     """Whether a kernel sums P's rows on the tensor cores (row_sums) rather than in its softmax: all but the
     one-warpgroup two-level kernel, which at 255 registers already spills in its loop with the sums' [M, 8]
     accumulator. Decided here once, for attend_rows and for the kernel that allocates the tile of ones."""
-    return ping_pong or not two_level
+    return bool(ping_pong) or not two_level
 
 
 @gluon.jit
@@ -258,7 +263,7 @@ def fold_row_sums(l_acc, tile_sums, alpha, l_rows: gl.constexpr):
 def pipeline_step(j, ring0, p_prev, m_i, l_acc, alpha_prev, acc, q_op, k_smem, v_smem, ones_smem, full_bars,
                   consumer, k_desc, v_desc, seed, tile_zero, q_scale, ks_base, bh_kv, v_row0, v_col0, NK, NQ, n_tiles,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, STAGES: gl.constexpr,
-                  TWO_LEVEL: gl.constexpr, PING_PONG: gl.constexpr, TURNS: gl.constexpr, LAST: gl.constexpr,
+                  TWO_LEVEL: gl.constexpr, CONSUMERS: gl.constexpr, TURNS: gl.constexpr, LAST: gl.constexpr,
                   MAGIC: gl.constexpr,
                   SUMS_ON_MMA: gl.constexpr, s_layout: gl.constexpr, o_rows: gl.constexpr, l_rows: gl.constexpr,
                   p_layout: gl.constexpr):
@@ -274,20 +279,21 @@ def pipeline_step(j, ring0, p_prev, m_i, l_acc, alpha_prev, acc, q_op, k_smem, v
     cores"; in ping-pong the other warpgroup's products keep the tensor cores busy meanwhile). Otherwise the
     softmax adds up its row (l: one value per row) and the P·V wait depends on that sum, which keeps the
     softmax under P·V.
-    PING_PONG: two warpgroups (`consumer` 0 and 1) take turns issuing their products (TURN_BARRIER), so that
-    one's softmax runs while the other's products occupy the tensor cores; a producer warp refills the ring
-    (SLOT_BARRIER). ring0: how many key tiles this program's ring carried before this work item's (persistent
-    ping-pong), which sets the ring slot and mbarrier phase of tile j.
-    TURNS (ping-pong): the warpgroups take their turns; without, each issues its products as soon as its softmax
-    is done, and the tensor cores take them in the order they come (bench/NOTES.md, "Ping-pong without turns, …")."""
+    CONSUMERS: 0 in the one-warpgroup kernel, which loads its own tiles; otherwise the ping-pong kernel's
+    consumer warpgroups (`consumer` 0 .. CONSUMERS-1), whose ring a producer warp refills (SLOT_BARRIER). With
+    TURNS (two warpgroups) they take turns issuing their products (TURN_BARRIER), so that one's softmax runs while
+    the other's products occupy the tensor cores; without, each issues its products as soon as its softmax is
+    done, and the tensor cores take them in the order they come (bench/NOTES.md, "Ping-pong without turns, …").
+    ring0: how many key tiles this program's ring carried before this work item's (persistent ping-pong), which
+    sets the ring slot and mbarrier phase of tile j."""
     g = ring0 + j  # the tile's position in the ring's sequence
-    if PING_PONG:
+    if CONSUMERS:
         g = g.to(gl.uint32)  # ring0 is not known ≥ 0 there: unsigned, % and // by STAGES stay bit operations
     slot = (g % STAGES).to(gl.int32)
     prev = ((g - 1) % STAGES).to(gl.int32)
     mbarrier.wait(full_bars.index(slot), ((g // STAGES) & 1).to(gl.int32))
     p8 = to_pv_operand(p_prev, BLOCK_M, BLOCK_N, p_layout, v_smem.dtype)
-    if PING_PONG and TURNS:
+    if CONSUMERS and TURNS:
         named_sync(TURN_BARRIER + consumer, TURN_THREADS, 4)
     s_tok = warpgroup_mma(q_op, k_smem.index(slot).permute((1, 0)), seed, use_acc=MAGIC,
                           is_async=True)
@@ -298,13 +304,13 @@ def pipeline_step(j, ring0, p_prev, m_i, l_acc, alpha_prev, acc, q_op, k_smem, v
         o_tok = warpgroup_mma(p8, pv_operand(v_smem, prev), acc, is_async=True)  # rescaled last step
     if SUMS_ON_MMA:
         l_tok = row_sums(p8, ones_smem, l_acc)
-    if PING_PONG and TURNS:
+    if CONSUMERS and TURNS:
         # the other's turn; consumer 1 arrived once before its first tile, so it skips its last arrive
         named_arrive(TURN_BARRIER + 1 - consumer, TURN_THREADS, (consumer == 0) | (j < n_tiles - 1), 4)
     s_bits = warpgroup_mma_wait(2 if SUMS_ON_MMA else 1, deps=[s_tok])  # P·V (and the row sums) in flight
     p, m_i, alpha = online_softmax(s_bits, m_i, q_scale * gl.load(ks_base + j), NK - j * BLOCK_N, BLOCK_N,
                                    s_layout, LAST, MAGIC)
-    if TWO_LEVEL and PING_PONG:
+    if TWO_LEVEL and CONSUMERS:
         p = p.to(gl.float16)  # carried to the next step in half the registers (see to_pv_operand)
     if SUMS_ON_MMA:
         o_tile, l_tile = warpgroup_mma_wait(0, deps=[o_tok, l_tok])
@@ -322,8 +328,9 @@ def pipeline_step(j, ring0, p_prev, m_i, l_acc, alpha_prev, acc, q_op, k_smem, v
         acc = acc * by_row(alpha_prev, o_rows) + o_tile.to(gl.float32)
     else:
         acc = o_tile * by_row(alpha, o_rows)  # to this tile's max, out of the turn
-    if PING_PONG:
-        named_arrive(SLOT_BARRIER + prev, SLOT_THREADS, True, 4)  # this warpgroup is done with tile j-1's slot
+    if CONSUMERS:
+        # this warpgroup is done with tile j-1's slot
+        named_arrive(SLOT_BARRIER + prev, slot_threads(CONSUMERS), True, 4)
     else:
         # the slot of tile j-1 is free in every warp: refill it, STAGES tiles ahead
         cta_barrier()
@@ -337,7 +344,7 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_desc, k_desc, v_desc, q_smem, q_ba
                 ones_smem, consumer, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh,
                 stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, t0, t1, part, PART_O,
                 PART_LSE, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr,
-                Q_GROUP: gl.constexpr, STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, PING_PONG: gl.constexpr,
+                Q_GROUP: gl.constexpr, STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, CONSUMERS: gl.constexpr,
                 TURNS: gl.constexpr, SHIFT_V: gl.constexpr, RETURN_LSE: gl.constexpr, MAGIC: gl.constexpr):
     """One warpgroup's work: query rows tile_m·BLOCK_M .. +BLOCK_M of (batch·head) bh against key tiles
     t0 .. t1-1, then the output, its non-finite flag and the LSE; or, for a part of a split work item
@@ -358,7 +365,7 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_desc, k_desc, v_desc, q_smem, q_ba
     l_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, 8, PV_K])
     l_rows: gl.constexpr = gl.SliceLayout(1, l_layout)
-    SUMS_ON_MMA: gl.constexpr = sums_on_mma(TWO_LEVEL, PING_PONG)
+    SUMS_ON_MMA: gl.constexpr = sums_on_mma(TWO_LEVEL, CONSUMERS)
 
     b = bh // H
     h = bh % H
@@ -382,14 +389,14 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_desc, k_desc, v_desc, q_smem, q_ba
 
     # tile 0: its scores and softmax, with nothing to overlap yet (masked: it may be the last)
     mbarrier.wait(q_bar, q_phase)
-    q_op = scores_operand(q_smem, s_layout, PING_PONG and TURNS and not is_16bit(v_smem.dtype))
+    q_op = scores_operand(q_smem, s_layout, CONSUMERS and TURNS and not is_16bit(v_smem.dtype))
     mbarrier.wait(full_bars.index(ring0 % STAGES), (ring0 // STAGES) & 1)
-    if PING_PONG and TURNS:
+    if CONSUMERS and TURNS:
         named_arrive(TURN_BARRIER, TURN_THREADS, consumer == 1, 4)  # consumer 0 goes first
         named_sync(TURN_BARRIER + consumer, TURN_THREADS, 4)
     s_tok = warpgroup_mma(q_op, k_smem.index(ring0 % STAGES).permute((1, 0)), seed, use_acc=MAGIC,
                           is_async=True)
-    if PING_PONG and TURNS:
+    if CONSUMERS and TURNS:
         named_arrive(TURN_BARRIER + 1 - consumer, TURN_THREADS, (consumer == 0) | (n_tiles > 1), 4)
     s_bits = warpgroup_mma_wait(0, deps=[s_tok])
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, s_rows)
@@ -399,7 +406,7 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_desc, k_desc, v_desc, q_smem, q_ba
         l_acc = gl.zeros([BLOCK_M, 8], gl.float32, l_layout)  # tile 0's sums are issued with its P·V
     else:
         l_acc = gl.sum(p, axis=1)
-    if TWO_LEVEL and PING_PONG:
+    if TWO_LEVEL and CONSUMERS:
         p = p.to(gl.float16)  # carried to the next step in half the registers (see to_pv_operand)
     p = carried(p, v_smem.dtype)
     acc = gl.zeros([BLOCK_M, BLOCK_D], gl.float32, o_layout)
@@ -407,12 +414,12 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_desc, k_desc, v_desc, q_smem, q_ba
         p, m_i, l_acc, alpha, acc = pipeline_step(
             j, ring0, p, m_i, l_acc, alpha, acc, q_op, k_smem, v_smem, ones_smem, full_bars, consumer, k_desc,
             v_desc, seed, tile_zero, q_scale, ks_base, bh_kv, v_row0, v_col0, nk_left, NQ, n_tiles, BLOCK_M, BLOCK_N,
-            BLOCK_D, STAGES, TWO_LEVEL, PING_PONG, TURNS, False, MAGIC, SUMS_ON_MMA, s_layout, o_rows, l_rows, p_layout)
+            BLOCK_D, STAGES, TWO_LEVEL, CONSUMERS, TURNS, False, MAGIC, SUMS_ON_MMA, s_layout, o_rows, l_rows, p_layout)
     if n_tiles > 1:
         p, m_i, l_acc, alpha, acc = pipeline_step(
             n_tiles - 1, ring0, p, m_i, l_acc, alpha, acc, q_op, k_smem, v_smem, ones_smem, full_bars, consumer,
             k_desc, v_desc, seed, tile_zero, q_scale, ks_base, bh_kv, v_row0, v_col0, nk_left, NQ, n_tiles, BLOCK_M,
-            BLOCK_N, BLOCK_D, STAGES, TWO_LEVEL, PING_PONG, TURNS, True, MAGIC, SUMS_ON_MMA, s_layout, o_rows, l_rows,
+            BLOCK_N, BLOCK_D, STAGES, TWO_LEVEL, CONSUMERS, TURNS, True, MAGIC, SUMS_ON_MMA, s_layout, o_rows, l_rows,
             p_layout)
     # P·V of the last tile
     p8 = to_pv_operand(p, BLOCK_M, BLOCK_N, p_layout, v_smem.dtype)
@@ -433,8 +440,9 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_desc, k_desc, v_desc, q_smem, q_ba
         acc = acc * by_row(alpha, o_rows) + o_tile.to(gl.float32)
     else:
         acc = o_tile
-    if PING_PONG:
-        named_arrive(SLOT_BARRIER + last_slot, SLOT_THREADS, True, 4)  # the producer may refill it (next item)
+    if CONSUMERS:
+        # the producer may refill it (next item)
+        named_arrive(SLOT_BARRIER + last_slot, slot_threads(CONSUMERS), True, 4)
 
     offs_d = gl.arange(0, BLOCK_D, layout=o_cols)
     out = acc * gl.expand_dims(gl.convert_layout(1.0 / l_i, o_rows), 1)
@@ -446,9 +454,9 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_desc, k_desc, v_desc, q_smem, q_ba
         # a part of a split work item: its output over its keys, normalised, and its LSE in the scores' base-2
         # units (see online_softmax), for tail_merge_kernel to join (which adds its count to the flag cleared here)
         gl.store(BAD + bh * n_q_tiles + tile_m, tile_m * 0, mask=tile_m < n_q_tiles)
-        part_rows = (2 * part + consumer) * BLOCK_M + gl.arange(0, BLOCK_M, layout=o_rows)
+        part_rows = (CONSUMERS * part + consumer) * BLOCK_M + gl.arange(0, BLOCK_M, layout=o_rows)
         gl.store(PART_O + gl.expand_dims(part_rows, 1) * BLOCK_D + gl.expand_dims(offs_d, 0), out)
-        gl.store(PART_LSE + (2 * part + consumer) * BLOCK_M + gl.arange(0, BLOCK_M, layout=s_rows),
+        gl.store(PART_LSE + (CONSUMERS * part + consumer) * BLOCK_M + gl.arange(0, BLOCK_M, layout=s_rows),
                  m_i + gl.convert_layout(gl.log2(l_i), s_rows))
     else:
         rows = row0 + gl.arange(0, BLOCK_M, layout=o_rows)
@@ -528,13 +536,13 @@ def sage_fwd_sm90_kernel(
     attend_rows(gl.program_id(0), gl.program_id(1), 0, 0, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem,
                 full_bars, ones_smem, 0, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh,
                 stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, gl.num_programs(0), 0, n_tiles, -1,
-                OUT, LSE, BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP, STAGES, TWO_LEVEL, False, False, SHIFT_V,
+                OUT, LSE, BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP, STAGES, TWO_LEVEL, 0, False, SHIFT_V,
                 RETURN_LSE, MAGIC)
 
 
 @gluon.jit
 def work_items(n_items, PERSISTENT: gl.constexpr):
-    """This program's work items (pairs of query tiles of one batch·head), as a range: persistent, the items
+    """This program's work items (groups of query tiles of one batch·head, one per consumer), as a range: persistent, the items
     pid, pid + grid, ... of all n_items, in head order so that the programs at work at once share heads' K and
     V in L2; otherwise one item, the program's grid position."""
     if PERSISTENT:
@@ -543,15 +551,16 @@ def work_items(n_items, PERSISTENT: gl.constexpr):
 
 
 @gluon.jit
-def work_item(i, n_pairs, n_tiles, whole, splits, PERSISTENT: gl.constexpr):
-    """Work item i as (pair of query tiles, batch·head, first key tile, end key tile, part). Persistent: item i,
+def work_item(i, n_items, n_tiles, whole, splits, PERSISTENT: gl.constexpr):
+    """Work item i as (its index within its batch·head, batch·head, first key tile, end key tile, part); n_items:
+    work items per batch·head (groups of the ping-pong kernel's query tiles, one per consumer warpgroup). Persistent: item i,
     all its keys, part -1. Otherwise the grid is 1-D: programs 0 .. whole-1 are items 0 .. whole-1 whole, and
     the rest split each later item's key tiles into `splits` ranges, one program each, `part` numbering them
     from 0 (hopper_launch.tail_split: the grid's part-full last wave, done in pieces that fill it better)."""
     if PERSISTENT:
         # part -1, made from the grid's arguments: with a constant there (the split's arguments and buffers then
         # unused) Triton 3.6's lowering to LLVM failed on this kernel
-        return i % n_pairs, i // n_pairs, 0, n_tiles, gl.minimum(whole * splits, 0) - 1
+        return i % n_items, i // n_items, 0, n_tiles, gl.minimum(whole * splits, 0) - 1
     pid = gl.program_id(0)
     tail = (pid >= whole).to(gl.int32)
     r = gl.maximum(pid - whole, 0)  # the program's place among the split ones (0 for the whole ones)
@@ -559,7 +568,7 @@ def work_item(i, n_pairs, n_tiles, whole, splits, PERSISTENT: gl.constexpr):
     s = r % splits
     t0 = tail * (s * n_tiles // splits)
     t1 = n_tiles - tail * (n_tiles - (s + 1) * n_tiles // splits)
-    return item % n_pairs, item // n_pairs, t0, t1, tail * (r + 1) - 1
+    return item % n_items, item // n_items, t0, t1, tail * (r + 1) - 1
 
 
 @gluon.jit
@@ -568,49 +577,51 @@ def consume(meta: gl.constexpr, consumer, q_smem, q_bar, q_desc, k_desc, v_desc,
             stride_ob, stride_oh, stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, BH, whole,
             splits):
     """A consumer warpgroup of the ping-pong kernel (meta: the kernel's constants, in its argument order):
-    query tile 2·pair + consumer of each of its program's work items."""
+    query tile CONSUMERS·item + consumer of each of its program's work items."""
+    CONSUMERS: gl.constexpr = meta[11]
     n_tiles = (NK + meta[1] - 1) // meta[1]
-    n_pairs = (n_q_tiles + 1) // 2
-    first, end, step = work_items(n_pairs * BH, meta[9])
+    n_items = (n_q_tiles + CONSUMERS - 1) // CONSUMERS
+    first, end, step = work_items(n_items * BH, meta[9])
     for i in range(first, end, step):
         done = (i - first) // step  # work items this warpgroup finished before (persistent: each of all keys)
-        pair, bh, t0, t1, part = work_item(i, n_pairs, n_tiles, whole, splits, meta[9])
-        attend_rows(2 * pair + consumer, bh, done * n_tiles, done & 1, q_desc, k_desc, v_desc, q_smem, q_bar,
+        item, bh, t0, t1, part = work_item(i, n_items, n_tiles, whole, splits, meta[9])
+        attend_rows(CONSUMERS * item + consumer, bh, done * n_tiles, done & 1, q_desc, k_desc, v_desc, q_smem, q_bar,
                     k_smem, v_smem, full_bars, ones_smem, consumer, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE,
                     BAD, stride_ob, stride_oh, stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups,
                     n_q_tiles, t0, t1, part, PART_O, PART_LSE, meta[0], meta[1], meta[2], meta[3],
-                    meta[4], meta[5], True, meta[10], meta[6], meta[7], meta[8])
+                    meta[4], meta[5], CONSUMERS, meta[10], meta[6], meta[7], meta[8])
 
 
 @gluon.jit
 def load_kv_ring(k_desc, v_desc, k_smem, v_smem, full_bars, H, KV_GROUP, NK, n_q_tiles, BH, whole, splits,
                  meta: gl.constexpr):
-    """The producer warp: every key tile of each work item's head into the ring, a slot as soon as both
-    consumers are done with the tile it held (for the next work item's tiles while the consumers finish the
-    last ones and write their outputs). The consumers free every tile; the producer waits for each of those
+    """The producer warp: every key tile of each work item's head into the ring, a slot as soon as every
+    consumer warpgroup is done with the tile it held (for the next work item's tiles while the consumers finish
+    the last ones and write their outputs). The consumers free every tile; the producer waits for each of those
     freeings, the last ones after its loop, so that no named barrier is left half-arrived when the program ends."""
     BLOCK_N: gl.constexpr = meta[1]
     BLOCK_D: gl.constexpr = meta[2]
     STAGES: gl.constexpr = meta[4]
+    CONSUMERS: gl.constexpr = meta[11]
     gl.static_assert(SLOT_BARRIER + STAGES <= 16, "a ring this deep has no hardware barrier left for its slots")
     n_tiles = (NK + BLOCK_N - 1) // BLOCK_N
-    n_pairs = (n_q_tiles + 1) // 2
-    first, end, step = work_items(n_pairs * BH, meta[9])
+    n_items = (n_q_tiles + CONSUMERS - 1) // CONSUMERS
+    first, end, step = work_items(n_items * BH, meta[9])
     ring0 = 0
     for i in range(first, end, step):
-        _, bh, t0, t1, _ = work_item(i, n_pairs, n_tiles, whole, splits, meta[9])
+        _, bh, t0, t1, _ = work_item(i, n_items, n_tiles, whole, splits, meta[9])
         bh_kv = kv_head(bh, H, KV_GROUP)
         v_row0, v_col0 = v_origin(v_desc, bh_kv, H // KV_GROUP, BLOCK_D)
         for t in range(t0, t1):
             g = ring0 + t - t0  # the tile's position in the ring's sequence
             s = g % STAGES
             if g >= STAGES:
-                named_sync(SLOT_BARRIER + s, SLOT_THREADS, 1)
+                named_sync(SLOT_BARRIER + s, slot_threads(CONSUMERS), 1)
             issue_kv_load(k_desc, v_desc, k_smem, v_smem, full_bars, t, s, bh_kv, v_row0, v_col0, NK, True, BLOCK_N,
                           BLOCK_D)
         ring0 += t1 - t0
     for t in range(gl.maximum(ring0 - STAGES, 0), ring0):
-        named_sync(SLOT_BARRIER + t % STAGES, SLOT_THREADS, 1)
+        named_sync(SLOT_BARRIER + t % STAGES, slot_threads(CONSUMERS), 1)
 
 
 @gluon.jit
@@ -620,10 +631,13 @@ def sage_fwd_sm90_pingpong_kernel(
     H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, BH, whole, splits,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, Q_GROUP: gl.constexpr,
     STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, SHIFT_V: gl.constexpr, RETURN_LSE: gl.constexpr,
-    MAGIC: gl.constexpr, CONSUMER_REGS: gl.constexpr, PERSISTENT: gl.constexpr, TURNS: gl.constexpr,
+    MAGIC: gl.constexpr, CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr, PERSISTENT: gl.constexpr,
+    TURNS: gl.constexpr,
 ):
-    """Two consumer warpgroups (query tiles 2·pair and 2·pair+1 of BLOCK_M rows) sharing one K/V ring that a
-    producer warp fills, taking turns at the tensor cores (FlashAttention-3's ping-pong schedule).
+    """CONSUMERS consumer warpgroups (query tiles CONSUMERS·item + c of BLOCK_M rows) sharing one K/V ring that a
+    producer warp fills; two of them take turns at the tensor cores (FlashAttention-3's ping-pong schedule).
+    Three (no turns) read each K/V tile for 192 query rows, as FlashAttention-3 does at head dim 64: a third less
+    traffic from L2 per product than two, half that of the one-warpgroup kernel, with 160 registers a thread.
     PERSISTENT: a grid of at most one program per multiprocessor, each looping over work items (pairs of
     query tiles of one batch·head; see work_items): the producer loads the next item's first key tiles while
     the consumers finish the last ones and store their outputs. Otherwise one program per item, or per part of
@@ -633,21 +647,32 @@ def sage_fwd_sm90_pingpong_kernel(
     without turns, …")."""
     k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_D], k_desc.layout)
     v_smem = v_ring(v_desc, STAGES, BLOCK_N, BLOCK_D)
-    q_smem = gl.allocate_shared_memory(gl.int8, [2, BLOCK_M, BLOCK_D], q_desc.layout)
-    q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    for c in gl.static_range(2):
+    gl.static_assert(CONSUMERS == 2 or (CONSUMERS == 3 and not TURNS), "turns are taken by two warpgroups")
+    q_smem = gl.allocate_shared_memory(gl.int8, [CONSUMERS, BLOCK_M, BLOCK_D], q_desc.layout)
+    q_bars = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
+    for c in gl.static_range(CONSUMERS):
         mbarrier.init(q_bars.index(c), count=1)
     full_bars = ring_barriers(STAGES)
     # compile-time values cross into partitions only inside a constexpr tuple (elements of a plain tuple are
     # turned into tensors)
     meta: gl.constexpr = (BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP, STAGES, TWO_LEVEL, SHIFT_V, RETURN_LSE, MAGIC,
-                          PERSISTENT, TURNS)
+                          PERSISTENT, TURNS, CONSUMERS)
     runtime = (q_desc, k_desc, v_desc, k_smem, v_smem, full_bars, ones_tile(v_desc, BLOCK_N))
     scalars = (Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, PART_O, PART_LSE, stride_ob, stride_oh,
                stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, BH, whole, splits)
-    gl.warp_specialize([
-        (consume, (meta, 0, q_smem.index(0), q_bars.index(0)) + runtime + scalars),
-        (consume, (meta, 1, q_smem.index(1), q_bars.index(1)) + runtime + scalars),
-        (load_kv_ring, (k_desc, v_desc, k_smem, v_smem, full_bars, H, KV_GROUP, NK, n_q_tiles, BH, whole, splits,
-                        meta)),
-    ], [4, 1], [CONSUMER_REGS, 24])
+    # (neither a partition's function nor a tuple holding `meta` can be held in a variable: each list is written out)
+    if CONSUMERS == 2:
+        gl.warp_specialize([
+            (consume, (meta, 0, q_smem.index(0), q_bars.index(0)) + runtime + scalars),
+            (consume, (meta, 1, q_smem.index(1), q_bars.index(1)) + runtime + scalars),
+            (load_kv_ring, (k_desc, v_desc, k_smem, v_smem, full_bars, H, KV_GROUP, NK, n_q_tiles, BH, whole,
+                            splits, meta)),
+        ], [4, 1], [CONSUMER_REGS, 24])
+    else:
+        gl.warp_specialize([
+            (consume, (meta, 0, q_smem.index(0), q_bars.index(0)) + runtime + scalars),
+            (consume, (meta, 1, q_smem.index(1), q_bars.index(1)) + runtime + scalars),
+            (consume, (meta, 2, q_smem.index(2), q_bars.index(2)) + runtime + scalars),
+            (load_kv_ring, (k_desc, v_desc, k_smem, v_smem, full_bars, H, KV_GROUP, NK, n_q_tiles, BH, whole,
+                            splits, meta)),
+        ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])

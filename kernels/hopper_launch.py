@@ -24,7 +24,9 @@ except Exception:  # noqa: BLE001 - an older or newer Triton whose Gluon differs
 
 HEAD_DIMS = (64, 128)
 WARPGROUP_ROWS = 64  # query rows per consumer warpgroup (four warps of 16 rows)
-CONSUMER_REGISTERS = 240  # ping-pong: per thread of each consumer warpgroup; the producer warp keeps 24
+# ping-pong: registers per thread of each consumer warpgroup, by their number; the producer warp keeps 24. Three
+# warpgroups and the producer's (padded to four warps) share the multiprocessor's 64K: 3·128·160 + 128·24.
+CONSUMER_REGISTERS = {2: 240, 3: 160}
 
 
 def serves(device: torch.device, *, config: LaunchConfig, pv_fp8: bool, is_causal: bool, has_bias: bool,
@@ -33,13 +35,16 @@ def serves(device: torch.device, *, config: LaunchConfig, pv_fp8: bool, is_causa
     per warpgroup), FP8 P·V or (v_tiles: TMA reads the call's FP16/BF16 V as it is) FP16 P·V, no causal mask
     and no key mask, a head dim of 64 or 128, one K scale per key tile, at least one full key tile (shorter key
     sequences are launch-bound: the portable kernel serves them); only the ping-pong kernel runs persistent or
-    without turns.
+    without turns; three consumer warpgroups only without turns, at head dim 64 and with FP8 P·V (at head dim 128,
+    or with FP16 P·V's wider operand in Triton 3.9, their 160 registers a thread spill and serialise the wgmma).
     """
     return (AVAILABLE and config.pipelined and kv_len >= config.block_n and (pv_fp8 or v_tiles) and not is_causal
             and not has_bias
             and head_dim == block_d and block_d in HEAD_DIMS and k_group == config.block_n
             and config.block_m == WARPGROUP_ROWS and config.num_warps == 4
             and (config.ping_pong or not (config.persistent or config.no_turns))
+            and (config.consumers == 2 or config.consumers == 3 and config.ping_pong and config.no_turns
+                 and block_d == 64 and pv_fp8)
             and not interpreting() and cuda_capability(device) == (9, 0))
 
 
@@ -73,7 +78,8 @@ def kernel_constants(config: LaunchConfig, block_d: int, q_group: int, shift_v: 
                      STAGES=config.num_stages, TWO_LEVEL=two_level(config, pv_fp8), SHIFT_V=shift_v,
                      RETURN_LSE=return_lse, MAGIC=config.magic_convert)
     if config.ping_pong:
-        constants["CONSUMER_REGS"] = CONSUMER_REGISTERS
+        constants["CONSUMERS"] = config.consumers
+        constants["CONSUMER_REGS"] = CONSUMER_REGISTERS[config.consumers]
         constants["PERSISTENT"] = config.persistent
         constants["TURNS"] = not config.no_turns
     return constants
@@ -148,11 +154,11 @@ def launch(qz: dict, out: torch.Tensor, lse: torch.Tensor, bad: torch.Tensor, *,
         (*tma, *scales, out, lse, bad, part_o, part_lse, *out.stride(), *sizes, q_tiles, bh, whole, splits),
         {**meta, **compile_options(config)})
     if splits > 1:
-        merge_programs = 2 * (items * bh - whole) * config.block_m // MERGE_ROWS
+        merge_programs = config.consumers * (items * bh - whole) * config.block_m // MERGE_ROWS
         run("tail merge", sage_fwd_tail_merge_kernel, (merge_programs,),
             (part_o, part_lse, out, lse, bad, *out.stride(), heads, nq, q_tiles, items, whole),
-            dict(SPLITS=splits, BLOCK_M=config.block_m, ROWS=MERGE_ROWS, BLOCK_D=block_d, RETURN_LSE=return_lse,
-                 num_warps=4))
+            dict(SPLITS=splits, TILES=config.consumers, BLOCK_M=config.block_m, ROWS=MERGE_ROWS, BLOCK_D=block_d,
+                 RETURN_LSE=return_lse, num_warps=4))
 
 
 # The grid's tail (bench/NOTES.md, "The grid's tail at Flux, measured"): a ping-pong program fills a
@@ -211,7 +217,7 @@ def tail_buffers(config: LaunchConfig, batch_heads: int, nq: int, kv_len: int, b
     splits nothing."""
     items = work_items_per_head(config, nq) * batch_heads
     whole, splits = tail_split(config, items, kv_len, device)
-    rows = (items - whole) * splits * 2 * config.block_m
+    rows = (items - whole) * splits * config.consumers * config.block_m
     if splits == 1:
         return {"tail_split": None, "tail_o": None, "tail_lse": None}
     return {"tail_split": (whole, splits), "tail_o": torch.empty((rows, block_d), device=device, dtype=torch.float32),
@@ -220,10 +226,10 @@ def tail_buffers(config: LaunchConfig, batch_heads: int, nq: int, kv_len: int, b
 
 def work_items_per_head(config: LaunchConfig, nq: int) -> int:
     """The Gluon kernels' work items per batch·head for nq query rows: query tiles of block_m rows, one warpgroup
-    each, paired two to a program in the ping-pong kernel. Without `persistent` each item is a program of the grid
+    each, `consumers` to a program in the ping-pong kernel. Without `persistent` each item is a program of the grid
     (bench/grid_waves.py counts the grid's waves with it)."""
     q_tiles = -(-nq // config.block_m)
-    return -(-q_tiles // 2) if config.ping_pong else q_tiles
+    return -(-q_tiles // config.consumers) if config.ping_pong else q_tiles
 
 
 @functools.lru_cache(maxsize=None)

@@ -234,11 +234,10 @@ def quant_groups(q_group: int, k_group: int, config: tuning.LaunchConfig) -> tup
 def runs_hopper_kernel(q, k, v, *, config: tuning.LaunchConfig, k_group: int, pv_fp8: bool, is_causal: bool,
                        has_bias: bool) -> bool:
     """Whether sage_forward runs this call on the Hopper Gluon kernel (k_group as quant_groups gives it); FP16
-    P·V where it reads the call's V as it is (hopper_launch.v_tiles), without grouped-query heads: that case of
-    FP16 P·V has not run on a GPU yet, so the portable kernel keeps it."""
+    P·V where it reads the call's V as it is (hopper_launch.v_tiles)."""
     D = q.shape[-1]
     block_d = padded_head_dim(D)
-    v_tiles = not pv_fp8 and q.shape[1] == k.shape[1] and hopper_launch.v_tiles(v, block_d)
+    v_tiles = not pv_fp8 and hopper_launch.v_tiles(v, block_d)
     return hopper_launch.serves(q.device, config=config, pv_fp8=pv_fp8, is_causal=is_causal, has_bias=has_bias,
                                 head_dim=D, block_d=block_d, k_group=k_group, kv_len=k.shape[2], v_tiles=v_tiles)
 

@@ -16,30 +16,30 @@ from .attention_kernel import LOG2_FP8_MAX  # the attention kernels' exp2 offset
 def sage_fwd_tail_merge_kernel(
     PART_O, PART_LSE, OUT, LSE, BAD,
     stride_ob, stride_oh, stride_on, stride_od,
-    H, NQ, n_q_tiles, n_pairs, whole,
-    SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, RETURN_LSE: tl.constexpr,
+    H, NQ, n_q_tiles, n_items, whole,
+    SPLITS: tl.constexpr, TILES: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, RETURN_LSE: tl.constexpr,
 ):
-    """One program per ROWS rows of a split item's query tile (BLOCK_M rows; the item's two tiles are its two
-    halves): program u joins rows block u % (BLOCK_M / ROWS) of tile (u // (BLOCK_M / ROWS)) % 2 of item
-    whole + u // (2·BLOCK_M / ROWS), whose parts are partials (that item's index)·SPLITS .. +SPLITS-1. The parts
+    """One program per ROWS rows of a split item's query tile (BLOCK_M rows; an item holds TILES query tiles, one
+    per consumer warpgroup): program u joins rows block u % (BLOCK_M / ROWS) of tile (u // (BLOCK_M / ROWS)) %
+    TILES of item whole + u // (TILES·BLOCK_M / ROWS), whose parts are partials (that item's index)·SPLITS ..
+    +SPLITS-1. The parts
     were just written and sit in L2: the join is bound by the latency of reading them, so every part's load is
     issued before the first is used (SPLITS unrolled: with a loop over a run-time count the loads went one after
     another, 5.5 µs at Flux's shape)."""
     blocks: tl.constexpr = BLOCK_M // ROWS
     u = tl.program_id(0)
-    tail_item = u // (2 * blocks)
-    half = (u // blocks) % 2
+    tail_item = u // (TILES * blocks)
+    tile = (u // blocks) % TILES  # the item's tile
     item = whole + tail_item
-    pair = item % n_pairs
-    bh = item // n_pairs
-    tile_m = 2 * pair + half
+    bh = item // n_items
+    tile_m = TILES * (item % n_items) + tile
     rows = (u % blocks) * ROWS + tl.arange(0, ROWS)  # within the tile
     offs_d = tl.arange(0, BLOCK_D)
     m = tl.full((ROWS,), float("-inf"), tl.float32)
     total = tl.zeros((ROWS,), tl.float32)
     acc = tl.zeros((ROWS, BLOCK_D), tl.float32)
     for s in tl.static_range(SPLITS):  # a running max, as the softmax's: no part's weight overflows
-        part_rows = ((tail_item * SPLITS + s) * 2 + half) * BLOCK_M + rows
+        part_rows = ((tail_item * SPLITS + s) * TILES + tile) * BLOCK_M + rows
         lse = tl.load(PART_LSE + part_rows)
         part_o = tl.load(PART_O + part_rows[:, None] * BLOCK_D + offs_d[None, :])
         m_new = tl.maximum(m, lse)

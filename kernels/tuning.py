@@ -29,25 +29,28 @@ class LaunchConfig:
     ping_pong: bool = False  # with `pipelined`: two warpgroups per program taking turns at the tensor cores
     persistent: bool = False  # with `ping_pong`: one program per multiprocessor, looping over query tiles
     no_turns: bool = False  # with `ping_pong`: the two warpgroups issue their products without taking turns
+    consumers: int = 2  # with `ping_pong`: consumer warpgroups sharing the ring (3 only with `no_turns`)
 
     def key(self) -> str:
         flags = "".join(tag for on, tag in ((self.warp_specialize, "ws"), (self.magic_convert, "mc"),
                                             (self.pv_direct, "pd"), (self.pipelined, "gp"),
                                             (self.ping_pong, "pp"), (self.persistent, "ps"),
-                                            (self.no_turns, "nt")) if on)
+                                            (self.no_turns, "nt"), (self.consumers != 2, f"c{self.consumers}"))
+                        if on)
         regs = f"r{self.max_registers}" if self.max_registers else ""
         return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}{regs}{flags}"
 
     @classmethod
     def from_key(cls, key: str) -> "LaunchConfig":
         """The inverse of key(): "m64n128w4s3r168mcpdgp" -> LaunchConfig."""
-        hit = re.fullmatch(r"m(\d+)n(\d+)w(\d+)s(\d+)(?:r(\d+))?((?:ws|mc|pd|gp|pp|ps|nt)*)", key)
+        hit = re.fullmatch(r"m(\d+)n(\d+)w(\d+)s(\d+)(?:r(\d+))?((?:ws|mc|pd|gp|pp|ps|nt|c\d)*)", key)
         if not hit:
             raise ValueError(f"not a launch configuration key: {key!r}")
         m, n, w, s, r, flags = hit.groups()
         tags = {flags[i:i + 2] for i in range(0, len(flags), 2)}
+        consumers = next((int(t[1]) for t in tags if t[0] == "c"), 2)
         return cls(int(m), int(n), int(w), int(s), "ws" in tags, "mc" in tags, "pd" in tags,
-                   int(r) if r else None, "gp" in tags, "pp" in tags, "ps" in tags, "nt" in tags)
+                   int(r) if r else None, "gp" in tags, "pp" in tags, "ps" in tags, "nt" in tags, consumers)
 
 
 def _c(m, n, w, s):
@@ -162,6 +165,10 @@ def candidates(block_d: int, block_m: int | None = None, family: str = "sm90") -
             # FP16 P·V's V tiles are twice FP8's: three programs fit shared memory with two stages only
             plain += [LaunchConfig(64, 128, 4, s, max_registers=168, magic_convert=magic, pv_direct=True,
                                    pipelined=True) for s in (2, 3) for magic in (True, False)]
+            # three consumer warpgroups sharing one ring (192 query rows per K/V tile read, as FlashAttention-3
+            # at head dim 64), without turns
+            plain += [LaunchConfig(64, 128, 4, s, pv_direct=True, pipelined=True, ping_pong=True, no_turns=True,
+                                   consumers=3) for s in (3, 4)]
     if family not in ("sm100", "sm120"):
         # Triton 3.6's warp-specialisation pass fails on this kernel for sm90 (an MLIR pipeline error,
         # seen on an H100): offer those pipelines only to Blackwell, where that pass is Triton's default path

@@ -22,6 +22,12 @@ pytestmark = pytest.mark.skipif(not hopper_launch.AVAILABLE,
                                 reason="this Triton has no Gluon Hopper API: the Gluon kernels never run with it")
 
 CANDIDATES = [c for c in tuning.candidates(128, None, "sm90") if c.pipelined]
+# (configuration, head dim, P·V): every candidate at both head dims and P·V precisions, and those offered at head
+# dim 64 alone with FP8 P·V only (three consumer warpgroups: hopper_launch.serves); the capped one-warpgroup keys
+# are the next test's
+COMPILED = [(c, d, pv) for c in CANDIDATES for d in (64, 128) for pv in ("fp8", "fp16")] + [
+    (c, 64, "fp8") for c in tuning.candidates(64, None, "sm90")
+    if c.pipelined and not c.max_registers and c not in CANDIDATES]
 
 
 def sass_report(config, head_dim, pv="fp8") -> dict:
@@ -30,9 +36,7 @@ def sass_report(config, head_dim, pv="fp8") -> dict:
                                     "--json")
 
 
-@pytest.mark.parametrize("pv", ["fp8", "fp16"])
-@pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("config", CANDIDATES, ids=[c.key() for c in CANDIDATES])
+@pytest.mark.parametrize("config,head_dim,pv", COMPILED, ids=[f"{c.key()}-d{d}-{pv}" for c, d, pv in COMPILED])
 def test_gluon_kernel_sums_rows_on_tensor_cores_and_does_not_spill(config, head_dim, pv):
     """pv fp16: the call's BF16 V in P·V, always accumulated in place (two-level keys compile the same kernel),
     P cast to BF16 after P·V's wait: cast while a wgmma was in flight, ptxas serialised every wgmma."""

@@ -96,52 +96,54 @@ def split_parts(scores: torch.Tensor, v: torch.Tensor, splits: int):
     return outs, lses
 
 
-def merge(part_o, part_lse, out, lse, bad, *, heads, nq, q_tiles, n_pairs, whole, splits, d, return_lse):
-    """The launcher's join launch (hopper_launch.launch), on these buffers."""
+def merge(part_o, part_lse, out, lse, bad, *, heads, nq, q_tiles, n_items, whole, splits, d, return_lse, tiles=2):
+    """The launcher's join launch (hopper_launch.launch), on these buffers; tiles: query tiles per work item."""
     from sage_attention_pack.kernels.hopper_launch import MERGE_ROWS
     from sage_attention_pack.kernels.tail_merge_kernel import sage_fwd_tail_merge_kernel
 
-    split_items = heads * n_pairs * (out.shape[0]) - whole
-    sage_fwd_tail_merge_kernel[(2 * split_items * 64 // MERGE_ROWS,)](
-        part_o, part_lse, out, lse, bad, *out.stride(), heads, nq, q_tiles, n_pairs, whole,
-        SPLITS=splits, BLOCK_M=64, ROWS=MERGE_ROWS, BLOCK_D=d, RETURN_LSE=return_lse, num_warps=4)
+    split_items = heads * n_items * (out.shape[0]) - whole
+    sage_fwd_tail_merge_kernel[(tiles * split_items * 64 // MERGE_ROWS,)](
+        part_o, part_lse, out, lse, bad, *out.stride(), heads, nq, q_tiles, n_items, whole,
+        SPLITS=splits, TILES=tiles, BLOCK_M=64, ROWS=MERGE_ROWS, BLOCK_D=d, RETURN_LSE=return_lse, num_warps=4)
 
 
 @pytest.mark.skipif(not KERNELS_RUN, reason=NO_KERNELS)
-@pytest.mark.parametrize("d,splits,nq,return_lse", [(128, 3, 4608, True), (64, 4, 300, False), (64, 2, 130, True)])
-def test_tail_merge_joins_the_parts_into_the_whole_softmax(d, splits, nq, return_lse):
+@pytest.mark.parametrize("d,splits,nq,return_lse,tiles", [(128, 3, 4608, True, 2), (64, 4, 300, False, 2),
+                                                           (64, 2, 130, True, 2), (64, 3, 1000, True, 3)])
+def test_tail_merge_joins_the_parts_into_the_whole_softmax(d, splits, nq, return_lse, tiles):
     """The join of split items gives what attention over all keys gives (output, LSE, flags), written at each
-    item's rows of a [B, N, H, D] output seen as [B, H, N, D] (ComfyUI's layout), and nothing past the rows."""
+    item's rows of a [B, N, H, D] output seen as [B, H, N, D] (ComfyUI's layout), and nothing past the rows;
+    items of two query tiles (two consumer warpgroups) or three."""
     g = torch.Generator().manual_seed(d + splits)
     b, h, block_m, nk = 2, 3, 64, 384
     q_tiles = -(-nq // block_m)
-    n_pairs = -(-q_tiles // 2)
-    items = b * h * n_pairs
+    n_items = -(-q_tiles // tiles)
+    items = b * h * n_items
     whole = items - 5  # the last five items were split
-    scores = 4 * torch.randn(items - whole, 2 * block_m, nk, generator=g, dtype=torch.float64)
+    scores = 4 * torch.randn(items - whole, tiles * block_m, nk, generator=g, dtype=torch.float64)
     v = torch.randn(nk, d, generator=g, dtype=torch.float64)
     outs, lses = split_parts(scores, v, splits)
-    # partial (item·splits + s) holds both query tiles of that item's part s
+    # partial (item·splits + s) holds all query tiles of that item's part s
     part_o = torch.stack(outs, 1).reshape(-1, d).float().to(DEVICE)
     part_lse = torch.stack(lses, 1).reshape(-1).float().to(DEVICE)
     out = torch.full((b, nq, h, d), 7.0, dtype=torch.bfloat16, device=DEVICE).transpose(1, 2)
     lse = torch.full((b, h, nq), 7.0, device=DEVICE)
     flags = torch.full((b * h * q_tiles,), -1, dtype=torch.int32)
     for t in range(items - whole):  # the parts' programs clear their tiles' flags
-        pair, bh = (whole + t) % n_pairs, (whole + t) // n_pairs
-        for tile in (2 * pair, 2 * pair + 1):
+        item, bh = (whole + t) % n_items, (whole + t) // n_items
+        for tile in range(tiles * item, tiles * (item + 1)):
             if tile < q_tiles:
                 flags[bh * q_tiles + tile] = 0
     bad = flags.to(DEVICE)
-    merge(part_o, part_lse, out, lse, bad, heads=h, nq=nq, q_tiles=q_tiles, n_pairs=n_pairs, whole=whole,
-          splits=splits, d=d, return_lse=return_lse)
+    merge(part_o, part_lse, out, lse, bad, heads=h, nq=nq, q_tiles=q_tiles, n_items=n_items, whole=whole,
+          splits=splits, d=d, return_lse=return_lse, tiles=tiles)
 
     full = torch.softmax(scores * math.log(2), -1) @ v  # base-2 scores
     full_lse = torch.logsumexp(scores * math.log(2), -1)
     written = torch.zeros(b, h, nq, dtype=torch.bool)
     for t in range(items - whole):
-        pair, bh = (whole + t) % n_pairs, (whole + t) // n_pairs
-        rows = torch.arange(2 * pair * block_m, 2 * (pair + 1) * block_m)
+        item, bh = (whole + t) % n_items, (whole + t) // n_items
+        rows = torch.arange(tiles * item * block_m, tiles * (item + 1) * block_m)
         keep = rows < nq
         got = out[bh // h, bh % h, rows[keep]].float().cpu()
         torch.testing.assert_close(got, full[t][keep].float(), atol=2e-2, rtol=1e-2)
@@ -169,7 +171,7 @@ def test_tail_merge_flags_a_part_that_came_out_non_finite():
     part_lse = torch.stack(lses, 1).reshape(-1).float()
     out = torch.zeros(1, 1, nq, d, dtype=torch.float16, device=DEVICE)
     bad = torch.zeros(4, dtype=torch.int32, device=DEVICE)
-    merge(part_o.to(DEVICE), part_lse.to(DEVICE), out, out, bad, heads=1, nq=nq, q_tiles=4, n_pairs=2, whole=1,
+    merge(part_o.to(DEVICE), part_lse.to(DEVICE), out, out, bad, heads=1, nq=nq, q_tiles=4, n_items=2, whole=1,
           splits=splits, d=d, return_lse=False)
     assert bad.tolist() == [0, 0, 0, 1]  # one element of tile 3 (item 1's second query tile)
     assert torch.isnan(out[0, 0, 255, 5]) and torch.isfinite(out[0, 0, :255]).all()
@@ -179,11 +181,15 @@ HOPPER = DEVICE == "cuda" and hopper_launch.AVAILABLE and torch.cuda.get_device_
 
 
 @pytest.mark.skipif(not HOPPER, reason="the Gluon kernel needs an sm90 GPU and Triton's Gluon Hopper API")
-@pytest.mark.parametrize("key", ["m64n128w4s4mcpdgpppnt", "m64n128w4s4mcpdgppp", "m64n128w4s4mcgppp"])
-@pytest.mark.parametrize("b,hq,hk,nq,nk,d,lse", [
+@pytest.mark.parametrize("key,b,hq,hk,nq,nk,d,lse", [(key, *case) for key in ("m64n128w4s4mcpdgpppnt", "m64n128w4s4mcpdgppp",
+                                                                          "m64n128w4s4mcgppp") for case in (
     (1, 26, 26, 4608, 4608, 128, True),    # 26 heads at Flux's length: 12 of 936 items in quarters
     (1, 2, 1, 300, 4000, 64, False),       # one wave of 6 items, each in four parts; the last key tile partial
     (1, 6, 3, 1400, 4000, 128, True),      # 66 items in halves; grouped-query, ragged queries and keys
+)] + [
+    # three consumer warpgroups (head dim 64): items of three query tiles, the last one's third past the end
+    ("m64n128w4s3pdgpppntc3", 1, 2, 1, 300, 4000, 64, False),
+    ("m64n128w4s3pdgpppntc3", 1, 40, 8, 1400, 8000, 64, True),
 ])
 def test_split_tail_calls_match_unsplit_ones(monkeypatch, key, b, hq, hk, nq, nk, d, lse):
     """The same call with its grid's tail split and unsplit (hopper_launch.TAIL_SPLIT "off") gives the same output
@@ -222,10 +228,10 @@ def test_split_tail_calls_match_unsplit_ones(monkeypatch, key, b, hq, hk, nq, nk
     # error against exact attention (0.034 at Flux), so the two differ by about that much
     assert rel_diff(out, ref) < SPLIT_TAIL_TOL
     # the rows of whole items run the same code on the same keys: the same bits
-    n_pairs = items // (b * hq)
+    n_items = items // (b * hq)
     for bh in range(b * hq):
-        pairs = min(max(whole - bh * n_pairs, 0), n_pairs)
-        rows = slice(0, min(2 * lc.block_m * pairs, nq))
+        whole_items = min(max(whole - bh * n_items, 0), n_items)
+        rows = slice(0, min(lc.consumers * lc.block_m * whole_items, nq))
         assert torch.equal(out[bh // hq, bh % hq, rows], ref[bh // hq, bh % hq, rows])
     e_split, e_plain = (attention_error(o, exact(q, k, v))["rel_l1"] for o in (out, ref))
     assert e_split <= e_plain * 1.05 + 1e-4

@@ -39,8 +39,10 @@ def test_shipped_table_loads_and_its_in_place_entries_are_the_measured_ones():
     """Every shipped entry is a valid configuration. FP8 P·V accumulated in place (always with V smoothing, see
     launch.sage_forward) is shipped only where it was measured within the FP8 bound: head dim 128 at 8k (Flux's
     4608 tokens), 16k, 32k and 128k tokens on the H200, in the ping-pong kernel (without its turns except at
-    Wan2.1's 32k, where only the turns measured faster); head dim 64 at 8k and 16k tokens, in the one-warpgroup
-    kernel capped at 168 registers. FP16 P·V runs the Hopper kernels where they measured ahead of the portable
+    Wan2.1's 32k, where only the turns measured faster), and at 2k in the one-warpgroup kernel; head dim 64 at 4k
+    (SDXL's 4096) in the one-warpgroup kernel capped at 168 registers (bench/results/h200_fp8_gluon_short_ab.json),
+    at 8k and 16k in the ping-pong kernel with three consumer warpgroups and no turns
+    (bench/results/h200_d64_three_consumers_ab.json). FP16 P·V runs the Hopper kernels where they measured ahead of the portable
     kernel (bench/results/h200_fp16_pv_ab.json): head dim 64 at 8k and 16k tokens (one warpgroup, two stages),
     head dim 128 at 2k to 32k (ping-pong); at SDXL's 4096 tokens and head dim 64 the portable kernel stays."""
     table = tuning.shipped_table("NVIDIA H200", "launch")
@@ -61,7 +63,9 @@ def test_shipped_table_loads_and_its_in_place_entries_are_the_measured_ones():
     assert in_place == {**{f"fp8|d128|many|nq{n}|nk{n}|bfloat16|full": "m64n128w4s4mcpdgpppnt"
                            for n in (8192, 16384, 131072)},
                         "fp8|d128|many|nq32768|nk32768|bfloat16|full": "m64n128w4s4mcpdgppp",
-                        **{f"fp8|d64|many|nq{n}|nk{n}|bfloat16|full": "m64n128w4s3r168pdgp" for n in (8192, 16384)}}
+                        "fp8|d128|many|nq2048|nk2048|bfloat16|full": "m64n128w4s3mcpdgp",
+                        "fp8|d64|many|nq4096|nk4096|bfloat16|full": "m64n128w4s3r168pdgp",
+                        **{f"fp8|d64|many|nq{n}|nk{n}|bfloat16|full": "m64n128w4s4pdgpppntc3" for n in (8192, 16384)}}
 
 
 def test_auto_keys_tell_batch_heads_apart_and_the_shipped_ones_are_in_that_form():

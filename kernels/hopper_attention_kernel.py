@@ -542,9 +542,9 @@ def sage_fwd_sm90_kernel(
 
 @gluon.jit
 def work_items(n_items, PERSISTENT: gl.constexpr):
-    """This program's work items (groups of query tiles of one batch·head, one per consumer), as a range: persistent, the items
-    pid, pid + grid, ... of all n_items, in head order so that the programs at work at once share heads' K and
-    V in L2; otherwise one item, the program's grid position."""
+    """This program's work items (groups of query tiles of one batch·head, one per consumer), as a range:
+    persistent, the items pid, pid + grid, ... of all n_items, in head order so that the programs at work at once
+    share heads' K and V in L2; otherwise one item, the program's grid position."""
     if PERSISTENT:
         return gl.program_id(0), n_items, gl.num_programs(0)
     return 0, 1, 1
@@ -553,10 +553,11 @@ def work_items(n_items, PERSISTENT: gl.constexpr):
 @gluon.jit
 def work_item(i, n_items, n_tiles, whole, splits, PERSISTENT: gl.constexpr):
     """Work item i as (its index within its batch·head, batch·head, first key tile, end key tile, part); n_items:
-    work items per batch·head (groups of the ping-pong kernel's query tiles, one per consumer warpgroup). Persistent: item i,
-    all its keys, part -1. Otherwise the grid is 1-D: programs 0 .. whole-1 are items 0 .. whole-1 whole, and
-    the rest split each later item's key tiles into `splits` ranges, one program each, `part` numbering them
-    from 0 (hopper_launch.tail_split: the grid's part-full last wave, done in pieces that fill it better)."""
+    work items per batch·head (groups of the ping-pong kernel's query tiles, one per consumer warpgroup).
+    Persistent: item i, all its keys, part -1. Otherwise the grid is 1-D: programs 0 .. whole-1 are items
+    0 .. whole-1 whole, and the rest split each later item's key tiles into `splits` ranges, one program each,
+    `part` numbering them from 0 (hopper_launch.tail_split: the grid's part-full last wave, done in pieces that
+    fill it better)."""
     if PERSISTENT:
         # part -1, made from the grid's arguments: with a constant there (the split's arguments and buffers then
         # unused) Triton 3.6's lowering to LLVM failed on this kernel

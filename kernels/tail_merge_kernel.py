@@ -17,7 +17,8 @@ def sage_fwd_tail_merge_kernel(
     PART_O, PART_LSE, OUT, LSE, BAD,
     stride_ob, stride_oh, stride_on, stride_od,
     H, NQ, n_q_tiles, n_items, whole,
-    SPLITS: tl.constexpr, TILES: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, RETURN_LSE: tl.constexpr,
+    SPLITS: tl.constexpr, TILES: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    RETURN_LSE: tl.constexpr,
 ):
     """One program per ROWS rows of a split item's query tile (BLOCK_M rows; an item holds TILES query tiles, one
     per consumer warpgroup): program u joins rows block u % (BLOCK_M / ROWS) of tile (u // (BLOCK_M / ROWS)) %

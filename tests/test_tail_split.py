@@ -181,8 +181,8 @@ HOPPER = DEVICE == "cuda" and hopper_launch.AVAILABLE and torch.cuda.get_device_
 
 
 @pytest.mark.skipif(not HOPPER, reason="the Gluon kernel needs an sm90 GPU and Triton's Gluon Hopper API")
-@pytest.mark.parametrize("key,b,hq,hk,nq,nk,d,lse", [(key, *case) for key in ("m64n128w4s4mcpdgpppnt", "m64n128w4s4mcpdgppp",
-                                                                          "m64n128w4s4mcgppp") for case in (
+@pytest.mark.parametrize("key,b,hq,hk,nq,nk,d,lse", [(key, *case) for key in (
+    "m64n128w4s4mcpdgpppnt", "m64n128w4s4mcpdgppp", "m64n128w4s4mcgppp") for case in (
     (1, 26, 26, 4608, 4608, 128, True),    # 26 heads at Flux's length: 12 of 936 items in quarters
     (1, 2, 1, 300, 4000, 64, False),       # one wave of 6 items, each in four parts; the last key tile partial
     (1, 6, 3, 1400, 4000, 128, True),      # 66 items in halves; grouped-query, ragged queries and keys

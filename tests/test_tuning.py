@@ -42,9 +42,10 @@ def test_shipped_table_loads_and_its_in_place_entries_are_the_measured_ones():
     Wan2.1's 32k, where only the turns measured faster), and at 2k in the one-warpgroup kernel; head dim 64 at 4k
     (SDXL's 4096) in the one-warpgroup kernel capped at 168 registers (bench/results/h200_fp8_gluon_short_ab.json),
     at 8k and 16k in the ping-pong kernel with three consumer warpgroups and no turns
-    (bench/results/h200_d64_three_consumers_ab.json). FP16 P·V runs the Hopper kernels where they measured ahead of the portable
-    kernel (bench/results/h200_fp16_pv_ab.json): head dim 64 at 8k and 16k tokens (one warpgroup, two stages),
-    head dim 128 at 2k to 32k (ping-pong); at SDXL's 4096 tokens and head dim 64 the portable kernel stays."""
+    (bench/results/h200_d64_three_consumers_ab.json). FP16 P·V runs the Hopper kernels where they measured ahead
+    of the portable kernel (bench/results/h200_fp16_pv_ab.json): head dim 64 at 8k and 16k tokens (one
+    warpgroup, two stages), head dim 128 at 2k to 32k (ping-pong); at SDXL's 4096 tokens and head dim 64 the
+    portable kernel stays."""
     table = tuning.shipped_table("NVIDIA H200", "launch")
     assert table
     in_place, fp16_hopper = {}, {}

@@ -41,7 +41,7 @@ DEFAULT_HEADS = (18, 20, 22, 23, 24, 25, 26, 28, 29, 30, 33)
 
 def programs_per_head(config, rows: int) -> int | None:
     """The attention kernel's programs per batch·head for `rows` query rows, as its launcher makes the grid (one per
-    query tile, or per pair of tiles in the ping-pong kernel); None for a persistent grid (one program per
+    query tile, or per group of tiles in the ping-pong kernel); None for a persistent grid (one program per
     multiprocessor, whatever the heads)."""
     return None if config.persistent else hopper_launch.work_items_per_head(config, rows)
 

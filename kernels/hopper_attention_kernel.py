@@ -20,9 +20,9 @@ rather than the compiler's:
     significant bits rather than e4m3's 4, at twice FP8's tensor-core time for P·V (SageAttention's INT8·FP16
     variant).
 Two kernels: sage_fwd_sm90_kernel, one warpgroup per program, loading its own tiles; and
-sage_fwd_sm90_pingpong_kernel, two consumer warpgroups taking turns at the tensor cores and a producer warp,
-one program per pair of query tiles or (PERSISTENT) one per multiprocessor looping over them, with or without
-(TURNS) the turn-taking.
+sage_fwd_sm90_pingpong_kernel, two consumer warpgroups taking turns at the tensor cores (or, without the
+turn-taking, two or three) and a producer warp, one program per group of query tiles or (PERSISTENT) one per
+multiprocessor looping over them.
 Served: non-causal, no mask, head dims 64 and 128, FP8 P·V or a 16-bit V. Everything else runs the portable kernel.
 """
 from triton.experimental import gluon
@@ -639,10 +639,10 @@ def sage_fwd_sm90_pingpong_kernel(
     producer warp fills; two of them take turns at the tensor cores (FlashAttention-3's ping-pong schedule).
     Three (no turns) read each K/V tile for 192 query rows, as FlashAttention-3 does at head dim 64: a third less
     traffic from L2 per product than two, half that of the one-warpgroup kernel, with 160 registers a thread.
-    PERSISTENT: a grid of at most one program per multiprocessor, each looping over work items (pairs of
-    query tiles of one batch·head; see work_items): the producer loads the next item's first key tiles while
-    the consumers finish the last ones and store their outputs. Otherwise one program per item, or per part of
-    an item for the last (BH·pairs - whole) items, split in `splits` key ranges (work_item); 1-D grid.
+    PERSISTENT: a grid of at most one program per multiprocessor, each looping over work items (groups of
+    CONSUMERS query tiles of one batch·head; see work_items): the producer loads the next item's first key tiles
+    while the consumers finish the last ones and store their outputs. Otherwise one program per item, or per part
+    of an item for the last (BH·items - whole) items, split in `splits` key ranges (work_item); 1-D grid.
     TURNS: the two warpgroups take turns at the tensor cores; False lets each issue whenever its softmax is done
     (on the H200 faster at 4.6k to 16k and at 118k tokens, slower at Wan2.1's 32k: bench/NOTES.md, "Ping-pong
     without turns, …")."""

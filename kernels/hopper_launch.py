@@ -125,11 +125,11 @@ def v_descriptor(v: torch.Tensor, config: LaunchConfig):
 def launch(qz: dict, out: torch.Tensor, lse: torch.Tensor, bad: torch.Tensor, *, heads: int, kv_heads: int,
            q_group: int, v_shift, return_lse: bool, config: LaunchConfig, run, tma: tuple, v=None) -> None:
     """One warpgroup per (query tile of 64 rows, batch·head), as the portable kernel's grid with BLOCK_M = 64;
-    the ping-pong kernel puts two of them in a program, and splits its grid's last items as qz's "tail_split"
-    says (tail_buffers, made with the call plan; the parts in its "tail_o" and "tail_lse", joined by a second
-    launch). v_shift: None or
-    the [B·HK, D] vector added to the output (launch.output_shift); run: the call plan's launcher; tma:
-    `descriptors` of qz; v: None (FP8 P·V: V's codes in qz) or the call's V (FP16 P·V, v_tiles)."""
+    the ping-pong kernel puts `consumers` of them in a program, and splits its grid's last items as qz's
+    "tail_split" says (tail_buffers, made with the call plan; the parts in its "tail_o" and "tail_lse", joined by a
+    second launch). v_shift: None or the [B·HK, D] vector added to the output (launch.output_shift); run: the call
+    plan's launcher; tma: `descriptors` of qz; v: None (FP8 P·V: V's codes in qz) or the call's V (FP16 P·V,
+    v_tiles)."""
     bh, nq, block_d = qz["q8"].shape
     nk = qz["k8"].shape[1]
     q_tiles = -(-nq // config.block_m)
@@ -213,7 +213,7 @@ def split_last_wave(items: int, slots: int, kv_len: int, key_tiles: int, forced:
 def tail_buffers(config: LaunchConfig, batch_heads: int, nq: int, kv_len: int, block_d: int,
                  device: torch.device) -> dict:
     """A call plan's share of the split: "tail_split", the (whole, splits) that tail_split gives this call, and
-    the parts of its split items (FP32 outputs of both query tiles of each part, and their LSE), None where it
+    the parts of its split items (FP32 outputs of every query tile of each part, and their LSE), None where it
     splits nothing."""
     items = work_items_per_head(config, nq) * batch_heads
     whole, splits = tail_split(config, items, kv_len, device)

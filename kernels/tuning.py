@@ -26,9 +26,9 @@ class LaunchConfig:
     pv_direct: bool = False  # FP8 P·V accumulated in the output registers (no per-tile FP32 promotion)
     max_registers: int | None = None  # a cap per thread: fewer registers, more programs per multiprocessor
     pipelined: bool = False  # Hopper: the Gluon kernel (TMA ring, asynchronous wgmma, softmax under P·V)
-    ping_pong: bool = False  # with `pipelined`: two warpgroups per program taking turns at the tensor cores
+    ping_pong: bool = False  # with `pipelined`: warpgroups per program taking turns at the tensor cores (see consumers)
     persistent: bool = False  # with `ping_pong`: one program per multiprocessor, looping over query tiles
-    no_turns: bool = False  # with `ping_pong`: the two warpgroups issue their products without taking turns
+    no_turns: bool = False  # with `ping_pong`: the warpgroups issue their products without taking turns
     consumers: int = 2  # with `ping_pong`: consumer warpgroups sharing the ring (3 only with `no_turns`)
 
     def key(self) -> str:

@@ -23,10 +23,9 @@ def sage_fwd_tail_merge_kernel(
     """One program per ROWS rows of a split item's query tile (BLOCK_M rows; an item holds TILES query tiles, one
     per consumer warpgroup): program u joins rows block u % (BLOCK_M / ROWS) of tile (u // (BLOCK_M / ROWS)) %
     TILES of item whole + u // (TILES·BLOCK_M / ROWS), whose parts are partials (that item's index)·SPLITS ..
-    +SPLITS-1. The parts
-    were just written and sit in L2: the join is bound by the latency of reading them, so every part's load is
-    issued before the first is used (SPLITS unrolled: with a loop over a run-time count the loads went one after
-    another, 5.5 µs at Flux's shape)."""
+    +SPLITS-1. The parts were just written and sit in L2: the join is bound by the latency of reading them, so
+    every part's load is issued before the first is used (SPLITS unrolled: with a loop over a run-time count the
+    loads went one after another, 5.5 µs at Flux's shape)."""
     blocks: tl.constexpr = BLOCK_M // ROWS
     u = tl.program_id(0)
     tail_item = u // (TILES * blocks)

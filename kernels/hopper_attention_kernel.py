@@ -637,8 +637,10 @@ def sage_fwd_sm90_pingpong_kernel(
 ):
     """CONSUMERS consumer warpgroups (query tiles CONSUMERS·item + c of BLOCK_M rows) sharing one K/V ring that a
     producer warp fills; two of them take turns at the tensor cores (FlashAttention-3's ping-pong schedule).
-    Three (no turns) read each K/V tile for 192 query rows, as FlashAttention-3 does at head dim 64: a third less
-    traffic from L2 per product than two, half that of the one-warpgroup kernel, with 160 registers a thread.
+    Three (no turns, 160 registers a thread) read each K/V tile for 192 query rows, as FlashAttention-3 does at
+    head dim 64, where they measured 5-7% faster than the one-warpgroup kernel: its 12 consumer warps per
+    multiprocessor with a shorter loop, the producer warp issuing the loads (bench/NOTES.md, "Three consumer
+    warpgroups at head dim 64, …").
     PERSISTENT: a grid of at most one program per multiprocessor, each looping over work items (groups of
     CONSUMERS query tiles of one batch·head; see work_items): the producer loads the next item's first key tiles
     while the consumers finish the last ones and store their outputs. Otherwise one program per item, or per part

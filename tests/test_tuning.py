@@ -128,20 +128,32 @@ def test_fp16_pv_descriptor_covers_the_callers_v_head_by_head():
     assert desc.layout.swizzle_byte_width == 128 and desc.layout.element_bitwidth == 16 and desc.layout.rank == 4
 
 
-def test_hopper_kernel_declines_what_it_does_not_serve():
+def test_hopper_kernel_declines_what_it_does_not_serve(monkeypatch):
     """Every unserved case runs the portable kernel: the CPU, FP16 P·V on a V that TMA cannot read as it is
     (v_tiles), causal, masks, head dims other than 64/128, K scales finer than a tile, fewer keys than one tile,
-    configurations not marked pipelined, and a persistent or turnless one-warpgroup configuration (only the
-    ping-pong kernel loops over work items or takes turns)."""
+    configurations not marked pipelined, a persistent or turnless one-warpgroup configuration (only the
+    ping-pong kernel loops over work items or takes turns), and three consumer warpgroups anywhere but without
+    turns at head dim 64 with FP8 P·V (with turns; at head dim 128, where they spill; with FP16 P·V)."""
     lc = tuning.LaunchConfig.from_key("m64n128w4s3mcpdgp")
     base = dict(config=lc, pv_fp8=True, is_causal=False, has_bias=False, head_dim=128, block_d=128, k_group=128,
                 kv_len=4096)
     cpu = torch.device("cpu")
     assert not hopper_launch.serves(cpu, **base)
     cuda = torch.device("cuda")
+    # as on an sm90 GPU outside the interpreter: each configuration below is served as it stands, and each change
+    # alone declines it
+    monkeypatch.setattr(hopper_launch, "cuda_capability", lambda device: (9, 0))
+    monkeypatch.setattr(hopper_launch, "interpreting", lambda: False)
+    assert hopper_launch.serves(cuda, **base) == hopper_launch.AVAILABLE
     for change in (dict(pv_fp8=False), dict(is_causal=True), dict(has_bias=True), dict(head_dim=96),
                    dict(block_d=256, head_dim=256), dict(k_group=1), dict(kv_len=100),
                    dict(config=dataclasses.replace(lc, pipelined=False)),
                    dict(config=dataclasses.replace(lc, persistent=True)),
                    dict(config=dataclasses.replace(lc, no_turns=True))):
         assert not hopper_launch.serves(cuda, **{**base, **change}), change
+    three = tuning.LaunchConfig.from_key("m64n128w4s4pdgpppntc3")
+    at_64 = dict(base, config=three, head_dim=64, block_d=64)
+    assert hopper_launch.serves(cuda, **at_64) == hopper_launch.AVAILABLE
+    for change in (dict(config=dataclasses.replace(three, no_turns=False)), dict(head_dim=128, block_d=128),
+                   dict(pv_fp8=False, v_tiles=True)):
+        assert not hopper_launch.serves(cuda, **{**at_64, **change}), change

@@ -100,6 +100,38 @@ def named_arrive(barrier_id, threads: gl.constexpr, live, WARPS: gl.constexpr):
                               dtype=gl.int32, is_pure=False, pack=1)
 
 
+@constexpr_function
+def rescale_if_moved_asm(n):
+    """PTX for rescale_if_moved over a thread's n accumulator values: $0..$n-1 the values (tied to the inputs
+    $n..$2n-1), $2n..$3n-1 their rows' factors. Elements 0 and 2 of a wgmma accumulator's thread are its two rows
+    (r and r + 8); the vote makes the branch uniform over the warp's 16 rows."""
+    muls = "\n".join(f"mul.f32 ${i}, ${i}, ${2 * n + i};" for i in range(n))
+    return ("{ .reg .pred moved, any;\n"
+            f"setp.neu.f32 moved, ${2 * n}, 0f3F800000;\n"
+            f"setp.neu.or.f32 moved, ${2 * n + 2}, 0f3F800000, moved;\n"
+            "vote.sync.any.pred any, moved, 0xffffffff;\n"
+            "@!any bra.uni SKIP;\n" + muls + "\nSKIP: }")
+
+
+@constexpr_function
+def rescale_if_moved_constraints(n):
+    """The constraints of rescale_if_moved_asm: n outputs, n inputs tied to them, n factors."""
+    return ",".join(["=f"] * n + [str(i) for i in range(n)] + ["f"] * n)
+
+
+@gluon.jit
+def rescale_if_moved(acc, factors, BLOCK_D: gl.constexpr):
+    """acc times its rows' factors, branched over by a warp none of whose 16 rows moved its max (every factor
+    exactly 1, so skipping changes no bit): in a long sequence most rows keep their max after the first key
+    tiles. The branch costs four instructions and keeps the multiplies (BLOCK_D / 2 per key tile and thread) from
+    being interleaved with the code around them: on the H200 2-3% faster at Wan2.1's 32k tokens with turns and
+    1% at HunyuanVideo's 118k without, 5% slower with turns at 16k, level with three consumers at head dim 64
+    (bench/NOTES.md, "The rescale skipped where no row moved, …"); the launch table chooses."""
+    n: gl.constexpr = BLOCK_D // 2  # a thread's share of a 64-row accumulator
+    return gl.inline_asm_elementwise(rescale_if_moved_asm(n), rescale_if_moved_constraints(n), [acc, factors],
+                                     dtype=gl.float32, is_pure=True, pack=n)
+
+
 @gluon.jit
 def online_softmax(s_bits, m_i, row_scale, n_left, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
                    LAST: gl.constexpr, MAGIC: gl.constexpr):
@@ -266,7 +298,7 @@ def pipeline_step(j, ring0, p_prev, m_i, l_acc, alpha_prev, acc, q_op, k_smem, v
                   TWO_LEVEL: gl.constexpr, CONSUMERS: gl.constexpr, TURNS: gl.constexpr, LAST: gl.constexpr,
                   MAGIC: gl.constexpr,
                   SUMS_ON_MMA: gl.constexpr, s_layout: gl.constexpr, o_rows: gl.constexpr, l_rows: gl.constexpr,
-                  p_layout: gl.constexpr):
+                  p_layout: gl.constexpr, LAZY_RESCALE: gl.constexpr):
     """Step j ≥ 1 of the pipeline (FlashAttention-3's intra-warpgroup overlap): issue the scores of tile j and
     P·V of tile j-1, run tile j's softmax, then wait for P·V. P crosses steps in FP32 (FP16 in two-level
     ping-pong, to fit 240 registers) and is cast right before its product (carried as bytes, the compiler
@@ -285,7 +317,8 @@ def pipeline_step(j, ring0, p_prev, m_i, l_acc, alpha_prev, acc, q_op, k_smem, v
     the other's products occupy the tensor cores; without, each issues its products as soon as its softmax is
     done, and the tensor cores take them in the order they come (bench/NOTES.md, "Ping-pong without turns, …").
     ring0: how many key tiles this program's ring carried before this work item's (persistent ping-pong), which
-    sets the ring slot and mbarrier phase of tile j."""
+    sets the ring slot and mbarrier phase of tile j. LAZY_RESCALE: accumulating in place, a warp none of whose
+    rows moved its max skips the rescale (rescale_if_moved)."""
     g = ring0 + j  # the tile's position in the ring's sequence
     if CONSUMERS:
         g = g.to(gl.uint32)  # ring0 is not known ≥ 0 there: unsigned, % and // by STAGES stay bit operations
@@ -326,6 +359,8 @@ def pipeline_step(j, ring0, p_prev, m_i, l_acc, alpha_prev, acc, q_op, k_smem, v
     p = carried(p, v_smem.dtype)
     if TWO_LEVEL:
         acc = acc * by_row(alpha_prev, o_rows) + o_tile.to(gl.float32)
+    elif LAZY_RESCALE:
+        acc = rescale_if_moved(o_tile, by_row(alpha, o_rows), BLOCK_D)
     else:
         acc = o_tile * by_row(alpha, o_rows)  # to this tile's max, out of the turn
     if CONSUMERS:
@@ -345,7 +380,8 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_desc, k_desc, v_desc, q_smem, q_ba
                 stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, t0, t1, part, PART_O,
                 PART_LSE, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr,
                 Q_GROUP: gl.constexpr, STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, CONSUMERS: gl.constexpr,
-                TURNS: gl.constexpr, SHIFT_V: gl.constexpr, RETURN_LSE: gl.constexpr, MAGIC: gl.constexpr):
+                TURNS: gl.constexpr, SHIFT_V: gl.constexpr, RETURN_LSE: gl.constexpr, MAGIC: gl.constexpr,
+                LAZY_RESCALE: gl.constexpr):
     """One warpgroup's work: query rows tile_m·BLOCK_M .. +BLOCK_M of (batch·head) bh against key tiles
     t0 .. t1-1, then the output, its non-finite flag and the LSE; or, for a part of a split work item
     (part ≥ 0, the grid's tail: see work_item), the part's normalised output in FP32 and its base-2 LSE at
@@ -414,13 +450,14 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_desc, k_desc, v_desc, q_smem, q_ba
         p, m_i, l_acc, alpha, acc = pipeline_step(
             j, ring0, p, m_i, l_acc, alpha, acc, q_op, k_smem, v_smem, ones_smem, full_bars, consumer, k_desc,
             v_desc, seed, tile_zero, q_scale, ks_base, bh_kv, v_row0, v_col0, nk_left, NQ, n_tiles, BLOCK_M, BLOCK_N,
-            BLOCK_D, STAGES, TWO_LEVEL, CONSUMERS, TURNS, False, MAGIC, SUMS_ON_MMA, s_layout, o_rows, l_rows, p_layout)
+            BLOCK_D, STAGES, TWO_LEVEL, CONSUMERS, TURNS, False, MAGIC, SUMS_ON_MMA, s_layout, o_rows, l_rows, p_layout,
+            LAZY_RESCALE)
     if n_tiles > 1:
         p, m_i, l_acc, alpha, acc = pipeline_step(
             n_tiles - 1, ring0, p, m_i, l_acc, alpha, acc, q_op, k_smem, v_smem, ones_smem, full_bars, consumer,
             k_desc, v_desc, seed, tile_zero, q_scale, ks_base, bh_kv, v_row0, v_col0, nk_left, NQ, n_tiles, BLOCK_M,
             BLOCK_N, BLOCK_D, STAGES, TWO_LEVEL, CONSUMERS, TURNS, True, MAGIC, SUMS_ON_MMA, s_layout, o_rows, l_rows,
-            p_layout)
+            p_layout, LAZY_RESCALE)
     # P·V of the last tile
     p8 = to_pv_operand(p, BLOCK_M, BLOCK_N, p_layout, v_smem.dtype)
     last_slot = (ring0 + n_tiles - 1) % STAGES
@@ -537,7 +574,7 @@ def sage_fwd_sm90_kernel(
                 full_bars, ones_smem, 0, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh,
                 stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, gl.num_programs(0), 0, n_tiles, -1,
                 OUT, LSE, BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP, STAGES, TWO_LEVEL, 0, False, SHIFT_V,
-                RETURN_LSE, MAGIC)
+                RETURN_LSE, MAGIC, False)
 
 
 @gluon.jit
@@ -590,7 +627,7 @@ def consume(meta: gl.constexpr, consumer, q_smem, q_bar, q_desc, k_desc, v_desc,
                     k_smem, v_smem, full_bars, ones_smem, consumer, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE,
                     BAD, stride_ob, stride_oh, stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups,
                     n_q_tiles, t0, t1, part, PART_O, PART_LSE, meta[0], meta[1], meta[2], meta[3],
-                    meta[4], meta[5], CONSUMERS, meta[10], meta[6], meta[7], meta[8])
+                    meta[4], meta[5], CONSUMERS, meta[10], meta[6], meta[7], meta[8], meta[12])
 
 
 @gluon.jit
@@ -633,7 +670,7 @@ def sage_fwd_sm90_pingpong_kernel(
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, Q_GROUP: gl.constexpr,
     STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, SHIFT_V: gl.constexpr, RETURN_LSE: gl.constexpr,
     MAGIC: gl.constexpr, CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr, PERSISTENT: gl.constexpr,
-    TURNS: gl.constexpr,
+    TURNS: gl.constexpr, LAZY_RESCALE: gl.constexpr,
 ):
     """CONSUMERS consumer warpgroups (query tiles CONSUMERS·item + c of BLOCK_M rows) sharing one K/V ring that a
     producer warp fills; two of them take turns at the tensor cores (FlashAttention-3's ping-pong schedule).
@@ -647,7 +684,7 @@ def sage_fwd_sm90_pingpong_kernel(
     of an item for the last (BH·items - whole) items, split in `splits` key ranges (work_item); 1-D grid.
     TURNS: the two warpgroups take turns at the tensor cores; False lets each issue whenever its softmax is done
     (on the H200 faster at 4.6k to 16k and at 118k tokens, slower at Wan2.1's 32k: bench/NOTES.md, "Ping-pong
-    without turns, …")."""
+    without turns, …"). LAZY_RESCALE: see rescale_if_moved."""
     k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_D], k_desc.layout)
     v_smem = v_ring(v_desc, STAGES, BLOCK_N, BLOCK_D)
     gl.static_assert(CONSUMERS == 2 or (CONSUMERS == 3 and not TURNS), "turns are taken by two warpgroups")
@@ -659,7 +696,7 @@ def sage_fwd_sm90_pingpong_kernel(
     # compile-time values cross into partitions only inside a constexpr tuple (elements of a plain tuple are
     # turned into tensors)
     meta: gl.constexpr = (BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP, STAGES, TWO_LEVEL, SHIFT_V, RETURN_LSE, MAGIC,
-                          PERSISTENT, TURNS, CONSUMERS)
+                          PERSISTENT, TURNS, CONSUMERS, LAZY_RESCALE)
     runtime = (q_desc, k_desc, v_desc, k_smem, v_smem, full_bars, ones_tile(v_desc, BLOCK_N))
     scalars = (Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, PART_O, PART_LSE, stride_ob, stride_oh,
                stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, BH, whole, splits)

@@ -36,7 +36,8 @@ def serves(device: torch.device, *, config: LaunchConfig, pv_fp8: bool, is_causa
     and no key mask, a head dim of 64 or 128, one K scale per key tile, at least one full key tile (shorter key
     sequences are launch-bound: the portable kernel serves them); only the ping-pong kernel runs persistent or
     without turns; three consumer warpgroups only without turns, at head dim 64 and with FP8 P·V (at head dim 128,
-    or with FP16 P·V's wider operand in Triton 3.9, their 160 registers a thread spill and serialise the wgmma).
+    or with FP16 P·V's wider operand in Triton 3.9, their 160 registers a thread spill and serialise the wgmma);
+    the skipped rescale (lazy_rescale) only in the ping-pong kernel accumulating in place.
     """
     return (AVAILABLE and config.pipelined and kv_len >= config.block_n and (pv_fp8 or v_tiles) and not is_causal
             and not has_bias
@@ -45,6 +46,7 @@ def serves(device: torch.device, *, config: LaunchConfig, pv_fp8: bool, is_causa
             and (config.ping_pong or not (config.persistent or config.no_turns))
             and (config.consumers == 2 or config.consumers == 3 and config.ping_pong and config.no_turns
                  and block_d == 64 and pv_fp8)
+            and (not config.lazy_rescale or config.ping_pong and (config.pv_direct or not pv_fp8))
             and not interpreting() and cuda_capability(device) == (9, 0))
 
 
@@ -82,6 +84,7 @@ def kernel_constants(config: LaunchConfig, block_d: int, q_group: int, shift_v: 
         constants["CONSUMER_REGS"] = CONSUMER_REGISTERS[config.consumers]
         constants["PERSISTENT"] = config.persistent
         constants["TURNS"] = not config.no_turns
+        constants["LAZY_RESCALE"] = config.lazy_rescale
     return constants
 
 

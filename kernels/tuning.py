@@ -30,12 +30,14 @@ class LaunchConfig:
     persistent: bool = False  # with `ping_pong`: one program per multiprocessor, looping over query tiles
     no_turns: bool = False  # with `ping_pong`: the warpgroups issue their products without taking turns
     consumers: int = 2  # with `ping_pong`: consumer warpgroups sharing the ring (3 only with `no_turns`)
+    lazy_rescale: bool = False  # with `ping_pong`: a warp skips the accumulator's rescale when none of its rows moved
 
     def key(self) -> str:
         flags = "".join(tag for on, tag in ((self.warp_specialize, "ws"), (self.magic_convert, "mc"),
                                             (self.pv_direct, "pd"), (self.pipelined, "gp"),
                                             (self.ping_pong, "pp"), (self.persistent, "ps"),
-                                            (self.no_turns, "nt"), (self.consumers != 2, f"c{self.consumers}"))
+                                            (self.no_turns, "nt"), (self.lazy_rescale, "lr"),
+                                            (self.consumers != 2, f"c{self.consumers}"))
                         if on)
         regs = f"r{self.max_registers}" if self.max_registers else ""
         return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}{regs}{flags}"
@@ -43,14 +45,15 @@ class LaunchConfig:
     @classmethod
     def from_key(cls, key: str) -> "LaunchConfig":
         """The inverse of key(): "m64n128w4s3r168mcpdgp" -> LaunchConfig."""
-        hit = re.fullmatch(r"m(\d+)n(\d+)w(\d+)s(\d+)(?:r(\d+))?((?:ws|mc|pd|gp|pp|ps|nt|c\d)*)", key)
+        hit = re.fullmatch(r"m(\d+)n(\d+)w(\d+)s(\d+)(?:r(\d+))?((?:ws|mc|pd|gp|pp|ps|nt|lr|c\d)*)", key)
         if not hit:
             raise ValueError(f"not a launch configuration key: {key!r}")
         m, n, w, s, r, flags = hit.groups()
         tags = {flags[i:i + 2] for i in range(0, len(flags), 2)}
         consumers = next((int(t[1]) for t in tags if t[0] == "c"), 2)
         return cls(int(m), int(n), int(w), int(s), "ws" in tags, "mc" in tags, "pd" in tags,
-                   int(r) if r else None, "gp" in tags, "pp" in tags, "ps" in tags, "nt" in tags, consumers)
+                   int(r) if r else None, "gp" in tags, "pp" in tags, "ps" in tags, "nt" in tags, consumers,
+                   "lr" in tags)
 
 
 def _c(m, n, w, s):
@@ -159,6 +162,12 @@ def candidates(block_d: int, block_m: int | None = None, family: str = "sm90") -
         # at Wan2.1's 32k (bench/NOTES.md, "Ping-pong without turns, …")
         plain.append(LaunchConfig(64, 128, 4, 4, magic_convert=True, pv_direct=True, pipelined=True, ping_pong=True,
                                   no_turns=True))
+        if block_d == 128:
+            # the accumulator's rescale skipped by a warp none of whose rows moved its max: on the H200 2-3% faster
+            # with turns at Wan2.1's 32k tokens and 1% without at HunyuanVideo's 118k, 5% slower with turns at 16k
+            # (bench/NOTES.md, "The rescale skipped where no row moved, …")
+            plain += [LaunchConfig(64, 128, 4, 4, magic_convert=True, pv_direct=True, pipelined=True, ping_pong=True,
+                                   no_turns=nt, lazy_rescale=True) for nt in (False, True)]
         if block_d == 64:
             # at head dim 64 one warpgroup capped at 168 registers runs three programs per multiprocessor, and
             # their softmaxes fill each other's tensor-core gaps (bench/NOTES.md, "The rescale after P·V's wait");

@@ -492,7 +492,8 @@ def test_fp8_accumulation_survives_a_v_offset(key):
 @pytest.mark.parametrize("kernel", ["int8_fp8", "int8_fp16"])
 @pytest.mark.parametrize("key", ["m64n128w4s3mcpdgp", "m64n64w4s3gp", "m64n128w4s4mcpdgppp", "m64n64w4s4mcgppp",
                                  "m64n128w4s3mcgp", "m64n128w4s4mcgppp", "m64n128w4s3r168pdgp",
-                                 "m64n128w4s4mcpdgpppps", "m64n128w4s4mcgpppps", "m64n128w4s4mcpdgpppnt"])
+                                 "m64n128w4s4mcpdgpppps", "m64n128w4s4mcgpppps", "m64n128w4s4mcpdgpppnt",
+                                 "m64n128w4s4mcpdgppplr", "m64n128w4s4mcpdgpppntlr"])
 @pytest.mark.parametrize("b,hq,hk,nq,nk,d,dtype,smooth_v,lse", [
     (1, 2, 2, 200, 200, 64, torch.bfloat16, False, False),
     (2, 4, 4, 1000, 333, 128, torch.float16, False, True),   # ragged, the last key tile partial
@@ -512,7 +513,8 @@ def test_hopper_kernel_matches_portable_kernel(kernel, key, b, hq, hk, nq, nk, d
 
 
 @pytest.mark.skipif(not HOPPER, reason=NO_HOPPER)
-@pytest.mark.parametrize("key", ["m64n128w4s3pdgpppntc3", "m64n128w4s4pdgpppntc3", "m64n128w4s4pdgppppsntc3"])
+@pytest.mark.parametrize("key", ["m64n128w4s3pdgpppntc3", "m64n128w4s4pdgpppntc3", "m64n128w4s4pdgppppsntc3",
+                                 "m64n128w4s4pdgpppntlrc3"])
 @pytest.mark.parametrize("b,hq,hk,nq,nk,d,dtype,smooth_v,lse", [
     (1, 2, 2, 200, 200, 64, torch.bfloat16, False, False),   # one item, its third tile past the end
     (2, 4, 4, 1000, 333, 64, torch.float16, False, True),    # ragged, the last key tile partial
@@ -529,6 +531,29 @@ def test_three_consumer_hopper_kernel_matches_portable_kernel(key, b, hq, hk, nq
     lc = tuning.LaunchConfig.from_key(key)
     assert not launch.runs_hopper_kernel(q, k, v, config=lc, k_group=lc.block_n, pv_fp8=False, is_causal=False,
                                          has_bias=False)
+
+
+@pytest.mark.skipif(not HOPPER, reason=NO_HOPPER)
+@pytest.mark.parametrize("ramp", [0.0, 3.0])
+@pytest.mark.parametrize("key,d,kernel", [("m64n128w4s4pdgpppntc3", 64, "int8_fp8"),
+                                          ("m64n128w4s4mcpdgppp", 128, "int8_fp8"),
+                                          ("m64n128w4s4mcpdgpppnt", 128, "int8_fp8"),
+                                          ("m64n128w4s4mcpdgppp", 128, "int8_fp16")])
+def test_lazy_rescale_changes_no_bit(key, d, kernel, ramp):
+    """A warp that skips the accumulator's rescale when none of its rows moved its max (lazy_rescale) multiplies
+    by exactly 1 where it skips: the output is bit for bit the kernel's without it. ramp > 0 scales the keys up
+    along the sequence, so that rows keep moving their max in late key tiles (some warps' rows move, others'
+    not, within one tile)."""
+    q, k, v = inputs(2, 8, 8, 1000, 5000, d, torch.bfloat16, seed=11)
+    k = (k.float() * (1 + ramp * torch.linspace(0, 1, k.shape[2], device=k.device)[:, None])).to(k.dtype)
+    cfg = SageConfig(kernel=kernel)
+    outs = []
+    for lazy in (False, True):
+        lc = dataclasses.replace(tuning.LaunchConfig.from_key(key), lazy_rescale=lazy)
+        assert launch.runs_hopper_kernel(q, k, v, config=lc, k_group=lc.block_n, pv_fp8=kernel == "int8_fp8",
+                                         is_causal=False, has_bias=False)
+        outs.append(run_kernel(q, k, v, cfg, return_lse=True, launch_cfg=lc)[:2])
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
 def check_hopper_matches_portable(kernel, key, b, hq, hk, nq, nk, d, dtype, smooth_v, lse):

@@ -42,7 +42,9 @@ def test_shipped_table_loads_and_its_in_place_entries_are_the_measured_ones():
     Wan2.1's 32k, where only the turns measured faster), and at 2k in the one-warpgroup kernel; head dim 64 at 4k
     (SDXL's 4096) in the one-warpgroup kernel capped at 168 registers (bench/results/h200_fp8_gluon_short_ab.json),
     at 8k and 16k in the ping-pong kernel with three consumer warpgroups and no turns
-    (bench/results/h200_d64_three_consumers_ab.json). FP16 P·V runs the Hopper kernels where they measured ahead
+    (bench/results/h200_d64_three_consumers_ab.json). At 32k and 128k tokens and head dim 128 a warp skips the
+    accumulator's rescale when none of its rows moved its max (bench/results/h200_lazy_rescale_d128_ab.json).
+    FP16 P·V runs the Hopper kernels where they measured ahead
     of the portable kernel (bench/results/h200_fp16_pv_ab.json): head dim 64 at 8k and 16k tokens (one
     warpgroup, two stages), head dim 128 at 2k to 32k (ping-pong); at SDXL's 4096 tokens and head dim 64 the
     portable kernel stays."""
@@ -62,8 +64,9 @@ def test_shipped_table_loads_and_its_in_place_entries_are_the_measured_ones():
                               for n in (2048, 8192, 32768)},
                            "fp16|d128|many|nq16384|nk16384|bfloat16|full": "m64n128w4s3mcpdgppp"}
     assert in_place == {**{f"fp8|d128|many|nq{n}|nk{n}|bfloat16|full": "m64n128w4s4mcpdgpppnt"
-                           for n in (8192, 16384, 131072)},
-                        "fp8|d128|many|nq32768|nk32768|bfloat16|full": "m64n128w4s4mcpdgppp",
+                           for n in (8192, 16384)},
+                        "fp8|d128|many|nq131072|nk131072|bfloat16|full": "m64n128w4s4mcpdgpppntlr",
+                        "fp8|d128|many|nq32768|nk32768|bfloat16|full": "m64n128w4s4mcpdgppplr",
                         "fp8|d128|many|nq2048|nk2048|bfloat16|full": "m64n128w4s3mcpdgp",
                         "fp8|d64|many|nq4096|nk4096|bfloat16|full": "m64n128w4s3r168pdgp",
                         **{f"fp8|d64|many|nq{n}|nk{n}|bfloat16|full": "m64n128w4s4pdgpppntc3" for n in (8192, 16384)}}
@@ -132,8 +135,9 @@ def test_hopper_kernel_declines_what_it_does_not_serve(monkeypatch):
     """Every unserved case runs the portable kernel: the CPU, FP16 P·V on a V that TMA cannot read as it is
     (v_tiles), causal, masks, head dims other than 64/128, K scales finer than a tile, fewer keys than one tile,
     configurations not marked pipelined, a persistent or turnless one-warpgroup configuration (only the
-    ping-pong kernel loops over work items or takes turns), and three consumer warpgroups anywhere but without
-    turns at head dim 64 with FP8 P·V (with turns; at head dim 128, where they spill; with FP16 P·V)."""
+    ping-pong kernel loops over work items or takes turns), three consumer warpgroups anywhere but without
+    turns at head dim 64 with FP8 P·V (with turns; at head dim 128, where they spill; with FP16 P·V), and the
+    skipped rescale anywhere but in the ping-pong kernel accumulating in place."""
     lc = tuning.LaunchConfig.from_key("m64n128w4s3mcpdgp")
     base = dict(config=lc, pv_fp8=True, is_causal=False, has_bias=False, head_dim=128, block_d=128, k_group=128,
                 kv_len=4096)
@@ -149,8 +153,15 @@ def test_hopper_kernel_declines_what_it_does_not_serve(monkeypatch):
                    dict(block_d=256, head_dim=256), dict(k_group=1), dict(kv_len=100),
                    dict(config=dataclasses.replace(lc, pipelined=False)),
                    dict(config=dataclasses.replace(lc, persistent=True)),
-                   dict(config=dataclasses.replace(lc, no_turns=True))):
+                   dict(config=dataclasses.replace(lc, no_turns=True)),
+                   dict(config=dataclasses.replace(lc, lazy_rescale=True))):
         assert not hopper_launch.serves(cuda, **{**base, **change}), change
+    # the skipped rescale: in the ping-pong kernel accumulating in place (FP8 codes or a 16-bit V), not on the
+    # two-level FP16 tiles
+    lazy = tuning.LaunchConfig.from_key("m64n128w4s4mcpdgppplr")
+    assert hopper_launch.serves(cuda, **dict(base, config=lazy)) == hopper_launch.AVAILABLE
+    assert hopper_launch.serves(cuda, **dict(base, config=lazy, pv_fp8=False, v_tiles=True)) == hopper_launch.AVAILABLE
+    assert not hopper_launch.serves(cuda, **dict(base, config=dataclasses.replace(lazy, pv_direct=False)))
     three = tuning.LaunchConfig.from_key("m64n128w4s4pdgpppntc3")
     at_64 = dict(base, config=three, head_dim=64, block_d=64)
     assert hopper_launch.serves(cuda, **at_64) == hopper_launch.AVAILABLE

@@ -163,9 +163,10 @@ def candidates(block_d: int, block_m: int | None = None, family: str = "sm90") -
         plain.append(LaunchConfig(64, 128, 4, 4, magic_convert=True, pv_direct=True, pipelined=True, ping_pong=True,
                                   no_turns=True))
         if block_d == 128:
-            # the accumulator's rescale skipped by a warp none of whose rows moved its max: on the H200 2-3% faster
-            # with turns at Wan2.1's 32k tokens and 1% without at HunyuanVideo's 118k, 5% slower with turns at 16k
-            # (bench/NOTES.md, "The rescale skipped where no row moved, …")
+            # the accumulator's rescale skipped by a warp none of whose rows moved its max: on the H200 with FP8
+            # P·V 2-3% faster with turns at Wan2.1's 32k tokens and 1% without at HunyuanVideo's 118k, 5% slower
+            # with turns at 16k; with FP16 P·V 1-3% faster at 16k and 32k (bench/NOTES.md, "The rescale skipped
+            # where no row moved, …")
             plain += [LaunchConfig(64, 128, 4, 4, magic_convert=True, pv_direct=True, pipelined=True, ping_pong=True,
                                    no_turns=nt, lazy_rescale=True) for nt in (False, True)]
         if block_d == 64:

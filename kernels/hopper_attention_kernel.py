@@ -491,9 +491,10 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_desc, k_desc, v_desc, q_smem, q_ba
         # a part of a split work item: its output over its keys, normalised, and its LSE in the scores' base-2
         # units (see online_softmax), for tail_merge_kernel to join (which adds its count to the flag cleared here)
         gl.store(BAD + bh * n_q_tiles + tile_m, tile_m * 0, mask=tile_m < n_q_tiles)
-        part_rows = (CONSUMERS * part + consumer) * BLOCK_M + gl.arange(0, BLOCK_M, layout=o_rows)
+        part_row0 = (CONSUMERS * part + consumer) * BLOCK_M  # this warpgroup's rows among the partials
+        part_rows = part_row0 + gl.arange(0, BLOCK_M, layout=o_rows)
         gl.store(PART_O + gl.expand_dims(part_rows, 1) * BLOCK_D + gl.expand_dims(offs_d, 0), out)
-        gl.store(PART_LSE + (CONSUMERS * part + consumer) * BLOCK_M + gl.arange(0, BLOCK_M, layout=s_rows),
+        gl.store(PART_LSE + part_row0 + gl.arange(0, BLOCK_M, layout=s_rows),
                  m_i + gl.convert_layout(gl.log2(l_i), s_rows))
     else:
         rows = row0 + gl.arange(0, BLOCK_M, layout=o_rows)

@@ -222,9 +222,10 @@ def overlap_report(sass: str) -> dict:
     """Whether the main loop keeps its softmax under P·V: the exp2s between the wait that leaves P·V (and the row
     sums) in flight, the scores done, and the next wait; whether the loop touches local memory; how many barriers
     its warps wait at per key tile (BAR.SYNC: named or whole-program); its FADDs and its m64n8 products (P's row
-    sums on the tensor cores, in place of a FADD per score); in ping-pong, the turn: the instructions from the
-    barrier wait before the tile's first wgmma to the arrive after its last, which the two warpgroups run one
-    after the other, and how far into it the first wgmma comes; where the scores' products read Q from."""
+    sums on the tensor cores, in place of a FADD per score); its warp votes (the skipped rescale's); in ping-pong,
+    the turn: the instructions from the barrier wait before the tile's first wgmma to the arrive after its last,
+    which the two warpgroups run one after the other, and how far into it the first wgmma comes; where the
+    scores' products read Q from."""
     ins = sass_instructions(sass)
     span = main_loop_span(ins)  # found once: it pairs every backward branch with the listing
     loop = loop_lines(ins, span)
@@ -245,6 +246,7 @@ def overlap_report(sass: str) -> dict:
             "second_wait": loop[second] if second is not None else None,
             "first_wait": loop[first] if first is not None else None,
             "loop_fadds": sum(op.startswith("FADD") for op in ops),
+            "loop_votes": sum(op.startswith("VOTE.") for op in ops),
             "row_sum_mmas": sum(op.startswith(("QGMMA.64x8x", "HGMMA.64x8x")) for op in ops),
             "turn_instructions": turn_arrive - turn_sync if in_turn else None,
             "first_mma_into_turn": mmas[0] - turn_sync if in_turn else None,

@@ -120,14 +120,14 @@ def rescale_if_moved_constraints(n):
 
 
 @gluon.jit
-def rescale_if_moved(acc, factors, BLOCK_D: gl.constexpr):
+def rescale_if_moved(acc, factors):
     """acc times its rows' factors, branched over by a warp none of whose 16 rows moved its max (every factor
     exactly 1, so skipping changes no bit): in a long sequence most rows keep their max after the first key
-    tiles. The branch costs four instructions and keeps the multiplies (BLOCK_D / 2 per key tile and thread) from
+    tiles. The branch costs four instructions and keeps the multiplies (head dim / 2 per key tile and thread) from
     being interleaved with the code around them: on the H200 2-3% faster at Wan2.1's 32k tokens with turns and
     1% at HunyuanVideo's 118k without, 5% slower with turns at 16k, level with three consumers at head dim 64
     (bench/NOTES.md, "The rescale skipped where no row moved, …"); the launch table chooses."""
-    n: gl.constexpr = BLOCK_D // 2  # a thread's share of a 64-row accumulator
+    n: gl.constexpr = acc.shape[0] * acc.shape[1] // 128  # a thread's share of the warpgroup's accumulator
     return gl.inline_asm_elementwise(rescale_if_moved_asm(n), rescale_if_moved_constraints(n), [acc, factors],
                                      dtype=gl.float32, is_pure=True, pack=n)
 
@@ -360,7 +360,7 @@ def pipeline_step(j, ring0, p_prev, m_i, l_acc, alpha_prev, acc, q_op, k_smem, v
     if TWO_LEVEL:
         acc = acc * by_row(alpha_prev, o_rows) + o_tile.to(gl.float32)
     elif LAZY_RESCALE:
-        acc = rescale_if_moved(o_tile, by_row(alpha, o_rows), BLOCK_D)
+        acc = rescale_if_moved(o_tile, by_row(alpha, o_rows))
     else:
         acc = o_tile * by_row(alpha, o_rows)  # to this tile's max, out of the turn
     if CONSUMERS:

@@ -46,7 +46,7 @@ def serves(device: torch.device, *, config: LaunchConfig, pv_fp8: bool, is_causa
             and (config.ping_pong or not (config.persistent or config.no_turns))
             and (config.consumers == 2 or config.consumers == 3 and config.ping_pong and config.no_turns
                  and block_d == 64 and pv_fp8)
-            and (not config.lazy_rescale or config.ping_pong and (config.pv_direct or not pv_fp8))
+            and (not config.lazy_rescale or config.ping_pong and not two_level(config, pv_fp8))
             and not interpreting() and cuda_capability(device) == (9, 0))
 
 

@@ -70,7 +70,7 @@ def test_gluon_kernel_sums_rows_on_tensor_cores_and_does_not_spill(config, head_
     turns = config.ping_pong and not config.no_turns
     assert report["scores_a_operand"] == ("registers" if turns and pv == "fp8" else "shared"), report
     # the skipped rescale: one warp vote per key tile, before the branch over the multiplies; none without it
-    in_place = config.pv_direct or pv == "fp16"
+    in_place = not hopper_launch.two_level(config, pv == "fp8")
     assert report["loop_votes"] == (1 if config.lazy_rescale and in_place else 0), report
 
 

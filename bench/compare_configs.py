@@ -21,10 +21,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from sage_attention_pack.kernels import launch, tuning  # noqa: E402
+from sage_attention_pack.kernels import tuning  # noqa: E402
 from sage_attention_pack.sage_core import backend  # noqa: E402
 from sage_attention_pack.sage_core.bench import GPU_SHAPES as MODEL_SHAPES  # noqa: E402
-from sage_attention_pack.sage_core.bench import add_timings, environment, model_shaped_inputs, reference  # noqa: E402
+from sage_attention_pack.sage_core.bench import (add_timings, environment, kernel_served,  # noqa: E402
+                                                 model_shaped_inputs, reference)
 from sage_attention_pack.sage_core.config import SageConfig  # noqa: E402
 from sage_attention_pack.sage_core.metrics import attention_error  # noqa: E402
 from sage_attention_pack.sage_core.progress import progress  # noqa: E402
@@ -54,10 +55,7 @@ def compare(shape, keys, kernel="int8_fp8", dtype=torch.bfloat16, v_offset=0.0, 
         except Exception as e:  # a tile that does not fit is reported, not fatal
             rows[key] = {"error": error_line(e)}
             continue
-        _, k_group = launch.quant_groups(cfg.q_group_rows, cfg.k_group_rows, lc)
-        gluon = launch.runs_hopper_kernel(q, k, v, config=lc, k_group=k_group, pv_fp8=pv_fp8, is_causal=False,
-                                          has_bias=False)
-        rows[key] = {"kernel": "hopper_gluon" if gluon else "portable_triton", **err}
+        rows[key] = {"kernel": kernel_served(q, k, v, cfg, lc, pv_fp8), **err}
         calls[key] = call
         torch.cuda.empty_cache()
     # every configuration and SDPA in turn, round after round: the machine's drift reaches all alike

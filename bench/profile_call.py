@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the pack's parent: `sage_attention_pack` importable
-from sage_attention_pack.kernels import launch, tuning  # noqa: E402
+from sage_attention_pack.kernels import tuning  # noqa: E402
 from sage_attention_pack.sage_core import backend  # noqa: E402
 from sage_attention_pack.sage_core.bench import (ACCURACY_HEADS, CPU_SHAPES, GPU_SHAPES,  # noqa: E402
-                                                 model_shaped_inputs, reference)
+                                                 kernel_served, model_shaped_inputs, reference)
 from sage_attention_pack.sage_core.config import SageConfig  # noqa: E402
 from sage_attention_pack.sage_core.metrics import attention_error  # noqa: E402
 
@@ -47,11 +47,8 @@ def profile_calls(shape_name: str, key: str, calls: int = 3, kernel: str = "int8
                           pv_fp8=pv_fp8, return_lse=False, launch_config=lc)[0]
     if device == "cuda":
         torch.cuda.synchronize()
-    _, k_group = launch.quant_groups(cfg.q_group_rows, cfg.k_group_rows, lc)
-    hopper = launch.runs_hopper_kernel(q, k, v, config=lc, k_group=k_group, pv_fp8=pv_fp8, is_causal=False,
-                                       has_bias=False)
     return {"shape": shape_name, "B": b, "H": h, "N": n, "D": d, "config": key, "calls": calls, "kernel": kernel,
-            "served_by": "hopper_gluon" if hopper else "portable_triton",
+            "served_by": kernel_served(q, k, v, cfg, lc, pv_fp8),
             **attention_error(out[:, :min(h, ACCURACY_HEADS)].float(), reference(q, k, v))}
 
 

@@ -107,6 +107,17 @@ def environment() -> dict:
     return env
 
 
+def kernel_served(q, k, v, config: SageConfig, launch_config, pv_fp8: bool) -> str:
+    """Which attention kernel a non-causal, unmasked Sage call of these HND inputs with `launch_config` runs:
+    "hopper_gluon" or "portable_triton" (the A/B and profiling scripts report it beside each key)."""
+    from ..kernels import launch
+
+    _, k_group = launch.quant_groups(config.q_group_rows, config.k_group_rows, launch_config)
+    hopper = launch.runs_hopper_kernel(q, k, v, config=launch_config, k_group=k_group, pv_fp8=pv_fp8,
+                                       is_causal=False, has_bias=False)
+    return "hopper_gluon" if hopper else "portable_triton"
+
+
 def reference(q, k, v):
     """FP32 attention on the first heads (the memory-efficient backend takes FP32 at any length)."""
     h = min(ACCURACY_HEADS, q.shape[1])

@@ -179,6 +179,12 @@ def instruction_mix(sass: str) -> collections.Counter:
     return collections.Counter(op for _, op, _ in sass_instructions(sass))
 
 
+def global_stores(sass: str) -> dict:
+    """The kernel's global stores by width (STG.E.U16: 2 bytes, STG.E: 4, STG.E.64, STG.E.128): how its output tile
+    leaves (hopper_attention_kernel.store_output)."""
+    return {op: n for op, n in sorted(instruction_mix(sass).items()) if op.startswith("STG")}
+
+
 def main_loop_span(ins: list[tuple[int, str, str]]) -> tuple[int, int] | None:
     """(first, last) address, in sass_instructions' listing, of the innermost loop that issues wgmma: the backward
     branch with the shortest span that contains an IGMMA, QGMMA or HGMMA. One pass of it is one key tile for one
@@ -347,7 +353,8 @@ def main(argv=None):
         Path(args.ptx).write_text(k.asm["ptx"])
     overlap = overlap_report(sass)
     if args.json:
-        print(json.dumps({"resources": resource_report(k, args.arch), "shared": k.metadata.shared, **overlap}))
+        print(json.dumps({"resources": resource_report(k, args.arch), "shared": k.metadata.shared, **overlap,
+                          "global_stores": global_stores(sass)}))
         return 0
     print(f"{resource_report(k, args.arch)}  shared {k.metadata.shared} B")
     n_loop, loop = main_loop_mix(sass)

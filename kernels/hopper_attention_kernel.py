@@ -375,13 +375,39 @@ def pipeline_step(j, ring0, p_prev, m_i, l_acc, alpha_prev, acc, q_op, k_smem, v
 
 
 @gluon.jit
+def store_output(out, head_out, row0, rows, offs_d, o_mask, stride_on, stride_od, NQ, BLOCK_M: gl.constexpr,
+                 BLOCK_D: gl.constexpr, OUT_STORE: gl.constexpr):
+    """A warpgroup's output tile (in the P·V accumulator's layout, `rows` and `offs_d` its coordinates, o_mask the
+    rows inside the head) into its head's rows at head_out. The accumulator gives each thread pairs of neighbouring
+    channels, and ptxas wrote them two bytes at a time: 64 stores a thread at head dim 128, which took ~3 µs of a
+    Flux program's ~47 (timestamps in the kernel on the H200, bench/NOTES.md, "The output's store"). OUT_STORE (the
+    launcher's out_store) 2: the tile crosses shared memory into rows of 8 channels a thread and leaves in
+    16-byte stores; 1: the pairs in 4-byte stores; 0: as laid out (an output whose rows are not 16-byte aligned).
+    The partitions of the ping-pong kernel do not inherit the arguments' alignment: the hints say what the launcher
+    checked (contiguous channels, 16-byte aligned rows)."""
+    if OUT_STORE == 2:
+        rows_of_8: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BLOCK_D // 8), BLOCK_D // 8], [4, 1], [1, 0])
+        st_rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, rows_of_8))
+        st_cols = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, rows_of_8))
+        ptrs = head_out + gl.expand_dims(st_rows, 1) * stride_on + gl.expand_dims(st_cols, 0) * stride_od
+        gl.store(gl.max_contiguous(gl.multiple_of(ptrs, [16, 16]), [1, 8]), gl.convert_layout(out, rows_of_8),
+                 mask=gl.expand_dims(st_rows < NQ, 1))
+    elif OUT_STORE == 1:
+        ptrs = head_out + gl.expand_dims(rows, 1) * stride_on + gl.expand_dims(offs_d, 0) * stride_od
+        gl.store(gl.max_contiguous(gl.multiple_of(ptrs, [16, 4]), [1, 2]), out, mask=gl.expand_dims(rows < NQ, 1))
+    else:
+        gl.store(head_out + gl.expand_dims(rows, 1) * stride_on + gl.expand_dims(offs_d, 0) * stride_od, out,
+                 mask=o_mask)
+
+
+@gluon.jit
 def attend_rows(tile_m, bh, ring0, q_phase, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, full_bars,
                 ones_smem, consumer, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh,
                 stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, t0, t1, part, PART_O,
                 PART_LSE, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr,
                 Q_GROUP: gl.constexpr, STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, CONSUMERS: gl.constexpr,
                 TURNS: gl.constexpr, SHIFT_V: gl.constexpr, RETURN_LSE: gl.constexpr, MAGIC: gl.constexpr,
-                LAZY_RESCALE: gl.constexpr):
+                LAZY_RESCALE: gl.constexpr, OUT_STORE: gl.constexpr):
     """One warpgroup's work: query rows tile_m·BLOCK_M .. +BLOCK_M of (batch·head) bh against key tiles
     t0 .. t1-1, then the output, its non-finite flag and the LSE; or, for a part of a split work item
     (part ≥ 0, the grid's tail: see work_item), the part's normalised output in FP32 and its base-2 LSE at
@@ -499,9 +525,8 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_desc, k_desc, v_desc, q_smem, q_ba
     else:
         rows = row0 + gl.arange(0, BLOCK_M, layout=o_rows)
         o_mask = gl.expand_dims(rows < NQ, 1) & gl.expand_dims(offs_d < BLOCK_D, 0)
-        o_ptrs = (OUT + b * stride_ob + h * stride_oh + gl.expand_dims(rows, 1) * stride_on
-                  + gl.expand_dims(offs_d, 0) * stride_od)
-        gl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=o_mask)
+        store_output(out.to(OUT.dtype.element_ty), OUT + b * stride_ob + h * stride_oh, row0, rows, offs_d, o_mask,
+                     stride_on, stride_od, NQ, BLOCK_M, BLOCK_D, OUT_STORE)
         bad = gl.sum(gl.sum(gl.where(o_mask & ~(gl.abs(out) < float("inf")), 1, 0), axis=1), axis=0)
         gl.store(BAD + bh * n_q_tiles + tile_m, bad, mask=tile_m < n_q_tiles)
         if RETURN_LSE:
@@ -552,7 +577,7 @@ def sage_fwd_sm90_kernel(
     H, KV_GROUP, NQ, NK, q_groups, k_groups,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, Q_GROUP: gl.constexpr,
     STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, SHIFT_V: gl.constexpr, RETURN_LSE: gl.constexpr,
-    MAGIC: gl.constexpr,
+    MAGIC: gl.constexpr, OUT_STORE: gl.constexpr,
 ):
     """One warpgroup per program, BLOCK_M = 64 query rows; it issues its own TMA loads STAGES tiles ahead."""
     k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_D], k_desc.layout)
@@ -575,7 +600,7 @@ def sage_fwd_sm90_kernel(
                 full_bars, ones_smem, 0, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh,
                 stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, gl.num_programs(0), 0, n_tiles, -1,
                 OUT, LSE, BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP, STAGES, TWO_LEVEL, 0, False, SHIFT_V,
-                RETURN_LSE, MAGIC, False)
+                RETURN_LSE, MAGIC, False, OUT_STORE)
 
 
 @gluon.jit
@@ -628,7 +653,7 @@ def consume(meta: gl.constexpr, consumer, q_smem, q_bar, q_desc, k_desc, v_desc,
                     k_smem, v_smem, full_bars, ones_smem, consumer, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE,
                     BAD, stride_ob, stride_oh, stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups,
                     n_q_tiles, t0, t1, part, PART_O, PART_LSE, meta[0], meta[1], meta[2], meta[3],
-                    meta[4], meta[5], CONSUMERS, meta[10], meta[6], meta[7], meta[8], meta[12])
+                    meta[4], meta[5], CONSUMERS, meta[10], meta[6], meta[7], meta[8], meta[12], meta[13])
 
 
 @gluon.jit
@@ -671,7 +696,7 @@ def sage_fwd_sm90_pingpong_kernel(
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, Q_GROUP: gl.constexpr,
     STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, SHIFT_V: gl.constexpr, RETURN_LSE: gl.constexpr,
     MAGIC: gl.constexpr, CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr, PERSISTENT: gl.constexpr,
-    TURNS: gl.constexpr, LAZY_RESCALE: gl.constexpr,
+    TURNS: gl.constexpr, LAZY_RESCALE: gl.constexpr, OUT_STORE: gl.constexpr,
 ):
     """CONSUMERS consumer warpgroups (query tiles CONSUMERS·item + c of BLOCK_M rows) sharing one K/V ring that a
     producer warp fills; two of them take turns at the tensor cores (FlashAttention-3's ping-pong schedule).
@@ -697,7 +722,7 @@ def sage_fwd_sm90_pingpong_kernel(
     # compile-time values cross into partitions only inside a constexpr tuple (elements of a plain tuple are
     # turned into tensors)
     meta: gl.constexpr = (BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP, STAGES, TWO_LEVEL, SHIFT_V, RETURN_LSE, MAGIC,
-                          PERSISTENT, TURNS, CONSUMERS, LAZY_RESCALE)
+                          PERSISTENT, TURNS, CONSUMERS, LAZY_RESCALE, OUT_STORE)
     runtime = (q_desc, k_desc, v_desc, k_smem, v_smem, full_bars, ones_tile(v_desc, BLOCK_N))
     scalars = (Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, PART_O, PART_LSE, stride_ob, stride_oh,
                stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, BH, whole, splits)

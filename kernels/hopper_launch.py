@@ -73,12 +73,29 @@ def v_tiles(v: torch.Tensor, block_d: int) -> bool:
                                           if n > 1)
 
 
+def out_store(config: LaunchConfig, pv_fp8: bool = True, out: torch.Tensor | None = None) -> int:
+    """How the Gluon kernel of this configuration writes its output tile (hopper_attention_kernel.store_output): 2,
+    16-byte stores through shared memory; 1, 4-byte stores of channel pairs: with three consumer warpgroups (the
+    round trip through shared memory read 1% slower than the pairs at head dim 64) and in the one-warpgroup kernel
+    with FP16 P·V (there it spilled 16-24 bytes under the 168-register cap); 0, as the accumulator lays it out, for
+    an `out` that is not 16-bit with contiguous channels and 16-byte aligned rows. Measured on the H200 against 0
+    (bench/NOTES.md, "The output's store"): Flux 4.5% faster a call, B2 H32 N8192 D128 1.3-3.4%, Wan2.1 1.6%, SDXL
+    1%; head dim 64 at 16k tokens 0.7% (pairs)."""
+    if out is not None and not (out.element_size() == 2 and out.stride(-1) == 1 and out.data_ptr() % 16 == 0
+                                and all(s % 8 == 0 for n, s in zip(out.shape[:-1], out.stride()[:-1]) if n > 1)):
+        return 0
+    if config.ping_pong:
+        return 1 if config.consumers == 3 else 2
+    return 2 if pv_fp8 else 1
+
+
 def kernel_constants(config: LaunchConfig, block_d: int, q_group: int, shift_v: bool, return_lse: bool,
                      pv_fp8: bool = True) -> dict:
     """The compile-time arguments a configuration gives its Gluon kernel (the launch and compile_for_sm90)."""
     constants = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, Q_GROUP=q_group,
                      STAGES=config.num_stages, TWO_LEVEL=two_level(config, pv_fp8), SHIFT_V=shift_v,
-                     RETURN_LSE=return_lse, MAGIC=config.magic_convert)
+                     RETURN_LSE=return_lse, MAGIC=config.magic_convert,
+                     OUT_STORE=out_store(config, pv_fp8))
     if config.ping_pong:
         constants["CONSUMERS"] = config.consumers
         constants["CONSUMER_REGS"] = CONSUMER_REGISTERS[config.consumers]
@@ -142,7 +159,8 @@ def launch(qz: dict, out: torch.Tensor, lse: torch.Tensor, bad: torch.Tensor, *,
     v_scale = qz["v_scale"] if pv_fp8 else qz["q_scale"]  # FP16 P·V: a placeholder, never read
     scales = (qz["q_scale"], qz["k_scale"], v_scale, v_shift if v_shift is not None else v_scale)
     sizes = (heads, heads // kv_heads, nq, nk, qz["q_scale"].shape[-1], qz["k_scale"].shape[-1])
-    meta = kernel_constants(config, block_d, q_group, v_shift is not None, return_lse, pv_fp8)
+    meta = {**kernel_constants(config, block_d, q_group, v_shift is not None, return_lse, pv_fp8),
+            "OUT_STORE": out_store(config, pv_fp8, out)}
     items = work_items_per_head(config, nq)
     if not config.ping_pong:
         run("attention", sage_fwd_sm90_kernel, (items, bh), (*tma, *scales, out, lse, bad, *out.stride(), *sizes),

@@ -72,6 +72,24 @@ def test_gluon_kernel_sums_rows_on_tensor_cores_and_does_not_spill(config, head_
     # the skipped rescale: one warp vote per key tile, before the branch over the multiplies; none without it
     in_place = not hopper_launch.two_level(config, pv == "fp8")
     assert report["loop_votes"] == (1 if config.lazy_rescale and in_place else 0), report
+    check_output_stores(report, config, head_dim, pv)
+    assert report["shared"] <= SM90_SHARED_PER_BLOCK, report
+
+
+SM90_SHARED_PER_BLOCK = 232448  # 227 KB: what one program may take on an H100 or H200
+
+
+def check_output_stores(report: dict, config, head_dim: int, pv: str) -> None:
+    """The BF16 output tile leaves in 16-byte stores (out_store 2: head_dim / 16 a thread and consumer warpgroup) or
+    in 4-byte channel pairs (1): never two bytes at a time, as ptxas wrote it from the accumulator's layout in the
+    ping-pong kernel's partitions (~3 µs of a Flux program of ~47, bench/NOTES.md, "The output's store")."""
+    stores = report["global_stores"]
+    assert "STG.E.U16" not in stores, report
+    warpgroups = config.consumers if config.ping_pong else 1
+    if hopper_launch.out_store(config, pv == "fp8") == 2:
+        assert stores.get("STG.E.128", 0) == warpgroups * head_dim // 16, report
+    else:
+        assert stores.get("STG.E", 0) >= warpgroups * head_dim // 4 and "STG.E.128" not in stores, report
 
 
 CAPPED = [c for c in tuning.candidates(64, None, "sm90") if c.pipelined and c.max_registers]
@@ -88,3 +106,4 @@ def test_register_cap_reaches_the_one_warpgroup_kernel(config):
     registers = int(re.search(r"Used (\d+) registers", report["resources"]).group(1))
     assert registers <= config.max_registers, report
     assert not report["loop_spills"] and "serialized" not in report["resources"], report
+    check_output_stores(report, config, 64, "fp8")

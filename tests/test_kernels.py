@@ -629,6 +629,41 @@ def test_ping_pong_without_turns_computes_the_same_bits(key, b, hq, hk, nq, nk, 
     assert torch.equal(out, out_free) and torch.equal(lse, lse_free)
 
 
+@pytest.mark.skipif(not HOPPER, reason=NO_HOPPER)
+@pytest.mark.parametrize("key,d,kernel", [("m64n128w4s4mcpdgpppnt", 128, "int8_fp8"),
+                                          ("m64n128w4s4pdgpppntc3", 64, "int8_fp8"),
+                                          ("m64n128w4s3r168pdgp", 64, "int8_fp8"),
+                                          ("m64n128w4s4mcpdgppplr", 128, "int8_fp16"),
+                                          ("m64n128w4s2r168pdgp", 64, "int8_fp16")])
+def test_every_output_store_writes_the_same_bits_and_only_its_rows(monkeypatch, key, d, kernel):
+    """The Hopper kernels' three ways of writing the output tile (hopper_launch.out_store: 16-byte stores through
+    shared memory, channel pairs, element by element) write the same bits, into an output that is a view of a
+    longer buffer: the rows past the last query (a ragged last tile) are never written."""
+    b, hq, hk, nq, nk = 2, 4, 2, 1000, 333
+    q, k, v = inputs(b, hq, hk, nq, nk, d, torch.bfloat16, seed=7)
+    cfg = SageConfig(kernel=kernel)
+    lc = tuning.LaunchConfig.from_key(key)
+    results = []
+    for mode in (2, 1, 0):
+        monkeypatch.setattr(hopper_launch, "out_store", lambda *args, mode=mode: mode)
+        PLANS.clear()
+        buffer = torch.full((b, hq, nq + 64, d), float("nan"), device=DEVICE, dtype=torch.bfloat16)
+        out = buffer[:, :, :nq]
+        lse, bad = launch.sage_forward(
+            q, k, v, out, sm_scale=d ** -0.5, is_causal=False, bias=None, q_group=cfg.q_group_rows,
+            k_group=cfg.k_group_rows, pv_fp8=kernel == "int8_fp8", smooth_k=cfg.smooth_k, smooth_v=cfg.smooth_v,
+            return_lse=True, config=lc)
+        assert launch.runs_hopper_kernel(q, k, v, config=lc, k_group=lc.block_n, pv_fp8=kernel == "int8_fp8",
+                                         is_causal=False, has_bias=False)
+        assert int(bad.sum()) == 0 and torch.isnan(buffer[:, :, nq:]).all(), mode
+        results.append((out.clone(), lse.clone()))
+    PLANS.clear()
+    for out, lse in results[1:]:
+        assert torch.equal(out, results[0][0]) and torch.equal(lse, results[0][1])
+    err = attention_error(results[0][0], exact(q, k, v))
+    assert err["cosine"] >= EXACT_BOUNDS[kernel][0] and err["rel_l1"] <= EXACT_BOUNDS[kernel][1], err
+
+
 def test_direct_launch_keys_what_triton_specialises_on():
     from sage_attention_pack.kernels.direct_launch import NotKeyable, argument_key, arguments_key
 

@@ -119,6 +119,29 @@ def test_fp16_pv_reads_the_callers_v_in_the_layouts_tma_takes():
         assert not hopper_launch.v_tiles(t, d), name
 
 
+def test_output_store_follows_the_configuration_and_what_the_output_allows():
+    """How the Hopper kernels write their output tile (hopper_launch.out_store): 16-byte stores through shared
+    memory, channel pairs with three consumer warpgroups and in the one-warpgroup kernel with FP16 P·V, and
+    element by element wherever the output is not 16-bit with contiguous channels and 16-byte aligned rows (the
+    vector stores' hints would otherwise promise the compiler what is not so)."""
+    two, three, one = (tuning.LaunchConfig.from_key(k) for k in
+                       ("m64n128w4s4mcpdgpppnt", "m64n128w4s4pdgpppntc3", "m64n128w4s3r168pdgp"))
+    assert [hopper_launch.out_store(c, True) for c in (two, three, one)] == [2, 1, 2]
+    assert [hopper_launch.out_store(c, False) for c in (two, three, one)] == [2, 1, 1]
+    b, h, n, d = 2, 3, 40, 64
+    out = torch.empty(b, h, n, d, dtype=torch.bfloat16)
+    good = {"HND": out, "NHD view": torch.empty(b, n, h, d, dtype=torch.float16).transpose(1, 2),
+            "rows of a longer buffer": torch.empty(b, h, n + 5, d, dtype=torch.bfloat16)[:, :, :n],
+            "one batch, any stride": torch.empty(h, 1, n, d, dtype=torch.bfloat16).transpose(0, 1)}
+    for name, t in good.items():
+        assert hopper_launch.out_store(two, True, t) == 2, name
+    bad = {"fp32": out.float(), "strided channels": torch.empty(b, h, n, 2 * d, dtype=torch.bfloat16)[..., ::2],
+           "rows off 16 bytes": torch.empty(b, h, n, d + 1, dtype=torch.bfloat16)[..., :d],
+           "start off 16 bytes": torch.empty(b * h * n * d + 1, dtype=torch.bfloat16)[1:].view(b, h, n, d)}
+    for name, t in bad.items():
+        assert hopper_launch.out_store(two, True, t) == 0 and hopper_launch.out_store(three, True, t) == 0, name
+
+
 @pytest.mark.skipif(not hopper_launch.AVAILABLE, reason="this Triton has no Gluon Hopper API")
 def test_fp16_pv_descriptor_covers_the_callers_v_head_by_head():
     """The 4-D TMA descriptor of the call's V (hopper_launch.v_descriptor): V's own shape and strides, so that each

@@ -380,7 +380,7 @@ def store_output(out, head_out, row0, rows, offs_d, o_mask, stride_on, stride_od
     """A warpgroup's output tile (in the P·V accumulator's layout, `rows` and `offs_d` its coordinates, o_mask the
     rows inside the head) into its head's rows at head_out. The accumulator gives each thread pairs of neighbouring
     channels, and ptxas wrote them two bytes at a time: 64 stores a thread at head dim 128, which took ~3 µs of a
-    Flux program's ~47 (timestamps in the kernel on the H200, bench/NOTES.md, "The output's store"). OUT_STORE (the
+    Flux program's ~47 (timestamps in the kernel on the H200, docs/performance.md, "The output's store"). OUT_STORE (the
     launcher's out_store) 2: the tile crosses shared memory into rows of 8 channels a thread and leaves in
     16-byte stores; 1: the pairs in 4-byte stores; 0: as laid out (an output whose rows are not 16-byte aligned).
     The partitions of the ping-pong kernel do not inherit the arguments' alignment: the hints say what the launcher

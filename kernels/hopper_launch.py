@@ -79,7 +79,7 @@ def out_store(config: LaunchConfig, pv_fp8: bool = True, out: torch.Tensor | Non
     round trip through shared memory read 1% slower than the pairs at head dim 64) and in the one-warpgroup kernel
     with FP16 P·V (there it spilled 16-24 bytes under the 168-register cap); 0, as the accumulator lays it out, for
     an `out` that is not 16-bit with contiguous channels and 16-byte aligned rows. Measured on the H200 against 0
-    (bench/NOTES.md, "The output's store"): Flux 4.5% faster a call, B2 H32 N8192 D128 1.3-3.4%, Wan2.1 1.6%, SDXL
+    (docs/performance.md, "The output's store"): Flux 4.5% faster a call, B2 H32 N8192 D128 1.3-3.4%, Wan2.1 1.6%, SDXL
     1%; head dim 64 at 16k tokens 0.7% (pairs)."""
     if out is not None and not (out.element_size() == 2 and out.stride(-1) == 1 and out.data_ptr() % 16 == 0
                                 and all(s % 8 == 0 for n, s in zip(out.shape[:-1], out.stride()[:-1]) if n > 1)):

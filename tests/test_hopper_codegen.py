@@ -82,7 +82,7 @@ SM90_SHARED_PER_BLOCK = 232448  # 227 KB: what one program may take on an H100 o
 def check_output_stores(report: dict, config, head_dim: int, pv: str) -> None:
     """The BF16 output tile leaves in 16-byte stores (out_store 2: head_dim / 16 a thread and consumer warpgroup) or
     in 4-byte channel pairs (1): never two bytes at a time, as ptxas wrote it from the accumulator's layout in the
-    ping-pong kernel's partitions (~3 µs of a Flux program of ~47, bench/NOTES.md, "The output's store")."""
+    ping-pong kernel's partitions (~3 µs of a Flux program of ~47, docs/performance.md, "The output's store")."""
     stores = report["global_stores"]
     assert "STG.E.U16" not in stores, report
     warpgroups = config.consumers if config.ping_pong else 1

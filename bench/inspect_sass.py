@@ -362,6 +362,7 @@ def main(argv=None):
         print(f"main loop: {n_loop} instructions per key tile per warp: "
               + ", ".join(f"{op} {c}" for op, c in loop.most_common(12)))
     print(f"code: {overlap['code_bytes']} bytes, the main loop {overlap['loop_bytes']}")
+    print("global stores: " + ", ".join(f"{op} {n}" for op, n in global_stores(sass).items()))
     if overlap["turn_instructions"] is not None:
         print(f"turn: {overlap['turn_instructions']} instructions from the turn's barrier wait to its arrive, the "
               f"first wgmma {overlap['first_mma_into_turn']} in")

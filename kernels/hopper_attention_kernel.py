@@ -392,12 +392,12 @@ def store_output(out, head_out, row0, rows, offs_d, o_mask, stride_on, stride_od
         ptrs = head_out + gl.expand_dims(st_rows, 1) * stride_on + gl.expand_dims(st_cols, 0) * stride_od
         gl.store(gl.max_contiguous(gl.multiple_of(ptrs, [16, 16]), [1, 8]), gl.convert_layout(out, rows_of_8),
                  mask=gl.expand_dims(st_rows < NQ, 1))
-    elif OUT_STORE == 1:
-        ptrs = head_out + gl.expand_dims(rows, 1) * stride_on + gl.expand_dims(offs_d, 0) * stride_od
-        gl.store(gl.max_contiguous(gl.multiple_of(ptrs, [16, 4]), [1, 2]), out, mask=gl.expand_dims(rows < NQ, 1))
     else:
-        gl.store(head_out + gl.expand_dims(rows, 1) * stride_on + gl.expand_dims(offs_d, 0) * stride_od, out,
-                 mask=o_mask)
+        ptrs = head_out + gl.expand_dims(rows, 1) * stride_on + gl.expand_dims(offs_d, 0) * stride_od
+        if OUT_STORE == 1:
+            gl.store(gl.max_contiguous(gl.multiple_of(ptrs, [16, 4]), [1, 2]), out, mask=gl.expand_dims(rows < NQ, 1))
+        else:
+            gl.store(ptrs, out, mask=o_mask)
 
 
 @gluon.jit

@@ -63,14 +63,20 @@ def two_level(config: LaunchConfig, pv_fp8: bool = True) -> bool:
     return pv_fp8 and not config.pv_direct
 
 
+def aligned_16bit_rows(t: torch.Tensor) -> bool:
+    """Whether `t` is FP16 or BF16 with contiguous channels and every other stride a positive multiple of 16 bytes
+    (a dimension of size 1 aside) from a 16-byte aligned start: what TMA needs to read it as it is (v_tiles) and
+    what the wide output stores promise the compiler (out_store)."""
+    if t.dtype not in (torch.float16, torch.bfloat16) or t.stride(-1) != 1:
+        return False
+    return t.data_ptr() % 16 == 0 and all(s > 0 and s % 8 == 0 for n, s in zip(t.shape[:-1], t.stride()[:-1])
+                                          if n > 1)
+
+
 def v_tiles(v: torch.Tensor, block_d: int) -> bool:
     """Whether TMA reads the call's V ([B, HK, NK, D] in any layout: HND, NHD, a fused QKV projection's slice) as
-    it is, in a 4-D descriptor (v_descriptor): FP16 or BF16, an unpadded head dim, contiguous channels, and every
-    other stride a positive multiple of 16 bytes (a dimension of size 1 aside) from a 16-byte aligned start."""
-    if v.dtype not in (torch.float16, torch.bfloat16) or v.shape[-1] != block_d or v.stride(-1) != 1:
-        return False
-    return v.data_ptr() % 16 == 0 and all(s > 0 and s % 8 == 0 for n, s in zip(v.shape[:-1], v.stride()[:-1])
-                                          if n > 1)
+    it is, in a 4-D descriptor (v_descriptor): an unpadded head dim, in aligned_16bit_rows."""
+    return v.shape[-1] == block_d and aligned_16bit_rows(v)
 
 
 def out_store(config: LaunchConfig, pv_fp8: bool = True, out: torch.Tensor | None = None) -> int:
@@ -81,8 +87,7 @@ def out_store(config: LaunchConfig, pv_fp8: bool = True, out: torch.Tensor | Non
     an `out` that is not 16-bit with contiguous channels and 16-byte aligned rows. Measured on the H200 against 0
     (docs/performance.md, "The output's store"): Flux 4.5% faster a call, B2 H32 N8192 D128 1.3-3.4%, Wan2.1 1.6%, SDXL
     1%; head dim 64 at 16k tokens 0.7% (pairs)."""
-    if out is not None and not (out.element_size() == 2 and out.stride(-1) == 1 and out.data_ptr() % 16 == 0
-                                and all(s % 8 == 0 for n, s in zip(out.shape[:-1], out.stride()[:-1]) if n > 1)):
+    if out is not None and not aligned_16bit_rows(out):
         return 0
     if config.ping_pong:
         return 1 if config.consumers == 3 else 2
@@ -90,12 +95,13 @@ def out_store(config: LaunchConfig, pv_fp8: bool = True, out: torch.Tensor | Non
 
 
 def kernel_constants(config: LaunchConfig, block_d: int, q_group: int, shift_v: bool, return_lse: bool,
-                     pv_fp8: bool = True) -> dict:
-    """The compile-time arguments a configuration gives its Gluon kernel (the launch and compile_for_sm90)."""
+                     pv_fp8: bool = True, out: torch.Tensor | None = None) -> dict:
+    """The compile-time arguments a configuration gives its Gluon kernel (the launch, with the call's `out`, and
+    compile_for_sm90, without: an aligned output)."""
     constants = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, Q_GROUP=q_group,
                      STAGES=config.num_stages, TWO_LEVEL=two_level(config, pv_fp8), SHIFT_V=shift_v,
                      RETURN_LSE=return_lse, MAGIC=config.magic_convert,
-                     OUT_STORE=out_store(config, pv_fp8))
+                     OUT_STORE=out_store(config, pv_fp8, out))
     if config.ping_pong:
         constants["CONSUMERS"] = config.consumers
         constants["CONSUMER_REGS"] = CONSUMER_REGISTERS[config.consumers]
@@ -159,8 +165,7 @@ def launch(qz: dict, out: torch.Tensor, lse: torch.Tensor, bad: torch.Tensor, *,
     v_scale = qz["v_scale"] if pv_fp8 else qz["q_scale"]  # FP16 P·V: a placeholder, never read
     scales = (qz["q_scale"], qz["k_scale"], v_scale, v_shift if v_shift is not None else v_scale)
     sizes = (heads, heads // kv_heads, nq, nk, qz["q_scale"].shape[-1], qz["k_scale"].shape[-1])
-    meta = {**kernel_constants(config, block_d, q_group, v_shift is not None, return_lse, pv_fp8),
-            "OUT_STORE": out_store(config, pv_fp8, out)}
+    meta = kernel_constants(config, block_d, q_group, v_shift is not None, return_lse, pv_fp8, out)
     items = work_items_per_head(config, nq)
     if not config.ping_pong:
         run("attention", sage_fwd_sm90_kernel, (items, bh), (*tma, *scales, out, lse, bad, *out.stride(), *sizes),

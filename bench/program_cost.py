@@ -70,7 +70,7 @@ def summarize(rows: list[dict], nq: int, multiprocessors: int, batch_heads: int)
     return {"configs": out, "sdpa_ms": sdpa}
 
 
-def measure(shape: tuple, heads: int, keys: list[int], keys_configs: list[str], rounds: int) -> list[dict]:
+def measure(shape: tuple, heads: int, keys: list[int], config_keys: list[str], rounds: int) -> list[dict]:
     b, _, nq, d = shape
     repairs = torch.zeros(1, device="cuda", dtype=torch.int32)  # the non-finite guard runs, as in a workflow
     fp8 = SageConfig(kernel="int8_fp8")
@@ -78,7 +78,7 @@ def measure(shape: tuple, heads: int, keys: list[int], keys_configs: list[str], 
     kv = {nk: bench.model_shaped_inputs(b, heads, nk, d, torch.bfloat16, "cuda", seed=1)[1:] for nk in keys}
     hopper_launch.TAIL_SPLIT = "off"  # plain grids: every program has all of its item's keys
     rows = []
-    steps = [(r, key, nk) for r in range(rounds) for key in keys_configs for nk in keys]
+    steps = [(r, key, nk) for r in range(rounds) for key in config_keys for nk in keys]
     try:
         for rnd, key, nk in progress(steps, desc="configurations x key lengths", unit="call"):
             config = tuning.LaunchConfig.from_key(key)

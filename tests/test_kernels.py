@@ -39,8 +39,9 @@ def inputs(b, hq, hk, nq, nk, d, dtype, seed=0, k_offset=3.0):
 
 
 def run_kernel(q, k, v, cfg: SageConfig, is_causal=False, bias=None, return_lse=False, launch_cfg=None,
-               repair_counter=None):
-    out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
+               repair_counter=None, out=None):
+    if out is None:
+        out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
     lse, bad = launch.sage_forward(
         q, k, v, out, sm_scale=q.shape[-1] ** -0.5, is_causal=is_causal, bias=bias, q_group=cfg.q_group_rows,
         k_group=cfg.k_group_rows, pv_fp8=cfg.kernel == "int8_fp8", smooth_k=cfg.smooth_k, smooth_v=cfg.smooth_v,
@@ -649,10 +650,7 @@ def test_every_output_store_writes_the_same_bits_and_only_its_rows(monkeypatch, 
         PLANS.clear()
         buffer = torch.full((b, hq, nq + 64, d), float("nan"), device=DEVICE, dtype=torch.bfloat16)
         out = buffer[:, :, :nq]
-        lse, bad = launch.sage_forward(
-            q, k, v, out, sm_scale=d ** -0.5, is_causal=False, bias=None, q_group=cfg.q_group_rows,
-            k_group=cfg.k_group_rows, pv_fp8=kernel == "int8_fp8", smooth_k=cfg.smooth_k, smooth_v=cfg.smooth_v,
-            return_lse=True, config=lc)
+        _, lse, bad = run_kernel(q, k, v, cfg, return_lse=True, launch_cfg=lc, out=out)
         assert launch.runs_hopper_kernel(q, k, v, config=lc, k_group=lc.block_n, pv_fp8=kernel == "int8_fp8",
                                          is_causal=False, has_bias=False)
         assert int(bad.sum()) == 0 and torch.isnan(buffer[:, :, nq:]).all(), mode

@@ -301,6 +301,8 @@ def main(argv=None):
                     help="cap registers per thread (more programs per SM); with --quant too")
     ap.add_argument("--i2f", action="store_true", help="convert scores with I2F instead of the FP32 bit trick")
     ap.add_argument("--pv-direct", action="store_true", help="FP8 P·V accumulated straight into the output")
+    ap.add_argument("--shift-v", action="store_true",
+                    help="with a gp --config: V's mean added back to the output (every FP8 call accumulating in place)")
     ap.add_argument("--config", help="a LaunchConfig key (overrides --m/--n/--warps/--stages and the flags); "
                                      "keys with gp compile the Hopper Gluon kernels")
     ap.add_argument("--dump", help="write the SASS here")
@@ -339,7 +341,7 @@ def main(argv=None):
         if cfg.pipelined:
             from sage_attention_pack.kernels.hopper_launch import compile_for_sm90
 
-            k = compile_for_sm90(cfg, args.d, pv_fp8=args.pv == "fp8")
+            k = compile_for_sm90(cfg, args.d, pv_fp8=args.pv == "fp8", shift_v=args.shift_v)
         else:
             k = compile_attention(args.pv, args.d, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, args.arch,
                                   cfg.max_registers, MAGIC_CONVERT=cfg.magic_convert, PV_DIRECT=cfg.pv_direct)

@@ -195,9 +195,9 @@ def sage_attention_fwd_kernel(
     o_mask = row_valid[:, None] & d_valid[None, :]
     o_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=o_mask)
-    # one flag per program: did this tile produce NaN or Inf? (|x| < inf is false for both)
-    bad = tl.sum(tl.where(o_mask & ~(tl.abs(out) < float("inf")), 1, 0))
-    tl.store(BAD + bh * tl.num_programs(0) + pid_m, bad)
+    # a flag per query row: did it come out NaN or Inf? (|x| < inf is false for both)
+    row_bad = tl.sum(tl.where(o_mask & ~(tl.abs(out) < float("inf")), 1, 0), axis=1)
+    tl.store(BAD + bh * NQ + offs_m, (row_bad > 0).to(tl.int8), mask=row_valid)
     if RETURN_LSE:
         # natural-log LSE of the (smoothed) scaled scores; the launcher adds K smoothing's correction
         log2_sum = tl.log2(l_i) - LOG2_FP8_MAX if PV_FP8 else tl.log2(l_i)

@@ -246,7 +246,8 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
                  pv_fp8: bool, smooth_k: bool, smooth_v: bool, return_lse: bool, config: tuning.LaunchConfig,
                  repair_counter=None):
     """Run quantization and attention; writes `out` ([B, H, Nq, D] view) and returns (lse, bad): bad holds a
-    flag per program (non-zero where its tile came out non-finite), valid until the next call of this shape.
+    flag per query row ([B·H·Nq] int8, 1 where the row's output came out non-finite), valid until the next call
+    of this shape.
 
     q_group: query rows per INT8 scale (capped at the Q tile); k_group: keys per scale, 0 for one per tile.
     repair_counter: a 1-element int32 device tensor: tiles with a non-finite output are then recomputed
@@ -279,7 +280,7 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
                                 smooth_v=smooth_v, pv_fp8=pv_fp8)
         buffers["v_shift"] = torch.empty((B * HK, block_d), device=q.device, dtype=torch.float32) \
             if pv_fp8 else None
-        buffers["bad"] = torch.empty(grid[1] * grid[0], device=q.device, dtype=torch.int32)  # a flag per program
+        buffers["bad"] = torch.empty(B * H * NQ, device=q.device, dtype=torch.int8)  # a flag per query row
         # whether the Hopper kernel serves, decided once per plan, with the share of the tail split it needs
         buffers["pipelined"] = runs_hopper_kernel(q, k, v, config=config, k_group=k_group, pv_fp8=pv_fp8,
                                                   is_causal=is_causal, has_bias=bias is not None)

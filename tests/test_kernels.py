@@ -736,7 +736,8 @@ def test_direct_launches_repeat_the_first_call_bit_for_bit(key):
     hits, reused = LAUNCHES.hits, PLANS.reused
     again = run_kernel(q, k, v, cfg, launch_cfg=launch_cfg, repair_counter=torch.zeros(1, dtype=torch.int32,
                                                                                        device=DEVICE))[0]
-    assert LAUNCHES.hits - hits == 5  # quantization (two launches), output shift, attention, repair: all direct
+    assert LAUNCHES.hits - hits == 4  # quantization (two launches, the second writing the output shift),
+    # attention, repair: all direct
     assert PLANS.reused - reused == 1  # through the first call's plan (its buffers and launch slots)
     assert torch.equal(first, again)
     # another length and a query view off the 16-byte grid: new keys, compiled through Triton, still right
@@ -863,6 +864,25 @@ def test_call_plans_give_each_stream_and_a_graph_capture_their_own_buffers():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, run_kernel(q2, k2, v2, cfg, launch_cfg=launch_cfg)[0])
+
+
+@pytest.mark.parametrize("nk", [333, 4700])
+def test_quantization_writes_the_output_shift_when_its_last_v_program_is_in(nk):
+    """Given where to write it, the quantization's second launch writes the output shift itself: the last V
+    program of each head and channel block to count in on its ticket adds up every program's code sums (37 V
+    programs a head at 4700 keys, no multiple of the sum's step). The same vector as output_shift's own launch
+    on those sums, the tickets back at 0 after the call, and the same bits again on the next call."""
+    q, k, v = inputs(1, 2, 2, 64, nk, 128, torch.bfloat16, seed=nk)
+    args = dict(q_group=16, k_group=128, block_d=128, smooth_k=True, smooth_v=True, pv_fp8=True)
+    buffers = launch.quant_buffers(q, k, **args)
+    shifts = []
+    for _ in range(2):  # the second call on the same buffers, as a call plan's
+        shift = torch.full((2, 128), float("nan"), device=DEVICE)
+        qz = launch.quantize_qkv(q, k, v, q_multiplier=1.0, buffers=buffers, v_shift=shift, **args)
+        assert (buffers["v_tickets"] == 0).all()
+        shifts.append(shift)
+    torch.testing.assert_close(shifts[0], launch.output_shift(qz, nk), rtol=0, atol=1e-6)
+    assert torch.equal(shifts[0], shifts[1])
 
 
 def test_output_shift_launch_sums_the_code_sums_in_a_fixed_order():

@@ -298,6 +298,21 @@ def quantize_v_tile(
 
 
 @triton.jit
+def code_sums_total(V_CODE_SUM, bh, n_programs, offs_d, BLOCK_D: tl.constexpr, CHANNELS: tl.constexpr,
+                    PROGRAMS: tl.constexpr, CACHE: tl.constexpr):
+    """The sum over a head's n_programs V programs of their code sums (V_CODE_SUM [BHK, n_programs, BLOCK_D]) at
+    channels offs_d, PROGRAMS rows at a time: one fixed order, the same bits on every run. CACHE: the loads' cache
+    modifier ("" or ".cg", for sums other programs of a running launch just wrote)."""
+    offs_p = tl.arange(0, PROGRAMS)
+    total = tl.zeros((PROGRAMS, CHANNELS), tl.float32)
+    for start in range(0, n_programs, PROGRAMS):
+        rows = start + offs_p
+        total += tl.load(V_CODE_SUM + (bh * n_programs + rows[:, None]) * BLOCK_D + offs_d[None, :],
+                         mask=rows[:, None] < n_programs, other=0.0, cache_modifier=CACHE)
+    return tl.sum(total, axis=0)
+
+
+@triton.jit
 def finish_shift(V_CODE_SUM, V_SHIFT, V_TICKETS, mean, bh, channel_block, n_programs, inv_keys, offs_d,
                  BLOCK_D: tl.constexpr, CHANNELS: tl.constexpr, SHIFT_PROGRAMS: tl.constexpr):
     """A V program's part in the output shift: count itself in on its head's and channel block's ticket once its
@@ -308,13 +323,8 @@ def finish_shift(V_CODE_SUM, V_SHIFT, V_TICKETS, mean, bh, channel_block, n_prog
     ticket = V_TICKETS + bh * (BLOCK_D // CHANNELS) + channel_block
     if tl.atomic_add(ticket, 1, sem="acq_rel") == n_programs - 1:
         tl.store(ticket, 0)
-        offs_p = tl.arange(0, SHIFT_PROGRAMS)
-        total = tl.zeros((SHIFT_PROGRAMS, CHANNELS), tl.float32)
-        for start in range(0, n_programs, SHIFT_PROGRAMS):
-            rows = start + offs_p
-            total += tl.load(V_CODE_SUM + (bh * n_programs + rows[:, None]) * BLOCK_D + offs_d[None, :],
-                             mask=rows[:, None] < n_programs, other=0.0, cache_modifier=".cg")
-        tl.store(V_SHIFT + bh * BLOCK_D + offs_d, mean - tl.sum(total, axis=0) * inv_keys)
+        total = code_sums_total(V_CODE_SUM, bh, n_programs, offs_d, BLOCK_D, CHANNELS, SHIFT_PROGRAMS, ".cg")
+        tl.store(V_SHIFT + bh * BLOCK_D + offs_d, mean - total * inv_keys)
 
 
 @triton.jit
@@ -396,11 +406,6 @@ def output_shift_kernel(
     fixed order (the same bits every run). One launch where PyTorch took two (a sum, then a scaled add)."""
     bh = tl.program_id(0)
     offs_d = tl.program_id(1) * CHANNELS + tl.arange(0, CHANNELS)
-    offs_p = tl.arange(0, PROGRAMS)
-    total = tl.zeros((PROGRAMS, CHANNELS), tl.float32)
-    for start in range(0, n_programs, PROGRAMS):
-        rows = start + offs_p
-        total += tl.load(V_CODE_SUM + (bh * n_programs + rows[:, None]) * BLOCK_D + offs_d[None, :],
-                         mask=rows[:, None] < n_programs, other=0.0)
+    total = code_sums_total(V_CODE_SUM, bh, n_programs, offs_d, BLOCK_D, CHANNELS, PROGRAMS, "")
     mean = tl.load(V_MEAN + bh * BLOCK_D + offs_d)
-    tl.store(V_SHIFT + bh * BLOCK_D + offs_d, mean - tl.sum(total, axis=0) * inv_keys)
+    tl.store(V_SHIFT + bh * BLOCK_D + offs_d, mean - total * inv_keys)

@@ -866,18 +866,19 @@ def test_call_plans_give_each_stream_and_a_graph_capture_their_own_buffers():
     assert torch.equal(captured, run_kernel(q2, k2, v2, cfg, launch_cfg=launch_cfg)[0])
 
 
-@pytest.mark.parametrize("nk", [333, 4700])
-def test_quantization_writes_the_output_shift_when_its_last_v_program_is_in(nk):
+@pytest.mark.parametrize("nk,d", [(333, 128), (4700, 128), (1000, 64)])
+def test_quantization_writes_the_output_shift_when_its_last_v_program_is_in(nk, d):
     """Given where to write it, the quantization's second launch writes the output shift itself: the last V
     program of each head and channel block to count in on its ticket adds up every program's code sums (37 V
-    programs a head at 4700 keys, no multiple of the sum's step). The same vector as output_shift's own launch
-    on those sums, the tickets back at 0 after the call, and the same bits again on the next call."""
-    q, k, v = inputs(1, 2, 2, 64, nk, 128, torch.bfloat16, seed=nk)
-    args = dict(q_group=16, k_group=128, block_d=128, smooth_k=True, smooth_v=True, pv_fp8=True)
+    programs a head at 4700 keys, no multiple of the sum's step; channel blocks of 64 and of 32 at head dim 64;
+    grouped-query heads). The same vector as output_shift's own launch on those sums, the tickets back at 0 after
+    the call, and the same bits again on the next call."""
+    q, k, v = inputs(1, 4, 2, 64, nk, d, torch.bfloat16, seed=nk)
+    args = dict(q_group=16, k_group=128, block_d=d, smooth_k=True, smooth_v=True, pv_fp8=True)
     buffers = launch.quant_buffers(q, k, **args)
     shifts = []
     for _ in range(2):  # the second call on the same buffers, as a call plan's
-        shift = torch.full((2, 128), float("nan"), device=DEVICE)
+        shift = torch.full((2, d), float("nan"), device=DEVICE)
         qz = launch.quantize_qkv(q, k, v, q_multiplier=1.0, buffers=buffers, v_shift=shift, **args)
         assert (buffers["v_tickets"] == 0).all()
         shifts.append(shift)

@@ -423,8 +423,8 @@ def load_q(q_desc, q_bar, q_smem, Q_SCALE, bh, tile_m, NQ, q_groups, live, BLOCK
 @gluon.jit
 def attend_rows(tile_m, bh, ring0, q_phase, q_scale, next_bh, next_tile_m, q_desc, k_desc, v_desc, q_smem, q_bar,
                 k_smem, v_smem, full_bars, ones_smem, consumer, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD,
-                stride_ob, stride_oh, stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, t0,
-                t1, part, PART_O, PART_LSE, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr,
+                stride_ob, stride_oh, stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, t0, t1, part,
+                PART_O, PART_LSE, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr,
                 Q_GROUP: gl.constexpr, STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, CONSUMERS: gl.constexpr,
                 TURNS: gl.constexpr, SHIFT_V: gl.constexpr, RETURN_LSE: gl.constexpr, MAGIC: gl.constexpr,
                 LAZY_RESCALE: gl.constexpr, OUT_STORE: gl.constexpr, NEXT_Q: gl.constexpr, AB: gl.constexpr = 0):
@@ -566,6 +566,7 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_scale, next_bh, next_tile_m, q_des
         # a Flux program, a reduction across the warpgroup's warps through shared memory)
         if AB & 1:  # A/B: the count per tile, reduced across the warpgroup
             bad = gl.sum(gl.sum(gl.where(o_mask & ~(gl.abs(out) < float("inf")), 1, 0), axis=1), axis=0)
+            n_q_tiles = (NQ + BLOCK_M - 1) // BLOCK_M
             gl.store(BAD + bh * n_q_tiles + tile_m, bad.to(gl.int8), mask=tile_m < n_q_tiles)
         else:
             row_bad = gl.sum(gl.where(gl.abs(out) < float("inf"), 0, 1), axis=1)
@@ -642,8 +643,8 @@ def sage_fwd_sm90_kernel(
                      BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP)
     attend_rows(gl.program_id(0), gl.program_id(1), 0, 0, q_scale, -1, 0, q_desc, k_desc, v_desc, q_smem, q_bar,
                 k_smem, v_smem, full_bars, ones_smem, 0, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD,
-                stride_ob, stride_oh, stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups,
-                gl.num_programs(0), 0, n_tiles, -1, OUT, LSE, BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP, STAGES, TWO_LEVEL,
+                stride_ob, stride_oh, stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, 0, n_tiles, -1,
+                OUT, LSE, BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP, STAGES, TWO_LEVEL,
                 0, False, SHIFT_V, RETURN_LSE, MAGIC, False, OUT_STORE, False)
 
 
@@ -708,7 +709,7 @@ def consume(meta: gl.constexpr, consumer, q_smem, q_bar, q_desc, k_desc, v_desc,
             CONSUMERS * item + consumer, bh, done * n_tiles, done & 1, q_scale, gl.where(i + step < end, next_bh, -1),
             CONSUMERS * next_item + consumer, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, full_bars,
             ones_smem, consumer, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh, stride_on,
-            stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, t0, t1, part, PART_O, PART_LSE, meta[0],
+            stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, t0, t1, part, PART_O, PART_LSE, meta[0],
             meta[1], meta[2], meta[3], meta[4], meta[5], CONSUMERS, meta[10], meta[6], meta[7], meta[8], meta[12],
             meta[13], PERSISTENT and not AB_OFF, meta[14])
 

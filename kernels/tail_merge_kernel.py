@@ -9,7 +9,7 @@ and the LSE.
 import triton
 import triton.language as tl
 
-from .attention_kernel import LOG2_FP8_MAX  # the attention kernels' exp2 offset (log2 of e4m3's 448)
+from .attention_kernel import LOG2_FP8_MAX, nonfinite_rows  # LOG2_FP8_MAX: the kernels' exp2 offset (log2 448)
 
 
 @triton.jit
@@ -55,7 +55,6 @@ def sage_fwd_tail_merge_kernel(
     o_mask = (q_rows < NQ)[:, None] & (offs_d < BLOCK_D)[None, :]
     tl.store(OUT + b * stride_ob + h * stride_oh + q_rows[:, None] * stride_on + offs_d[None, :] * stride_od,
              out.to(OUT.dtype.element_ty), mask=o_mask)
-    row_bad = tl.sum(tl.where(o_mask & ~(tl.abs(out) < float("inf")), 1, 0), axis=1)
-    tl.store(BAD + bh * NQ + q_rows, (row_bad > 0).to(tl.int8), mask=q_rows < NQ)
+    tl.store(BAD + bh * NQ + q_rows, nonfinite_rows(out, o_mask), mask=q_rows < NQ)
     if RETURN_LSE:
         tl.store(LSE + bh * NQ + q_rows, (m + tl.log2(total) - LOG2_FP8_MAX) * 0.6931471805599453, mask=q_rows < NQ)

@@ -51,7 +51,7 @@ def compile_attention(pv: str, d: int, m: int, n: int, warps: int, stages: int, 
     const_values = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_D=d, Q_GROUP=16, K_GROUP=n, PV_FP8=fp8, SHIFT_V=False,
                         IS_CAUSAL=False, HAS_BIAS=False, RETURN_LSE=False, BF16_DOT_IN_FP32=False,
                         FP8_ROUND_IN_FP32=False, EVEN_D=True, WARP_SPECIALIZE=False, MAGIC_CONVERT=True,
-                        PV_DIRECT=False)
+                        PV_DIRECT=False, PV_FP16_TILES=False)
     # unit strides: Triton specialises an integer argument equal to 1 into a constant
     const_values.update({name: 1 for name in fn.arg_names if re.fullmatch(r"stride_[a-z]d", name)})
     const_values.update(flags)
@@ -187,16 +187,25 @@ def global_stores(sass: str) -> dict:
     return {op: n for op, n in sorted(instruction_mix(sass).items()) if op.startswith("STG")}
 
 
+TENSOR_CORE_OPS = ("IGMMA", "QGMMA", "HGMMA", "IMMA", "QMMA", "HMMA")
+
+
+def tensor_core_ops(sass: str) -> dict:
+    """The kernel's tensor-core instructions by opcode and modifiers (QMMA.16832.F16.E4M3.E4M3: FP8 operands into
+    an FP16 accumulator)."""
+    return {op: n for op, n in sorted(instruction_mix(sass).items()) if op.split(".")[0] in TENSOR_CORE_OPS}
+
+
 def main_loop_span(ins: list[tuple[int, str, str]]) -> tuple[int, int] | None:
-    """(first, last) address, in sass_instructions' listing, of the innermost loop that issues wgmma: the backward
-    branch with the shortest span that contains an IGMMA, QGMMA or HGMMA. One pass of it is one key tile for one
-    warp."""
+    """(first, last) address, in sass_instructions' listing, of the innermost loop that issues tensor-core products:
+    the backward branch with the shortest span that contains a wgmma (IGMMA, QGMMA, HGMMA) or, before Hopper and on
+    consumer Blackwell, an mma.sync (IMMA, QMMA, HMMA). One pass of it is one key tile for one warp."""
     best = None
     for addr, op, rest in ins:
-        target = re.search(r"0x([0-9a-f]+)", rest) if op == "BRA" else None
+        target = re.search(r"0x([0-9a-f]+)", rest) if op.split(".")[0] == "BRA" else None
         if target and int(target.group(1), 16) < addr:
             lo = int(target.group(1), 16)
-            has_mma = any(lo <= a <= addr and o.split(".")[0] in ("IGMMA", "QGMMA", "HGMMA") for a, o, _ in ins)
+            has_mma = any(lo <= a <= addr and o.split(".")[0] in TENSOR_CORE_OPS for a, o, _ in ins)
             if has_mma and (best is None or addr - lo < best[1] - best[0]):
                 best = (lo, addr)
     return best
@@ -305,6 +314,8 @@ def main(argv=None):
     ap.add_argument("--pv-direct", action="store_true", help="FP8 P·V accumulated straight into the output")
     ap.add_argument("--shift-v", action="store_true",
                     help="with a gp --config: V's mean added back to the output (every FP8 call accumulating in place)")
+    ap.add_argument("--fp16-tiles", action="store_true",
+                    help="FP8 P·V of each key tile in an FP16 accumulator (the portable kernel's fp16_tiles)")
     ap.add_argument("--config", help="a LaunchConfig key (overrides --m/--n/--warps/--stages and the flags); "
                                      "keys with gp compile the Hopper Gluon kernels")
     ap.add_argument("--dump", help="write the SASS here")
@@ -337,6 +348,7 @@ def main(argv=None):
                   f"{loop['loads_before_first_add']} of them before its first add")
         return 0
     if args.config:
+        from sage_attention_pack.kernels import launch
         from sage_attention_pack.kernels.tuning import LaunchConfig
 
         cfg = LaunchConfig.from_key(args.config)
@@ -346,10 +358,12 @@ def main(argv=None):
             k = compile_for_sm90(cfg, args.d, pv_fp8=args.pv == "fp8", shift_v=args.shift_v)
         else:
             k = compile_attention(args.pv, args.d, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, args.arch,
-                                  cfg.max_registers, MAGIC_CONVERT=cfg.magic_convert, PV_DIRECT=cfg.pv_direct)
+                                  cfg.max_registers, MAGIC_CONVERT=cfg.magic_convert, PV_DIRECT=cfg.pv_direct,
+                                  PV_FP16_TILES=launch.portable_fp16_tiles(cfg, args.pv == "fp8"))
     else:
         k = compile_attention(args.pv, args.d, args.m, args.n, args.warps, args.stages, args.arch, args.maxnreg,
-                              MAGIC_CONVERT=not args.i2f, PV_DIRECT=args.pv_direct)
+                              MAGIC_CONVERT=not args.i2f, PV_DIRECT=args.pv_direct,
+                              PV_FP16_TILES=args.fp16_tiles and args.pv == "fp8" and not args.pv_direct)
     sass = sass_of(k)
     if args.dump:
         Path(args.dump).write_text(sass)
@@ -358,7 +372,7 @@ def main(argv=None):
     overlap = overlap_report(sass)
     if args.json:
         print(json.dumps({"resources": resource_report(k, args.arch), "shared": k.metadata.shared, **overlap,
-                          "global_stores": global_stores(sass)}))
+                          "global_stores": global_stores(sass), "tensor_core_ops": tensor_core_ops(sass)}))
         return 0
     print(f"{resource_report(k, args.arch)}  shared {k.metadata.shared} B")
     n_loop, loop = main_loop_mix(sass)
@@ -371,9 +385,8 @@ def main(argv=None):
         print(f"turn: {overlap['turn_instructions']} instructions from the turn's barrier wait to its arrive, the "
               f"first wgmma {overlap['first_mma_into_turn']} in")
     mix = instruction_mix(sass)
-    watch = ("MUFU", "I2F", "F2F", "F2FP", "FFMA", "FMUL", "FADD", "FMNMX", "IMAD", "IADD3", "MOV", "HGMMA",
-             "QGMMA", "IGMMA", "WARPGROUP", "SHFL", "LDS", "LDSM", "STS", "LDG", "LDGSTS", "UTMALDG", "SYNCS",
-             "BAR")
+    watch = ("MUFU", "I2F", "F2F", "F2FP", "FFMA", "FMUL", "FADD", "HADD2", "FMNMX", "IMAD", "IADD3", "MOV",
+             *TENSOR_CORE_OPS, "WARPGROUP", "SHFL", "LDS", "LDSM", "STS", "LDG", "LDGSTS", "UTMALDG", "SYNCS", "BAR")
     for w in watch:
         total = sum(c for op, c in mix.items() if op.split(".")[0] == w)
         if total:

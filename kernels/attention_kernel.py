@@ -8,7 +8,9 @@ One program computes BLOCK_M query rows of one (batch, head):
      computes the scores in FP32 with an online softmax in base 2; the row maximum is taken on the
      unscaled integer products, so each score costs one fused multiply-add before its exp2;
   3. accumulates P·V either with P in FP16/BF16 against V in its own dtype (SageAttention 1), or with
-     P scaled by 448 into FP8 e4m3 against per-channel FP8 V (SageAttention 2), in FP32.
+     P scaled by 448 into FP8 e4m3 against per-channel FP8 V (SageAttention 2), in FP32; FP8 P·V either
+     in the output's registers (PV_DIRECT) or per key tile first, in FP32 or in FP16 (PV_FP16_TILES,
+     SageAttention2++).
 Masks are an additive bias over keys (already in log2 units) that broadcasts over queries.
 """
 import triton
@@ -52,7 +54,7 @@ def softmax_pv(acc, m_i, l_i, qk, q_scale, start_n, offs_m, offs_d, d_valid, ks_
                BLOCK_N: tl.constexpr, K_GROUP: tl.constexpr, MASKED: tl.constexpr,
                PV_FP8: tl.constexpr, SHIFT_V: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                BF16_DOT_IN_FP32: tl.constexpr, FP8_ROUND_IN_FP32: tl.constexpr, V_DTYPE: tl.constexpr,
-               MAGIC_CONVERT: tl.constexpr, PV_DIRECT: tl.constexpr):
+               MAGIC_CONVERT: tl.constexpr, PV_DIRECT: tl.constexpr, PV_FP16_TILES: tl.constexpr):
     """The online-softmax update of one key tile from its raw products `qk`, then P·V. MASKED tiles (the
     ragged tail, the causal diagonal) pay for bounds and causal masks; every other tile runs without them."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -108,6 +110,11 @@ def softmax_pv(acc, m_i, l_i, qk, q_scale, start_n, offs_m, offs_d, d_valid, ks_
         p8 = to_fp8_e4m3(p, FP8_ROUND_IN_FP32)
         if PV_DIRECT:
             acc = tl.dot(p8, v8, acc)
+        elif PV_FP16_TILES:
+            # SageAttention2++'s two-level accumulation: the tile's product in an FP16 accumulator, which runs at
+            # twice the FP32 one's rate on GeForce Ada and Blackwell tensor cores; V's codes are kept small
+            # enough that a tile's sum cannot overflow it (launch.fp16_tile_v_code_max)
+            acc += tl.dot(p8, v8, out_dtype=tl.float16).to(tl.float32)
         else:
             # two-level accumulation: each tile's FP8 product lands in FP32 before it joins acc
             acc += tl.dot(p8, v8)
@@ -141,7 +148,7 @@ def sage_attention_fwd_kernel(
     PV_FP8: tl.constexpr, SHIFT_V: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_BIAS: tl.constexpr, RETURN_LSE: tl.constexpr, BF16_DOT_IN_FP32: tl.constexpr,
     FP8_ROUND_IN_FP32: tl.constexpr, EVEN_D: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    MAGIC_CONVERT: tl.constexpr, PV_DIRECT: tl.constexpr,
+    MAGIC_CONVERT: tl.constexpr, PV_DIRECT: tl.constexpr, PV_FP16_TILES: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -185,13 +192,15 @@ def sage_attention_fwd_kernel(
         acc, m_i, l_i = softmax_pv(
             acc, m_i, l_i, qk, q_scale, start_n, offs_m, offs_d, d_valid, ks_base, bias_base, v_base,
             v8_base, v_mean, stride_vn, stride_vd, NK, v_padded, BLOCK_N, K_GROUP, False, PV_FP8, SHIFT_V,
-            IS_CAUSAL, HAS_BIAS, BF16_DOT_IN_FP32, FP8_ROUND_IN_FP32, V_DTYPE, MAGIC_CONVERT, PV_DIRECT)
+            IS_CAUSAL, HAS_BIAS, BF16_DOT_IN_FP32, FP8_ROUND_IN_FP32, V_DTYPE, MAGIC_CONVERT, PV_DIRECT,
+            PV_FP16_TILES)
     for start_n in range(full_hi, hi, BLOCK_N):  # the ragged tail and the causal diagonal
         qk = tile_scores(q8, k_base, start_n, offs_d, NK, BLOCK_N, BLOCK_D, True, MAGIC_CONVERT)
         acc, m_i, l_i = softmax_pv(
             acc, m_i, l_i, qk, q_scale, start_n, offs_m, offs_d, d_valid, ks_base, bias_base, v_base,
             v8_base, v_mean, stride_vn, stride_vd, NK, v_padded, BLOCK_N, K_GROUP, True, PV_FP8, SHIFT_V,
-            IS_CAUSAL, HAS_BIAS, BF16_DOT_IN_FP32, FP8_ROUND_IN_FP32, V_DTYPE, MAGIC_CONVERT, PV_DIRECT)
+            IS_CAUSAL, HAS_BIAS, BF16_DOT_IN_FP32, FP8_ROUND_IN_FP32, V_DTYPE, MAGIC_CONVERT, PV_DIRECT,
+            PV_FP16_TILES)
 
     out = acc / l_i[:, None]
     if PV_FP8:

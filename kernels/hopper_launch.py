@@ -50,16 +50,9 @@ def serves(device: torch.device, *, config: LaunchConfig, pv_fp8: bool, is_causa
             and not interpreting() and cuda_capability(device) == (9, 0))
 
 
-# Largest FP8 V code when each key tile's P·V lands in an FP16 accumulator (two-level accumulation): P ≤ 448, so
-# 128 keys × 448 × 0.875 = 50176 stays under FP16's 65504. 0.875 = 448 / 2^9: the codes are the usual ones times
-# 2^-9 (the same rounding), except below 2^-6, e4m3's smallest normal, i.e. for values under 1.8% of a channel's
-# range.
-FP16_TILE_V_CODE_MAX = 448.0 / 512
-
-
 def two_level(config: LaunchConfig, pv_fp8: bool = True) -> bool:
     """Whether the Gluon kernel of this configuration accumulates P·V per tile in FP16 (its FP8 V codes then
-    stay within FP16_TILE_V_CODE_MAX), else in place (always with a 16-bit V: its products are FP32-exact)."""
+    stay within launch.fp16_tile_v_code_max), else in place (always with a 16-bit V: its products are FP32-exact)."""
     return pv_fp8 and not config.pv_direct
 
 

@@ -47,6 +47,14 @@ STATS_SAMPLE_KEYS = 512
 MAX_STATS_EVERY = 16
 
 
+def fp16_tile_v_code_max(block_n: int) -> float:
+    """The largest FP8 V code where each key tile's P·V lands in an FP16 accumulator (the Hopper kernels' two-level
+    accumulation, the portable kernel's fp16_tiles): P ≤ 448, so block_n keys × 448 × 448 / (4 · block_n) = 50176
+    stays under FP16's 65504. As 448 / 2^k, the codes are the usual ones times 2^-k (the same rounding) except below
+    2^-6, e4m3's smallest normal: for values under 1.8% of a channel's range at 128 keys a tile, 0.9% at 64."""
+    return FP8_E4M3_MAX / (4 * block_n)
+
+
 def repair_block_n(block_m: int, block_d: int) -> int:
     """Keys per step of the exact repair (kernels/repair_kernel.py): its FP32 tiles take shared memory with the
     query tile and the head dim, and 32 keys at 64 rows × 256 dims take ~105 KB, over the 99 KB per block of
@@ -241,6 +249,12 @@ def quant_groups(q_group: int, k_group: int, config: tuning.LaunchConfig) -> tup
     return min(q_group, config.block_m), k_group or config.block_n
 
 
+def portable_fp16_tiles(config: tuning.LaunchConfig, pv_fp8: bool) -> bool:
+    """Whether the portable kernel runs this configuration's FP8 P·V with FP16 tile accumulators (fp16_tiles; an
+    in-place accumulation, pv_direct, takes precedence)."""
+    return pv_fp8 and config.fp16_tiles and not config.pv_direct
+
+
 def runs_hopper_kernel(q, k, v, *, config: tuning.LaunchConfig, k_group: int, pv_fp8: bool, is_causal: bool,
                        has_bias: bool) -> bool:
     """Whether sage_forward runs this call on the Hopper Gluon kernel (k_group as quant_groups gives it); FP16
@@ -301,10 +315,10 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
     plan = PLANS.plan(q.device, signature, call_buffers)
     ab_shift_launch = config.ping_pong and bool((config.max_registers or 0) & 8)  # A/B (temporary): its own launch
     pipelined = plan.buffers["pipelined"]
-    fp16_tiles = pipelined and hopper_launch.two_level(config, pv_fp8)
+    fp16_tiles = hopper_launch.two_level(config, pv_fp8) if pipelined else portable_fp16_tiles(config, pv_fp8)
     qz = quantize_qkv(q, k, v, q_group=q_group, k_group=k_group, block_d=block_d, q_multiplier=sm_scale * LOG2E,
                       smooth_k=smooth_k, smooth_v=smooth_v, pv_fp8=pv_fp8, pv_key_order=pipelined,
-                      v_code_max=hopper_launch.FP16_TILE_V_CODE_MAX if fp16_tiles else FP8_E4M3_MAX,
+                      v_code_max=fp16_tile_v_code_max(block_n) if fp16_tiles else FP8_E4M3_MAX,
                       buffers=plan.buffers, run=plan.run, v_shift=None if ab_shift_launch else plan.buffers["v_shift"])
     k_scale, k_mean = qz["k_scale"], qz["k_mean"]
     # FP8 P·V: the shift was written by the quantization's last launch; otherwise V's mean or None
@@ -333,7 +347,7 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
             PV_FP8=pv_fp8, SHIFT_V=v_shift is not None, IS_CAUSAL=is_causal, HAS_BIAS=bias is not None,
             RETURN_LSE=return_lse, BF16_DOT_IN_FP32=interpreting() and v.dtype == torch.bfloat16,
             FP8_ROUND_IN_FP32=interpreting(), EVEN_D=D == block_d, WARP_SPECIALIZE=config.warp_specialize,
-            MAGIC_CONVERT=config.magic_convert, PV_DIRECT=config.pv_direct,
+            MAGIC_CONVERT=config.magic_convert, PV_DIRECT=config.pv_direct, PV_FP16_TILES=fp16_tiles,
             num_warps=config.num_warps, num_stages=config.num_stages,
             **({"maxnreg": config.max_registers} if config.max_registers and not interpreting() else {})))
     if return_lse and k_mean is not None:

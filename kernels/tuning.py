@@ -11,7 +11,7 @@ import json
 import os
 import re
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 
@@ -31,13 +31,14 @@ class LaunchConfig:
     no_turns: bool = False  # with `ping_pong`: the warpgroups issue their products without taking turns
     consumers: int = 2  # with `ping_pong`: consumer warpgroups sharing the ring (3 only with `no_turns`)
     lazy_rescale: bool = False  # with `ping_pong`: a warp skips the accumulator's rescale when none of its rows moved
+    fp16_tiles: bool = False  # portable kernel, FP8 P·V: each key tile's product in an FP16 accumulator (see below)
 
     def key(self) -> str:
         flags = "".join(tag for on, tag in ((self.warp_specialize, "ws"), (self.magic_convert, "mc"),
                                             (self.pv_direct, "pd"), (self.pipelined, "gp"),
                                             (self.ping_pong, "pp"), (self.persistent, "ps"),
                                             (self.no_turns, "nt"), (self.lazy_rescale, "lr"),
-                                            (self.consumers != 2, f"c{self.consumers}"))
+                                            (self.fp16_tiles, "ft"), (self.consumers != 2, f"c{self.consumers}"))
                         if on)
         regs = f"r{self.max_registers}" if self.max_registers else ""
         return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}{regs}{flags}"
@@ -45,7 +46,7 @@ class LaunchConfig:
     @classmethod
     def from_key(cls, key: str) -> "LaunchConfig":
         """The inverse of key(): "m64n128w4s3r168mcpdgp" -> LaunchConfig."""
-        hit = re.fullmatch(r"m(\d+)n(\d+)w(\d+)s(\d+)(?:r(\d+))?((?:ws|mc|pd|gp|pp|ps|nt|lr|c\d)*)", key)
+        hit = re.fullmatch(r"m(\d+)n(\d+)w(\d+)s(\d+)(?:r(\d+))?((?:ws|mc|pd|gp|pp|ps|nt|lr|ft|c\d)*)", key)
         if not hit:
             raise ValueError(f"not a launch configuration key: {key!r}")
         m, n, w, s, r, flags = hit.groups()
@@ -53,11 +54,19 @@ class LaunchConfig:
         consumers = next((int(t[1]) for t in tags if t[0] == "c"), 2)
         return cls(int(m), int(n), int(w), int(s), "ws" in tags, "mc" in tags, "pd" in tags,
                    int(r) if r else None, "gp" in tags, "pp" in tags, "ps" in tags, "nt" in tags, consumers,
-                   "lr" in tags)
+                   "lr" in tags, "ft" in tags)
 
 
-def _c(m, n, w, s):
-    return LaunchConfig(m, n, w, s)
+def _c(m, n, w, s, **flags):
+    return LaunchConfig(m, n, w, s, **flags)
+
+
+# Families whose mma.sync takes FP8 operands into an FP16 accumulator (QMMA.16832.F16.E4M3 in their SASS): Ada and
+# consumer Blackwell. There, on the RTX 4090 and 5090, that product runs at twice the rate of the one into FP32
+# (SageAttention2++, arXiv 2505.21136), so their FP8 P·V takes SageAttention2++'s accumulation: each key tile's
+# product in FP16, added to the FP32 output (fp16_tiles), as the official kernels do by default on sm89 and sm120.
+# Not measured here: no such GPU was at hand (bench/NOTES.md, Next); autotuning tries it both ways.
+FP16_TILE_FAMILIES = ("sm89", "sm120")
 
 
 # (arch family, pv) -> {padded head dim: config}. Families: sm80 (A100), sm86/sm89
@@ -66,13 +75,15 @@ ARCH_TABLE = {
     ("sm80", "fp16"): {64: _c(128, 64, 4, 3), 128: _c(128, 64, 8, 3), 256: _c(64, 32, 8, 2)},
     ("sm86", "fp16"): {64: _c(128, 64, 4, 2), 128: _c(64, 64, 4, 2), 256: _c(64, 32, 8, 1)},
     ("sm89", "fp16"): {64: _c(128, 64, 4, 2), 128: _c(64, 64, 4, 2), 256: _c(64, 32, 8, 1)},
-    ("sm89", "fp8"): {64: _c(128, 64, 4, 2), 128: _c(128, 64, 8, 2), 256: _c(64, 32, 8, 1)},
+    ("sm89", "fp8"): {64: _c(128, 64, 4, 2, fp16_tiles=True), 128: _c(128, 64, 8, 2, fp16_tiles=True),
+                      256: _c(64, 32, 8, 1, fp16_tiles=True)},
     ("sm90", "fp16"): {64: _c(128, 128, 8, 3), 128: _c(128, 128, 8, 3), 256: _c(64, 64, 8, 2)},
     ("sm90", "fp8"): {64: _c(128, 128, 8, 3), 128: _c(128, 128, 8, 3), 256: _c(64, 64, 8, 2)},
     ("sm100", "fp16"): {64: _c(128, 128, 8, 3), 128: _c(128, 128, 8, 3), 256: _c(64, 64, 8, 2)},
     ("sm100", "fp8"): {64: _c(128, 128, 8, 3), 128: _c(128, 128, 8, 3), 256: _c(64, 64, 8, 2)},
     ("sm120", "fp16"): {64: _c(128, 64, 4, 2), 128: _c(64, 64, 4, 2), 256: _c(64, 32, 8, 1)},
-    ("sm120", "fp8"): {64: _c(128, 64, 4, 2), 128: _c(128, 64, 8, 2), 256: _c(64, 32, 8, 1)},
+    ("sm120", "fp8"): {64: _c(128, 64, 4, 2, fp16_tiles=True), 128: _c(128, 64, 8, 2, fp16_tiles=True),
+                       256: _c(64, 32, 8, 1, fp16_tiles=True)},
 }
 def interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
@@ -127,7 +138,7 @@ def default_config(family: str, pv: str, block_d: int, block_m: int | None = Non
         table = ARCH_TABLE.get((family, pv)) or ARCH_TABLE[(family, "fp16")]
         cfg = table[min(256, max(64, block_d))]
     if block_m is not None and cfg.block_m != block_m:
-        cfg = LaunchConfig(block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)
+        cfg = replace(cfg, block_m=block_m)
     return cfg
 
 
@@ -186,6 +197,19 @@ def candidates(block_d: int, block_m: int | None = None, family: str = "sm90") -
     specialised = [LaunchConfig(c.block_m, c.block_n, c.num_warps, c.num_stages, True) for c in plain
                    if block_d <= 128 and c.num_stages in (2, 3) and c.block_n == 128]
     return plain + specialised
+
+
+def flag_flips(tile: LaunchConfig, pv_fp8: bool, family: str) -> list[LaunchConfig]:
+    """The configurations autotuning times beside its chosen tile, each with one kernel flag the other way: the
+    score conversion; with FP8 P·V, the accumulation in place (pv_direct) and, where the family has the
+    instruction (FP16_TILE_FAMILIES) and the portable kernel runs, each key tile's product in FP16 (fp16_tiles).
+    The two accumulations exclude each other: turning one on turns the other off."""
+    flips = [replace(tile, magic_convert=not tile.magic_convert)]
+    if pv_fp8:
+        flips.append(replace(tile, pv_direct=not tile.pv_direct, fp16_tiles=False))
+        if family in FP16_TILE_FAMILIES and not tile.pipelined:
+            flips.append(replace(tile, fp16_tiles=not tile.fp16_tiles, pv_direct=False))
+    return flips
 
 
 def seq_bucket(n: int) -> int:

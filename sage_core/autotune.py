@@ -2,13 +2,13 @@
 fastest per (P·V precision, head dim, length bucket, dtype, causal) in the on-disk cache that the
 dispatcher reads, so later runs (and ComfyUI) use it without retuning.
 
-Two kernel flags are then tried on the winning tile: the score conversion (FP32 bit trick or I2F) and, for
-FP8 P·V, accumulating straight into the output registers. A flag is kept only where it is faster and its
-error against FP32 attention stays within the variant's bounds and no more than 5% above the plain tile's.
+Kernel flags are then tried on the winning tile: the score conversion (FP32 bit trick or I2F) and, for FP8 P·V,
+accumulating straight into the output registers and (Ada, consumer Blackwell) each key tile's product in FP16
+(tuning.FP16_TILE_FAMILIES). A flag is kept only where it is faster and its error against FP32 attention stays
+within the variant's bounds and no more than 5% above the plain tile's.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import torch
@@ -50,9 +50,7 @@ def tune_shape(shape, dtype=torch.bfloat16, pv: str = "fp8", config: SageConfig 
     else:
         tile = backend.tuning_for(q.device, pv, block_d, pinned_m, n, n, str(dtype), is_causal)
         measure([tile])
-    flips = [dataclasses.replace(tile, magic_convert=not tile.magic_convert)]
-    if pv == "fp8":
-        flips.append(dataclasses.replace(tile, pv_direct=not tile.pv_direct))
+    flips = tuning.flag_flips(tile, pv == "fp8", backend.arch_family(q.device))
     measure([tile] + flips)  # the chosen tile again, beside its flags flipped
     ref = reference(q, k, v)
     errors = {c: attention_error(call(c)[:, :ref.shape[1]], ref)["rel_l1"] for c in [tile] + flips if c in timings}

@@ -33,11 +33,14 @@ def sampled_keys(n: int, every: int, tile: int = 16) -> torch.Tensor:
 
 
 def sage_reference(q, k, v, *, sm_scale=None, is_causal=False, bias=None, q_group=16, k_group=1,
-                   block_m=128, pv_fp8=False, smooth_k=True, smooth_v=False, return_lse=False, k_stats_every=1):
+                   block_m=128, pv_fp8=False, smooth_k=True, smooth_v=False, return_lse=False, k_stats_every=1,
+                   fp16_tile_keys=0):
     """q, k, v: [B, H, N, D] (any float dtype; K/V may have fewer heads). bias: additive [Bb, Hb, Nk]
     in natural units (as SDPA's float mask). k_stats_every: K's mean from every k_stats_every-th tile of 16 keys
-    (kernels/launch.stats_every gives the kernels' value). Returns the output in q's dtype (and the natural-log
-    LSE)."""
+    (kernels/launch.stats_every gives the kernels' value). fp16_tile_keys: with pv_fp8, P·V summed per tile of that
+    many keys in FP16 (SageAttention2++'s accumulation, the kernels' fp16_tiles: each tile's sum rounded to FP16,
+    V's codes within launch.fp16_tile_v_code_max), the tiles' sums added in FP32. Returns the output in q's dtype
+    (and the natural-log LSE)."""
     B, H, NQ, D = q.shape
     HK = k.shape[1]
     sm_scale = D ** -0.5 if sm_scale is None else sm_scale
@@ -66,10 +69,19 @@ def sage_reference(q, k, v, *, sm_scale=None, is_causal=False, bias=None, q_grou
     v_mean = vf.mean(dim=2, keepdim=True) if smooth_v else torch.zeros_like(vf[:, :, :1])
     vs = vf - v_mean
     if pv_fp8:
-        v_scale = vs.abs().amax(dim=2, keepdim=True).clamp_min(1e-30) / FP8_E4M3_MAX
+        # the largest V code: e4m3's, or with FP16 tiles 448 / (4 · keys a tile) (launch.fp16_tile_v_code_max)
+        v_code_max = FP8_E4M3_MAX / (4 * fp16_tile_keys) if fp16_tile_keys else FP8_E4M3_MAX
+        v_scale = vs.abs().amax(dim=2, keepdim=True).clamp_min(1e-30) / v_code_max
         v8 = (vs * (1.0 / v_scale)).to(torch.float8_e4m3fn).float()
         p8 = (p * FP8_E4M3_MAX).to(torch.float8_e4m3fn).float()
-        out = (p8 @ v8.repeat_interleave(rep, 1)) / row_sum * (v_scale / FP8_E4M3_MAX).repeat_interleave(rep, 1)
+        v8_q = v8.repeat_interleave(rep, 1)  # V's codes per query head
+        if fp16_tile_keys:
+            tiles = [(p8[..., t:t + fp16_tile_keys] @ v8_q[:, :, t:t + fp16_tile_keys]).half().float()
+                     for t in range(0, p8.shape[-1], fp16_tile_keys)]
+            pv = torch.stack(tiles).sum(0)
+        else:
+            pv = p8 @ v8_q
+        out = pv / row_sum * (v_scale / FP8_E4M3_MAX).repeat_interleave(rep, 1)
         # the shift makes the dequantized V's mean V's own (kernels/launch.output_shift)
         v_mean = vf.mean(dim=2, keepdim=True) - (v8 * v_scale).mean(dim=2, keepdim=True)
     else:

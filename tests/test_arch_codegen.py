@@ -34,10 +34,16 @@ def test_table_configuration_compiles_for_its_architecture(family, pv, head_dim,
     report = bench_script.json_report("inspect_sass", "--arch", family[2:], "--pv", pv, "--d", str(head_dim),
                                       "--m", str(config.block_m), "--n", str(config.block_n),
                                       "--warps", str(config.num_warps), "--stages", str(config.num_stages), "--i2f",
-                                      "--json")
+                                      *(["--fp16-tiles"] if config.fp16_tiles else []), "--json")
     spilled = re.search(r"(\d+) bytes spill stores", report["resources"])
     assert spilled and int(spilled.group(1)) <= MAX_SPILL_BYTES, report["resources"]
     assert report["shared"] <= SHARED_PER_BLOCK[family], report
+    # FP16 tiles (Ada, consumer Blackwell): P·V's products are FP8 into an FP16 accumulator, none into FP32
+    fp8_products = {op for op in report["tensor_core_ops"] if op.startswith("QMMA")}
+    if config.fp16_tiles:
+        assert fp8_products == {"QMMA.16832.F16.E4M3.E4M3"}, report["tensor_core_ops"]
+    elif family in tuning.FP16_TILE_FAMILIES and pv == "fp8":
+        assert fp8_products == {"QMMA.16832.F32.E4M3.E4M3"}, report["tensor_core_ops"]
 
 
 # the repair depends on the query tile and the head dim, not on P·V's precision

@@ -49,12 +49,13 @@ def run_kernel(q, k, v, cfg: SageConfig, is_causal=False, bias=None, return_lse=
     return out, lse, bad
 
 
-def reference_for(q, k, v, cfg, is_causal=False, bias=None, return_lse=False, block_m=None):
+def reference_for(q, k, v, cfg, is_causal=False, bias=None, return_lse=False, block_m=None, fp16_tile_keys=0):
     block_m = block_m or tuning.INTERPRETER_CONFIG.block_m
     return sage_reference(q, k, v, is_causal=is_causal, bias=bias, q_group=cfg.q_group_rows,
                           k_group=cfg.k_group_rows or tuning.INTERPRETER_CONFIG.block_n,
                           block_m=block_m, pv_fp8=cfg.kernel == "int8_fp8",
-                          smooth_k=cfg.smooth_k, smooth_v=cfg.smooth_v, return_lse=return_lse)
+                          smooth_k=cfg.smooth_k, smooth_v=cfg.smooth_v, return_lse=return_lse,
+                          fp16_tile_keys=fp16_tile_keys)
 
 
 def exact(q, k, v, is_causal=False, mask=None):
@@ -457,27 +458,34 @@ def test_flagged_tiles_are_recomputed_exactly_on_device(kernel, head_dim):
 
 @pytest.mark.parametrize("kernel,flags", [("int8_fp16", {"magic_convert": True}), ("int8_fp8", {"magic_convert": True}),
                                           ("int8_fp8", {"pv_direct": True}),
-                                          ("int8_fp8", {"magic_convert": True, "pv_direct": True})])
+                                          ("int8_fp8", {"magic_convert": True, "pv_direct": True}),
+                                          ("int8_fp8", {"fp16_tiles": True}),
+                                          ("int8_fp8", {"magic_convert": True, "fp16_tiles": True})])
 def test_kernel_flags_compute_the_same_attention(kernel, flags):
-    """The tuning flags (FP32 bit-trick score conversion, FP8 P·V accumulated in place) change how the kernel
-    computes, not what: same reference, same bounds against exact attention, on ragged lengths."""
+    """The tuning flags (FP32 bit-trick score conversion, FP8 P·V accumulated in place or per key tile in FP16)
+    change how the kernel computes, not what: same reference, same bounds against exact attention, on ragged
+    lengths."""
     cfg = SageConfig(kernel=kernel)
     q, k, v = inputs(1, 2, 2, 150, 130, 128, torch.float16, seed=31)
-    out, _, bad = run_kernel(q, k, v, cfg, launch_cfg=dataclasses.replace(tuning.INTERPRETER_CONFIG, **flags))
+    lc = dataclasses.replace(tuning.INTERPRETER_CONFIG, **flags)
+    out, _, bad = run_kernel(q, k, v, cfg, launch_cfg=lc)
     assert torch.isfinite(out).all() and int(bad.sum()) == 0
     # in-place FP8 accumulation always runs with V smoothing (kernels/launch.py says why)
     ref_cfg = dataclasses.replace(cfg, smooth_v=True) if flags.get("pv_direct") else cfg
-    assert rel_diff(out, reference_for(q, k, v, ref_cfg)) < SAME_ALGO_TOL[kernel]
+    fp16_tile_keys = lc.block_n if flags.get("fp16_tiles") else 0
+    assert rel_diff(out, reference_for(q, k, v, ref_cfg, fp16_tile_keys=fp16_tile_keys)) < SAME_ALGO_TOL[kernel]
     err = attention_error(out, exact(q, k, v))
     assert err["cosine"] >= EXACT_BOUNDS[kernel][0] and err["rel_l1"] <= EXACT_BOUNDS[kernel][1], err
 
 
-@pytest.mark.parametrize("key", ["m64n64w4s1pd", "m64n128w4s3mcpdgp", "m64n128w4s4mcpdgppp", "m64n128w4s3mcgp",
-                                 "m64n128w4s4mcgppp", "m64n128w4s4mcpdgpppps", "m64n128w4s4mcpdgpppnt"])
+@pytest.mark.parametrize("key", ["m64n64w4s1pd", "m64n64w4s1ft", "m64n128w4s3mcpdgp", "m64n128w4s4mcpdgppp",
+                                 "m64n128w4s3mcgp", "m64n128w4s4mcgppp", "m64n128w4s4mcpdgpppps",
+                                 "m64n128w4s4mcpdgpppnt"])
 def test_fp8_accumulation_survives_a_v_offset(key):
     """V with a large per-channel offset (a projection's bias): FP8 P·V accumulated in place lost 0.26 relative
     L1 on an H200 before V smoothing was made part of that path; the error must stay at two-level levels, and
-    the Hopper kernel's FP16 tile accumulators (gp without pd) must neither overflow nor lose the offset."""
+    the FP16 tile accumulators (the Hopper kernel's gp without pd, the portable kernel's ft) must neither overflow
+    nor lose the offset."""
     lc = tuning.LaunchConfig.from_key(key)
     if lc.pipelined and not HOPPER:
         pytest.skip(NO_HOPPER)
@@ -489,6 +497,27 @@ def test_fp8_accumulation_survives_a_v_offset(key):
     out, _, bad = run_kernel(q, k, v, SageConfig(kernel="int8_fp8"), launch_cfg=lc)
     assert int(bad.sum()) == 0
     assert rel_diff(out, exact(q, k, v)) < 0.01
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's FP16 tile, headroom 2
+@pytest.mark.parametrize("block_n", [32, 64])
+@pytest.mark.parametrize("headroom", [1, 2])
+def test_fp16_tile_accumulator_holds_the_largest_tile_sum(monkeypatch, block_n, headroom):
+    """The worst case of an FP16 tile: every P at 448 (uniform attention) against every V code at its largest (a
+    constant V), block_n × 448 × launch.fp16_tile_v_code_max = 50176, under FP16's 65504: the output is V's value,
+    unflagged. With twice that code bound (headroom 2) the same tile overflows, and its rows are flagged."""
+    bound = launch.fp16_tile_v_code_max
+    monkeypatch.setattr(launch, "fp16_tile_v_code_max", lambda n: headroom * bound(n))
+    q = torch.zeros(1, 2, 64, 128, device=DEVICE, dtype=torch.bfloat16)
+    k = torch.randn(1, 2, 192, 128, device=DEVICE).to(torch.bfloat16)
+    v = (torch.rand(1, 2, 1, 128, device=DEVICE) + 0.5).expand(1, 2, 192, 128).to(torch.bfloat16)
+    lc = tuning.LaunchConfig(64, block_n, 4, 1, fp16_tiles=True)
+    out, _, bad = run_kernel(q, k, v, SageConfig(kernel="int8_fp8"), launch_cfg=lc)
+    if headroom == 1:
+        assert int(bad.sum()) == 0
+        torch.testing.assert_close(out.float(), v[:, :, :64].float(), rtol=1e-2, atol=0)
+    else:
+        assert int(bad.sum()) > 0 and not torch.isfinite(out).all()
 
 
 @pytest.mark.skipif(not HOPPER, reason=NO_HOPPER)

@@ -9,9 +9,37 @@ from sage_attention_pack.kernels import hopper_launch, tuning
 
 
 @pytest.mark.parametrize("key", ["m64n128w4s3", "m128n64w8s2r168mc", "m64n128w4s3mcpdgp", "m64n128w4s4mcpdgppp",
-                                 "m64n128w4s4mcpdgpppps", "m64n128w4s4mcpdgpppnt"])
+                                 "m64n128w4s4mcpdgpppps", "m64n128w4s4mcpdgpppnt", "m128n64w8s2ft"])
 def test_key_round_trip(key):
     assert tuning.LaunchConfig.from_key(key).key() == key
+
+
+@pytest.mark.parametrize("family", tuning.FP16_TILE_FAMILIES)
+def test_ada_and_consumer_blackwell_run_fp8_pv_with_fp16_tiles_and_autotuning_tries_both(family):
+    """Where mma.sync has FP8 operands into an FP16 accumulator, the table's FP8 entries take it (SageAttention2++'s
+    accumulation, the official kernels' default there), a pinned Q block keeps it, FP16 P·V never has it, and
+    autotuning times the tile with it and without; the two accumulations exclude each other."""
+    for d in (64, 128, 256):
+        assert tuning.default_config(family, "fp8", d).fp16_tiles
+        assert tuning.default_config(family, "fp8", d, block_m=64).fp16_tiles
+        assert not tuning.default_config(family, "fp16", d).fp16_tiles
+    table = tuning.default_config(family, "fp8", 128)
+    flips = tuning.flag_flips(table, True, family)
+    assert dataclasses.replace(table, fp16_tiles=False) in flips
+    assert dataclasses.replace(table, pv_direct=True, fp16_tiles=False) in flips
+    plain = tuning.LaunchConfig(64, 64, 4, 2)
+    assert dataclasses.replace(plain, fp16_tiles=True) in tuning.flag_flips(plain, True, family)
+    assert not any(c.fp16_tiles for c in tuning.flag_flips(plain, False, family))  # FP16 P·V: no such flag
+
+
+def test_fp16_tiles_stay_where_the_instruction_is():
+    """Other families keep FP32 tiles: Ampere has no FP8, Hopper's Gluon kernels have FP16 tiles of their own
+    (two-level without pd) and its portable kernel no FP16 tile flag in the table, data-centre Blackwell none."""
+    for family in ("sm80", "sm86", "sm90", "sm100"):
+        for pv in ("fp16", "fp8"):
+            assert not tuning.default_config(family, pv, 128).fp16_tiles
+        assert not any(c.fp16_tiles for c in tuning.flag_flips(tuning.default_config(family, "fp8", 128), True,
+                                                                family))
 
 
 def test_bad_key_names_the_problem():

@@ -169,6 +169,36 @@ def sage_method(config):
     return lambda q, k, v: attention(q, k, v, config=config)
 
 
+def fp8_tile_method(fp16_tiles: bool):
+    """The FP8 kernel on the launch configuration this call would take (tuned or the table's) with its key tiles'
+    P·V accumulated in FP16 or in FP32 (tuning.LaunchConfig.fp16_tiles), through the kernel's launcher as autotuning
+    times it (the dispatcher's checks and the repair launch left out, the same for both)."""
+    import dataclasses
+
+    from ..kernels import launch
+
+    config = SageConfig(kernel="int8_fp8")
+
+    def run(q, k, v):
+        tuned = backend.tuning_for(q.device, "fp8", launch.padded_head_dim(q.shape[-1]), None, q.shape[2], k.shape[2],
+                                   str(q.dtype), False)
+        return backend.run(q, k, v, layout="HND", sm_scale=q.shape[-1] ** -0.5, is_causal=False, bias=None,
+                           config=config, pv_fp8=True, return_lse=False,
+                           launch_config=dataclasses.replace(tuned, fp16_tiles=fp16_tiles, pv_direct=False))[0]
+    return run
+
+
+def tile_accumulation_methods(device: str) -> dict:
+    """FP16 tiles against FP32 tiles for FP8 P·V, side by side, where the table runs FP16 tiles (Ada and consumer
+    Blackwell, tuning.FP16_TILE_FAMILIES: the main job there measures SageAttention2++'s accumulation against
+    SageAttention2's on the user's own card) and in the interpreter (their accuracy); nothing elsewhere."""
+    from ..kernels import tuning
+
+    if backend.arch_family(torch.device(device)) not in (*tuning.FP16_TILE_FAMILIES, "cpu"):
+        return {}
+    return {"sage_int8_fp8_fp16_tiles": fp8_tile_method(True), "sage_int8_fp8_fp32_tiles": fp8_tile_method(False)}
+
+
 # Above this many tokens a shape runs only the methods of the summary table (each call takes ~0.1–1 s).
 LONG_SHAPE_TOKENS = 60000
 
@@ -184,6 +214,7 @@ def run(shapes=None, dtype=torch.bfloat16, repeats=None, with_peers=True, out_pa
     if unknown:
         raise SystemExit(f"unknown shape(s) {unknown}; known: {sorted(table)}")
     methods = {k: sage_method(c) for k, c in SAGE_VARIANTS.items()}
+    methods.update(tile_accumulation_methods(device))
     peers_missing, peer_versions = {}, {}
     if device == "cuda":
         methods.update(sdpa_backends())

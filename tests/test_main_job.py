@@ -28,6 +28,10 @@ def test_selfcheck_reports_device_accuracy_and_writes_json(tmp_path):
     rows = result["shapes"][shapes[0]]["methods"]
     assert rows["sage_int8_fp16"]["cosine"] >= 0.9999 and rows["sage_int8_fp8"]["cosine"] >= 0.999
     assert rows["sage_int8_fp16"]["rel_l1"] < rows["sage_int8_fp16_no_smooth_k"]["rel_l1"]  # smoothing helps
+    if not CUDA:  # FP8 P·V's key tiles accumulated in FP16 (SageAttention2++) and in FP32, side by side
+        fp16_tiles, fp32_tiles = rows["sage_int8_fp8_fp16_tiles"], rows["sage_int8_fp8_fp32_tiles"]
+        assert fp16_tiles["cosine"] >= 0.999 and fp32_tiles["cosine"] >= 0.999
+        assert abs(fp16_tiles["rel_l1"] - fp32_tiles["rel_l1"]) < 0.05 * fp32_tiles["rel_l1"]
     report = run_cli("report", "--json", str(out), cwd=tmp_path)
     assert report.returncode == 0 and f"| {shapes[0]} " in report.stdout and "sage_int8_fp8" in report.stdout
 

@@ -313,17 +313,15 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
         return buffers
 
     plan = PLANS.plan(q.device, signature, call_buffers)
-    ab_shift_launch = config.ping_pong and bool((config.max_registers or 0) & 8)  # A/B (temporary): its own launch
     pipelined = plan.buffers["pipelined"]
     fp16_tiles = hopper_launch.two_level(config, pv_fp8) if pipelined else portable_fp16_tiles(config, pv_fp8)
     qz = quantize_qkv(q, k, v, q_group=q_group, k_group=k_group, block_d=block_d, q_multiplier=sm_scale * LOG2E,
                       smooth_k=smooth_k, smooth_v=smooth_v, pv_fp8=pv_fp8, pv_key_order=pipelined,
                       v_code_max=fp16_tile_v_code_max(block_n) if fp16_tiles else FP8_E4M3_MAX,
-                      buffers=plan.buffers, run=plan.run, v_shift=None if ab_shift_launch else plan.buffers["v_shift"])
+                      buffers=plan.buffers, run=plan.run, v_shift=plan.buffers["v_shift"])
     k_scale, k_mean = qz["k_scale"], qz["k_mean"]
     # FP8 P·V: the shift was written by the quantization's last launch; otherwise V's mean or None
-    v_shift = output_shift(qz, NK, into=qz["v_shift"], run=plan.run) if ab_shift_launch or not pv_fp8 \
-        else qz["v_shift"]
+    v_shift = qz["v_shift"] if pv_fp8 else output_shift(qz, NK)
     v8, v_scale = (qz["v8"], qz["v_scale"]) if pv_fp8 else (k_scale, k_scale)
 
     lse = torch.empty((B, H, NQ), device=q.device, dtype=torch.float32) if return_lse else k_scale

@@ -427,7 +427,7 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_scale, next_bh, next_tile_m, q_des
                 PART_O, PART_LSE, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr,
                 Q_GROUP: gl.constexpr, STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, CONSUMERS: gl.constexpr,
                 TURNS: gl.constexpr, SHIFT_V: gl.constexpr, RETURN_LSE: gl.constexpr, MAGIC: gl.constexpr,
-                LAZY_RESCALE: gl.constexpr, OUT_STORE: gl.constexpr, NEXT_Q: gl.constexpr, AB: gl.constexpr = 0):
+                LAZY_RESCALE: gl.constexpr, OUT_STORE: gl.constexpr, NEXT_Q: gl.constexpr):
     """One warpgroup's work: query rows tile_m·BLOCK_M .. +BLOCK_M of (batch·head) bh against key tiles
     t0 .. t1-1, then the output, its rows' non-finite flags and the LSE; or, for a part of a split work item
     (part ≥ 0, the grid's tail: see work_item), the part's normalised output in FP32 and its base-2 LSE at
@@ -520,11 +520,10 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_scale, next_bh, next_tile_m, q_des
     # the output's per-channel vectors, loaded while the last products run (after their wait, their latency
     # was the epilogue's)
     offs_d = gl.arange(0, BLOCK_D, layout=o_cols)
-    if not (AB & 4):
-        if not is_16bit(v_smem.dtype):
-            v_scale = gl.load(V_SCALE + bh_kv * BLOCK_D + offs_d)
-        if SHIFT_V:
-            v_shift = gl.load(V_SHIFT + bh_kv * BLOCK_D + offs_d)
+    if not is_16bit(v_smem.dtype):
+        v_scale = gl.load(V_SCALE + bh_kv * BLOCK_D + offs_d)
+    if SHIFT_V:
+        v_shift = gl.load(V_SHIFT + bh_kv * BLOCK_D + offs_d)
     if SUMS_ON_MMA:
         o_tile, l_tile = warpgroup_mma_wait(0, deps=[o_tok, l_tok])
         l_i = gl.max(fold_row_sums(l_acc, l_tile, alpha, l_rows), axis=1)  # every column holds the sum
@@ -539,11 +538,6 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_scale, next_bh, next_tile_m, q_des
         # the producer may refill it (next item)
         named_arrive(SLOT_BARRIER + last_slot, slot_threads(CONSUMERS), True, 4)
 
-    if AB & 4:  # A/B: loaded after the last P·V's wait
-        if not is_16bit(v_smem.dtype):
-            v_scale = gl.load(V_SCALE + bh_kv * BLOCK_D + offs_d)
-        if SHIFT_V:
-            v_shift = gl.load(V_SHIFT + bh_kv * BLOCK_D + offs_d)
     out = acc * gl.expand_dims(gl.convert_layout(1.0 / l_i, o_rows), 1)
     if not is_16bit(v_smem.dtype):  # FP8 codes: back to V's units
         out = out * gl.expand_dims(v_scale, 0)
@@ -564,13 +558,8 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_scale, next_bh, next_tile_m, q_des
                      stride_on, stride_od, NQ, BLOCK_M, BLOCK_D, OUT_STORE)
         # a flag per row: its sum stays within the four threads that hold the row (one per tile cost ~0.7 µs of
         # a Flux program, a reduction across the warpgroup's warps through shared memory)
-        if AB & 1:  # A/B: the count per tile, reduced across the warpgroup
-            bad = gl.sum(gl.sum(gl.where(o_mask & ~(gl.abs(out) < float("inf")), 1, 0), axis=1), axis=0)
-            n_q_tiles = (NQ + BLOCK_M - 1) // BLOCK_M
-            gl.store(BAD + bh * n_q_tiles + tile_m, bad.to(gl.int8), mask=tile_m < n_q_tiles)
-        else:
-            row_bad = gl.sum(gl.where(gl.abs(out) < float("inf"), 0, 1), axis=1)
-            gl.store(BAD + bh * NQ + rows, (row_bad > 0).to(gl.int8), mask=rows < NQ)
+        row_bad = gl.sum(gl.where(gl.abs(out) < float("inf"), 0, 1), axis=1)
+        gl.store(BAD + bh * NQ + rows, (row_bad > 0).to(gl.int8), mask=rows < NQ)
         if RETURN_LSE:
             lse = (m_i + gl.convert_layout(gl.log2(l_i), s_rows) - LOG2_FP8_MAX) * 0.6931471805599453
             gl.store(LSE + bh * NQ + offs_m, lse, mask=offs_m < NQ)
@@ -695,15 +684,11 @@ def consume(meta: gl.constexpr, consumer, q_smem, q_bar, q_desc, k_desc, v_desc,
     # Q's tile of the first item; persistent, each item issues the next one's (attend_rows, NEXT_Q): a program's
     # Q then waits ~1 µs at its first item only (bench/NOTES.md, "A program's fixed cost, …")
     item, bh, _, _, _ = work_item(first, n_items, n_tiles, whole, splits, PERSISTENT)
-    AB_OFF: gl.constexpr = PERSISTENT and (meta[14] & 2) != 0  # A/B: Q loaded at each item's start
-    q_scale = load_q(q_desc, q_bar, q_smem, Q_SCALE, bh, CONSUMERS * item + consumer, NQ, q_groups, not AB_OFF,
-                     meta[0], meta[1], meta[2], meta[3])
+    q_scale = load_q(q_desc, q_bar, q_smem, Q_SCALE, bh, CONSUMERS * item + consumer, NQ, q_groups, True, meta[0],
+                     meta[1], meta[2], meta[3])
     for i in range(first, end, step):
         done = (i - first) // step  # work items this warpgroup finished before (persistent: each of all keys)
         item, bh, t0, t1, part = work_item(i, n_items, n_tiles, whole, splits, PERSISTENT)
-        if AB_OFF:
-            q_scale = load_q(q_desc, q_bar, q_smem, Q_SCALE, bh, CONSUMERS * item + consumer, NQ, q_groups, True,
-                             meta[0], meta[1], meta[2], meta[3])
         next_item, next_bh, _, _, _ = work_item(i + step, n_items, n_tiles, whole, splits, PERSISTENT)
         q_scale = attend_rows(
             CONSUMERS * item + consumer, bh, done * n_tiles, done & 1, q_scale, gl.where(i + step < end, next_bh, -1),
@@ -711,7 +696,7 @@ def consume(meta: gl.constexpr, consumer, q_smem, q_bar, q_desc, k_desc, v_desc,
             ones_smem, consumer, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh, stride_on,
             stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, t0, t1, part, PART_O, PART_LSE, meta[0],
             meta[1], meta[2], meta[3], meta[4], meta[5], CONSUMERS, meta[10], meta[6], meta[7], meta[8], meta[12],
-            meta[13], PERSISTENT and not AB_OFF, meta[14])
+            meta[13], PERSISTENT)
 
 
 @gluon.jit
@@ -754,7 +739,7 @@ def sage_fwd_sm90_pingpong_kernel(
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, Q_GROUP: gl.constexpr,
     STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, SHIFT_V: gl.constexpr, RETURN_LSE: gl.constexpr,
     MAGIC: gl.constexpr, CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr, PERSISTENT: gl.constexpr,
-    TURNS: gl.constexpr, LAZY_RESCALE: gl.constexpr, OUT_STORE: gl.constexpr, AB: gl.constexpr = 0,
+    TURNS: gl.constexpr, LAZY_RESCALE: gl.constexpr, OUT_STORE: gl.constexpr,
 ):
     """CONSUMERS consumer warpgroups (query tiles CONSUMERS·item + c of BLOCK_M rows) sharing one K/V ring that a
     producer warp fills; two of them take turns at the tensor cores (FlashAttention-3's ping-pong schedule).
@@ -781,7 +766,7 @@ def sage_fwd_sm90_pingpong_kernel(
     # compile-time values cross into partitions only inside a constexpr tuple (elements of a plain tuple are
     # turned into tensors)
     meta: gl.constexpr = (BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP, STAGES, TWO_LEVEL, SHIFT_V, RETURN_LSE, MAGIC,
-                          PERSISTENT, TURNS, CONSUMERS, LAZY_RESCALE, OUT_STORE, AB)
+                          PERSISTENT, TURNS, CONSUMERS, LAZY_RESCALE, OUT_STORE)
     runtime = (q_desc, k_desc, v_desc, k_smem, v_smem, full_bars, ones_tile(v_desc, BLOCK_N))
     scalars = (Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, PART_O, PART_LSE, stride_ob, stride_oh,
                stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, BH, whole, splits)

@@ -101,7 +101,6 @@ def kernel_constants(config: LaunchConfig, block_d: int, q_group: int, shift_v: 
         constants["PERSISTENT"] = config.persistent
         constants["TURNS"] = not config.no_turns
         constants["LAZY_RESCALE"] = config.lazy_rescale
-        constants["AB"] = config.max_registers or 0  # A/B switches (temporary): the ping-pong kernel has no cap
     return constants
 
 

@@ -304,7 +304,7 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
                                 smooth_v=smooth_v, pv_fp8=pv_fp8)
         buffers["v_shift"] = torch.empty((B * HK, block_d), device=q.device, dtype=torch.float32) \
             if pv_fp8 else None
-        buffers["bad"] = torch.zeros(B * H * NQ, device=q.device, dtype=torch.int8)  # a flag per query row
+        buffers["bad"] = torch.empty(B * H * NQ, device=q.device, dtype=torch.int8)  # a flag per query row
         # whether the Hopper kernel serves, decided once per plan, with the share of the tail split it needs
         buffers["pipelined"] = runs_hopper_kernel(q, k, v, config=config, k_group=k_group, pv_fp8=pv_fp8,
                                                   is_causal=is_causal, has_bias=bias is not None)

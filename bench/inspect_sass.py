@@ -84,8 +84,9 @@ def compile_quantize(stats_pass: bool, d: int, arch: int, pv_fp8: bool = True, m
 
     from quant_constants import PATHS, constants  # bench/, beside this script
 
-    ptypes = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Q8": "*i8", "K8": "*i8", "V8": "*fp8e4nv" if pv_fp8 else "*i8"}
-    floats = ("q_multiplier", "v_code_max")
+    ptypes = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Q8": "*i8", "K8": "*i8", "V8": "*fp8e4nv" if pv_fp8 else "*i8",
+              "V_TICKETS": "*i32"}
+    floats = ("q_multiplier", "v_code_max", "inv_keys")
     path = PATHS["fp8" if pv_fp8 else "fp16"]  # the groups each call path quantizes in
     q_group, k_group = path["q_group"], path["k_group"]
     with constants(overrides):  # slice_rows and v_channels read them too
@@ -97,6 +98,7 @@ def compile_quantize(stats_pass: bool, d: int, arch: int, pv_fp8: bool = True, m
                         STATS_TILE=stats_tile, STATS_CHUNKS=stats_chunks, SMOOTH_K=True,
                         V_STATS=pv_fp8, V_ROWS=v_rows, CHANNELS=channels, SMOOTH_V=pv_fp8, PV_FP8=pv_fp8,
                         FP8_ROUND_IN_FP32=False, PV_KEY_ORDER=pv_fp8, WARPS=warps, DO_STATS=int(stats_pass),
+                        FINISH_SHIFT=pv_fp8 and not stats_pass, SHIFT_PROGRAMS=launch.SHIFT_PROGRAMS,
                         DO_Q=int(stats_pass), DO_K=int(not stats_pass),
                         V_BLOCKS=d // channels if pv_fp8 and not stats_pass else 0)
     const_values.update({name: 1 for name in fn.arg_names if re.fullmatch(r"stride_[a-z]d", name)})
@@ -310,6 +312,8 @@ def main(argv=None):
                     help="cap registers per thread (more programs per SM); with --quant too")
     ap.add_argument("--i2f", action="store_true", help="convert scores with I2F instead of the FP32 bit trick")
     ap.add_argument("--pv-direct", action="store_true", help="FP8 P·V accumulated straight into the output")
+    ap.add_argument("--shift-v", action="store_true",
+                    help="with a gp --config: V's mean added back to the output (every FP8 call accumulating in place)")
     ap.add_argument("--fp16-tiles", action="store_true",
                     help="FP8 P·V of each key tile in an FP16 accumulator (the portable kernel's fp16_tiles)")
     ap.add_argument("--config", help="a LaunchConfig key (overrides --m/--n/--warps/--stages and the flags); "
@@ -351,7 +355,7 @@ def main(argv=None):
         if cfg.pipelined:
             from sage_attention_pack.kernels.hopper_launch import compile_for_sm90
 
-            k = compile_for_sm90(cfg, args.d, pv_fp8=args.pv == "fp8")
+            k = compile_for_sm90(cfg, args.d, pv_fp8=args.pv == "fp8", shift_v=args.shift_v)
         else:
             k = compile_attention(args.pv, args.d, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, args.arch,
                                   cfg.max_registers, MAGIC_CONVERT=cfg.magic_convert, PV_DIRECT=cfg.pv_direct,

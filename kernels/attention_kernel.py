@@ -27,6 +27,13 @@ MAGIC_I2F = tl.constexpr(12582912.0)
 
 
 @triton.jit
+def nonfinite_rows(out, mask):
+    """1 (int8) for each row of an output tile holding NaN or Inf where `mask` is set (|x| < inf is false for
+    both), else 0: the per-row flags the guard's repair reads."""
+    return (tl.sum(tl.where(mask & ~(tl.abs(out) < float("inf")), 1, 0), axis=1) > 0).to(tl.int8)
+
+
+@triton.jit
 def tile_scores(q8, k_base, start_n, offs_d, NK, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 MASKED: tl.constexpr, MAGIC_CONVERT: tl.constexpr):
     """Q8 · K8ᵀ of one key tile as FP32 (plus MAGIC_I2F when MAGIC_CONVERT: the caller subtracts it)."""
@@ -204,9 +211,7 @@ def sage_attention_fwd_kernel(
     o_mask = row_valid[:, None] & d_valid[None, :]
     o_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=o_mask)
-    # one flag per program: did this tile produce NaN or Inf? (|x| < inf is false for both)
-    bad = tl.sum(tl.where(o_mask & ~(tl.abs(out) < float("inf")), 1, 0))
-    tl.store(BAD + bh * tl.num_programs(0) + pid_m, bad)
+    tl.store(BAD + bh * NQ + offs_m, nonfinite_rows(out, o_mask), mask=row_valid)
     if RETURN_LSE:
         # natural-log LSE of the (smoothed) scaled scores; the launcher adds K smoothing's correction
         log2_sum = tl.log2(l_i) - LOG2_FP8_MAX if PV_FP8 else tl.log2(l_i)

@@ -400,23 +400,45 @@ def store_output(out, head_out, row0, rows, offs_d, o_mask, stride_on, stride_od
             gl.store(ptrs, out, mask=o_mask)
 
 
+@constexpr_function
+def scores_layout(BLOCK_N):
+    """The scores' accumulator: one warp per 16 query rows, the wgmma spanning the key tile (k = 32 bytes)."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32])
+
+
 @gluon.jit
-def attend_rows(tile_m, bh, ring0, q_phase, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, full_bars,
-                ones_smem, consumer, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh,
-                stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, t0, t1, part, PART_O,
-                PART_LSE, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr,
+def load_q(q_desc, q_bar, q_smem, Q_SCALE, bh, tile_m, NQ, q_groups, live, BLOCK_M: gl.constexpr,
+           BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, Q_GROUP: gl.constexpr):
+    """Issue the TMA of Q's INT8 tile (rows tile_m·BLOCK_M .. of batch·head bh) into q_smem, arriving on q_bar,
+    and load its rows' scales (in the scores' row layout), if `live`; otherwise neither (scales of 1). Q rows
+    past the head's end read the next head's (or TMA's zero fill): their outputs are never stored."""
+    row0 = tile_m * BLOCK_M
+    if live:
+        mbarrier.expect(q_bar, BLOCK_M * BLOCK_D)  # INT8 bytes
+        tma_load(q_desc, [bh * NQ + row0, 0], q_bar, q_smem)
+    offs_m = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, scores_layout(BLOCK_N)))
+    return gl.load(Q_SCALE + bh * q_groups + offs_m // Q_GROUP, mask=(offs_m < NQ) & live, other=1.0)
+
+
+@gluon.jit
+def attend_rows(tile_m, bh, ring0, q_phase, q_scale, next_bh, next_tile_m, q_desc, k_desc, v_desc, q_smem, q_bar,
+                k_smem, v_smem, full_bars, ones_smem, consumer, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD,
+                stride_ob, stride_oh, stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, t0, t1, part,
+                PART_O, PART_LSE, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr,
                 Q_GROUP: gl.constexpr, STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, CONSUMERS: gl.constexpr,
                 TURNS: gl.constexpr, SHIFT_V: gl.constexpr, RETURN_LSE: gl.constexpr, MAGIC: gl.constexpr,
-                LAZY_RESCALE: gl.constexpr, OUT_STORE: gl.constexpr):
+                LAZY_RESCALE: gl.constexpr, OUT_STORE: gl.constexpr, NEXT_Q: gl.constexpr):
     """One warpgroup's work: query rows tile_m·BLOCK_M .. +BLOCK_M of (batch·head) bh against key tiles
-    t0 .. t1-1, then the output, its non-finite flag and the LSE; or, for a part of a split work item
+    t0 .. t1-1, then the output, its rows' non-finite flags and the LSE; or, for a part of a split work item
     (part ≥ 0, the grid's tail: see work_item), the part's normalised output in FP32 and its base-2 LSE at
     partial `part` (PART_O, PART_LSE), which tail_merge_kernel joins. ring0: key tiles the ring carried before
-    these (their slots and phases go on from there); q_phase: the phase of q_bar for this Q tile."""
+    these (their slots and phases go on from there); q_phase: the phase of q_bar for this Q tile, whose load the
+    caller issued (load_q), q_scale its rows' scales. NEXT_Q (the persistent kernel): once the last scores are
+    in, the load of this warpgroup's next Q tile (next_tile_m of next_bh; none if next_bh < 0) is issued into
+    q_smem, so that it lands while this item finishes; returns that tile's scales."""
     # one warp per 16 query rows; the scores' wgmma spans the key tile, P·V's the head dim (k = 32 bytes)
     PV_K: gl.constexpr = mma_k(v_smem.dtype)
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 32])
+    s_layout: gl.constexpr = scores_layout(BLOCK_N)
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_D, PV_K])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=PV_K // 8)
@@ -439,11 +461,7 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_desc, k_desc, v_desc, q_smem, q_ba
     nk_left = NK - t0 * BLOCK_N
     row0 = tile_m * BLOCK_M
 
-    # Q rows past this head's end read the next head's (or TMA's zero fill): their outputs are never stored
-    mbarrier.expect(q_bar, BLOCK_M * BLOCK_D)  # INT8 bytes
-    tma_load(q_desc, [bh * NQ + row0, 0], q_bar, q_smem)
     offs_m = row0 + gl.arange(0, BLOCK_M, layout=s_rows)
-    q_scale = gl.load(Q_SCALE + bh * q_groups + offs_m // Q_GROUP, mask=offs_m < NQ, other=1.0)
     ks_base = K_SCALE + bh_kv * k_groups + t0
     seed = gl.full([BLOCK_M, BLOCK_N], MAGIC_I2F_BITS if MAGIC else 0, gl.int32, s_layout)
     # two-level: each tile's P·V in an FP16 accumulator (half the registers of FP32), folded into FP32
@@ -484,6 +502,11 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_desc, k_desc, v_desc, q_smem, q_ba
             k_desc, v_desc, seed, tile_zero, q_scale, ks_base, bh_kv, v_row0, v_col0, nk_left, NQ, n_tiles, BLOCK_M,
             BLOCK_N, BLOCK_D, STAGES, TWO_LEVEL, CONSUMERS, TURNS, True, MAGIC, SUMS_ON_MMA, s_layout, o_rows, l_rows,
             p_layout, LAZY_RESCALE)
+    if NEXT_Q:  # every product that reads Q's tile is done: the next one may land in its place
+        next_scale = load_q(q_desc, q_bar, q_smem, Q_SCALE, next_bh, next_tile_m, NQ, q_groups, next_bh >= 0,
+                            BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP)
+    else:
+        next_scale = q_scale
     # P·V of the last tile
     p8 = to_pv_operand(p, BLOCK_M, BLOCK_N, p_layout, v_smem.dtype)
     last_slot = (ring0 + n_tiles - 1) % STAGES
@@ -494,6 +517,14 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_desc, k_desc, v_desc, q_smem, q_ba
         o_tok = warpgroup_mma(p8, v_last, acc, is_async=True)  # rescaled in the last step (zero if none)
     if SUMS_ON_MMA:
         l_tok = row_sums(p8, ones_smem, l_acc)
+    # the output's per-channel vectors, loaded while the last products run (after their wait, their latency
+    # was the epilogue's)
+    offs_d = gl.arange(0, BLOCK_D, layout=o_cols)
+    if not is_16bit(v_smem.dtype):
+        v_scale = gl.load(V_SCALE + bh_kv * BLOCK_D + offs_d)
+    if SHIFT_V:
+        v_shift = gl.load(V_SHIFT + bh_kv * BLOCK_D + offs_d)
+    if SUMS_ON_MMA:
         o_tile, l_tile = warpgroup_mma_wait(0, deps=[o_tok, l_tok])
         l_i = gl.max(fold_row_sums(l_acc, l_tile, alpha, l_rows), axis=1)  # every column holds the sum
     else:
@@ -507,16 +538,14 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_desc, k_desc, v_desc, q_smem, q_ba
         # the producer may refill it (next item)
         named_arrive(SLOT_BARRIER + last_slot, slot_threads(CONSUMERS), True, 4)
 
-    offs_d = gl.arange(0, BLOCK_D, layout=o_cols)
     out = acc * gl.expand_dims(gl.convert_layout(1.0 / l_i, o_rows), 1)
     if not is_16bit(v_smem.dtype):  # FP8 codes: back to V's units
-        out = out * gl.expand_dims(gl.load(V_SCALE + bh_kv * BLOCK_D + offs_d), 0)
+        out = out * gl.expand_dims(v_scale, 0)
     if SHIFT_V:
-        out = out + gl.expand_dims(gl.load(V_SHIFT + bh_kv * BLOCK_D + offs_d), 0)
+        out = out + gl.expand_dims(v_shift, 0)
     if part >= 0:
         # a part of a split work item: its output over its keys, normalised, and its LSE in the scores' base-2
-        # units (see online_softmax), for tail_merge_kernel to join (which adds its count to the flag cleared here)
-        gl.store(BAD + bh * n_q_tiles + tile_m, tile_m * 0, mask=tile_m < n_q_tiles)
+        # units (see online_softmax), for tail_merge_kernel to join (which writes the rows' non-finite flags)
         part_row0 = (CONSUMERS * part + consumer) * BLOCK_M  # this warpgroup's rows among the partials
         part_rows = part_row0 + gl.arange(0, BLOCK_M, layout=o_rows)
         gl.store(PART_O + gl.expand_dims(part_rows, 1) * BLOCK_D + gl.expand_dims(offs_d, 0), out)
@@ -527,11 +556,14 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_desc, k_desc, v_desc, q_smem, q_ba
         o_mask = gl.expand_dims(rows < NQ, 1) & gl.expand_dims(offs_d < BLOCK_D, 0)
         store_output(out.to(OUT.dtype.element_ty), OUT + b * stride_ob + h * stride_oh, row0, rows, offs_d, o_mask,
                      stride_on, stride_od, NQ, BLOCK_M, BLOCK_D, OUT_STORE)
-        bad = gl.sum(gl.sum(gl.where(o_mask & ~(gl.abs(out) < float("inf")), 1, 0), axis=1), axis=0)
-        gl.store(BAD + bh * n_q_tiles + tile_m, bad, mask=tile_m < n_q_tiles)
+        # a flag per row: its sum stays within the four threads that hold the row (one per tile cost ~0.7 µs of
+        # a Flux program, a reduction across the warpgroup's warps through shared memory)
+        row_bad = gl.sum(gl.where(gl.abs(out) < float("inf"), 0, 1), axis=1)
+        gl.store(BAD + bh * NQ + rows, (row_bad > 0).to(gl.int8), mask=rows < NQ)
         if RETURN_LSE:
             lse = (m_i + gl.convert_layout(gl.log2(l_i), s_rows) - LOG2_FP8_MAX) * 0.6931471805599453
             gl.store(LSE + bh * NQ + offs_m, lse, mask=offs_m < NQ)
+    return next_scale
 
 
 @gluon.jit
@@ -596,11 +628,13 @@ def sage_fwd_sm90_kernel(
         ones_smem = ones_tile(v_desc, BLOCK_N)
     else:
         ones_smem = q_smem  # a placeholder, never read: P's rows are summed in the softmax
-    attend_rows(gl.program_id(0), gl.program_id(1), 0, 0, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem,
-                full_bars, ones_smem, 0, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh,
-                stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, gl.num_programs(0), 0, n_tiles, -1,
-                OUT, LSE, BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP, STAGES, TWO_LEVEL, 0, False, SHIFT_V,
-                RETURN_LSE, MAGIC, False, OUT_STORE)
+    q_scale = load_q(q_desc, q_bar, q_smem, Q_SCALE, gl.program_id(1), gl.program_id(0), NQ, q_groups, True,
+                     BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP)
+    attend_rows(gl.program_id(0), gl.program_id(1), 0, 0, q_scale, -1, 0, q_desc, k_desc, v_desc, q_smem, q_bar,
+                k_smem, v_smem, full_bars, ones_smem, 0, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD,
+                stride_ob, stride_oh, stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, 0, n_tiles, -1,
+                OUT, LSE, BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP, STAGES, TWO_LEVEL,
+                0, False, SHIFT_V, RETURN_LSE, MAGIC, False, OUT_STORE, False)
 
 
 @gluon.jit
@@ -643,17 +677,26 @@ def consume(meta: gl.constexpr, consumer, q_smem, q_bar, q_desc, k_desc, v_desc,
     """A consumer warpgroup of the ping-pong kernel (meta: the kernel's constants, in its argument order):
     query tile CONSUMERS·item + consumer of each of its program's work items."""
     CONSUMERS: gl.constexpr = meta[11]
+    PERSISTENT: gl.constexpr = meta[9]
     n_tiles = (NK + meta[1] - 1) // meta[1]
     n_items = (n_q_tiles + CONSUMERS - 1) // CONSUMERS
-    first, end, step = work_items(n_items * BH, meta[9])
+    first, end, step = work_items(n_items * BH, PERSISTENT)
+    # Q's tile of the first item; persistent, each item issues the next one's (attend_rows, NEXT_Q): a program's
+    # Q then waits ~1 µs at its first item only (bench/NOTES.md, "A program's fixed cost, …")
+    item, bh, _, _, _ = work_item(first, n_items, n_tiles, whole, splits, PERSISTENT)
+    q_scale = load_q(q_desc, q_bar, q_smem, Q_SCALE, bh, CONSUMERS * item + consumer, NQ, q_groups, True, meta[0],
+                     meta[1], meta[2], meta[3])
     for i in range(first, end, step):
         done = (i - first) // step  # work items this warpgroup finished before (persistent: each of all keys)
-        item, bh, t0, t1, part = work_item(i, n_items, n_tiles, whole, splits, meta[9])
-        attend_rows(CONSUMERS * item + consumer, bh, done * n_tiles, done & 1, q_desc, k_desc, v_desc, q_smem, q_bar,
-                    k_smem, v_smem, full_bars, ones_smem, consumer, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE,
-                    BAD, stride_ob, stride_oh, stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups,
-                    n_q_tiles, t0, t1, part, PART_O, PART_LSE, meta[0], meta[1], meta[2], meta[3],
-                    meta[4], meta[5], CONSUMERS, meta[10], meta[6], meta[7], meta[8], meta[12], meta[13])
+        item, bh, t0, t1, part = work_item(i, n_items, n_tiles, whole, splits, PERSISTENT)
+        next_item, next_bh, _, _, _ = work_item(i + step, n_items, n_tiles, whole, splits, PERSISTENT)
+        q_scale = attend_rows(
+            CONSUMERS * item + consumer, bh, done * n_tiles, done & 1, q_scale, gl.where(i + step < end, next_bh, -1),
+            CONSUMERS * next_item + consumer, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, full_bars,
+            ones_smem, consumer, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh, stride_on,
+            stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, t0, t1, part, PART_O, PART_LSE, meta[0],
+            meta[1], meta[2], meta[3], meta[4], meta[5], CONSUMERS, meta[10], meta[6], meta[7], meta[8], meta[12],
+            meta[13], PERSISTENT)
 
 
 @gluon.jit
@@ -706,7 +749,8 @@ def sage_fwd_sm90_pingpong_kernel(
     warpgroups at head dim 64, …").
     PERSISTENT: a grid of at most one program per multiprocessor, each looping over work items (groups of
     CONSUMERS query tiles of one batch·head; see work_items): the producer loads the next item's first key tiles
-    while the consumers finish the last ones and store their outputs. Otherwise one program per item, or per part
+    while the consumers finish the last ones and store their outputs, and each consumer's next Q tile is on its
+    way as soon as its last scores are in (attend_rows, NEXT_Q). Otherwise one program per item, or per part
     of an item for the last (BH·items - whole) items, split in `splits` key ranges (work_item); 1-D grid.
     TURNS: the two warpgroups take turns at the tensor cores; False lets each issue whenever its softmax is done
     (on the H200 faster at 4.6k to 16k and at 118k tokens, slower at Wan2.1's 32k: bench/NOTES.md, "Ping-pong

@@ -175,7 +175,7 @@ def launch(qz: dict, out: torch.Tensor, lse: torch.Tensor, bad: torch.Tensor, *,
     if splits > 1:
         merge_programs = config.consumers * (items * bh - whole) * config.block_m // MERGE_ROWS
         run("tail merge", sage_fwd_tail_merge_kernel, (merge_programs,),
-            (part_o, part_lse, out, lse, bad, *out.stride(), heads, nq, q_tiles, items, whole),
+            (part_o, part_lse, out, lse, bad, *out.stride(), heads, nq, items, whole),
             dict(SPLITS=splits, TILES=config.consumers, BLOCK_M=config.block_m, ROWS=MERGE_ROWS, BLOCK_D=block_d,
                  RETURN_LSE=return_lse, num_warps=4))
 
@@ -269,10 +269,10 @@ def compile_options(config: LaunchConfig) -> dict:
 POINTER_ARGS = ("Q_SCALE", "K_SCALE", "V_SCALE", "V_SHIFT", "OUT", "LSE", "BAD", "PART_O", "PART_LSE")
 
 
-def compile_for_sm90(config: LaunchConfig, head_dim: int, pv_fp8: bool = True):
+def compile_for_sm90(config: LaunchConfig, head_dim: int, pv_fp8: bool = True, shift_v: bool = False):
     """Compile the kernel a pipelined configuration launches, for sm90, on any machine (no GPU needed): what
-    `bench/inspect_sass.py` disassembles and the code-generation tests check (bf16 output, no LSE, no V mean;
-    pv_fp8 False: FP16 P·V on a BF16 V)."""
+    `bench/inspect_sass.py` disassembles and the code-generation tests check (bf16 output, no LSE; pv_fp8 False:
+    FP16 P·V on a BF16 V; shift_v: V's mean added back, as every call accumulating FP8 P·V in place has it)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -281,7 +281,7 @@ def compile_for_sm90(config: LaunchConfig, head_dim: int, pv_fp8: bool = True):
     m, n, d = config.block_m, config.block_n, head_dim
     descs = {"q_desc": ("i8", [m, d], gl.int8), "k_desc": ("i8", [n, d], gl.int8),
              "v_desc": ("fp8e4nv", [d, n], gl.float8e4nv) if pv_fp8 else ("bf16", [1, 1, n, d], gl.bfloat16)}
-    consts = {**kernel_constants(config, d, 16, shift_v=False, return_lse=False, pv_fp8=pv_fp8), "stride_od": 1}
+    consts = {**kernel_constants(config, d, 16, shift_v=shift_v, return_lse=False, pv_fp8=pv_fp8), "stride_od": 1}
     sig, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in descs:
@@ -291,7 +291,7 @@ def compile_for_sm90(config: LaunchConfig, head_dim: int, pv_fp8: bool = True):
         elif name in consts:
             sig[name], constexprs[(i,)] = "constexpr", consts[name]
         elif name in POINTER_ARGS:
-            sig[name] = {"OUT": "*bf16", "BAD": "*i32"}.get(name, "*fp32")
+            sig[name] = {"OUT": "*bf16", "BAD": "*i8"}.get(name, "*fp32")
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:  # integers; strides are multiples of 16 at run time, as the launcher's tensors give
             sig[name] = "i32"

@@ -129,6 +129,10 @@ def quant_buffers(q, k, *, q_group: int, k_group: int, block_d: int, smooth_k: b
         # per program of V's quantization, the per-channel sum of its dequantized FP8 codes (see output_shift)
         "v_code_sums": torch.empty((B * HK, cdiv(v_padded, V_ROWS), block_d), device=dev, dtype=f32)
         if pv_fp8 else None,
+        # a ticket per head and V channel block: the V program that finds it last writes the output shift (and
+        # sets it back to 0), when quantize_qkv is given where to write it
+        "v_tickets": torch.zeros(B * HK * (block_d // v_channels(block_d)), device=dev, dtype=torch.int32)
+        if pv_fp8 else None,
         "v_padded": v_padded,
     }
 
@@ -146,7 +150,8 @@ def launch_now(site: str, fn, grid: tuple, args: tuple, kwargs: dict) -> None:
 
 def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multiplier: float, smooth_k: bool,
                  smooth_v: bool, pv_fp8: bool, pv_key_order: bool = False,
-                 v_code_max: float = FP8_E4M3_MAX, buffers: dict | None = None, run=launch_now) -> dict:
+                 v_code_max: float = FP8_E4M3_MAX, buffers: dict | None = None, run=launch_now,
+                 v_shift: torch.Tensor | None = None) -> dict:
     """All quantization of one call in at most two launches of quantize_kernel: K's and V's statistics (K's over
     a sample of the keys from 1024 on, stats_every) with Q's INT8 codes, then K's INT8 codes and V's (which need
     the statistics); with nothing to smooth, Q's and K's codes in one.
@@ -159,6 +164,8 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
     pv_fp8 v8 [B*HK, block_d, v_padded] FP8 e4m3 codes up to ±v_code_max, v_scale [B*HK, block_d] and
     v_code_sums [B*HK, programs, block_d] (sums of V's dequantized codes, see output_shift); pv_key_order
     stores v8's keys in the order the Hopper kernel's P operand takes them. run: a call plan's launcher.
+    v_shift: with pv_fp8, a [B*HK, block_d] FP32 buffer that the last V program of each head and channel block
+    fills with the output shift (output_shift's vector, with no launch of its own).
     """
     B, H, NQ, D = q.shape
     HK, NK = k.shape[1], k.shape[2]
@@ -172,17 +179,20 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
     rows = max(QUANT_ROWS, q_group, k_group)
     n_v_programs = cdiv(out["v_padded"], V_ROWS) if pv_fp8 else 1
     dummy = out["q_scale"]  # stands in for buffers a launch does not write
+    finish_shift = pv_fp8 and v_shift is not None
     args = (q, k, v, out["parts"], out["q8"], out["q_scale"], out["k8"], out["k_scale"],
             out["k_mean"] if smooth_k else dummy, out["v8"] if pv_fp8 else dummy,
             out["v_scale"] if pv_fp8 else dummy, out["v_mean"] if need_v_stats else dummy,
-            out["v_code_sums"] if pv_fp8 else dummy, *q.stride(), *k.stride(), *v.stride(),
+            out["v_code_sums"] if pv_fp8 else dummy, v_shift if finish_shift else dummy,
+            out["v_tickets"] if finish_shift else dummy, *q.stride(), *k.stride(), *v.stride(),
             B * H, B * HK, H, HK, NQ, NK, D, n_chunks, chunk_rows, k_every, sampled_key_count(NK, k_every),
             out["q_scale"].shape[-1], out["k_scale"].shape[-1], float(q_multiplier), out["v_padded"],
-            float(v_code_max), n_v_programs)
+            float(v_code_max), n_v_programs, 1.0 / max(NK, 1))
     constants = dict(ROWS=rows, Q_SUB=slice_rows(q_group, rows), K_SUB=slice_rows(k_group, rows), Q_GROUP=q_group,
                      K_GROUP=k_group, BLOCK_D=block_d, STATS_TILE=STATS_TILE, STATS_CHUNKS=MAX_STATS_CHUNKS,
                      SMOOTH_K=smooth_k, V_STATS=need_v_stats, V_ROWS=V_ROWS, CHANNELS=v_channels(block_d),
                      SMOOTH_V=smooth_v, PV_FP8=pv_fp8, FP8_ROUND_IN_FP32=interpreting(), PV_KEY_ORDER=pv_key_order,
+                     FINISH_SHIFT=finish_shift, SHIFT_PROGRAMS=SHIFT_PROGRAMS,
                      WARPS=QUANT_WARPS, num_warps=QUANT_WARPS)  # WARPS: quantize_v_tile's layout steer
     # the statistics' chunks first: they are the longest programs, and blocks are dispatched in grid order
     passes = [dict(DO_STATS=1, DO_Q=1, DO_K=0, V_BLOCKS=0),
@@ -260,7 +270,8 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
                  pv_fp8: bool, smooth_k: bool, smooth_v: bool, return_lse: bool, config: tuning.LaunchConfig,
                  repair_counter=None):
     """Run quantization and attention; writes `out` ([B, H, Nq, D] view) and returns (lse, bad): bad holds a
-    flag per program (non-zero where its tile came out non-finite), valid until the next call of this shape.
+    flag per query row ([B·H·Nq] int8, 1 where the row's output came out non-finite), valid until the next call
+    of this shape.
 
     q_group: query rows per INT8 scale (capped at the Q tile); k_group: keys per scale, 0 for one per tile.
     repair_counter: a 1-element int32 device tensor: tiles with a non-finite output are then recomputed
@@ -293,7 +304,7 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
                                 smooth_v=smooth_v, pv_fp8=pv_fp8)
         buffers["v_shift"] = torch.empty((B * HK, block_d), device=q.device, dtype=torch.float32) \
             if pv_fp8 else None
-        buffers["bad"] = torch.empty(grid[1] * grid[0], device=q.device, dtype=torch.int32)  # a flag per program
+        buffers["bad"] = torch.empty(B * H * NQ, device=q.device, dtype=torch.int8)  # a flag per query row
         # whether the Hopper kernel serves, decided once per plan, with the share of the tail split it needs
         buffers["pipelined"] = runs_hopper_kernel(q, k, v, config=config, k_group=k_group, pv_fp8=pv_fp8,
                                                   is_causal=is_causal, has_bias=bias is not None)
@@ -307,9 +318,10 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
     qz = quantize_qkv(q, k, v, q_group=q_group, k_group=k_group, block_d=block_d, q_multiplier=sm_scale * LOG2E,
                       smooth_k=smooth_k, smooth_v=smooth_v, pv_fp8=pv_fp8, pv_key_order=pipelined,
                       v_code_max=fp16_tile_v_code_max(block_n) if fp16_tiles else FP8_E4M3_MAX,
-                      buffers=plan.buffers, run=plan.run)
+                      buffers=plan.buffers, run=plan.run, v_shift=plan.buffers["v_shift"])
     k_scale, k_mean = qz["k_scale"], qz["k_mean"]
-    v_shift = output_shift(qz, NK, into=qz["v_shift"], run=plan.run)
+    # FP8 P·V: the shift was written by the quantization's last launch; otherwise V's mean or None
+    v_shift = qz["v_shift"] if pv_fp8 else output_shift(qz, NK)
     v8, v_scale = (qz["v8"], qz["v_scale"]) if pv_fp8 else (k_scale, k_scale)
 
     lse = torch.empty((B, H, NQ), device=q.device, dtype=torch.float32) if return_lse else k_scale

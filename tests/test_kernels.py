@@ -444,7 +444,9 @@ def test_flagged_tiles_are_recomputed_exactly_on_device(kernel, head_dim):
     counter = torch.zeros(1, dtype=torch.int32, device=DEVICE)
     out, lse, bad = run_kernel(q, k, v, cfg, return_lse=True, repair_counter=counter)
     ref = exact(q, k, v)
-    assert int(counter.item()) == int((bad > 0).sum()) == 1
+    flagged = bad.view(2, 150).nonzero().tolist()  # (head, row) of every row flagged non-finite
+    assert [0, 0] not in flagged and [1, 5] in flagged and all(h == 1 and r < 64 for h, r in flagged), flagged
+    assert int(counter.item()) == 1  # one tile recomputed
     assert torch.equal(torch.isnan(out).any(-1), torch.isnan(ref).any(-1))  # only row 5 of head 1, like SDPA
     finite = ~torch.isnan(ref).any(-1)
     # the repaired tile (head 1, rows 0..63) is exact attention in FP32, the rest the 8-bit kernel
@@ -523,7 +525,7 @@ def test_fp16_tile_accumulator_holds_the_largest_tile_sum(monkeypatch, block_n, 
 @pytest.mark.parametrize("key", ["m64n128w4s3mcpdgp", "m64n64w4s3gp", "m64n128w4s4mcpdgppp", "m64n64w4s4mcgppp",
                                  "m64n128w4s3mcgp", "m64n128w4s4mcgppp", "m64n128w4s3r168pdgp",
                                  "m64n128w4s4mcpdgpppps", "m64n128w4s4mcgpppps", "m64n128w4s4mcpdgpppnt",
-                                 "m64n128w4s4mcpdgppplr", "m64n128w4s4mcpdgpppntlr"])
+                                 "m64n128w4s4mcpdgppppsnt", "m64n128w4s4mcpdgppplr", "m64n128w4s4mcpdgpppntlr"])
 @pytest.mark.parametrize("b,hq,hk,nq,nk,d,dtype,smooth_v,lse", [
     (1, 2, 2, 200, 200, 64, torch.bfloat16, False, False),
     (2, 4, 4, 1000, 333, 128, torch.float16, False, True),   # ragged, the last key tile partial
@@ -691,6 +693,45 @@ def test_every_output_store_writes_the_same_bits_and_only_its_rows(monkeypatch, 
     assert err["cosine"] >= EXACT_BOUNDS[kernel][0] and err["rel_l1"] <= EXACT_BOUNDS[kernel][1], err
 
 
+@pytest.mark.skipif(not HOPPER, reason=NO_HOPPER)
+@pytest.mark.parametrize("key,d,kernel,shape", [
+    ("m64n128w4s4mcpdgpppnt", 128, "int8_fp8", (2, 4, 2, 1000, 333)),
+    ("m64n128w4s4mcpdgpppps", 128, "int8_fp8", (2, 4, 2, 1000, 333)),
+    ("m64n128w4s4mcpdgppppsnt", 128, "int8_fp8", (2, 24, 8, 960, 1100)),  # programs of two or three items
+    ("m64n128w4s4pdgpppntc3", 64, "int8_fp8", (2, 4, 2, 1000, 333)),
+    ("m64n128w4s3r168pdgp", 64, "int8_fp8", (2, 4, 2, 1000, 333)),
+    ("m64n128w4s4mcpdgppplr", 128, "int8_fp16", (2, 4, 2, 1000, 333)),
+    ("m64n128w4s2r168pdgp", 64, "int8_fp16", (2, 4, 2, 1000, 333)),
+    ("m64n128w4s4mcpdgpppnt", 64, "int8_fp8", (1, 2, 1, 300, 4000)),  # one wave, every item split in parts
+])
+def test_hopper_kernels_flag_exactly_the_rows_that_came_out_non_finite(key, d, kernel, shape):
+    """A NaN in one query row makes its INT8 scale group's outputs NaN: the Hopper kernels (and the join of a
+    split tail) flag exactly the rows whose output is non-finite, and the guard recomputes their one tile, after
+    which only the row exact attention makes NaN is NaN."""
+    b, hq, hk, nq, nk = shape
+    q, k, v = inputs(b, hq, hk, nq, nk, d, torch.bfloat16, seed=11)
+    q[b - 1, 1, 250, 3] = float("nan")  # rows 192..255: one tile of 64
+    cfg = SageConfig(kernel=kernel)
+    lc = tuning.LaunchConfig.from_key(key)
+    assert launch.runs_hopper_kernel(q, k, v, config=lc, k_group=lc.block_n, pv_fp8=kernel == "int8_fp8",
+                                     is_causal=False, has_bias=False)
+    if shape[3] == 300:
+        items = hopper_launch.work_items_per_head(lc, nq) * b * hq
+        assert hopper_launch.tail_split(lc, items, nk, q.device)[1] > 1, "the shape must split on this GPU"
+    PLANS.clear()
+    out, _, bad = run_kernel(q, k, v, cfg, launch_cfg=lc)
+    flags = bad.view(b, hq, nq)
+    assert set(flags.unique().tolist()) <= {0, 1}
+    assert torch.equal(flags.bool(), ~torch.isfinite(out).all(-1))
+    assert flags[b - 1, 1, 250] and int(flags.sum()) <= 64
+    counter = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    out, _, _ = run_kernel(q, k, v, cfg, launch_cfg=lc, repair_counter=counter)
+    PLANS.clear()
+    assert int(counter.item()) == 1
+    nan_rows = torch.isnan(out).any(-1)
+    assert nan_rows.sum() == 1 and nan_rows[b - 1, 1, 250]
+
+
 def test_direct_launch_keys_what_triton_specialises_on():
     from sage_attention_pack.kernels.direct_launch import NotKeyable, argument_key, arguments_key
 
@@ -724,7 +765,8 @@ def test_direct_launches_repeat_the_first_call_bit_for_bit(key):
     hits, reused = LAUNCHES.hits, PLANS.reused
     again = run_kernel(q, k, v, cfg, launch_cfg=launch_cfg, repair_counter=torch.zeros(1, dtype=torch.int32,
                                                                                        device=DEVICE))[0]
-    assert LAUNCHES.hits - hits == 5  # quantization (two launches), output shift, attention, repair: all direct
+    assert LAUNCHES.hits - hits == 4  # quantization (two launches, the second writing the output shift),
+    # attention, repair: all direct
     assert PLANS.reused - reused == 1  # through the first call's plan (its buffers and launch slots)
     assert torch.equal(first, again)
     # another length and a query view off the 16-byte grid: new keys, compiled through Triton, still right
@@ -851,6 +893,26 @@ def test_call_plans_give_each_stream_and_a_graph_capture_their_own_buffers():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, run_kernel(q2, k2, v2, cfg, launch_cfg=launch_cfg)[0])
+
+
+@pytest.mark.parametrize("nk,d", [(333, 128), (4700, 128), (1000, 64)])
+def test_quantization_writes_the_output_shift_when_its_last_v_program_is_in(nk, d):
+    """Given where to write it, the quantization's second launch writes the output shift itself: the last V
+    program of each head and channel block to count in on its ticket adds up every program's code sums (37 V
+    programs a head at 4700 keys, no multiple of the sum's step; channel blocks of 64 and of 32 at head dim 64;
+    grouped-query heads). The same vector as output_shift's own launch on those sums, the tickets back at 0 after
+    the call, and the same bits again on the next call."""
+    q, k, v = inputs(1, 4, 2, 64, nk, d, torch.bfloat16, seed=nk)
+    args = dict(q_group=16, k_group=128, block_d=d, smooth_k=True, smooth_v=True, pv_fp8=True)
+    buffers = launch.quant_buffers(q, k, **args)
+    shifts = []
+    for _ in range(2):  # the second call on the same buffers, as a call plan's
+        shift = torch.full((2, d), float("nan"), device=DEVICE)
+        qz = launch.quantize_qkv(q, k, v, q_multiplier=1.0, buffers=buffers, v_shift=shift, **args)
+        assert (buffers["v_tickets"] == 0).all()
+        shifts.append(shift)
+    torch.testing.assert_close(shifts[0], launch.output_shift(qz, nk), rtol=0, atol=1e-6)
+    assert torch.equal(shifts[0], shifts[1])
 
 
 def test_output_shift_launch_sums_the_code_sums_in_a_fixed_order():

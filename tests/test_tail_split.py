@@ -96,14 +96,14 @@ def split_parts(scores: torch.Tensor, v: torch.Tensor, splits: int):
     return outs, lses
 
 
-def merge(part_o, part_lse, out, lse, bad, *, heads, nq, q_tiles, n_items, whole, splits, d, return_lse, tiles=2):
+def merge(part_o, part_lse, out, lse, bad, *, heads, nq, n_items, whole, splits, d, return_lse, tiles=2):
     """The launcher's join launch (hopper_launch.launch), on these buffers; tiles: query tiles per work item."""
     from sage_attention_pack.kernels.hopper_launch import MERGE_ROWS
     from sage_attention_pack.kernels.tail_merge_kernel import sage_fwd_tail_merge_kernel
 
     split_items = heads * n_items * (out.shape[0]) - whole
     sage_fwd_tail_merge_kernel[(tiles * split_items * 64 // MERGE_ROWS,)](
-        part_o, part_lse, out, lse, bad, *out.stride(), heads, nq, q_tiles, n_items, whole,
+        part_o, part_lse, out, lse, bad, *out.stride(), heads, nq, n_items, whole,
         SPLITS=splits, TILES=tiles, BLOCK_M=64, ROWS=MERGE_ROWS, BLOCK_D=d, RETURN_LSE=return_lse, num_warps=4)
 
 
@@ -128,14 +128,8 @@ def test_tail_merge_joins_the_parts_into_the_whole_softmax(d, splits, nq, return
     part_lse = torch.stack(lses, 1).reshape(-1).float().to(DEVICE)
     out = torch.full((b, nq, h, d), 7.0, dtype=torch.bfloat16, device=DEVICE).transpose(1, 2)
     lse = torch.full((b, h, nq), 7.0, device=DEVICE)
-    flags = torch.full((b * h * q_tiles,), -1, dtype=torch.int32)
-    for t in range(items - whole):  # the parts' programs clear their tiles' flags
-        item, bh = (whole + t) % n_items, (whole + t) // n_items
-        for tile in range(tiles * item, tiles * (item + 1)):
-            if tile < q_tiles:
-                flags[bh * q_tiles + tile] = 0
-    bad = flags.to(DEVICE)
-    merge(part_o, part_lse, out, lse, bad, heads=h, nq=nq, q_tiles=q_tiles, n_items=n_items, whole=whole,
+    bad = torch.full((b * h * nq,), -1, dtype=torch.int8, device=DEVICE)  # a flag per query row
+    merge(part_o, part_lse, out, lse, bad, heads=h, nq=nq, n_items=n_items, whole=whole,
           splits=splits, d=d, return_lse=return_lse, tiles=tiles)
 
     full = torch.softmax(scores * math.log(2), -1) @ v  # base-2 scores
@@ -151,16 +145,18 @@ def test_tail_merge_joins_the_parts_into_the_whole_softmax(d, splits, nq, return
             torch.testing.assert_close(lse[bh // h, bh % h, rows[keep]].cpu(), full_lse[t][keep].float(),
                                        atol=1e-4, rtol=1e-5)
         written[bh // h, bh % h, rows[keep]] = True
-    # rows of items that were not split keep what was there; so do their LSE; no flag moved
+    # rows of items that were not split keep what was there; so do their LSE and their flags; the joined rows
+    # are flagged finite
     assert (out.float().cpu()[~written] == 7.0).all()
     if return_lse:
         assert (lse.cpu()[~written] == 7.0).all()
-    assert torch.equal(bad.cpu(), flags)
+    flags = bad.cpu().view(b, h, nq)
+    assert (flags[~written] == -1).all() and (flags[written] == 0).all()
 
 
 @pytest.mark.skipif(not KERNELS_RUN, reason=NO_KERNELS)
 def test_tail_merge_flags_a_part_that_came_out_non_finite():
-    """A NaN in one part of one item flags that item's query tile (and no other): the guard then recomputes it."""
+    """A NaN in one part of one item flags that query row (and no other): the guard then recomputes its tile."""
     g = torch.Generator().manual_seed(3)
     d, splits, block_m, nk, nq = 64, 2, 64, 256, 256
     scores = torch.randn(1, 2 * block_m, nk, generator=g, dtype=torch.float64)
@@ -170,10 +166,11 @@ def test_tail_merge_flags_a_part_that_came_out_non_finite():
     part_o[splits * 2 * block_m - 1, 5] = float("nan")  # the last part's second query tile, its last row
     part_lse = torch.stack(lses, 1).reshape(-1).float()
     out = torch.zeros(1, 1, nq, d, dtype=torch.float16, device=DEVICE)
-    bad = torch.zeros(4, dtype=torch.int32, device=DEVICE)
-    merge(part_o.to(DEVICE), part_lse.to(DEVICE), out, out, bad, heads=1, nq=nq, q_tiles=4, n_items=2, whole=1,
+    bad = torch.full((nq,), -1, dtype=torch.int8, device=DEVICE)
+    merge(part_o.to(DEVICE), part_lse.to(DEVICE), out, out, bad, heads=1, nq=nq, n_items=2, whole=1,
           splits=splits, d=d, return_lse=False)
-    assert bad.tolist() == [0, 0, 0, 1]  # one element of tile 3 (item 1's second query tile)
+    # item 1 (rows 128..255) joined: one element of its last row non-finite; item 0's rows untouched
+    assert bad.tolist() == [-1] * 128 + [0] * 127 + [1]
     assert torch.isnan(out[0, 0, 255, 5]) and torch.isfinite(out[0, 0, :255]).all()
 
 

@@ -320,8 +320,9 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
                       v_code_max=fp16_tile_v_code_max(block_n) if fp16_tiles else FP8_E4M3_MAX,
                       buffers=plan.buffers, run=plan.run, v_shift=plan.buffers["v_shift"])
     k_scale, k_mean = qz["k_scale"], qz["k_mean"]
-    # FP8 P·V: the shift was written by the quantization's last launch; otherwise V's mean or None
-    v_shift = qz["v_shift"] if pv_fp8 else output_shift(qz, NK)
+    # FP8 P·V: the shift was written by the quantization's last launch; FP16 P·V: V's mean where V was smoothed
+    # (quantize_qkv gives v_mean only then), else None
+    v_shift = qz["v_shift"] if pv_fp8 else qz["v_mean"]
     v8, v_scale = (qz["v8"], qz["v_scale"]) if pv_fp8 else (k_scale, k_scale)
 
     lse = torch.empty((B, H, NQ), device=q.device, dtype=torch.float32) if return_lse else k_scale

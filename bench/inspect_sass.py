@@ -100,9 +100,7 @@ def compile_quantize(stats_pass: bool, d: int, arch: int, pv_fp8: bool = True, m
                         FP8_ROUND_IN_FP32=False, PV_KEY_ORDER=pv_fp8, WARPS=warps, DO_STATS=int(stats_pass),
                         FINISH_SHIFT=pv_fp8 and not stats_pass, SHIFT_PROGRAMS=launch.SHIFT_PROGRAMS,
                         DO_Q=int(stats_pass), DO_K=int(not stats_pass),
-                        V_BLOCKS=d // channels if pv_fp8 and not stats_pass else 0,
-                        # chained as launched on sm90 and later (kernels/grid_dependency.py)
-                        GRID_TRIGGER=arch >= 90, GRID_WAIT=arch >= 90 and not stats_pass)
+                        V_BLOCKS=d // channels if pv_fp8 and not stats_pass else 0)
     const_values.update({name: 1 for name in fn.arg_names if re.fullmatch(r"stride_[a-z]d", name)})
     sig, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -196,18 +194,6 @@ def tensor_core_ops(sass: str) -> dict:
     """The kernel's tensor-core instructions by opcode and modifiers (QMMA.16832.F16.E4M3.E4M3: FP8 operands into
     an FP16 accumulator)."""
     return {op: n for op, n in sorted(instruction_mix(sass).items()) if op.split(".")[0] in TENSOR_CORE_OPS}
-
-
-def grid_dependency_report(sass: str) -> dict:
-    """The programmatic-dependent-launch instructions (kernels/grid_dependency.py): griddepcontrol.wait (ACQBULK)
-    and .launch_dependents (PREEXIT), and whether the code's first global or TMA load comes before its first wait
-    (a chained quantization launch issues its loads of the call's inputs first; the attention kernel loads nothing
-    before it)."""
-    ins = sass_instructions(sass)
-    waits = [i for i, (_, op, _) in enumerate(ins) if op.startswith("ACQBULK")]
-    loads = [i for i, (_, op, _) in enumerate(ins) if op.startswith(("LDG", "UTMALDG"))]
-    return {"waits": len(waits), "triggers": sum(op.startswith("PREEXIT") for _, op, _ in ins),
-            "load_before_wait": bool(waits and loads and loads[0] < waits[0])}
 
 
 def main_loop_span(ins: list[tuple[int, str, str]]) -> tuple[int, int] | None:
@@ -354,8 +340,7 @@ def main(argv=None):
             print(json.dumps({"resources": resource_report(k, args.arch), "shared": k.metadata.shared,
                               "load_loops": load_loops(sass),
                               "shared_accesses": {op: n for op, n in sorted(instruction_mix(sass).items())
-                                                  if op.startswith(("STS", "LDS"))},
-                              "grid_dependency": grid_dependency_report(sass)}))
+                                                  if op.startswith(("STS", "LDS"))}}))
             return 0
         print(f"{resource_report(k, args.arch)}  shared {k.metadata.shared} B")
         for loop in load_loops(sass_of(k)):
@@ -387,8 +372,7 @@ def main(argv=None):
     overlap = overlap_report(sass)
     if args.json:
         print(json.dumps({"resources": resource_report(k, args.arch), "shared": k.metadata.shared, **overlap,
-                          "global_stores": global_stores(sass), "tensor_core_ops": tensor_core_ops(sass),
-                          "grid_dependency": grid_dependency_report(sass)}))
+                          "global_stores": global_stores(sass), "tensor_core_ops": tensor_core_ops(sass)}))
         return 0
     print(f"{resource_report(k, args.arch)}  shared {k.metadata.shared} B")
     n_loop, loop = main_loop_mix(sass)

@@ -58,7 +58,6 @@ TURN_THREADS = gl.constexpr(256)  # two consumer warpgroups
 # $1: barrier id; $2: 0 skips the arrive. Each thread runs it once (a one-element-per-thread token).
 NAMED_SYNC = gl.constexpr("bar.sync $1, $2; mov.b32 $0, 0;")
 NAMED_ARRIVE = gl.constexpr("{ .reg .pred p; setp.ne.b32 p, $3, 0; @p bar.arrive $1, $2; mov.b32 $0, 0; }")
-GRID_DEPENDENCY_WAIT = gl.constexpr("griddepcontrol.wait; mov.b32 $0, $1;")
 
 
 @constexpr_function
@@ -99,15 +98,6 @@ def named_arrive(barrier_id, threads: gl.constexpr, live, WARPS: gl.constexpr):
     gl.inline_asm_elementwise(NAMED_ARRIVE, "=r,r,r,r", [per_thread(barrier_id, WARPS), per_thread(threads, WARPS),
                                                          per_thread(live, WARPS)],
                               dtype=gl.int32, is_pure=False, pack=1)
-
-
-@gluon.jit
-def wait_for_previous_launch(GRID_WAIT: gl.constexpr):
-    """With GRID_WAIT (a chained launch, kernels/grid_dependency.py), wait until the quantization's last launch has
-    ended and its codes are visible, by every thread of the kernel, before it loads anything."""
-    if GRID_WAIT:
-        gl.inline_asm_elementwise(GRID_DEPENDENCY_WAIT, "=r,r", [per_thread(0, gl.num_warps())], dtype=gl.int32,
-                                  is_pure=False, pack=1)
 
 
 @constexpr_function
@@ -619,17 +609,15 @@ def sage_fwd_sm90_kernel(
     H, KV_GROUP, NQ, NK, q_groups, k_groups,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, Q_GROUP: gl.constexpr,
     STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, SHIFT_V: gl.constexpr, RETURN_LSE: gl.constexpr,
-    MAGIC: gl.constexpr, OUT_STORE: gl.constexpr, GRID_WAIT: gl.constexpr,
+    MAGIC: gl.constexpr, OUT_STORE: gl.constexpr,
 ):
-    """One warpgroup per program, BLOCK_M = 64 query rows; it issues its own TMA loads STAGES tiles ahead.
-    GRID_WAIT: see wait_for_previous_launch."""
+    """One warpgroup per program, BLOCK_M = 64 query rows; it issues its own TMA loads STAGES tiles ahead."""
     k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_D], k_desc.layout)
     v_smem = v_ring(v_desc, STAGES, BLOCK_N, BLOCK_D)
     q_smem = gl.allocate_shared_memory(gl.int8, [BLOCK_M, BLOCK_D], q_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     mbarrier.init(q_bar, count=1)
     full_bars = ring_barriers(STAGES)
-    wait_for_previous_launch(GRID_WAIT)
     bh_kv = kv_head(gl.program_id(1), H, KV_GROUP)
     v_row0, v_col0 = v_origin(v_desc, bh_kv, H // KV_GROUP, BLOCK_D)
     n_tiles = (NK + BLOCK_N - 1) // BLOCK_N
@@ -751,7 +739,7 @@ def sage_fwd_sm90_pingpong_kernel(
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, Q_GROUP: gl.constexpr,
     STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, SHIFT_V: gl.constexpr, RETURN_LSE: gl.constexpr,
     MAGIC: gl.constexpr, CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr, PERSISTENT: gl.constexpr,
-    TURNS: gl.constexpr, LAZY_RESCALE: gl.constexpr, OUT_STORE: gl.constexpr, GRID_WAIT: gl.constexpr,
+    TURNS: gl.constexpr, LAZY_RESCALE: gl.constexpr, OUT_STORE: gl.constexpr,
 ):
     """CONSUMERS consumer warpgroups (query tiles CONSUMERS·item + c of BLOCK_M rows) sharing one K/V ring that a
     producer warp fills; two of them take turns at the tensor cores (FlashAttention-3's ping-pong schedule).
@@ -766,7 +754,7 @@ def sage_fwd_sm90_pingpong_kernel(
     of an item for the last (BH·items - whole) items, split in `splits` key ranges (work_item); 1-D grid.
     TURNS: the two warpgroups take turns at the tensor cores; False lets each issue whenever its softmax is done
     (on the H200 faster at 4.6k to 16k and at 118k tokens, slower at Wan2.1's 32k: bench/NOTES.md, "Ping-pong
-    without turns, …"). LAZY_RESCALE: see rescale_if_moved. GRID_WAIT: see wait_for_previous_launch."""
+    without turns, …"). LAZY_RESCALE: see rescale_if_moved."""
     k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_D], k_desc.layout)
     v_smem = v_ring(v_desc, STAGES, BLOCK_N, BLOCK_D)
     gl.static_assert(CONSUMERS == 2 or (CONSUMERS == 3 and not TURNS), "turns are taken by two warpgroups")
@@ -775,7 +763,6 @@ def sage_fwd_sm90_pingpong_kernel(
     for c in gl.static_range(CONSUMERS):
         mbarrier.init(q_bars.index(c), count=1)
     full_bars = ring_barriers(STAGES)
-    wait_for_previous_launch(GRID_WAIT)
     # compile-time values cross into partitions only inside a constexpr tuple (elements of a plain tuple are
     # turned into tensors)
     meta: gl.constexpr = (BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP, STAGES, TWO_LEVEL, SHIFT_V, RETURN_LSE, MAGIC,

@@ -10,7 +10,6 @@ import functools
 
 import torch
 
-from .grid_dependency import chained_launch, grid_dependency
 from .tuning import LaunchConfig, cuda_capability, interpreting
 
 try:  # Gluon's Hopper API (Triton ≥ 3.5); without it every call runs the portable kernel
@@ -89,14 +88,13 @@ def out_store(config: LaunchConfig, pv_fp8: bool = True, out: torch.Tensor | Non
 
 
 def kernel_constants(config: LaunchConfig, block_d: int, q_group: int, shift_v: bool, return_lse: bool,
-                     pv_fp8: bool = True, out: torch.Tensor | None = None, grid_wait: bool = False) -> dict:
+                     pv_fp8: bool = True, out: torch.Tensor | None = None) -> dict:
     """The compile-time arguments a configuration gives its Gluon kernel (the launch, with the call's `out`, and
-    compile_for_sm90, without: an aligned output). grid_wait: the launch chains on the quantization's
-    (kernels/grid_dependency.py)."""
+    compile_for_sm90, without: an aligned output)."""
     constants = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, Q_GROUP=q_group,
                      STAGES=config.num_stages, TWO_LEVEL=two_level(config, pv_fp8), SHIFT_V=shift_v,
                      RETURN_LSE=return_lse, MAGIC=config.magic_convert,
-                     OUT_STORE=out_store(config, pv_fp8, out), GRID_WAIT=grid_wait)
+                     OUT_STORE=out_store(config, pv_fp8, out))
     if config.ping_pong:
         constants["CONSUMERS"] = config.consumers
         constants["CONSUMER_REGS"] = CONSUMER_REGISTERS[config.consumers]
@@ -160,13 +158,11 @@ def launch(qz: dict, out: torch.Tensor, lse: torch.Tensor, bad: torch.Tensor, *,
     v_scale = qz["v_scale"] if pv_fp8 else qz["q_scale"]  # FP16 P·V: a placeholder, never read
     scales = (qz["q_scale"], qz["k_scale"], v_scale, v_shift if v_shift is not None else v_scale)
     sizes = (heads, heads // kv_heads, nq, nk, qz["q_scale"].shape[-1], qz["k_scale"].shape[-1])
-    chained = grid_dependency(out.device)
-    meta = kernel_constants(config, block_d, q_group, v_shift is not None, return_lse, pv_fp8, out, chained)
-    options = {**compile_options(config), **chained_launch(chained)}
+    meta = kernel_constants(config, block_d, q_group, v_shift is not None, return_lse, pv_fp8, out)
     items = work_items_per_head(config, nq)
     if not config.ping_pong:
         run("attention", sage_fwd_sm90_kernel, (items, bh), (*tma, *scales, out, lse, bad, *out.stride(), *sizes),
-            {**meta, **options})
+            {**meta, **compile_options(config)})
         return
     whole, splits = qz.get("tail_split") or (items * bh, 1)
     grid = (min(items * bh, multiprocessors(out.device)),) if config.persistent else \
@@ -175,7 +171,7 @@ def launch(qz: dict, out: torch.Tensor, lse: torch.Tensor, bad: torch.Tensor, *,
     part_o, part_lse = (qz["tail_o"], qz["tail_lse"]) if splits > 1 else (qz["q_scale"], qz["q_scale"])
     run("attention", sage_fwd_sm90_pingpong_kernel, grid,
         (*tma, *scales, out, lse, bad, part_o, part_lse, *out.stride(), *sizes, q_tiles, bh, whole, splits),
-        {**meta, **options})
+        {**meta, **compile_options(config)})
     if splits > 1:
         merge_programs = config.consumers * (items * bh - whole) * config.block_m // MERGE_ROWS
         run("tail merge", sage_fwd_tail_merge_kernel, (merge_programs,),
@@ -285,8 +281,7 @@ def compile_for_sm90(config: LaunchConfig, head_dim: int, pv_fp8: bool = True, s
     m, n, d = config.block_m, config.block_n, head_dim
     descs = {"q_desc": ("i8", [m, d], gl.int8), "k_desc": ("i8", [n, d], gl.int8),
              "v_desc": ("fp8e4nv", [d, n], gl.float8e4nv) if pv_fp8 else ("bf16", [1, 1, n, d], gl.bfloat16)}
-    consts = {**kernel_constants(config, d, 16, shift_v=shift_v, return_lse=False, pv_fp8=pv_fp8, grid_wait=True),
-              "stride_od": 1}  # chained, as the launch runs it on sm90
+    consts = {**kernel_constants(config, d, 16, shift_v=shift_v, return_lse=False, pv_fp8=pv_fp8), "stride_od": 1}
     sig, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in descs:

@@ -11,7 +11,6 @@ import torch
 
 from . import hopper_launch, tuning
 from .call_plan import PLANS
-from .grid_dependency import chained_launch, grid_dependency
 from .direct_launch import launch as run_kernel
 from .tuning import interpreting
 from .attention_kernel import sage_attention_fwd_kernel
@@ -199,18 +198,14 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
     passes = [dict(DO_STATS=1, DO_Q=1, DO_K=0, V_BLOCKS=0),
               dict(DO_STATS=0, DO_Q=0, DO_K=1, V_BLOCKS=block_d // constants["CHANNELS"] if need_v_stats else 0)] \
         if stats else [dict(DO_STATS=0, DO_Q=1, DO_K=1, V_BLOCKS=0)]
-    chained = grid_dependency(q.device)
-    for i, roles in enumerate(passes):
-        # the second launch starts under the first's last wave (quantize_kernel, GRID_WAIT)
-        waits = chained and i > 0
-        chain = dict(GRID_TRIGGER=chained, GRID_WAIT=waits, **chained_launch(waits))
+    for roles in passes:
         role_programs = [(n_chunks, roles["DO_STATS"]), (cdiv(NQ, rows), roles["DO_Q"]),
                          (cdiv(NK, rows), roles["DO_K"]), (n_v_programs, roles["V_BLOCKS"])]
         grid = (max(max(n, 1) for n, count in role_programs if count), max(B * H, B * HK) if roles["DO_Q"] else B * HK,
                 sum(count for _, count in role_programs))
         site = "quantize_" + "_".join(name for name, on in (("stats", roles["DO_STATS"]), ("q", roles["DO_Q"]),
                                                              ("k", roles["DO_K"]), ("v", roles["V_BLOCKS"])) if on)
-        run(site, quantize_kernel, grid, args, {**constants, **roles, **chain})
+        run(site, quantize_kernel, grid, args, {**constants, **roles})
     return out
 
 

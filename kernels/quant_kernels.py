@@ -5,7 +5,6 @@ views need no copy. Rounding is half away from zero, the same as sage_core/refer
 """
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 FP8_E4M3_MAX = tl.constexpr(448.0)
 
@@ -234,7 +233,7 @@ def quantize_v_tile(
     HK, NK, D, n_chunks, v_padded, v_code_max, inv_keys,
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr, CHANNELS: tl.constexpr, STATS_CHUNKS: tl.constexpr,
     SMOOTH_V: tl.constexpr, PV_FP8: tl.constexpr, FP8_ROUND_IN_FP32: tl.constexpr, PV_KEY_ORDER: tl.constexpr,
-    WARPS: tl.constexpr, FINISH_SHIFT: tl.constexpr, SHIFT_PROGRAMS: tl.constexpr, GRID_WAIT: tl.constexpr,
+    WARPS: tl.constexpr, FINISH_SHIFT: tl.constexpr, SHIFT_PROGRAMS: tl.constexpr,
 ):
     """V's part of one call's quantization: ROWS keys (program pid of n_programs) and CHANNELS of the BLOCK_D
     channels (channel_block) of one head: a whole 128-channel tile took 255 registers and spilled. The first
@@ -272,8 +271,6 @@ def quantize_v_tile(
     src_n = pv_key_source(offs_n) if PV_KEY_ORDER else offs_n
     if PV_FP8:  # in flight while the statistics are finished: nothing in it waits for them
         v_raw = load_raw(V, bh // HK, bh % HK, src_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, NK, D)
-    if GRID_WAIT:  # the statistics are the previous launch's (launch_order)
-        gdc_wait()
     mean = finish_stats(PARTS, bh, n_chunks, NK, offs_d, BLOCK_D, STATS_CHUNKS, 1)
     if pid == 0:
         tl.store(V_MEAN + bh * BLOCK_D + offs_d, mean)
@@ -343,7 +340,7 @@ def quantize_kernel(
     BLOCK_D: tl.constexpr, STATS_TILE: tl.constexpr, STATS_CHUNKS: tl.constexpr, SMOOTH_K: tl.constexpr,
     V_STATS: tl.constexpr, V_ROWS: tl.constexpr, CHANNELS: tl.constexpr, SMOOTH_V: tl.constexpr,
     PV_FP8: tl.constexpr, FP8_ROUND_IN_FP32: tl.constexpr, PV_KEY_ORDER: tl.constexpr, WARPS: tl.constexpr,
-    FINISH_SHIFT: tl.constexpr, SHIFT_PROGRAMS: tl.constexpr, GRID_TRIGGER: tl.constexpr, GRID_WAIT: tl.constexpr,
+    FINISH_SHIFT: tl.constexpr, SHIFT_PROGRAMS: tl.constexpr,
 ):
     """One launch of a call's quantization: the roles it is given (DO_STATS, DO_Q, DO_K, V_BLOCKS), one per
     program_id(2), in that order; program_id(0) is the role's chunk or row block, program_id(1) its head. Roles
@@ -357,14 +354,7 @@ def quantize_kernel(
     K: INT8 codes [BHK, NK, BLOCK_D] of k - mean(k) (SMOOTH_K, the sample's mean finished from the statistics),
        one scale per K_GROUP rows; the first program of each head also writes the mean (for the LSE correction).
     V (V_BLOCKS roles, one per CHANNELS channels): quantize_v_tile, n_v_programs programs per head; with
-       FINISH_SHIFT the last of them also writes the output shift (finish_shift).
-
-    Programmatic dependent launch (sm90 on; launch.grid_dependency): GRID_TRIGGER lets the next launch's programs
-    start on the multiprocessors this launch's last wave leaves free; GRID_WAIT (a launch started that way) waits for
-    the previous launch's results after issuing its first loads of the call's inputs, which that launch does not
-    write, and before anything else."""
-    if GRID_TRIGGER:  # the next launch may start once every program of this one has (it waits for our results)
-        gdc_launch_dependents()
+       FINISH_SHIFT the last of them also writes the output shift (finish_shift)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     role = tl.program_id(2)
@@ -389,8 +379,6 @@ def quantize_kernel(
             # K's first rows in flight while the mean is finished from the statistics
             first = first_slice(K, bh // HK, bh % HK, pid * ROWS, stride_kb, stride_kh, stride_kn, stride_kd, NK, D,
                                 ROWS, K_SUB, BLOCK_D)
-            if GRID_WAIT:
-                gdc_wait()
             if SMOOTH_K:
                 mean = finish_stats(PARTS, bh, n_chunks, k_sampled, offs_d, BLOCK_D, STATS_CHUNKS, 0)
                 if pid == 0:
@@ -405,7 +393,7 @@ def quantize_kernel(
             quantize_v_tile(V, PARTS, V8, V_SCALE, V_MEAN, V_CODE_SUM, V_SHIFT, V_TICKETS, pid, bh, role - V_ROLE,
                             n_v_programs, stride_vb, stride_vh, stride_vn, stride_vd, HK, NK, D, n_chunks, v_padded,
                             v_code_max, inv_keys, V_ROWS, BLOCK_D, CHANNELS, STATS_CHUNKS, SMOOTH_V, PV_FP8,
-                            FP8_ROUND_IN_FP32, PV_KEY_ORDER, WARPS, FINISH_SHIFT, SHIFT_PROGRAMS, GRID_WAIT)
+                            FP8_ROUND_IN_FP32, PV_KEY_ORDER, WARPS, FINISH_SHIFT, SHIFT_PROGRAMS)
 
 
 @triton.jit

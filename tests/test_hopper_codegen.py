@@ -74,8 +74,6 @@ def test_gluon_kernel_sums_rows_on_tensor_cores_and_does_not_spill(config, head_
     assert report["loop_votes"] == (1 if config.lazy_rescale and in_place else 0), report
     check_output_stores(report, config, head_dim, pv)
     assert report["shared"] <= SM90_SHARED_PER_BLOCK, report
-    # chained on the quantization (kernels/grid_dependency.py): one wait, before any load of its codes
-    assert report["grid_dependency"] == {"waits": 1, "triggers": 0, "load_before_wait": False}, report
 
 
 SM90_SHARED_PER_BLOCK = 232448  # 227 KB: what one program may take on an H100 or H200

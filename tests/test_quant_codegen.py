@@ -51,19 +51,3 @@ def test_v_codes_cross_shared_memory_in_whole_words(head_dim, arch):
     accesses = quant_report("k_v", head_dim, arch, "fp8")["shared_accesses"]
     narrow = {op: n for op, n in accesses.items() if re.search(r"\.[US](8|16)\b", op)}
     assert accesses and not narrow, accesses
-
-
-@pytest.mark.parametrize("arch,pv", [(a, pv) for a, pv, _ in TARGETS], ids=[f"sm{a}-{pv}" for a, pv, _ in TARGETS])
-def test_second_launch_chains_on_the_first_from_sm90_on(arch, pv):
-    """Programmatic dependent launch (kernels/grid_dependency.py): from sm90 on, both launches let the next one start
-    under their last wave (launch_dependents), and the K-and-V launch issues its first loads of the call's inputs
-    and then waits for the statistics (griddepcontrol.wait) before reading them; before sm90 neither instruction
-    exists and nothing is compiled in. Whether the wait comes before every read of the first launch's results
-    shows on the GPU (tests/test_kernels.py: chained and unchained calls give the same bits)."""
-    stats_q = quant_report("stats_q", 128, arch, pv)["grid_dependency"]
-    k_v = quant_report("k_v", 128, arch, pv)["grid_dependency"]
-    if arch >= 90:
-        assert stats_q == {"waits": 0, "triggers": 1, "load_before_wait": False}, stats_q
-        assert k_v["waits"] >= 1 and k_v["triggers"] == 1 and k_v["load_before_wait"], k_v
-    else:
-        assert stats_q["waits"] == stats_q["triggers"] == k_v["waits"] == k_v["triggers"] == 0, (stats_q, k_v)

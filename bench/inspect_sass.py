@@ -361,9 +361,14 @@ def main(argv=None):
                                   cfg.max_registers, MAGIC_CONVERT=cfg.magic_convert, PV_DIRECT=cfg.pv_direct,
                                   PV_FP16_TILES=launch.portable_fp16_tiles(cfg, args.pv == "fp8"))
     else:
+        from sage_attention_pack.kernels import launch
+        from sage_attention_pack.kernels.tuning import LaunchConfig
+
+        flags = LaunchConfig(args.m, args.n, args.warps, args.stages, pv_direct=args.pv_direct,
+                             fp16_tiles=args.fp16_tiles)
         k = compile_attention(args.pv, args.d, args.m, args.n, args.warps, args.stages, args.arch, args.maxnreg,
                               MAGIC_CONVERT=not args.i2f, PV_DIRECT=args.pv_direct,
-                              PV_FP16_TILES=args.fp16_tiles and args.pv == "fp8" and not args.pv_direct)
+                              PV_FP16_TILES=launch.portable_fp16_tiles(flags, args.pv == "fp8"))
     sass = sass_of(k)
     if args.dump:
         Path(args.dump).write_text(sass)

@@ -48,7 +48,7 @@ def programs_per_head(config, rows: int) -> int | None:
 
 def kernel_parts(per_kernel: dict) -> dict:
     """A call's kernel times (ms) by part: the quantization's launches, the attention kernel, and the rest (the
-    output shift, the non-finite guard)."""
+    non-finite guard, PyTorch's operations of a call that returns its LSE)."""
     parts = {"quantize_ms": 0.0, "attention_ms": 0.0, "other_ms": 0.0}
     for name, ms in per_kernel.items():
         part = "quantize_ms" if name.startswith("quantize_kernel") else "attention_ms" if "_fwd_" in name else \

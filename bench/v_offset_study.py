@@ -1,7 +1,7 @@
 """What V smoothing does to FP8 P·V in exact arithmetic (the pure-PyTorch reference, FP32 accumulation; no GPU
 needed), as a per-channel offset in V grows: where smoothing helps, where it costs, and how much of the error
 the usual relative metric hides under the offset. The reference takes the mean of V's FP8 rounding error off the
-output, as the kernels do (kernels/launch.output_shift); without that, smoothing cost accuracy on zero-mean V
+output, as the kernels do (kernels/launch.quantize_qkv's v_shift); without that, smoothing cost accuracy on zero-mean V
 (0.0388 -> 0.0401 at 4k keys; 0.0398 -> 0.0469 at 32k keys with 256 queries).
 
     python bench/v_offset_study.py [--n 4096] [--offsets 0 0.05 0.1 0.3 1 8]

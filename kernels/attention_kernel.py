@@ -206,7 +206,7 @@ def sage_attention_fwd_kernel(
     if PV_FP8:
         v_scale = tl.load(V_SCALE + bh_kv * BLOCK_D + offs_d)
         out = out * v_scale[None, :]
-    if SHIFT_V:  # the output shift (launch.output_shift), loaded here: no registers held across the loop
+    if SHIFT_V:  # the output shift (launch.quantize_qkv's v_shift), loaded here: no registers held across the loop
         out = out + tl.load(V_SHIFT + bh_kv * BLOCK_D + offs_d)[None, :]
     o_mask = row_valid[:, None] & d_valid[None, :]
     o_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od

@@ -146,9 +146,9 @@ def launch(qz: dict, out: torch.Tensor, lse: torch.Tensor, bad: torch.Tensor, *,
     """One warpgroup per (query tile of 64 rows, batch·head), as the portable kernel's grid with BLOCK_M = 64;
     the ping-pong kernel puts `consumers` of them in a program, and splits its grid's last items as qz's
     "tail_split" says (tail_buffers, made with the call plan; the parts in its "tail_o" and "tail_lse", joined by a
-    second launch). v_shift: None or the [B·HK, D] vector added to the output (launch.output_shift); run: the call
-    plan's launcher; tma: `descriptors` of qz; v: None (FP8 P·V: V's codes in qz) or the call's V (FP16 P·V,
-    v_tiles)."""
+    second launch). v_shift: None or the [B·HK, D] vector added to the output (launch.quantize_qkv's v_shift);
+    run: the call plan's launcher; tma: `descriptors` of qz; v: None (FP8 P·V: V's codes in qz) or the call's V
+    (FP16 P·V, v_tiles)."""
     bh, nq, block_d = qz["q8"].shape
     nk = qz["k8"].shape[1]
     q_tiles = -(-nq // config.block_m)

@@ -15,7 +15,7 @@ from .direct_launch import launch as run_kernel
 from .tuning import interpreting
 from .attention_kernel import sage_attention_fwd_kernel
 from .repair_kernel import repair_tiles_kernel
-from .quant_kernels import output_shift_kernel, quantize_kernel
+from .quant_kernels import quantize_kernel
 
 LOG2E = 1.4426950408889634
 STATS_ROWS = 64
@@ -32,8 +32,7 @@ V_ROWS = 128  # keys per program of V's quantization
 # ahead: 64 channels 2-6% faster at head dim 128, 4% slower at 64; 32 was ahead of 64 and 128 before)
 V_CHANNELS = 64
 V_CHANNELS_SMALL_HEADS = 32
-# the output shift's launch: channels per program and code sums added per step (one [32, 32] FP32 tile)
-SHIFT_CHANNELS = 32
+# code sums the output shift adds per step (quant_kernels.finish_shift; with 32 channels one [32, 32] FP32 tile)
 SHIFT_PROGRAMS = 32
 V_PAD = 128  # FP8 V rows padded to a multiple of this, so every tile load is in bounds and aligned
 FP8_E4M3_MAX = 448.0
@@ -126,7 +125,7 @@ def quant_buffers(q, k, *, q_group: int, k_group: int, block_d: int, smooth_k: b
         "v_mean": torch.empty((B * HK, block_d), device=dev, dtype=f32) if need_v_stats else None,
         "v8": torch.empty((B * HK, block_d, v_padded), device=dev, dtype=torch.float8_e4m3fn) if pv_fp8 else None,
         "v_scale": torch.empty((B * HK, block_d), device=dev, dtype=f32) if pv_fp8 else None,
-        # per program of V's quantization, the per-channel sum of its dequantized FP8 codes (see output_shift)
+        # per program of V's quantization, the per-channel sum of its dequantized FP8 codes (quantize_qkv's v_shift)
         "v_code_sums": torch.empty((B * HK, cdiv(v_padded, V_ROWS), block_d), device=dev, dtype=f32)
         if pv_fp8 else None,
         # a ticket per head and V channel block: the V program that finds it last writes the output shift (and
@@ -162,10 +161,21 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
     k_scale [B*HK, ceil(NK/k_group)], k_mean [B*HK, block_d] (the sample's mean taken off K; None when not
     smoothed), v_mean [B*HK, block_d] (V's mean, with FP8 V or V smoothing, else None), and with
     pv_fp8 v8 [B*HK, block_d, v_padded] FP8 e4m3 codes up to ±v_code_max, v_scale [B*HK, block_d] and
-    v_code_sums [B*HK, programs, block_d] (sums of V's dequantized codes, see output_shift); pv_key_order
-    stores v8's keys in the order the Hopper kernel's P operand takes them. run: a call plan's launcher.
-    v_shift: with pv_fp8, a [B*HK, block_d] FP32 buffer that the last V program of each head and channel block
-    fills with the output shift (output_shift's vector, with no launch of its own).
+    v_code_sums [B*HK, programs, block_d] (each V program's per-channel sums of its dequantized codes);
+    pv_key_order stores v8's keys in the order the Hopper kernel's P operand takes them. run: a call plan's
+    launcher.
+
+    v_shift: with pv_fp8, a [B*HK, block_d] FP32 buffer for the output shift, the vector the attention kernels add
+    to their output: V's mean minus the mean of its dequantized FP8 codes (the smoothed V's, when it was), so that
+    the dequantized V has exactly V's mean. The last V program of each head and channel block writes it, from
+    every program's code sums (quant_kernels.finish_shift); with no buffer it is not made. Long-sequence attention
+    is nearly flat (an output row is close to V's mean), so the systematic part of V's rounding error, its mean
+    over the keys, does not average out the way its random part does: taking it off cut the relative L1 error at
+    32k keys from 0.038 to 0.034 without V smoothing, and from 0.045 to 0.034 with it (exact-arithmetic reference
+    on the CPU), where smoothing alone made it worse. A uniform attention row then returns V's mean. Made as a
+    launch of its own, and before that with PyTorch's sum and scaled add, it cost a launch per call (11-14 µs of
+    a call at SDXL's and Flux's shapes on the H200 for PyTorch's two; bench/NOTES.md, rounds "Chained launches,
+    and the output shift in one launch" and "Three cuts to a program's fixed cost and one launch fewer").
     """
     B, H, NQ, D = q.shape
     HK, NK = k.shape[1], k.shape[2]
@@ -207,31 +217,6 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
                                                              ("k", roles["DO_K"]), ("v", roles["V_BLOCKS"])) if on)
         run(site, quantize_kernel, grid, args, {**constants, **roles})
     return out
-
-
-def output_shift(qz: dict, kv_len: int, into: torch.Tensor | None = None, run=launch_now):
-    """The per-channel vector the attention kernels add to their output, or None. FP16 P·V: V's mean where V
-    was smoothed (quantize_qkv gives v_mean there only then). FP8 P·V: V's mean minus the mean of its
-    dequantized FP8 codes (the smoothed V's, when it was), so that the dequantized V has exactly V's mean.
-
-    Long-sequence attention is nearly flat (an output row is close to V's mean), so the systematic part of
-    V's rounding error, its mean over the keys, does not average out the way its random part does: taking it
-    off cut the relative L1 error at 32k keys from 0.038 to 0.034 without V smoothing, and from 0.045 to 0.034
-    with it (exact-arithmetic reference on the CPU), where smoothing alone made it worse. A uniform attention
-    row then returns V's mean. into: a [B*HK, block_d] FP32 buffer to write it to (a call plan's); run: a call
-    plan's launcher. One Triton launch (output_shift_kernel): with PyTorch's sum and scaled add in its place a
-    call took 11-14 µs more at SDXL's and Flux's shapes on the H200 (bench/NOTES.md, round "Chained launches, and
-    the output shift in one launch")."""
-    sums = qz["v_code_sums"]
-    if sums is None:
-        return qz["v_mean"]
-    bhk, programs, block_d = sums.shape
-    shift = into if into is not None else torch.empty((bhk, block_d), device=sums.device, dtype=torch.float32)
-    channels = min(SHIFT_CHANNELS, block_d)
-    run("output_shift", output_shift_kernel, (bhk, block_d // channels),
-        (qz["v_mean"], sums, shift, programs, 1.0 / max(kv_len, 1)),
-        dict(BLOCK_D=block_d, CHANNELS=channels, PROGRAMS=SHIFT_PROGRAMS, num_warps=4))
-    return shift
 
 
 def quantize_int8(x: torch.Tensor, group: int, block_d: int, multiplier: float = 1.0):
@@ -363,5 +348,5 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
     return (lse if return_lse else None), bad
 
 
-__all__ = ["output_shift", "padded_head_dim", "quant_groups", "quantize_qkv", "quantize_int8", "runs_hopper_kernel",
+__all__ = ["padded_head_dim", "quant_groups", "quantize_qkv", "quantize_int8", "runs_hopper_kernel",
            "sage_forward", "LOG2E"]

@@ -245,7 +245,7 @@ def quantize_v_tile(
     here), of v - mean(v) with SMOOTH_V; the same first programs write the scales. PV_KEY_ORDER stores
     the keys of every 32 in the order the Hopper kernel's P operand comes in (pv_key_source). Every program
     writes the per-channel sums of its dequantized codes into its channels of V_CODE_SUM [BHK, n_programs,
-    BLOCK_D] (see launch.output_shift). A sum of the codes alone, not of their rounding errors: the rounding
+    BLOCK_D] (see launch.quantize_qkv's v_shift). A sum of the codes alone, not of their rounding errors: the rounding
     errors' dequantize-and-subtract per element measured slower.
 
     Layouts (Triton picks them; these choices steer it): V loads 8 bytes (4 channels) per thread rather than 16, so
@@ -259,7 +259,7 @@ def quantize_v_tile(
 
     FINISH_SHIFT: the last of a head's and channel block's programs to store its code sums (an atomic ticket per
     block in V_TICKETS, which that program sets back to 0 for the next call) writes the output shift of those
-    channels into V_SHIFT, as output_shift_kernel would in a launch of its own (finish_shift)."""
+    channels into V_SHIFT (finish_shift)."""
     # rows per repetition of that layout: WARPS warps (the launch's num_warps) of 32 threads, CHANNELS // 4 along the
     # channels
     REPEAT: tl.constexpr = WARPS * 32 // (CHANNELS // 4)
@@ -299,16 +299,16 @@ def quantize_v_tile(
 
 @triton.jit
 def code_sums_total(V_CODE_SUM, bh, n_programs, offs_d, BLOCK_D: tl.constexpr, CHANNELS: tl.constexpr,
-                    PROGRAMS: tl.constexpr, CACHE: tl.constexpr):
+                    PROGRAMS: tl.constexpr):
     """The sum over a head's n_programs V programs of their code sums (V_CODE_SUM [BHK, n_programs, BLOCK_D]) at
-    channels offs_d, PROGRAMS rows at a time: one fixed order, the same bits on every run. CACHE: the loads' cache
-    modifier ("" or ".cg", for sums other programs of a running launch just wrote)."""
+    channels offs_d, PROGRAMS rows at a time: one fixed order, the same bits on every run. The loads skip L1
+    (".cg"): the sums were just written by other programs of the running launch."""
     offs_p = tl.arange(0, PROGRAMS)
     total = tl.zeros((PROGRAMS, CHANNELS), tl.float32)
     for start in range(0, n_programs, PROGRAMS):
         rows = start + offs_p
         total += tl.load(V_CODE_SUM + (bh * n_programs + rows[:, None]) * BLOCK_D + offs_d[None, :],
-                         mask=rows[:, None] < n_programs, other=0.0, cache_modifier=CACHE)
+                         mask=rows[:, None] < n_programs, other=0.0, cache_modifier=".cg")
     return tl.sum(total, axis=0)
 
 
@@ -317,13 +317,13 @@ def finish_shift(V_CODE_SUM, V_SHIFT, V_TICKETS, mean, bh, channel_block, n_prog
                  BLOCK_D: tl.constexpr, CHANNELS: tl.constexpr, SHIFT_PROGRAMS: tl.constexpr):
     """A V program's part in the output shift: count itself in on its head's and channel block's ticket once its
     code sums are stored; the last to arrive adds every program's sums up (in a fixed order, SHIFT_PROGRAMS rows
-    at a time, as output_shift_kernel does) and writes V_SHIFT = mean - inv_keys · their sum. The barrier
+    at a time: the same bits on every run) and writes V_SHIFT = mean - inv_keys · their sum. The barrier
     puts every thread's stores before the ticket's release; the acquire makes the other programs' visible."""
     tl.debug_barrier()
     ticket = V_TICKETS + bh * (BLOCK_D // CHANNELS) + channel_block
     if tl.atomic_add(ticket, 1, sem="acq_rel") == n_programs - 1:
         tl.store(ticket, 0)
-        total = code_sums_total(V_CODE_SUM, bh, n_programs, offs_d, BLOCK_D, CHANNELS, SHIFT_PROGRAMS, ".cg")
+        total = code_sums_total(V_CODE_SUM, bh, n_programs, offs_d, BLOCK_D, CHANNELS, SHIFT_PROGRAMS)
         tl.store(V_SHIFT + bh * BLOCK_D + offs_d, mean - total * inv_keys)
 
 
@@ -394,18 +394,3 @@ def quantize_kernel(
                             n_v_programs, stride_vb, stride_vh, stride_vn, stride_vd, HK, NK, D, n_chunks, v_padded,
                             v_code_max, inv_keys, V_ROWS, BLOCK_D, CHANNELS, STATS_CHUNKS, SMOOTH_V, PV_FP8,
                             FP8_ROUND_IN_FP32, PV_KEY_ORDER, WARPS, FINISH_SHIFT, SHIFT_PROGRAMS)
-
-
-@triton.jit
-def output_shift_kernel(
-    V_MEAN, V_CODE_SUM, V_SHIFT, n_programs, inv_keys,
-    BLOCK_D: tl.constexpr, CHANNELS: tl.constexpr, PROGRAMS: tl.constexpr,
-):
-    """The output shift (launch.output_shift) of one head (program_id(0)) and CHANNELS channels (program_id(1)):
-    V_SHIFT = V_MEAN - inv_keys · (the sum over V's n_programs quantization programs of V_CODE_SUM), summed in a
-    fixed order (the same bits every run). One launch where PyTorch took two (a sum, then a scaled add)."""
-    bh = tl.program_id(0)
-    offs_d = tl.program_id(1) * CHANNELS + tl.arange(0, CHANNELS)
-    total = code_sums_total(V_CODE_SUM, bh, n_programs, offs_d, BLOCK_D, CHANNELS, PROGRAMS, "")
-    mean = tl.load(V_MEAN + bh * BLOCK_D + offs_d)
-    tl.store(V_SHIFT + bh * BLOCK_D + offs_d, mean - total * inv_keys)

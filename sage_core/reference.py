@@ -82,7 +82,7 @@ def sage_reference(q, k, v, *, sm_scale=None, is_causal=False, bias=None, q_grou
         else:
             pv = p8 @ v8_q
         out = pv / row_sum * (v_scale / FP8_E4M3_MAX).repeat_interleave(rep, 1)
-        # the shift makes the dequantized V's mean V's own (kernels/launch.output_shift)
+        # the shift makes the dequantized V's mean V's own (kernels/launch.quantize_qkv's v_shift)
         v_mean = vf.mean(dim=2, keepdim=True) - (v8 * v_scale).mean(dim=2, keepdim=True)
     else:
         pv_dtype = torch.float32 if v.dtype == torch.float32 else v.dtype

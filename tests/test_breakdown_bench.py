@@ -52,7 +52,7 @@ def test_fp16_path_reads_v_nowhere_and_unsmoothed_calls_take_one_launch():
 def test_each_launch_gets_its_own_time_and_a_mismatch_reports_nothing():
     module = breakdown()
     per_kernel = {"sage_fwd_sm90_pingpong_kernel": 0.343, "quantize_kernel [2/2]": 0.040,
-                  "quantize_kernel [1/2]": 0.030, "output_shift_kernel": 0.002}
+                  "quantize_kernel [1/2]": 0.030, "sage_fwd_tail_merge_kernel": 0.002}
     rows = module.quantize_launches(per_kernel, [60_000_000, 100_000_000])
     assert [r["launch"] for r in rows] == ["quantize_kernel [1/2]", "quantize_kernel [2/2]"]
     assert rows[0]["tb_per_s"] == pytest.approx(2.0) and rows[1]["tb_per_s"] == pytest.approx(2.5)

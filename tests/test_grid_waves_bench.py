@@ -25,7 +25,7 @@ def test_programs_per_head_follow_the_launch_configuration(key, rows, expected):
 
 def test_kernel_parts_split_a_call_and_lose_nothing():
     per_kernel = {"sage_fwd_sm90_pingpong_kernel": 0.34, "quantize_kernel [1/2]": 0.03, "quantize_kernel [2/2]": 0.04,
-                  "output_shift_kernel": 0.002, "repair_tiles_kernel": 0.003}
+                  "vectorized_elementwise_kernel": 0.002, "repair_tiles_kernel": 0.003}
     parts = grid_waves().kernel_parts(per_kernel)
     assert parts["attention_ms"] == pytest.approx(0.34)
     assert parts["quantize_ms"] == pytest.approx(0.07)

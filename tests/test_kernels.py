@@ -156,8 +156,9 @@ def test_smooth_v_adds_mean_back(kernel):
 def test_uniform_attention_returns_the_mean_of_v(key, smooth_v):
     """With uniform attention (Q = 0) every output row is V's mean over the keys. FP8 V rounds each value
     with an error whose mean over the keys does not vanish; the kernels take that mean off the output
-    (launch.output_shift), so the output is V's mean up to the accumulation's own rounding: to FP32 precision in
-    the interpreter; on an H200 1e-4 (portable), 3e-5 (in place) and 6e-4 (FP16 tiles) against a bias of 8e-3."""
+    (launch.quantize_qkv's v_shift), so the output is V's mean up to the accumulation's own rounding: to FP32
+    precision in the interpreter; on an H200 1e-4 (portable), 3e-5 (in place) and 6e-4 (FP16 tiles) against a bias
+    of 8e-3."""
     lc = tuning.LaunchConfig.from_key(key) if key else None
     if lc is not None and not HOPPER:
         pytest.skip(NO_HOPPER)
@@ -899,9 +900,10 @@ def test_call_plans_give_each_stream_and_a_graph_capture_their_own_buffers():
 def test_quantization_writes_the_output_shift_when_its_last_v_program_is_in(nk, d):
     """Given where to write it, the quantization's second launch writes the output shift itself: the last V
     program of each head and channel block to count in on its ticket adds up every program's code sums (37 V
-    programs a head at 4700 keys, no multiple of the sum's step; channel blocks of 64 and of 32 at head dim 64;
-    grouped-query heads). The same vector as output_shift's own launch on those sums, the tickets back at 0 after
-    the call, and the same bits again on the next call."""
+    programs a head at 4700 keys, no multiple of the sum's step of 32; channel blocks of 64 and of 32 at head dim
+    64; grouped-query heads). V's mean minus the mean of its dequantized codes, to FP32 precision; the tickets back
+    at 0 after the call; the same bits again on the next call (a fixed order: a render repeats exactly); without a
+    buffer for it, no shift and no ticket left counted."""
     q, k, v = inputs(1, 4, 2, 64, nk, d, torch.bfloat16, seed=nk)
     args = dict(q_group=16, k_group=128, block_d=d, smooth_k=True, smooth_v=True, pv_fp8=True)
     buffers = launch.quant_buffers(q, k, **args)
@@ -911,21 +913,10 @@ def test_quantization_writes_the_output_shift_when_its_last_v_program_is_in(nk, 
         qz = launch.quantize_qkv(q, k, v, q_multiplier=1.0, buffers=buffers, v_shift=shift, **args)
         assert (buffers["v_tickets"] == 0).all()
         shifts.append(shift)
-    torch.testing.assert_close(shifts[0], launch.output_shift(qz, nk), rtol=0, atol=1e-6)
+    sums = qz["v_code_sums"]
+    assert sums.shape[1] == -(-nk // launch.V_ROWS)
+    expected = qz["v_mean"].double() - sums.double().sum(1) / nk
+    torch.testing.assert_close(shifts[0].double(), expected, rtol=0, atol=2e-6)
     assert torch.equal(shifts[0], shifts[1])
-
-
-def test_output_shift_launch_sums_the_code_sums_in_a_fixed_order():
-    """launch.output_shift's launch: V's mean minus the mean of V's dequantized codes, from the per-program code
-    sums of V's quantization, over a program count that is no multiple of the launch's step, the same bits on
-    every run (a fixed order: a render repeats exactly), and written into a call plan's buffer when given one."""
-    gen = torch.Generator().manual_seed(5)
-    bhk, programs, block_d, keys = 3, 37, 128, 4700
-    qz = {"v_mean": torch.randn(bhk, block_d, generator=gen).to(DEVICE),
-          "v_code_sums": (torch.randn(bhk, programs, block_d, generator=gen) * 40).to(DEVICE)}
-    shift = launch.output_shift(qz, keys)
-    expected = qz["v_mean"].double() - qz["v_code_sums"].double().sum(1) / keys
-    torch.testing.assert_close(shift.double(), expected, rtol=0, atol=2e-6)
-    into = torch.full((bhk, block_d), float("nan"), device=DEVICE)
-    assert launch.output_shift(qz, keys, into=into) is into and torch.equal(into, shift)
-    assert launch.output_shift({"v_mean": qz["v_mean"], "v_code_sums": None}, keys) is qz["v_mean"]
+    launch.quantize_qkv(q, k, v, q_multiplier=1.0, buffers=buffers, **args)
+    assert (buffers["v_tickets"] == 0).all()

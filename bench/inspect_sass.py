@@ -347,28 +347,21 @@ def main(argv=None):
             print(f"  loop of {loop['instructions']} instructions: {loop['loads']} global loads, "
                   f"{loop['loads_before_first_add']} of them before its first add")
         return 0
-    if args.config:
-        from sage_attention_pack.kernels import launch
-        from sage_attention_pack.kernels.tuning import LaunchConfig
+    from sage_attention_pack.kernels import launch
+    from sage_attention_pack.kernels.tuning import LaunchConfig
 
-        cfg = LaunchConfig.from_key(args.config)
-        if cfg.pipelined:
-            from sage_attention_pack.kernels.hopper_launch import compile_for_sm90
+    # a launch key, or the tile and flags given one by one (the portable kernel)
+    cfg = LaunchConfig.from_key(args.config) if args.config else LaunchConfig(
+        args.m, args.n, args.warps, args.stages, magic_convert=not args.i2f, pv_direct=args.pv_direct,
+        max_registers=args.maxnreg, fp16_tiles=args.fp16_tiles)
+    if cfg.pipelined:
+        from sage_attention_pack.kernels.hopper_launch import compile_for_sm90
 
-            k = compile_for_sm90(cfg, args.d, pv_fp8=args.pv == "fp8", shift_v=args.shift_v)
-        else:
-            k = compile_attention(args.pv, args.d, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, args.arch,
-                                  cfg.max_registers, MAGIC_CONVERT=cfg.magic_convert, PV_DIRECT=cfg.pv_direct,
-                                  PV_FP16_TILES=launch.portable_fp16_tiles(cfg, args.pv == "fp8"))
+        k = compile_for_sm90(cfg, args.d, pv_fp8=args.pv == "fp8", shift_v=args.shift_v)
     else:
-        from sage_attention_pack.kernels import launch
-        from sage_attention_pack.kernels.tuning import LaunchConfig
-
-        flags = LaunchConfig(args.m, args.n, args.warps, args.stages, pv_direct=args.pv_direct,
-                             fp16_tiles=args.fp16_tiles)
-        k = compile_attention(args.pv, args.d, args.m, args.n, args.warps, args.stages, args.arch, args.maxnreg,
-                              MAGIC_CONVERT=not args.i2f, PV_DIRECT=args.pv_direct,
-                              PV_FP16_TILES=launch.portable_fp16_tiles(flags, args.pv == "fp8"))
+        k = compile_attention(args.pv, args.d, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, args.arch,
+                              cfg.max_registers, MAGIC_CONVERT=cfg.magic_convert, PV_DIRECT=cfg.pv_direct,
+                              PV_FP16_TILES=launch.portable_fp16_tiles(cfg, args.pv == "fp8"))
     sass = sass_of(k)
     if args.dump:
         Path(args.dump).write_text(sass)

@@ -902,8 +902,8 @@ def test_quantization_writes_the_output_shift_when_its_last_v_program_is_in(nk, 
     program of each head and channel block to count in on its ticket adds up every program's code sums (37 V
     programs a head at 4700 keys, no multiple of the sum's step of 32; channel blocks of 64 and of 32 at head dim
     64; grouped-query heads). V's mean minus the mean of its dequantized codes, to FP32 precision; the tickets back
-    at 0 after the call; the same bits again on the next call (a fixed order: a render repeats exactly); without a
-    buffer for it, no shift and no ticket left counted."""
+    at 0 after the call; the same bits again on the next call (a fixed order: a render repeats exactly); and a
+    call without a buffer for the shift leaves no ticket counted."""
     q, k, v = inputs(1, 4, 2, 64, nk, d, torch.bfloat16, seed=nk)
     args = dict(q_group=16, k_group=128, block_d=d, smooth_k=True, smooth_v=True, pv_fp8=True)
     buffers = launch.quant_buffers(q, k, **args)

@@ -69,12 +69,13 @@ def compile_attention(pv: str, d: int, m: int, n: int, warps: int, stages: int, 
                           options={"num_warps": warps, "num_stages": stages, "maxnreg": maxnreg})
 
 
-def compile_quantize(stats_pass: bool, d: int, arch: int, pv_fp8: bool = True, maxnreg=None, **overrides):
+def compile_quantize(stats_pass: bool, d: int, arch: int, pv_fp8: bool = True, maxnreg=None, rope: bool = False,
+                     **overrides):
     """One of the quantization's two launches (kernels/launch.quantize_qkv) compiled for `arch`: the statistics with
     Q's codes (stats_pass), or K's codes with V's. pv_fp8: as the in-place Hopper path launches it (FP8 P·V, both
     smoothings, Q in groups of 64 rows, K of 128); otherwise as the portable kernel's FP16 P·V does by default (K
-    smoothed alone, groups of 16 and 64 rows, no V codes). `overrides` replace the launch module's constants
-    (STATS_TILE=16, ...)."""
+    smoothed alone, groups of 16 and 64 rows, no V codes). rope: with the rotary table (Q and K coded rotated).
+    `overrides` replace the launch module's constants (STATS_TILE=16, ...)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -85,7 +86,7 @@ def compile_quantize(stats_pass: bool, d: int, arch: int, pv_fp8: bool = True, m
     from quant_constants import PATHS, constants  # bench/, beside this script
 
     ptypes = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Q8": "*i8", "K8": "*i8", "V8": "*fp8e4nv" if pv_fp8 else "*i8",
-              "V_TICKETS": "*i32"}
+              "V_TICKETS": "*i32", "PE": "*fp32"}
     floats = ("q_multiplier", "v_code_max", "inv_keys")
     path = PATHS["fp8" if pv_fp8 else "fp16"]  # the groups each call path quantizes in
     q_group, k_group = path["q_group"], path["k_group"]
@@ -99,7 +100,7 @@ def compile_quantize(stats_pass: bool, d: int, arch: int, pv_fp8: bool = True, m
                         V_STATS=pv_fp8, V_ROWS=v_rows, CHANNELS=channels, SMOOTH_V=pv_fp8, PV_FP8=pv_fp8,
                         FP8_ROUND_IN_FP32=False, PV_KEY_ORDER=pv_fp8, WARPS=warps, DO_STATS=int(stats_pass),
                         FINISH_SHIFT=pv_fp8 and not stats_pass, SHIFT_PROGRAMS=launch.SHIFT_PROGRAMS,
-                        DO_Q=int(stats_pass), DO_K=int(not stats_pass),
+                        DO_Q=int(stats_pass), DO_K=int(not stats_pass), ROPE=rope,
                         V_BLOCKS=d // channels if pv_fp8 and not stats_pass else 0)
     const_values.update({name: 1 for name in fn.arg_names if re.fullmatch(r"stride_[a-z]d", name)})
     sig, constexprs, attrs = {}, {}, {}
@@ -108,7 +109,7 @@ def compile_quantize(stats_pass: bool, d: int, arch: int, pv_fp8: bool = True, m
             sig[name] = "constexpr"
             constexprs[(i,)] = const_values[name]
             continue
-        is_ptr = i < fn.arg_names.index("stride_qb")  # the buffers come first
+        is_ptr = i < fn.arg_names.index("stride_qb") or name == "PE"  # the buffers come first, the table last
         sig[name] = ptypes.get(name, "*fp32") if is_ptr else ("fp32" if name in floats else "i32")
         if is_ptr or name.startswith("stride") or name in ("D", "v_padded"):
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -116,9 +117,9 @@ def compile_quantize(stats_pass: bool, d: int, arch: int, pv_fp8: bool = True, m
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "maxnreg": maxnreg})
 
 
-def compile_repair(block_m: int, d: int, arch: int):
+def compile_repair(block_m: int, d: int, arch: int, rope: bool = False):
     """The exact repair of flagged tiles (kernels/repair_kernel.py) as the launcher runs it after a kernel with
-    query tiles of block_m rows."""
+    query tiles of block_m rows (rope: Q and K rotated by a rotary table)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -127,9 +128,9 @@ def compile_repair(block_m: int, d: int, arch: int):
     from sage_attention_pack.kernels.repair_kernel import repair_tiles_kernel as fn
 
     consts = dict(BLOCK_M=block_m, BLOCK_N=repair_block_n(block_m, d), BLOCK_D=d, IS_CAUSAL=False, HAS_BIAS=False,
-                  RETURN_LSE=False)
+                  RETURN_LSE=False, ROPE=rope)
     types = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "OUT": "*bf16", "BIAS": "*fp32", "LSE": "*fp32",
-             "BAD": "*i32", "REPAIRED": "*i32", "qk_multiplier": "fp32"}
+             "BAD": "*i32", "REPAIRED": "*i32", "qk_multiplier": "fp32", "PE": "*fp32"}
     sig = {name: "constexpr" if name in consts else types.get(name, "i32") for name in fn.arg_names}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "num_stages": 1})
@@ -325,15 +326,17 @@ def main(argv=None):
                     help="compile a quantization launch instead (its constants as CONST=VALUE after it)")
     ap.add_argument("--repair", action="store_true",
                     help="compile the exact repair of flagged tiles instead (query tiles of --m rows)")
+    ap.add_argument("--rope", action="store_true",
+                    help="with --quant or --repair: with a rotary table (Q and K rotated inside the kernel)")
     ap.add_argument("overrides", nargs="*", help="with --quant: CONST=VALUE overrides of kernels/launch.py")
     args = ap.parse_args(argv)
     if args.repair:
-        k = compile_repair(args.m, args.d, args.arch)
+        k = compile_repair(args.m, args.d, args.arch, args.rope)
         print(json.dumps({"resources": resource_report(k, args.arch), "shared": k.metadata.shared}) if args.json
               else f"{resource_report(k, args.arch)}  shared {k.metadata.shared} B")
         return 0
     if args.quant:
-        k = compile_quantize(args.quant == "stats_q", args.d, args.arch, args.pv == "fp8", args.maxnreg,
+        k = compile_quantize(args.quant == "stats_q", args.d, args.arch, args.pv == "fp8", args.maxnreg, args.rope,
                              **{c: int(v) for c, v in (o.split("=") for o in args.overrides)})
         if args.json:
             sass = sass_of(k)

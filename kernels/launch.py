@@ -142,6 +142,18 @@ def tensor_signature(t: torch.Tensor) -> tuple:
     return t.dtype, t.shape, t.stride(), t.data_ptr() % 16 == 0
 
 
+def rope_arguments(rope: torch.Tensor | None, dummy: torch.Tensor) -> tuple:
+    """The rotary table and its batch, head and token strides as the kernels take them (kernels/rotary.py):
+    rope [Bp, Hp, N, D/2, 2, 2] with each token's matrices contiguous, a stride of 0 along a batch or head axis of
+    size 1 (the table broadcasts there); without a table, a buffer of the call's in its place, never read."""
+    if rope is None:
+        return (dummy, 0, 0, 0)
+    if rope.stride()[3:] != (4, 2, 1):
+        raise ValueError(f"rotary table strides {tuple(rope.stride())}: each token's 2x2 matrices must be contiguous")
+    return (rope, 0 if rope.shape[0] == 1 else rope.stride(0), 0 if rope.shape[1] == 1 else rope.stride(1),
+            rope.stride(2))
+
+
 def launch_now(site: str, fn, grid: tuple, args: tuple, kwargs: dict) -> None:
     """A launch outside any call plan (the `run` of quantize_qkv's and hopper_launch's callers without one)."""
     run_kernel(fn, grid, args, kwargs)
@@ -150,7 +162,7 @@ def launch_now(site: str, fn, grid: tuple, args: tuple, kwargs: dict) -> None:
 def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multiplier: float, smooth_k: bool,
                  smooth_v: bool, pv_fp8: bool, pv_key_order: bool = False,
                  v_code_max: float = FP8_E4M3_MAX, buffers: dict | None = None, run=launch_now,
-                 v_shift: torch.Tensor | None = None) -> dict:
+                 v_shift: torch.Tensor | None = None, rope: torch.Tensor | None = None) -> dict:
     """All quantization of one call in at most two launches of quantize_kernel: K's and V's statistics (K's over
     a sample of the keys from 1024 on, stats_every) with Q's INT8 codes, then K's INT8 codes and V's (which need
     the statistics); with nothing to smooth, Q's and K's codes in one.
@@ -197,12 +209,12 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
             out["v_tickets"] if finish_shift else dummy, *q.stride(), *k.stride(), *v.stride(),
             B * H, B * HK, H, HK, NQ, NK, D, n_chunks, chunk_rows, k_every, sampled_key_count(NK, k_every),
             out["q_scale"].shape[-1], out["k_scale"].shape[-1], float(q_multiplier), out["v_padded"],
-            float(v_code_max), n_v_programs, 1.0 / max(NK, 1))
+            float(v_code_max), n_v_programs, 1.0 / max(NK, 1), *rope_arguments(rope, dummy))
     constants = dict(ROWS=rows, Q_SUB=slice_rows(q_group, rows), K_SUB=slice_rows(k_group, rows), Q_GROUP=q_group,
                      K_GROUP=k_group, BLOCK_D=block_d, STATS_TILE=STATS_TILE, STATS_CHUNKS=MAX_STATS_CHUNKS,
                      SMOOTH_K=smooth_k, V_STATS=need_v_stats, V_ROWS=V_ROWS, CHANNELS=v_channels(block_d),
                      SMOOTH_V=smooth_v, PV_FP8=pv_fp8, FP8_ROUND_IN_FP32=interpreting(), PV_KEY_ORDER=pv_key_order,
-                     FINISH_SHIFT=finish_shift, SHIFT_PROGRAMS=SHIFT_PROGRAMS,
+                     FINISH_SHIFT=finish_shift, SHIFT_PROGRAMS=SHIFT_PROGRAMS, ROPE=rope is not None,
                      WARPS=QUANT_WARPS, num_warps=QUANT_WARPS)  # WARPS: quantize_v_tile's layout steer
     # the statistics' chunks first: they are the longest programs, and blocks are dispatched in grid order
     passes = [dict(DO_STATS=1, DO_Q=1, DO_K=0, V_BLOCKS=0),
@@ -253,7 +265,7 @@ def runs_hopper_kernel(q, k, v, *, config: tuning.LaunchConfig, k_group: int, pv
 
 def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_group: int, k_group: int,
                  pv_fp8: bool, smooth_k: bool, smooth_v: bool, return_lse: bool, config: tuning.LaunchConfig,
-                 repair_counter=None):
+                 repair_counter=None, rope=None):
     """Run quantization and attention; writes `out` ([B, H, Nq, D] view) and returns (lse, bad): bad holds a
     flag per query row ([B·H·Nq] int8, 1 where the row's output came out non-finite), valid until the next call
     of this shape.
@@ -263,7 +275,11 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
     exactly on the device (no host synchronisation) and counted into it; None skips the guard.
 
     bias: None or an FP32 [Bb, Hb, Nk] additive bias in log2 units, Bb in {1, B}, Hb in {1, H}.
+    rope: None or a rotary table Q and K are rotated by (quantize_qkv's rope; the repair rotates them too). The
+    LSE's correction for K's smoothing reads the caller's Q: with a table, return_lse is not taken.
     """
+    if rope is not None and return_lse:
+        raise ValueError("sage_forward: return_lse with a rotary table is not supported (rotate Q and K first)")
     B, H, NQ, D = q.shape
     HK, NK = k.shape[1], k.shape[2]
     block_d = padded_head_dim(D)
@@ -282,7 +298,7 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
     signature = (q.device, tensor_signature(q), tensor_signature(k), tensor_signature(v), tensor_signature(out),
                  tensor_signature(bias) if bias is not None else None,
                  tensor_signature(repair_counter) if repair_counter is not None else None,
-                 config, q_group, k_group, pv_fp8, smooth_k, smooth_v, return_lse, is_causal, interpreting())
+                 tensor_signature(rope) if rope is not None else None, config, q_group, k_group, pv_fp8, smooth_k, smooth_v, return_lse, is_causal, interpreting())
 
     def call_buffers() -> dict:
         buffers = quant_buffers(q, k, q_group=q_group, k_group=k_group, block_d=block_d, smooth_k=smooth_k,
@@ -303,7 +319,7 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
     qz = quantize_qkv(q, k, v, q_group=q_group, k_group=k_group, block_d=block_d, q_multiplier=sm_scale * LOG2E,
                       smooth_k=smooth_k, smooth_v=smooth_v, pv_fp8=pv_fp8, pv_key_order=pipelined,
                       v_code_max=fp16_tile_v_code_max(block_n) if fp16_tiles else FP8_E4M3_MAX,
-                      buffers=plan.buffers, run=plan.run, v_shift=plan.buffers["v_shift"])
+                      buffers=plan.buffers, run=plan.run, v_shift=plan.buffers["v_shift"], rope=rope)
     k_scale, k_mean = qz["k_scale"], qz["k_mean"]
     # FP8 P·V: the shift was written by the quantization's last launch; FP16 P·V: V's mean where V was smoothed
     # (quantize_qkv gives v_mean only then), else None
@@ -342,9 +358,9 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
         plan.run("repair", repair_tiles_kernel, grid, (
             q, k, v, bias if bias is not None else k_scale, out, lse, bad, repair_counter,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bias_strides,
-            H, H // HK, NQ, NK, D, sm_scale * LOG2E), dict(
+            H, H // HK, NQ, NK, D, sm_scale * LOG2E, *rope_arguments(rope, k_scale)), dict(
             BLOCK_M=block_m, BLOCK_N=repair_block_n(block_m, block_d), BLOCK_D=block_d, IS_CAUSAL=is_causal,
-            HAS_BIAS=bias is not None, RETURN_LSE=return_lse, num_warps=4, num_stages=1))
+            HAS_BIAS=bias is not None, RETURN_LSE=return_lse, ROPE=rope is not None, num_warps=4, num_stages=1))
     return (lse if return_lse else None), bad
 
 

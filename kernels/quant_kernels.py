@@ -6,6 +6,8 @@ views need no copy. Rounding is half away from zero, the same as sage_core/refer
 import triton
 import triton.language as tl
 
+from .rotary import rotated
+
 FP8_E4M3_MAX = tl.constexpr(448.0)
 
 
@@ -81,8 +83,8 @@ def kv_stats_chunk(
     K, V, PARTS, bh, chunk, n_chunks,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    HK, N, D, rows_per_chunk, k_every,
-    TILE: tl.constexpr, BLOCK_D: tl.constexpr, K_STATS: tl.constexpr, V_STATS: tl.constexpr,
+    HK, N, D, rows_per_chunk, k_every, PE, stride_pn,
+    TILE: tl.constexpr, BLOCK_D: tl.constexpr, K_STATS: tl.constexpr, V_STATS: tl.constexpr, ROPE: tl.constexpr,
 ):
     """Partial per-channel statistics of K and V over one chunk of tokens, for one (batch, KV head):
     PARTS[bh, chunk] = (sum of K, sum of V, max of V, min of V), each [BLOCK_D] in FP32 (padded channels
@@ -90,7 +92,8 @@ def kv_stats_chunk(
     launch.stats_every); K's loads in the tiles between are masked off, which issues no memory access. V's
     statistics cover every key. The quantization programs of the next pass finish the reduction (finish_stats),
     so no PyTorch reduction runs in between. Each step loads the next tile before it adds up this one
-    (load_raw)."""
+    (load_raw). With ROPE, K's sample is summed rotated (rotary.rotated; PE this head's table), the K that is
+    coded."""
     b = bh // HK
     h = bh % HK
     offs_d = tl.arange(0, BLOCK_D)
@@ -119,7 +122,11 @@ def kv_stats_chunk(
             v_raw = v_next
             v_next = load_raw(V, b, h, offs_n + TILE, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, hi, D)
         if K_STATS:
-            k_sum += k_raw.to(tl.float32)
+            if ROPE:  # the same rows as this tile's load: none where the tile is not sampled
+                k_sum += rotated(k_raw.to(tl.float32), K, b, h, offs_n, offs_d, stride_kb, stride_kh, stride_kn,
+                                 stride_kd, tl.where(((start - lo) // TILE) % k_every == 0, hi, 0), D, PE, stride_pn)
+            else:
+                k_sum += k_raw.to(tl.float32)
         if V_STATS:
             v = v_raw.to(tl.float32)
             v_sum += v
@@ -166,12 +173,16 @@ def shifted(raw, offs_n, offs_d, N, D, shift, multiplier):
 
 @triton.jit
 def shifted_slice(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D, shift, multiplier, nxt, end,
-                  SUB: tl.constexpr):
-    """The slice offs_n of a program's rows, which came loaded in `nxt`, shifted and scaled (see shifted), and
-    the next slice's load (rows up to `end`, the program's end), issued before this one is used."""
+                  PE, stride_pn, SUB: tl.constexpr, ROPE: tl.constexpr):
+    """The slice offs_n of a program's rows, which came loaded in `nxt`, rotated (ROPE: rotary.rotated by the
+    head's table PE), shifted and scaled (see shifted), and the next slice's load (rows up to `end`, the
+    program's end), issued before this one is used."""
     raw = nxt
     nxt = load_raw(X, b, h, offs_n + SUB, offs_d, stride_b, stride_h, stride_n, stride_d, end, D)
-    return shifted(raw, offs_n, offs_d, N, D, shift, multiplier), nxt
+    x = raw.to(tl.float32)
+    if ROPE:
+        x = rotated(x, X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D, PE, stride_pn)
+    return shifted(x, offs_n, offs_d, N, D, shift, multiplier), nxt
 
 
 @triton.jit
@@ -184,9 +195,11 @@ def first_slice(X, b, h, row0, stride_b, stride_h, stride_n, stride_d, N, D, ROW
 
 @triton.jit
 def quantize_int8_role(X, b, h, row0, stride_b, stride_h, stride_n, stride_d, N, D, shift, multiplier,
-                       OUT8, SCALE, n_groups, first, ROWS: tl.constexpr, SUB: tl.constexpr, GROUP: tl.constexpr,
-                       BLOCK_D: tl.constexpr):
-    """INT8 codes of (x - shift) * multiplier for rows [row0, row0 + ROWS) of one head, SUB rows at a time,
+                       OUT8, SCALE, n_groups, first, PE, stride_pn,
+                       ROWS: tl.constexpr, SUB: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.constexpr,
+                       ROPE: tl.constexpr):
+    """INT8 codes of (rot(x) - shift) * multiplier (rot: the rotary table PE's rotation with ROPE, else none) for
+    rows [row0, row0 + ROWS) of one head, SUB rows at a time,
     into OUT8 [N, BLOCK_D] and one scale per GROUP rows into SCALE [n_groups]. Slices keep the FP32 tile small
     (a whole 128-row tile took 255 registers and spilled in 4 warps), so more programs share a multiprocessor.
     A group longer than a slice is the whole tile: its maximum is found first, then the rows are read again
@@ -202,7 +215,8 @@ def quantize_int8_role(X, b, h, row0, stride_b, stride_h, stride_n, stride_d, N,
         has_nan = tl.zeros([1], tl.float32)
         for s in range(0, ROWS, SUB):
             x, nxt = shifted_slice(X, b, h, row0 + s + rows, offs_d, stride_b, stride_h, stride_n, stride_d, N, D,
-                                   shift, multiplier, nxt, end, SUB)
+                                   shift, multiplier, nxt, end, PE, stride_pn, SUB,
+                                   ROPE)
             amax = tl.maximum(amax, tl.max(tl.abs(x)))
             has_nan = tl.maximum(has_nan, tl.max(tl.where(x == x, 0.0, 1.0)))
         scale = int8_scale(amax, has_nan)
@@ -210,7 +224,8 @@ def quantize_int8_role(X, b, h, row0, stride_b, stride_h, stride_n, stride_d, N,
         for s in range(0, ROWS, SUB):
             offs_n = row0 + s + rows
             x, nxt = shifted_slice(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D, shift,
-                                   multiplier, nxt, end, SUB)
+                                   multiplier, nxt, end, PE, stride_pn, SUB,
+                                   ROPE)
             codes = round_half_away(x * reciprocal(scale)[:, None]).to(tl.int8)
             tl.store(OUT8 + offs_n[:, None] * BLOCK_D + offs_d[None, :], codes, mask=offs_n[:, None] < N)
         offs_g = row0 // GROUP + tl.arange(0, 1)
@@ -219,7 +234,8 @@ def quantize_int8_role(X, b, h, row0, stride_b, stride_h, stride_n, stride_d, N,
         for s in range(0, ROWS, SUB):
             offs_n = row0 + s + rows
             x, nxt = shifted_slice(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D, shift,
-                                   multiplier, nxt, end, SUB)
+                                   multiplier, nxt, end, PE, stride_pn, SUB,
+                                   ROPE)
             codes, scale, _ = quantize_rows_int8(x, SUB, GROUP, BLOCK_D)
             tl.store(OUT8 + offs_n[:, None] * BLOCK_D + offs_d[None, :], codes, mask=offs_n[:, None] < N)
             offs_g = (row0 + s) // GROUP + tl.arange(0, SUB // GROUP)
@@ -335,12 +351,13 @@ def quantize_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     BH, BHK, H, HK, NQ, NK, D, n_chunks, chunk_rows, k_every, k_sampled, q_groups, k_groups, q_multiplier,
     v_padded, v_code_max, n_v_programs, inv_keys,
+    PE, stride_pb, stride_ph, stride_pn,
     DO_STATS: tl.constexpr, DO_Q: tl.constexpr, DO_K: tl.constexpr, V_BLOCKS: tl.constexpr,
     ROWS: tl.constexpr, Q_SUB: tl.constexpr, K_SUB: tl.constexpr, Q_GROUP: tl.constexpr, K_GROUP: tl.constexpr,
     BLOCK_D: tl.constexpr, STATS_TILE: tl.constexpr, STATS_CHUNKS: tl.constexpr, SMOOTH_K: tl.constexpr,
     V_STATS: tl.constexpr, V_ROWS: tl.constexpr, CHANNELS: tl.constexpr, SMOOTH_V: tl.constexpr,
     PV_FP8: tl.constexpr, FP8_ROUND_IN_FP32: tl.constexpr, PV_KEY_ORDER: tl.constexpr, WARPS: tl.constexpr,
-    FINISH_SHIFT: tl.constexpr, SHIFT_PROGRAMS: tl.constexpr,
+    FINISH_SHIFT: tl.constexpr, SHIFT_PROGRAMS: tl.constexpr, ROPE: tl.constexpr,
 ):
     """One launch of a call's quantization: the roles it is given (DO_STATS, DO_Q, DO_K, V_BLOCKS), one per
     program_id(2), in that order; program_id(0) is the role's chunk or row block, program_id(1) its head. Roles
@@ -354,7 +371,10 @@ def quantize_kernel(
     K: INT8 codes [BHK, NK, BLOCK_D] of k - mean(k) (SMOOTH_K, the sample's mean finished from the statistics),
        one scale per K_GROUP rows; the first program of each head also writes the mean (for the LSE correction).
     V (V_BLOCKS roles, one per CHANNELS channels): quantize_v_tile, n_v_programs programs per head; with
-       FINISH_SHIFT the last of them also writes the output shift (finish_shift)."""
+       FINISH_SHIFT the last of them also writes the output shift (finish_shift).
+
+    ROPE: Q and K are coded (and K's sample summed) rotated by the rotary table PE [B, H, N, D/2, 2, 2] (strides
+    0 where it broadcasts, each token's matrices contiguous; kernels/rotary.py), so that a model's rotation costs no pass of its own."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     role = tl.program_id(2)
@@ -365,15 +385,17 @@ def quantize_kernel(
     if DO_STATS:
         if (role == 0) & (pid < n_chunks) & (bh < BHK):
             kv_stats_chunk(K, V, PARTS, bh, pid, n_chunks, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb,
-                           stride_vh, stride_vn, stride_vd, HK, NK, D, chunk_rows, k_every, STATS_TILE, BLOCK_D,
-                           SMOOTH_K, V_STATS)
+                           stride_vh, stride_vn, stride_vd, HK, NK, D, chunk_rows, k_every,
+                           PE + (bh // HK) * stride_pb + (bh % HK) * stride_ph, stride_pn, STATS_TILE, BLOCK_D,
+                           SMOOTH_K, V_STATS, ROPE)
     if DO_Q:
         if (role == Q_ROLE) & (bh < BH) & (pid * ROWS < NQ):
             first = first_slice(Q, bh // H, bh % H, pid * ROWS, stride_qb, stride_qh, stride_qn, stride_qd, NQ, D, ROWS,
                                 Q_SUB, BLOCK_D)
             quantize_int8_role(Q, bh // H, bh % H, pid * ROWS, stride_qb, stride_qh, stride_qn, stride_qd, NQ, D,
                                tl.zeros((BLOCK_D,), tl.float32), q_multiplier, Q8 + bh * NQ * BLOCK_D,
-                               Q_SCALE + bh * q_groups, q_groups, first, ROWS, Q_SUB, Q_GROUP, BLOCK_D)
+                               Q_SCALE + bh * q_groups, q_groups, first,
+                               PE + (bh // H) * stride_pb + (bh % H) * stride_ph, stride_pn, ROWS, Q_SUB, Q_GROUP, BLOCK_D, ROPE)
     if DO_K:
         if (role == K_ROLE) & (bh < BHK) & (pid * ROWS < NK):
             # K's first rows in flight while the mean is finished from the statistics
@@ -386,8 +408,8 @@ def quantize_kernel(
             else:
                 mean = tl.zeros((BLOCK_D,), tl.float32)
             quantize_int8_role(K, bh // HK, bh % HK, pid * ROWS, stride_kb, stride_kh, stride_kn, stride_kd, NK, D,
-                               mean, 1.0, K8 + bh * NK * BLOCK_D, K_SCALE + bh * k_groups, k_groups, first, ROWS,
-                               K_SUB, K_GROUP, BLOCK_D)
+                               mean, 1.0, K8 + bh * NK * BLOCK_D, K_SCALE + bh * k_groups, k_groups, first,
+                               PE + (bh // HK) * stride_pb + (bh % HK) * stride_ph, stride_pn, ROWS, K_SUB, K_GROUP, BLOCK_D, ROPE)
     if V_BLOCKS > 0:
         if (role >= V_ROLE) & (bh < BHK) & (pid < n_v_programs):
             quantize_v_tile(V, PARTS, V8, V_SCALE, V_MEAN, V_CODE_SUM, V_SHIFT, V_TICKETS, pid, bh, role - V_ROLE,

@@ -2,11 +2,13 @@
 
 Launched after every Sage call over the same grid: a program whose tile was clean returns at once, so the
 guard costs one tiny launch and no host synchronisation. A flagged tile is recomputed from the original
-Q, K, V in FP32 (IEEE dots, online softmax), with the same bias and causal mask, so wherever exact
-attention is finite the returned output is finite too.
+Q, K, V in FP32 (IEEE dots, online softmax), with the same bias and causal mask (and Q and K rotated by the
+call's rotary table, ROPE), so wherever exact attention is finite the returned output is finite too.
 """
 import triton
 import triton.language as tl
+
+from .rotary import rotated
 
 
 @triton.jit
@@ -18,8 +20,9 @@ def repair_tiles_kernel(
     stride_ob, stride_oh, stride_on, stride_od,
     stride_bias_b, stride_bias_h,
     H, KV_GROUP, NQ, NK, D, qk_multiplier,
+    PE, stride_pb, stride_ph, stride_pn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, RETURN_LSE: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, RETURN_LSE: tl.constexpr, ROPE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -33,7 +36,11 @@ def repair_tiles_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < D
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                mask=(offs_m[:, None] < NQ) & d_valid[None, :], other=0.0).to(tl.float32) * qk_multiplier
+                mask=(offs_m[:, None] < NQ) & d_valid[None, :], other=0.0).to(tl.float32)
+    if ROPE:
+        q = rotated(q, Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qn, stride_qd, NQ, D,
+                    PE + b * stride_pb + h * stride_ph, stride_pn)
+    q = q * qk_multiplier
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
@@ -46,6 +53,9 @@ def repair_tiles_kernel(
         kv_mask = n_valid[:, None] & d_valid[None, :]
         k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                     mask=kv_mask, other=0.0).to(tl.float32)
+        if ROPE:
+            k = rotated(k, K, b, hk, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, NK, D,
+                        PE + b * stride_pb + hk * stride_ph, stride_pn)
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
         if HAS_BIAS:
             s += tl.load(BIAS + b * stride_bias_b + h * stride_bias_h + offs_n, mask=n_valid, other=0.0)[None, :]

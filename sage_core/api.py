@@ -16,7 +16,9 @@ def sageattn(q, k, v, tensor_layout: str = "HND", is_causal: bool = False, sm_sc
     Extra keywords: attn_mask (boolean or additive, broadcastable to [B, H, Nq, Nk]; honoured in the
     kernel when it broadcasts over queries, else served exactly), dropout_p, smooth_k, smooth_v,
     qk_quant_gran ("per_block" | "per_warp" | "per_thread"), pv_precision / kernel ("auto" |
-    "int8_fp16" | "int8_fp8"), quant_block (64 | 128), config (a SageConfig), stats (a DispatchStats).
+    "int8_fp16" | "int8_fp8"), quant_block (64 | 128), config (a SageConfig), stats (a DispatchStats), rope (a
+    rotary table [B, H, N, D/2, 2, 2] in ComfyUI's Flux layout that Q and K are rotated by first: the kernels
+    rotate them inside their quantization, sage_core/rope.py).
     Official keywords without meaning here (pv_accum_dtype) are accepted and ignored.
     """
     config = kwargs.pop("config", None) or DEFAULT_CONFIG
@@ -35,8 +37,10 @@ def sageattn(q, k, v, tensor_layout: str = "HND", is_causal: bool = False, sm_sc
     attn_mask = kwargs.pop("attn_mask", None)
     dropout_p = kwargs.pop("dropout_p", 0.0)
     stats: DispatchStats | None = kwargs.pop("stats", None)
+    rope = kwargs.pop("rope", None)
     kwargs.pop("pv_accum_dtype", None)
     if kwargs:
         raise TypeError(f"sageattn() got unexpected keyword arguments: {', '.join(sorted(kwargs))}")
     return attention(q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale,
-                     attn_mask=attn_mask, dropout_p=dropout_p, config=config, stats=stats, return_lse=return_lse)
+                     attn_mask=attn_mask, dropout_p=dropout_p, config=config, stats=stats, return_lse=return_lse,
+                     rope=rope)

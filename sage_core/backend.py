@@ -74,8 +74,9 @@ def arch_family(device: torch.device) -> str:
 
 
 def run(q, k, v, *, layout: str, sm_scale: float, is_causal: bool, bias, config: SageConfig, pv_fp8: bool,
-        return_lse: bool, launch_config=None, repair_counter=None):
-    """Run the Triton path on HND views; returns (output in the caller's layout, lse or None, bad flags)."""
+        return_lse: bool, launch_config=None, repair_counter=None, rope=None):
+    """Run the Triton path on HND views; returns (output in the caller's layout, lse or None, bad flags). rope: a
+    rotary table Q and K are rotated by inside the quantization (launch.quantize_qkv)."""
     from ..kernels import launch
 
     B, H, NQ, D = q.shape
@@ -89,7 +90,7 @@ def run(q, k, v, *, layout: str, sm_scale: float, is_causal: bool, bias, config:
     lse, bad = launch.sage_forward(
         q, k, v, out_hnd, sm_scale=sm_scale, is_causal=is_causal, bias=bias, q_group=config.q_group_rows,
         k_group=config.k_group_rows, pv_fp8=pv_fp8, smooth_k=config.smooth_k, smooth_v=config.smooth_v,
-        return_lse=return_lse, config=cfg, repair_counter=repair_counter)
+        return_lse=return_lse, config=cfg, repair_counter=repair_counter, rope=rope)
     return out, lse, bad
 
 

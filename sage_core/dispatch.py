@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.tuning import seq_bucket  # triton-free
-from . import autoselect, backend
+from . import autoselect, backend, rope as rotary
 from .config import DEFAULT_CONFIG, SageConfig
 
 log = logging.getLogger("sage_attention_pack")
@@ -203,8 +203,13 @@ def sdpa(q, k, v, *, is_causal=False, sm_scale=None, attn_mask=None, dropout_p=0
 
 def attention(q, k, v, *, tensor_layout="HND", is_causal=False, sm_scale=None, attn_mask=None, dropout_p=0.0,
               config: SageConfig | None = None, stats: DispatchStats | None = None, return_lse=False,
-              defer_exact=False, host_exact=None):
+              defer_exact=False, host_exact=None, rope=None):
     """Attention through the fastest path that can serve; same semantics as SDPA (top-left causal).
+
+    rope: a rotary table [Bp, Hp, N, D/2, 2, 2] (ComfyUI's Flux `pe`, in [B, H, ...] order whatever the layout;
+    sage_core/rope.py) that Q and K are rotated by before the attention: the kernels rotate them inside their
+    quantization; every exact path rotates them first as ComfyUI does. With defer_exact, ExactPreferred leaves
+    the rotation to the host, which then runs its own rotation and attention.
 
     defer_exact: where `auto` picks exact attention, raise ExactPreferred (counted as "auto:sdpa") instead of
     running PyTorch's SDPA here. host_exact: the exact attention the host then runs for this call (no arguments),
@@ -213,10 +218,18 @@ def attention(q, k, v, *, tensor_layout="HND", is_causal=False, sm_scale=None, a
     stats = stats or GLOBAL_STATS
     validate(q, k, v, tensor_layout, attn_mask)
     qh, kh, vh = (to_hnd(t, tensor_layout) for t in (q, k, v))
+    if rope is not None:
+        rotary.validate(rope, qh, kh)
     B, H, NQ, D = qh.shape
     NK = kh.shape[2]
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(D) if D else 1.0
+
+    def rotated():
+        """Q and K as exact attention takes them: rotated by the table, if any."""
+        if rope is None:
+            return qh, kh
+        return rotary.rotate(qh, rope), rotary.rotate(kh, rope)
 
     def exact(reason=None):
         if reason == "kernel off":
@@ -225,7 +238,7 @@ def attention(q, k, v, *, tensor_layout="HND", is_causal=False, sm_scale=None, a
             if config.on_unsupported == "raise":
                 raise UnsupportedInput(f"Sage attention cannot serve this call: {reason}")
             stats.record_fallback(reason)
-        out, lse = sdpa(qh, kh, vh, is_causal=is_causal, sm_scale=sm_scale, attn_mask=attn_mask, dropout_p=dropout_p,
+        out, lse = sdpa(*rotated(), vh, is_causal=is_causal, sm_scale=sm_scale, attn_mask=attn_mask, dropout_p=dropout_p,
                         return_lse=return_lse)
         out = out if tensor_layout == "HND" else out.transpose(1, 2)
         return (out, lse) if return_lse else out
@@ -256,7 +269,7 @@ def attention(q, k, v, *, tensor_layout="HND", is_causal=False, sm_scale=None, a
             stats.record_sage("auto:sdpa")
             if defer_exact:
                 raise ExactPreferred()
-            out, lse = sdpa(qh, kh, vh, is_causal=is_causal, sm_scale=sm_scale, attn_mask=attn_mask,
+            out, lse = sdpa(*rotated(), vh, is_causal=is_causal, sm_scale=sm_scale, attn_mask=attn_mask,
                             return_lse=return_lse)
             out = out if tensor_layout == "HND" else out.transpose(1, 2)
             return (out, lse) if return_lse else out
@@ -266,13 +279,22 @@ def attention(q, k, v, *, tensor_layout="HND", is_causal=False, sm_scale=None, a
     def kind():
         return failure_key(qh, kh, variant, is_causal, bias is not None)
 
+    fused_rope = rope
+    if rope is not None and (return_lse or rope.stride()[3:] != (4, 2, 1)):
+        if return_lse:  # the LSE's correction for K's smoothing needs the rotated Q: rotate first
+            qh, kh = rotated()
+            fused_rope = None
+        else:  # the kernels read each token's 2x2 matrices contiguous
+            fused_rope = rope.contiguous()
+
     known = stats.known_failure(kind) if config.on_unsupported != "raise" else None
     if known:
         return exact(known)
     try:
         out, lse, _ = backend.run(qh, kh, vh, layout=tensor_layout, sm_scale=sm_scale, is_causal=is_causal,
                                   bias=bias, config=config, pv_fp8=variant == "int8_fp8", return_lse=return_lse,
-                                  repair_counter=stats.repair_counter(qh.device) if config.nan_guard else None)
+                                  repair_counter=stats.repair_counter(qh.device) if config.nan_guard else None,
+                                  rope=fused_rope)
     except Exception as e:  # a compile or launch failure on this GPU/Triton: exact attention, said once
         if config.on_unsupported == "raise":
             raise

@@ -34,7 +34,7 @@ def sampled_keys(n: int, every: int, tile: int = 16) -> torch.Tensor:
 
 def sage_reference(q, k, v, *, sm_scale=None, is_causal=False, bias=None, q_group=16, k_group=1,
                    block_m=128, pv_fp8=False, smooth_k=True, smooth_v=False, return_lse=False, k_stats_every=1,
-                   fp16_tile_keys=0):
+                   fp16_tile_keys=0, rope=None):
     """q, k, v: [B, H, N, D] (any float dtype; K/V may have fewer heads). bias: additive [Bb, Hb, Nk]
     in natural units (as SDPA's float mask). k_stats_every: K's mean from every k_stats_every-th tile of 16 keys
     (kernels/launch.stats_every gives the kernels' value). fp16_tile_keys: with pv_fp8, P·V summed per tile of that
@@ -45,6 +45,10 @@ def sage_reference(q, k, v, *, sm_scale=None, is_causal=False, bias=None, q_grou
     HK = k.shape[1]
     sm_scale = D ** -0.5 if sm_scale is None else sm_scale
     qf, kf, vf = q.float(), k.float(), v.float()
+    if rope is not None:  # out[2i + j] = pe[i, j, 0] x[2i] + pe[i, j, 1] x[2i + 1], in FP32
+        qf, kf = ((rope[..., 0].float() * t.reshape(*t.shape[:-1], -1, 1, 2)[..., 0]
+                   + rope[..., 1].float() * t.reshape(*t.shape[:-1], -1, 1, 2)[..., 1]).reshape(t.shape)
+                  for t in (qf, kf))
     sample = sampled_keys(k.shape[2], k_stats_every).to(k.device)
     k_mean = kf[:, :, sample].mean(dim=2, keepdim=True) if smooth_k else torch.zeros_like(kf[:, :, :1])
     k_codes, k_rows = quantize_int8_groups(kf - k_mean, k_group)

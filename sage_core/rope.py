@@ -1,0 +1,39 @@
+"""Rotary position embedding as ComfyUI's Flux layers apply it (comfy/ldm/flux/math.py), for the calls that hand
+their rotary table to the attention instead of rotating Q and K themselves.
+
+The table is pe [Bp, Hp, N, D/2, 2, 2] in FP32: channel pair i of token n becomes out[2i + j] = pe[n, i, j, 0] ·
+x[2i] + pe[n, i, j, 1] · x[2i + 1]. The kernels rotate inside their quantization (kernels/rotary.py); exact
+attention gets Q and K rotated here first, with ComfyUI's own arithmetic, so that a call served exactly gives the
+bits it gives unpatched.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def rotate(x: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
+    """x [B, H, N, D] rotated by pe, computed in pe's dtype and returned in x's (as ComfyUI does)."""
+    pairs = x.to(dtype=pe.dtype).reshape(*x.shape[:-1], -1, 1, 2)
+    return (pe[..., 0] * pairs[..., 0] + pe[..., 1] * pairs[..., 1]).reshape(*x.shape).type_as(x)
+
+
+def validate(rope, q: torch.Tensor, k: torch.Tensor) -> None:
+    """Raise a clear error naming `rope` for a table that does not fit q and k ([B, H, N, D] views)."""
+    if not isinstance(rope, torch.Tensor):
+        raise TypeError(f"rope must be a torch.Tensor, got {type(rope).__name__}")
+    B, H, NQ, D = q.shape
+    HK, NK = k.shape[1], k.shape[2]
+    expected = f"[1 or {B}, 1 or {H}, {NQ}, {D // 2}, 2, 2]"
+    if rope.dim() != 6 or tuple(rope.shape[-3:]) != (D // 2, 2, 2) or rope.shape[2] != NQ or D % 2:
+        raise ValueError(f"rope must be a rotary table of shape {expected} (pe of ComfyUI's Flux layers) for an even "
+                         f"head dim, got {tuple(rope.shape)} with head dim {D}")
+    if rope.shape[0] not in (1, B) or rope.shape[1] not in (1, H):
+        raise ValueError(f"rope of shape {tuple(rope.shape)} does not broadcast over batch {B} and heads {H}")
+    if NQ != NK:
+        raise ValueError(f"rope needs as many keys as queries (one table rotates both), got {NQ} and {NK}")
+    if rope.shape[1] > 1 and H != HK:
+        raise ValueError(f"rope with a table per head needs as many k/v heads as q heads, got {H} and {HK}")
+    if not rope.is_floating_point():
+        raise TypeError(f"rope must be a floating-point table, got {rope.dtype}")
+    if rope.device != q.device:
+        raise ValueError(f"rope is on {rope.device}, q on {q.device}")

@@ -1,0 +1,211 @@
+"""Rotary tables handed to the attention (ComfyUI's Flux `pe`): the kernels rotate Q and K inside their
+quantization (kernels/rotary.py), the exact paths rotate them as ComfyUI does (sage_core/rope.py). Run for real:
+through Triton's interpreter on the CPU, natively on a GPU."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sage_attention_pack.kernels import launch, tuning
+from sage_attention_pack.sage_core import rope as rotary
+from sage_attention_pack.sage_core.config import SageConfig
+from sage_attention_pack.sage_core.dispatch import DispatchStats, attention
+from sage_attention_pack.sage_core.metrics import attention_error
+from sage_attention_pack.sage_core.reference import sage_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="no GPU and TRITON_INTERPRET is not 1: the kernels cannot run here")
+SAME_ALGO_TOL = {"int8_fp16": 2e-3, "int8_fp8": 2e-2}  # as tests/test_kernels.py
+EXACT_BOUNDS = {"int8_fp16": (0.9999, 0.015), "int8_fp8": (0.999, 0.045)}
+
+
+def flux_pe(n: int, d: int, batch: int = 1, heads: int = 1, theta: float = 10000.0, offset: int = 0):
+    """A rotary table built as ComfyUI's flux/math.rope builds it ([cos, -sin, sin, cos] per channel pair), positions
+    offset + 0..n-1 (offset per batch entry when batch > 1, so that the entries differ), broadcast over heads."""
+    pos = (torch.arange(n, dtype=torch.float32)[None, :] + offset + 37.0 * torch.arange(batch)[:, None])
+    omega = 1.0 / theta ** torch.linspace(0, (d - 2) / d, steps=d // 2, dtype=torch.float64)
+    angle = torch.einsum("bn,d->bnd", pos.double(), omega)
+    pe = torch.stack([torch.cos(angle), -torch.sin(angle), torch.sin(angle), torch.cos(angle)], dim=-1)
+    pe = pe.reshape(batch, 1, n, d // 2, 2, 2).float()
+    return pe.expand(batch, heads, n, d // 2, 2, 2).contiguous().to(DEVICE)
+
+
+def inputs(b, hq, hk, n, d, dtype, seed=0, k_offset=3.0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, n, d, generator=g)
+    k = torch.randn(b, hk, n, d, generator=g) + k_offset * torch.randn(1, hk, 1, d, generator=g)
+    v = torch.randn(b, hk, n, d, generator=g)
+    return [t.to(DEVICE, dtype) for t in (q, k, v)]
+
+
+def rotated_fp32(x, pe):
+    """x rotated by pe in FP32, not rounded back to x's dtype: what the fused rotation codes."""
+    return rotary.rotate(x.float(), pe)
+
+
+def exact(q, k, v):
+    rep = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(rep, 1),
+                                          v.double().repeat_interleave(rep, 1))
+
+
+def rel_diff(a, b):
+    return ((a.double() - b.double()).abs().sum() / b.double().abs().sum().clamp_min(1e-30)).item()
+
+
+def test_rotation_is_comfyuis_own():
+    """sage_core/rope.rotate computes what ComfyUI's Flux attention computes (comfy/ldm/flux/math.py, restated here
+    so that the test does not need ComfyUI), bit for bit, in q's dtype."""
+    q = inputs(2, 3, 3, 50, 64, torch.bfloat16, seed=1)[0]
+    pe = flux_pe(50, 64, batch=2)
+    pairs = q.to(dtype=pe.dtype).reshape(*q.shape[:-1], -1, 1, 2)
+    comfy = (pe[..., 0] * pairs[..., 0] + pe[..., 1] * pairs[..., 1]).reshape(*q.shape).type_as(q)
+    assert torch.equal(rotary.rotate(q, pe), comfy) and rotary.rotate(q, pe).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("b,hq,hk,n,d,pe_batch,pe_heads,layout", [
+    (1, 2, 2, 333, 64, 1, 1, "HND"),      # chunk and tile edges, every key in K's statistics
+    (2, 4, 2, 150, 40, 2, 1, "NHD"),      # grouped-query, a table per batch entry, a padded head dim, strided views
+    (1, 2, 2, 1500, 128, 1, 2, "HND"),    # K's mean from a sample of the keys; a table per head
+])
+def test_quantization_codes_q_and_k_rotated_by_the_table(b, hq, hk, n, d, pe_batch, pe_heads, layout):
+    """Q's and K's codes, scales and K's mean with the table fused are those of Q and K rotated first in FP32 (the
+    codes within one step: the kernel may fuse the rotation's multiply and add); V's are untouched."""
+    q, k, v = inputs(b, hq, hk, n, d, torch.bfloat16, seed=n)
+    if layout == "NHD":  # [B, N, H, D] storage seen as [B, H, N, D] views
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    pe = flux_pe(n, d, batch=pe_batch, heads=pe_heads)
+    block_d = launch.padded_head_dim(d)
+    args = dict(q_group=64, k_group=128, block_d=block_d, q_multiplier=0.1275, smooth_k=True, smooth_v=True,
+                pv_fp8=True)
+    fused = launch.quantize_qkv(q, k, v, rope=pe, **args)
+    first = launch.quantize_qkv(rotated_fp32(q, pe), rotated_fp32(k, pe), v, **args)
+    for codes in ("q8", "k8"):
+        assert (fused[codes].int() - first[codes].int()).abs().max() <= 1, codes
+        assert (fused[codes] != first[codes]).float().mean() < 1e-3, codes
+    for name in ("q_scale", "k_scale", "k_mean"):
+        torch.testing.assert_close(fused[name], first[name], rtol=1e-5, atol=1e-6)
+    for name in ("v8", "v_scale", "v_mean"):
+        assert torch.equal(fused[name].float(), first[name].float()), name
+
+
+@pytest.mark.parametrize("kernel", ["int8_fp16", "int8_fp8"])
+@pytest.mark.parametrize("b,hq,hk,n,d", [(1, 2, 2, 200, 64), (2, 4, 2, 130, 128)])
+def test_a_call_with_a_table_matches_the_reference_and_exact_attention(kernel, b, hq, hk, n, d):
+    """The whole call with the table handed over: the reference of the same algorithm on the rotated Q and K, and
+    against exact attention on Q and K rotated as ComfyUI rotates them, as close as the same call on Q and K that
+    ComfyUI rotated first (the rotation turns K's channel offset with the position, which K's smoothing then takes
+    off less well: that costs both the same)."""
+    q, k, v = inputs(b, hq, hk, n, d, torch.bfloat16, seed=d + n)
+    pe = flux_pe(n, d, batch=b)
+    cfg = SageConfig(kernel=kernel)
+    stats = DispatchStats()
+    out = attention(q, k, v, config=cfg, stats=stats, rope=pe)
+    assert stats.sage[kernel] == 1 and not stats.fallback
+    ref = sage_reference(q, k, v, q_group=cfg.q_group_rows, k_group=cfg.k_group_rows or 64, block_m=64,
+                         pv_fp8=kernel == "int8_fp8", smooth_k=cfg.smooth_k, smooth_v=cfg.smooth_v, rope=pe,
+                         k_stats_every=launch.stats_every(n))
+    assert rel_diff(out, ref) < 4 * SAME_ALGO_TOL[kernel]  # the tiles of this device's configuration, not 64
+    qr, kr = rotary.rotate(q, pe), rotary.rotate(k, pe)
+    fused = attention_error(out, exact(qr, kr, v))
+    first = attention_error(attention(qr, kr, v, config=cfg), exact(qr, kr, v))
+    assert fused["rel_l1"] <= first["rel_l1"] * 1.1 + 1e-4 and fused["cosine"] >= first["cosine"] - 1e-4, (fused,
+                                                                                                         first)
+    assert fused["cosine"] >= 0.999 and fused["rel_l1"] <= 0.05, fused
+
+
+def test_the_interpreters_tiles_match_the_reference_closely():
+    """With the interpreter's own launch configuration (query tiles of its block_m, K groups of its block_n) the
+    kernel and the reference quantize identically: only accumulation order differs."""
+    q, k, v = inputs(1, 2, 2, 150, 64, torch.float16, seed=5)
+    pe = flux_pe(150, 64)
+    cfg = tuning.INTERPRETER_CONFIG
+    out = torch.full_like(q, float("nan"))
+    launch.sage_forward(q, k, v, out, sm_scale=64 ** -0.5, is_causal=False, bias=None, q_group=16, k_group=0,
+                        pv_fp8=False, smooth_k=True, smooth_v=False, return_lse=False, config=cfg, rope=pe)
+    ref = sage_reference(q, k, v, q_group=16, k_group=cfg.block_n, block_m=cfg.block_m, smooth_k=True, rope=pe)
+    assert rel_diff(out, ref) < SAME_ALGO_TOL["int8_fp16"]
+
+
+@pytest.mark.parametrize("kernel", ["int8_fp16", "int8_fp8"])
+def test_flagged_tiles_are_recomputed_with_q_and_k_rotated(kernel):
+    """A NaN in Q flags its tile; the repair recomputes it exactly from the caller's Q and K rotated by the table
+    (in FP32), so its rows are exact attention on the rotated inputs, not on the raw ones."""
+    q, k, v = inputs(1, 2, 2, 150, 64, torch.float32, seed=23)
+    q[0, 1, 5, 3] = float("nan")
+    pe = flux_pe(150, 64)
+    stats = DispatchStats()
+    out = attention(q, k, v, config=SageConfig(kernel=kernel), stats=stats, rope=pe)
+    ref = exact(rotary.rotate(q, pe), rotary.rotate(k, pe), v)
+    assert stats.recomputed >= 1
+    assert torch.equal(torch.isnan(out).any(-1), torch.isnan(ref).any(-1))  # only row 5 of head 1, like SDPA
+    torch.testing.assert_close(out[0, 1, 6:32].double(), ref[0, 1, 6:32], rtol=1e-4, atol=1e-5)
+    unrotated = exact(q, k, v)
+    assert (out[0, 1, 6:32].double() - unrotated[0, 1, 6:32]).abs().max() > 1e-2  # the rotation mattered
+
+
+def test_exact_paths_rotate_as_comfyui_does():
+    """Every call served exactly rotates Q and K first with ComfyUI's arithmetic: with the kernels off, the output
+    is PyTorch's attention on ComfyUI's rotated Q and K, bit for bit; so is a fallback's."""
+    q, k, v = inputs(1, 2, 2, 90, 64, torch.bfloat16, seed=3)
+    pe = flux_pe(90, 64)
+    want = F.scaled_dot_product_attention(rotary.rotate(q, pe), rotary.rotate(k, pe), v)
+    stats = DispatchStats()
+    assert torch.equal(attention(q, k, v, config=SageConfig(kernel="off"), stats=stats, rope=pe), want)
+    assert torch.equal(attention(q, k, v, config=SageConfig(kernel="int8_fp16"), stats=stats, rope=pe,
+                                 dropout_p=0.0, attn_mask=torch.ones(1, 1, 90, 90, dtype=torch.bool,
+                                                                     device=DEVICE).tril()), 
+                       F.scaled_dot_product_attention(rotary.rotate(q, pe), rotary.rotate(k, pe), v,
+                                                      attn_mask=torch.ones(90, 90, dtype=torch.bool,
+                                                                           device=DEVICE).tril()))
+    assert stats.exact["kernel off"] == 1 and stats.fallback["per-query mask"] == 1
+
+
+def test_a_call_asking_for_the_lse_rotates_first_and_keeps_it_exact():
+    """The LSE's correction for K's smoothing needs the rotated Q: such a call rotates Q and K first (ComfyUI's
+    arithmetic) and its LSE is that of the rotated scores."""
+    q, k, v = inputs(1, 2, 2, 130, 64, torch.float32, seed=9)
+    pe = flux_pe(130, 64)
+    cfg = SageConfig(kernel="int8_fp16")
+    out, lse = attention(q, k, v, config=cfg, rope=pe, return_lse=True)
+    qr, kr = rotary.rotate(q, pe), rotary.rotate(k, pe)
+    first_out, first_lse = attention(qr, kr, v, config=cfg, return_lse=True)
+    assert torch.equal(out, first_out) and torch.equal(lse, first_lse)
+    true_lse = torch.logsumexp((qr.double() @ kr.double().transpose(-1, -2)) * 64 ** -0.5, dim=-1)
+    assert (lse.double() - true_lse).abs().max() < 0.1  # the 8-bit scores' own error, not a missing correction
+
+
+def test_a_table_laid_out_otherwise_is_read_the_same():
+    """The kernels read each token's 2x2 matrices contiguous: a table whose matrices are not (a transposed view) is
+    made contiguous first and gives the same output as its contiguous copy."""
+    q, k, v = inputs(1, 2, 2, 100, 64, torch.bfloat16, seed=4)
+    pe = flux_pe(100, 64)
+    odd = pe.transpose(-1, -2).contiguous().transpose(-1, -2)  # the same values, columns outermost
+    assert odd.stride()[3:] != (4, 2, 1) and torch.equal(odd, pe)
+    cfg = SageConfig(kernel="int8_fp8")
+    assert torch.equal(attention(q, k, v, config=cfg, rope=odd), attention(q, k, v, config=cfg, rope=pe))
+
+
+@pytest.mark.parametrize("bad,message", [
+    (lambda pe: pe[..., :31, :, :], r"rope must be a rotary table of shape \[1 or 1, 1 or 2, 90, 32, 2, 2\]"),
+    (lambda pe: pe[:, :, :80], r"rope must be a rotary table of shape"),
+    (lambda pe: pe.expand(3, 1, 90, 32, 2, 2), r"rope of shape \(3, 1, 90, 32, 2, 2\) does not broadcast"),
+    (lambda pe: pe.to(torch.int32), r"rope must be a floating-point table"),
+    (lambda pe: pe.flatten(), r"rope must be a rotary table of shape"),
+    (lambda pe: "pe", r"rope must be a torch.Tensor"),
+])
+def test_a_table_that_does_not_fit_is_refused_naming_rope(bad, message):
+    """A table that does not fit the call is a caller's bug: a clear error naming `rope`, before any work."""
+    q, k, v = inputs(1, 2, 2, 90, 64, torch.bfloat16, seed=6)
+    stats = DispatchStats()
+    with pytest.raises((ValueError, TypeError), match=message):
+        attention(q, k, v, config=SageConfig(kernel="int8_fp8"), stats=stats, rope=bad(flux_pe(90, 64)))
+    assert stats.total == 0
+
+
+def test_a_table_for_other_key_lengths_is_refused():
+    q, k, v = inputs(1, 2, 2, 90, 64, torch.bfloat16, seed=6)
+    with pytest.raises(ValueError, match="rope needs as many keys as queries"):
+        attention(q, k[:, :, :50], v[:, :, :50], config=SageConfig(kernel="int8_fp8"), rope=flux_pe(90, 64))

@@ -298,7 +298,8 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
     signature = (q.device, tensor_signature(q), tensor_signature(k), tensor_signature(v), tensor_signature(out),
                  tensor_signature(bias) if bias is not None else None,
                  tensor_signature(repair_counter) if repair_counter is not None else None,
-                 tensor_signature(rope) if rope is not None else None, config, q_group, k_group, pv_fp8, smooth_k, smooth_v, return_lse, is_causal, interpreting())
+                 tensor_signature(rope) if rope is not None else None,
+                 config, q_group, k_group, pv_fp8, smooth_k, smooth_v, return_lse, is_causal, interpreting())
 
     def call_buffers() -> dict:
         buffers = quant_buffers(q, k, q_group=q_group, k_group=k_group, block_d=block_d, smooth_k=smooth_k,

@@ -374,7 +374,8 @@ def quantize_kernel(
        FINISH_SHIFT the last of them also writes the output shift (finish_shift).
 
     ROPE: Q and K are coded (and K's sample summed) rotated by the rotary table PE [B, H, N, D/2, 2, 2] (strides
-    0 where it broadcasts, each token's matrices contiguous; kernels/rotary.py), so that a model's rotation costs no pass of its own."""
+    0 where it broadcasts, each token's matrices contiguous; kernels/rotary.py), so that a model's rotation costs
+    no pass of its own."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     role = tl.program_id(2)
@@ -395,7 +396,8 @@ def quantize_kernel(
             quantize_int8_role(Q, bh // H, bh % H, pid * ROWS, stride_qb, stride_qh, stride_qn, stride_qd, NQ, D,
                                tl.zeros((BLOCK_D,), tl.float32), q_multiplier, Q8 + bh * NQ * BLOCK_D,
                                Q_SCALE + bh * q_groups, q_groups, first,
-                               PE + (bh // H) * stride_pb + (bh % H) * stride_ph, stride_pn, ROWS, Q_SUB, Q_GROUP, BLOCK_D, ROPE)
+                               PE + (bh // H) * stride_pb + (bh % H) * stride_ph, stride_pn, ROWS, Q_SUB, Q_GROUP,
+                               BLOCK_D, ROPE)
     if DO_K:
         if (role == K_ROLE) & (bh < BHK) & (pid * ROWS < NK):
             # K's first rows in flight while the mean is finished from the statistics
@@ -409,7 +411,8 @@ def quantize_kernel(
                 mean = tl.zeros((BLOCK_D,), tl.float32)
             quantize_int8_role(K, bh // HK, bh % HK, pid * ROWS, stride_kb, stride_kh, stride_kn, stride_kd, NK, D,
                                mean, 1.0, K8 + bh * NK * BLOCK_D, K_SCALE + bh * k_groups, k_groups, first,
-                               PE + (bh // HK) * stride_pb + (bh % HK) * stride_ph, stride_pn, ROWS, K_SUB, K_GROUP, BLOCK_D, ROPE)
+                               PE + (bh // HK) * stride_pb + (bh % HK) * stride_ph, stride_pn, ROWS, K_SUB, K_GROUP,
+                               BLOCK_D, ROPE)
     if V_BLOCKS > 0:
         if (role >= V_ROLE) & (bh < BHK) & (pid < n_v_programs):
             quantize_v_tile(V, PARTS, V8, V_SCALE, V_MEAN, V_CODE_SUM, V_SHIFT, V_TICKETS, pid, bh, role - V_ROLE,

@@ -238,8 +238,8 @@ def attention(q, k, v, *, tensor_layout="HND", is_causal=False, sm_scale=None, a
             if config.on_unsupported == "raise":
                 raise UnsupportedInput(f"Sage attention cannot serve this call: {reason}")
             stats.record_fallback(reason)
-        out, lse = sdpa(*rotated(), vh, is_causal=is_causal, sm_scale=sm_scale, attn_mask=attn_mask, dropout_p=dropout_p,
-                        return_lse=return_lse)
+        out, lse = sdpa(*rotated(), vh, is_causal=is_causal, sm_scale=sm_scale, attn_mask=attn_mask,
+                        dropout_p=dropout_p, return_lse=return_lse)
         out = out if tensor_layout == "HND" else out.transpose(1, 2)
         return (out, lse) if return_lse else out
 

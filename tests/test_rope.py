@@ -154,12 +154,10 @@ def test_exact_paths_rotate_as_comfyui_does():
     want = F.scaled_dot_product_attention(rotary.rotate(q, pe), rotary.rotate(k, pe), v)
     stats = DispatchStats()
     assert torch.equal(attention(q, k, v, config=SageConfig(kernel="off"), stats=stats, rope=pe), want)
+    causal = torch.ones(90, 90, dtype=torch.bool, device=DEVICE).tril()  # per query: served exactly
     assert torch.equal(attention(q, k, v, config=SageConfig(kernel="int8_fp16"), stats=stats, rope=pe,
-                                 dropout_p=0.0, attn_mask=torch.ones(1, 1, 90, 90, dtype=torch.bool,
-                                                                     device=DEVICE).tril()), 
-                       F.scaled_dot_product_attention(rotary.rotate(q, pe), rotary.rotate(k, pe), v,
-                                                      attn_mask=torch.ones(90, 90, dtype=torch.bool,
-                                                                           device=DEVICE).tril()))
+                                 attn_mask=causal),
+                       F.scaled_dot_product_attention(rotary.rotate(q, pe), rotary.rotate(k, pe), v, attn_mask=causal))
     assert stats.exact["kernel off"] == 1 and stats.fallback["per-query mask"] == 1
 
 

@@ -20,6 +20,7 @@ from ..sage_core import image_metrics
 from ..sage_core.config import GRANULARITIES, SageConfig
 from . import report_images
 from .frontend import send_to_frontend
+from .override import OVERRIDE_KEY
 
 CATEGORY = "model_patches/sage_attention"
 FROM_MODEL = "from model"
@@ -41,9 +42,6 @@ def synchronize(device) -> None:
         torch.xpu.synchronize(dev)
     elif dev is not None and dev.type == "mps" and hasattr(torch, "mps"):
         torch.mps.synchronize()
-
-
-OVERRIDE_KEY = "optimized_attention_override"
 
 
 def find_override(model):
@@ -99,18 +97,30 @@ class AttentionTimer:
         if not self.enabled:
             return self._forward(func, args, kwargs)
         q = args[0] if args else kwargs.get("q")
-        on_cuda = isinstance(q, torch.Tensor) and q.is_cuda
+        return self._timed(isinstance(q, torch.Tensor) and q.is_cuda, lambda: self._forward(func, args, kwargs))
+
+    @property
+    def takes_rotary(self) -> bool:
+        """Whether the override below takes Flux-family calls before their rotation (nodes/rotary_handoff.py)."""
+        return bool(getattr(self.previous, "takes_rotary", False))
+
+    def attend_rotary(self, attention_fn, q, k, v, pe, mask, transformer_options):
+        """A call handed over before its rotation, timed with the rotation the override below does inside it."""
+        call = lambda: self.previous.attend_rotary(attention_fn, q, k, v, pe, mask, transformer_options)  # noqa: E731
+        return self._timed(q.is_cuda, call) if self.enabled else call()
+
+    def _timed(self, on_cuda: bool, call):
         self.calls += 1
         if on_cuda:
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
             start.record()
-            out = self._forward(func, args, kwargs)
+            out = call()
             end.record()
             self._events.append((start, end))
             return out
         t0 = time.perf_counter()
-        out = self._forward(func, args, kwargs)
+        out = call()
         self._cpu_seconds += time.perf_counter() - t0
         return out
 

@@ -15,6 +15,7 @@ from ..sage_core.dispatch import DispatchStats, ExactPreferred, UnsupportedInput
 from . import comfy_attention, routing
 
 log = logging.getLogger("sage_attention_pack")
+OVERRIDE_KEY = "optimized_attention_override"  # ComfyUI's per-model attention hook in transformer_options
 
 
 class SageOverride:
@@ -47,47 +48,75 @@ class SageOverride:
         if self.config.kernel == "off":
             self.stats.record_exact("kernel off")
             return self.exact(func, args, kwargs)
-        call = comfy_attention.parse(args, kwargs)
+        return self.serve(comfy_attention.parse(args, kwargs), lambda: self.exact(func, args, kwargs))
+
+    takes_rotary = True  # nodes/rotary_handoff.py hands Flux-family calls over before their rotation
+
+    def attend_rotary(self, attention_fn, q, k, v, pe, mask, transformer_options: dict):
+        """A Flux-family attention call (comfy/ldm/flux/math.attention, `attention_fn`) handed over before its
+        rotation (nodes/rotary_handoff.py): Sage rotates Q and K inside its quantization; every exact path runs
+        `attention_fn` itself, ComfyUI's rotation and attention with the override that was there before ours."""
+        def unpatched():
+            options = dict(transformer_options)
+            if self.previous is None:
+                options.pop(OVERRIDE_KEY, None)
+            else:
+                options[OVERRIDE_KEY] = self.previous
+            return attention_fn(q, k, v, pe, mask=mask, transformer_options=options)
+
+        if self.config.kernel == "off":
+            self.stats.record_exact("kernel off")
+            return unpatched()
+        call = comfy_attention.parse((q, k, v, q.shape[1]), {"mask": mask, "skip_reshape": True,
+                                                            "transformer_options": transformer_options})
+        return self.serve(call, unpatched, rope=pe)
+
+    def serve(self, call: comfy_attention.AttentionCall, exact, rope=None):
+        """One call through Sage, or through `exact` (ComfyUI's attention for this call, no arguments) where the
+        block list, the step range, `auto` or a failure sends it there."""
         counter = routing.forward_counter(call.transformer_options)
         block, _ = counter.next_call(call.is_self_attention)
         if block in self.exact_blocks:
             self.stats.record_exact("block kept exact")
-            return self.exact(func, args, kwargs)
+            return exact()
         if not counter.steps_active:
             self.stats.record_exact("outside step range")
-            return self.exact(func, args, kwargs)
+            return exact()
         try:
-            out = run_sage(call, self.config, self.stats, self.stats_id,
-                           host_exact=lambda: self.exact(func, args, kwargs))
+            out = run_sage(call, self.config, self.stats, self.stats_id, host_exact=exact, rope=rope)
         except ExactPreferred:  # `auto` measured exact attention fastest here: ComfyUI's own, as unpatched
-            return self.exact(func, args, kwargs)
+            return exact()
         except UnsupportedInput as e:
             if self.config.on_unsupported == "raise":
                 raise
-            return self.fallback(str(e).split(": ", 1)[-1], func, args, kwargs)
+            return self.fallback(str(e).split(": ", 1)[-1], exact)
         except (ValueError, TypeError):
             raise  # malformed input is a bug to surface, not to hide
         except Exception as e:  # a kernel failure (compile error, out of memory) must not crash a render
             if self.config.on_unsupported == "raise":
                 raise
-            return self.fallback(f"kernel error: {type(e).__name__}", func, args, kwargs, detail=str(e))
+            return self.fallback(f"kernel error: {type(e).__name__}", exact, detail=str(e))
         return call.finish(out)
 
-    def fallback(self, reason, func, args, kwargs, detail=""):
+    def fallback(self, reason, exact, detail=""):
         self.stats.record_fallback(reason)
         if reason not in self._warned:  # once per reason, not once per call
             self._warned.add(reason)
             log.warning("Sage Attention: %s; using ComfyUI's attention for such calls%s", reason,
                         f" ({detail.splitlines()[0][:200]})" if detail else "")
-        return self.exact(func, args, kwargs)
+        return exact()
 
 
 def run_sage(call: comfy_attention.AttentionCall, config: SageConfig, stats: DispatchStats,
-             stats_id: int = 0, host_exact=None) -> torch.Tensor:
+             stats_id: int = 0, host_exact=None, rope=None) -> torch.Tensor:
     """Sage attention for one ComfyUI call; raises UnsupportedInput where the kernels cannot serve, and
     ExactPreferred where `auto` measured the exact attention ComfyUI runs instead (host_exact, this call through
-    it) fastest."""
+    it) fastest. rope: the call's rotary table, not yet applied to Q and K (SageOverride.attend_rotary; never
+    while compiling: the hand-off steps aside there)."""
     strict = config.with_(on_unsupported="raise")
+    if rope is not None:
+        return attention(call.q, call.k, call.v, tensor_layout=call.layout, attn_mask=call.mask, config=strict,
+                         stats=stats, defer_exact=True, host_exact=host_exact, rope=rope)
     if torch.compiler.is_compiling():
         return sage_attention_op(call.q, call.k, call.v, call.mask, call.layout, strict, stats_id)
     return attention(call.q, call.k, call.v, tensor_layout=call.layout, attn_mask=call.mask, config=strict,

@@ -1,9 +1,10 @@
 """The "Sage Attention" node: route a model's attention through the bundled kernels.
 
 It clones the model and sets ComfyUI's per-model hook, transformer_options["optimized_attention_override"],
-to a SageOverride that keeps whatever override was there before (so other nodes chain). Two keyed
-wrappers come with it: APPLY_MODEL puts a fresh call counter into each forward (block numbering, step
-gating) and OUTER_SAMPLE resets and then reports the counters once per sampling run.
+to a SageOverride that keeps whatever override was there before (so other nodes chain), and installs the
+rotary hand-off (nodes/rotary_handoff.py) through which Flux-family calls give the override Q and K before
+their rotation. Two keyed wrappers come with it: APPLY_MODEL puts a fresh call counter into each forward
+(block numbering, step gating) and OUTER_SAMPLE resets and then reports the counters once per sampling run.
 """
 from __future__ import annotations
 
@@ -14,13 +15,12 @@ from comfy_api.latest import io
 
 from ..sage_core import backend
 from ..sage_core.config import GRANULARITIES, KERNELS, SageConfig
-from . import routing
+from . import rotary_handoff, routing
 from .frontend import send_to_frontend
-from .override import SageOverride
+from .override import OVERRIDE_KEY, SageOverride
 
 log = logging.getLogger("sage_attention_pack")
 WRAPPER_KEY = "sage_attention_pack"
-OVERRIDE_KEY = "optimized_attention_override"
 STATS_EVENT = "sage_attention.stats"
 __all__ = ["SageAttention", "SageOverride", "SageConfig", "apply_sage", "remove_sage", "get_sage_override", "report"]
 
@@ -80,6 +80,8 @@ def report(override: SageOverride) -> dict:
     parts += [f"{n} fallback ({k})" for k, n in snap["fallback"].items()]
     if snap["recomputed"]:
         parts.append(f"{snap['recomputed']} recomputed exactly (non-finite output)")
+    if snap["rotary_fused"]:
+        parts.append(f"rotary embedding applied inside the quantization in {snap['rotary_fused']}")
     log.info("Sage Attention: %d attention calls: %s", snap["total"], "; ".join(parts) or "none")
     try:
         send_to_frontend(STATS_EVENT, snap)
@@ -106,6 +108,7 @@ def apply_sage(model, config: SageConfig, exact_blocks: str = "", start_percent:
     options[OVERRIDE_KEY] = override
     m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY, _apply_model_wrapper)
     m.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _make_outer_sample_wrapper(override))
+    rotary_handoff.install()  # Flux-family calls then hand their rotation to the override
     return m
 
 

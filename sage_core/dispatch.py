@@ -49,6 +49,7 @@ class DispatchStats:
             self.sage = Counter()
             self.fallback = Counter()
             self.exact = Counter()  # calls routed to exact attention on purpose (block list, step range, off)
+            self.rotary_fused = 0  # Sage calls whose rotary table the quantization applied (no rotation pass)
             self._counters = {}  # device -> int32 tensor the repair kernel counts into; read when reported
             # kernel failures that every call of the same kind would repeat (a compile error on this GPU and
             # Triton), by failure_key -> reason: such calls then go straight to exact attention instead of
@@ -66,6 +67,10 @@ class DispatchStats:
     def record_exact(self, why: str):
         with self._lock:
             self.exact[why] += 1
+
+    def record_rotary_fused(self):
+        with self._lock:
+            self.rotary_fused += 1
 
     def remember_failure(self, key: tuple, reason: str):
         with self._lock:
@@ -94,10 +99,11 @@ class DispatchStats:
         return sum(self.sage.values()) + sum(self.fallback.values()) + sum(self.exact.values())
 
     def snapshot(self) -> dict:
-        """{"sage": {variant: n}, "fallback": {reason: n}, "exact": {why: n}, "recomputed": n, "total": n}."""
+        """{"sage": {variant: n}, "fallback": {reason: n}, "exact": {why: n}, "recomputed": n, "rotary_fused": n,
+        "total": n}."""
         with self._lock:
             return {"sage": dict(self.sage), "fallback": dict(self.fallback), "exact": dict(self.exact),
-                    "recomputed": self.recomputed,
+                    "recomputed": self.recomputed, "rotary_fused": self.rotary_fused,
                     "total": sum(self.sage.values()) + sum(self.fallback.values()) + sum(self.exact.values())}
 
 
@@ -307,4 +313,6 @@ def attention(q, k, v, *, tensor_layout="HND", is_causal=False, sm_scale=None, a
                         str(e).splitlines()[0][:200] if str(e) else "")
         return exact(reason)
     stats.record_sage(variant)
+    if fused_rope is not None:
+        stats.record_rotary_fused()
     return (out, lse) if return_lse else out

@@ -1,0 +1,197 @@
+"""Flux-family calls handed to Sage before their rotary embedding (nodes/rotary_handoff.py), in a real ComfyUI:
+ComfyUI's own Flux model class at a small width (2 heads of 128, one double and one single block, random weights),
+sampled through ComfyUI's sampler with the patch node's model patch, and called directly with the override."""
+import os
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.comfy,
+              pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="TRITON_INTERPRET=1 is needed to run the kernels on the CPU")]
+FLUX = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=64, hidden_size=256,
+            mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[16, 56, 56], theta=10000,
+            patch_size=2, qkv_bias=True, guidance_embed=False)
+CALLS = 2  # attention calls per forward: the double block's joint one and the single block's
+
+
+def cosine(a, b):
+    a, b = a.double().flatten(), b.double().flatten()
+    return (a @ b / (a.norm() * b.norm())).item()
+
+
+@pytest.fixture(scope="module")
+def flux(comfyui):
+    """(ModelPatcher of a small Flux built by ComfyUI's own classes, the forward's inputs, a sampling run)."""
+    import comfy.model_patcher
+    import comfy.sample
+    import comfy.supported_models
+
+    config = comfy.supported_models.Flux(dict(FLUX))
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, device="cpu")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.diffusion_model.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+            elif "scale" in name or "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
+                                               offload_device=torch.device("cpu"))
+    x = torch.randn(1, 16, 16, 16, generator=g)
+    ctx, y = torch.randn(1, 16, 64, generator=g), torch.randn(1, 32, generator=g)
+    cond = [[ctx, {"pooled_output": y}]]
+
+    def sample(m):
+        return comfy.sample.sample(m, x, 2, 1.0, "euler", "simple", cond, cond, torch.zeros_like(x), seed=1)
+
+    def forward(options):
+        """One forward with `options` and, as the patch node's model wrapper puts there, a fresh call counter."""
+        from sage_attention_pack.nodes.routing import ForwardCounter
+
+        with torch.no_grad():
+            return model.diffusion_model(x, torch.full((1,), 0.5), ctx, y=y,
+                                         transformer_options={**options, ForwardCounter.KEY: ForwardCounter()})
+
+    return patcher, forward, sample
+
+
+@pytest.fixture
+def installed(flux):
+    from sage_attention_pack.nodes import rotary_handoff
+
+    assert rotary_handoff.install() == ["comfy.ldm.flux.layers", "comfy.ldm.chroma.layers"]
+    yield rotary_handoff
+    rotary_handoff.uninstall()
+
+
+def test_the_patch_node_samples_flux_with_the_rotation_inside_the_quantization(flux):
+    """The patch node's model patch installs the hand-off: every attention call of a Flux sampling run is served by
+    Sage with its rotation applied inside the quantization, and the result stays close to ComfyUI's own."""
+    from sage_attention_pack.nodes import rotary_handoff
+    from sage_attention_pack.nodes.patch import apply_sage, get_sage_override
+    from sage_attention_pack.sage_core.config import SageConfig
+
+    patcher, _, sample = flux
+    reference = sample(patcher)
+    patched = apply_sage(patcher, SageConfig(kernel="int8_fp16"))
+    try:
+        out = sample(patched)
+        snap = get_sage_override(patched).stats.snapshot()
+        assert snap["sage"] == {"int8_fp16": 2 * CALLS} and snap["rotary_fused"] == 2 * CALLS, snap
+        assert cosine(out, reference) > 0.9999
+        assert torch.equal(sample(patcher), reference)  # the unpatched model is untouched by the hand-off
+    finally:
+        rotary_handoff.uninstall()
+
+
+def test_the_fused_rotation_gives_what_comfyuis_rotation_gives(flux, installed):
+    """The same override with and without the hand-off: the rotation in the quantization (in FP32, without the
+    round to the model's dtype) and ComfyUI's rotation before the hook give the same attention to within the
+    8-bit codes' rounding."""
+    from sage_attention_pack.nodes.override import SageOverride
+    from sage_attention_pack.sage_core.config import SageConfig
+
+    _, forward, _ = flux
+    fused = SageOverride(SageConfig(kernel="int8_fp8"))
+    out = forward({"optimized_attention_override": fused})
+    installed.uninstall()
+    first = SageOverride(SageConfig(kernel="int8_fp8"))
+    out_first = forward({"optimized_attention_override": first})
+    assert fused.stats.rotary_fused == CALLS and first.stats.rotary_fused == 0
+    assert first.stats.snapshot()["sage"] == fused.stats.snapshot()["sage"] == {"int8_fp8": CALLS}
+    assert cosine(out, out_first) > 0.9999
+    assert cosine(out, forward({})) > 0.999
+
+
+def test_kernel_off_block_list_and_an_earlier_override_run_comfyuis_own_rotation(flux, installed):
+    """Calls the override sends to exact attention run ComfyUI's Flux attention itself (its rotation, then its
+    attention through the override that was there before Sage's), bit for bit as unpatched."""
+    from sage_attention_pack.nodes.override import SageOverride
+    from sage_attention_pack.sage_core.config import SageConfig
+
+    _, forward, _ = flux
+    reference = forward({})
+    off = SageOverride(SageConfig(kernel="off"))
+    assert torch.equal(forward({"optimized_attention_override": off}), reference)
+    assert off.stats.exact["kernel off"] == CALLS
+
+    seen = []
+
+    def earlier(func, *args, **kwargs):  # another extension's override, below Sage's
+        seen.append(args[0].shape)
+        return func(*args, **kwargs)
+
+    blocks = SageOverride(SageConfig(kernel="int8_fp16"), exact_blocks={0, 1}, previous=earlier)
+    assert torch.equal(forward({"optimized_attention_override": blocks}), reference)
+    assert blocks.stats.exact["block kept exact"] == CALLS and len(seen) == CALLS
+    assert blocks.stats.rotary_fused == 0
+
+    one = SageOverride(SageConfig(kernel="int8_fp16"), exact_blocks={0})
+    forward({"optimized_attention_override": one})
+    assert one.stats.snapshot()["sage"] == {"int8_fp16": 1} and one.stats.rotary_fused == 1
+    assert one.stats.exact["block kept exact"] == 1
+
+
+def test_another_override_on_top_keeps_comfyuis_path(flux, installed):
+    """An override that is not Sage's (or does not take rotations) on top: the call goes the way ComfyUI sends it,
+    rotated first, through that override."""
+    from sage_attention_pack.nodes.override import SageOverride
+    from sage_attention_pack.sage_core.config import SageConfig
+
+    _, forward, _ = flux
+    sage = SageOverride(SageConfig(kernel="int8_fp16"))
+    seen = []
+
+    def on_top(func, *args, **kwargs):
+        seen.append(1)
+        return sage(func, *args, **kwargs)
+
+    forward({"optimized_attention_override": on_top})
+    assert len(seen) == CALLS and sage.stats.snapshot()["sage"] == {"int8_fp16": CALLS}
+    assert sage.stats.rotary_fused == 0
+
+
+def test_the_compare_nodes_timer_times_the_handed_over_call(flux, installed):
+    """The compare node's attention timer above the Sage override passes the hand-off through and times it."""
+    from sage_attention_pack.nodes.compare import AttentionTimer
+    from sage_attention_pack.nodes.override import SageOverride
+    from sage_attention_pack.sage_core.config import SageConfig
+
+    _, forward, _ = flux
+    sage = SageOverride(SageConfig(kernel="int8_fp16"))
+    timer = AttentionTimer(sage)
+    forward({"optimized_attention_override": timer})
+    assert timer.calls == CALLS and timer.total_seconds() > 0
+    assert sage.stats.rotary_fused == CALLS
+    plain = AttentionTimer(None)  # nothing below it takes rotations: ComfyUI's path, timed
+    forward({"optimized_attention_override": plain})
+    assert plain.calls == CALLS and not plain.takes_rotary
+
+
+def test_install_is_idempotent_and_leaves_another_extensions_replacement_alone(flux, installed):
+    import comfy.ldm.chroma.layers
+    import comfy.ldm.flux.layers
+    import comfy.ldm.flux.math
+
+    original = comfy.ldm.flux.math.attention
+    wrapped = comfy.ldm.flux.layers.attention
+    assert wrapped is not original and wrapped.sage_original is original
+    assert comfy.ldm.chroma.layers.attention is wrapped
+    assert installed.install() == ["comfy.ldm.flux.layers", "comfy.ldm.chroma.layers"]
+    assert comfy.ldm.flux.layers.attention is wrapped  # not wrapped twice
+    installed.uninstall()
+    assert comfy.ldm.flux.layers.attention is original and comfy.ldm.chroma.layers.attention is original
+
+    def theirs(q, k, v, pe, mask=None, transformer_options={}):  # noqa: B006
+        return original(q, k, v, pe, mask=mask, transformer_options=transformer_options)
+
+    comfy.ldm.flux.layers.attention = theirs
+    try:
+        assert installed.install() == ["comfy.ldm.chroma.layers"]
+        assert comfy.ldm.flux.layers.attention is theirs
+    finally:
+        comfy.ldm.flux.layers.attention = original

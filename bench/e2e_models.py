@@ -184,11 +184,16 @@ def main():
                         help="settings ('default' for ComfyUI's own) whose forward runs back to back for "
                              "--clock-seconds while nvidia-smi samples the SM clock and power")
     parser.add_argument("--clock-seconds", type=float, default=4.0)
+    parser.add_argument("--comfyui-rotation", nargs="*", default=[],
+                        help="settings also run with ComfyUI's own rotary embedding (label "
+                             "<setting>_comfyui_rotation): their override does not take Flux-family calls before "
+                             "the rotation (nodes/rotary_handoff.py), as before the hand-off")
     args = parser.parse_args()
 
     comfy = load_comfy(args.comfyui)
     import sage_attention_pack as pack  # installed (pip install -e .) or on PYTHONPATH
     from sage_attention_pack.nodes import override as override_mod
+    from sage_attention_pack.nodes import rotary_handoff
     from sage_attention_pack.sage_core import bench as bench_mod
     from sage_attention_pack.sage_core import config as config_mod
     from sage_attention_pack.sage_core.timing import error_line, interleaved_median_ms
@@ -200,6 +205,11 @@ def main():
               "models": {}}
     overrides = {label: override_mod.SageOverride(config_mod.SageConfig(kernel=kernel))
                  for label, kernel in settings.items()}
+    result["rotary_handoff"] = rotary_handoff.install()  # as the patch node does
+    for label in args.comfyui_rotation:
+        plain = overrides[f"{label}_comfyui_rotation"] = override_mod.SageOverride(
+            config_mod.SageConfig(kernel=settings[label]))
+        plain.takes_rotary = False
     if not args.no_peers:
         peer_overrides, result["peer_versions"] = load_peer_overrides()
         overrides.update(peer_overrides)

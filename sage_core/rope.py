@@ -37,3 +37,22 @@ def validate(rope, q: torch.Tensor, k: torch.Tensor) -> None:
         raise TypeError(f"rope must be a floating-point table, got {rope.dtype}")
     if rope.device != q.device:
         raise ValueError(f"rope is on {rope.device}, q on {q.device}")
+
+
+def axis_table(pos: torch.Tensor, dim: int, theta: float) -> torch.Tensor:
+    """ComfyUI's flux/math.rope: the [B, N, dim/2, 2, 2] rotations of positions pos [B, N] along one axis."""
+    scale = torch.linspace(0, (dim - 2) / dim, steps=dim // 2, dtype=torch.float64, device=pos.device)
+    angle = torch.einsum("...n,d->...nd", pos.to(torch.float64), 1.0 / theta ** scale)
+    out = torch.stack([torch.cos(angle), -torch.sin(angle), torch.sin(angle), torch.cos(angle)], dim=-1)
+    return out.reshape(*out.shape[:-1], 2, 2).float()
+
+
+def flux_table(text_tokens: int, height: int, width: int, axes_dim=(16, 56, 56), theta: float = 10000.0,
+               device="cpu") -> torch.Tensor:
+    """The table Flux.1 hands its attention (ComfyUI's EmbedND over its position ids) for text_tokens text tokens
+    (ids 0) followed by a height x width grid of image patches (ids (0, row, column)): [1, 1, N, 64, 2, 2] at the
+    model's head dim 128. For benchmarks and tests that need the real table without ComfyUI."""
+    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    image = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)
+    ids = torch.cat([torch.zeros(text_tokens, 3, dtype=image.dtype), image])[None].to(device)
+    return torch.cat([axis_table(ids[..., i], d, theta) for i, d in enumerate(axes_dim)], dim=-3).unsqueeze(1)

@@ -172,6 +172,19 @@ def test_the_compare_nodes_timer_times_the_handed_over_call(flux, installed):
     assert plain.calls == CALLS and not plain.takes_rotary
 
 
+def test_the_benchmarks_flux_table_is_comfyuis(comfyui):
+    """sage_core/rope.flux_table (for benchmarks without ComfyUI) is the table ComfyUI's Flux embeds its position
+    ids into (EmbedND over text ids 0 and image ids (0, row, column)), bit for bit."""
+    from comfy.ldm.flux.layers import EmbedND
+
+    from sage_attention_pack.sage_core.rope import flux_table
+
+    rows, cols = torch.meshgrid(torch.arange(3), torch.arange(4), indexing="ij")
+    image = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)
+    ids = torch.cat([torch.zeros(5, 3, dtype=image.dtype), image])[None].float()
+    assert torch.equal(flux_table(5, 3, 4), EmbedND(dim=128, theta=10000, axes_dim=[16, 56, 56])(ids))
+
+
 def test_install_is_idempotent_and_leaves_another_extensions_replacement_alone(flux, installed):
     import comfy.ldm.chroma.layers
     import comfy.ldm.flux.layers

@@ -1,0 +1,66 @@
+"""bench/rope_call.py: Flux.1's call with its table, the ways ComfyUI can run it; on the CPU its pieces through
+Triton's interpreter at a small size, on a GPU a short run."""
+import json
+import os
+
+import pytest
+import torch
+
+import bench_script
+
+
+def rope_call():
+    return bench_script.load("rope_call")
+
+
+def test_the_inputs_are_flux_shaped_with_its_table():
+    q, k, v, pe = rope_call().call_inputs(256, "cpu")
+    assert q.shape == k.shape == v.shape == (1, 24, 512 + 16 * 16, 128)
+    assert pe.shape == (1, 1, 512 + 256, 64, 2, 2) and pe.dtype == torch.float32
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                    reason="no GPU and TRITON_INTERPRET is not 1: the kernels cannot run here")
+def test_every_way_computes_the_same_attention():
+    """The methods timed are the same attention: Sage with the table handed over and Sage after ComfyUI's rotation
+    agree closely, and both are close to ComfyUI's rotation then SDPA; the quantization's two forms code alike."""
+    from sage_attention_pack.sage_core.config import SageConfig
+    from sage_attention_pack.sage_core.dispatch import DispatchStats
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    module = rope_call()
+    q, k, v, pe = module.call_inputs(64, device, heads=2, text_tokens=16)
+    stats = DispatchStats()
+    ways = module.methods(q, k, v, pe, SageConfig(kernel="int8_fp8"), stats)
+    exact = ways["comfyui_rotation_sdpa"]().double()
+    for name in ("comfyui_rotation_sage", "sage_rotation_fused"):
+        out = ways[name]().double()
+        assert ((out - exact).abs().sum() / exact.abs().sum()).item() < 0.045, name
+    assert stats.rotary_fused == 1
+    assert (ways["quantize_rotation_fused"]()["k_scale"] != ways["quantize_prerotated"]()["k_scale"]).any()
+    errors = module.errors(q, k, v, pe, SageConfig(kernel="int8_fp8"))
+    assert set(errors) == {"sage_rotation_fused", "comfyui_rotation_sage"}
+    assert all(e["cosine"] > 0.999 for e in errors.values()), errors
+
+
+def test_bad_arguments_are_named_before_any_work(capsys):
+    with pytest.raises(SystemExit) as hit:
+        rope_call().main(["--rounds", "0"])
+    assert hit.value.code == 2 and "at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the command would measure")
+def test_no_gpu_is_refused_with_the_reason(capsys):
+    assert rope_call().main(["--sizes", "256"]) == 2
+    assert "needs a GPU" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_short_run_writes_every_way(tmp_path):
+    out = tmp_path / "rope.json"
+    assert rope_call().main(["--sizes", "256", "--rounds", "1", "--out", str(out)]) == 0
+    row = json.loads(out.read_text())["shapes"]["flux_256px"]
+    assert set(row["ms"]) == {"comfyui_rotation_sdpa", "comfyui_rotation_sage", "sage_rotation_fused",
+                              "rotation_alone", "sage_prerotated", "quantize_rotation_fused", "quantize_prerotated"}
+    assert all(ms > 0 for ms in row["ms"].values()) and row["calls"]["rotary_fused"] > 0
+    assert row["errors"]["sage_rotation_fused"]["cosine"] > 0.999

@@ -92,7 +92,7 @@ def compile_quantize(stats_pass: bool, d: int, arch: int, pv_fp8: bool = True, m
     q_group, k_group = path["q_group"], path["k_group"]
     with constants(overrides):  # slice_rows and v_channels read them too
         rows = launch.QUANT_ROWS
-        q_sub, k_sub = launch.slice_rows(q_group, rows), launch.slice_rows(k_group, rows)
+        q_sub, k_sub = launch.slice_rows(q_group, rows, rope), launch.slice_rows(k_group, rows, rope)
         channels, stats_tile, stats_chunks = launch.v_channels(d), launch.STATS_TILE, launch.MAX_STATS_CHUNKS
         v_rows, warps = launch.V_ROWS, launch.QUANT_WARPS
     const_values = dict(ROWS=rows, Q_SUB=q_sub, K_SUB=k_sub, Q_GROUP=q_group, K_GROUP=k_group, BLOCK_D=d,

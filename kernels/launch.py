@@ -26,6 +26,7 @@ MAX_STATS_CHUNKS = 16  # partial-statistics rows per head (a power of two), fini
 STATS_TILE = 16
 QUANT_ROWS = 128
 QUANT_SUB = 32
+ROPE_SUB = 16  # Q/K rows a program codes at a time when it rotates them too (slice_rows)
 QUANT_WARPS = 4  # per program of every quantization role (V's measured slower with 8 on the H200)
 V_ROWS = 128  # keys per program of V's quantization
 # channels per V program (v_channels): 64 above head dim 64, 32 up to it (measured on the H200 with the loads issued
@@ -101,9 +102,13 @@ def v_channels(block_d: int) -> int:
     return min(V_CHANNELS if block_d > 64 else V_CHANNELS_SMALL_HEADS, block_d)
 
 
-def slice_rows(group: int, rows: int) -> int:
+def slice_rows(group: int, rows: int, rope: bool = False) -> int:
     """Rows per slice of an INT8 quantization program: QUANT_SUB, or the group where a group is longer than
-    that but shorter than the program (the kernel finds a longer group's maximum before coding its slices)."""
+    that but shorter than the program (the kernel finds a longer group's maximum before coding its slices). With a
+    rotary table, ROPE_SUB and two passes over a longer group: a rotated slice holds four FP32 tiles (the values,
+    their partners, two coefficients), and 64-row slices took 219 registers (two programs per multiprocessor)."""
+    if rope:
+        return min(ROPE_SUB, rows)
     return group if QUANT_SUB < group < rows else min(QUANT_SUB, rows)
 
 
@@ -210,7 +215,8 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
             B * H, B * HK, H, HK, NQ, NK, D, n_chunks, chunk_rows, k_every, sampled_key_count(NK, k_every),
             out["q_scale"].shape[-1], out["k_scale"].shape[-1], float(q_multiplier), out["v_padded"],
             float(v_code_max), n_v_programs, 1.0 / max(NK, 1), *rope_arguments(rope, dummy))
-    constants = dict(ROWS=rows, Q_SUB=slice_rows(q_group, rows), K_SUB=slice_rows(k_group, rows), Q_GROUP=q_group,
+    constants = dict(ROWS=rows, Q_SUB=slice_rows(q_group, rows, rope is not None),
+                     K_SUB=slice_rows(k_group, rows, rope is not None), Q_GROUP=q_group,
                      K_GROUP=k_group, BLOCK_D=block_d, STATS_TILE=STATS_TILE, STATS_CHUNKS=MAX_STATS_CHUNKS,
                      SMOOTH_K=smooth_k, V_STATS=need_v_stats, V_ROWS=V_ROWS, CHANNELS=v_channels(block_d),
                      SMOOTH_V=smooth_v, PV_FP8=pv_fp8, FP8_ROUND_IN_FP32=interpreting(), PV_KEY_ORDER=pv_key_order,

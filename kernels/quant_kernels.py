@@ -199,43 +199,40 @@ def quantize_int8_role(X, b, h, row0, stride_b, stride_h, stride_n, stride_d, N,
                        ROWS: tl.constexpr, SUB: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.constexpr,
                        ROPE: tl.constexpr):
     """INT8 codes of (rot(x) - shift) * multiplier (rot: the rotary table PE's rotation with ROPE, else none) for
-    rows [row0, row0 + ROWS) of one head, SUB rows at a time,
-    into OUT8 [N, BLOCK_D] and one scale per GROUP rows into SCALE [n_groups]. Slices keep the FP32 tile small
-    (a whole 128-row tile took 255 registers and spilled in 4 warps), so more programs share a multiprocessor.
-    A group longer than a slice is the whole tile: its maximum is found first, then the rows are read again
-    (from the cache) and coded. Every slice's load is issued one step ahead (shifted_slice); the caller issues
-    the first (first_slice), ahead of whatever else it waits for."""
+    rows [row0, row0 + ROWS) of one head, SUB rows at a time, into OUT8 [N, BLOCK_D] and one scale per GROUP rows
+    into SCALE [n_groups]. Slices keep the FP32 tile small (a whole 128-row tile took 255 registers and spilled in
+    4 warps), so more programs share a multiprocessor. A group longer than a slice takes two passes: its maximum is
+    found first, then its rows are read again (from the cache) and coded. Every slice's load is issued one step
+    ahead (shifted_slice); the caller issues the first (first_slice), ahead of whatever else it waits for."""
     offs_d = tl.arange(0, BLOCK_D)
     rows = tl.arange(0, SUB)
     end = tl.minimum(N, row0 + ROWS)
     nxt = first
-    tl.static_assert(GROUP <= SUB or GROUP == ROWS)
     if GROUP > SUB:
-        amax = tl.zeros([1], tl.float32)
-        has_nan = tl.zeros([1], tl.float32)
-        for s in range(0, ROWS, SUB):
-            x, nxt = shifted_slice(X, b, h, row0 + s + rows, offs_d, stride_b, stride_h, stride_n, stride_d, N, D,
-                                   shift, multiplier, nxt, end, PE, stride_pn, SUB,
-                                   ROPE)
-            amax = tl.maximum(amax, tl.max(tl.abs(x)))
-            has_nan = tl.maximum(has_nan, tl.max(tl.where(x == x, 0.0, 1.0)))
-        scale = int8_scale(amax, has_nan)
-        nxt = first_slice(X, b, h, row0, stride_b, stride_h, stride_n, stride_d, N, D, ROWS, SUB, BLOCK_D)
-        for s in range(0, ROWS, SUB):
-            offs_n = row0 + s + rows
-            x, nxt = shifted_slice(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D, shift,
-                                   multiplier, nxt, end, PE, stride_pn, SUB,
-                                   ROPE)
-            codes = round_half_away(x * reciprocal(scale)[:, None]).to(tl.int8)
-            tl.store(OUT8 + offs_n[:, None] * BLOCK_D + offs_d[None, :], codes, mask=offs_n[:, None] < N)
-        offs_g = row0 // GROUP + tl.arange(0, 1)
-        tl.store(SCALE + offs_g, scale, mask=offs_g < n_groups)
+        for g in tl.static_range(0, ROWS, GROUP):
+            amax = tl.zeros([1], tl.float32)
+            has_nan = tl.zeros([1], tl.float32)
+            for s in range(0, GROUP, SUB):
+                x, nxt = shifted_slice(X, b, h, row0 + g + s + rows, offs_d, stride_b, stride_h, stride_n, stride_d,
+                                       N, D, shift, multiplier, nxt, end, PE, stride_pn, SUB, ROPE)
+                amax = tl.maximum(amax, tl.max(tl.abs(x)))
+                has_nan = tl.maximum(has_nan, tl.max(tl.where(x == x, 0.0, 1.0)))
+            scale = int8_scale(amax, has_nan)
+            nxt = first_slice(X, b, h, row0 + g, stride_b, stride_h, stride_n, stride_d, N, D, ROWS - g, SUB,
+                              BLOCK_D)
+            for s in range(0, GROUP, SUB):
+                offs_n = row0 + g + s + rows
+                x, nxt = shifted_slice(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D, shift,
+                                       multiplier, nxt, end, PE, stride_pn, SUB, ROPE)
+                codes = round_half_away(x * reciprocal(scale)[:, None]).to(tl.int8)
+                tl.store(OUT8 + offs_n[:, None] * BLOCK_D + offs_d[None, :], codes, mask=offs_n[:, None] < N)
+            offs_g = (row0 + g) // GROUP + tl.arange(0, 1)
+            tl.store(SCALE + offs_g, scale, mask=offs_g < n_groups)
     else:
         for s in range(0, ROWS, SUB):
             offs_n = row0 + s + rows
             x, nxt = shifted_slice(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D, shift,
-                                   multiplier, nxt, end, PE, stride_pn, SUB,
-                                   ROPE)
+                                   multiplier, nxt, end, PE, stride_pn, SUB, ROPE)
             codes, scale, _ = quantize_rows_int8(x, SUB, GROUP, BLOCK_D)
             tl.store(OUT8 + offs_n[:, None] * BLOCK_D + offs_d[None, :], codes, mask=offs_n[:, None] < N)
             offs_g = (row0 + s) // GROUP + tl.arange(0, SUB // GROUP)

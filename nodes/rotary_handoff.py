@@ -9,13 +9,14 @@ other call (no Sage override on top, no table, a compiling graph) runs ComfyUI's
 
 Installed when a Sage node patches a model, once, into the modules whose `attention` is still ComfyUI's own: a
 replacement made by another extension is left alone, and so is a function whose parameters are not the ones this
-hand-off knows.
+hand-off knows. SAGE_ATTENTION_ROTARY_HANDOFF=0 in the environment keeps it out (ComfyUI then rotates as always).
 """
 from __future__ import annotations
 
 import importlib
 import inspect
 import logging
+import os
 import sys
 
 import torch
@@ -26,6 +27,7 @@ log = logging.getLogger("sage_attention_pack")
 SOURCE = "comfy.ldm.flux.math"
 CALLERS = ("comfy.ldm.flux.layers", "comfy.ldm.chroma.layers")  # modules that call SOURCE's attention by name
 PARAMETERS = ["q", "k", "v", "pe", "mask", "transformer_options"]
+SWITCH = "SAGE_ATTENTION_ROTARY_HANDOFF"
 
 
 def hand_off(attention_fn):
@@ -46,7 +48,9 @@ def hand_off(attention_fn):
 
 def install() -> list[str]:
     """Put the hand-off into every caller module still using ComfyUI's own attention; returns the modules that have
-    it (idempotent: a second call changes nothing)."""
+    it (idempotent: a second call changes nothing); none where the environment switches it off (SWITCH=0)."""
+    if os.environ.get(SWITCH, "1").strip() in ("0", ""):
+        return []
     try:
         source = importlib.import_module(SOURCE)
     except Exception:  # noqa: BLE001 - a ComfyUI without Flux: nothing to hand off

@@ -14,9 +14,9 @@ import pytest
 
 
 @functools.lru_cache(maxsize=None)
-def quant_report(launch: str, head_dim: int, arch: int, pv: str) -> dict:
+def quant_report(launch: str, head_dim: int, arch: int, pv: str, rope: bool = False) -> dict:
     return bench_script.json_report("inspect_sass", "--quant", launch, "--d", str(head_dim), "--arch", str(arch),
-                                    "--pv", pv, "--json")
+                                    "--pv", pv, "--json", *(["--rope"] if rope else []))
 
 
 # (arch, P·V): the H200's FP8 path, measured; Ampere's and Ada's FP16 path, Ada's and Blackwell's FP8 path, compiled
@@ -51,3 +51,18 @@ def test_v_codes_cross_shared_memory_in_whole_words(head_dim, arch):
     accesses = quant_report("k_v", head_dim, arch, "fp8")["shared_accesses"]
     narrow = {op: n for op, n in accesses.items() if re.search(r"\.[US](8|16)\b", op)}
     assert accesses and not narrow, accesses
+
+
+# With a rotary table (Flux's head dim 128) a slice holds four FP32 tiles: the values, their partners and two
+# coefficients. With the table's strides at run time its address arithmetic per element took 255 registers and
+# spilled; with 64-row slices, 219 (kernels/rotary.py, launch.slice_rows). Compiled only: no GPU measured it yet.
+ROPE_TARGETS = [(90, "fp8", 192), (90, "fp16", 192), (80, "fp16", 224), (89, "fp8", 224), (120, "fp8", 224)]
+
+
+@pytest.mark.parametrize("launch", ["stats_q", "k_v"])
+@pytest.mark.parametrize("arch,pv,max_registers", ROPE_TARGETS, ids=[f"sm{a}-{pv}" for a, pv, _ in ROPE_TARGETS])
+def test_rotating_quantization_compiles_without_spilling(launch, arch, pv, max_registers):
+    report = quant_report(launch, 128, arch, pv, rope=True)
+    registers = int(re.search(r"Used (\d+) registers", report["resources"]).group(1))
+    spilled = int(re.search(r"(\d+) bytes spill stores", report["resources"]).group(1))
+    assert registers <= max_registers and spilled <= 16, report

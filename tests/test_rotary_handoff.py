@@ -185,6 +185,17 @@ def test_the_benchmarks_flux_table_is_comfyuis(comfyui):
     assert torch.equal(flux_table(5, 3, 4), EmbedND(dim=128, theta=10000, axes_dim=[16, 56, 56])(ids))
 
 
+def test_the_environment_can_keep_the_hand_off_out(flux, monkeypatch):
+    import comfy.ldm.flux.layers
+    import comfy.ldm.flux.math
+
+    from sage_attention_pack.nodes import rotary_handoff
+
+    monkeypatch.setenv("SAGE_ATTENTION_ROTARY_HANDOFF", "0")
+    assert rotary_handoff.install() == []
+    assert comfy.ldm.flux.layers.attention is comfy.ldm.flux.math.attention
+
+
 def test_install_is_idempotent_and_leaves_another_extensions_replacement_alone(flux, installed):
     import comfy.ldm.chroma.layers
     import comfy.ldm.flux.layers

@@ -203,6 +203,7 @@ def test_compare_report_and_counters_in_browser(browser, comfy_server, small_mod
         assert badge.get_attribute("data-total") == str(sent["total"])
         assert badge.get_attribute("data-sage") == str(sum(sent["sage"].values()))
         assert badge.get_attribute("data-fallback") == str(sum(sent["fallback"].values()))
+        assert badge.get_attribute("data-rotary") == str(sent["rotary_fused"]) == "0"  # SD3 has no rotary table
         items = page.evaluate(f"""() => [...document.querySelectorAll('.sage-stats[data-node="{PATCH_ID}"] li')]
             .map(li => li.textContent)""")
         for variant, n in sent["sage"].items():

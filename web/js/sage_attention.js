@@ -334,6 +334,7 @@ function showCounters(node, stats) {
     root.dataset.sage = String(sageTotal);
     root.dataset.fallback = String(fallbackTotal);
     root.dataset.recomputed = String(stats.recomputed ?? 0);
+    root.dataset.rotary = String(stats.rotary_fused ?? 0);
 
     const head = el("div", "sage-stats-head");
     head.append(el("span", "sage-stats-badge", `Sage ${sageTotal} / ${stats.total ?? sageTotal + fallbackTotal}`));
@@ -349,6 +350,11 @@ function showCounters(node, stats) {
         const li = el("li", "sage-stats-variant", `${variant}: ${n}`);
         li.dataset.variant = variant;
         li.dataset.count = String(n);
+        list.append(li);
+    }
+    if (Number(stats.rotary_fused)) {  // Flux-family calls whose rotary embedding ran inside the quantization
+        const li = el("li", "sage-stats-rotary", `rotary embedding in the quantization: ${stats.rotary_fused}`);
+        li.dataset.count = String(stats.rotary_fused);
         list.append(li);
     }
     for (const [why, n] of Object.entries(stats.exact ?? {})) {

@@ -267,10 +267,16 @@ def attention(q, k, v, *, tensor_layout="HND", is_causal=False, sm_scale=None, a
         if bias is None:
             return exact("per-query mask")
 
+    if rope is not None and return_lse:  # the LSE's correction for K's smoothing reads Q: rotate first
+        qh, kh = rotated()
+        rope = None  # (rotated() and exact() now take qh and kh as they are)
+    elif rope is not None and rope.stride()[3:] != (4, 2, 1):  # the kernels read each token's matrices contiguous
+        rope = rope.contiguous()
+
     variant = config.kernel
     if variant == "auto":
         variant = autoselect.choose(qh, kh, vh, is_causal=is_causal, bias=bias, config=config,
-                                    host_exact=host_exact if defer_exact else None)
+                                    host_exact=host_exact if defer_exact else None, rope=rope)
         if variant == "sdpa":
             stats.record_sage("auto:sdpa")
             if defer_exact:
@@ -285,14 +291,6 @@ def attention(q, k, v, *, tensor_layout="HND", is_causal=False, sm_scale=None, a
     def kind():
         return failure_key(qh, kh, variant, is_causal, bias is not None)
 
-    fused_rope = rope
-    if rope is not None and (return_lse or rope.stride()[3:] != (4, 2, 1)):
-        if return_lse:  # the LSE's correction for K's smoothing needs the rotated Q: rotate first
-            qh, kh = rotated()
-            fused_rope = None
-        else:  # the kernels read each token's 2x2 matrices contiguous
-            fused_rope = rope.contiguous()
-
     known = stats.known_failure(kind) if config.on_unsupported != "raise" else None
     if known:
         return exact(known)
@@ -300,7 +298,7 @@ def attention(q, k, v, *, tensor_layout="HND", is_causal=False, sm_scale=None, a
         out, lse, _ = backend.run(qh, kh, vh, layout=tensor_layout, sm_scale=sm_scale, is_causal=is_causal,
                                   bias=bias, config=config, pv_fp8=variant == "int8_fp8", return_lse=return_lse,
                                   repair_counter=stats.repair_counter(qh.device) if config.nan_guard else None,
-                                  rope=fused_rope)
+                                  rope=rope)
     except Exception as e:  # a compile or launch failure on this GPU/Triton: exact attention, said once
         if config.on_unsupported == "raise":
             raise
@@ -313,6 +311,6 @@ def attention(q, k, v, *, tensor_layout="HND", is_causal=False, sm_scale=None, a
                         str(e).splitlines()[0][:200] if str(e) else "")
         return exact(reason)
     stats.record_sage(variant)
-    if fused_rope is not None:
+    if rope is not None:
         stats.record_rotary_fused()
     return (out, lse) if return_lse else out

@@ -207,3 +207,43 @@ def test_a_table_for_other_key_lengths_is_refused():
     q, k, v = inputs(1, 2, 2, 90, 64, torch.bfloat16, seed=6)
     with pytest.raises(ValueError, match="rope needs as many keys as queries"):
         attention(q, k[:, :, :50], v[:, :, :50], config=SageConfig(kernel="int8_fp8"), rope=flux_pe(90, 64))
+
+
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_a_kernel_failure_falls_back_to_attention_on_q_and_k_rotated_once(monkeypatch, return_lse):
+    """A kernel that fails on a call with a table: the fallback is exact attention on Q and K rotated once, as
+    ComfyUI rotates them (also where the call asked for the LSE and so rotated them before the kernel ran)."""
+    from sage_attention_pack.sage_core import backend
+
+    q, k, v = inputs(1, 2, 2, 70, 64, torch.float32, seed=12)
+    pe = flux_pe(70, 64)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel here")
+
+    monkeypatch.setattr(backend, "run", broken)
+    stats = DispatchStats()
+    got = attention(q, k, v, config=SageConfig(kernel="int8_fp16"), stats=stats, rope=pe, return_lse=return_lse)
+    out = got[0] if return_lse else got
+    assert torch.equal(out, F.scaled_dot_product_attention(rotary.rotate(q, pe), rotary.rotate(k, pe), v))
+    assert stats.fallback == {"kernel error: RuntimeError": 1} and stats.rotary_fused == 0
+
+
+def test_auto_times_each_candidate_as_it_would_run_the_table(monkeypatch):
+    """`auto` decides calls with a table under keys of their own, and times Sage with the table handed over and the
+    exact candidate on Q and K rotated first: what each would run."""
+    from sage_attention_pack.sage_core import autoselect, backend
+
+    q, k, v = inputs(1, 2, 2, 70, 64, torch.float16, seed=13)
+    pe = flux_pe(70, 64)
+    cfg = SageConfig(kernel="auto")
+    plain = autoselect.choice_key(q, k, False, False, cfg)
+    assert autoselect.choice_key(q, k, False, False, cfg, True) == plain + "|rope"
+    tables, rotations = [], []
+    run, rotate = backend.run, rotary.rotate
+    monkeypatch.setattr(backend, "run", lambda *a, **kw: tables.append(kw.get("rope")) or run(*a, **kw))
+    monkeypatch.setattr(rotary, "rotate", lambda x, t: rotations.append(t) or rotate(x, t))
+    timed = autoselect.time_variants(q, k, v, is_causal=False, bias=None, config=cfg, rope=pe)
+    assert "sdpa" in timed and "int8_fp16" in timed
+    assert tables and all(t is pe for t in tables)
+    assert rotations and all(t is pe for t in rotations)

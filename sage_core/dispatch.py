@@ -111,10 +111,11 @@ GLOBAL_STATS = DispatchStats()
 _WARNED: set[str] = set()
 
 
-def failure_key(q, k, variant: str, is_causal: bool, has_bias: bool) -> tuple:
-    """What a kernel's compilation depends on for a call (HND q and k): device, variant, head dim, dtype, masking
-    and the length buckets (tuned launch configurations differ by bucket)."""
-    return (str(q.device), variant, q.shape[-1], q.dtype, is_causal, has_bias, seq_bucket(q.shape[2]),
+def failure_key(q, k, variant: str, is_causal: bool, has_bias: bool, rotary: bool = False) -> tuple:
+    """What a kernel's compilation depends on for a call (HND q and k): device, variant, head dim, dtype, masking,
+    a rotary table (the quantization compiled with its rotation) and the length buckets (tuned launch
+    configurations differ by bucket)."""
+    return (str(q.device), variant, q.shape[-1], q.dtype, is_causal, has_bias, rotary, seq_bucket(q.shape[2]),
             seq_bucket(k.shape[2]))
 
 
@@ -289,7 +290,7 @@ def attention(q, k, v, *, tensor_layout="HND", is_causal=False, sm_scale=None, a
         variant = "int8_fp16"  # FP8 tensor cores start at Ada (sm89); INT8·FP16 is exact elsewhere
 
     def kind():
-        return failure_key(qh, kh, variant, is_causal, bias is not None)
+        return failure_key(qh, kh, variant, is_causal, bias is not None, rope is not None)
 
     known = stats.known_failure(kind) if config.on_unsupported != "raise" else None
     if known:

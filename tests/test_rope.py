@@ -247,3 +247,25 @@ def test_auto_times_each_candidate_as_it_would_run_the_table(monkeypatch):
     assert "sdpa" in timed and "int8_fp16" in timed
     assert tables and all(t is pe for t in tables)
     assert rotations and all(t is pe for t in rotations)
+
+
+def test_a_failure_with_a_table_is_remembered_apart_from_calls_without_one(monkeypatch):
+    """A kernel that fails to compile with the rotation (remembered for calls of its kind, which then go straight to
+    exact attention) leaves calls without a table on the kernels, and the other way round."""
+    from sage_attention_pack.sage_core import backend
+
+    q, k, v = inputs(1, 2, 2, 70, 64, torch.float16, seed=14)
+    pe = flux_pe(70, 64)
+    run = backend.run
+
+    def no_rotation(*args, **kwargs):
+        if kwargs.get("rope") is not None:
+            raise RuntimeError("the rotating quantization does not compile here")
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "run", no_rotation)
+    stats, cfg = DispatchStats(), SageConfig(kernel="int8_fp16")
+    for _ in range(2):
+        attention(q, k, v, config=cfg, stats=stats, rope=pe)
+    attention(rotary.rotate(q, pe), rotary.rotate(k, pe), v, config=cfg, stats=stats)
+    assert stats.fallback == {"kernel error: RuntimeError": 2} and stats.sage == {"int8_fp16": 1}

@@ -62,7 +62,8 @@ def main(argv=None) -> int:
         for r in rows:
             failures += not r["ok"]
             print(f"  {'ok  ' if r['ok'] else 'FAIL'} {r['kernel']:10s} B,H,Nq,Nk,D,causal={r['case']} "
-                  f"cos {r['cosine']:.6f} relL1 {r['rel_l1']:.4f} via {r['served_by']}")
+                  f"cos {r['cosine']:.6f} relL1 {r['rel_l1']:.4f} via {r['served_by']}"
+                  + (", Flux's rotary table inside the quantization" if r["rotary"] else ""))
     with torch.inference_mode():
         result = bench.run(shapes=args.shapes, dtype=getattr(torch, args.dtype), repeats=args.repeats,
                            with_peers=not args.no_peers, out_path=args.out, quick=args.command == "selfcheck",

@@ -22,7 +22,8 @@ def test_selfcheck_reports_device_accuracy_and_writes_json(tmp_path):
     shapes = ["flux_1024px"] if CUDA else ["tiny_d64"]
     r = run_cli("selfcheck", "--shapes", *shapes, "--no-peers", "--out", str(out), cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "serving:" in r.stdout and r.stdout.count("ok  ") == 8 and "FAIL" not in r.stdout
+    assert "serving:" in r.stdout and r.stdout.count("ok  ") == 10 and "FAIL" not in r.stdout
+    assert r.stdout.count("Flux's rotary table inside the quantization") == 2
     result = json.loads(out.read_text())
     assert set(result["environment"]) >= {"torch", "triton", "device"}
     rows = result["shapes"][shapes[0]]["methods"]

@@ -269,3 +269,19 @@ def test_a_failure_with_a_table_is_remembered_apart_from_calls_without_one(monke
         attention(q, k, v, config=cfg, stats=stats, rope=pe)
     attention(rotary.rotate(q, pe), rotary.rotate(k, pe), v, config=cfg, stats=stats)
     assert stats.fallback == {"kernel error: RuntimeError": 2} and stats.sage == {"int8_fp16": 1}
+
+
+def test_a_key_padding_mask_and_a_table_are_served_together():
+    """HunyuanVideo's blocks hand over a text-padding mask with the table: the kernels take the mask as a key bias and
+    rotate Q and K, against exact masked attention on the rotated Q and K."""
+    q, k, v = inputs(2, 2, 2, 96, 64, torch.bfloat16, seed=15)
+    pe = flux_pe(96, 64, batch=2)
+    keep = torch.ones(2, 1, 1, 96, dtype=torch.bool, device=DEVICE)
+    keep[1, ..., 70:] = False  # the second prompt's padding
+    stats = DispatchStats()
+    out = attention(q, k, v, config=SageConfig(kernel="int8_fp8"), stats=stats, rope=pe, attn_mask=keep)
+    assert stats.sage == {"int8_fp8": 1} and stats.rotary_fused == 1
+    ref = F.scaled_dot_product_attention(rotary.rotate(q, pe).double(), rotary.rotate(k, pe).double(), v.double(),
+                                         attn_mask=keep)
+    err = attention_error(out, ref)
+    assert err["cosine"] >= 0.999 and err["rel_l1"] <= 0.05, err

@@ -104,10 +104,10 @@ class AttentionTimer:
         """Whether the override below takes Flux-family calls before their rotation (nodes/rotary_handoff.py)."""
         return bool(getattr(self.previous, "takes_rotary", False))
 
-    def attend_rotary(self, attention_fn, q, k, v, pe, mask, transformer_options):
+    def attend_rotary(self, args, kwargs, rope, exact_with):
         """A call handed over before its rotation, timed with the rotation the override below does inside it."""
-        call = lambda: self.previous.attend_rotary(attention_fn, q, k, v, pe, mask, transformer_options)  # noqa: E731
-        return self._timed(q.is_cuda, call) if self.enabled else call()
+        call = lambda: self.previous.attend_rotary(args, kwargs, rope, exact_with)  # noqa: E731
+        return self._timed(args[0].is_cuda, call) if self.enabled else call()
 
     def _timed(self, on_cuda: bool, call):
         self.calls += 1

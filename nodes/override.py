@@ -50,26 +50,31 @@ class SageOverride:
             return self.exact(func, args, kwargs)
         return self.serve(comfy_attention.parse(args, kwargs), lambda: self.exact(func, args, kwargs))
 
-    takes_rotary = True  # nodes/rotary_handoff.py hands Flux-family calls over before their rotation
+    takes_rotary = True  # nodes/rotary_handoff.py hands Flux-family and Wan calls over before their rotation
 
-    def attend_rotary(self, attention_fn, q, k, v, pe, mask, transformer_options: dict):
-        """A Flux-family attention call (comfy/ldm/flux/math.attention, `attention_fn`) handed over before its
-        rotation (nodes/rotary_handoff.py): Sage rotates Q and K inside its quantization; every exact path runs
-        `attention_fn` itself, ComfyUI's rotation and attention with the override that was there before ours."""
+    def attend_rotary(self, args: tuple, kwargs: dict, rope, exact_with):
+        """An attention call handed over before its rotation (nodes/rotary_handoff.py): `args` and `kwargs` as
+        ComfyUI's attention functions take them, with Q and K not yet rotated; `rope` the rotary table in [B, H, N,
+        ...] order. Sage rotates Q and K inside its quantization; every exact path calls exact_with(options),
+        ComfyUI's own rotation and attention, with transformer_options holding the override that was there before
+        ours."""
         def unpatched():
-            options = dict(transformer_options)
-            if self.previous is None:
-                options.pop(OVERRIDE_KEY, None)
-            else:
-                options[OVERRIDE_KEY] = self.previous
-            return attention_fn(q, k, v, pe, mask=mask, transformer_options=options)
+            return exact_with(self.options_below(kwargs.get("transformer_options") or {}))
 
         if self.config.kernel == "off":
             self.stats.record_exact("kernel off")
             return unpatched()
-        call = comfy_attention.parse((q, k, v, q.shape[1]), {"mask": mask, "skip_reshape": True,
-                                                            "transformer_options": transformer_options})
-        return self.serve(call, unpatched, rope=pe)
+        return self.serve(comfy_attention.parse(args, kwargs), unpatched, rope=rope)
+
+    def options_below(self, transformer_options: dict) -> dict:
+        """A copy of transformer_options whose attention override is the one this override replaced (none if
+        none)."""
+        options = dict(transformer_options)
+        if self.previous is None:
+            options.pop(OVERRIDE_KEY, None)
+        else:
+            options[OVERRIDE_KEY] = self.previous
+        return options
 
     def serve(self, call: comfy_attention.AttentionCall, exact, rope=None):
         """One call through Sage, or through `exact` (ComfyUI's attention for this call, no arguments) where the

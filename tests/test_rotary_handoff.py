@@ -1,6 +1,7 @@
-"""Flux-family calls handed to Sage before their rotary embedding (nodes/rotary_handoff.py), in a real ComfyUI:
+"""Attention calls handed to Sage before their rotary embedding (nodes/rotary_handoff.py), in a real ComfyUI:
 ComfyUI's own Flux model class at a small width (2 heads of 128, one double and one single block, random weights),
-sampled through ComfyUI's sampler with the patch node's model patch, and called directly with the override."""
+sampled through ComfyUI's sampler with the patch node's model patch and called directly with the override, and its
+Wan2.1 class (2 heads of 128, two blocks) called directly."""
 import os
 
 import pytest
@@ -63,7 +64,8 @@ def flux(comfyui):
 def installed(flux):
     from sage_attention_pack.nodes import rotary_handoff
 
-    assert rotary_handoff.install() == ["comfy.ldm.flux.layers", "comfy.ldm.chroma.layers"]
+    assert rotary_handoff.install() == ["comfy.ldm.flux.layers", "comfy.ldm.chroma.layers",
+                                        "comfy.ldm.wan.model.WanSelfAttention"]
     yield rotary_handoff
     rotary_handoff.uninstall()
 
@@ -188,12 +190,14 @@ def test_the_benchmarks_flux_table_is_comfyuis(comfyui):
 def test_the_environment_can_keep_the_hand_off_out(flux, monkeypatch):
     import comfy.ldm.flux.layers
     import comfy.ldm.flux.math
+    import comfy.ldm.wan.model
 
     from sage_attention_pack.nodes import rotary_handoff
 
     monkeypatch.setenv("SAGE_ATTENTION_ROTARY_HANDOFF", "0")
     assert rotary_handoff.install() == []
     assert comfy.ldm.flux.layers.attention is comfy.ldm.flux.math.attention
+    assert not hasattr(comfy.ldm.wan.model.WanSelfAttention.forward, "sage_original")
 
 
 def test_install_is_idempotent_and_leaves_another_extensions_replacement_alone(flux, installed):
@@ -205,7 +209,7 @@ def test_install_is_idempotent_and_leaves_another_extensions_replacement_alone(f
     wrapped = comfy.ldm.flux.layers.attention
     assert wrapped is not original and wrapped.sage_original is original
     assert comfy.ldm.chroma.layers.attention is wrapped
-    assert installed.install() == ["comfy.ldm.flux.layers", "comfy.ldm.chroma.layers"]
+    assert installed.install_flux() == ["comfy.ldm.flux.layers", "comfy.ldm.chroma.layers"]
     assert comfy.ldm.flux.layers.attention is wrapped  # not wrapped twice
     installed.uninstall()
     assert comfy.ldm.flux.layers.attention is original and comfy.ldm.chroma.layers.attention is original
@@ -215,7 +219,94 @@ def test_install_is_idempotent_and_leaves_another_extensions_replacement_alone(f
 
     comfy.ldm.flux.layers.attention = theirs
     try:
-        assert installed.install() == ["comfy.ldm.chroma.layers"]
+        assert installed.install_flux() == ["comfy.ldm.chroma.layers"]
         assert comfy.ldm.flux.layers.attention is theirs
     finally:
         comfy.ldm.flux.layers.attention = original
+
+
+WAN_LAYERS = 2  # a self-attention call (rotated) and a cross-attention call (not) per block
+
+
+@pytest.fixture(scope="module")
+def wan(comfyui):
+    """A forward of ComfyUI's own Wan2.1 class at a small width (2 heads of 128), random weights."""
+    import comfy.ldm.wan.model
+    import comfy.ops
+
+    model = comfy.ldm.wan.model.WanModel(model_type="t2v", dim=256, ffn_dim=512, num_heads=2, num_layers=WAN_LAYERS,
+                                         in_dim=16, out_dim=16, text_dim=64, text_len=16, device="cpu",
+                                         dtype=torch.float32, operations=comfy.ops.disable_weight_init)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+            elif "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    x = torch.randn(1, 16, 3, 8, 8, generator=g)  # 3 latent frames of 8x8: 48 tokens
+    ctx = torch.randn(1, 16, 64, generator=g)
+
+    def forward(options):
+        from sage_attention_pack.nodes.routing import ForwardCounter
+
+        with torch.no_grad():
+            return model(x, torch.full((1,), 500.0), ctx,
+                         transformer_options={**options, ForwardCounter.KEY: ForwardCounter()})
+
+    return forward
+
+
+def test_wan_self_attention_rotates_inside_the_quantization(wan, installed):
+    """Wan's self-attention calls hand their rotation over (its cross-attention calls have none), and the forward
+    stays as close to ComfyUI's own as with ComfyUI's rotation before the hook."""
+    from sage_attention_pack.nodes.override import SageOverride
+    from sage_attention_pack.sage_core.config import SageConfig
+
+    reference = wan({})
+    fused = SageOverride(SageConfig(kernel="int8_fp16"))
+    out = wan({"optimized_attention_override": fused})
+    assert fused.stats.snapshot()["sage"] == {"int8_fp16": 2 * WAN_LAYERS}
+    assert fused.stats.rotary_fused == WAN_LAYERS
+    installed.uninstall()
+    first = SageOverride(SageConfig(kernel="int8_fp16"))
+    out_first = wan({"optimized_attention_override": first})
+    assert first.stats.rotary_fused == 0
+    assert cosine(out, out_first) > 0.9999 and cosine(out, reference) > 0.999
+
+
+def test_wan_calls_sent_to_exact_attention_run_comfyuis_own_code(wan, installed):
+    """kernel `off` and the block list: the rest of ComfyUI's forward (its rotation, its attention call, through the
+    override that was there before Sage's), bit for bit as unpatched."""
+    from sage_attention_pack.nodes.override import SageOverride
+    from sage_attention_pack.sage_core.config import SageConfig
+
+    reference = wan({})
+    off = SageOverride(SageConfig(kernel="off"))
+    assert torch.equal(wan({"optimized_attention_override": off}), reference)
+    assert off.stats.exact["kernel off"] == 2 * WAN_LAYERS
+    seen = []
+
+    def earlier(func, *args, **kwargs):
+        seen.append(1)
+        return func(*args, **kwargs)
+
+    kept = SageOverride(SageConfig(kernel="int8_fp16"), exact_blocks=set(range(WAN_LAYERS)), previous=earlier)
+    assert torch.equal(wan({"optimized_attention_override": kept}), reference)
+    assert kept.stats.exact["block kept exact"] == 2 * WAN_LAYERS and len(seen) == 2 * WAN_LAYERS
+
+
+def test_a_changed_wan_forward_is_left_alone(comfyui, monkeypatch):
+    """Where this ComfyUI's WanSelfAttention.forward is not the source the hand-off restates, Wan keeps its own."""
+    import comfy.ldm.wan.model
+
+    from sage_attention_pack.nodes import rotary_handoff
+
+    rotary_handoff.uninstall()
+    original = comfy.ldm.wan.model.WanSelfAttention.forward
+    assert rotary_handoff.source_digest(original) == rotary_handoff.WAN_FORWARD_SHA256  # the checkout tested against
+    monkeypatch.setattr(rotary_handoff, "WAN_FORWARD_SHA256", "0" * 64)
+    assert rotary_handoff.install_wan() == []
+    assert comfy.ldm.wan.model.WanSelfAttention.forward is original

@@ -186,8 +186,8 @@ def main():
     parser.add_argument("--clock-seconds", type=float, default=4.0)
     parser.add_argument("--comfyui-rotation", nargs="*", default=[],
                         help="settings also run with ComfyUI's own rotary embedding (label "
-                             "<setting>_comfyui_rotation): their override does not take Flux-family calls before "
-                             "the rotation (nodes/rotary_handoff.py), as before the hand-off")
+                             "<setting>_comfyui_rotation): their override does not take Flux-family and Wan calls "
+                             "before the rotation (nodes/rotary_handoff.py), as before the hand-off")
     args = parser.parse_args()
 
     comfy = load_comfy(args.comfyui)

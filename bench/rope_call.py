@@ -1,12 +1,14 @@
-"""One Flux-family attention call with its rotary embedding, the ways ComfyUI can run it, in interleaved rounds on
-one machine: ComfyUI's rotation (comfy/ldm/flux/math.py's arithmetic) then PyTorch's default SDPA (ComfyUI
-unpatched), its rotation then Sage (the patch node before the hand-off), Sage with the table handed over (the
-rotation inside the quantization, nodes/rotary_handoff.py), and for scale the rotation alone and Sage on Q and K
-already rotated (the benchmarked call). The table is Flux.1's own (sage_core/rope.flux_table: 512 text tokens and
-the image's patches). Per shape the times, the ratios to ComfyUI unpatched, and the errors of both Sage forms
-against FP32 attention on the rotated Q and K.
+"""One attention call with its rotary embedding, the ways ComfyUI can run it, in interleaved rounds on one machine:
+ComfyUI's rotation then PyTorch's default SDPA (ComfyUI unpatched), its rotation then Sage (the patch node before the
+hand-off), Sage with the table handed over (the rotation inside the quantization, nodes/rotary_handoff.py), and for
+scale the rotation alone, Sage on Q and K already rotated (the benchmarked call) and the quantization alone with and
+without the table. Flux.1 at two sizes (its table with 512 text tokens, [B, H, N, D] tensors, the rotation of
+comfy/ldm/flux/math.attention) and Wan2.1 at 480p, 81 frames ([B, N, H, D] tensors, the rotation of apply_rope1 as
+its self-attention applies it), each with its model's own table (sage_core/rope). Per shape the times, the ratios to
+ComfyUI unpatched, and the errors of both Sage forms against FP32 attention on the rotated Q and K.
 
-    python bench/rope_call.py [--sizes 1024 1536] [--kernel int8_fp8] [--rounds 9] [--out rope_call.json]
+    python bench/rope_call.py [--shapes flux_1024px flux_1536px wan21_480p_81f] [--kernel int8_fp8] [--rounds 9]
+                              [--out rope_call.json]
 """
 from __future__ import annotations
 
@@ -24,76 +26,118 @@ from sage_attention_pack.sage_core.dispatch import DispatchStats, attention
 from sage_attention_pack.sage_core.metrics import attention_error
 from sage_attention_pack.sage_core.progress import progress
 
-TEXT_TOKENS = 512
-HEADS, HEAD_DIM = 24, 128  # Flux.1
+HEAD_DIM = 128
 ERROR_HEADS = 4
+# (model, heads, and the table's grid: Flux text tokens and patch rows and columns; Wan latent frames and patch
+# rows and columns)
+SHAPES = {"flux_1024px": ("flux", 24, (512, 64, 64)), "flux_1536px": ("flux", 24, (512, 96, 96)),
+          "wan21_480p_81f": ("wan", 40, (21, 30, 52))}
 QUANTIZE = dict(q_group=64, k_group=128, block_d=HEAD_DIM, q_multiplier=HEAD_DIM ** -0.5 * launch.LOG2E,
                 smooth_k=True, smooth_v=True, pv_fp8=True, pv_key_order=True)
 
 
-def call_inputs(size: int, device: str, seed: int = 0, heads: int = HEADS, text_tokens: int = TEXT_TOKENS):
-    """Q, K, V of Flux.1 at size x size pixels (16 px a patch) with its table."""
-    side = size // 16
-    n = text_tokens + side * side
-    q, k, v = bench.model_shaped_inputs(1, heads, n, HEAD_DIM, torch.bfloat16, device, seed=seed)
-    return q, k, v, rope.flux_table(text_tokens, side, side, device=device)
+def wan_rotation(x, freqs):
+    """comfy/ldm/flux/math.apply_rope1 as Wan's self-attention applies it: x [B, N, H, D], freqs [B, N, 1, ...]."""
+    pairs = x.to(dtype=freqs.dtype).reshape(*x.shape[:-1], -1, 1, 2)
+    out = freqs[..., 0] * pairs[..., 0]
+    out.addcmul_(freqs[..., 1], pairs[..., 1])
+    return out.reshape(*x.shape).type_as(x)
 
 
-def methods(q, k, v, pe, config: SageConfig, stats: DispatchStats) -> dict:
+class Call:
+    """q, k, v in `layout`, as the model hands them to the attention; pe, the table in [B, H, N, ...] order
+    (sage_core/rope.py)."""
+
+    def __init__(self, q, k, v, pe, layout: str):
+        self.q, self.k, self.v, self.pe, self.layout = q, k, v, pe, layout
+
+    def hnd(self, t):
+        return t if self.layout == "HND" else t.transpose(1, 2)
+
+    def comfy_rotation(self, x):
+        """x rotated as ComfyUI's code for this model rotates it."""
+        if self.layout == "HND":
+            return rope.rotate(x, self.pe)
+        return wan_rotation(x, self.pe.transpose(1, 2))
+
+
+def call_inputs(shape: str, device: str, seed: int = 0, heads: int | None = None, grid=None) -> Call:
+    """The call of a shape of SHAPES (heads and grid: smaller ones, for tests)."""
+    model, default_heads, default_grid = SHAPES[shape]
+    heads, grid = heads or default_heads, grid or default_grid
+    if model == "flux":
+        pe = rope.flux_table(*grid, device=device)
+    else:
+        pe = rope.wan_table(*grid, head_dim=HEAD_DIM, device=device)
+    q, k, v = bench.model_shaped_inputs(1, heads, pe.shape[2], HEAD_DIM, torch.bfloat16, device, seed=seed)
+    if model == "wan":  # Wan's projections give [B, N, H, D]
+        q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    return Call(q, k, v, pe, "HND" if model == "flux" else "NHD")
+
+
+def methods(c: Call, config: SageConfig, stats: DispatchStats) -> dict:
     def comfy_rotation():
-        return rope.rotate(q, pe), rope.rotate(k, pe)
+        return c.comfy_rotation(c.q), c.comfy_rotation(c.k)
 
+    def sage(q, k, **kw):
+        return attention(q, k, c.v, tensor_layout=c.layout, config=config, stats=stats, **kw)
+
+    hq, hk, hv = c.hnd(c.q), c.hnd(c.k), c.hnd(c.v)
     return {
-        "comfyui_rotation_sdpa": lambda: F.scaled_dot_product_attention(*comfy_rotation(), v),
-        "comfyui_rotation_sage": lambda: attention(*comfy_rotation(), v, config=config, stats=stats),
-        "sage_rotation_fused": lambda: attention(q, k, v, config=config, stats=stats, rope=pe),
+        "comfyui_rotation_sdpa": lambda: F.scaled_dot_product_attention(*(c.hnd(t) for t in comfy_rotation()), hv),
+        "comfyui_rotation_sage": lambda: sage(*comfy_rotation()),
+        "sage_rotation_fused": lambda: sage(c.q, c.k, rope=c.pe),
         "rotation_alone": comfy_rotation,
-        "sage_prerotated": lambda: attention(q, k, v, config=config, stats=stats),
+        "sage_prerotated": lambda: sage(c.q, c.k),
         # the quantization alone, as the FP8 Hopper path launches it, with and without the table
-        "quantize_rotation_fused": lambda: launch.quantize_qkv(q, k, v, rope=pe, **QUANTIZE),
-        "quantize_prerotated": lambda: launch.quantize_qkv(q, k, v, **QUANTIZE),
+        "quantize_rotation_fused": lambda: launch.quantize_qkv(hq, hk, hv, rope=c.pe, **QUANTIZE),
+        "quantize_prerotated": lambda: launch.quantize_qkv(hq, hk, hv, **QUANTIZE),
     }
 
 
-def errors(q, k, v, pe, config: SageConfig) -> dict:
+def errors(c: Call, config: SageConfig) -> dict:
     """Both Sage forms against FP32 attention on Q and K rotated in FP32, on the last heads."""
-    h = slice(-ERROR_HEADS, None)
-    q, k, v = q[:, h], k[:, h], v[:, h]
-    exact = F.scaled_dot_product_attention(rope.rotate(q.float(), pe), rope.rotate(k.float(), pe), v.float())
-    fused = attention(q, k, v, config=config, rope=pe)
-    first = attention(rope.rotate(q, pe), rope.rotate(k, pe), v, config=config)
+    heads = c.hnd(c.q).shape[1]
+    last = Call(*(c.hnd(t)[:, heads - ERROR_HEADS:] for t in (c.q, c.k, c.v)), c.pe, "HND")
+    q, k, v = last.q, last.k, last.v
+    exact = F.scaled_dot_product_attention(rope.rotate(q.float(), c.pe), rope.rotate(k.float(), c.pe), v.float())
+    fused = attention(q, k, v, config=config, rope=c.pe)
+    first = attention(rope.rotate(q, c.pe), rope.rotate(k, c.pe), v, config=config)
     return {"sage_rotation_fused": attention_error(fused, exact),
             "comfyui_rotation_sage": attention_error(first, exact)}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", nargs="*", type=int, default=[1024, 1536], help="image sizes in pixels (square)")
+    ap.add_argument("--shapes", nargs="*", default=list(SHAPES), help=f"of {', '.join(SHAPES)}")
     ap.add_argument("--kernel", default="int8_fp8", choices=["int8_fp8", "int8_fp16", "auto"])
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--out", default="rope_call.json")
     args = ap.parse_args(argv)
-    if args.rounds < 1 or any(size < 16 for size in args.sizes):
-        ap.error("--rounds must be at least 1 and every size at least 16 px")
+    unknown = [s for s in args.shapes if s not in SHAPES]
+    if args.rounds < 1 or unknown:
+        ap.error(f"--rounds must be at least 1 and every shape one of {', '.join(SHAPES)} (not {unknown})")
     if not torch.cuda.is_available():
         print("rope_call: needs a GPU (device time of whole calls)", file=sys.stderr)
         return 2
     config = SageConfig(kernel=args.kernel)
     result = {"environment": bench.environment(), "kernel": args.kernel, "rounds": args.rounds, "shapes": {}}
-    for size in progress(args.sizes, desc="sizes"):
-        q, k, v, pe = call_inputs(size, "cuda")
+    for shape in progress(args.shapes, desc="shapes"):
+        c = call_inputs(shape, "cuda")
         stats = DispatchStats()
-        timed = timing.interleaved_median_ms(methods(q, k, v, pe, config, stats), rounds=args.rounds)
+        timed = timing.interleaved_median_ms(methods(c, config, stats), rounds=args.rounds)
         base = timed["comfyui_rotation_sdpa"]
-        row = {"shape": list(q.shape), "ms": timed,
+        row = {"shape": list(c.hnd(c.q).shape), "layout": c.layout, "ms": timed,
                "speedup_vs_comfyui": {name: base / ms for name, ms in timed.items() if isinstance(ms, float)},
                "fused_saves_ms": timed["comfyui_rotation_sage"] - timed["sage_rotation_fused"],
-               "errors": errors(q, k, v, pe, config), "calls": stats.snapshot()}
-        result["shapes"][f"flux_{size}px"] = row
-        print(f"flux {size}px N{q.shape[2]}: " + ", ".join(f"{name} {ms:.3f} ms" for name, ms in timed.items())
+               "errors": errors(c, config), "calls": stats.snapshot()}
+        result["shapes"][shape] = row
+        print(f"{shape}: " + ", ".join(f"{name} {ms:.3f} ms" for name, ms in timed.items())
               + f"; fused saves {row['fused_saves_ms']:.3f} ms", flush=True)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
+        del c
+        torch.cuda.empty_cache()
     return 0
 
 

@@ -47,12 +47,33 @@ def axis_table(pos: torch.Tensor, dim: int, theta: float) -> torch.Tensor:
     return out.reshape(*out.shape[:-1], 2, 2).float()
 
 
+def position_table(ids: torch.Tensor, axes_dim, theta: float = 10000.0) -> torch.Tensor:
+    """ComfyUI's EmbedND: the [B, 1, N, D/2, 2, 2] table of position ids [B, N, axes], each axis rotating its own
+    axes_dim[i] channels."""
+    return torch.cat([axis_table(ids[..., i], d, theta) for i, d in enumerate(axes_dim)], dim=-3).unsqueeze(1)
+
+
+def grid_ids(frames: int, height: int, width: int) -> torch.Tensor:
+    """Position ids (frame, row, column) of a frames x height x width grid of patches, frame-major: [N, 3]."""
+    t, r, c = torch.meshgrid(torch.arange(frames), torch.arange(height), torch.arange(width), indexing="ij")
+    return torch.stack([t, r, c], dim=-1).reshape(-1, 3)
+
+
 def flux_table(text_tokens: int, height: int, width: int, axes_dim=(16, 56, 56), theta: float = 10000.0,
                device="cpu") -> torch.Tensor:
-    """The table Flux.1 hands its attention (ComfyUI's EmbedND over its position ids) for text_tokens text tokens
-    (ids 0) followed by a height x width grid of image patches (ids (0, row, column)): [1, 1, N, 64, 2, 2] at the
-    model's head dim 128. For benchmarks and tests that need the real table without ComfyUI."""
-    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-    image = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)
+    """The table Flux.1 hands its attention for text_tokens text tokens (ids 0) followed by a height x width grid
+    of image patches (ids (0, row, column)): [1, 1, N, 64, 2, 2] at the model's head dim 128. For benchmarks and
+    tests that need the real table without ComfyUI."""
+    image = grid_ids(1, height, width)
     ids = torch.cat([torch.zeros(text_tokens, 3, dtype=image.dtype), image])[None].to(device)
-    return torch.cat([axis_table(ids[..., i], d, theta) for i, d in enumerate(axes_dim)], dim=-3).unsqueeze(1)
+    return position_table(ids, axes_dim, theta)
+
+
+def wan_table(frames: int, height: int, width: int, head_dim: int = 128, theta: float = 10000.0,
+              device="cpu") -> torch.Tensor:
+    """The table Wan2.1 rotates its self-attention by (WanModel.rope_encode) for a frames x height x width grid of
+    patches, in [1, 1, N, D/2, 2, 2] order (Wan's own is [1, N, 1, ...]): its axes take D - 4·(D/6), 2·(D/6) and
+    2·(D/6) channels."""
+    sixth = head_dim // 6
+    return position_table(grid_ids(frames, height, width)[None].to(device),
+                          (head_dim - 4 * sixth, 2 * sixth, 2 * sixth), theta)

@@ -13,10 +13,13 @@ def rope_call():
     return bench_script.load("rope_call")
 
 
-def test_the_inputs_are_flux_shaped_with_its_table():
-    q, k, v, pe = rope_call().call_inputs(256, "cpu")
-    assert q.shape == k.shape == v.shape == (1, 24, 512 + 16 * 16, 128)
-    assert pe.shape == (1, 1, 512 + 256, 64, 2, 2) and pe.dtype == torch.float32
+def test_the_inputs_are_each_models_with_its_table():
+    flux = rope_call().call_inputs("flux_1024px", "cpu", heads=2)
+    assert flux.layout == "HND" and flux.q.shape == (1, 2, 512 + 64 * 64, 128)
+    assert flux.pe.shape == (1, 1, 512 + 64 * 64, 64, 2, 2) and flux.pe.dtype == torch.float32
+    wan = rope_call().call_inputs("wan21_480p_81f", "cpu", heads=2, grid=(2, 3, 4))
+    assert wan.layout == "NHD" and wan.q.shape == (1, 24, 2, 128) and wan.q.is_contiguous()
+    assert wan.pe.shape == (1, 1, 24, 64, 2, 2)
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
@@ -29,37 +32,41 @@ def test_every_way_computes_the_same_attention():
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     module = rope_call()
-    q, k, v, pe = module.call_inputs(64, device, heads=2, text_tokens=16)
-    stats = DispatchStats()
-    ways = module.methods(q, k, v, pe, SageConfig(kernel="int8_fp8"), stats)
-    exact = ways["comfyui_rotation_sdpa"]().double()
-    for name in ("comfyui_rotation_sage", "sage_rotation_fused"):
-        out = ways[name]().double()
-        assert ((out - exact).abs().sum() / exact.abs().sum()).item() < 0.045, name
-    assert stats.rotary_fused == 1
-    assert (ways["quantize_rotation_fused"]()["k_scale"] != ways["quantize_prerotated"]()["k_scale"]).any()
-    errors = module.errors(q, k, v, pe, SageConfig(kernel="int8_fp8"))
-    assert set(errors) == {"sage_rotation_fused", "comfyui_rotation_sage"}
-    assert all(e["cosine"] > 0.999 for e in errors.values()), errors
+    for shape, grid in (("flux_1024px", (16, 4, 4)), ("wan21_480p_81f", (2, 4, 4))):
+        c = module.call_inputs(shape, device, heads=4, grid=grid)
+        stats = DispatchStats()
+        ways = module.methods(c, SageConfig(kernel="int8_fp8"), stats)
+        exact = ways["comfyui_rotation_sdpa"]().double()
+        for name in ("comfyui_rotation_sage", "sage_rotation_fused"):
+            out = c.hnd(ways[name]()).double()
+            assert ((out - exact).abs().sum() / exact.abs().sum()).item() < 0.045, (shape, name)
+        assert stats.rotary_fused == 1
+        assert (ways["quantize_rotation_fused"]()["k_scale"] != ways["quantize_prerotated"]()["k_scale"]).any()
+        errors = module.errors(c, SageConfig(kernel="int8_fp8"))
+        assert set(errors) == {"sage_rotation_fused", "comfyui_rotation_sage"}
+        assert all(e["cosine"] > 0.999 for e in errors.values()), (shape, errors)
 
 
 def test_bad_arguments_are_named_before_any_work(capsys):
     with pytest.raises(SystemExit) as hit:
         rope_call().main(["--rounds", "0"])
     assert hit.value.code == 2 and "at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as hit:
+        rope_call().main(["--shapes", "sdxl"])
+    assert hit.value.code == 2 and "['sdxl']" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the command would measure")
 def test_no_gpu_is_refused_with_the_reason(capsys):
-    assert rope_call().main(["--sizes", "256"]) == 2
+    assert rope_call().main(["--shapes", "flux_1024px"]) == 2
     assert "needs a GPU" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_short_run_writes_every_way(tmp_path):
     out = tmp_path / "rope.json"
-    assert rope_call().main(["--sizes", "256", "--rounds", "1", "--out", str(out)]) == 0
-    row = json.loads(out.read_text())["shapes"]["flux_256px"]
+    assert rope_call().main(["--shapes", "flux_1024px", "--rounds", "1", "--out", str(out)]) == 0
+    row = json.loads(out.read_text())["shapes"]["flux_1024px"]
     assert set(row["ms"]) == {"comfyui_rotation_sdpa", "comfyui_rotation_sage", "sage_rotation_fused",
                               "rotation_alone", "sage_prerotated", "quantize_rotation_fused", "quantize_prerotated"}
     assert all(ms > 0 for ms in row["ms"].values()) and row["calls"]["rotary_fused"] > 0

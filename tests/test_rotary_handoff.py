@@ -298,6 +298,20 @@ def test_wan_calls_sent_to_exact_attention_run_comfyuis_own_code(wan, installed)
     assert kept.stats.exact["block kept exact"] == 2 * WAN_LAYERS and len(seen) == 2 * WAN_LAYERS
 
 
+def test_the_benchmarks_wan_table_is_comfyuis(comfyui):
+    """sage_core/rope.wan_table is the table ComfyUI's Wan2.1 rotates by (WanModel.rope_encode), in [B, H, N, ...]
+    order, bit for bit."""
+    import comfy.ldm.wan.model
+    import comfy.ops
+
+    from sage_attention_pack.sage_core.rope import wan_table
+
+    model = comfy.ldm.wan.model.WanModel(dim=256, ffn_dim=512, num_heads=2, num_layers=1, text_dim=64, device="meta",
+                                         operations=comfy.ops.disable_weight_init)
+    freqs = model.rope_encode(3, 10, 12, device="cpu", dtype=torch.float32)  # latent frames, height, width
+    assert torch.equal(wan_table(3, 5, 6), freqs.transpose(1, 2))
+
+
 def test_a_changed_wan_forward_is_left_alone(comfyui, monkeypatch):
     """Where this ComfyUI's WanSelfAttention.forward is not the source the hand-off restates, Wan keeps its own."""
     import comfy.ldm.wan.model

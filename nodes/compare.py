@@ -363,7 +363,9 @@ def format_report(r: dict) -> str:
         lines.append(f"  Sage calls: {sum((c.get('sage') or {}).values())} ({variants}); kept exact: "
                      f"{sum(exact.values())}{f' ({why})' if why else ''}; fallbacks: "
                      f"{sum(fallbacks.values())}{f' ({reasons})' if reasons else ''}; "
-                     f"recomputed: {c.get('recomputed', 0)}")
+                     f"recomputed: {c.get('recomputed', 0)}"
+                     + (f"; rotary embedding inside the quantization: {c['rotary_fused']}"
+                        if c.get("rotary_fused") else ""))
     lines += [
         "quality (decoded outputs, values 0..1):",
         f"  PSNR {psnr(r['psnr'])}, SSIM {r['ssim']:.5f}, largest pixel difference {r['max_abs_diff']:.5f} "

@@ -161,6 +161,9 @@ def test_format_report_mentions_every_figure(compare_mod):
     for needle in ("2.000 s", "1.000 s", "2.00x", "4.00x", "inf dB", "int8_fp16 6", "block kept exact: 2",
                    "latent cosine similarity 1.0000000", "per frame", "40.00 dB", "3/255"):
         assert needle in text, needle
+    assert "rotary" not in text  # no model rotated inside the quantization: nothing said of it
+    r["sage"]["counters"]["rotary_fused"] = 3
+    assert "rotary embedding inside the quantization: 3" in compare_mod.format_report(r)
 
 
 # ---------------------------------------------------------------------------------------------------------------

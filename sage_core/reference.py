@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from .rope import rotate
+
 LOG2E = 1.4426950408889634
 FP8_E4M3_MAX = 448.0
 
@@ -45,10 +47,8 @@ def sage_reference(q, k, v, *, sm_scale=None, is_causal=False, bias=None, q_grou
     HK = k.shape[1]
     sm_scale = D ** -0.5 if sm_scale is None else sm_scale
     qf, kf, vf = q.float(), k.float(), v.float()
-    if rope is not None:  # out[2i + j] = pe[i, j, 0] x[2i] + pe[i, j, 1] x[2i + 1], in FP32
-        qf, kf = ((rope[..., 0].float() * t.reshape(*t.shape[:-1], -1, 1, 2)[..., 0]
-                   + rope[..., 1].float() * t.reshape(*t.shape[:-1], -1, 1, 2)[..., 1]).reshape(t.shape)
-                  for t in (qf, kf))
+    if rope is not None:  # in FP32, whatever the table's dtype
+        qf, kf = rotate(qf, rope.float()), rotate(kf, rope.float())
     sample = sampled_keys(k.shape[2], k_stats_every).to(k.device)
     k_mean = kf[:, :, sample].mean(dim=2, keepdim=True) if smooth_k else torch.zeros_like(kf[:, :, :1])
     k_codes, k_rows = quantize_int8_groups(kf - k_mean, k_group)

@@ -13,31 +13,18 @@ from sage_attention_pack.sage_core.config import SageConfig
 from sage_attention_pack.sage_core.dispatch import DispatchStats, attention
 from sage_attention_pack.sage_core.metrics import attention_error
 from sage_attention_pack.sage_core.reference import sage_reference
+from test_kernels import DEVICE, SAME_ALGO_TOL, exact, inputs, rel_diff
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="no GPU and TRITON_INTERPRET is not 1: the kernels cannot run here")
-SAME_ALGO_TOL = {"int8_fp16": 2e-3, "int8_fp8": 2e-2}  # as tests/test_kernels.py
-EXACT_BOUNDS = {"int8_fp16": (0.9999, 0.015), "int8_fp8": (0.999, 0.045)}
 
 
 def flux_pe(n: int, d: int, batch: int = 1, heads: int = 1, theta: float = 10000.0, offset: int = 0):
-    """A rotary table built as ComfyUI's flux/math.rope builds it ([cos, -sin, sin, cos] per channel pair), positions
+    """A one-axis rotary table as ComfyUI's flux/math.rope builds it (sage_core/rope.axis_table), positions
     offset + 0..n-1 (offset per batch entry when batch > 1, so that the entries differ), broadcast over heads."""
-    pos = (torch.arange(n, dtype=torch.float32)[None, :] + offset + 37.0 * torch.arange(batch)[:, None])
-    omega = 1.0 / theta ** torch.linspace(0, (d - 2) / d, steps=d // 2, dtype=torch.float64)
-    angle = torch.einsum("bn,d->bnd", pos.double(), omega)
-    pe = torch.stack([torch.cos(angle), -torch.sin(angle), torch.sin(angle), torch.cos(angle)], dim=-1)
-    pe = pe.reshape(batch, 1, n, d // 2, 2, 2).float()
+    pos = torch.arange(n, dtype=torch.float32)[None, :] + offset + 37.0 * torch.arange(batch)[:, None]
+    pe = rotary.axis_table(pos, d, theta).unsqueeze(1)
     return pe.expand(batch, heads, n, d // 2, 2, 2).contiguous().to(DEVICE)
-
-
-def inputs(b, hq, hk, n, d, dtype, seed=0, k_offset=3.0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, hq, n, d, generator=g)
-    k = torch.randn(b, hk, n, d, generator=g) + k_offset * torch.randn(1, hk, 1, d, generator=g)
-    v = torch.randn(b, hk, n, d, generator=g)
-    return [t.to(DEVICE, dtype) for t in (q, k, v)]
 
 
 def rotated_fp32(x, pe):
@@ -45,20 +32,10 @@ def rotated_fp32(x, pe):
     return rotary.rotate(x.float(), pe)
 
 
-def exact(q, k, v):
-    rep = q.shape[1] // k.shape[1]
-    return F.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(rep, 1),
-                                          v.double().repeat_interleave(rep, 1))
-
-
-def rel_diff(a, b):
-    return ((a.double() - b.double()).abs().sum() / b.double().abs().sum().clamp_min(1e-30)).item()
-
-
 def test_rotation_is_comfyuis_own():
     """sage_core/rope.rotate computes what ComfyUI's Flux attention computes (comfy/ldm/flux/math.py, restated here
     so that the test does not need ComfyUI), bit for bit, in q's dtype."""
-    q = inputs(2, 3, 3, 50, 64, torch.bfloat16, seed=1)[0]
+    q = inputs(2, 3, 3, 50, 50, 64, torch.bfloat16, seed=1)[0]
     pe = flux_pe(50, 64, batch=2)
     pairs = q.to(dtype=pe.dtype).reshape(*q.shape[:-1], -1, 1, 2)
     comfy = (pe[..., 0] * pairs[..., 0] + pe[..., 1] * pairs[..., 1]).reshape(*q.shape).type_as(q)
@@ -73,7 +50,7 @@ def test_rotation_is_comfyuis_own():
 def test_quantization_codes_q_and_k_rotated_by_the_table(b, hq, hk, n, d, pe_batch, pe_heads, layout):
     """Q's and K's codes, scales and K's mean with the table fused are those of Q and K rotated first in FP32 (the
     codes within one step: the kernel may fuse the rotation's multiply and add); V's are untouched."""
-    q, k, v = inputs(b, hq, hk, n, d, torch.bfloat16, seed=n)
+    q, k, v = inputs(b, hq, hk, n, n, d, torch.bfloat16, seed=n)
     if layout == "NHD":  # [B, N, H, D] storage seen as [B, H, N, D] views
         q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
     pe = flux_pe(n, d, batch=pe_batch, heads=pe_heads)
@@ -98,7 +75,7 @@ def test_a_call_with_a_table_matches_the_reference_and_exact_attention(kernel, b
     against exact attention on Q and K rotated as ComfyUI rotates them, as close as the same call on Q and K that
     ComfyUI rotated first (the rotation turns K's channel offset with the position, which K's smoothing then takes
     off less well: that costs both the same)."""
-    q, k, v = inputs(b, hq, hk, n, d, torch.bfloat16, seed=d + n)
+    q, k, v = inputs(b, hq, hk, n, n, d, torch.bfloat16, seed=d + n)
     pe = flux_pe(n, d, batch=b)
     cfg = SageConfig(kernel=kernel)
     stats = DispatchStats()
@@ -119,7 +96,7 @@ def test_a_call_with_a_table_matches_the_reference_and_exact_attention(kernel, b
 def test_the_interpreters_tiles_match_the_reference_closely():
     """With the interpreter's own launch configuration (query tiles of its block_m, K groups of its block_n) the
     kernel and the reference quantize identically: only accumulation order differs."""
-    q, k, v = inputs(1, 2, 2, 150, 64, torch.float16, seed=5)
+    q, k, v = inputs(1, 2, 2, 150, 150, 64, torch.float16, seed=5)
     pe = flux_pe(150, 64)
     cfg = tuning.INTERPRETER_CONFIG
     out = torch.full_like(q, float("nan"))
@@ -133,7 +110,7 @@ def test_the_interpreters_tiles_match_the_reference_closely():
 def test_flagged_tiles_are_recomputed_with_q_and_k_rotated(kernel):
     """A NaN in Q flags its tile; the repair recomputes it exactly from the caller's Q and K rotated by the table
     (in FP32), so its rows are exact attention on the rotated inputs, not on the raw ones."""
-    q, k, v = inputs(1, 2, 2, 150, 64, torch.float32, seed=23)
+    q, k, v = inputs(1, 2, 2, 150, 150, 64, torch.float32, seed=23)
     q[0, 1, 5, 3] = float("nan")
     pe = flux_pe(150, 64)
     stats = DispatchStats()
@@ -149,7 +126,7 @@ def test_flagged_tiles_are_recomputed_with_q_and_k_rotated(kernel):
 def test_exact_paths_rotate_as_comfyui_does():
     """Every call served exactly rotates Q and K first with ComfyUI's arithmetic: with the kernels off, the output
     is PyTorch's attention on ComfyUI's rotated Q and K, bit for bit; so is a fallback's."""
-    q, k, v = inputs(1, 2, 2, 90, 64, torch.bfloat16, seed=3)
+    q, k, v = inputs(1, 2, 2, 90, 90, 64, torch.bfloat16, seed=3)
     pe = flux_pe(90, 64)
     want = F.scaled_dot_product_attention(rotary.rotate(q, pe), rotary.rotate(k, pe), v)
     stats = DispatchStats()
@@ -164,7 +141,7 @@ def test_exact_paths_rotate_as_comfyui_does():
 def test_a_call_asking_for_the_lse_rotates_first_and_keeps_it_exact():
     """The LSE's correction for K's smoothing needs the rotated Q: such a call rotates Q and K first (ComfyUI's
     arithmetic) and its LSE is that of the rotated scores."""
-    q, k, v = inputs(1, 2, 2, 130, 64, torch.float32, seed=9)
+    q, k, v = inputs(1, 2, 2, 130, 130, 64, torch.float32, seed=9)
     pe = flux_pe(130, 64)
     cfg = SageConfig(kernel="int8_fp16")
     out, lse = attention(q, k, v, config=cfg, rope=pe, return_lse=True)
@@ -178,7 +155,7 @@ def test_a_call_asking_for_the_lse_rotates_first_and_keeps_it_exact():
 def test_a_table_laid_out_otherwise_is_read_the_same():
     """The kernels read each token's 2x2 matrices contiguous: a table whose matrices are not (a transposed view) is
     made contiguous first and gives the same output as its contiguous copy."""
-    q, k, v = inputs(1, 2, 2, 100, 64, torch.bfloat16, seed=4)
+    q, k, v = inputs(1, 2, 2, 100, 100, 64, torch.bfloat16, seed=4)
     pe = flux_pe(100, 64)
     odd = pe.transpose(-1, -2).contiguous().transpose(-1, -2)  # the same values, columns outermost
     assert odd.stride()[3:] != (4, 2, 1) and torch.equal(odd, pe)
@@ -196,7 +173,7 @@ def test_a_table_laid_out_otherwise_is_read_the_same():
 ])
 def test_a_table_that_does_not_fit_is_refused_naming_rope(bad, message):
     """A table that does not fit the call is a caller's bug: a clear error naming `rope`, before any work."""
-    q, k, v = inputs(1, 2, 2, 90, 64, torch.bfloat16, seed=6)
+    q, k, v = inputs(1, 2, 2, 90, 90, 64, torch.bfloat16, seed=6)
     stats = DispatchStats()
     with pytest.raises((ValueError, TypeError), match=message):
         attention(q, k, v, config=SageConfig(kernel="int8_fp8"), stats=stats, rope=bad(flux_pe(90, 64)))
@@ -204,7 +181,7 @@ def test_a_table_that_does_not_fit_is_refused_naming_rope(bad, message):
 
 
 def test_a_table_for_other_key_lengths_is_refused():
-    q, k, v = inputs(1, 2, 2, 90, 64, torch.bfloat16, seed=6)
+    q, k, v = inputs(1, 2, 2, 90, 90, 64, torch.bfloat16, seed=6)
     with pytest.raises(ValueError, match="rope needs as many keys as queries"):
         attention(q, k[:, :, :50], v[:, :, :50], config=SageConfig(kernel="int8_fp8"), rope=flux_pe(90, 64))
 
@@ -215,7 +192,7 @@ def test_a_kernel_failure_falls_back_to_attention_on_q_and_k_rotated_once(monkey
     ComfyUI rotates them (also where the call asked for the LSE and so rotated them before the kernel ran)."""
     from sage_attention_pack.sage_core import backend
 
-    q, k, v = inputs(1, 2, 2, 70, 64, torch.float32, seed=12)
+    q, k, v = inputs(1, 2, 2, 70, 70, 64, torch.float32, seed=12)
     pe = flux_pe(70, 64)
 
     def broken(*args, **kwargs):
@@ -234,7 +211,7 @@ def test_auto_times_each_candidate_as_it_would_run_the_table(monkeypatch):
     exact candidate on Q and K rotated first: what each would run."""
     from sage_attention_pack.sage_core import autoselect, backend
 
-    q, k, v = inputs(1, 2, 2, 70, 64, torch.float16, seed=13)
+    q, k, v = inputs(1, 2, 2, 70, 70, 64, torch.float16, seed=13)
     pe = flux_pe(70, 64)
     cfg = SageConfig(kernel="auto")
     plain = autoselect.choice_key(q, k, False, False, cfg)
@@ -254,7 +231,7 @@ def test_a_failure_with_a_table_is_remembered_apart_from_calls_without_one(monke
     exact attention) leaves calls without a table on the kernels, and the other way round."""
     from sage_attention_pack.sage_core import backend
 
-    q, k, v = inputs(1, 2, 2, 70, 64, torch.float16, seed=14)
+    q, k, v = inputs(1, 2, 2, 70, 70, 64, torch.float16, seed=14)
     pe = flux_pe(70, 64)
     run = backend.run
 
@@ -274,7 +251,7 @@ def test_a_failure_with_a_table_is_remembered_apart_from_calls_without_one(monke
 def test_a_key_padding_mask_and_a_table_are_served_together():
     """HunyuanVideo's blocks hand over a text-padding mask with the table: the kernels take the mask as a key bias and
     rotate Q and K, against exact masked attention on the rotated Q and K."""
-    q, k, v = inputs(2, 2, 2, 96, 64, torch.bfloat16, seed=15)
+    q, k, v = inputs(2, 2, 2, 96, 96, 64, torch.bfloat16, seed=15)
     pe = flux_pe(96, 64, batch=2)
     keep = torch.ones(2, 1, 1, 96, dtype=torch.bool, device=DEVICE)
     keep[1, ..., 70:] = False  # the second prompt's padding

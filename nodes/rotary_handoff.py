@@ -17,6 +17,7 @@ its own. SAGE_ATTENTION_ROTARY_HANDOFF=0 in the environment keeps the hand-off o
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import inspect
@@ -49,6 +50,7 @@ def takes_rotary(transformer_options) -> bool:
 def flux_hand_off(attention_fn):
     """`attention_fn` (ComfyUI's Flux attention) with the rotation given to the override where it takes it."""
 
+    @functools.wraps(attention_fn)
     def attention(q, k, v, pe, mask=None, transformer_options={}):  # noqa: B006 - ComfyUI's own signature
         if pe is None or not takes_rotary(transformer_options):
             return attention_fn(q, k, v, pe, mask=mask, transformer_options=transformer_options)
@@ -57,8 +59,6 @@ def flux_hand_off(attention_fn):
             pe, lambda options: attention_fn(q, k, v, pe, mask=mask, transformer_options=options))
 
     attention.sage_original = attention_fn
-    attention.__doc__ = attention_fn.__doc__
-    attention.__name__ = attention_fn.__name__
     return attention
 
 
@@ -67,6 +67,7 @@ def wan_hand_off(forward_fn, module):
     The projections are ComfyUI's; on the exact paths the rest is too: `module`'s apply_rope1 and
     optimized_attention, looked up at the call as ComfyUI's forward looks them up."""
 
+    @functools.wraps(forward_fn)
     def forward(self, x, freqs, transformer_options={}):  # noqa: B006 - ComfyUI's own signature
         if freqs is None or not takes_rotary(transformer_options):
             return forward_fn(self, x, freqs, transformer_options=transformer_options)
@@ -87,8 +88,6 @@ def wan_hand_off(forward_fn, module):
         return self.o(out)
 
     forward.sage_original = forward_fn
-    forward.__doc__ = forward_fn.__doc__
-    forward.__name__ = forward_fn.__name__
     return forward
 
 

@@ -95,15 +95,38 @@ def source_digest(fn) -> str:
     return hashlib.sha256(textwrap.dedent(inspect.getsource(fn)).encode()).hexdigest()
 
 
+# Each node run installs the hand-off again (a no-op once it is in): ComfyUI's functions are checked, and a refusal
+# said, once per function rather than once per run.
+@functools.lru_cache(maxsize=None)
+def known_flux_attention(fn) -> bool:
+    """Whether `fn` (FLUX_SOURCE's attention) has the parameters the hand-off passes on."""
+    parameters = list(inspect.signature(fn).parameters)
+    if parameters != FLUX_PARAMETERS:
+        log.info("Sage Attention: %s.attention has parameters %s; its rotary embedding stays in ComfyUI", FLUX_SOURCE,
+                 parameters)
+    return parameters == FLUX_PARAMETERS
+
+
+@functools.lru_cache(maxsize=None)
+def known_wan_forward(fn) -> bool:
+    """Whether `fn` is the WanSelfAttention.forward whose source wan_hand_off restates (WAN_FORWARD_SHA256)."""
+    try:
+        known = source_digest(fn) == WAN_FORWARD_SHA256
+    except (OSError, TypeError):  # no source to compare: leave ComfyUI's method alone
+        known = False
+    if not known:
+        log.info("Sage Attention: this ComfyUI's WanSelfAttention.forward is not the one the rotary hand-off knows; "
+                 "Wan's rotary embedding stays in ComfyUI")
+    return known
+
+
 def install_flux() -> list[str]:
     try:
         source = importlib.import_module(FLUX_SOURCE)
     except Exception:  # noqa: BLE001 - a ComfyUI without Flux: nothing to hand off
         return []
     original = source.attention
-    if list(inspect.signature(original).parameters) != FLUX_PARAMETERS:
-        log.info("Sage Attention: %s.attention has parameters %s; its rotary embedding stays in ComfyUI",
-                 FLUX_SOURCE, list(inspect.signature(original).parameters))
+    if not known_flux_attention(original):
         return []
     wrapped, installed = None, []
     for name in FLUX_CALLERS:
@@ -130,13 +153,7 @@ def install_wan() -> list[str]:
     current = cls.__dict__.get("forward")
     if getattr(current, "sage_original", None) is not None:
         return [f"{WAN_MODULE}.WanSelfAttention"]
-    try:
-        digest = source_digest(current)
-    except (OSError, TypeError):  # no source to compare: leave ComfyUI's method alone
-        digest = None
-    if digest != WAN_FORWARD_SHA256:
-        log.info("Sage Attention: this ComfyUI's WanSelfAttention.forward is not the one the rotary hand-off knows; "
-                 "Wan's rotary embedding stays in ComfyUI")
+    if not known_wan_forward(current):
         return []
     cls.forward = wan_hand_off(current, module)
     return [f"{WAN_MODULE}.WanSelfAttention"]

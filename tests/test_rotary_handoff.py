@@ -322,5 +322,9 @@ def test_a_changed_wan_forward_is_left_alone(comfyui, monkeypatch):
     original = comfy.ldm.wan.model.WanSelfAttention.forward
     assert rotary_handoff.source_digest(original) == rotary_handoff.WAN_FORWARD_SHA256  # the checkout tested against
     monkeypatch.setattr(rotary_handoff, "WAN_FORWARD_SHA256", "0" * 64)
-    assert rotary_handoff.install_wan() == []
+    rotary_handoff.known_wan_forward.cache_clear()  # the verdict is kept per method: this one's was the real digest's
+    try:
+        assert rotary_handoff.install_wan() == []
+    finally:
+        rotary_handoff.known_wan_forward.cache_clear()
     assert comfy.ldm.wan.model.WanSelfAttention.forward is original

@@ -5,9 +5,12 @@ sampling step), with ComfyUI's default attention and with Sage through the patch
 
 Models (as in the issue): Wan2.1-14B (dim 5120, 40 heads of 128) with 4 of its 40 blocks at 480p, 81
 frames (32760 tokens); Flux.1-dev (hidden 3072, 24 heads) with 2 double + 4 single blocks at 1024px
-(4096 image + 512 text tokens). Reported per model: median forward time of each attention setting, the
-speed-up over ComfyUI's default attention, and the output's cosine similarity and PSNR against it; --profile adds
-the device time per kernel of a setting's forward, --clocks the SM clock and power its forwards run at.
+(4096 image + 512 text tokens). Besides: Qwen-Image (hidden 3072, 24 heads of 128) with 4 of its 60 blocks at
+1328px (6889 image + 128 text tokens); Lumina 2 (dim 2304, 24 query heads of 96 on 8 K/V heads) with its 2 + 2
+refiner blocks and 6 of its 26 main blocks at 1024px (4096 image + 256 caption tokens). Reported per model: median
+forward time of each attention setting, the speed-up over ComfyUI's default attention, and the output's cosine
+similarity and PSNR against it; --profile adds the device time per kernel of a setting's forward, --clocks the SM
+clock and power its forwards run at.
 """
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ def load_comfy(path: str):
     sys.argv = [sys.argv[0]]  # ComfyUI parses argv at import
     import comfy.ops  # noqa: F401
     import comfy.ldm.flux.model
+    import comfy.ldm.lumina.model
+    import comfy.ldm.qwen_image.model
     import comfy.ldm.wan.model
 
     return comfy
@@ -76,6 +81,31 @@ def flux_case(comfy):
     y = torch.randn(1, 768, generator=g, device="cuda", dtype=torch.bfloat16)
     guidance = torch.full((1,), 3.5, device="cuda")
     return model, lambda opts: model(x, t, ctx, y=y, guidance=guidance, transformer_options=opts)
+
+
+def qwen_image_case(comfy):
+    model = comfy.ldm.qwen_image.model.QwenImageTransformer2DModel(
+        in_channels=64, out_channels=16, num_layers=4, attention_head_dim=128, num_attention_heads=24,
+        joint_attention_dim=3584, device="cuda", dtype=torch.bfloat16, operations=comfy.ops.disable_weight_init)
+    init_random(model, 16)
+    g = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.randn(1, 16, 1, 166, 166, generator=g, device="cuda", dtype=torch.bfloat16)  # 1328px
+    t = torch.full((1,), 0.5, device="cuda")
+    ctx = torch.randn(1, 128, 3584, generator=g, device="cuda", dtype=torch.bfloat16)
+    return model, lambda opts: model(x, t, ctx, transformer_options=opts)
+
+
+def lumina2_case(comfy):
+    model = comfy.ldm.lumina.model.NextDiT(
+        patch_size=2, in_channels=16, dim=2304, n_layers=6, n_refiner_layers=2, n_heads=24, n_kv_heads=8,
+        qk_norm=True, cap_feat_dim=2304, axes_dims=[32, 32, 32], axes_lens=[300, 512, 512], device="cuda",
+        dtype=torch.bfloat16, operations=comfy.ops.disable_weight_init)
+    init_random(model, 18)
+    g = torch.Generator(device="cuda").manual_seed(4)
+    x = torch.randn(1, 16, 128, 128, generator=g, device="cuda", dtype=torch.bfloat16)  # 1024px
+    t = torch.full((1,), 0.5, device="cuda")
+    ctx = torch.randn(1, 256, 2304, generator=g, device="cuda", dtype=torch.bfloat16)
+    return model, lambda opts: model(x, t, ctx, 256, transformer_options=opts)
 
 
 class PeerCalls:
@@ -171,12 +201,16 @@ def compare(out, ref) -> dict:
     return {"cosine": cos, "psnr_db": float("inf") if mse == 0 else 10 * math.log10(peak ** 2 / mse)}
 
 
+CASES = {"wan21_14b_4blocks_480p81f": wan_case, "flux_dev_2x4blocks_1024px": flux_case,
+         "qwen_image_4blocks_1328px": qwen_image_case, "lumina2_6blocks_1024px": lumina2_case}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--comfyui", required=True)
     parser.add_argument("--out", default="e2e_models.json")
     parser.add_argument("--repeats", type=int, default=5, help="timing rounds: one sample of every setting per round")
-    parser.add_argument("--models", nargs="*", default=["wan21_14b_4blocks_480p81f", "flux_dev_2x4blocks_1024px"])
+    parser.add_argument("--models", nargs="*", default=list(CASES))
     parser.add_argument("--no-peers", action="store_true", help="only the pack's settings")
     parser.add_argument("--profile", nargs="*", default=[],
                         help="settings ('default' for ComfyUI's own) whose forward is profiled: device time per kernel")
@@ -186,8 +220,9 @@ def main():
     parser.add_argument("--clock-seconds", type=float, default=4.0)
     parser.add_argument("--comfyui-rotation", nargs="*", default=[],
                         help="settings also run with ComfyUI's own rotary embedding (label "
-                             "<setting>_comfyui_rotation): their override does not take Flux-family and Wan calls "
-                             "before the rotation (nodes/rotary_handoff.py), as before the hand-off")
+                             "<setting>_comfyui_rotation): their override does not take Flux-family, Wan, "
+                             "Qwen-Image and Lumina 2 calls before the rotation (nodes/rotary_handoff.py), as "
+                             "before the hand-off")
     args = parser.parse_args()
 
     comfy = load_comfy(args.comfyui)
@@ -198,7 +233,6 @@ def main():
     from sage_attention_pack.sage_core import config as config_mod
     from sage_attention_pack.sage_core.timing import error_line, interleaved_median_ms
 
-    cases = {"wan21_14b_4blocks_480p81f": wan_case, "flux_dev_2x4blocks_1024px": flux_case}
     settings = {"auto": "auto", "int8_fp8": "int8_fp8", "int8_fp16": "int8_fp16", "off": "off"}
     result = {"environment": bench_mod.environment(), "pack": getattr(pack, "__version__", "?"),
               "comfyui_attention": "comfy.ldm.modules.attention.optimized_attention (PyTorch SDPA on CUDA)",
@@ -214,7 +248,7 @@ def main():
         peer_overrides, result["peer_versions"] = load_peer_overrides()
         overrides.update(peer_overrides)
     for name in args.models:
-        _, forward = cases[name](comfy)
+        _, forward = CASES[name](comfy)
         with torch.inference_mode():
             # one forward of each setting for its output and its calls, then every setting and the default
             # timed in interleaved rounds (sage_core.timing): one after another, a GPU at its power limit gave

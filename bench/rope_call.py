@@ -3,12 +3,13 @@ ComfyUI's rotation then PyTorch's default SDPA (ComfyUI unpatched), its rotation
 hand-off), Sage with the table handed over (the rotation inside the quantization, nodes/rotary_handoff.py), and for
 scale the rotation alone, Sage on Q and K already rotated (the benchmarked call) and the quantization alone with and
 without the table. Flux.1 at two sizes (its table with 512 text tokens, [B, H, N, D] tensors, the rotation of
-comfy/ldm/flux/math.attention) and Wan2.1 at 480p, 81 frames ([B, N, H, D] tensors, the rotation of apply_rope1 as
-its self-attention applies it), each with its model's own table (sage_core/rope). Per shape the times, the ratios to
-ComfyUI unpatched, and the errors of both Sage forms against FP32 attention on the rotated Q and K.
+comfy/ldm/flux/math.attention), Wan2.1 at 480p, 81 frames ([B, N, H, D] tensors, the rotation of apply_rope1 as
+its self-attention applies it) and Qwen-Image at 1328 px (128 text tokens, [B, N, H, D] tensors, a BF16 table and
+its apply_rotary_emb, in BF16), each with its model's own table (sage_core/rope). Per shape the times, the ratios
+to ComfyUI unpatched, and the errors of both Sage forms against FP32 attention on the rotated Q and K.
 
-    python bench/rope_call.py [--shapes flux_1024px flux_1536px wan21_480p_81f] [--kernel int8_fp8] [--rounds 9]
-                              [--out rope_call.json]
+    python bench/rope_call.py [--shapes flux_1024px flux_1536px wan21_480p_81f qwen_image_1328px]
+                              [--kernel int8_fp8] [--rounds 9] [--out rope_call.json]
 """
 from __future__ import annotations
 
@@ -28,10 +29,10 @@ from sage_attention_pack.sage_core.progress import progress
 
 HEAD_DIM = 128
 ERROR_HEADS = 4
-# (model, heads, and the table's grid: Flux text tokens and patch rows and columns; Wan latent frames and patch
-# rows and columns)
+# (model, heads, and the table's grid: Flux's and Qwen-Image's text tokens and patch rows and columns; Wan's
+# latent frames and patch rows and columns)
 SHAPES = {"flux_1024px": ("flux", 24, (512, 64, 64)), "flux_1536px": ("flux", 24, (512, 96, 96)),
-          "wan21_480p_81f": ("wan", 40, (21, 30, 52))}
+          "wan21_480p_81f": ("wan", 40, (21, 30, 52)), "qwen_image_1328px": ("qwen_image", 24, (128, 83, 83))}
 QUANTIZE = dict(q_group=64, k_group=128, block_d=HEAD_DIM, q_multiplier=HEAD_DIM ** -0.5 * launch.LOG2E,
                 smooth_k=True, smooth_v=True, pv_fp8=True, pv_key_order=True)
 
@@ -44,35 +45,45 @@ def wan_rotation(x, freqs):
     return out.reshape(*x.shape).type_as(x)
 
 
+def qwen_image_rotation(x, freqs):
+    """comfy/ldm/qwen_image/model.apply_rotary_emb: x [B, N, H, D], freqs [B, N, 1, ...], in their dtype."""
+    pairs = x.reshape(*x.shape[:-1], -1, 1, 2)
+    return (freqs[..., 0] * pairs[..., 0] + freqs[..., 1] * pairs[..., 1]).reshape(*x.shape)
+
+
+# how ComfyUI's code for each model rotates x (in the model's layout) by pe ([B, H, N, ...] order)
+ROTATIONS = {"flux": rope.rotate,
+             "wan": lambda x, pe: wan_rotation(x, pe.transpose(1, 2)),
+             "qwen_image": lambda x, pe: qwen_image_rotation(x, pe.transpose(1, 2))}
+
+
 class Call:
-    """q, k, v in `layout`, as the model hands them to the attention; pe, the table in [B, H, N, ...] order
+    """q, k, v in `layout`, as `model` hands them to the attention; pe, the table in [B, H, N, ...] order
     (sage_core/rope.py)."""
 
-    def __init__(self, q, k, v, pe, layout: str):
-        self.q, self.k, self.v, self.pe, self.layout = q, k, v, pe, layout
+    def __init__(self, q, k, v, pe, layout: str, model: str = "flux"):
+        self.q, self.k, self.v, self.pe, self.layout, self.model = q, k, v, pe, layout, model
 
     def hnd(self, t):
         return t if self.layout == "HND" else t.transpose(1, 2)
 
     def comfy_rotation(self, x):
         """x rotated as ComfyUI's code for this model rotates it."""
-        if self.layout == "HND":
-            return rope.rotate(x, self.pe)
-        return wan_rotation(x, self.pe.transpose(1, 2))
+        return ROTATIONS[self.model](x, self.pe)
 
 
 def call_inputs(shape: str, device: str, seed: int = 0, heads: int | None = None, grid=None) -> Call:
     """The call of a shape of SHAPES (heads and grid: smaller ones, for tests)."""
     model, default_heads, default_grid = SHAPES[shape]
     heads, grid = heads or default_heads, grid or default_grid
-    if model == "flux":
-        pe = rope.flux_table(*grid, device=device)
-    else:
-        pe = rope.wan_table(*grid, head_dim=HEAD_DIM, device=device)
+    tables = {"flux": lambda: rope.flux_table(*grid, device=device),
+              "wan": lambda: rope.wan_table(*grid, head_dim=HEAD_DIM, device=device),
+              "qwen_image": lambda: rope.qwen_image_table(*grid, device=device)}
+    pe = tables[model]()
     q, k, v = bench.model_shaped_inputs(1, heads, pe.shape[2], HEAD_DIM, torch.bfloat16, device, seed=seed)
-    if model == "wan":  # Wan's projections give [B, N, H, D]
+    if model != "flux":  # Wan's and Qwen-Image's projections give [B, N, H, D]
         q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
-    return Call(q, k, v, pe, "HND" if model == "flux" else "NHD")
+    return Call(q, k, v, pe, "HND" if model == "flux" else "NHD", model)
 
 
 def methods(c: Call, config: SageConfig, stats: DispatchStats) -> dict:
@@ -96,11 +107,13 @@ def methods(c: Call, config: SageConfig, stats: DispatchStats) -> dict:
 
 
 def errors(c: Call, config: SageConfig) -> dict:
-    """Both Sage forms against FP32 attention on Q and K rotated in FP32, on the last heads."""
+    """Both Sage forms against FP32 attention on Q and K rotated in FP32, on the last heads (the model's rotation,
+    in [B, H, N, D] order, before the second)."""
     heads = c.hnd(c.q).shape[1]
     last = Call(*(c.hnd(t)[:, heads - ERROR_HEADS:] for t in (c.q, c.k, c.v)), c.pe, "HND")
     q, k, v = last.q, last.k, last.v
-    exact = F.scaled_dot_product_attention(rope.rotate(q.float(), c.pe), rope.rotate(k.float(), c.pe), v.float())
+    table = c.pe.float()  # Qwen-Image's comes in BF16
+    exact = F.scaled_dot_product_attention(rope.rotate(q.float(), table), rope.rotate(k.float(), table), v.float())
     fused = attention(q, k, v, config=config, rope=c.pe)
     first = attention(rope.rotate(q, c.pe), rope.rotate(k, c.pe), v, config=config)
     return {"sage_rotation_fused": attention_error(fused, exact),

@@ -101,7 +101,7 @@ class AttentionTimer:
 
     @property
     def takes_rotary(self) -> bool:
-        """Whether the override below takes Flux-family calls before their rotation (nodes/rotary_handoff.py)."""
+        """Whether the override below takes calls before their rotation (nodes/rotary_handoff.py)."""
         return bool(getattr(self.previous, "takes_rotary", False))
 
     def attend_rotary(self, args, kwargs, rope, exact_with):

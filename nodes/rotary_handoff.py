@@ -1,19 +1,21 @@
-"""Attention calls handed to Sage before their rotary embedding: Flux-family blocks and Wan's self-attention.
+"""Attention calls handed to Sage before their rotary embedding: Flux-family blocks, Wan's self-attention and
+Qwen-Image's joint attention.
 
 ComfyUI rotates Q and K in eager PyTorch right before the attention hook: Flux's layers (and Chroma's,
 HunyuanVideo's and Hunyuan3D's, which reuse them) call `attention(q, k, v, pe, mask, transformer_options)` from
 comfy/ldm/flux/math.py, which rotates them (a cast to FP32, two products, a sum and a cast back per tensor: 10
 kernels and about 1 GB of memory traffic per call at Flux.1's 1024 px shape); Wan's self-attention rotates them with
-`apply_rope1` inside its own `forward`. Where the Sage override of the model serves the call, the hand-off gives it
-Q, K and the table instead, and the quantization rotates them in the pass that reads them anyway
-(kernels/rotary.py). Every other call (no Sage override on top, no table, a compiling graph) runs ComfyUI's own
-code, untouched, and so does every call the override sends to exact attention.
+`apply_rope1` inside its own `forward`, Qwen-Image's joint attention with its module's `apply_rotary_emb` (in the
+model's dtype). Where the Sage override of the model serves the call, the hand-off gives it Q, K and the table
+instead, and the quantization rotates them in the pass that reads them anyway (kernels/rotary.py). Every other call
+(no Sage override on top, no table, a compiling graph) runs ComfyUI's own code, untouched, and so does every call
+the override sends to exact attention.
 
 Installed when a Sage node patches a model, once, and only over ComfyUI's own code: Flux's `attention` where a
 caller module still holds ComfyUI's function (another extension's replacement is left alone) with the parameters
-this hand-off knows; Wan's `WanSelfAttention.forward` where its source is the one this hand-off restates (its
-projections, then ComfyUI's rotation and attention call on the exact paths), so that a ComfyUI that changed it keeps
-its own. SAGE_ATTENTION_ROTARY_HANDOFF=0 in the environment keeps the hand-off out.
+this hand-off knows; a `forward` method (Wan's, Qwen-Image's) where its source is the one this hand-off restates
+(its projections, then ComfyUI's rotation and attention call on the exact paths), so that a ComfyUI that changed it
+keeps its own. SAGE_ATTENTION_ROTARY_HANDOFF=0 in the environment keeps the hand-off out.
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ import logging
 import os
 import sys
 import textwrap
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -35,9 +39,6 @@ SWITCH = "SAGE_ATTENTION_ROTARY_HANDOFF"
 FLUX_SOURCE = "comfy.ldm.flux.math"
 FLUX_CALLERS = ("comfy.ldm.flux.layers", "comfy.ldm.chroma.layers")  # modules calling FLUX_SOURCE's attention by name
 FLUX_PARAMETERS = ["q", "k", "v", "pe", "mask", "transformer_options"]
-WAN_MODULE = "comfy.ldm.wan.model"
-# SHA-256 of the dedented source of ComfyUI's WanSelfAttention.forward that wan_hand_off restates
-WAN_FORWARD_SHA256 = "820985e6e19d88d577444779291a734ceadd77685f006273e050b89fda37c08c"
 
 
 def takes_rotary(transformer_options) -> bool:
@@ -91,6 +92,107 @@ def wan_hand_off(forward_fn, module):
     return forward
 
 
+def qwen_image_hand_off(forward_fn, module):
+    """`forward_fn` (ComfyUI's Qwen-Image Attention.forward) with the rotation given to the override where it takes
+    it. The projections, norms and joins are ComfyUI's; on the exact paths the rest is too: `module`'s
+    apply_rotary_emb and optimized_attention_masked, looked up at the call as ComfyUI's forward looks them up."""
+
+    @functools.wraps(forward_fn)
+    def forward(self, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
+                attention_mask=None, image_rotary_emb=None, transformer_options={}):  # noqa: B006 - ComfyUI's own
+        if image_rotary_emb is None or attention_mask is not None or not takes_rotary(transformer_options):
+            return forward_fn(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, attention_mask,
+                              image_rotary_emb, transformer_options=transformer_options)
+        seq_txt = encoder_hidden_states.shape[1]
+
+        def heads_of(projection, tokens):
+            return projection(tokens).unflatten(-1, (self.heads, -1))
+
+        # [B, N, H, D], the text's tokens first
+        query = torch.cat([self.norm_added_q(heads_of(self.add_q_proj, encoder_hidden_states)),
+                           self.norm_q(heads_of(self.to_q, hidden_states))], dim=1)
+        key = torch.cat([self.norm_added_k(heads_of(self.add_k_proj, encoder_hidden_states)),
+                         self.norm_k(heads_of(self.to_k, hidden_states))], dim=1)
+        value = torch.cat([heads_of(self.add_v_proj, encoder_hidden_states),
+                           heads_of(self.to_v, hidden_states)], dim=1)
+
+        def exact_with(options):
+            def rotated(x):
+                return module.apply_rotary_emb(x, image_rotary_emb).flatten(start_dim=2)
+
+            return module.optimized_attention_masked(rotated(query), rotated(key), value.flatten(start_dim=2),
+                                                     self.heads, attention_mask, transformer_options=options)
+
+        # Qwen-Image's table is [B, N, 1, D/2, 2, 2] in the model's dtype (tokens before heads)
+        out = transformer_options[OVERRIDE_KEY].attend_rotary(
+            (query.flatten(start_dim=2), key.flatten(start_dim=2), value.flatten(start_dim=2), self.heads),
+            {"mask": attention_mask, "transformer_options": transformer_options}, image_rotary_emb.transpose(1, 2),
+            exact_with)
+        image_out = self.to_out[1](self.to_out[0](out[:, seq_txt:, :]))
+        return image_out, self.to_add_out(out[:, :seq_txt, :])
+
+    forward.sage_original = forward_fn
+    return forward
+
+
+def lumina2_hand_off(forward_fn, module):
+    """`forward_fn` (ComfyUI's Lumina 2 JointAttention.forward) with the rotation given to the override where it
+    takes it. The projection and norms are ComfyUI's; Sage takes grouped-query K and V as they are (ComfyUI repeats
+    each K/V head for its group of Q heads first). On the exact paths the rest is ComfyUI's: `module`'s
+    JointAttention.apply_rotary_emb, the repeat and optimized_attention_masked, as its forward does them."""
+
+    @functools.wraps(forward_fn)
+    def forward(self, x, x_mask, freqs_cis, transformer_options={}):  # noqa: B006 - ComfyUI's own signature
+        if freqs_cis is None or not takes_rotary(transformer_options):
+            return forward_fn(self, x, x_mask, freqs_cis, transformer_options=transformer_options)
+        bsz, seqlen, _ = x.shape
+        heads, kv_heads, d = self.n_local_heads, self.n_local_kv_heads, self.head_dim
+        xq, xk, xv = torch.split(self.qkv(x), [heads * d, kv_heads * d, kv_heads * d], dim=-1)
+        xq = self.q_norm(xq.view(bsz, seqlen, heads, d))  # [B, N, H, D]
+        xk = self.k_norm(xk.view(bsz, seqlen, kv_heads, d))
+        xv = xv.view(bsz, seqlen, kv_heads, d)
+
+        def exact_with(options):
+            rotate = module.JointAttention.apply_rotary_emb
+            q, k = rotate(xq, freqs_cis=freqs_cis), rotate(xk, freqs_cis=freqs_cis)
+            k, v = (t.unsqueeze(3).repeat(1, 1, 1, heads // kv_heads, 1).flatten(2, 3) for t in (k, xv))
+            return module.optimized_attention_masked(q.movedim(1, 2), k.movedim(1, 2), v.movedim(1, 2), heads, x_mask,
+                                                     skip_reshape=True, transformer_options=options)
+
+        # Lumina's table is [B, N, 1, D/2, 2, 2] in the model's dtype (tokens before heads)
+        out = transformer_options[OVERRIDE_KEY].attend_rotary(
+            (xq.movedim(1, 2), xk.movedim(1, 2), xv.movedim(1, 2), heads),
+            {"mask": x_mask, "skip_reshape": True, "transformer_options": transformer_options},
+            freqs_cis.transpose(1, 2), exact_with)
+        return self.out(out)
+
+    forward.sage_original = forward_fn
+    return forward
+
+
+@dataclass(frozen=True)
+class RestatedForward:
+    """A ComfyUI attention class whose `forward` a hand-off restates, known by the SHA-256 of its dedented source."""
+    module: str
+    cls: str
+    sha256: str
+    hand_off: Callable  # (ComfyUI's forward, its module) -> the forward that hands the rotation over
+
+    @property
+    def name(self) -> str:
+        return f"{self.module}.{self.cls}"
+
+
+RESTATED_FORWARDS = (
+    RestatedForward("comfy.ldm.wan.model", "WanSelfAttention",
+                    "820985e6e19d88d577444779291a734ceadd77685f006273e050b89fda37c08c", wan_hand_off),
+    RestatedForward("comfy.ldm.qwen_image.model", "Attention",
+                    "9214cdaf5faf8aa7baae5bc6a43cc87ad97d10a37773098e9ecfb9574590c9f3", qwen_image_hand_off),
+    RestatedForward("comfy.ldm.lumina.model", "JointAttention",
+                    "a0291bfeafbf21702cccd25c13e8aabc083585d3762a7e60ff37e1d1a0bb9dda", lumina2_hand_off),
+)
+
+
 def source_digest(fn) -> str:
     return hashlib.sha256(textwrap.dedent(inspect.getsource(fn)).encode()).hexdigest()
 
@@ -108,15 +210,15 @@ def known_flux_attention(fn) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def known_wan_forward(fn) -> bool:
-    """Whether `fn` is the WanSelfAttention.forward whose source wan_hand_off restates (WAN_FORWARD_SHA256)."""
+def known_forward(fn, restated: RestatedForward) -> bool:
+    """Whether `fn` is the forward whose source `restated.hand_off` restates."""
     try:
-        known = source_digest(fn) == WAN_FORWARD_SHA256
+        known = source_digest(fn) == restated.sha256
     except (OSError, TypeError):  # no source to compare: leave ComfyUI's method alone
         known = False
     if not known:
-        log.info("Sage Attention: this ComfyUI's WanSelfAttention.forward is not the one the rotary hand-off knows; "
-                 "Wan's rotary embedding stays in ComfyUI")
+        log.info("Sage Attention: this ComfyUI's %s.forward is not the one the rotary hand-off knows; its rotary "
+                 "embedding stays in ComfyUI", restated.name)
     return known
 
 
@@ -144,19 +246,19 @@ def install_flux() -> list[str]:
     return installed
 
 
-def install_wan() -> list[str]:
+def install_forward(restated: RestatedForward) -> list[str]:
     try:
-        module = importlib.import_module(WAN_MODULE)
-        cls = module.WanSelfAttention
-    except Exception:  # noqa: BLE001 - a ComfyUI without Wan
+        module = importlib.import_module(restated.module)
+        cls = getattr(module, restated.cls)
+    except Exception:  # noqa: BLE001 - a ComfyUI without this model
         return []
     current = cls.__dict__.get("forward")
     if getattr(current, "sage_original", None) is not None:
-        return [f"{WAN_MODULE}.WanSelfAttention"]
-    if not known_wan_forward(current):
+        return [restated.name]
+    if not known_forward(current, restated):
         return []
-    cls.forward = wan_hand_off(current, module)
-    return [f"{WAN_MODULE}.WanSelfAttention"]
+    cls.forward = restated.hand_off(current, module)
+    return [restated.name]
 
 
 def install() -> list[str]:
@@ -164,7 +266,7 @@ def install() -> list[str]:
     second call changes nothing); nowhere where the environment switches it off (SWITCH=0)."""
     if os.environ.get(SWITCH, "1").strip() in ("0", ""):
         return []
-    return install_flux() + install_wan()
+    return install_flux() + [name for restated in RESTATED_FORWARDS for name in install_forward(restated)]
 
 
 def uninstall() -> None:
@@ -173,7 +275,8 @@ def uninstall() -> None:
         current = getattr(sys.modules.get(name), "attention", None)
         if getattr(current, "sage_original", None) is not None:
             sys.modules[name].attention = current.sage_original
-    cls = getattr(sys.modules.get(WAN_MODULE), "WanSelfAttention", None)
-    current = cls.__dict__.get("forward") if cls is not None else None
-    if getattr(current, "sage_original", None) is not None:
-        cls.forward = current.sage_original
+    for restated in RESTATED_FORWARDS:
+        cls = getattr(sys.modules.get(restated.module), restated.cls, None)
+        current = cls.__dict__.get("forward") if cls is not None else None
+        if getattr(current, "sage_original", None) is not None:
+            cls.forward = current.sage_original

@@ -77,3 +77,17 @@ def wan_table(frames: int, height: int, width: int, head_dim: int = 128, theta: 
     sixth = head_dim // 6
     return position_table(grid_ids(frames, height, width)[None].to(device),
                           (head_dim - 4 * sixth, 2 * sixth, 2 * sixth), theta)
+
+
+def qwen_image_table(text_tokens: int, height: int, width: int, axes_dim=(16, 56, 56), theta: float = 10000.0,
+                     dtype=torch.bfloat16, device="cpu") -> torch.Tensor:
+    """The table Qwen-Image hands its joint attention (QwenImageTransformer2DModel) for text_tokens text tokens
+    followed by a height x width grid of image patches, in [1, 1, N, D/2, 2, 2] order (its own is [1, N, 1, ...])
+    and the model's dtype: image ids (0, row, column) centred on the grid, text ids counting up on all three axes
+    from max(height, width) // 2."""
+    rows, cols = torch.meshgrid(torch.arange(height) - height // 2, torch.arange(width) - width // 2, indexing="ij")
+    image = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)
+    start = max(height, width) // 2
+    text = torch.arange(start, start + text_tokens)[:, None].expand(-1, 3)
+    ids = torch.cat([text, image])[None].to(device)
+    return position_table(ids, axes_dim, theta).to(dtype)

@@ -20,6 +20,9 @@ def test_the_inputs_are_each_models_with_its_table():
     wan = rope_call().call_inputs("wan21_480p_81f", "cpu", heads=2, grid=(2, 3, 4))
     assert wan.layout == "NHD" and wan.q.shape == (1, 24, 2, 128) and wan.q.is_contiguous()
     assert wan.pe.shape == (1, 1, 24, 64, 2, 2)
+    qwen = rope_call().call_inputs("qwen_image_1328px", "cpu", heads=2, grid=(5, 3, 4))
+    assert qwen.layout == "NHD" and qwen.q.shape == (1, 17, 2, 128) and qwen.q.is_contiguous()
+    assert qwen.pe.shape == (1, 1, 17, 64, 2, 2) and qwen.pe.dtype == torch.bfloat16
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
@@ -32,7 +35,7 @@ def test_every_way_computes_the_same_attention():
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     module = rope_call()
-    for shape, grid in (("flux_1024px", (16, 4, 4)), ("wan21_480p_81f", (2, 4, 4))):
+    for shape, grid in (("flux_1024px", (16, 4, 4)), ("wan21_480p_81f", (2, 4, 4)), ("qwen_image_1328px", (9, 5, 5))):
         c = module.call_inputs(shape, device, heads=4, grid=grid)
         stats = DispatchStats()
         ways = module.methods(c, SageConfig(kernel="int8_fp8"), stats)

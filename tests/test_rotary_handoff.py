@@ -1,7 +1,8 @@
 """Attention calls handed to Sage before their rotary embedding (nodes/rotary_handoff.py), in a real ComfyUI:
 ComfyUI's own Flux model class at a small width (2 heads of 128, one double and one single block, random weights),
 sampled through ComfyUI's sampler with the patch node's model patch and called directly with the override, and its
-Wan2.1 class (2 heads of 128, two blocks) called directly."""
+Wan2.1 and Qwen-Image classes (2 heads of 128, two blocks each) and its Lumina 2 class (4 query heads of 96 on 2 K/V
+heads) called directly, the last two also sampled through the patch node."""
 import os
 
 import pytest
@@ -14,6 +15,21 @@ FLUX = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, 
             mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[16, 56, 56], theta=10000,
             patch_size=2, qkv_bias=True, guidance_embed=False)
 CALLS = 2  # attention calls per forward: the double block's joint one and the single block's
+
+
+def randomized(model, seed):
+    """Random weights scaled to keep activations near unit size, norms' scales at 1; returns the generator to draw
+    the inputs from."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+            elif "scale" in name or "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return g
 
 
 def cosine(a, b):
@@ -31,15 +47,7 @@ def flux(comfyui):
     config = comfy.supported_models.Flux(dict(FLUX))
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({}, device="cpu")
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.diffusion_model.named_parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-            elif "scale" in name or "norm" in name:
-                p.fill_(1.0)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    g = randomized(model.diffusion_model, seed=0)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
                                                offload_device=torch.device("cpu"))
     x = torch.randn(1, 16, 16, 16, generator=g)
@@ -65,7 +73,9 @@ def installed(flux):
     from sage_attention_pack.nodes import rotary_handoff
 
     assert rotary_handoff.install() == ["comfy.ldm.flux.layers", "comfy.ldm.chroma.layers",
-                                        "comfy.ldm.wan.model.WanSelfAttention"]
+                                        "comfy.ldm.wan.model.WanSelfAttention",
+                                        "comfy.ldm.qwen_image.model.Attention",
+                                        "comfy.ldm.lumina.model.JointAttention"]
     yield rotary_handoff
     rotary_handoff.uninstall()
 
@@ -190,6 +200,7 @@ def test_the_benchmarks_flux_table_is_comfyuis(comfyui):
 def test_the_environment_can_keep_the_hand_off_out(flux, monkeypatch):
     import comfy.ldm.flux.layers
     import comfy.ldm.flux.math
+    import comfy.ldm.qwen_image.model
     import comfy.ldm.wan.model
 
     from sage_attention_pack.nodes import rotary_handoff
@@ -198,6 +209,8 @@ def test_the_environment_can_keep_the_hand_off_out(flux, monkeypatch):
     assert rotary_handoff.install() == []
     assert comfy.ldm.flux.layers.attention is comfy.ldm.flux.math.attention
     assert not hasattr(comfy.ldm.wan.model.WanSelfAttention.forward, "sage_original")
+    assert not hasattr(comfy.ldm.qwen_image.model.Attention.forward, "sage_original")
+    assert not hasattr(comfy.ldm.lumina.model.JointAttention.forward, "sage_original")
 
 
 def test_install_is_idempotent_and_leaves_another_extensions_replacement_alone(flux, installed):
@@ -237,15 +250,7 @@ def wan(comfyui):
     model = comfy.ldm.wan.model.WanModel(model_type="t2v", dim=256, ffn_dim=512, num_heads=2, num_layers=WAN_LAYERS,
                                          in_dim=16, out_dim=16, text_dim=64, text_len=16, device="cpu",
                                          dtype=torch.float32, operations=comfy.ops.disable_weight_init)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-            elif "norm" in name:
-                p.fill_(1.0)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    g = randomized(model, seed=5)
     x = torch.randn(1, 16, 3, 8, 8, generator=g)  # 3 latent frames of 8x8: 48 tokens
     ctx = torch.randn(1, 16, 64, generator=g)
 
@@ -312,19 +317,245 @@ def test_the_benchmarks_wan_table_is_comfyuis(comfyui):
     assert torch.equal(wan_table(3, 5, 6), freqs.transpose(1, 2))
 
 
-def test_a_changed_wan_forward_is_left_alone(comfyui, monkeypatch):
-    """Where this ComfyUI's WanSelfAttention.forward is not the source the hand-off restates, Wan keeps its own."""
-    import comfy.ldm.wan.model
+@pytest.mark.parametrize("name", ["comfy.ldm.wan.model.WanSelfAttention", "comfy.ldm.qwen_image.model.Attention",
+                                  "comfy.ldm.lumina.model.JointAttention"])
+def test_a_changed_forward_is_left_alone(comfyui, name):
+    """Where this ComfyUI's forward is not the source the hand-off restates, the model keeps its own."""
+    import dataclasses
+    import importlib
 
     from sage_attention_pack.nodes import rotary_handoff
 
     rotary_handoff.uninstall()
-    original = comfy.ldm.wan.model.WanSelfAttention.forward
-    assert rotary_handoff.source_digest(original) == rotary_handoff.WAN_FORWARD_SHA256  # the checkout tested against
-    monkeypatch.setattr(rotary_handoff, "WAN_FORWARD_SHA256", "0" * 64)
-    rotary_handoff.known_wan_forward.cache_clear()  # the verdict is kept per method: this one's was the real digest's
+    restated = next(r for r in rotary_handoff.RESTATED_FORWARDS if r.name == name)
+    cls = getattr(importlib.import_module(restated.module), restated.cls)
+    original = cls.forward
+    assert rotary_handoff.source_digest(original) == restated.sha256  # the checkout tested against
+    assert rotary_handoff.install_forward(dataclasses.replace(restated, sha256="0" * 64)) == []
+    assert cls.forward is original
+    assert rotary_handoff.install_forward(restated) == [name]
+    assert cls.forward.sage_original is original
+    rotary_handoff.uninstall()
+    assert cls.forward is original
+
+
+QWEN_LAYERS = 2  # one joint attention call per block, rotated
+
+
+@pytest.fixture(scope="module")
+def qwen_image(comfyui):
+    """A forward of ComfyUI's own Qwen-Image class at a small width (2 heads of 128), random weights, in `dtype`
+    (its rotary table comes in the model's dtype)."""
+    import comfy.ldm.qwen_image.model
+    import comfy.ops
+
+    def build(dtype):
+        model = comfy.ldm.qwen_image.model.QwenImageTransformer2DModel(
+            in_channels=64, out_channels=16, num_layers=QWEN_LAYERS, attention_head_dim=128, num_attention_heads=2,
+            joint_attention_dim=64, dtype=dtype, device="cpu", operations=comfy.ops.disable_weight_init)
+        g = randomized(model, seed=7)
+        x = torch.randn(1, 16, 1, 12, 10, generator=g).to(dtype)  # 6x5 patches: 30 image tokens
+        ctx = torch.randn(1, 9, 64, generator=g).to(dtype)
+
+        def forward(options):
+            from sage_attention_pack.nodes.routing import ForwardCounter
+
+            with torch.no_grad():
+                return model(x, torch.full((1,), 0.5), ctx,
+                             transformer_options={**options, ForwardCounter.KEY: ForwardCounter()}).float()
+
+        return forward
+
+    return build
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qwen_image_joint_attention_rotates_inside_the_quantization(qwen_image, installed, dtype):
+    """Qwen-Image's joint attention calls hand their rotation (a table in the model's dtype) over, and the forward
+    stays as close to ComfyUI's own as with ComfyUI's rotation before the hook."""
+    from sage_attention_pack.nodes.override import SageOverride
+    from sage_attention_pack.sage_core.config import SageConfig
+
+    forward = qwen_image(dtype)
+    reference = forward({})
+    fused = SageOverride(SageConfig(kernel="int8_fp16"))
+    out = forward({"optimized_attention_override": fused})
+    assert fused.stats.snapshot()["sage"] == {"int8_fp16": QWEN_LAYERS} and fused.stats.rotary_fused == QWEN_LAYERS
+    installed.uninstall()
+    first = SageOverride(SageConfig(kernel="int8_fp16"))
+    out_first = forward({"optimized_attention_override": first})
+    assert first.stats.snapshot()["sage"] == {"int8_fp16": QWEN_LAYERS} and first.stats.rotary_fused == 0
+    # in BF16 ComfyUI's rotation rounds Q and K to the model's dtype, the quantization's does not
+    assert cosine(out, out_first) > 0.9999 and cosine(out, reference) > 0.9999
+
+
+def test_qwen_image_calls_sent_to_exact_attention_run_comfyuis_own_code(qwen_image, installed):
+    """kernel `off` and the block list: the rest of ComfyUI's forward (its rotation, its attention call, through the
+    override that was there before Sage's), bit for bit as unpatched."""
+    from sage_attention_pack.nodes.override import SageOverride
+    from sage_attention_pack.sage_core.config import SageConfig
+
+    forward = qwen_image(torch.float32)
+    reference = forward({})
+    off = SageOverride(SageConfig(kernel="off"))
+    assert torch.equal(forward({"optimized_attention_override": off}), reference)
+    assert off.stats.exact["kernel off"] == QWEN_LAYERS
+    seen = []
+
+    def earlier(func, *args, **kwargs):
+        seen.append(1)
+        return func(*args, **kwargs)
+
+    kept = SageOverride(SageConfig(kernel="int8_fp16"), exact_blocks={0}, previous=earlier)
+    forward({"optimized_attention_override": kept})
+    assert kept.stats.exact["block kept exact"] == 1 and len(seen) == 1
+    assert kept.stats.snapshot()["sage"] == {"int8_fp16": 1} and kept.stats.rotary_fused == 1
+    all_kept = SageOverride(SageConfig(kernel="int8_fp16"), exact_blocks=set(range(QWEN_LAYERS)), previous=earlier)
+    assert torch.equal(forward({"optimized_attention_override": all_kept}), reference)
+
+
+def test_the_benchmarks_qwen_image_table_is_comfyuis(comfyui):
+    """sage_core/rope.qwen_image_table is the table ComfyUI's Qwen-Image hands its joint attention, in [B, H, N, ...]
+    order and the model's dtype, bit for bit (an even and an odd grid: the ids are centred on it)."""
+    import comfy.ldm.qwen_image.model
+    import comfy.ops
+
+    from sage_attention_pack.sage_core.rope import qwen_image_table
+
+    model = comfy.ldm.qwen_image.model.QwenImageTransformer2DModel(
+        in_channels=64, out_channels=16, num_layers=1, attention_head_dim=128, num_attention_heads=2,
+        joint_attention_dim=64, dtype=torch.bfloat16, device="cpu", operations=comfy.ops.disable_weight_init)
+    randomized(model, seed=1)
+    seen = []
+    model.transformer_blocks[0].attn.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["image_rotary_emb"]), with_kwargs=True)
+    for rows, cols in ((4, 6), (5, 3)):
+        x = torch.randn(1, 16, 1, 2 * rows, 2 * cols).bfloat16()
+        with torch.no_grad():
+            model(x, torch.full((1,), 0.5), torch.randn(1, 7, 64).bfloat16())
+        assert torch.equal(qwen_image_table(7, rows, cols), seen[-1].transpose(1, 2))
+
+
+LUMINA_CALLS = 4  # the context refiner's, the noise refiner's and two main layers' calls, all rotated
+LUMINA_TEXT = 7
+
+
+@pytest.fixture(scope="module")
+def lumina2(comfyui):
+    """A forward of ComfyUI's own Lumina 2 class (NextDiT) at a small width: 4 query heads of 96 on 2 K/V heads,
+    Lumina 2's axes, random weights; with `masked`, a caption with two padding tokens (additive masks on every
+    call)."""
+    import comfy.ldm.lumina.model
+    import comfy.ops
+
+    model = comfy.ldm.lumina.model.NextDiT(
+        patch_size=2, in_channels=16, dim=384, n_layers=2, n_refiner_layers=1, n_heads=4, n_kv_heads=2,
+        multiple_of=32, qk_norm=True, cap_feat_dim=64, axes_dims=[32, 32, 32], axes_lens=[300, 512, 512],
+        dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init)
+    g = randomized(model, seed=11)
+    x = torch.randn(1, 16, 10, 12, generator=g)  # 5x6 patches: 30 image tokens
+    ctx = torch.randn(1, LUMINA_TEXT, 64, generator=g)
+    caption_mask = torch.ones(1, LUMINA_TEXT, dtype=torch.long)
+    caption_mask[:, -2:] = 0
+
+    def forward(options, masked=False):
+        from sage_attention_pack.nodes.routing import ForwardCounter
+
+        mask = caption_mask if masked else None
+        with torch.no_grad():
+            return model(x, torch.full((1,), 0.5), ctx, LUMINA_TEXT - 2 * masked, attention_mask=mask,
+                         transformer_options={**options, ForwardCounter.KEY: ForwardCounter()})
+
+    return forward
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_lumina2_attention_rotates_inside_the_quantization(lumina2, installed, masked):
+    """Lumina 2's calls hand their rotation over with K and V grouped (not repeated per query head), masked or not,
+    and the forward stays as close to ComfyUI's own as with ComfyUI's rotation before the hook."""
+    from sage_attention_pack.nodes.override import SageOverride
+    from sage_attention_pack.sage_core.config import SageConfig
+
+    reference = lumina2({}, masked)
+    fused = SageOverride(SageConfig(kernel="int8_fp16"))
+    out = lumina2({"optimized_attention_override": fused}, masked)
+    assert fused.stats.snapshot()["sage"] == {"int8_fp16": LUMINA_CALLS}, fused.stats.snapshot()
+    assert fused.stats.rotary_fused == LUMINA_CALLS
+    installed.uninstall()
+    first = SageOverride(SageConfig(kernel="int8_fp16"))
+    out_first = lumina2({"optimized_attention_override": first}, masked)
+    assert first.stats.snapshot()["sage"] == {"int8_fp16": LUMINA_CALLS} and first.stats.rotary_fused == 0
+    assert cosine(out, out_first) > 0.9999 and cosine(out, reference) > 0.9999
+
+
+def test_lumina2_calls_sent_to_exact_attention_run_comfyuis_own_code(lumina2, installed):
+    """kernel `off` and the block list: ComfyUI's rotation, its repeat of K and V and its attention call, through
+    the override that was there before Sage's, bit for bit as unpatched."""
+    from sage_attention_pack.nodes.override import SageOverride
+    from sage_attention_pack.sage_core.config import SageConfig
+
+    reference = lumina2({}, True)
+    off = SageOverride(SageConfig(kernel="off"))
+    assert torch.equal(lumina2({"optimized_attention_override": off}, True), reference)
+    assert off.stats.exact["kernel off"] == LUMINA_CALLS
+    seen = []
+
+    def earlier(func, *args, **kwargs):
+        seen.append(args[1].shape)  # K as ComfyUI hands it on: repeated per query head
+        return func(*args, **kwargs)
+
+    kept = SageOverride(SageConfig(kernel="int8_fp16"), exact_blocks=set(range(LUMINA_CALLS)), previous=earlier)
+    assert torch.equal(lumina2({"optimized_attention_override": kept}, True), reference)
+    assert kept.stats.exact["block kept exact"] == LUMINA_CALLS and len(seen) == LUMINA_CALLS
+    assert all(shape[1] == 4 for shape in seen)
+
+
+# ComfyUI's model config class, the unet config, the latent's shape, the conditioning's extras, the attention calls
+# per forward
+SAMPLED = {
+    "qwen_image": ("QwenImage", dict(image_model="qwen_image", in_channels=64, out_channels=16, num_layers=QWEN_LAYERS,
+                                     attention_head_dim=128, num_attention_heads=2, joint_attention_dim=64),
+                   (1, 16, 1, 12, 10), {}, QWEN_LAYERS),  # one frame of Qwen-Image's (Wan2.1's) latent
+    "lumina2": ("Lumina2", dict(image_model="lumina2", patch_size=2, in_channels=16, dim=384, n_layers=2,
+                                n_refiner_layers=1, n_heads=4, n_kv_heads=2, multiple_of=32, qk_norm=True,
+                                cap_feat_dim=64, axes_dims=[32, 32, 32], axes_lens=[300, 512, 512]),
+                # its text encoder's mask: 7 of the 9 tokens, the caption's padding masked on every call
+                (1, 16, 10, 12), {"attention_mask": torch.tensor([[1] * 7 + [0] * 2])}, LUMINA_CALLS),
+}
+
+
+@pytest.mark.parametrize("family", list(SAMPLED))
+def test_the_patch_node_samples_with_the_rotation_inside_the_quantization(comfyui, family):
+    """The patch node's model patch on ComfyUI's Qwen-Image and Lumina 2 models (their model configs and sampling):
+    every attention call of the run rotates inside the quantization, and the result stays close to ComfyUI's own."""
+    import comfy.model_patcher
+    import comfy.sample
+    import comfy.supported_models
+
+    from sage_attention_pack.nodes import rotary_handoff
+    from sage_attention_pack.nodes.patch import apply_sage, get_sage_override
+    from sage_attention_pack.sage_core.config import SageConfig
+
+    config_class, unet_config, latent, extras, calls = SAMPLED[family]
+    config = getattr(comfy.supported_models, config_class)(dict(unet_config))
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, device="cpu")
+    g = randomized(model.diffusion_model, seed=3)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
+                                               offload_device=torch.device("cpu"))
+    x = torch.randn(*latent, generator=g)
+    cond = [[torch.randn(1, 9, 64, generator=g), dict(extras)]]
+
+    def sample(m):
+        return comfy.sample.sample(m, x, 2, 1.0, "euler", "simple", cond, cond, torch.zeros_like(x), seed=1)
+
+    reference = sample(patcher)
+    patched = apply_sage(patcher, SageConfig(kernel="int8_fp16"))
     try:
-        assert rotary_handoff.install_wan() == []
+        out = sample(patched)
+        snap = get_sage_override(patched).stats.snapshot()
+        assert snap["sage"] == {"int8_fp16": 2 * calls} and snap["rotary_fused"] == 2 * calls, snap
+        assert cosine(out, reference) > 0.9999
+        assert torch.equal(sample(patcher), reference)
     finally:
-        rotary_handoff.known_wan_forward.cache_clear()
-    assert comfy.ldm.wan.model.WanSelfAttention.forward is original
+        rotary_handoff.uninstall()

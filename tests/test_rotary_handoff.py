@@ -1,8 +1,9 @@
 """Attention calls handed to Sage before their rotary embedding (nodes/rotary_handoff.py), in a real ComfyUI:
 ComfyUI's own Flux model class at a small width (2 heads of 128, one double and one single block, random weights),
 sampled through ComfyUI's sampler with the patch node's model patch and called directly with the override, and its
-Wan2.1 and Qwen-Image classes (2 heads of 128, two blocks each) and its Lumina 2 class (4 query heads of 96 on 2 K/V
-heads) called directly, the last two also sampled through the patch node."""
+Wan2.1 and Qwen-Image classes (2 heads of 128, two blocks each), its Lumina 2 class (4 query heads of 96 on 2 K/V
+heads), the last two also sampled through the patch node, and its Chroma and HunyuanVideo classes, whose blocks call
+Flux's attention, called directly."""
 import os
 
 import pytest
@@ -559,3 +560,51 @@ def test_the_patch_node_samples_with_the_rotation_inside_the_quantization(comfyu
         assert torch.equal(sample(patcher), reference)
     finally:
         rotary_handoff.uninstall()
+
+
+# Flux-family models whose blocks call Flux's attention through their own module or Flux's: ComfyUI's class, its
+# arguments at a small width (2 heads of 128, one double and one single block), the latent, the forward's keyword
+# arguments, its attention calls and how many of them rotate (HunyuanVideo's token refiner has no rotary table)
+FLUX_FAMILY = {
+    "chroma": ("comfy.ldm.chroma.model", "Chroma",
+               dict(in_channels=64, out_channels=64, context_in_dim=64, hidden_size=256, mlp_ratio=2.0, num_heads=2,
+                    depth=1, depth_single_blocks=1, axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True,
+                    in_dim=64, out_dim=256, hidden_dim=128, n_layers=2, image_model="chroma"),
+               (1, 16, 16, 16), lambda g: {"guidance": torch.zeros(1)}, CALLS, CALLS),
+    "hunyuan_video": ("comfy.ldm.hunyuan_video.model", "HunyuanVideo",
+                      dict(in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=64, hidden_size=256,
+                           mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[16, 56, 56],
+                           theta=256, patch_size=[1, 2, 2], qkv_bias=True, guidance_embed=False, byt5=False,
+                           meanflow=False, image_model="hunyuan_video"),
+                      (1, 16, 2, 8, 8), lambda g: {"y": torch.randn(1, 32, generator=g)}, 2 + CALLS, CALLS),
+}
+
+
+@pytest.mark.parametrize("family", list(FLUX_FAMILY))
+def test_flux_family_blocks_rotate_inside_the_quantization(comfyui, installed, family):
+    """Chroma's blocks (comfy/ldm/chroma/layers.py) and HunyuanVideo's (Flux's own layers) call Flux's attention:
+    a forward of ComfyUI's class hands every rotated call over, and stays close to ComfyUI's own."""
+    import importlib
+
+    import comfy.ops
+
+    from sage_attention_pack.nodes.override import SageOverride
+    from sage_attention_pack.nodes.routing import ForwardCounter
+    from sage_attention_pack.sage_core.config import SageConfig
+
+    module, cls, kwargs, latent, extra, calls, rotated = FLUX_FAMILY[family]
+    model = getattr(importlib.import_module(module), cls)(**kwargs, dtype=torch.float32, device="cpu",
+                                                           operations=comfy.ops.disable_weight_init)
+    g = randomized(model, seed=13)
+    x, ctx, more = torch.randn(*latent, generator=g), torch.randn(1, 8, 64, generator=g), extra(g)
+
+    def forward(options):
+        with torch.no_grad():
+            return model(x, torch.full((1,), 0.5), ctx, **more,
+                         transformer_options={**options, ForwardCounter.KEY: ForwardCounter()})
+
+    reference = forward({})
+    fused = SageOverride(SageConfig(kernel="int8_fp16"))
+    out = forward({"optimized_attention_override": fused})
+    assert fused.stats.snapshot()["sage"] == {"int8_fp16": calls} and fused.stats.rotary_fused == rotated
+    assert cosine(out, reference) > 0.9999

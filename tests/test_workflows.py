@@ -24,7 +24,7 @@ NAMES = [p.stem for p in UI_FILES]
 SAGE_TYPES = ("SageAttention", "SageAttentionCompare")
 SAMPLERS = ("KSampler", "KSamplerAdvanced", "SamplerCustom", "BasicGuider", "CFGGuider", "SageAttentionCompare")
 EXPECTED = {"sd1.5", "sdxl", "sd3.5", "flux1_dev", "wan2.1_text_to_video", "wan2.1_image_to_video", "wan2.2",
-            "hunyuan_video", "ltxv", "compare"}
+            "hunyuan_video", "ltxv", "compare", "qwen_image", "lumina2", "chroma"}
 
 
 def load(path):
@@ -180,11 +180,14 @@ RUNNABLE = {
     "sage_sd3.5_large": "sd3",
     "sage_wan2.1_image_to_video": "wan_i2v",
 }
-NOT_RUNNABLE = {  # parts ComfyUI detects only at full size: SDXL's UNet, CLIP-G, T5-XXL, a Llama text encoder
+NOT_RUNNABLE = {  # parts ComfyUI detects only at full size: SDXL's UNet, CLIP-G, T5-XXL, Llama, Qwen2.5-VL, Gemma 2
     "sage_sdxl_base_refiner": "no SDXL test model",
     "sage_flux1_dev": "no Flux test model",
     "sage_hunyuan_video_text_to_video": "no HunyuanVideo test model",
     "sage_ltxv_text_to_video": "no LTX-Video test model",
+    "sage_qwen_image": "no Qwen-Image test model",
+    "sage_lumina2_netayume": "no Lumina 2 test model",
+    "sage_chroma1_hd": "no Chroma test model",
 }
 
 

@@ -122,6 +122,21 @@ class UIGraph:
             self._unlink(lk)
         self.data["nodes"] = [n for n in self.nodes if n["id"] not in ids]
 
+    def drop_bypassed(self):
+        """Bypassed nodes (mode 4) out, each of their output links fed from the input of the same type instead, as
+        ComfyUI runs a bypassed node."""
+        for n in [n for n in self.nodes if n.get("mode") == 4]:
+            links = self.links()
+            into = {ts: lk for lk in links if lk[3] == n["id"] for ts in [lk[4]]}
+            for lk in [lk for lk in links if lk[1] == n["id"]]:
+                source = next((into[i] for i, inp in enumerate(n.get("inputs") or [])
+                               if inp.get("type") == lk[5] and i in into), None)
+                self._unlink(lk)
+                if source is not None:
+                    self.connect(source[1], source[2], lk[3], lk[4], lk[5])
+            self.remove_nodes([n["id"]])
+        return self
+
     def _unlink(self, lk):
         lid, o, os_, t, ts, _ = lk
         self.data["links"] = [x for x in self.links() if x[0] != lid]
@@ -315,12 +330,25 @@ SIMPLE = {
                 "HunyuanVideo T2V 720p, 848x480, 73 frames.", "/hunyuan_video/"),
     "ltxv": ("ltxv_text_to_video", "LTX-Video text to video + Sage Attention",
              "LTX-Video 2B v0.9, 768x512, 97 frames.", "/ltxv/"),
+    "qwen_image": ("image_qwen_image", "Qwen-Image + Sage Attention",
+                   "Qwen-Image (fp8), 1328x1328, 20 steps (the template's optional Lightning LoRA, bypassed there, "
+                   "left out). Its joint attention's rotary embedding runs inside Sage's quantization.",
+                   "/qwen_image/"),
+    "lumina2": ("image_netayume_lumina_t2i", "NetaYume Lumina (Lumina Image 2.0) + Sage Attention",
+                "NetaYume Lumina v3.5, a Lumina Image 2.0 model, 1024x1024, 30 steps (ComfyUI's own template; the "
+                "example page below runs the base model's lumina_2.safetensors the same way). Its rotary embedding "
+                "runs inside Sage's quantization, and its 8 K/V heads reach Sage without ComfyUI's repeat.",
+                "/lumina2/"),
+    "chroma": ("image_chroma_text_to_image", "Chroma1-HD + Sage Attention",
+               "Chroma1-HD (fp8 scaled), 1024x1024, 26 steps (ComfyUI's own template; the example page below runs "
+               "an earlier Chroma checkpoint the same way). A Flux-family model: its rotary embedding runs inside "
+               "Sage's quantization.", "/chroma/"),
 }
 
 
 def build_simple(key):
     template, title, summary, page = SIMPLE[key]
-    g = _with_sage(_plain(template))
+    g = _with_sage(_plain(template).drop_bypassed())
     g.add_note(note_text(title, summary, model_files(g), EXAMPLES + page))
     return g
 
@@ -423,6 +451,9 @@ WORKFLOWS = {
     "sage_wan2.2_14B_text_to_video": build_wan22,
     "sage_hunyuan_video_text_to_video": functools.partial(build_simple, "hunyuan"),
     "sage_ltxv_text_to_video": functools.partial(build_simple, "ltxv"),
+    "sage_qwen_image": functools.partial(build_simple, "qwen_image"),
+    "sage_lumina2_netayume": functools.partial(build_simple, "lumina2"),
+    "sage_chroma1_hd": functools.partial(build_simple, "chroma"),
     "sage_compare_sd1.5": build_compare,
 }
 

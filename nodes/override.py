@@ -87,6 +87,9 @@ class SageOverride:
         if not counter.steps_active:
             self.stats.record_exact("outside step range")
             return exact()
+        if not call.low_precision:  # as ComfyUI's own Sage path does for such calls
+            self.stats.record_exact("model asks for full precision")
+            return exact()
         try:
             out = run_sage(call, self.config, self.stats, self.stats_id, host_exact=exact, rope=rope)
         except ExactPreferred:  # `auto` measured exact attention fastest here: ComfyUI's own, as unpatched
@@ -120,9 +123,10 @@ def run_sage(call: comfy_attention.AttentionCall, config: SageConfig, stats: Dis
     while compiling: the hand-off steps aside there)."""
     strict = config.with_(on_unsupported="raise")
     if rope is not None:
-        return attention(call.q, call.k, call.v, tensor_layout=call.layout, attn_mask=call.mask, config=strict,
-                         stats=stats, defer_exact=True, host_exact=host_exact, rope=rope)
+        return attention(call.q, call.k, call.v, tensor_layout=call.layout, sm_scale=call.scale, attn_mask=call.mask,
+                         config=strict, stats=stats, defer_exact=True, host_exact=host_exact, rope=rope)
     if torch.compiler.is_compiling():
-        return sage_attention_op(call.q, call.k, call.v, call.mask, call.layout, strict, stats_id)
-    return attention(call.q, call.k, call.v, tensor_layout=call.layout, attn_mask=call.mask, config=strict,
-                     stats=stats, defer_exact=True, host_exact=host_exact)
+        return sage_attention_op(call.q, call.k, call.v, call.mask, call.layout, strict, stats_id,
+                                 sm_scale=call.scale)
+    return attention(call.q, call.k, call.v, tensor_layout=call.layout, sm_scale=call.scale, attn_mask=call.mask,
+                     config=strict, stats=stats, defer_exact=True, host_exact=host_exact)

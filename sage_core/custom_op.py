@@ -25,13 +25,15 @@ _STATS = _SHARED.stats
 
 def _attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, layout: str,
                   kernel: str, smooth_k: bool, smooth_v: bool, granularity: str, quant_block: int,
-                  on_unsupported: str, stats_id: int) -> torch.Tensor:
+                  on_unsupported: str, stats_id: int, sm_scale: float | None = None) -> torch.Tensor:
     config = SageConfig(kernel=kernel, smooth_k=smooth_k, smooth_v=smooth_v, qk_granularity=granularity,
                         quant_block=quant_block, on_unsupported=on_unsupported)
-    return attention(q, k, v, tensor_layout=layout, attn_mask=mask, config=config, stats=_STATS.get(stats_id))
+    return attention(q, k, v, tensor_layout=layout, sm_scale=sm_scale, attn_mask=mask, config=config,
+                     stats=_STATS.get(stats_id))
 
 
-def _fake(q, k, v, mask, layout, kernel, smooth_k, smooth_v, granularity, quant_block, on_unsupported, stats_id):
+def _fake(q, k, v, mask, layout, kernel, smooth_k, smooth_v, granularity, quant_block, on_unsupported, stats_id,
+          sm_scale=None):
     return q.new_empty(q.shape).contiguous()
 
 
@@ -48,8 +50,8 @@ def register_stats(stats: DispatchStats) -> int:
     return stats_id
 
 
-def sage_attention_op(q, k, v, mask, layout: str, config: SageConfig, stats_id: int = 0):
+def sage_attention_op(q, k, v, mask, layout: str, config: SageConfig, stats_id: int = 0, sm_scale=None):
     """Call the dispatcher through the custom op (same result as `attention`, output contiguous);
     stats_id from register_stats (0: the global counters)."""
     return _attention_op(q, k, v, mask, layout, config.kernel, config.smooth_k, config.smooth_v,
-                         config.qk_granularity, config.quant_block, config.on_unsupported, stats_id)
+                         config.qk_granularity, config.quant_block, config.on_unsupported, stats_id, sm_scale)

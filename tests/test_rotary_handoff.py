@@ -84,17 +84,23 @@ def installed(flux):
 def test_the_patch_node_samples_flux_with_the_rotation_inside_the_quantization(flux):
     """The patch node's model patch installs the hand-off: every attention call of a Flux sampling run is served by
     Sage with its rotation applied inside the quantization, and the result stays close to ComfyUI's own."""
+    patcher, _, sample = flux
+    assert_the_patch_node_samples_fused(patcher, sample, CALLS)
+
+
+def assert_the_patch_node_samples_fused(patcher, sample, calls):
+    """A two-step sampling run (`sample(model)`) through the patch node's model patch serves each of the `calls`
+    attention calls per step with the rotation fused, close to the unpatched run, which stays untouched."""
     from sage_attention_pack.nodes import rotary_handoff
     from sage_attention_pack.nodes.patch import apply_sage, get_sage_override
     from sage_attention_pack.sage_core.config import SageConfig
 
-    patcher, _, sample = flux
     reference = sample(patcher)
     patched = apply_sage(patcher, SageConfig(kernel="int8_fp16"))
     try:
         out = sample(patched)
         snap = get_sage_override(patched).stats.snapshot()
-        assert snap["sage"] == {"int8_fp16": 2 * CALLS} and snap["rotary_fused"] == 2 * CALLS, snap
+        assert snap["sage"] == {"int8_fp16": 2 * calls} and snap["rotary_fused"] == 2 * calls, snap
         assert cosine(out, reference) > 0.9999
         assert torch.equal(sample(patcher), reference)  # the unpatched model is untouched by the hand-off
     finally:
@@ -533,10 +539,6 @@ def test_the_patch_node_samples_with_the_rotation_inside_the_quantization(comfyu
     import comfy.sample
     import comfy.supported_models
 
-    from sage_attention_pack.nodes import rotary_handoff
-    from sage_attention_pack.nodes.patch import apply_sage, get_sage_override
-    from sage_attention_pack.sage_core.config import SageConfig
-
     config_class, unet_config, latent, extras, calls = SAMPLED[family]
     config = getattr(comfy.supported_models, config_class)(dict(unet_config))
     config.set_inference_dtype(torch.float32, None)
@@ -550,16 +552,7 @@ def test_the_patch_node_samples_with_the_rotation_inside_the_quantization(comfyu
     def sample(m):
         return comfy.sample.sample(m, x, 2, 1.0, "euler", "simple", cond, cond, torch.zeros_like(x), seed=1)
 
-    reference = sample(patcher)
-    patched = apply_sage(patcher, SageConfig(kernel="int8_fp16"))
-    try:
-        out = sample(patched)
-        snap = get_sage_override(patched).stats.snapshot()
-        assert snap["sage"] == {"int8_fp16": 2 * calls} and snap["rotary_fused"] == 2 * calls, snap
-        assert cosine(out, reference) > 0.9999
-        assert torch.equal(sample(patcher), reference)
-    finally:
-        rotary_handoff.uninstall()
+    assert_the_patch_node_samples_fused(patcher, sample, calls)
 
 
 # Flux-family models whose blocks call Flux's attention through their own module or Flux's: ComfyUI's class, its

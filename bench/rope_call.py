@@ -4,11 +4,13 @@ hand-off), Sage with the table handed over (the rotation inside the quantization
 scale the rotation alone, Sage on Q and K already rotated (the benchmarked call) and the quantization alone with and
 without the table. Flux.1 at two sizes (its table with 512 text tokens, [B, H, N, D] tensors, the rotation of
 comfy/ldm/flux/math.attention), Wan2.1 at 480p, 81 frames ([B, N, H, D] tensors, the rotation of apply_rope1 as
-its self-attention applies it) and Qwen-Image at 1328 px (128 text tokens, [B, N, H, D] tensors, a BF16 table and
-its apply_rotary_emb, in BF16), each with its model's own table (sage_core/rope). Per shape the times, the ratios
-to ComfyUI unpatched, and the errors of both Sage forms against FP32 attention on the rotated Q and K.
+its self-attention applies it), Qwen-Image at 1328 px (128 text tokens, [B, N, H, D] tensors, a BF16 table and
+its apply_rotary_emb, in BF16) and Lumina 2 at 1024 px (256 caption tokens, 24 query heads of 96 on 8 K/V heads,
+which ComfyUI repeats to 24 before its attention and the hand-off does not), each with its model's own table
+(sage_core/rope). Per shape the times, the ratios to ComfyUI unpatched, and the errors of both Sage forms against
+FP32 attention on the rotated Q and K.
 
-    python bench/rope_call.py [--shapes flux_1024px flux_1536px wan21_480p_81f qwen_image_1328px]
+    python bench/rope_call.py [--shapes flux_1024px flux_1536px wan21_480p_81f qwen_image_1328px lumina2_1024px]
                               [--kernel int8_fp8] [--rounds 9] [--out rope_call.json]
 """
 from __future__ import annotations
@@ -27,14 +29,21 @@ from sage_attention_pack.sage_core.dispatch import DispatchStats, attention
 from sage_attention_pack.sage_core.metrics import attention_error
 from sage_attention_pack.sage_core.progress import progress
 
-HEAD_DIM = 128
 ERROR_HEADS = 4
-# (model, heads, and the table's grid: Flux's and Qwen-Image's text tokens and patch rows and columns; Wan's
-# latent frames and patch rows and columns)
+# (model, query heads, and the table's grid: Flux's, Qwen-Image's and Lumina 2's text tokens and patch rows and
+# columns; Wan's latent frames and patch rows and columns)
 SHAPES = {"flux_1024px": ("flux", 24, (512, 64, 64)), "flux_1536px": ("flux", 24, (512, 96, 96)),
-          "wan21_480p_81f": ("wan", 40, (21, 30, 52)), "qwen_image_1328px": ("qwen_image", 24, (128, 83, 83))}
-QUANTIZE = dict(q_group=64, k_group=128, block_d=HEAD_DIM, q_multiplier=HEAD_DIM ** -0.5 * launch.LOG2E,
-                smooth_k=True, smooth_v=True, pv_fp8=True, pv_key_order=True)
+          "wan21_480p_81f": ("wan", 40, (21, 30, 52)), "qwen_image_1328px": ("qwen_image", 24, (128, 83, 83)),
+          "lumina2_1024px": ("lumina2", 24, (256, 64, 64))}
+# head dim and query heads per K/V head
+MODEL_HEADS = {"flux": (128, 1), "wan": (128, 1), "qwen_image": (128, 1), "lumina2": (96, 3)}
+
+
+def quantize_arguments(head_dim: int) -> dict:
+    """The quantization's settings as the FP8 Hopper path launches it at this head dim."""
+    return dict(q_group=64, k_group=128, block_d=launch.padded_head_dim(head_dim),
+                q_multiplier=head_dim ** -0.5 * launch.LOG2E, smooth_k=True, smooth_v=True, pv_fp8=True,
+                pv_key_order=True)
 
 
 def wan_rotation(x, freqs):
@@ -46,7 +55,8 @@ def wan_rotation(x, freqs):
 
 
 def qwen_image_rotation(x, freqs):
-    """comfy/ldm/qwen_image/model.apply_rotary_emb: x [B, N, H, D], freqs [B, N, 1, ...], in their dtype."""
+    """comfy/ldm/qwen_image/model.apply_rotary_emb (and Lumina 2's JointAttention.apply_rotary_emb, the same
+    arithmetic): x [B, N, H, D], freqs [B, N, 1, ...], in their dtype."""
     pairs = x.reshape(*x.shape[:-1], -1, 1, 2)
     return (freqs[..., 0] * pairs[..., 0] + freqs[..., 1] * pairs[..., 1]).reshape(*x.shape)
 
@@ -54,15 +64,17 @@ def qwen_image_rotation(x, freqs):
 # how ComfyUI's code for each model rotates x (in the model's layout) by pe ([B, H, N, ...] order)
 ROTATIONS = {"flux": rope.rotate,
              "wan": lambda x, pe: wan_rotation(x, pe.transpose(1, 2)),
-             "qwen_image": lambda x, pe: qwen_image_rotation(x, pe.transpose(1, 2))}
+             "qwen_image": lambda x, pe: qwen_image_rotation(x, pe.transpose(1, 2)),
+             "lumina2": lambda x, pe: qwen_image_rotation(x, pe.transpose(1, 2))}
 
 
 class Call:
-    """q, k, v in `layout`, as `model` hands them to the attention; pe, the table in [B, H, N, ...] order
-    (sage_core/rope.py)."""
+    """q, k, v in `layout`, as `model` hands them to the attention (K and V with a K/V head for every `group` query
+    heads); pe, the table in [B, H, N, ...] order (sage_core/rope.py)."""
 
     def __init__(self, q, k, v, pe, layout: str, model: str = "flux"):
         self.q, self.k, self.v, self.pe, self.layout, self.model = q, k, v, pe, layout, model
+        self.group = self.hnd(q).shape[1] // self.hnd(k).shape[1]
 
     def hnd(self, t):
         return t if self.layout == "HND" else t.transpose(1, 2)
@@ -71,49 +83,59 @@ class Call:
         """x rotated as ComfyUI's code for this model rotates it."""
         return ROTATIONS[self.model](x, self.pe)
 
+    def comfy_inputs(self):
+        """Q, K and V as ComfyUI's code hands them to its attention: rotated, and K and V repeated for each query
+        head of their group (Lumina 2, `[B, N, H, D]`: each K/V head's copies side by side)."""
+        k = self.comfy_rotation(self.k)
+        if self.group == 1:
+            return self.comfy_rotation(self.q), k, self.v
+        return (self.comfy_rotation(self.q),
+                *(t.unsqueeze(3).repeat(1, 1, 1, self.group, 1).flatten(2, 3) for t in (k, self.v)))
+
 
 def call_inputs(shape: str, device: str, seed: int = 0, heads: int | None = None, grid=None) -> Call:
     """The call of a shape of SHAPES (heads and grid: smaller ones, for tests)."""
     model, default_heads, default_grid = SHAPES[shape]
     heads, grid = heads or default_heads, grid or default_grid
+    head_dim, group = MODEL_HEADS[model]
     tables = {"flux": lambda: rope.flux_table(*grid, device=device),
-              "wan": lambda: rope.wan_table(*grid, head_dim=HEAD_DIM, device=device),
-              "qwen_image": lambda: rope.qwen_image_table(*grid, device=device)}
+              "wan": lambda: rope.wan_table(*grid, head_dim=head_dim, device=device),
+              "qwen_image": lambda: rope.qwen_image_table(*grid, device=device),
+              "lumina2": lambda: rope.lumina2_table(*grid, device=device)}
     pe = tables[model]()
-    q, k, v = bench.model_shaped_inputs(1, heads, pe.shape[2], HEAD_DIM, torch.bfloat16, device, seed=seed)
-    if model != "flux":  # Wan's and Qwen-Image's projections give [B, N, H, D]
-        q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
-    return Call(q, k, v, pe, "HND" if model == "flux" else "NHD", model)
+    q, k, v = bench.model_shaped_inputs(1, heads, pe.shape[2], head_dim, torch.bfloat16, device, seed=seed)
+    k, v = k[:, ::group], v[:, ::group]  # one K/V head for each group of query heads
+    if model != "flux":  # Wan's, Qwen-Image's and Lumina 2's projections give [B, N, H, D]
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    return Call(*(t.contiguous() for t in (q, k, v)), pe, "HND" if model == "flux" else "NHD", model)
 
 
 def methods(c: Call, config: SageConfig, stats: DispatchStats) -> dict:
-    def comfy_rotation():
-        return c.comfy_rotation(c.q), c.comfy_rotation(c.k)
-
-    def sage(q, k, **kw):
-        return attention(q, k, c.v, tensor_layout=c.layout, config=config, stats=stats, **kw)
+    def sage(q, k, v, **kw):
+        return attention(q, k, v, tensor_layout=c.layout, config=config, stats=stats, **kw)
 
     hq, hk, hv = c.hnd(c.q), c.hnd(c.k), c.hnd(c.v)
+    quantize = quantize_arguments(hq.shape[-1])
     return {
-        "comfyui_rotation_sdpa": lambda: F.scaled_dot_product_attention(*(c.hnd(t) for t in comfy_rotation()), hv),
-        "comfyui_rotation_sage": lambda: sage(*comfy_rotation()),
-        "sage_rotation_fused": lambda: sage(c.q, c.k, rope=c.pe),
-        "rotation_alone": comfy_rotation,
-        "sage_prerotated": lambda: sage(c.q, c.k),
+        "comfyui_rotation_sdpa": lambda: F.scaled_dot_product_attention(*(c.hnd(t) for t in c.comfy_inputs())),
+        "comfyui_rotation_sage": lambda: sage(*c.comfy_inputs()),
+        "sage_rotation_fused": lambda: sage(c.q, c.k, c.v, rope=c.pe),
+        "rotation_alone": c.comfy_inputs,
+        "sage_prerotated": lambda: sage(c.q, c.k, c.v),
         # the quantization alone, as the FP8 Hopper path launches it, with and without the table
-        "quantize_rotation_fused": lambda: launch.quantize_qkv(hq, hk, hv, rope=c.pe, **QUANTIZE),
-        "quantize_prerotated": lambda: launch.quantize_qkv(hq, hk, hv, **QUANTIZE),
+        "quantize_rotation_fused": lambda: launch.quantize_qkv(hq, hk, hv, rope=c.pe, **quantize),
+        "quantize_prerotated": lambda: launch.quantize_qkv(hq, hk, hv, **quantize),
     }
 
 
 def errors(c: Call, config: SageConfig) -> dict:
-    """Both Sage forms against FP32 attention on Q and K rotated in FP32, on the last heads (the model's rotation,
-    in [B, H, N, D] order, before the second)."""
-    heads = c.hnd(c.q).shape[1]
-    last = Call(*(c.hnd(t)[:, heads - ERROR_HEADS:] for t in (c.q, c.k, c.v)), c.pe, "HND")
-    q, k, v = last.q, last.k, last.v
-    table = c.pe.float()  # Qwen-Image's comes in BF16
-    exact = F.scaled_dot_product_attention(rope.rotate(q.float(), table), rope.rotate(k.float(), table), v.float())
+    """Both Sage forms against FP32 attention on Q and K rotated in FP32, on the first query heads and their K/V
+    heads (the model's rotation, in [B, H, N, D] order, before the second)."""
+    kv_heads = max(1, ERROR_HEADS // c.group)
+    q, k, v = c.hnd(c.q)[:, :kv_heads * c.group], c.hnd(c.k)[:, :kv_heads], c.hnd(c.v)[:, :kv_heads]
+    table = c.pe.float()  # Qwen-Image's and Lumina 2's come in BF16
+    exact = F.scaled_dot_product_attention(rope.rotate(q.float(), table), rope.rotate(k.float(), table), v.float(),
+                                           enable_gqa=c.group > 1)
     fused = attention(q, k, v, config=config, rope=c.pe)
     first = attention(rope.rotate(q, c.pe), rope.rotate(k, c.pe), v, config=config)
     return {"sage_rotation_fused": attention_error(fused, exact),

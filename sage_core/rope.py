@@ -91,3 +91,15 @@ def qwen_image_table(text_tokens: int, height: int, width: int, axes_dim=(16, 56
     text = torch.arange(start, start + text_tokens)[:, None].expand(-1, 3)
     ids = torch.cat([text, image])[None].to(device)
     return position_table(ids, axes_dim, theta).to(dtype)
+
+
+def lumina2_table(caption_tokens: int, height: int, width: int, axes_dim=(32, 32, 32), theta: float = 10000.0,
+                  dtype=torch.bfloat16, device="cpu") -> torch.Tensor:
+    """The table Lumina 2 (NextDiT) hands its main layers' attention for caption_tokens caption tokens followed by
+    a height x width grid of image patches, in [1, 1, N, D/2, 2, 2] order (its own is [1, N, 1, ...]) and the
+    model's dtype: caption ids (i, 0, 0), image ids (caption_tokens, row, column)."""
+    caption = torch.zeros(caption_tokens, 3, dtype=torch.long)
+    caption[:, 0] = torch.arange(caption_tokens)
+    image = grid_ids(1, height, width)
+    image[:, 0] = caption_tokens
+    return position_table(torch.cat([caption, image])[None].to(device), axes_dim, theta).to(dtype)

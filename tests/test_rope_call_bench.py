@@ -23,6 +23,11 @@ def test_the_inputs_are_each_models_with_its_table():
     qwen = rope_call().call_inputs("qwen_image_1328px", "cpu", heads=2, grid=(5, 3, 4))
     assert qwen.layout == "NHD" and qwen.q.shape == (1, 17, 2, 128) and qwen.q.is_contiguous()
     assert qwen.pe.shape == (1, 1, 17, 64, 2, 2) and qwen.pe.dtype == torch.bfloat16
+    lumina = rope_call().call_inputs("lumina2_1024px", "cpu", heads=6, grid=(5, 3, 4))
+    assert lumina.q.shape == (1, 17, 6, 96) and lumina.k.shape == lumina.v.shape == (1, 17, 2, 96)
+    assert lumina.group == 3 and lumina.pe.shape == (1, 1, 17, 48, 2, 2) and lumina.pe.dtype == torch.bfloat16
+    q, k, v = lumina.comfy_inputs()  # as ComfyUI hands them on: K and V repeated per query head
+    assert k.shape == v.shape == (1, 17, 6, 96) and torch.equal(v[:, :, 3], lumina.v[:, :, 1])
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
@@ -35,8 +40,9 @@ def test_every_way_computes_the_same_attention():
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     module = rope_call()
-    for shape, grid in (("flux_1024px", (16, 4, 4)), ("wan21_480p_81f", (2, 4, 4)), ("qwen_image_1328px", (9, 5, 5))):
-        c = module.call_inputs(shape, device, heads=4, grid=grid)
+    for shape, grid in (("flux_1024px", (16, 4, 4)), ("wan21_480p_81f", (2, 4, 4)), ("qwen_image_1328px", (9, 5, 5)),
+                        ("lumina2_1024px", (9, 5, 5))):
+        c = module.call_inputs(shape, device, heads=6 if shape.startswith("lumina2") else 4, grid=grid)
         stats = DispatchStats()
         ways = module.methods(c, SageConfig(kernel="int8_fp8"), stats)
         exact = ways["comfyui_rotation_sdpa"]().double()

@@ -448,10 +448,10 @@ LUMINA_TEXT = 7
 
 
 @pytest.fixture(scope="module")
-def lumina2(comfyui):
-    """A forward of ComfyUI's own Lumina 2 class (NextDiT) at a small width: 4 query heads of 96 on 2 K/V heads,
-    Lumina 2's axes, random weights; with `masked`, a caption with two padding tokens (additive masks on every
-    call)."""
+def lumina2_model(comfyui):
+    """ComfyUI's own Lumina 2 class (NextDiT) at a small width (4 query heads of 96 on 2 K/V heads, Lumina 2's
+    axes, random weights) and a forward of it; with `masked`, a caption with two padding tokens (additive masks on
+    every call)."""
     import comfy.ldm.lumina.model
     import comfy.ops
 
@@ -473,7 +473,12 @@ def lumina2(comfyui):
             return model(x, torch.full((1,), 0.5), ctx, LUMINA_TEXT - 2 * masked, attention_mask=mask,
                          transformer_options={**options, ForwardCounter.KEY: ForwardCounter()})
 
-    return forward
+    return model, forward
+
+
+@pytest.fixture(scope="module")
+def lumina2(lumina2_model):
+    return lumina2_model[1]
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -515,6 +520,21 @@ def test_lumina2_calls_sent_to_exact_attention_run_comfyuis_own_code(lumina2, in
     assert torch.equal(lumina2({"optimized_attention_override": kept}, True), reference)
     assert kept.stats.exact["block kept exact"] == LUMINA_CALLS and len(seen) == LUMINA_CALLS
     assert all(shape[1] == 4 for shape in seen)
+
+
+def test_the_benchmarks_lumina2_table_is_comfyuis(lumina2_model):
+    """sage_core/rope.lumina2_table is the table ComfyUI's Lumina 2 hands its main layers' attention, in
+    [B, H, N, ...] order, bit for bit."""
+    from sage_attention_pack.sage_core.rope import lumina2_table
+
+    model, forward = lumina2_model
+    seen = []
+    hook = model.layers[0].register_forward_pre_hook(lambda module, args: seen.append(args[2]))
+    try:
+        forward({})
+    finally:
+        hook.remove()
+    assert torch.equal(lumina2_table(LUMINA_TEXT, 5, 6, dtype=torch.float32), seen[0].transpose(1, 2))
 
 
 # ComfyUI's model config class, the unet config, the latent's shape, the conditioning's extras, the attention calls

@@ -50,7 +50,7 @@ class SageOverride:
             return self.exact(func, args, kwargs)
         return self.serve(comfy_attention.parse(args, kwargs), lambda: self.exact(func, args, kwargs))
 
-    takes_rotary = True  # nodes/rotary_handoff.py hands Flux-family, Wan and Qwen-Image calls over before rotating
+    takes_rotary = True  # nodes/rotary_handoff.py hands calls over before their rotation (RESTATED_FORWARDS, Flux)
 
     def attend_rotary(self, args: tuple, kwargs: dict, rope, exact_with):
         """An attention call handed over before its rotation (nodes/rotary_handoff.py): `args` and `kwargs` as

@@ -10,7 +10,8 @@ frames (32760 tokens); Flux.1-dev (hidden 3072, 24 heads) with 2 double + 4 sing
 refiner blocks and 6 of its 26 main blocks at 1024px (4096 image + 256 caption tokens). Reported per model: median
 forward time of each attention setting, the speed-up over ComfyUI's default attention, and the output's cosine
 similarity and PSNR against it; --profile adds the device time per kernel of a setting's forward, --clocks the SM
-clock and power its forwards run at.
+clock and power its forwards run at. The tests build each case at a few heads and tokens and run it on the CPU
+(tests/test_e2e_models_bench.py).
 """
 from __future__ import annotations
 
@@ -41,71 +42,84 @@ def load_comfy(path: str):
     return comfy
 
 
-def init_random(model: torch.nn.Module, seed: int):
-    g = torch.Generator(device="cuda").manual_seed(seed)
+def init_random(model: torch.nn.Module, seed: int, device: str = "cuda"):
+    g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2:
                 fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=g, device="cuda", dtype=torch.float32) / math.sqrt(fan_in))
+                p.copy_(torch.randn(p.shape, generator=g, device=device, dtype=torch.float32) / math.sqrt(fan_in))
             elif "norm" in name or "scale" in name:
                 p.fill_(1.0)
             else:
-                p.copy_(torch.randn(p.shape, generator=g, device="cuda") * 0.02)
+                p.copy_(torch.randn(p.shape, generator=g, device=device) * 0.02)
 
 
-def wan_case(comfy):
-    ops = comfy.ops.disable_weight_init
-    model = comfy.ldm.wan.model.WanModel(model_type="t2v", dim=5120, ffn_dim=13824, num_heads=40, num_layers=4,
-                                         in_dim=16, out_dim=16, text_dim=4096, device="cuda", dtype=torch.bfloat16,
-                                         operations=ops)
-    init_random(model, 14)
-    g = torch.Generator(device="cuda").manual_seed(1)
-    x = torch.randn(1, 16, 21, 60, 104, generator=g, device="cuda", dtype=torch.bfloat16)  # 480x832, 81 frames
-    t = torch.full((1,), 500.0, device="cuda")
-    ctx = torch.randn(1, 512, 4096, generator=g, device="cuda", dtype=torch.bfloat16)
+# Each case: (the model, its forward of the transformer options), at the issue's size or, with tiny=True, at a few
+# heads and tokens (for the tests, on the CPU), the same classes and calls.
+def random_inputs(seed: int, device: str):
+    g = torch.Generator(device=device).manual_seed(seed)
+    return lambda *shape: torch.randn(*shape, generator=g, device=device, dtype=torch.bfloat16)
+
+
+def wan_case(comfy, tiny=False, device="cuda"):
+    width = dict(dim=256, ffn_dim=512, num_heads=2, num_layers=1, text_dim=64) if tiny else dict(
+        dim=5120, ffn_dim=13824, num_heads=40, num_layers=4, text_dim=4096)
+    model = comfy.ldm.wan.model.WanModel(model_type="t2v", in_dim=16, out_dim=16, device=device, dtype=torch.bfloat16,
+                                         operations=comfy.ops.disable_weight_init, **width)
+    init_random(model, 14, device)
+    randn = random_inputs(1, device)
+    x = randn(1, 16, 2, 8, 8) if tiny else randn(1, 16, 21, 60, 104)  # 480x832, 81 frames
+    t = torch.full((1,), 500.0, device=device)
+    ctx = randn(1, 8 if tiny else 512, width["text_dim"])
     return model, lambda opts: model(x, t, ctx, transformer_options=opts)
 
 
-def flux_case(comfy):
-    ops = comfy.ops.disable_weight_init
+def flux_case(comfy, tiny=False, device="cuda"):
+    width = dict(vec_in_dim=32, context_in_dim=64, hidden_size=256, num_heads=2, depth=1, depth_single_blocks=1) \
+        if tiny else dict(vec_in_dim=768, context_in_dim=4096, hidden_size=3072, num_heads=24, depth=2,
+                          depth_single_blocks=4)
     model = comfy.ldm.flux.model.Flux(
-        in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072, mlp_ratio=4.0,
-        num_heads=24, depth=2, depth_single_blocks=4, axes_dim=[16, 56, 56], theta=10000, patch_size=2,
-        qkv_bias=True, guidance_embed=True, device="cuda", dtype=torch.bfloat16, operations=ops)
-    init_random(model, 12)
-    g = torch.Generator(device="cuda").manual_seed(2)
-    x = torch.randn(1, 16, 128, 128, generator=g, device="cuda", dtype=torch.bfloat16)  # 1024px
-    t = torch.full((1,), 0.5, device="cuda")
-    ctx = torch.randn(1, 512, 4096, generator=g, device="cuda", dtype=torch.bfloat16)
-    y = torch.randn(1, 768, generator=g, device="cuda", dtype=torch.bfloat16)
-    guidance = torch.full((1,), 3.5, device="cuda")
+        in_channels=16, out_channels=16, mlp_ratio=4.0, axes_dim=[16, 56, 56], theta=10000, patch_size=2,
+        qkv_bias=True, guidance_embed=True, device=device, dtype=torch.bfloat16,
+        operations=comfy.ops.disable_weight_init, **width)
+    init_random(model, 12, device)
+    randn = random_inputs(2, device)
+    x = randn(1, 16, 8, 8) if tiny else randn(1, 16, 128, 128)  # 1024px
+    t = torch.full((1,), 0.5, device=device)
+    ctx = randn(1, 8 if tiny else 512, width["context_in_dim"])
+    y = randn(1, width["vec_in_dim"])
+    guidance = torch.full((1,), 3.5, device=device)
     return model, lambda opts: model(x, t, ctx, y=y, guidance=guidance, transformer_options=opts)
 
 
-def qwen_image_case(comfy):
+def qwen_image_case(comfy, tiny=False, device="cuda"):
+    width = dict(num_layers=1, num_attention_heads=2, joint_attention_dim=64) if tiny else dict(
+        num_layers=4, num_attention_heads=24, joint_attention_dim=3584)
     model = comfy.ldm.qwen_image.model.QwenImageTransformer2DModel(
-        in_channels=64, out_channels=16, num_layers=4, attention_head_dim=128, num_attention_heads=24,
-        joint_attention_dim=3584, device="cuda", dtype=torch.bfloat16, operations=comfy.ops.disable_weight_init)
-    init_random(model, 16)
-    g = torch.Generator(device="cuda").manual_seed(3)
-    x = torch.randn(1, 16, 1, 166, 166, generator=g, device="cuda", dtype=torch.bfloat16)  # 1328px
-    t = torch.full((1,), 0.5, device="cuda")
-    ctx = torch.randn(1, 128, 3584, generator=g, device="cuda", dtype=torch.bfloat16)
+        in_channels=64, out_channels=16, attention_head_dim=128, device=device, dtype=torch.bfloat16,
+        operations=comfy.ops.disable_weight_init, **width)
+    init_random(model, 16, device)
+    randn = random_inputs(3, device)
+    x = randn(1, 16, 1, 8, 8) if tiny else randn(1, 16, 1, 166, 166)  # 1328px
+    t = torch.full((1,), 0.5, device=device)
+    ctx = randn(1, 8 if tiny else 128, width["joint_attention_dim"])
     return model, lambda opts: model(x, t, ctx, transformer_options=opts)
 
 
-def lumina2_case(comfy):
+def lumina2_case(comfy, tiny=False, device="cuda"):
+    width = dict(dim=576, n_layers=1, n_refiner_layers=1, n_heads=6, n_kv_heads=2, cap_feat_dim=64) if tiny else dict(
+        dim=2304, n_layers=6, n_refiner_layers=2, n_heads=24, n_kv_heads=8, cap_feat_dim=2304)
     model = comfy.ldm.lumina.model.NextDiT(
-        patch_size=2, in_channels=16, dim=2304, n_layers=6, n_refiner_layers=2, n_heads=24, n_kv_heads=8,
-        qk_norm=True, cap_feat_dim=2304, axes_dims=[32, 32, 32], axes_lens=[300, 512, 512], device="cuda",
-        dtype=torch.bfloat16, operations=comfy.ops.disable_weight_init)
-    init_random(model, 18)
-    g = torch.Generator(device="cuda").manual_seed(4)
-    x = torch.randn(1, 16, 128, 128, generator=g, device="cuda", dtype=torch.bfloat16)  # 1024px
-    t = torch.full((1,), 0.5, device="cuda")
-    ctx = torch.randn(1, 256, 2304, generator=g, device="cuda", dtype=torch.bfloat16)
-    return model, lambda opts: model(x, t, ctx, 256, transformer_options=opts)
+        patch_size=2, in_channels=16, qk_norm=True, axes_dims=[32, 32, 32], axes_lens=[300, 512, 512],
+        device=device, dtype=torch.bfloat16, operations=comfy.ops.disable_weight_init, **width)
+    init_random(model, 18, device)
+    randn = random_inputs(4, device)
+    x = randn(1, 16, 8, 8) if tiny else randn(1, 16, 128, 128)  # 1024px
+    t = torch.full((1,), 0.5, device=device)
+    caption = 8 if tiny else 256
+    ctx = randn(1, caption, width["cap_feat_dim"])
+    return model, lambda opts: model(x, t, ctx, caption, transformer_options=opts)
 
 
 class PeerCalls:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from sage_attention_pack.kernels import launch, tuning
+from sage_attention_pack.sage_core import backend
 from sage_attention_pack.sage_core import rope as rotary
 from sage_attention_pack.sage_core.config import SageConfig
 from sage_attention_pack.sage_core.dispatch import DispatchStats, attention
@@ -71,20 +72,23 @@ def test_quantization_codes_q_and_k_rotated_by_the_table(b, hq, hk, n, d, pe_bat
 @pytest.mark.parametrize("kernel", ["int8_fp16", "int8_fp8"])
 @pytest.mark.parametrize("b,hq,hk,n,d", [(1, 2, 2, 200, 64), (2, 4, 2, 130, 128)])
 def test_a_call_with_a_table_matches_the_reference_and_exact_attention(kernel, b, hq, hk, n, d):
-    """The whole call with the table handed over: the reference of the same algorithm on the rotated Q and K, and
-    against exact attention on Q and K rotated as ComfyUI rotates them, as close as the same call on Q and K that
-    ComfyUI rotated first (the rotation turns K's channel offset with the position, which K's smoothing then takes
-    off less well: that costs both the same)."""
+    """The whole call with the table handed over: the reference of the same algorithm on the rotated Q and K, in the
+    tiles the call ran with, and against exact attention on Q and K rotated as ComfyUI rotates them, as close as the
+    same call on Q and K that ComfyUI rotated first (the rotation turns K's channel offset with the position, which
+    K's smoothing then takes off less well: that costs both the same)."""
     q, k, v = inputs(b, hq, hk, n, n, d, torch.bfloat16, seed=d + n)
     pe = flux_pe(n, d, batch=b)
     cfg = SageConfig(kernel=kernel)
     stats = DispatchStats()
     out = attention(q, k, v, config=cfg, stats=stats, rope=pe)
     assert stats.sage[kernel] == 1 and not stats.fallback
-    ref = sage_reference(q, k, v, q_group=cfg.q_group_rows, k_group=cfg.k_group_rows or 64, block_m=64,
-                         pv_fp8=kernel == "int8_fp8", smooth_k=cfg.smooth_k, smooth_v=cfg.smooth_v, rope=pe,
-                         k_stats_every=launch.stats_every(n))
-    assert rel_diff(out, ref) < 4 * SAME_ALGO_TOL[kernel]  # the tiles of this device's configuration, not 64
+    # the reference quantizes in the tiles the call ran with: this device's tuned configuration (or the interpreter's)
+    lc = backend.tuning_for(q.device, "fp8" if kernel == "int8_fp8" else "fp16", launch.padded_head_dim(d),
+                            cfg.quant_block if cfg.qk_granularity == "per_block" else None, n, n, str(q.dtype), False)
+    q_group, k_group = launch.quant_groups(cfg.q_group_rows, cfg.k_group_rows, lc)
+    ref = sage_reference(q, k, v, q_group=q_group, k_group=k_group, block_m=lc.block_m, pv_fp8=kernel == "int8_fp8",
+                         smooth_k=cfg.smooth_k, smooth_v=cfg.smooth_v, rope=pe, k_stats_every=launch.stats_every(n))
+    assert rel_diff(out, ref) < 4 * SAME_ALGO_TOL[kernel]
     qr, kr = rotary.rotate(q, pe), rotary.rotate(k, pe)
     fused = attention_error(out, exact(qr, kr, v))
     first = attention_error(attention(qr, kr, v, config=cfg), exact(qr, kr, v))

@@ -54,18 +54,13 @@ def wan_rotation(x, freqs):
     return out.reshape(*x.shape).type_as(x)
 
 
-def qwen_image_rotation(x, freqs):
-    """comfy/ldm/qwen_image/model.apply_rotary_emb (and Lumina 2's JointAttention.apply_rotary_emb, the same
-    arithmetic): x [B, N, H, D], freqs [B, N, 1, ...], in their dtype."""
-    pairs = x.reshape(*x.shape[:-1], -1, 1, 2)
-    return (freqs[..., 0] * pairs[..., 0] + freqs[..., 1] * pairs[..., 1]).reshape(*x.shape)
-
-
-# how ComfyUI's code for each model rotates x (in the model's layout) by pe ([B, H, N, ...] order)
+# how ComfyUI's code for each model rotates x (in the model's layout) by pe ([B, H, N, ...] order). Qwen-Image's and
+# Lumina 2's apply_rotary_emb are sage_core/rope.rotate's products and sum with no casts: their tables come in the
+# model's dtype, so rope.rotate's casts to and from it do nothing
 ROTATIONS = {"flux": rope.rotate,
              "wan": lambda x, pe: wan_rotation(x, pe.transpose(1, 2)),
-             "qwen_image": lambda x, pe: qwen_image_rotation(x, pe.transpose(1, 2)),
-             "lumina2": lambda x, pe: qwen_image_rotation(x, pe.transpose(1, 2))}
+             "qwen_image": lambda x, pe: rope.rotate(x, pe.transpose(1, 2)),
+             "lumina2": lambda x, pe: rope.rotate(x, pe.transpose(1, 2))}
 
 
 class Call:

@@ -127,7 +127,7 @@ class UIGraph:
         ComfyUI runs a bypassed node."""
         for n in [n for n in self.nodes if n.get("mode") == 4]:
             links = self.links()
-            into = {ts: lk for lk in links if lk[3] == n["id"] for ts in [lk[4]]}
+            into = {lk[4]: lk for lk in links if lk[3] == n["id"]}  # by the input slot they feed
             for lk in [lk for lk in links if lk[1] == n["id"]]:
                 source = next((into[i] for i, inp in enumerate(n.get("inputs") or [])
                                if inp.get("type") == lk[5] and i in into), None)

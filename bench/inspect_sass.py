@@ -338,6 +338,8 @@ def main(argv=None):
     if args.quant:
         k = compile_quantize(args.quant == "stats_q", args.d, args.arch, args.pv == "fp8", args.maxnreg, args.rope,
                              **{c: int(v) for c, v in (o.split("=") for o in args.overrides)})
+        if args.dump:
+            Path(args.dump).write_text(sass_of(k))
         if args.json:
             sass = sass_of(k)
             print(json.dumps({"resources": resource_report(k, args.arch), "shared": k.metadata.shared,

@@ -147,16 +147,29 @@ def tensor_signature(t: torch.Tensor) -> tuple:
     return t.dtype, t.shape, t.stride(), t.data_ptr() % 16 == 0
 
 
-def rope_arguments(rope: torch.Tensor | None, dummy: torch.Tensor) -> tuple:
-    """The rotary table and its batch, head and token strides as the kernels take them (kernels/rotary.py):
-    rope [Bp, Hp, N, D/2, 2, 2] with each token's matrices contiguous, a stride of 0 along a batch or head axis of
-    size 1 (the table broadcasts there); without a table, a buffer of the call's in its place, never read."""
-    if rope is None:
+def rope_table(rope: torch.Tensor | None) -> torch.Tensor | None:
+    """The rotary table in the kernels' layout (kernels/rotary.py): [Bp, Hp, N, 2, D] FP32, contiguous, row 0 of a
+    token each channel's own coefficient, row 1 its partner's, from ComfyUI's pe [Bp, Hp, N, D/2, 2, 2] (any
+    strides, FP32 or the model's dtype: widened exactly). A table already in that layout is returned as it is.
+    One copy of the table's bytes per call (4.7 MB at Flux.1's 1024 px)."""
+    if rope is None or rope.dim() == 5:
+        return rope
+    own = rope.diagonal(dim1=-2, dim2=-1)  # pe[..., i, j, j]: channel 2i + j's own coefficient
+    across = rope.flip(-1).diagonal(dim1=-2, dim2=-1)  # pe[..., i, j, 1 - j]: its partner's
+    return torch.stack((own, across), dim=-3).flatten(-2).to(torch.float32).contiguous()
+
+
+def rope_arguments(table: torch.Tensor | None, dummy: torch.Tensor) -> tuple:
+    """The rotary table (rope_table's layout) and its batch, head and token strides as the kernels take them, a
+    stride of 0 along a batch or head axis of size 1 (the table broadcasts there); without a table, a buffer of the
+    call's in its place, never read."""
+    if table is None:
         return (dummy, 0, 0, 0)
-    if rope.stride()[3:] != (4, 2, 1):
-        raise ValueError(f"rotary table strides {tuple(rope.stride())}: each token's 2x2 matrices must be contiguous")
-    return (rope, 0 if rope.shape[0] == 1 else rope.stride(0), 0 if rope.shape[1] == 1 else rope.stride(1),
-            rope.stride(2))
+    if table.dim() != 5 or table.shape[3] != 2 or table.stride()[3:] != (table.shape[4], 1):
+        raise ValueError(f"rotary table of shape {tuple(table.shape)} and strides {tuple(table.stride())}: the "
+                         "kernels take launch.rope_table's contiguous [B, H, N, 2, D] layout")
+    return (table, 0 if table.shape[0] == 1 else table.stride(0), 0 if table.shape[1] == 1 else table.stride(1),
+            table.stride(2))
 
 
 def launch_now(site: str, fn, grid: tuple, args: tuple, kwargs: dict) -> None:
@@ -180,7 +193,7 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
     pv_fp8 v8 [B*HK, block_d, v_padded] FP8 e4m3 codes up to ±v_code_max, v_scale [B*HK, block_d] and
     v_code_sums [B*HK, programs, block_d] (each V program's per-channel sums of its dequantized codes);
     pv_key_order stores v8's keys in the order the Hopper kernel's P operand takes them. run: a call plan's
-    launcher.
+    launcher. rope: None, or a rotary table (ComfyUI's pe, or rope_table's layout) Q and K are coded rotated by.
 
     v_shift: with pv_fp8, a [B*HK, block_d] FP32 buffer for the output shift, the vector the attention kernels add
     to their output: V's mean minus the mean of its dequantized FP8 codes (the smoothed V's, when it was), so that
@@ -196,6 +209,7 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
     """
     B, H, NQ, D = q.shape
     HK, NK = k.shape[1], k.shape[2]
+    rope = rope_table(rope)
     out = buffers if buffers is not None else quant_buffers(
         q, k, q_group=q_group, k_group=k_group, block_d=block_d, smooth_k=smooth_k, smooth_v=smooth_v,
         pv_fp8=pv_fp8)
@@ -288,6 +302,7 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
         raise ValueError("sage_forward: return_lse with a rotary table is not supported (rotate Q and K first)")
     B, H, NQ, D = q.shape
     HK, NK = k.shape[1], k.shape[2]
+    rope = rope_table(rope)  # once for the quantization and the repair
     block_d = padded_head_dim(D)
     block_m, block_n = config.block_m, config.block_n
     q_group, k_group = quant_groups(q_group, k_group, config)

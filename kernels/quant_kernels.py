@@ -123,8 +123,8 @@ def kv_stats_chunk(
             v_next = load_raw(V, b, h, offs_n + TILE, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, hi, D)
         if K_STATS:
             if ROPE:  # the same rows as this tile's load: none where the tile is not sampled
-                k_sum += rotated(k_raw.to(tl.float32), K, b, h, offs_n, offs_d, stride_kb, stride_kh, stride_kn,
-                                 stride_kd, tl.where(((start - lo) // TILE) % k_every == 0, hi, 0), D, PE, stride_pn)
+                k_sum += rotated(k_raw.to(tl.float32), offs_n, offs_d,
+                                 tl.where(((start - lo) // TILE) % k_every == 0, hi, 0), D, PE, stride_pn)
             else:
                 k_sum += k_raw.to(tl.float32)
         if V_STATS:
@@ -181,7 +181,7 @@ def shifted_slice(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_
     nxt = load_raw(X, b, h, offs_n + SUB, offs_d, stride_b, stride_h, stride_n, stride_d, end, D)
     x = raw.to(tl.float32)
     if ROPE:
-        x = rotated(x, X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D, PE, stride_pn)
+        x = rotated(x, offs_n, offs_d, N, D, PE, stride_pn)
     return shifted(x, offs_n, offs_d, N, D, shift, multiplier), nxt
 
 
@@ -370,9 +370,9 @@ def quantize_kernel(
     V (V_BLOCKS roles, one per CHANNELS channels): quantize_v_tile, n_v_programs programs per head; with
        FINISH_SHIFT the last of them also writes the output shift (finish_shift).
 
-    ROPE: Q and K are coded (and K's sample summed) rotated by the rotary table PE [B, H, N, D/2, 2, 2] (strides
-    0 where it broadcasts, each token's matrices contiguous; kernels/rotary.py), so that a model's rotation costs
-    no pass of its own."""
+    ROPE: Q and K are coded (and K's sample summed) rotated by the rotary table PE [B, H, N, 2, D] (strides 0
+    where it broadcasts; kernels/rotary.py, launch.rope_table), so that a model's rotation costs no pass of its
+    own."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     role = tl.program_id(2)

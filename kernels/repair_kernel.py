@@ -38,8 +38,7 @@ def repair_tiles_kernel(
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
                 mask=(offs_m[:, None] < NQ) & d_valid[None, :], other=0.0).to(tl.float32)
     if ROPE:
-        q = rotated(q, Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qn, stride_qd, NQ, D,
-                    PE + b * stride_pb + h * stride_ph, stride_pn)
+        q = rotated(q, offs_m, offs_d, NQ, D, PE + b * stride_pb + h * stride_ph, stride_pn)
     q = q * qk_multiplier
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -54,8 +53,7 @@ def repair_tiles_kernel(
         k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                     mask=kv_mask, other=0.0).to(tl.float32)
         if ROPE:
-            k = rotated(k, K, b, hk, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, NK, D,
-                        PE + b * stride_pb + hk * stride_ph, stride_pn)
+            k = rotated(k, offs_n, offs_d, NK, D, PE + b * stride_pb + hk * stride_ph, stride_pn)
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
         if HAS_BIAS:
             s += tl.load(BIAS + b * stride_bias_b + h * stride_bias_h + offs_n, mask=n_valid, other=0.0)[None, :]

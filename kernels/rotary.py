@@ -1,28 +1,28 @@
 """Rotary position embedding applied inside the kernels that read Q and K anyway (device code only).
 
-The table is ComfyUI's Flux layout (comfy/ldm/flux/math.py): pe [B, H, N, D/2, 2, 2] in FP32, where channel pair
-i of token n turns into out[2i + j] = pe[n, i, j, 0] · x[2i] + pe[n, i, j, 1] · x[2i + 1]. So each channel c is its
-own value times pe[n, c/2, c%2, c%2] plus its partner's (c ^ 1) times pe[n, c/2, c%2, 1 - c%2]: the tile keeps the
-layout it was loaded in (no split or join of channel pairs), the partner comes from a second load of the same
-cache lines, and nothing about the table's values (a rotation's cos and sin) is assumed. A token's 2x2 matrices
-are taken contiguous (strides 4, 2, 1 over pair, row, column; kernels/launch.rope_arguments sees to it): with
-their offsets known when compiling, the loads need no address arithmetic per element (with runtime strides the
-quantization's programs took 255 registers and spilled).
+ComfyUI's Flux layout (comfy/ldm/flux/math.py) is pe [B, H, N, D/2, 2, 2]: channel pair i of token n turns into
+out[2i + j] = pe[n, i, j, 0] · x[2i] + pe[n, i, j, 1] · x[2i + 1]. So each channel c is its own value times one
+coefficient plus its partner's (c ^ 1) times another. The kernels read those two per channel from a table laid out
+as the tile is, [B, H, N, 2, D] in FP32: row 0 the own coefficients, row 1 the partners' (launch.rope_table makes it
+from pe once per call; nothing about the values, a rotation's cos and sin, is assumed). Its loads are then 16-byte
+vectors in the tile's own layout, and the partner comes from the tile already in registers (its channel pairs split
+and swapped), not from memory. Read in pe's own layout, each channel took two 4-byte gathers and a second load of
+its partner, and Triton moved the tile through shared memory to their layout and back: on an H100 the rotating
+launches were bound in L1/TEX, 2-7x the plain quantization's time (bench/NOTES.md, "The rotary hand-off measured").
 """
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def rotated(x, X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D, PE, stride_pn):
-    """x, the FP32 tile of rows offs_n and channels offs_d of head (b, h) of the strided tensor X, rotated by
-    the table PE (already offset to this batch's and head's table, stride_pn between tokens; see the module).
-    Zero outside the tensor."""
+def rotated(x, offs_n, offs_d, N, D, PE, stride_pn):
+    """x, an FP32 [rows, channels] tile of rows offs_n and channels offs_d (channels a power of two, starting at 0),
+    rotated by the table PE (launch.rope_table's layout, already offset to the tile's batch and head; stride_pn
+    between tokens, D between a token's two rows). Zero outside [N, D]."""
+    ROWS: tl.constexpr = x.shape[0]
+    CHANNELS: tl.constexpr = x.shape[1]
     valid = (offs_n[:, None] < N) & (offs_d[None, :] < D)
-    partner = tl.load(X + b * stride_b + h * stride_h + offs_n[:, None] * stride_n + (offs_d ^ 1)[None, :] * stride_d,
-                      mask=valid, other=0.0).to(tl.float32)
-    j = offs_d % 2
-    entry = PE + offs_n[:, None] * stride_pn + (2 * offs_d)[None, :]  # pe[n, c/2, c%2, 0]
-    own = tl.load(entry + j[None, :], mask=valid, other=0.0)
-    across = tl.load(entry + (1 - j)[None, :], mask=valid, other=0.0)
-    return own * x + across * partner
+    even, odd = tl.split(tl.reshape(x, (ROWS, CHANNELS // 2, 2)))
+    partner = tl.reshape(tl.join(odd, even), (ROWS, CHANNELS))
+    own = PE + offs_n[:, None] * stride_pn + offs_d[None, :]
+    return tl.load(own, mask=valid, other=0.0) * x + tl.load(own + D, mask=valid, other=0.0) * partner

@@ -271,8 +271,6 @@ def attention(q, k, v, *, tensor_layout="HND", is_causal=False, sm_scale=None, a
     if rope is not None and return_lse:  # the LSE's correction for K's smoothing reads Q: rotate first
         qh, kh = rotated()
         rope = None  # (rotated() and exact() now take qh and kh as they are)
-    elif rope is not None and rope.stride()[3:] != (4, 2, 1):  # the kernels read each token's matrices contiguous
-        rope = rope.contiguous()
 
     variant = config.kernel
     if variant == "auto":

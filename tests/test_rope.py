@@ -43,6 +43,24 @@ def test_rotation_is_comfyuis_own():
     assert torch.equal(rotary.rotate(q, pe), comfy) and rotary.rotate(q, pe).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # Flux's table, Qwen-Image's and Lumina 2's
+def test_the_kernels_table_holds_each_channels_own_and_partner_coefficient(dtype):
+    """launch.rope_table re-lays pe as the kernels read it (kernels/rotary.py): own coefficient times the channel plus
+    partner coefficient times its pair partner is ComfyUI's rotation, bit for bit in FP32; a model-dtype table is
+    widened exactly; a table already in that layout is taken as it is, and pe's own layout is refused by the
+    launch arguments with a message that names the layout they take."""
+    pe = flux_pe(7, 16, batch=2, heads=3).to(dtype)
+    table = launch.rope_table(pe.transpose(-1, -2).contiguous().transpose(-1, -2))  # any strides
+    assert table.shape == (2, 3, 7, 2, 16) and table.dtype == torch.float32 and table.is_contiguous()
+    x = torch.randn(2, 3, 7, 16, device=pe.device)
+    partner = x.unflatten(-1, (8, 2)).flip(-1).flatten(-2)
+    assert torch.equal(table[..., 0, :] * x + table[..., 1, :] * partner, rotary.rotate(x, pe.float()))
+    assert launch.rope_table(table) is table and launch.rope_table(None) is None
+    assert launch.rope_arguments(table[:, :1], table)[1:] == (table.stride(0), 0, 32)
+    with pytest.raises(ValueError, match=r"\[B, H, N, 2, D\]"):
+        launch.rope_arguments(pe.float(), table)
+
+
 @pytest.mark.parametrize("b,hq,hk,n,d,pe_batch,pe_heads,layout", [
     (1, 2, 2, 333, 64, 1, 1, "HND"),      # chunk and tile edges, every key in K's statistics
     (2, 4, 2, 150, 40, 2, 1, "NHD"),      # grouped-query, a table per batch entry, a padded head dim, strided views

@@ -345,7 +345,9 @@ def main(argv=None):
             print(json.dumps({"resources": resource_report(k, args.arch), "shared": k.metadata.shared,
                               "load_loops": load_loops(sass),
                               "shared_accesses": {op: n for op, n in sorted(instruction_mix(sass).items())
-                                                  if op.startswith(("STS", "LDS"))}}))
+                                                  if op.startswith(("STS", "LDS"))},
+                              "global_loads": {op: n for op, n in sorted(instruction_mix(sass).items())
+                                               if op.startswith("LDG")}}))
             return 0
         print(f"{resource_report(k, args.arch)}  shared {k.metadata.shared} B")
         for loop in load_loops(sass_of(k)):

@@ -55,7 +55,8 @@ def test_v_codes_cross_shared_memory_in_whole_words(head_dim, arch):
 
 # With a rotary table (Flux's head dim 128) a slice holds four FP32 tiles: the values, their partners and two
 # coefficients. With the table's strides at run time its address arithmetic per element took 255 registers and
-# spilled; with 64-row slices, 219 (kernels/rotary.py, launch.slice_rows). Compiled only: no GPU measured it yet.
+# spilled; with 64-row slices, 219 (kernels/rotary.py, launch.slice_rows); with the table read in pe's own layout
+# 176 and 152 at 16-row slices, 157 and 110 in the tile's layout.
 ROPE_TARGETS = [(90, "fp8", 192), (90, "fp16", 192), (80, "fp16", 224), (89, "fp8", 224), (120, "fp8", 224)]
 
 
@@ -66,3 +67,16 @@ def test_rotating_quantization_compiles_without_spilling(launch, arch, pv, max_r
     registers = int(re.search(r"Used (\d+) registers", report["resources"]).group(1))
     spilled = int(re.search(r"(\d+) bytes spill stores", report["resources"]).group(1))
     assert registers <= max_registers and spilled <= 16, report
+
+
+@pytest.mark.parametrize("launch", ["stats_q", "k_v"])
+@pytest.mark.parametrize("arch,pv", [(90, "fp8"), (89, "fp8"), (80, "fp16")], ids=["sm90-fp8", "sm89-fp8", "sm80-fp16"])
+def test_rotating_quantization_reads_in_vectors(launch, arch, pv):
+    """The rotary table is read in the tile's layout (launch.rope_table) and each channel's partner comes from the
+    tile in registers: every global load of the rotating launches is an 8- or 16-byte vector. Read in pe's own
+    layout, each channel took two 4-byte gathers and a 2-byte reload of its partner, and the launches were bound in
+    L1/TEX on an H100 (bench/NOTES.md, "The rotary hand-off measured"); the outputs are the same bits either way,
+    so only this test would notice such loads coming back."""
+    loads = quant_report(launch, 128, arch, pv, rope=True)["global_loads"]
+    narrow = {op: n for op, n in loads.items() if not re.search(r"\.(64|128)\b", op)}
+    assert loads and not narrow, loads

@@ -26,7 +26,7 @@ MAX_STATS_CHUNKS = 16  # partial-statistics rows per head (a power of two), fini
 STATS_TILE = 16
 QUANT_ROWS = 128
 QUANT_SUB = 32
-ROPE_SUB = 16  # Q/K rows a program codes at a time when it rotates them too (slice_rows)
+ROPE_SUB = 64  # Q/K rows a program codes at a time when it rotates them too (slice_rows)
 QUANT_WARPS = 4  # per program of every quantization role (V's measured slower with 8 on the H200)
 V_ROWS = 128  # keys per program of V's quantization
 # channels per V program (v_channels): 64 above head dim 64, 32 up to it (measured on the H200 with the loads issued
@@ -106,7 +106,8 @@ def slice_rows(group: int, rows: int, rope: bool = False) -> int:
     """Rows per slice of an INT8 quantization program: QUANT_SUB, or the group where a group is longer than
     that but shorter than the program (the kernel finds a longer group's maximum before coding its slices). With a
     rotary table, ROPE_SUB and two passes over a longer group: a rotated slice holds four FP32 tiles (the values,
-    their partners, two coefficients), and 64-row slices took 219 registers (two programs per multiprocessor)."""
+    their partners, two coefficients), 164-167 registers at 64 rows on sm90. Measured on an H100 (bench/NOTES.md,
+    "The rotary table in the tile's layout"): 64-row slices as fast as or faster than 16 and 32 at every shape."""
     if rope:
         return min(ROPE_SUB, rows)
     return group if QUANT_SUB < group < rows else min(QUANT_SUB, rows)

@@ -86,7 +86,7 @@ def compile_quantize(stats_pass: bool, d: int, arch: int, pv_fp8: bool = True, m
     from quant_constants import PATHS, constants  # bench/, beside this script
 
     ptypes = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Q8": "*i8", "K8": "*i8", "V8": "*fp8e4nv" if pv_fp8 else "*i8",
-              "V_TICKETS": "*i32", "PE": "*fp32"}
+              "V_TICKETS": "*i32", "PE": os.environ.get("PE_TYPE", "*fp32")}
     floats = ("q_multiplier", "v_code_max", "inv_keys")
     path = PATHS["fp8" if pv_fp8 else "fp16"]  # the groups each call path quantizes in
     q_group, k_group = path["q_group"], path["k_group"]

@@ -155,9 +155,10 @@ def rope_table(rope: torch.Tensor | None) -> torch.Tensor | None:
     One copy of the table's bytes per call (4.7 MB at Flux.1's 1024 px)."""
     if rope is None or rope.dim() == 5:
         return rope
-    own = rope.diagonal(dim1=-2, dim2=-1)  # pe[..., i, j, j]: channel 2i + j's own coefficient
-    across = rope.flip(-1).diagonal(dim1=-2, dim2=-1)  # pe[..., i, j, 1 - j]: its partner's
-    return torch.stack((own, across), dim=-3).flatten(-2).to(torch.float32).contiguous()
+    matrices = rope.flatten(-2)  # [..., D/2, 4]: pe[i, 0, 0], pe[i, 0, 1], pe[i, 1, 0], pe[i, 1, 1]
+    # pe[i, j, j], channel 2i + j's own coefficient, and pe[i, j, 1 - j], its partner's: both views, one copy
+    table = torch.stack((matrices[..., 0::3], matrices[..., 1:3]), dim=-3)
+    return table.flatten(-2).to(torch.float32).contiguous()
 
 
 def rope_arguments(table: torch.Tensor | None, dummy: torch.Tensor) -> tuple:

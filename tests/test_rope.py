@@ -175,8 +175,8 @@ def test_a_call_asking_for_the_lse_rotates_first_and_keeps_it_exact():
 
 
 def test_a_table_laid_out_otherwise_is_read_the_same():
-    """The kernels read each token's 2x2 matrices contiguous: a table whose matrices are not (a transposed view) is
-    made contiguous first and gives the same output as its contiguous copy."""
+    """The kernels read the table re-laid in their own layout (launch.rope_table), whatever pe's strides: a table
+    whose 2x2 matrices are not contiguous (a transposed view) gives the same output as its contiguous copy."""
     q, k, v = inputs(1, 2, 2, 100, 100, 64, torch.bfloat16, seed=4)
     pe = flux_pe(100, 64)
     odd = pe.transpose(-1, -2).contiguous().transpose(-1, -2)  # the same values, columns outermost

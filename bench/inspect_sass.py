@@ -86,7 +86,7 @@ def compile_quantize(stats_pass: bool, d: int, arch: int, pv_fp8: bool = True, m
     from quant_constants import PATHS, constants  # bench/, beside this script
 
     ptypes = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Q8": "*i8", "K8": "*i8", "V8": "*fp8e4nv" if pv_fp8 else "*i8",
-              "V_TICKETS": "*i32", "PE": os.environ.get("PE_TYPE", "*fp32")}
+              "V_TICKETS": "*i32", "PE": "*fp32"}
     floats = ("q_multiplier", "v_code_max", "inv_keys")
     path = PATHS["fp8" if pv_fp8 else "fp16"]  # the groups each call path quantizes in
     q_group, k_group = path["q_group"], path["k_group"]
@@ -338,19 +338,18 @@ def main(argv=None):
     if args.quant:
         k = compile_quantize(args.quant == "stats_q", args.d, args.arch, args.pv == "fp8", args.maxnreg, args.rope,
                              **{c: int(v) for c, v in (o.split("=") for o in args.overrides)})
+        sass = sass_of(k)
         if args.dump:
-            Path(args.dump).write_text(sass_of(k))
+            Path(args.dump).write_text(sass)
         if args.json:
-            sass = sass_of(k)
+            mix = sorted(instruction_mix(sass).items())
             print(json.dumps({"resources": resource_report(k, args.arch), "shared": k.metadata.shared,
                               "load_loops": load_loops(sass),
-                              "shared_accesses": {op: n for op, n in sorted(instruction_mix(sass).items())
-                                                  if op.startswith(("STS", "LDS"))},
-                              "global_loads": {op: n for op, n in sorted(instruction_mix(sass).items())
-                                               if op.startswith("LDG")}}))
+                              "shared_accesses": {op: n for op, n in mix if op.startswith(("STS", "LDS"))},
+                              "global_loads": {op: n for op, n in mix if op.startswith("LDG")}}))
             return 0
         print(f"{resource_report(k, args.arch)}  shared {k.metadata.shared} B")
-        for loop in load_loops(sass_of(k)):
+        for loop in load_loops(sass):
             print(f"  loop of {loop['instructions']} instructions: {loop['loads']} global loads, "
                   f"{loop['loads_before_first_add']} of them before its first add")
         return 0

@@ -80,10 +80,7 @@ def run(q, k, v, *, layout: str, sm_scale: float, is_causal: bool, bias, config:
     from ..kernels import launch
 
     B, H, NQ, D = q.shape
-    block_d = launch.padded_head_dim(D)
-    pinned_m = config.quant_block if config.qk_granularity == "per_block" else None
-    cfg = launch_config or tuning_for(q.device, "fp8" if pv_fp8 else "fp16", block_d, pinned_m, NQ, k.shape[2],
-                                      str(q.dtype), is_causal)
+    cfg = launch_config or call_config(q, k, config=config, pv_fp8=pv_fp8, is_causal=is_causal)
     # output allocated contiguous in the caller's layout, handed to the kernel as an HND view
     out = torch.empty((B, NQ, H, D) if layout == "NHD" else (B, H, NQ, D), device=q.device, dtype=q.dtype)
     out_hnd = out.transpose(1, 2) if layout == "NHD" else out
@@ -92,6 +89,16 @@ def run(q, k, v, *, layout: str, sm_scale: float, is_causal: bool, bias, config:
         k_group=config.k_group_rows, pv_fp8=pv_fp8, smooth_k=config.smooth_k, smooth_v=config.smooth_v,
         return_lse=return_lse, config=cfg, repair_counter=repair_counter, rope=rope)
     return out, lse, bad
+
+
+def call_config(q, k, *, config: SageConfig, pv_fp8: bool, is_causal: bool):
+    """The launch configuration `run` takes for these HND inputs when none is given (tuning_for, with the Q tile
+    pinned where per-block Q quantization needs it)."""
+    from ..kernels import launch
+
+    pinned_m = config.quant_block if config.qk_granularity == "per_block" else None
+    return tuning_for(q.device, "fp8" if pv_fp8 else "fp16", launch.padded_head_dim(q.shape[-1]), pinned_m,
+                      q.shape[2], k.shape[2], str(q.dtype), is_causal)
 
 
 def tuning_for(device, pv: str, block_d: int, pinned_m, nq: int, nk: int, dtype: str, is_causal: bool):

@@ -101,8 +101,7 @@ def test_a_call_with_a_table_matches_the_reference_and_exact_attention(kernel, b
     out = attention(q, k, v, config=cfg, stats=stats, rope=pe)
     assert stats.sage[kernel] == 1 and not stats.fallback
     # the reference quantizes in the tiles the call ran with: this device's tuned configuration (or the interpreter's)
-    lc = backend.tuning_for(q.device, "fp8" if kernel == "int8_fp8" else "fp16", launch.padded_head_dim(d),
-                            cfg.quant_block if cfg.qk_granularity == "per_block" else None, n, n, str(q.dtype), False)
+    lc = backend.call_config(q, k, config=cfg, pv_fp8=kernel == "int8_fp8", is_causal=False)
     q_group, k_group = launch.quant_groups(cfg.q_group_rows, cfg.k_group_rows, lc)
     ref = sage_reference(q, k, v, q_group=q_group, k_group=k_group, block_m=lc.block_m, pv_fp8=kernel == "int8_fp8",
                          smooth_k=cfg.smooth_k, smooth_v=cfg.smooth_v, rope=pe, k_stats_every=launch.stats_every(n))

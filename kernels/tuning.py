@@ -226,13 +226,22 @@ def cache_dir() -> Path:
 TUNED_DIR = Path(__file__).resolve().parent / "tuned"
 
 
-def shipped_table(device_name: str, section: str) -> dict:
-    """Measured choices shipped with the pack for this GPU model (kernels/tuned/<gpu>.json), or {}."""
+# A GPU of these families without a table of its own takes the launch entries measured on this one: every sm90
+# part (H100 PCIe and NVL, H800, H20, GH200) is a GH100 with the same shared memory per multiprocessor, and on the
+# H100 the Hopper kernels' entries beat the arch table's portable tiles at every shape compared
+# (bench/results/h100_launch_table_ab.json). `auto` entries stay per model: they weigh SDPA's speed on that card.
+FAMILY_REFERENCE_GPU = {"sm90": "NVIDIA H100 80GB HBM3"}
+
+
+def shipped_table(device_name: str, section: str, family: str | None = None) -> dict:
+    """Measured choices shipped with the pack for this GPU model (kernels/tuned/<gpu>.json), or, for launch
+    entries, its family's reference GPU's (FAMILY_REFERENCE_GPU), or {}."""
     slug = re.sub(r"[^a-z0-9]+", "_", device_name.lower()).strip("_")
     try:
         return json.loads((TUNED_DIR / f"{slug}.json").read_text()).get(section, {})
     except (OSError, ValueError):
-        return {}
+        reference = FAMILY_REFERENCE_GPU.get(family) if section == "launch" else None
+        return shipped_table(reference, section) if reference else {}
 
 
 class TuningCache:

@@ -130,7 +130,8 @@ def tuning_key(device, pv, block_d, pinned_m, nq, nk, dtype, is_causal) -> str:
 def launch_cache():
     from ..kernels import tuning
 
-    return tuning.TuningCache(f"launch-{device_tag()}.json", tuning.shipped_table(gpu_name(), "launch"))
+    family = arch_family(torch.device("cuda")) if torch.cuda.is_available() else None
+    return tuning.TuningCache(f"launch-{device_tag()}.json", tuning.shipped_table(gpu_name(), "launch", family))
 
 
 @functools.lru_cache(maxsize=None)

@@ -76,9 +76,10 @@ def test_shipped_table_loads_and_its_in_place_entries_are_the_measured_ones():
     FP16 P·V runs the Hopper kernels where they measured ahead
     of the portable kernel (bench/results/h200_fp16_pv_ab.json): head dim 64 at 8k and 16k tokens (one
     warpgroup, two stages), head dim 128 at 2k to 32k (ping-pong); at SDXL's 4096 tokens and head dim 64 the
-    portable kernel stays."""
+    portable kernel stays. The H100 ships the same entries: there they measured ahead of the portable tiles its
+    earlier table held at every shape compared (bench/results/h100_launch_table_ab.json)."""
     table = tuning.shipped_table("NVIDIA H200", "launch")
-    assert table
+    assert table and tuning.shipped_table("NVIDIA H100 80GB HBM3", "launch") == table
     in_place, fp16_hopper = {}, {}
     for key, value in table.items():
         config = tuning.LaunchConfig(**value)
@@ -102,8 +103,23 @@ def test_shipped_table_loads_and_its_in_place_entries_are_the_measured_ones():
                         **{f"fp8|d64|many|nq{n}|nk{n}|bfloat16|full": "m64n128w4s4pdgpppntc3" for n in (8192, 16384)}}
 
 
+def test_a_hopper_gpu_without_a_table_takes_the_h100s_launch_entries_and_no_auto_choices():
+    """An H100 PCIe, an H800 or a GH200 ships no table of its own: its launch entries are the H100's (the Hopper
+    kernels; the arch table's portable tiles lost to them at every shape on the H100), its `auto` section stays
+    empty (auto measures on first use: the choice weighs SDPA's speed on that card). Other families without a
+    table keep the arch table."""
+    h100 = tuning.shipped_table("NVIDIA H100 80GB HBM3", "launch")
+    assert h100 and all(tuning.LaunchConfig(**v).pipelined for k, v in h100.items() if "|d128|" in k)
+    for name in ("NVIDIA H100 PCIe", "NVIDIA H800", "NVIDIA GH200 480GB"):
+        assert tuning.shipped_table(name, "launch", "sm90") == h100, name
+        assert tuning.shipped_table(name, "auto", "sm90") == {}, name
+    assert tuning.shipped_table("NVIDIA H100 PCIe", "launch") == {}
+    assert tuning.shipped_table("NVIDIA GeForce RTX 4090", "launch", "sm89") == {}
+    assert tuning.shipped_table("NVIDIA H200", "launch", "sm90") == tuning.shipped_table("NVIDIA H200", "launch")
+
+
 def test_auto_keys_tell_batch_heads_apart_and_the_shipped_ones_are_in_that_form():
-    """One length bucket, two answers: at 8k tokens, Flux's 24 heads (a short call, where SDPA won on the H100) and 64
+    """One length bucket, two answers: at 8k tokens, Flux's 24 heads (a short call, where SDPA can win) and 64
     batch·heads (the FP8 kernel's case) must not share an `auto` entry. Every shipped entry is a key choice_key
     gives, so that the table is found."""
     from sage_attention_pack.sage_core import autoselect
@@ -118,9 +134,10 @@ def test_auto_keys_tell_batch_heads_apart_and_the_shipped_ones_are_in_that_form(
     assert key(1, 40, 32760, 128) == key(2, 32, 32768, 128)  # 40 and 64 batch·heads share a bucket
     for gpu in ("NVIDIA H200", "NVIDIA H100 80GB HBM3"):
         table = tuning.shipped_table(gpu, "auto")
-        # measured at Flux's shape: SDPA won on the H100; on the H200 the FP8 kernel won once the output shift
-        # took one launch (bench/NOTES.md, round "Chained launches, and the output shift in one launch")
-        assert table[flux]["variant"] == ("int8_fp8" if gpu == "NVIDIA H200" else "sdpa")
+        # measured at Flux's shape: the FP8 kernel won on the H200 once the output shift took one launch (bench/
+        # NOTES.md, round "Chained launches, and the output shift in one launch"), on the H100 once its table
+        # took the Hopper kernels (round "The H100 on the Hopper kernels")
+        assert table[flux]["variant"] == "int8_fp8"
         for shipped in table:
             # every entry is what auto decides from its own timings: the fastest of them
             assert table[shipped]["variant"] == min(table[shipped]["ms"], key=table[shipped]["ms"].get), shipped

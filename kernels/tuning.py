@@ -233,15 +233,27 @@ TUNED_DIR = Path(__file__).resolve().parent / "tuned"
 FAMILY_REFERENCE_GPU = {"sm90": "NVIDIA H100 80GB HBM3"}
 
 
+def _table_file(device_name: str) -> Path:
+    return TUNED_DIR / (re.sub(r"[^a-z0-9]+", "_", device_name.lower()).strip("_") + ".json")
+
+
+def launch_table_source(device_name: str, family: str | None = None) -> str | None:
+    """Which GPU's measured launch entries this GPU takes: its own where the pack ships a table for it, else its
+    family's reference GPU's (FAMILY_REFERENCE_GPU), else None (the arch table's defaults)."""
+    if _table_file(device_name).is_file():
+        return device_name
+    reference = FAMILY_REFERENCE_GPU.get(family)
+    return reference if reference and _table_file(reference).is_file() else None
+
+
 def shipped_table(device_name: str, section: str, family: str | None = None) -> dict:
     """Measured choices shipped with the pack for this GPU model (kernels/tuned/<gpu>.json), or, for launch
-    entries, its family's reference GPU's (FAMILY_REFERENCE_GPU), or {}."""
-    slug = re.sub(r"[^a-z0-9]+", "_", device_name.lower()).strip("_")
+    entries, its family's reference GPU's (launch_table_source), or {}."""
+    source = launch_table_source(device_name, family) if section == "launch" else device_name
     try:
-        return json.loads((TUNED_DIR / f"{slug}.json").read_text()).get(section, {})
+        return json.loads(_table_file(source).read_text()).get(section, {}) if source else {}
     except (OSError, ValueError):
-        reference = FAMILY_REFERENCE_GPU.get(family) if section == "launch" else None
-        return shipped_table(reference, section) if reference else {}
+        return {}
 
 
 class TuningCache:

@@ -32,9 +32,24 @@ def describe() -> dict:
     if refusal:
         info["serving"] = f"exact attention (SDPA) only: {refusal}"
     else:
-        info["serving"] = "Sage INT8-QK with " + ("FP8 or FP16 P·V" if backend.supports_fp8(dev) else "FP16 P·V") + \
-            (" through Triton's interpreter" if dev.type == "cpu" else f" ({backend.arch_family(dev)} tuning)")
+        pv = "FP8 or FP16 P·V" if backend.supports_fp8(dev) else "FP16 P·V"
+        how = "through Triton's interpreter" if dev.type == "cpu" else \
+            f"({tuning_line(info['device'], backend.arch_family(dev))})"
+        info["serving"] = f"Sage INT8-QK with {pv} {how}"
     return info
+
+
+def tuning_line(device_name: str, family: str) -> str:
+    """Which tuning serves a GPU of this name and architecture family: whose measured table, or the arch
+    defaults, which `tune` replaces with this GPU's own measurements."""
+    from ..kernels import tuning
+
+    source = tuning.launch_table_source(device_name, family)
+    if source == device_name:
+        return f"{family} tuning, measured on this GPU model"
+    if source:
+        return f"{family} tuning, measured on the {source}"
+    return f"{family} tuning, defaults: `python -m sage_attention_pack tune` measures this GPU"
 
 
 def _triton_version():

@@ -118,6 +118,19 @@ def test_a_hopper_gpu_without_a_table_takes_the_h100s_launch_entries_and_no_auto
     assert tuning.shipped_table("NVIDIA H200", "launch", "sm90") == tuning.shipped_table("NVIDIA H200", "launch")
 
 
+def test_the_startup_line_says_whose_measured_table_serves():
+    """The pack's startup line (and the main job's) names the tuning that serves: this GPU model's own table, its
+    family's reference GPU's, or the arch defaults with the command that measures this GPU."""
+    from sage_attention_pack.sage_core.selfcheck import tuning_line
+
+    assert tuning_line("NVIDIA H200", "sm90") == "sm90 tuning, measured on this GPU model"
+    assert tuning_line("NVIDIA H800", "sm90") == "sm90 tuning, measured on the NVIDIA H100 80GB HBM3"
+    assert tuning.launch_table_source("NVIDIA H800", "sm90") == "NVIDIA H100 80GB HBM3"
+    assert tuning.launch_table_source("NVIDIA GeForce RTX 4090", "sm89") is None
+    line = tuning_line("NVIDIA GeForce RTX 4090", "sm89")
+    assert line.startswith("sm89 tuning, defaults") and "python -m sage_attention_pack tune" in line
+
+
 def test_auto_keys_tell_batch_heads_apart_and_the_shipped_ones_are_in_that_form():
     """One length bucket, two answers: at 8k tokens, Flux's 24 heads (a short call, where SDPA can win) and 64
     batch·heads (the FP8 kernel's case) must not share an `auto` entry. Every shipped entry is a key choice_key

@@ -1,21 +1,22 @@
 """Attention calls handed to Sage before their rotary embedding: Flux-family blocks, Wan's self-attention, Qwen-Image's
-joint attention and Lumina 2's attention.
+joint attention, Lumina 2's attention and LTX-Video's self-attention.
 
-ComfyUI rotates Q and K in eager PyTorch right before the attention hook: Flux's layers (and Chroma's,
-HunyuanVideo's and Hunyuan3D's, which reuse them) call `attention(q, k, v, pe, mask, transformer_options)` from
+ComfyUI rotates Q and K in eager PyTorch right before the attention hook: Flux's layers (and Chroma's, HunyuanVideo's
+and Hunyuan3D's, which reuse them) call `attention(q, k, v, pe, mask, transformer_options)` from
 comfy/ldm/flux/math.py, which rotates them (a cast to FP32, two products, a sum and a cast back per tensor: 10
 kernels and about 1 GB of memory traffic per call at Flux.1's 1024 px shape); Wan's self-attention rotates them with
-`apply_rope1` inside its own `forward`, Qwen-Image's and Lumina 2's with their own `apply_rotary_emb` (in the
-model's dtype; Lumina 2 then repeats its 8 K/V heads for its 24 query heads). Where the Sage override of the model
-serves the call, the hand-off gives it Q, K and the table instead, and the quantization rotates them in the pass
-that reads them anyway (kernels/rotary.py). Every other call (no Sage override on top, no table, a compiling graph)
-runs ComfyUI's own code, untouched, and so does every call the override sends to exact attention.
+`apply_rope1` inside its own `forward`, Qwen-Image's, Lumina 2's and LTX-Video's with their own `apply_rotary_emb`
+(in the model's dtype; Lumina 2 then repeats its 8 K/V heads for its 24 query heads; LTX-Video's cos and sin span all
+heads, each head rotated by frequencies of its own, so its table has one slice per head). Where the Sage override of
+the model serves the call, the hand-off gives it Q, K and the table instead, and the quantization rotates them in the
+pass that reads them anyway (kernels/rotary.py). Every other call (no Sage override on top, no table, a compiling
+graph) runs ComfyUI's own code, untouched, and so does every call the override sends to exact attention.
 
-Installed when a Sage node patches a model, once, and only over ComfyUI's own code: Flux's `attention` where a
-caller module still holds ComfyUI's function (another extension's replacement is left alone) with the parameters
-this hand-off knows; a `forward` method (Wan's, Qwen-Image's, Lumina 2's) where its source is the one this hand-off
-restates (its projections, then ComfyUI's rotation and attention call on the exact paths), so that a ComfyUI that
-changed it keeps its own. SAGE_ATTENTION_ROTARY_HANDOFF=0 in the environment keeps the hand-off out.
+Installed when a Sage node patches a model, once, and only over ComfyUI's own code: Flux's `attention` where a caller
+module still holds ComfyUI's function (another extension's replacement is left alone) with the parameters this
+hand-off knows; a `forward` method (Wan's, Qwen-Image's, Lumina 2's, LTX-Video's) where its source is the one this
+hand-off restates (its projections, then ComfyUI's rotation and attention call on the exact paths), so that a ComfyUI
+that changed it keeps its own. SAGE_ATTENTION_ROTARY_HANDOFF=0 in the environment keeps the hand-off out.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from typing import Callable
 
 import torch
 
+from ..sage_core import rope as rotary
 from .override import OVERRIDE_KEY
 
 log = logging.getLogger("sage_attention_pack")
@@ -170,6 +172,33 @@ def lumina2_hand_off(forward_fn, module):
     return forward
 
 
+def ltxv_hand_off(forward_fn, module):
+    """`forward_fn` (ComfyUI's LTX-Video CrossAttention.forward) with the rotation given to the override where it
+    takes it: the self-attention calls, which carry the table (a cos and a sin per channel of all heads, each head
+    its own frequencies). The projections and norms are ComfyUI's; on the exact paths the rest is too: `module`'s
+    apply_rotary_emb and ComfyUI's optimized_attention, looked up at the call as ComfyUI's forward looks them up."""
+
+    @functools.wraps(forward_fn)
+    def forward(self, x, context=None, mask=None, pe=None, transformer_options={}):  # noqa: B006 - ComfyUI's own
+        if pe is None or context is not None or mask is not None or not takes_rotary(transformer_options):
+            return forward_fn(self, x, context, mask, pe, transformer_options=transformer_options)
+        q, k, v = self.q_norm(self.to_q(x)), self.k_norm(self.to_k(x)), self.to_v(x)  # [B, N, H·D]
+
+        def exact_with(options):
+            rotate = module.apply_rotary_emb
+            return module.comfy.ldm.modules.attention.optimized_attention(
+                rotate(q, pe), rotate(k, pe), v, self.heads, attn_precision=self.attn_precision,
+                transformer_options=options)
+
+        out = transformer_options[OVERRIDE_KEY].attend_rotary(
+            (q, k, v, self.heads), {"attn_precision": self.attn_precision, "transformer_options": transformer_options},
+            rotary.from_cos_sin(*pe, self.heads), exact_with)
+        return self.to_out(out)
+
+    forward.sage_original = forward_fn
+    return forward
+
+
 @dataclass(frozen=True)
 class RestatedForward:
     """A ComfyUI attention class whose `forward` a hand-off restates, known by the SHA-256 of its dedented source."""
@@ -190,6 +219,8 @@ RESTATED_FORWARDS = (
                     "9214cdaf5faf8aa7baae5bc6a43cc87ad97d10a37773098e9ecfb9574590c9f3", qwen_image_hand_off),
     RestatedForward("comfy.ldm.lumina.model", "JointAttention",
                     "a0291bfeafbf21702cccd25c13e8aabc083585d3762a7e60ff37e1d1a0bb9dda", lumina2_hand_off),
+    RestatedForward("comfy.ldm.lightricks.model", "CrossAttention",
+                    "3494ab4be222dfafd39b5b8bb7d4ac009baa4e7772778024e142252f7c3faf24", ltxv_hand_off),
 )
 
 

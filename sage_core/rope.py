@@ -8,6 +8,8 @@ bits it gives unpatched.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -15,6 +17,17 @@ def rotate(x: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
     """x [B, H, N, D] rotated by pe, computed in pe's dtype and returned in x's (as ComfyUI does)."""
     pairs = x.to(dtype=pe.dtype).reshape(*x.shape[:-1], -1, 1, 2)
     return (pe[..., 0] * pairs[..., 0] + pe[..., 1] * pairs[..., 1]).reshape(*x.shape).type_as(x)
+
+
+def from_cos_sin(cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
+    """The table of a rotation given as per-channel cos and sin [B, N, H·D] over interleaved pairs (LTX-Video's
+    freqs_cis: out[2i] = x[2i]·cos[2i] − x[2i+1]·sin[2i], out[2i+1] = x[2i+1]·cos[2i+1] + x[2i]·sin[2i+1]), each
+    head its own slice of channels: [B, H, N, D/2, 2, 2], one copy in the coefficients' dtype. rotate() with it
+    gives that rotation's bits (the same two products, then their sum)."""
+    b, n, inner = cos.shape
+    c, s = (t.view(b, n, heads, inner // heads // 2, 2) for t in (cos, sin))
+    table = torch.stack((c[..., 0], -s[..., 0], s[..., 1], c[..., 1]), dim=-1)
+    return table.unflatten(-1, (2, 2)).transpose(1, 2)
 
 
 def validate(rope, q: torch.Tensor, k: torch.Tensor) -> None:
@@ -103,3 +116,24 @@ def lumina2_table(caption_tokens: int, height: int, width: int, axes_dim=(32, 32
     image = grid_ids(1, height, width)
     image[:, 0] = caption_tokens
     return position_table(torch.cat([caption, image])[None].to(device), axes_dim, theta).to(dtype)
+
+
+def ltxv_cos_sin(frames: int, height: int, width: int, inner_dim: int, frame_rate: float = 25.0,
+                 scale_factors=(8, 32, 32), theta: float = 10000.0, max_pos=(20, 2048, 2048), dtype=torch.bfloat16,
+                 device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The cos and sin [1, N, inner_dim] LTX-Video (LTXVModel, patch size 1) hands its self-attention for a frames x
+    height x width latent: each token's latent (frame, row, column) scaled to pixels by the VAE's factors, the frame
+    axis to seconds, all three to fractions of max_pos; inner_dim // 6 frequencies per axis, each for a channel pair,
+    the inner_dim % 6 first channels unrotated (ComfyUI's precompute_freqs_cis). from_cos_sin makes the table."""
+    pixels = grid_ids(frames, height, width).T[None].to(device) * torch.tensor(scale_factors, device=device)[:, None]
+    pixels = pixels.to(torch.float32)
+    pixels[:, 0] = pixels[:, 0] * (1.0 / frame_rate)
+    fractional = torch.stack([pixels[:, i] / max_pos[i] for i in range(3)], dim=-1)
+    steps = theta ** torch.linspace(math.log(1, theta), math.log(theta, theta), inner_dim // 6, device=device,
+                                    dtype=torch.float32)
+    freqs = (steps * math.pi / 2 * (fractional.unsqueeze(-1) * 2 - 1)).transpose(-1, -2).flatten(2)
+    cos, sin = freqs.cos().repeat_interleave(2, dim=-1), freqs.sin().repeat_interleave(2, dim=-1)
+    if inner_dim % 6:
+        cos = torch.cat([torch.ones_like(cos[:, :, :inner_dim % 6]), cos], dim=-1)
+        sin = torch.cat([torch.zeros_like(sin[:, :, :inner_dim % 6]), sin], dim=-1)
+    return cos.to(dtype), sin.to(dtype)

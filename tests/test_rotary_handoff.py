@@ -2,8 +2,8 @@
 ComfyUI's own Flux model class at a small width (2 heads of 128, one double and one single block, random weights),
 sampled through ComfyUI's sampler with the patch node's model patch and called directly with the override, and its
 Wan2.1 and Qwen-Image classes (2 heads of 128, two blocks each), its Lumina 2 class (4 query heads of 96 on 2 K/V
-heads), the last two also sampled through the patch node, and its Chroma and HunyuanVideo classes, whose blocks call
-Flux's attention, called directly."""
+heads), the last two also sampled through the patch node, its LTX-Video class (2 heads of 64, a table per head),
+and its Chroma and HunyuanVideo classes, whose blocks call Flux's attention, called directly."""
 import os
 
 import pytest
@@ -76,7 +76,8 @@ def installed(flux):
     assert rotary_handoff.install() == ["comfy.ldm.flux.layers", "comfy.ldm.chroma.layers",
                                         "comfy.ldm.wan.model.WanSelfAttention",
                                         "comfy.ldm.qwen_image.model.Attention",
-                                        "comfy.ldm.lumina.model.JointAttention"]
+                                        "comfy.ldm.lumina.model.JointAttention",
+                                        "comfy.ldm.lightricks.model.CrossAttention"]
     yield rotary_handoff
     rotary_handoff.uninstall()
 
@@ -88,9 +89,10 @@ def test_the_patch_node_samples_flux_with_the_rotation_inside_the_quantization(f
     assert_the_patch_node_samples_fused(patcher, sample, CALLS)
 
 
-def assert_the_patch_node_samples_fused(patcher, sample, calls):
+def assert_the_patch_node_samples_fused(patcher, sample, calls, rotated=None):
     """A two-step sampling run (`sample(model)`) through the patch node's model patch serves each of the `calls`
-    attention calls per step with the rotation fused, close to the unpatched run, which stays untouched."""
+    attention calls per step with Sage, the `rotated` of them (all by default) with the rotation fused, close to the
+    unpatched run, which stays untouched."""
     from sage_attention_pack.nodes import rotary_handoff
     from sage_attention_pack.nodes.patch import apply_sage, get_sage_override
     from sage_attention_pack.sage_core.config import SageConfig
@@ -100,7 +102,8 @@ def assert_the_patch_node_samples_fused(patcher, sample, calls):
     try:
         out = sample(patched)
         snap = get_sage_override(patched).stats.snapshot()
-        assert snap["sage"] == {"int8_fp16": 2 * calls} and snap["rotary_fused"] == 2 * calls, snap
+        assert snap["sage"] == {"int8_fp16": 2 * calls}, snap
+        assert snap["rotary_fused"] == 2 * (calls if rotated is None else rotated), snap
         assert cosine(out, reference) > 0.9999
         assert torch.equal(sample(patcher), reference)  # the unpatched model is untouched by the hand-off
     finally:
@@ -325,7 +328,7 @@ def test_the_benchmarks_wan_table_is_comfyuis(comfyui):
 
 
 @pytest.mark.parametrize("name", ["comfy.ldm.wan.model.WanSelfAttention", "comfy.ldm.qwen_image.model.Attention",
-                                  "comfy.ldm.lumina.model.JointAttention"])
+                                  "comfy.ldm.lumina.model.JointAttention", "comfy.ldm.lightricks.model.CrossAttention"])
 def test_a_changed_forward_is_left_alone(comfyui, name):
     """Where this ComfyUI's forward is not the source the hand-off restates, the model keeps its own."""
     import dataclasses
@@ -537,29 +540,132 @@ def test_the_benchmarks_lumina2_table_is_comfyuis(lumina2_model):
     assert torch.equal(lumina2_table(LUMINA_TEXT, 5, 6, dtype=torch.float32), seen[0].transpose(1, 2))
 
 
+LTXV_LAYERS = 2  # a self-attention call (rotated) and a cross-attention call (not) per block
+
+
+@pytest.fixture(scope="module")
+def ltxv_model(comfyui):
+    """ComfyUI's own LTX-Video class (LTXVModel) at a small width (2 heads of 64, two blocks, random weights) and a
+    forward of it on 2 latent frames of 4x5: 40 tokens, each head rotated by its own slice of the frequencies."""
+    import comfy.ldm.lightricks.model
+    import comfy.ops
+
+    model = comfy.ldm.lightricks.model.LTXVModel(
+        in_channels=16, cross_attention_dim=128, attention_head_dim=64, num_attention_heads=2, caption_channels=64,
+        num_layers=LTXV_LAYERS, dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init)
+    g = randomized(model, seed=13)
+    x = torch.randn(1, 16, 2, 4, 5, generator=g)
+    ctx = torch.randn(1, 6, 64, generator=g)
+
+    def forward(options):
+        from sage_attention_pack.nodes.routing import ForwardCounter
+
+        with torch.no_grad():
+            return model(x, torch.full((1,), 0.5), ctx, None,
+                         transformer_options={**options, ForwardCounter.KEY: ForwardCounter()})
+
+    return model, forward
+
+
+def test_ltxv_self_attention_rotates_inside_the_quantization(ltxv_model, installed):
+    """LTX-Video's self-attention calls hand their rotation over with a table per head (its cross-attention calls
+    have none), and the forward stays as close to ComfyUI's own as with ComfyUI's rotation before the hook."""
+    from sage_attention_pack.nodes.override import SageOverride
+    from sage_attention_pack.sage_core.config import SageConfig
+
+    _, forward = ltxv_model
+    reference = forward({})
+    fused = SageOverride(SageConfig(kernel="int8_fp16"))
+    out = forward({"optimized_attention_override": fused})
+    assert fused.stats.snapshot()["sage"] == {"int8_fp16": 2 * LTXV_LAYERS}, fused.stats.snapshot()
+    assert fused.stats.rotary_fused == LTXV_LAYERS
+    installed.uninstall()
+    first = SageOverride(SageConfig(kernel="int8_fp16"))
+    out_first = forward({"optimized_attention_override": first})
+    assert first.stats.rotary_fused == 0
+    assert cosine(out, out_first) > 0.9999 and cosine(out, reference) > 0.999
+
+
+def test_ltxv_calls_sent_to_exact_attention_run_comfyuis_own_code(ltxv_model, installed):
+    """kernel `off` and the block list: ComfyUI's rotation and attention call, through the override that was there
+    before Sage's, bit for bit as unpatched."""
+    from sage_attention_pack.nodes.override import SageOverride
+    from sage_attention_pack.sage_core.config import SageConfig
+
+    _, forward = ltxv_model
+    reference = forward({})
+    off = SageOverride(SageConfig(kernel="off"))
+    assert torch.equal(forward({"optimized_attention_override": off}), reference)
+    assert off.stats.exact["kernel off"] == 2 * LTXV_LAYERS
+    seen = []
+
+    def earlier(func, *args, **kwargs):
+        seen.append(1)
+        return func(*args, **kwargs)
+
+    kept = SageOverride(SageConfig(kernel="int8_fp16"), exact_blocks=set(range(LTXV_LAYERS)), previous=earlier)
+    assert torch.equal(forward({"optimized_attention_override": kept}), reference)
+    assert kept.stats.exact["block kept exact"] == 2 * LTXV_LAYERS and len(seen) == 2 * LTXV_LAYERS
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ltxv_cos_and_sin_become_a_table_that_rotates_as_comfyui_does(ltxv_model, dtype):
+    """sage_core/rope.ltxv_cos_sin is the cos and sin ComfyUI's LTX-Video hands its self-attention, bit for bit (each
+    head its own frequencies, the first channels of the first head unrotated where the width is not a multiple of
+    6); rope.from_cos_sin turns them into the table, and rope.rotate with it gives ComfyUI's apply_rotary_emb bit for
+    bit, in FP32 and in BF16."""
+    import comfy.ldm.lightricks.model as ltxv
+
+    from sage_attention_pack.sage_core import rope
+
+    model, forward = ltxv_model
+    seen = []
+    hook = model.transformer_blocks[0].attn1.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["pe"]), with_kwargs=True)
+    try:
+        forward({})
+    finally:
+        hook.remove()
+    assert all(torch.equal(ours, theirs) for ours, theirs in zip(rope.ltxv_cos_sin(2, 4, 5, 128, dtype=torch.float32),
+                                                                  seen[0]))  # the benchmark's is ComfyUI's
+    cos, sin = (t.to(dtype) for t in seen[0])
+    assert cos.shape == (1, 40, 128) and torch.equal(cos[..., :2], torch.ones_like(cos[..., :2]))  # 128 % 6 = 2
+    table = rope.from_cos_sin(cos, sin, 2)
+    assert table.shape == (1, 2, 40, 32, 2, 2) and table.dtype == dtype
+    x = torch.randn(1, 40, 128).to(dtype)
+    ours = rope.rotate(x.view(1, 40, 2, 64).transpose(1, 2), table).transpose(1, 2).reshape(1, 40, 128)
+    assert torch.equal(ours, ltxv.apply_rotary_emb(x, (cos, sin)))
+
+
 # ComfyUI's model config class, the unet config, the latent's shape, the conditioning's extras, the attention calls
 # per forward
 SAMPLED = {
     "qwen_image": ("QwenImage", dict(image_model="qwen_image", in_channels=64, out_channels=16, num_layers=QWEN_LAYERS,
                                      attention_head_dim=128, num_attention_heads=2, joint_attention_dim=64),
-                   (1, 16, 1, 12, 10), {}, QWEN_LAYERS),  # one frame of Qwen-Image's (Wan2.1's) latent
+                   (1, 16, 1, 12, 10), {}, QWEN_LAYERS, QWEN_LAYERS),  # one frame of Qwen-Image's (Wan2.1's) latent
     "lumina2": ("Lumina2", dict(image_model="lumina2", patch_size=2, in_channels=16, dim=384, n_layers=2,
                                 n_refiner_layers=1, n_heads=4, n_kv_heads=2, multiple_of=32, qk_norm=True,
                                 cap_feat_dim=64, axes_dims=[32, 32, 32], axes_lens=[300, 512, 512]),
                 # its text encoder's mask: 7 of the 9 tokens, the caption's padding masked on every call
-                (1, 16, 10, 12), {"attention_mask": torch.tensor([[1] * 7 + [0] * 2])}, LUMINA_CALLS),
+                (1, 16, 10, 12), {"attention_mask": torch.tensor([[1] * 7 + [0] * 2])}, LUMINA_CALLS, LUMINA_CALLS),
+    # two latent frames of 4x5 in LTX-Video's 128 channels; its cross-attention calls (its text encoder's mask: 7 of
+    # the 9 tokens) are served unrotated
+    "ltxv": ("LTXV", dict(image_model="ltxv", in_channels=128, cross_attention_dim=128, attention_head_dim=64,
+                          num_attention_heads=2, caption_channels=64, num_layers=LTXV_LAYERS),
+             (1, 128, 2, 4, 5), {"attention_mask": torch.tensor([[1] * 7 + [0] * 2])}, 2 * LTXV_LAYERS, LTXV_LAYERS),
 }
 
 
 @pytest.mark.parametrize("family", list(SAMPLED))
 def test_the_patch_node_samples_with_the_rotation_inside_the_quantization(comfyui, family):
-    """The patch node's model patch on ComfyUI's Qwen-Image and Lumina 2 models (their model configs and sampling):
-    every attention call of the run rotates inside the quantization, and the result stays close to ComfyUI's own."""
+    """The patch node's model patch on ComfyUI's Qwen-Image, Lumina 2 and LTX-Video models (their model configs and
+    sampling): every attention call of the run that has a rotary table rotates inside the quantization, and the
+    result stays close to ComfyUI's own."""
     import comfy.model_patcher
     import comfy.sample
     import comfy.supported_models
 
-    config_class, unet_config, latent, extras, calls = SAMPLED[family]
+    config_class, unet_config, latent, extras, calls, rotated = SAMPLED[family]
     config = getattr(comfy.supported_models, config_class)(dict(unet_config))
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({}, device="cpu")
@@ -572,7 +678,7 @@ def test_the_patch_node_samples_with_the_rotation_inside_the_quantization(comfyu
     def sample(m):
         return comfy.sample.sample(m, x, 2, 1.0, "euler", "simple", cond, cond, torch.zeros_like(x), seed=1)
 
-    assert_the_patch_node_samples_fused(patcher, sample, calls)
+    assert_the_patch_node_samples_fused(patcher, sample, calls, rotated)
 
 
 # Flux-family models whose blocks call Flux's attention through their own module or Flux's: ComfyUI's class, its

@@ -295,22 +295,28 @@ def test_wan_self_attention_rotates_inside_the_quantization(wan, installed):
 def test_wan_calls_sent_to_exact_attention_run_comfyuis_own_code(wan, installed):
     """kernel `off` and the block list: the rest of ComfyUI's forward (its rotation, its attention call, through the
     override that was there before Sage's), bit for bit as unpatched."""
+    assert_exact_paths_give_comfyuis_bits(wan, 2 * WAN_LAYERS, WAN_LAYERS)
+
+
+def assert_exact_paths_give_comfyuis_bits(forward, calls, blocks):
+    """With kernel `off`, and with every one of `blocks` blocks kept exact under an earlier override, the `calls`
+    attention calls of `forward(options)` run ComfyUI's own code (through that override), bit for bit as unpatched."""
     from sage_attention_pack.nodes.override import SageOverride
     from sage_attention_pack.sage_core.config import SageConfig
 
-    reference = wan({})
+    reference = forward({})
     off = SageOverride(SageConfig(kernel="off"))
-    assert torch.equal(wan({"optimized_attention_override": off}), reference)
-    assert off.stats.exact["kernel off"] == 2 * WAN_LAYERS
+    assert torch.equal(forward({"optimized_attention_override": off}), reference)
+    assert off.stats.exact["kernel off"] == calls
     seen = []
 
     def earlier(func, *args, **kwargs):
         seen.append(1)
         return func(*args, **kwargs)
 
-    kept = SageOverride(SageConfig(kernel="int8_fp16"), exact_blocks=set(range(WAN_LAYERS)), previous=earlier)
-    assert torch.equal(wan({"optimized_attention_override": kept}), reference)
-    assert kept.stats.exact["block kept exact"] == 2 * WAN_LAYERS and len(seen) == 2 * WAN_LAYERS
+    kept = SageOverride(SageConfig(kernel="int8_fp16"), exact_blocks=set(range(blocks)), previous=earlier)
+    assert torch.equal(forward({"optimized_attention_override": kept}), reference)
+    assert kept.stats.exact["block kept exact"] == calls and len(seen) == calls
 
 
 def test_the_benchmarks_wan_table_is_comfyuis(comfyui):
@@ -589,23 +595,7 @@ def test_ltxv_self_attention_rotates_inside_the_quantization(ltxv_model, install
 def test_ltxv_calls_sent_to_exact_attention_run_comfyuis_own_code(ltxv_model, installed):
     """kernel `off` and the block list: ComfyUI's rotation and attention call, through the override that was there
     before Sage's, bit for bit as unpatched."""
-    from sage_attention_pack.nodes.override import SageOverride
-    from sage_attention_pack.sage_core.config import SageConfig
-
-    _, forward = ltxv_model
-    reference = forward({})
-    off = SageOverride(SageConfig(kernel="off"))
-    assert torch.equal(forward({"optimized_attention_override": off}), reference)
-    assert off.stats.exact["kernel off"] == 2 * LTXV_LAYERS
-    seen = []
-
-    def earlier(func, *args, **kwargs):
-        seen.append(1)
-        return func(*args, **kwargs)
-
-    kept = SageOverride(SageConfig(kernel="int8_fp16"), exact_blocks=set(range(LTXV_LAYERS)), previous=earlier)
-    assert torch.equal(forward({"optimized_attention_override": kept}), reference)
-    assert kept.stats.exact["block kept exact"] == 2 * LTXV_LAYERS and len(seen) == 2 * LTXV_LAYERS
+    assert_exact_paths_give_comfyuis_bits(ltxv_model[1], 2 * LTXV_LAYERS, LTXV_LAYERS)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

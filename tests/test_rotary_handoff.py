@@ -277,17 +277,23 @@ def wan(comfyui):
 def test_wan_self_attention_rotates_inside_the_quantization(wan, installed):
     """Wan's self-attention calls hand their rotation over (its cross-attention calls have none), and the forward
     stays as close to ComfyUI's own as with ComfyUI's rotation before the hook."""
+    assert_self_attention_fused(wan, installed, 2 * WAN_LAYERS, WAN_LAYERS)
+
+
+def assert_self_attention_fused(forward, installed, calls, rotated):
+    """All `calls` attention calls of `forward(options)` served by Sage, the `rotated` of them with the rotation
+    fused; the output as close to ComfyUI's own as with ComfyUI's rotation before the hook (`installed` taken out)."""
     from sage_attention_pack.nodes.override import SageOverride
     from sage_attention_pack.sage_core.config import SageConfig
 
-    reference = wan({})
+    reference = forward({})
     fused = SageOverride(SageConfig(kernel="int8_fp16"))
-    out = wan({"optimized_attention_override": fused})
-    assert fused.stats.snapshot()["sage"] == {"int8_fp16": 2 * WAN_LAYERS}
-    assert fused.stats.rotary_fused == WAN_LAYERS
+    out = forward({"optimized_attention_override": fused})
+    assert fused.stats.snapshot()["sage"] == {"int8_fp16": calls}, fused.stats.snapshot()
+    assert fused.stats.rotary_fused == rotated
     installed.uninstall()
     first = SageOverride(SageConfig(kernel="int8_fp16"))
-    out_first = wan({"optimized_attention_override": first})
+    out_first = forward({"optimized_attention_override": first})
     assert first.stats.rotary_fused == 0
     assert cosine(out, out_first) > 0.9999 and cosine(out, reference) > 0.999
 
@@ -576,20 +582,7 @@ def ltxv_model(comfyui):
 def test_ltxv_self_attention_rotates_inside_the_quantization(ltxv_model, installed):
     """LTX-Video's self-attention calls hand their rotation over with a table per head (its cross-attention calls
     have none), and the forward stays as close to ComfyUI's own as with ComfyUI's rotation before the hook."""
-    from sage_attention_pack.nodes.override import SageOverride
-    from sage_attention_pack.sage_core.config import SageConfig
-
-    _, forward = ltxv_model
-    reference = forward({})
-    fused = SageOverride(SageConfig(kernel="int8_fp16"))
-    out = forward({"optimized_attention_override": fused})
-    assert fused.stats.snapshot()["sage"] == {"int8_fp16": 2 * LTXV_LAYERS}, fused.stats.snapshot()
-    assert fused.stats.rotary_fused == LTXV_LAYERS
-    installed.uninstall()
-    first = SageOverride(SageConfig(kernel="int8_fp16"))
-    out_first = forward({"optimized_attention_override": first})
-    assert first.stats.rotary_fused == 0
-    assert cosine(out, out_first) > 0.9999 and cosine(out, reference) > 0.999
+    assert_self_attention_fused(ltxv_model[1], installed, 2 * LTXV_LAYERS, LTXV_LAYERS)
 
 
 def test_ltxv_calls_sent_to_exact_attention_run_comfyuis_own_code(ltxv_model, installed):

@@ -7,7 +7,9 @@ Models (as in the issue): Wan2.1-14B (dim 5120, 40 heads of 128) with 4 of its 4
 frames (32760 tokens); Flux.1-dev (hidden 3072, 24 heads) with 2 double + 4 single blocks at 1024px
 (4096 image + 512 text tokens). Besides: Qwen-Image (hidden 3072, 24 heads of 128) with 4 of its 60 blocks at
 1328px (6889 image + 128 text tokens); Lumina 2 (dim 2304, 24 query heads of 96 on 8 K/V heads) with its 2 + 2
-refiner blocks and 6 of its 26 main blocks at 1024px (4096 image + 256 caption tokens). Reported per model: median
+refiner blocks and 6 of its 26 main blocks at 1024px (4096 image + 256 caption tokens); LTX-Video 2B (32 heads of
+64, each rotated by frequencies of its own) with 4 of its 28 blocks at 768x512, 97 frames (4992 tokens, 128 text
+tokens). Reported per model: median
 forward time of each attention setting, the speed-up over ComfyUI's default attention, and the output's cosine
 similarity and PSNR against it; --profile adds the device time per kernel of a setting's forward, --clocks the SM
 clock and power its forwards run at. The tests build each case at a few heads and tokens and run it on the CPU
@@ -35,6 +37,7 @@ def load_comfy(path: str):
     sys.argv = [sys.argv[0]]  # ComfyUI parses argv at import
     import comfy.ops  # noqa: F401
     import comfy.ldm.flux.model
+    import comfy.ldm.lightricks.model
     import comfy.ldm.lumina.model
     import comfy.ldm.qwen_image.model
     import comfy.ldm.wan.model
@@ -120,6 +123,21 @@ def lumina2_case(comfy, tiny=False, device="cuda"):
     caption = 8 if tiny else 256
     ctx = randn(1, caption, width["cap_feat_dim"])
     return model, lambda opts: model(x, t, ctx, caption, transformer_options=opts)
+
+
+def ltxv_case(comfy, tiny=False, device="cuda"):
+    width = dict(in_channels=16, num_attention_heads=2, cross_attention_dim=128, caption_channels=64, num_layers=1) \
+        if tiny else dict(in_channels=128, num_attention_heads=32, cross_attention_dim=2048, caption_channels=4096,
+                          num_layers=4)
+    model = comfy.ldm.lightricks.model.LTXVModel(attention_head_dim=64, device=device, dtype=torch.bfloat16,
+                                                 operations=comfy.ops.disable_weight_init, **width)
+    init_random(model, 20, device)
+    randn = random_inputs(5, device)
+    # 768x512, 97 frames: 13 latent frames of 16x24 (its VAE: 8x in time, 32x in space)
+    x = randn(1, 16, 2, 4, 4) if tiny else randn(1, 128, 13, 16, 24)
+    t = torch.full((1,), 0.5, device=device)
+    ctx = randn(1, 8 if tiny else 128, width["caption_channels"])
+    return model, lambda opts: model(x, t, ctx, None, transformer_options=opts)
 
 
 class PeerCalls:
@@ -216,7 +234,8 @@ def compare(out, ref) -> dict:
 
 
 CASES = {"wan21_14b_4blocks_480p81f": wan_case, "flux_dev_2x4blocks_1024px": flux_case,
-         "qwen_image_4blocks_1328px": qwen_image_case, "lumina2_6blocks_1024px": lumina2_case}
+         "qwen_image_4blocks_1328px": qwen_image_case, "lumina2_6blocks_1024px": lumina2_case,
+         "ltxv_2b_4blocks_768x512_97f": ltxv_case}
 
 
 def main():
@@ -235,8 +254,8 @@ def main():
     parser.add_argument("--comfyui-rotation", nargs="*", default=[],
                         help="settings also run with ComfyUI's own rotary embedding (label "
                              "<setting>_comfyui_rotation): their override does not take Flux-family, Wan, "
-                             "Qwen-Image and Lumina 2 calls before the rotation (nodes/rotary_handoff.py), as "
-                             "before the hand-off")
+                             "Qwen-Image, Lumina 2 and LTX-Video calls before the rotation "
+                             "(nodes/rotary_handoff.py), as before the hand-off")
     args = parser.parse_args()
 
     comfy = load_comfy(args.comfyui)

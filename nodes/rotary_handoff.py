@@ -199,13 +199,68 @@ def ltxv_hand_off(forward_fn, module):
     return forward
 
 
+def hidream_hand_off(call_fn, module):
+    """`call_fn` (ComfyUI's HiDreamAttnProcessor_flashattn.__call__, which HiDream's attention blocks call) with the
+    rotation given to the override where it takes it. Its projections, norms, key mask and joins are ComfyUI's; a
+    table rotating only the first half of each head (HiDream's own default axes) gets identity matrices over the
+    second half. On the exact paths the rest is ComfyUI's: `module`'s apply_rope and attention."""
+
+    @functools.wraps(call_fn)
+    def __call__(self, attn, image_tokens, image_tokens_masks=None, text_tokens=None, rope=None,  # noqa: N807
+                 transformer_options={}, *args, **kwargs):  # noqa: B006 - ComfyUI's own signature
+        if rope is None or args or kwargs or not takes_rotary(transformer_options):
+            return call_fn(self, attn, image_tokens, image_tokens_masks, text_tokens, rope, transformer_options,
+                           *args, **kwargs)
+        dtype, b = image_tokens.dtype, image_tokens.shape[0]
+
+        def heads_of(t):  # [B, N, H, D]
+            return t.view(b, -1, attn.heads, t.shape[-1] // attn.heads)
+
+        query = heads_of(attn.q_rms_norm(attn.to_q(image_tokens)).to(dtype=dtype))
+        key = heads_of(attn.k_rms_norm(attn.to_k(image_tokens)).to(dtype=dtype))
+        value = heads_of(attn.to_v(image_tokens))
+        if image_tokens_masks is not None:
+            key = key * image_tokens_masks.view(b, -1, 1, 1)
+        if not attn.single:
+            query = torch.cat([query, heads_of(attn.q_rms_norm_t(attn.to_q_t(text_tokens)).to(dtype=dtype))], dim=1)
+            key = torch.cat([key, heads_of(attn.k_rms_norm_t(attn.to_k_t(text_tokens)).to(dtype=dtype))], dim=1)
+            value = torch.cat([value, heads_of(attn.to_v_t(text_tokens))], dim=1)
+        head_dim, rotated = query.shape[-1], rope.shape[-3] * 2
+
+        def exact_with(options):
+            if head_dim == rotated:
+                q, k = module.apply_rope(query, key, rope)
+            else:
+                (q, q_rest), (k, k_rest) = query.chunk(2, dim=-1), key.chunk(2, dim=-1)
+                q, k = module.apply_rope(q, k, rope)
+                q, k = torch.cat([q, q_rest], dim=-1), torch.cat([k, k_rest], dim=-1)
+            return module.attention(q, k, value, transformer_options=options)
+
+        table = rope  # [B, N, 1, R/2, 2, 2]: the first R channels of each head rotated
+        if rotated < head_dim:
+            identity = torch.eye(2, dtype=rope.dtype, device=rope.device)
+            table = torch.cat([rope, identity.expand(*rope.shape[:-3], (head_dim - rotated) // 2, 2, 2)], dim=-3)
+        out = transformer_options[OVERRIDE_KEY].attend_rotary(
+            (query.flatten(2), key.flatten(2), value.flatten(2), attn.heads),
+            {"transformer_options": transformer_options}, table.transpose(1, 2), exact_with)
+        if attn.single:
+            return attn.to_out(out)
+        image_out, text_out = out.split([image_tokens.shape[1], out.shape[1] - image_tokens.shape[1]], dim=1)
+        return attn.to_out(image_out), attn.to_out_t(text_out)
+
+    __call__.sage_original = call_fn
+    return __call__
+
+
 @dataclass(frozen=True)
 class RestatedForward:
-    """A ComfyUI attention class whose `forward` a hand-off restates, known by the SHA-256 of its dedented source."""
+    """A ComfyUI attention class whose `forward` (or another method) a hand-off restates, known by the SHA-256 of
+    its dedented source."""
     module: str
     cls: str
     sha256: str
-    hand_off: Callable  # (ComfyUI's forward, its module) -> the forward that hands the rotation over
+    hand_off: Callable  # (ComfyUI's method, its module) -> the method that hands the rotation over
+    method: str = "forward"
 
     @property
     def name(self) -> str:
@@ -221,6 +276,8 @@ RESTATED_FORWARDS = (
                     "a0291bfeafbf21702cccd25c13e8aabc083585d3762a7e60ff37e1d1a0bb9dda", lumina2_hand_off),
     RestatedForward("comfy.ldm.lightricks.model", "CrossAttention",
                     "3494ab4be222dfafd39b5b8bb7d4ac009baa4e7772778024e142252f7c3faf24", ltxv_hand_off),
+    RestatedForward("comfy.ldm.hidream.model", "HiDreamAttnProcessor_flashattn",
+                    "73b43972b2448fc227aeb9f1b5690dd730e2232244a7169ab5bf386970b9b48a", hidream_hand_off, "__call__"),
 )
 
 
@@ -242,14 +299,14 @@ def known_flux_attention(fn) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def known_forward(fn, restated: RestatedForward) -> bool:
-    """Whether `fn` is the forward whose source `restated.hand_off` restates."""
+    """Whether `fn` is the method whose source `restated.hand_off` restates."""
     try:
         known = source_digest(fn) == restated.sha256
     except (OSError, TypeError):  # no source to compare: leave ComfyUI's method alone
         known = False
     if not known:
-        log.info("Sage Attention: this ComfyUI's %s.forward is not the one the rotary hand-off knows; its rotary "
-                 "embedding stays in ComfyUI", restated.name)
+        log.info("Sage Attention: this ComfyUI's %s.%s is not the one the rotary hand-off knows; its rotary "
+                 "embedding stays in ComfyUI", restated.name, restated.method)
     return known
 
 
@@ -283,12 +340,12 @@ def install_forward(restated: RestatedForward) -> list[str]:
         cls = getattr(module, restated.cls)
     except Exception:  # noqa: BLE001 - a ComfyUI without this model
         return []
-    current = cls.__dict__.get("forward")
+    current = cls.__dict__.get(restated.method)
     if getattr(current, "sage_original", None) is not None:
         return [restated.name]
     if not known_forward(current, restated):
         return []
-    cls.forward = restated.hand_off(current, module)
+    setattr(cls, restated.method, restated.hand_off(current, module))
     return [restated.name]
 
 
@@ -308,6 +365,6 @@ def uninstall() -> None:
             sys.modules[name].attention = current.sage_original
     for restated in RESTATED_FORWARDS:
         cls = getattr(sys.modules.get(restated.module), restated.cls, None)
-        current = cls.__dict__.get("forward") if cls is not None else None
+        current = cls.__dict__.get(restated.method) if cls is not None else None
         if getattr(current, "sage_original", None) is not None:
-            cls.forward = current.sage_original
+            setattr(cls, restated.method, current.sage_original)

@@ -77,7 +77,8 @@ def installed(flux):
                                         "comfy.ldm.wan.model.WanSelfAttention",
                                         "comfy.ldm.qwen_image.model.Attention",
                                         "comfy.ldm.lumina.model.JointAttention",
-                                        "comfy.ldm.lightricks.model.CrossAttention"]
+                                        "comfy.ldm.lightricks.model.CrossAttention",
+                                        "comfy.ldm.hidream.model.HiDreamAttnProcessor_flashattn"]
     yield rotary_handoff
     rotary_handoff.uninstall()
 
@@ -340,7 +341,8 @@ def test_the_benchmarks_wan_table_is_comfyuis(comfyui):
 
 
 @pytest.mark.parametrize("name", ["comfy.ldm.wan.model.WanSelfAttention", "comfy.ldm.qwen_image.model.Attention",
-                                  "comfy.ldm.lumina.model.JointAttention", "comfy.ldm.lightricks.model.CrossAttention"])
+                                  "comfy.ldm.lumina.model.JointAttention", "comfy.ldm.lightricks.model.CrossAttention",
+                                  "comfy.ldm.hidream.model.HiDreamAttnProcessor_flashattn"])
 def test_a_changed_forward_is_left_alone(comfyui, name):
     """Where this ComfyUI's forward is not the source the hand-off restates, the model keeps its own."""
     import dataclasses
@@ -351,14 +353,14 @@ def test_a_changed_forward_is_left_alone(comfyui, name):
     rotary_handoff.uninstall()
     restated = next(r for r in rotary_handoff.RESTATED_FORWARDS if r.name == name)
     cls = getattr(importlib.import_module(restated.module), restated.cls)
-    original = cls.forward
+    original = getattr(cls, restated.method)
     assert rotary_handoff.source_digest(original) == restated.sha256  # the checkout tested against
     assert rotary_handoff.install_forward(dataclasses.replace(restated, sha256="0" * 64)) == []
-    assert cls.forward is original
+    assert getattr(cls, restated.method) is original
     assert rotary_handoff.install_forward(restated) == [name]
-    assert cls.forward.sage_original is original
+    assert getattr(cls, restated.method).sage_original is original
     rotary_handoff.uninstall()
-    assert cls.forward is original
+    assert getattr(cls, restated.method) is original
 
 
 QWEN_LAYERS = 2  # one joint attention call per block, rotated
@@ -618,6 +620,49 @@ def test_ltxv_cos_and_sin_become_a_table_that_rotates_as_comfyui_does(ltxv_model
     x = torch.randn(1, 40, 128).to(dtype)
     ours = rope.rotate(x.view(1, 40, 2, 64).transpose(1, 2), table).transpose(1, 2).reshape(1, 40, 128)
     assert torch.equal(ours, ltxv.apply_rotary_emb(x, (cos, sin)))
+
+
+HIDREAM_CALLS = 2  # a double-stream block's joint call and a single-stream block's call, both rotated
+
+
+@pytest.fixture(scope="module", params=[(32, 16, 16), (16, 8, 8)], ids=["whole_head", "half_head"])
+def hidream(comfyui, request):
+    """A forward of ComfyUI's own HiDream class (HiDreamImageTransformer2DModel) at a small width (2 heads of 64, one
+    double-stream and one single-stream block, 2 experts, random weights): its rotary axes spanning each head (as
+    ComfyUI detects HiDream-I1) or half of it (HiDream's own default, which ComfyUI's code rotates by halves)."""
+    import comfy.ldm.hidream.model
+    import comfy.ops
+
+    model = comfy.ldm.hidream.model.HiDreamImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=64,
+        num_attention_heads=2, caption_channels=[64, 64], text_emb_dim=32, num_routed_experts=2,
+        num_activated_experts=1, axes_dims_rope=request.param, max_resolution=(16, 16), llama_layers=[0, 0],
+        image_model="hidream", dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init)
+    g = randomized(model, seed=17)
+    x = torch.randn(1, 16, 8, 8, generator=g)  # 4x4 patches: 16 image tokens, 5 T5 and 6 Llama text tokens
+    y, t5, llama = torch.randn(1, 32, generator=g), torch.randn(1, 5, 64, generator=g), torch.randn(1, 1, 6, 64,
+                                                                                                    generator=g)
+
+    def forward(options):
+        from sage_attention_pack.nodes.routing import ForwardCounter
+
+        with torch.no_grad():
+            return model(x, torch.full((1,), 0.5), y, t5, llama,
+                         transformer_options={**options, ForwardCounter.KEY: ForwardCounter()})
+
+    return forward
+
+
+def test_hidream_attention_rotates_inside_the_quantization(hidream, installed):
+    """HiDream's attention calls hand their rotation over, a table over half of each head padded with identity
+    matrices, and the forward stays as close to ComfyUI's own as with ComfyUI's rotation before the hook."""
+    assert_self_attention_fused(hidream, installed, HIDREAM_CALLS, HIDREAM_CALLS)
+
+
+def test_hidream_calls_sent_to_exact_attention_run_comfyuis_own_code(hidream, installed):
+    """kernel `off` and the block list: ComfyUI's rotation (by halves or whole) and attention call, through the
+    override that was there before Sage's, bit for bit as unpatched."""
+    assert_exact_paths_give_comfyuis_bits(hidream, HIDREAM_CALLS, HIDREAM_CALLS)
 
 
 # ComfyUI's model config class, the unet config, the latent's shape, the conditioning's extras, the attention calls

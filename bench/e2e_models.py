@@ -254,7 +254,7 @@ def main():
     parser.add_argument("--comfyui-rotation", nargs="*", default=[],
                         help="settings also run with ComfyUI's own rotary embedding (label "
                              "<setting>_comfyui_rotation): their override does not take Flux-family, Wan, "
-                             "Qwen-Image, Lumina 2 and LTX-Video calls before the rotation "
+                             "Qwen-Image, Lumina 2, LTX-Video and HiDream calls before the rotation "
                              "(nodes/rotary_handoff.py), as before the hand-off")
     args = parser.parse_args()
 

@@ -7,12 +7,13 @@ comfy/ldm/flux/math.attention), Wan2.1 at 480p, 81 frames ([B, N, H, D] tensors,
 its self-attention applies it), Qwen-Image at 1328 px (128 text tokens, [B, N, H, D] tensors, a BF16 table and
 its apply_rotary_emb, in BF16) and Lumina 2 at 1024 px (256 caption tokens, 24 query heads of 96 on 8 K/V heads,
 which ComfyUI repeats to 24 before its attention and the hand-off does not) and LTX-Video 2B at 768x512, 97 frames
-(32 heads of 64, a BF16 table per head from its cos and sin, its apply_rotary_emb in BF16), each with its model's own
+(32 heads of 64, a BF16 table per head from its cos and sin, its apply_rotary_emb in BF16) and HiDream-I1 at 1024 px
+(20 heads of 128, 384 text tokens after the image's, Flux's apply_rope on [B, N, H, D]), each with its model's own
 table (sage_core/rope). Per shape the times, the ratios to ComfyUI unpatched, and the errors of both Sage forms against
 FP32 attention on the rotated Q and K.
 
     python bench/rope_call.py [--shapes flux_1024px flux_1536px wan21_480p_81f qwen_image_1328px lumina2_1024px
-                               ltxv_768x512_97f]
+                               ltxv_768x512_97f hidream_1024px]
                               [--kernel int8_fp8] [--rounds 9] [--out rope_call.json]
 """
 from __future__ import annotations
@@ -38,9 +39,12 @@ SHAPES = {"flux_1024px": ("flux", 24, (512, 64, 64)), "flux_1536px": ("flux", 24
           "wan21_480p_81f": ("wan", 40, (21, 30, 52)), "qwen_image_1328px": ("qwen_image", 24, (128, 83, 83)),
           "lumina2_1024px": ("lumina2", 24, (256, 64, 64)),
           # LTX-Video 2B at 768x512, 97 frames: 13 latent frames of 16x24 (its VAE: 8x in time, 32x in space)
-          "ltxv_768x512_97f": ("ltxv", 32, (13, 16, 24))}
+          "ltxv_768x512_97f": ("ltxv", 32, (13, 16, 24)),
+          # HiDream-I1 at 1024 px: 64x64 patches, then 128 T5 and twice 128 Llama tokens
+          "hidream_1024px": ("hidream", 20, (384, 64, 64))}
 # head dim and query heads per K/V head
-MODEL_HEADS = {"flux": (128, 1), "wan": (128, 1), "qwen_image": (128, 1), "lumina2": (96, 3), "ltxv": (64, 1)}
+MODEL_HEADS = {"flux": (128, 1), "wan": (128, 1), "qwen_image": (128, 1), "lumina2": (96, 3), "ltxv": (64, 1),
+               "hidream": (128, 1)}
 
 
 def quantize_arguments(head_dim: int) -> dict:
@@ -65,7 +69,8 @@ ROTATIONS = {"flux": rope.rotate,
              "wan": lambda x, pe: wan_rotation(x, pe.transpose(1, 2)),
              "qwen_image": lambda x, pe: rope.rotate(x, pe.transpose(1, 2)),
              "lumina2": lambda x, pe: rope.rotate(x, pe.transpose(1, 2)),
-             "ltxv": lambda x, pe: rope.rotate(x, pe.transpose(1, 2))}
+             "ltxv": lambda x, pe: rope.rotate(x, pe.transpose(1, 2)),
+             "hidream": lambda x, pe: wan_rotation(x, pe.transpose(1, 2))}  # Flux's apply_rope, on [B, N, H, D]
 
 
 class Call:
@@ -102,11 +107,12 @@ def call_inputs(shape: str, device: str, seed: int = 0, heads: int | None = None
               "wan": lambda: rope.wan_table(*grid, head_dim=head_dim, device=device),
               "qwen_image": lambda: rope.qwen_image_table(*grid, device=device),
               "lumina2": lambda: rope.lumina2_table(*grid, device=device),
-              "ltxv": lambda: rope.from_cos_sin(*rope.ltxv_cos_sin(*grid, heads * head_dim, device=device), heads)}
+              "ltxv": lambda: rope.from_cos_sin(*rope.ltxv_cos_sin(*grid, heads * head_dim, device=device), heads),
+              "hidream": lambda: rope.hidream_table(*grid, device=device)}
     pe = tables[model]()
     q, k, v = bench.model_shaped_inputs(1, heads, pe.shape[2], head_dim, torch.bfloat16, device, seed=seed)
     k, v = k[:, ::group], v[:, ::group]  # one K/V head for each group of query heads
-    if model != "flux":  # Wan's, Qwen-Image's, Lumina 2's and LTX-Video's projections give [B, N, H, D]
+    if model != "flux":  # the other models' projections give [B, N, H, D]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     return Call(*(t.contiguous() for t in (q, k, v)), pe, "HND" if model == "flux" else "NHD", model)
 

@@ -2,9 +2,10 @@
 
 It clones the model and sets ComfyUI's per-model hook, transformer_options["optimized_attention_override"], to a
 SageOverride that keeps whatever override was there before (so other nodes chain), and installs the rotary hand-off
-(nodes/rotary_handoff.py) through which Flux-family, Wan, Qwen-Image, Lumina 2 and LTX-Video calls give the override
-Q and K before their rotation. Two keyed wrappers come with it: APPLY_MODEL puts a fresh call counter into each
-forward (block numbering, step gating) and OUTER_SAMPLE resets and then reports the counters once per sampling run.
+(nodes/rotary_handoff.py) through which Flux-family, Wan, Qwen-Image, Lumina 2, LTX-Video and HiDream calls give the
+override Q and K before their rotation. Two keyed wrappers come with it: APPLY_MODEL puts a fresh call counter into
+each forward (block numbering, step gating) and OUTER_SAMPLE resets and then reports the counters once per sampling
+run.
 """
 from __future__ import annotations
 
@@ -108,7 +109,7 @@ def apply_sage(model, config: SageConfig, exact_blocks: str = "", start_percent:
     options[OVERRIDE_KEY] = override
     m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, WRAPPER_KEY, _apply_model_wrapper)
     m.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _make_outer_sample_wrapper(override))
-    rotary_handoff.install()  # Flux-family, Wan, Qwen-Image, Lumina 2 and LTX-Video calls then hand over their rotation
+    rotary_handoff.install()  # the models of nodes/rotary_handoff.py then hand over their rotation
     return m
 
 

@@ -1,5 +1,5 @@
 """Attention calls handed to Sage before their rotary embedding: Flux-family blocks, Wan's self-attention, Qwen-Image's
-joint attention, Lumina 2's attention and LTX-Video's self-attention.
+joint attention, Lumina 2's attention, LTX-Video's self-attention and HiDream's attention.
 
 ComfyUI rotates Q and K in eager PyTorch right before the attention hook: Flux's layers (and Chroma's, HunyuanVideo's
 and Hunyuan3D's, which reuse them) call `attention(q, k, v, pe, mask, transformer_options)` from
@@ -7,16 +7,19 @@ comfy/ldm/flux/math.py, which rotates them (a cast to FP32, two products, a sum 
 kernels and about 1 GB of memory traffic per call at Flux.1's 1024 px shape); Wan's self-attention rotates them with
 `apply_rope1` inside its own `forward`, Qwen-Image's, Lumina 2's and LTX-Video's with their own `apply_rotary_emb`
 (in the model's dtype; Lumina 2 then repeats its 8 K/V heads for its 24 query heads; LTX-Video's cos and sin span all
-heads, each head rotated by frequencies of its own, so its table has one slice per head). Where the Sage override of
-the model serves the call, the hand-off gives it Q, K and the table instead, and the quantization rotates them in the
-pass that reads them anyway (kernels/rotary.py). Every other call (no Sage override on top, no table, a compiling
-graph) runs ComfyUI's own code, untouched, and so does every call the override sends to exact attention.
+heads, each head rotated by frequencies of its own, so its table has one slice per head), HiDream's attention
+processor with Flux's `apply_rope` (all of each head as ComfyUI detects HiDream-I1, half of it on the class's default
+axes). Where the Sage override of the model serves the call, the hand-off gives it Q, K and the table instead, and
+the quantization rotates them in the pass that reads them anyway (kernels/rotary.py). Every other call (no Sage
+override on top, no table, a compiling graph) runs ComfyUI's own code, untouched, and so does every call the override
+sends to exact attention.
 
 Installed when a Sage node patches a model, once, and only over ComfyUI's own code: Flux's `attention` where a caller
 module still holds ComfyUI's function (another extension's replacement is left alone) with the parameters this
-hand-off knows; a `forward` method (Wan's, Qwen-Image's, Lumina 2's, LTX-Video's) where its source is the one this
-hand-off restates (its projections, then ComfyUI's rotation and attention call on the exact paths), so that a ComfyUI
-that changed it keeps its own. SAGE_ATTENTION_ROTARY_HANDOFF=0 in the environment keeps the hand-off out.
+hand-off knows; a `forward` method (Wan's, Qwen-Image's, Lumina 2's, LTX-Video's) or HiDream's processor's `__call__`
+where its source is the one this hand-off restates (its projections, then ComfyUI's rotation and attention call on
+the exact paths), so that a ComfyUI that changed it keeps its own. SAGE_ATTENTION_ROTARY_HANDOFF=0 in the environment
+keeps the hand-off out.
 """
 from __future__ import annotations
 

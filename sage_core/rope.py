@@ -118,6 +118,16 @@ def lumina2_table(caption_tokens: int, height: int, width: int, axes_dim=(32, 32
     return position_table(torch.cat([caption, image])[None].to(device), axes_dim, theta).to(dtype)
 
 
+def hidream_table(text_tokens: int, height: int, width: int, axes_dim=(64, 32, 32), theta: float = 10000.0,
+                  device="cpu") -> torch.Tensor:
+    """The table HiDream-I1 (HiDreamImageTransformer2DModel, as ComfyUI detects it) hands its attention for a height x
+    width grid of image patches (ids (0, row, column)) followed by text_tokens text tokens (ids 0): [1, 1, N, D/2,
+    2, 2] in FP32 (its own is [1, N, 1, ...])."""
+    image = grid_ids(1, height, width)
+    ids = torch.cat([image, torch.zeros(text_tokens, 3, dtype=image.dtype)])[None].to(device)
+    return position_table(ids, axes_dim, theta)
+
+
 def ltxv_cos_sin(frames: int, height: int, width: int, inner_dim: int, frame_rate: float = 25.0,
                  scale_factors=(8, 32, 32), theta: float = 10000.0, max_pos=(20, 2048, 2048), dtype=torch.bfloat16,
                  device="cpu") -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,6 +32,8 @@ def test_the_inputs_are_each_models_with_its_table():
     assert ltxv.layout == "NHD" and ltxv.q.shape == (1, 24, 2, 64)
     assert ltxv.pe.shape == (1, 2, 24, 32, 2, 2) and ltxv.pe.dtype == torch.bfloat16  # a table per head
     assert not torch.equal(ltxv.pe[:, 0], ltxv.pe[:, 1])
+    hidream = rope_call().call_inputs("hidream_1024px", "cpu", heads=2, grid=(5, 3, 4))
+    assert hidream.layout == "NHD" and hidream.q.shape == (1, 17, 2, 128) and hidream.pe.shape == (1, 1, 17, 64, 2, 2)
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
@@ -45,7 +47,8 @@ def test_every_way_computes_the_same_attention():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     module = rope_call()
     for shape, grid in (("flux_1024px", (16, 4, 4)), ("wan21_480p_81f", (2, 4, 4)), ("qwen_image_1328px", (9, 5, 5)),
-                        ("lumina2_1024px", (9, 5, 5)), ("ltxv_768x512_97f", (2, 4, 4))):
+                        ("lumina2_1024px", (9, 5, 5)), ("ltxv_768x512_97f", (2, 4, 4)),
+                        ("hidream_1024px", (9, 5, 5))):
         c = module.call_inputs(shape, device, heads=6 if shape.startswith("lumina2") else 4, grid=grid)
         stats = DispatchStats()
         ways = module.methods(c, SageConfig(kernel="int8_fp8"), stats)

@@ -665,6 +665,21 @@ def test_hidream_calls_sent_to_exact_attention_run_comfyuis_own_code(hidream, in
     assert_exact_paths_give_comfyuis_bits(hidream, HIDREAM_CALLS, HIDREAM_CALLS)
 
 
+def test_the_benchmarks_hidream_table_is_comfyuis(comfyui):
+    """sage_core/rope.hidream_table is the table ComfyUI's HiDream hands its attention (image patches, then the T5
+    and twice the Llama text tokens), in [B, H, N, ...] order, bit for bit."""
+    import comfy.ldm.hidream.model
+
+    from sage_attention_pack.sage_core.rope import hidream_table
+
+    embed = comfy.ldm.hidream.model.EmbedND(theta=10000, axes_dim=[64, 32, 32])
+    rows, cols, text = 3, 5, 7
+    ids = torch.zeros(1, rows * cols + text, 3)
+    ids[0, :rows * cols, 1] = torch.arange(rows)[:, None].expand(rows, cols).reshape(-1).float()
+    ids[0, :rows * cols, 2] = torch.arange(cols)[None, :].expand(rows, cols).reshape(-1).float()
+    assert torch.equal(hidream_table(text, rows, cols), embed(ids).transpose(1, 2))
+
+
 # ComfyUI's model config class, the unet config, the latent's shape, the conditioning's extras, the attention calls
 # per forward
 SAMPLED = {

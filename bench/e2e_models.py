@@ -9,7 +9,8 @@ frames (32760 tokens); Flux.1-dev (hidden 3072, 24 heads) with 2 double + 4 sing
 1328px (6889 image + 128 text tokens); Lumina 2 (dim 2304, 24 query heads of 96 on 8 K/V heads) with its 2 + 2
 refiner blocks and 6 of its 26 main blocks at 1024px (4096 image + 256 caption tokens); LTX-Video 2B (32 heads of
 64, each rotated by frequencies of its own) with 4 of its 28 blocks at 768x512, 97 frames (4992 tokens, 128 text
-tokens). Reported per model: median
+tokens); HiDream-I1 (20 heads of 128, 4 experts) with 2 of its 16 double-stream and 4 of its 32 single-stream blocks
+at 1024px (4096 image + 384 text tokens). Reported per model: median
 forward time of each attention setting, the speed-up over ComfyUI's default attention, and the output's cosine
 similarity and PSNR against it; --profile adds the device time per kernel of a setting's forward, --clocks the SM
 clock and power its forwards run at. The tests build each case at a few heads and tokens and run it on the CPU
@@ -37,6 +38,7 @@ def load_comfy(path: str):
     sys.argv = [sys.argv[0]]  # ComfyUI parses argv at import
     import comfy.ops  # noqa: F401
     import comfy.ldm.flux.model
+    import comfy.ldm.hidream.model
     import comfy.ldm.lightricks.model
     import comfy.ldm.lumina.model
     import comfy.ldm.qwen_image.model
@@ -140,6 +142,27 @@ def ltxv_case(comfy, tiny=False, device="cuda"):
     return model, lambda opts: model(x, t, ctx, None, transformer_options=opts)
 
 
+def hidream_case(comfy, tiny=False, device="cuda"):
+    width = dict(num_layers=1, num_single_layers=1, attention_head_dim=64, num_attention_heads=2,
+                 caption_channels=[64, 64], text_emb_dim=32, num_routed_experts=2, axes_dims_rope=[32, 16, 16]) \
+        if tiny else dict(num_layers=2, num_single_layers=4, attention_head_dim=128, num_attention_heads=20,
+                          caption_channels=[4096, 4096], text_emb_dim=2048, num_routed_experts=4,
+                          axes_dims_rope=[64, 32, 32])
+    blocks = width["num_layers"] + width["num_single_layers"]
+    model = comfy.ldm.hidream.model.HiDreamImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=16, num_activated_experts=2 if not tiny else 1,
+        max_resolution=[128, 128], llama_layers=list(range(blocks)), image_model="hidream", device=device,
+        dtype=torch.bfloat16, operations=comfy.ops.disable_weight_init, **width)
+    init_random(model, 22, device)
+    randn = random_inputs(6, device)
+    x = randn(1, 16, 8, 8) if tiny else randn(1, 16, 128, 128)  # 1024px
+    t = torch.full((1,), 0.5, device=device)
+    text, llama_width = (6, 64) if tiny else (128, 4096)
+    y, t5 = randn(1, width["text_emb_dim"]), randn(1, text, width["caption_channels"][-1])
+    llama = randn(1, blocks, text, llama_width)  # one Llama layer's hidden states for each block
+    return model, lambda opts: model(x, t, y, t5, llama, transformer_options=opts)
+
+
 class PeerCalls:
     """Counts of the calls a peer served and the ones left to ComfyUI, with the reset/snapshot of the pack's
     own DispatchStats, so both kinds of override are reported the same way."""
@@ -235,7 +258,7 @@ def compare(out, ref) -> dict:
 
 CASES = {"wan21_14b_4blocks_480p81f": wan_case, "flux_dev_2x4blocks_1024px": flux_case,
          "qwen_image_4blocks_1328px": qwen_image_case, "lumina2_6blocks_1024px": lumina2_case,
-         "ltxv_2b_4blocks_768x512_97f": ltxv_case}
+         "ltxv_2b_4blocks_768x512_97f": ltxv_case, "hidream_i1_2x4blocks_1024px": hidream_case}
 
 
 def main():

@@ -12,12 +12,13 @@ pytestmark = [pytest.mark.comfy,
               pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                  reason="TRITON_INTERPRET=1 is needed to run the kernels on the CPU")]
 CASES = ["wan21_14b_4blocks_480p81f", "flux_dev_2x4blocks_1024px", "qwen_image_4blocks_1328px",
-         "lumina2_6blocks_1024px", "ltxv_2b_4blocks_768x512_97f"]
+         "lumina2_6blocks_1024px", "ltxv_2b_4blocks_768x512_97f", "hidream_i1_2x4blocks_1024px"]
 
 
 @pytest.fixture(scope="module")
 def e2e_models(comfyui):
     import comfy.ldm.flux.model  # noqa: F401 - the classes the cases build
+    import comfy.ldm.hidream.model  # noqa: F401
     import comfy.ldm.lightricks.model  # noqa: F401
     import comfy.ldm.lumina.model  # noqa: F401
     import comfy.ldm.qwen_image.model  # noqa: F401

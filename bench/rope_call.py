@@ -62,15 +62,18 @@ def wan_rotation(x, freqs):
     return out.reshape(*x.shape).type_as(x)
 
 
-# how ComfyUI's code for each model rotates x (in the model's layout) by pe ([B, H, N, ...] order). Qwen-Image's and
-# Lumina 2's apply_rotary_emb are sage_core/rope.rotate's products and sum with no casts: their tables come in the
-# model's dtype, so rope.rotate's casts to and from it do nothing
-ROTATIONS = {"flux": rope.rotate,
-             "wan": lambda x, pe: wan_rotation(x, pe.transpose(1, 2)),
-             "qwen_image": lambda x, pe: rope.rotate(x, pe.transpose(1, 2)),
-             "lumina2": lambda x, pe: rope.rotate(x, pe.transpose(1, 2)),
-             "ltxv": lambda x, pe: rope.rotate(x, pe.transpose(1, 2)),
-             "hidream": lambda x, pe: wan_rotation(x, pe.transpose(1, 2))}  # Flux's apply_rope, on [B, N, H, D]
+def tokens_first(rotation):
+    """`rotation` (x [B, N, H, D], a table in tokens-before-heads order) taking pe in [B, H, N, ...] order."""
+    return lambda x, pe: rotation(x, pe.transpose(1, 2))
+
+
+# how ComfyUI's code for each model rotates x (in the model's layout) by pe ([B, H, N, ...] order). Qwen-Image's,
+# Lumina 2's and LTX-Video's apply_rotary_emb are sage_core/rope.rotate's products and sum with no casts: their tables
+# come in the model's dtype, so rope.rotate's casts to and from it do nothing. HiDream rotates by Flux's apply_rope,
+# as Wan does.
+ROTATIONS = {"flux": rope.rotate, "wan": tokens_first(wan_rotation), "qwen_image": tokens_first(rope.rotate),
+             "lumina2": tokens_first(rope.rotate), "ltxv": tokens_first(rope.rotate),
+             "hidream": tokens_first(wan_rotation)}
 
 
 class Call:

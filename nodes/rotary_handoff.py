@@ -212,9 +212,9 @@ def hidream_hand_off(call_fn, module):
     def __call__(self, attn, image_tokens, image_tokens_masks=None, text_tokens=None, rope=None,  # noqa: N807
                  transformer_options={}, *args, **kwargs):  # noqa: B006 - ComfyUI's own signature
         head_dim = attn.inner_dim // attn.heads  # as ComfyUI derives it from its projections
+        rotated = 0 if rope is None else rope.shape[-3] * 2  # the channels of each head the table rotates
         # ComfyUI's code rotates all of each head or its first half: any other table is its to refuse
-        if rope is None or args or kwargs or rope.shape[-3] * 2 not in (head_dim, head_dim // 2) or \
-                not takes_rotary(transformer_options):
+        if rotated not in (head_dim, head_dim // 2) or args or kwargs or not takes_rotary(transformer_options):
             return call_fn(self, attn, image_tokens, image_tokens_masks, text_tokens, rope, transformer_options,
                            *args, **kwargs)
         dtype, b = image_tokens.dtype, image_tokens.shape[0]
@@ -231,7 +231,6 @@ def hidream_hand_off(call_fn, module):
             query = torch.cat([query, heads_of(attn.q_rms_norm_t(attn.to_q_t(text_tokens)).to(dtype=dtype))], dim=1)
             key = torch.cat([key, heads_of(attn.k_rms_norm_t(attn.to_k_t(text_tokens)).to(dtype=dtype))], dim=1)
             value = torch.cat([value, heads_of(attn.to_v_t(text_tokens))], dim=1)
-        rotated = rope.shape[-3] * 2
 
         def exact_with(options):
             if head_dim == rotated:

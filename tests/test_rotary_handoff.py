@@ -3,7 +3,8 @@ ComfyUI's own Flux model class at a small width (2 heads of 128, one double and 
 sampled through ComfyUI's sampler with the patch node's model patch and called directly with the override, and its
 Wan2.1 and Qwen-Image classes (2 heads of 128, two blocks each), its Lumina 2 class (4 query heads of 96 on 2 K/V
 heads), the last two also sampled through the patch node, its LTX-Video class (2 heads of 64, a table per head),
-and its Chroma and HunyuanVideo classes, whose blocks call Flux's attention, called directly."""
+its HiDream class (2 heads of 64, the table over all or half of each head), the last two also sampled through the
+patch node, and its Chroma and HunyuanVideo classes, whose blocks call Flux's attention, called directly."""
 import os
 
 import pytest

@@ -78,11 +78,14 @@ ROTATIONS = {"flux": rope.rotate, "wan": tokens_first(wan_rotation), "qwen_image
 
 class Call:
     """q, k, v in `layout`, as `model` hands them to the attention (K and V with a K/V head for every `group` query
-    heads); pe, the table in [B, H, N, ...] order (sage_core/rope.py)."""
+    heads); pe, the table in [B, H, N, ...] order (sage_core/rope.py); handed_table, what the model's hand-off
+    (nodes/rotary_handoff.py) gives Sage on each call: pe itself, or for LTX-Video the kernels' layout made from
+    its cos and sin (timed with the call, as the hand-off makes it on each)."""
 
-    def __init__(self, q, k, v, pe, layout: str, model: str = "flux"):
+    def __init__(self, q, k, v, pe, layout: str, model: str = "flux", handed_table=None):
         self.q, self.k, self.v, self.pe, self.layout, self.model = q, k, v, pe, layout, model
         self.group = self.hnd(q).shape[1] // self.hnd(k).shape[1]
+        self.handed_table = handed_table or (lambda: pe)
 
     def hnd(self, t):
         return t if self.layout == "HND" else t.transpose(1, 2)
@@ -110,14 +113,18 @@ def call_inputs(shape: str, device: str, seed: int = 0, heads: int | None = None
               "wan": lambda: rope.wan_table(*grid, head_dim=head_dim, device=device),
               "qwen_image": lambda: rope.qwen_image_table(*grid, device=device),
               "lumina2": lambda: rope.lumina2_table(*grid, device=device),
-              "ltxv": lambda: rope.from_cos_sin(*rope.ltxv_cos_sin(*grid, heads * head_dim, device=device), heads),
+              "ltxv": lambda: rope.from_cos_sin(*cos_sin, heads),
               "hidream": lambda: rope.hidream_table(*grid, device=device)}
+    handed_table = None
+    if model == "ltxv":
+        cos_sin = rope.ltxv_cos_sin(*grid, heads * head_dim, device=device)
+        handed_table = lambda: rope.kernel_table_from_cos_sin(*cos_sin, heads)  # noqa: E731
     pe = tables[model]()
     q, k, v = bench.model_shaped_inputs(1, heads, pe.shape[2], head_dim, torch.bfloat16, device, seed=seed)
     k, v = k[:, ::group], v[:, ::group]  # one K/V head for each group of query heads
     if model != "flux":  # the other models' projections give [B, N, H, D]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    return Call(*(t.contiguous() for t in (q, k, v)), pe, "HND" if model == "flux" else "NHD", model)
+    return Call(*(t.contiguous() for t in (q, k, v)), pe, "HND" if model == "flux" else "NHD", model, handed_table)
 
 
 def methods(c: Call, config: SageConfig, stats: DispatchStats) -> dict:
@@ -129,11 +136,11 @@ def methods(c: Call, config: SageConfig, stats: DispatchStats) -> dict:
     return {
         "comfyui_rotation_sdpa": lambda: F.scaled_dot_product_attention(*(c.hnd(t) for t in c.comfy_inputs())),
         "comfyui_rotation_sage": lambda: sage(*c.comfy_inputs()),
-        "sage_rotation_fused": lambda: sage(c.q, c.k, c.v, rope=c.pe),
+        "sage_rotation_fused": lambda: sage(c.q, c.k, c.v, rope=c.handed_table()),
         "rotation_alone": c.comfy_inputs,
         "sage_prerotated": lambda: sage(c.q, c.k, c.v),
         # the quantization alone, as the FP8 Hopper path launches it, with and without the table
-        "quantize_rotation_fused": lambda: launch.quantize_qkv(hq, hk, hv, rope=c.pe, **quantize),
+        "quantize_rotation_fused": lambda: launch.quantize_qkv(hq, hk, hv, rope=c.handed_table(), **quantize),
         "quantize_prerotated": lambda: launch.quantize_qkv(hq, hk, hv, **quantize),
     }
 
@@ -143,11 +150,15 @@ def errors(c: Call, config: SageConfig) -> dict:
     heads (the model's rotation, in [B, H, N, D] order, before the second)."""
     kv_heads = max(1, ERROR_HEADS // c.group)
     q, k, v = c.hnd(c.q)[:, :kv_heads * c.group], c.hnd(c.k)[:, :kv_heads], c.hnd(c.v)[:, :kv_heads]
-    table = c.pe.float()  # Qwen-Image's and Lumina 2's come in BF16
+    def first_heads(table):  # LTX-Video's tables have a head each
+        return table if table.shape[1] == 1 else table[:, :kv_heads * c.group]
+
+    pe = first_heads(c.pe)
+    table = pe.float()  # Qwen-Image's and Lumina 2's come in BF16
     exact = F.scaled_dot_product_attention(rope.rotate(q.float(), table), rope.rotate(k.float(), table), v.float(),
                                            enable_gqa=c.group > 1)
-    fused = attention(q, k, v, config=config, rope=c.pe)
-    first = attention(rope.rotate(q, c.pe), rope.rotate(k, c.pe), v, config=config)
+    fused = attention(q, k, v, config=config, rope=first_heads(c.handed_table()))
+    first = attention(rope.rotate(q, pe), rope.rotate(k, pe), v, config=config)
     return {"sage_rotation_fused": attention_error(fused, exact),
             "comfyui_rotation_sage": attention_error(first, exact)}
 

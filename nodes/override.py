@@ -55,9 +55,10 @@ class SageOverride:
     def attend_rotary(self, args: tuple, kwargs: dict, rope, exact_with):
         """An attention call handed over before its rotation (nodes/rotary_handoff.py): `args` and `kwargs` as
         ComfyUI's attention functions take them, with Q and K not yet rotated; `rope` the rotary table in [B, H, N,
-        ...] order. Sage rotates Q and K inside its quantization; every exact path calls exact_with(options),
-        ComfyUI's own rotation and attention, with transformer_options holding the override that was there before
-        ours."""
+        ...] order, or a function of no arguments that makes it (a table that costs a pass to make is made only
+        where Sage runs the call). Sage rotates Q and K inside its quantization; every exact path calls
+        exact_with(options), ComfyUI's own rotation and attention, with transformer_options holding the override
+        that was there before ours."""
         def unpatched():
             return exact_with(self.options_below(kwargs.get("transformer_options") or {}))
 
@@ -91,7 +92,8 @@ class SageOverride:
             self.stats.record_exact("model asks for full precision")
             return exact()
         try:
-            out = run_sage(call, self.config, self.stats, self.stats_id, host_exact=exact, rope=rope)
+            out = run_sage(call, self.config, self.stats, self.stats_id, host_exact=exact,
+                           rope=rope() if callable(rope) else rope)
         except ExactPreferred:  # `auto` measured exact attention fastest here: ComfyUI's own, as unpatched
             return exact()
         except UnsupportedInput as e:

@@ -195,7 +195,7 @@ def ltxv_hand_off(forward_fn, module):
 
         out = transformer_options[OVERRIDE_KEY].attend_rotary(
             (q, k, v, self.heads), {"attn_precision": self.attn_precision, "transformer_options": transformer_options},
-            rotary.from_cos_sin(*pe, self.heads), exact_with)
+            lambda: rotary.kernel_table_from_cos_sin(*pe, self.heads), exact_with)
         return self.to_out(out)
 
     forward.sage_original = forward_fn
@@ -241,13 +241,16 @@ def hidream_hand_off(call_fn, module):
                 q, k = torch.cat([q, q_rest], dim=-1), torch.cat([k, k_rest], dim=-1)
             return module.attention(q, k, value, transformer_options=options)
 
-        table = rope  # [B, N, 1, R/2, 2, 2]: the first R channels of each head rotated
-        if rotated < head_dim:
+        def table():  # [B, 1, N, D/2, 2, 2] from [B, N, 1, R/2, 2, 2]: the first R channels of each head rotated
+            if rotated == head_dim:
+                return rope.transpose(1, 2)
             identity = torch.eye(2, dtype=rope.dtype, device=rope.device)
-            table = torch.cat([rope, identity.expand(*rope.shape[:-3], (head_dim - rotated) // 2, 2, 2)], dim=-3)
+            padded = torch.cat([rope, identity.expand(*rope.shape[:-3], (head_dim - rotated) // 2, 2, 2)], dim=-3)
+            return padded.transpose(1, 2)
+
         out = transformer_options[OVERRIDE_KEY].attend_rotary(
             (query.flatten(2), key.flatten(2), value.flatten(2), attn.heads),
-            {"transformer_options": transformer_options}, table.transpose(1, 2), exact_with)
+            {"transformer_options": transformer_options}, table, exact_with)
         if attn.single:
             return attn.to_out(out)
         image_out, text_out = out.split([image_tokens.shape[1], out.shape[1] - image_tokens.shape[1]], dim=1)

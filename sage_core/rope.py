@@ -4,17 +4,26 @@ their rotary table to the attention instead of rotating Q and K themselves.
 The table is pe [Bp, Hp, N, D/2, 2, 2] in FP32: channel pair i of token n becomes out[2i + j] = pe[n, i, j, 0] ·
 x[2i] + pe[n, i, j, 1] · x[2i + 1]. The kernels rotate inside their quantization (kernels/rotary.py); exact
 attention gets Q and K rotated here first, with ComfyUI's own arithmetic, so that a call served exactly gives the
-bits it gives unpatched.
+bits it gives unpatched. A table may also come in the kernels' own layout ([Bp, Hp, N, 2, D] FP32, row 0 each
+channel's own coefficient, row 1 its pair partner's: kernels/launch.rope_table), made once where a model's
+rotation is a per-head cos and sin (kernel_table_from_cos_sin).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 
 def rotate(x: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
-    """x [B, H, N, D] rotated by pe, computed in pe's dtype and returned in x's (as ComfyUI does)."""
+    """x [B, H, N, D] rotated by pe, computed in pe's dtype and returned in x's (as ComfyUI does); a table in the
+    kernels' layout rotates as the kernels do (each channel times its own coefficient plus its partner times the
+    partner's, in FP32)."""
+    if pe.dim() == 5:
+        xf = x.to(dtype=pe.dtype)
+        partner = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+        return (pe[..., 0, :] * xf + pe[..., 1, :] * partner).type_as(x)
     pairs = x.to(dtype=pe.dtype).reshape(*x.shape[:-1], -1, 1, 2)
     return (pe[..., 0] * pairs[..., 0] + pe[..., 1] * pairs[..., 1]).reshape(*x.shape).type_as(x)
 
@@ -30,6 +39,26 @@ def from_cos_sin(cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tens
     return table.unflatten(-1, (2, 2)).transpose(1, 2)
 
 
+@functools.lru_cache(maxsize=16)
+def partner_signs(head_dim: int, device: torch.device) -> torch.Tensor:
+    """[D] FP32: −1 at even channels, +1 at odd ones. Channel 2i's partner x[2i+1] enters with −sin[2i], channel
+    2i+1's partner x[2i] with +sin[2i+1] (from_cos_sin's rotation)."""
+    return (torch.arange(head_dim, device=device) % 2 * 2 - 1).to(torch.float32)
+
+
+def kernel_table_from_cos_sin(cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
+    """from_cos_sin's table straight in the kernels' layout: [B, H, N, 2, D] FP32 (a view of one [B, N, H, 2, D]
+    buffer), row 0 cos, row 1 ±sin. rope_table's conversion of from_cos_sin's table gives the same values (cos and
+    sin widen exactly); made here in two writes, without from_cos_sin's copy and the conversion's stack, for models
+    whose table has a head each (LTX-Video: 82 MB at 768x512, 97 frames, made on every self-attention call)."""
+    b, n, inner = cos.shape
+    d = inner // heads
+    table = torch.empty((b, n, heads, 2, d), device=cos.device, dtype=torch.float32)
+    table[:, :, :, 0].copy_(cos.view(b, n, heads, d))
+    torch.mul(sin.view(b, n, heads, d), partner_signs(d, cos.device), out=table[:, :, :, 1])
+    return table.transpose(1, 2)
+
+
 def validate(rope, q: torch.Tensor, k: torch.Tensor) -> None:
     """Raise a clear error naming `rope` for a table that does not fit q and k ([B, H, N, D] views)."""
     if not isinstance(rope, torch.Tensor):
@@ -37,9 +66,12 @@ def validate(rope, q: torch.Tensor, k: torch.Tensor) -> None:
     B, H, NQ, D = q.shape
     HK, NK = k.shape[1], k.shape[2]
     expected = f"[1 or {B}, 1 or {H}, {NQ}, {D // 2}, 2, 2]"
-    if rope.dim() != 6 or tuple(rope.shape[-3:]) != (D // 2, 2, 2) or rope.shape[2] != NQ or D % 2:
-        raise ValueError(f"rope must be a rotary table of shape {expected} (pe of ComfyUI's Flux layers) for an even "
-                         f"head dim, got {tuple(rope.shape)} with head dim {D}")
+    fits = (rope.dim() == 6 and tuple(rope.shape[-3:]) == (D // 2, 2, 2)) or \
+        (rope.dim() == 5 and tuple(rope.shape[-2:]) == (2, D))  # the kernels' layout
+    if not fits or rope.shape[2] != NQ or D % 2:
+        raise ValueError(f"rope must be a rotary table of shape {expected} (pe of ComfyUI's Flux layers) or "
+                         f"[1 or {B}, 1 or {H}, {NQ}, 2, {D}] (the kernels' layout) for an even head dim, got "
+                         f"{tuple(rope.shape)} with head dim {D}")
     if rope.shape[0] not in (1, B) or rope.shape[1] not in (1, H):
         raise ValueError(f"rope of shape {tuple(rope.shape)} does not broadcast over batch {B} and heads {H}")
     if NQ != NK:
@@ -48,6 +80,9 @@ def validate(rope, q: torch.Tensor, k: torch.Tensor) -> None:
         raise ValueError(f"rope with a table per head needs as many k/v heads as q heads, got {H} and {HK}")
     if not rope.is_floating_point():
         raise TypeError(f"rope must be a floating-point table, got {rope.dtype}")
+    if rope.dim() == 5 and (rope.dtype != torch.float32 or rope.stride()[3:] != (D, 1)):
+        raise ValueError(f"rope in the kernels' layout must be FP32 with its last two axes contiguous, got "
+                         f"{rope.dtype} with strides {tuple(rope.stride())}")
     if rope.device != q.device:
         raise ValueError(f"rope is on {rope.device}, q on {q.device}")
 

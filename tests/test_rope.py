@@ -184,6 +184,44 @@ def test_a_table_laid_out_otherwise_is_read_the_same():
     assert torch.equal(attention(q, k, v, config=cfg, rope=odd), attention(q, k, v, config=cfg, rope=pe))
 
 
+def cos_sin(n: int, heads: int, d: int, seed: int = 0):
+    """A per-head cos and sin [1, n, heads·d] as LTX-Video hands them (angles of random frequencies)."""
+    g = torch.Generator().manual_seed(seed)
+    angles = torch.rand(1, n, heads * d // 2, generator=g) * 40.0
+    return (angles.cos().repeat_interleave(2, -1).to(DEVICE), angles.sin().repeat_interleave(2, -1).to(DEVICE))
+
+
+def test_the_kernels_layout_made_from_cos_and_sin_is_from_cos_sins_table():
+    """rope.kernel_table_from_cos_sin gives the values launch.rope_table makes of from_cos_sin's table, as a view
+    the kernels read without a copy; rope.rotate with it rotates as with from_cos_sin's (bit for bit in FP32), and
+    the attention with either table is the same, bit for bit."""
+    cos, sin = cos_sin(70, 2, 64)
+    table = rotary.kernel_table_from_cos_sin(cos, sin, 2)
+    pe = rotary.from_cos_sin(cos, sin, 2)
+    assert table.shape == (1, 2, 70, 2, 64) and table.dtype == torch.float32
+    assert torch.equal(table, launch.rope_table(pe)) and launch.rope_table(table) is table
+    x = inputs(1, 2, 2, 70, 70, 64, torch.float32, seed=2)[0]
+    assert torch.equal(rotary.rotate(x, table), rotary.rotate(x, pe))
+    q, k, v = inputs(1, 2, 2, 70, 70, 64, torch.bfloat16, seed=3)
+    cfg = SageConfig(kernel="int8_fp8")
+    assert torch.equal(attention(q, k, v, config=cfg, rope=table), attention(q, k, v, config=cfg, rope=pe))
+
+
+@pytest.mark.parametrize("bad,message", [
+    (lambda t: t.to(torch.bfloat16), r"rope in the kernels' layout must be FP32"),
+    (lambda t: t.transpose(-1, -2).contiguous().transpose(-1, -2), r"rope in the kernels' layout must be FP32 with "
+                                                                   r"its last two axes contiguous"),
+    (lambda t: t[..., :32], r"or \[1 or 1, 1 or 2, 90, 2, 64\] \(the kernels' layout\)"),
+])
+def test_a_table_in_the_kernels_layout_that_does_not_fit_is_refused(bad, message):
+    q, k, v = inputs(1, 2, 2, 90, 90, 64, torch.bfloat16, seed=6)
+    stats = DispatchStats()
+    with pytest.raises((ValueError, TypeError), match=message):
+        attention(q, k, v, config=SageConfig(kernel="int8_fp8"), stats=stats,
+                  rope=bad(rotary.kernel_table_from_cos_sin(*cos_sin(90, 2, 64), 2)))
+    assert stats.total == 0
+
+
 @pytest.mark.parametrize("bad,message", [
     (lambda pe: pe[..., :31, :, :], r"rope must be a rotary table of shape \[1 or 1, 1 or 2, 90, 32, 2, 2\]"),
     (lambda pe: pe[:, :, :80], r"rope must be a rotary table of shape"),

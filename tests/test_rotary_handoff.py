@@ -594,6 +594,28 @@ def test_ltxv_calls_sent_to_exact_attention_run_comfyuis_own_code(ltxv_model, in
     assert_exact_paths_give_comfyuis_bits(ltxv_model[1], 2 * LTXV_LAYERS, LTXV_LAYERS)
 
 
+def test_ltxv_table_is_made_only_for_the_calls_sage_runs(ltxv_model, installed, monkeypatch):
+    """LTX-Video's table has a head each (82 MB in FP32 at 768x512, 97 frames, on every self-attention call): the
+    hand-off makes it only where Sage runs the call, never for kernel `off` or a block kept exact."""
+    from sage_attention_pack.nodes.override import SageOverride
+    from sage_attention_pack.sage_core import rope
+    from sage_attention_pack.sage_core.config import SageConfig
+
+    made = []
+    real = rope.kernel_table_from_cos_sin
+    monkeypatch.setattr(rope, "kernel_table_from_cos_sin", lambda *args: made.append(args[0].shape) or real(*args))
+    forward = ltxv_model[1]
+    off = SageOverride(SageConfig(kernel="off"))
+    forward({"optimized_attention_override": off})
+    kept = SageOverride(SageConfig(kernel="int8_fp16"), exact_blocks=set(range(LTXV_LAYERS)))
+    forward({"optimized_attention_override": kept})
+    assert made == [] and off.stats.exact["kernel off"] == 2 * LTXV_LAYERS
+    assert kept.stats.exact["block kept exact"] == 2 * LTXV_LAYERS
+    one = SageOverride(SageConfig(kernel="int8_fp16"), exact_blocks={0})
+    forward({"optimized_attention_override": one})
+    assert one.stats.rotary_fused == 1 and made == [(1, 40, 128)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_ltxv_cos_and_sin_become_a_table_that_rotates_as_comfyui_does(ltxv_model, dtype):
     """sage_core/rope.ltxv_cos_sin is the cos and sin ComfyUI's LTX-Video hands its self-attention, bit for bit (each

@@ -151,7 +151,8 @@ def tensor_signature(t: torch.Tensor) -> tuple:
 def rope_table(rope: torch.Tensor | None) -> torch.Tensor | None:
     """The rotary table in the kernels' layout (kernels/rotary.py): [Bp, Hp, N, 2, D] FP32, contiguous, row 0 of a
     token each channel's own coefficient, row 1 its partner's, from ComfyUI's pe [Bp, Hp, N, D/2, 2, 2] (any
-    strides, FP32 or the model's dtype: widened exactly). A table already in that layout is returned as it is.
+    strides, FP32 or the model's dtype: widened exactly). A table already in that layout is returned as it is
+    (16-bit ones too: the kernels widen its values as they load them).
     One copy of the table's bytes per call (4.7 MB at Flux.1's 1024 px)."""
     if rope is None or rope.dim() == 5:
         return rope

@@ -4,9 +4,9 @@ their rotary table to the attention instead of rotating Q and K themselves.
 The table is pe [Bp, Hp, N, D/2, 2, 2] in FP32: channel pair i of token n becomes out[2i + j] = pe[n, i, j, 0] ·
 x[2i] + pe[n, i, j, 1] · x[2i + 1]. The kernels rotate inside their quantization (kernels/rotary.py); exact
 attention gets Q and K rotated here first, with ComfyUI's own arithmetic, so that a call served exactly gives the
-bits it gives unpatched. A table may also come in the kernels' own layout ([Bp, Hp, N, 2, D] FP32, row 0 each
-channel's own coefficient, row 1 its pair partner's: kernels/launch.rope_table), made once where a model's
-rotation is a per-head cos and sin (kernel_table_from_cos_sin).
+bits it gives unpatched. A table may also come in the kernels' own layout ([Bp, Hp, N, 2, D], row 0 each
+channel's own coefficient, row 1 its pair partner's: kernels/launch.rope_table), made so where a model's rotation
+is a per-head cos and sin (kernel_table_from_cos_sin).
 """
 from __future__ import annotations
 
@@ -18,8 +18,7 @@ import torch
 
 def rotate(x: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
     """x [B, H, N, D] rotated by pe, computed in pe's dtype and returned in x's (as ComfyUI does); a table in the
-    kernels' layout rotates as the kernels do (each channel times its own coefficient plus its partner times the
-    partner's, in FP32)."""
+    kernels' layout: each channel times its own coefficient plus its partner times the partner's, in pe's dtype."""
     if pe.dim() == 5:
         xf = x.to(dtype=pe.dtype)
         partner = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
@@ -40,23 +39,27 @@ def from_cos_sin(cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tens
 
 
 @functools.lru_cache(maxsize=16)
-def partner_signs(head_dim: int, device: torch.device) -> torch.Tensor:
-    """[D] FP32: −1 at even channels, +1 at odd ones. Channel 2i's partner x[2i+1] enters with −sin[2i], channel
-    2i+1's partner x[2i] with +sin[2i+1] (from_cos_sin's rotation)."""
-    return (torch.arange(head_dim, device=device) % 2 * 2 - 1).to(torch.float32)
+def partner_signs(head_dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[D]: −1 at even channels, +1 at odd ones. Channel 2i's partner x[2i+1] enters with −sin[2i], channel 2i+1's
+    partner x[2i] with +sin[2i+1] (from_cos_sin's rotation)."""
+    return (torch.arange(head_dim, device=device) % 2 * 2 - 1).to(dtype)
 
 
 def kernel_table_from_cos_sin(cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
-    """from_cos_sin's table straight in the kernels' layout: [B, H, N, 2, D] FP32 (a view of one [B, N, H, 2, D]
-    buffer), row 0 cos, row 1 ±sin. rope_table's conversion of from_cos_sin's table gives the same values (cos and
-    sin widen exactly); made here in two writes, without from_cos_sin's copy and the conversion's stack, for models
-    whose table has a head each (LTX-Video: 82 MB at 768x512, 97 frames, made on every self-attention call)."""
+    """from_cos_sin's table straight in the kernels' layout: [B, H, N, 2, D] in cos's dtype (a view of one [B, N, H,
+    2, D] buffer), row 0 cos, row 1 ±sin; made in two writes, without from_cos_sin's copy and rope_table's stack and
+    FP32 copy, for models whose table has a head each (LTX-Video: made on every self-attention call). The kernels
+    widen a 16-bit table's values exactly (the same products as with from_cos_sin's), and rotate() with it computes
+    in its dtype: from LTX-Video's BF16 cos and sin, its apply_rotary_emb's bits."""
     b, n, inner = cos.shape
     d = inner // heads
-    table = torch.empty((b, n, heads, 2, d), device=cos.device, dtype=torch.float32)
+    table = torch.empty((b, n, heads, 2, d), device=cos.device, dtype=cos.dtype)
     table[:, :, :, 0].copy_(cos.view(b, n, heads, d))
-    torch.mul(sin.view(b, n, heads, d), partner_signs(d, cos.device), out=table[:, :, :, 1])
+    torch.mul(sin.view(b, n, heads, d), partner_signs(d, cos.device, cos.dtype), out=table[:, :, :, 1])
     return table.transpose(1, 2)
+
+
+KERNEL_TABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the kernels load a table in
 
 
 def validate(rope, q: torch.Tensor, k: torch.Tensor) -> None:
@@ -80,9 +83,9 @@ def validate(rope, q: torch.Tensor, k: torch.Tensor) -> None:
         raise ValueError(f"rope with a table per head needs as many k/v heads as q heads, got {H} and {HK}")
     if not rope.is_floating_point():
         raise TypeError(f"rope must be a floating-point table, got {rope.dtype}")
-    if rope.dim() == 5 and (rope.dtype != torch.float32 or rope.stride()[3:] != (D, 1)):
-        raise ValueError(f"rope in the kernels' layout must be FP32 with its last two axes contiguous, got "
-                         f"{rope.dtype} with strides {tuple(rope.stride())}")
+    if rope.dim() == 5 and (rope.dtype not in KERNEL_TABLE_DTYPES or rope.stride()[3:] != (D, 1)):
+        raise ValueError(f"rope in the kernels' layout must be FP32, FP16 or BF16 with its last two axes contiguous, "
+                         f"got {rope.dtype} with strides {tuple(rope.stride())}")
     if rope.device != q.device:
         raise ValueError(f"rope is on {rope.device}, q on {q.device}")
 

@@ -191,16 +191,18 @@ def cos_sin(n: int, heads: int, d: int, seed: int = 0):
     return (angles.cos().repeat_interleave(2, -1).to(DEVICE), angles.sin().repeat_interleave(2, -1).to(DEVICE))
 
 
-def test_the_kernels_layout_made_from_cos_and_sin_is_from_cos_sins_table():
-    """rope.kernel_table_from_cos_sin gives the values launch.rope_table makes of from_cos_sin's table, as a view
-    the kernels read without a copy; rope.rotate with it rotates as with from_cos_sin's (bit for bit in FP32), and
-    the attention with either table is the same, bit for bit."""
-    cos, sin = cos_sin(70, 2, 64)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_kernels_layout_made_from_cos_and_sin_is_from_cos_sins_table(dtype):
+    """rope.kernel_table_from_cos_sin gives the values launch.rope_table makes of from_cos_sin's table, in cos's
+    dtype, as a view the kernels read without a copy; rope.rotate with it rotates as with from_cos_sin's, bit for
+    bit in the table's dtype, and the attention with either table is the same, bit for bit (a BF16 table's values
+    widen exactly in the kernels)."""
+    cos, sin = (t.to(dtype) for t in cos_sin(70, 2, 64))
     table = rotary.kernel_table_from_cos_sin(cos, sin, 2)
     pe = rotary.from_cos_sin(cos, sin, 2)
-    assert table.shape == (1, 2, 70, 2, 64) and table.dtype == torch.float32
-    assert torch.equal(table, launch.rope_table(pe)) and launch.rope_table(table) is table
-    x = inputs(1, 2, 2, 70, 70, 64, torch.float32, seed=2)[0]
+    assert table.shape == (1, 2, 70, 2, 64) and table.dtype == dtype
+    assert torch.equal(table.float(), launch.rope_table(pe)) and launch.rope_table(table) is table
+    x = inputs(1, 2, 2, 70, 70, 64, dtype, seed=2)[0]
     assert torch.equal(rotary.rotate(x, table), rotary.rotate(x, pe))
     q, k, v = inputs(1, 2, 2, 70, 70, 64, torch.bfloat16, seed=3)
     cfg = SageConfig(kernel="int8_fp8")
@@ -208,9 +210,9 @@ def test_the_kernels_layout_made_from_cos_and_sin_is_from_cos_sins_table():
 
 
 @pytest.mark.parametrize("bad,message", [
-    (lambda t: t.to(torch.bfloat16), r"rope in the kernels' layout must be FP32"),
-    (lambda t: t.transpose(-1, -2).contiguous().transpose(-1, -2), r"rope in the kernels' layout must be FP32 with "
-                                                                   r"its last two axes contiguous"),
+    (lambda t: t.to(torch.float64), r"rope in the kernels' layout must be FP32, FP16 or BF16"),
+    (lambda t: t.transpose(-1, -2).contiguous().transpose(-1, -2), r"rope in the kernels' layout must be FP32, FP16 "
+                                                                   r"or BF16 with its last two axes contiguous"),
     (lambda t: t[..., :32], r"or \[1 or 1, 1 or 2, 90, 2, 64\] \(the kernels' layout\)"),
 ])
 def test_a_table_in_the_kernels_layout_that_does_not_fit_is_refused(bad, message):

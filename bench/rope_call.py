@@ -1,6 +1,7 @@
 """One attention call with its rotary embedding, the ways ComfyUI can run it, in interleaved rounds on one machine:
 ComfyUI's rotation then PyTorch's default SDPA (ComfyUI unpatched), its rotation then Sage (the patch node before the
-hand-off), Sage with the table handed over (the rotation inside the quantization, nodes/rotary_handoff.py), and for
+hand-off), Sage with the table handed over (the rotation inside the quantization, nodes/rotary_handoff.py; the
+table's kernels' layout made on the first call and kept, as a forward's blocks share one table), and for
 scale the rotation alone, Sage on Q and K already rotated (the benchmarked call) and the quantization alone with and
 without the table. Flux.1 at two sizes (its table with 512 text tokens, [B, H, N, D] tensors, the rotation of
 comfy/ldm/flux/math.attention), Wan2.1 at 480p, 81 frames ([B, N, H, D] tensors, the rotation of apply_rope1 as
@@ -79,13 +80,13 @@ ROTATIONS = {"flux": rope.rotate, "wan": tokens_first(wan_rotation), "qwen_image
 class Call:
     """q, k, v in `layout`, as `model` hands them to the attention (K and V with a K/V head for every `group` query
     heads); pe, the table in [B, H, N, ...] order (sage_core/rope.py); handed_table, what the model's hand-off
-    (nodes/rotary_handoff.py) gives Sage on each call: pe itself, or for LTX-Video the kernels' layout made from
-    its cos and sin (timed with the call, as the hand-off makes it on each)."""
+    (nodes/rotary_handoff.py) gives Sage on a call: the kernels' layout of pe, or for LTX-Video of its cos and sin,
+    made on the first call and kept for the next (rope.HANDED_TABLES), as a forward's blocks share it."""
 
     def __init__(self, q, k, v, pe, layout: str, model: str = "flux", handed_table=None):
         self.q, self.k, self.v, self.pe, self.layout, self.model = q, k, v, pe, layout, model
         self.group = self.hnd(q).shape[1] // self.hnd(k).shape[1]
-        self.handed_table = handed_table or (lambda: pe)
+        self.handed_table = handed_table or (lambda: rope.HANDED_TABLES.get((pe,), lambda: rope.kernel_table(pe)))
 
     def hnd(self, t):
         return t if self.layout == "HND" else t.transpose(1, 2)
@@ -118,7 +119,8 @@ def call_inputs(shape: str, device: str, seed: int = 0, heads: int | None = None
     handed_table = None
     if model == "ltxv":
         cos_sin = rope.ltxv_cos_sin(*grid, heads * head_dim, device=device)
-        handed_table = lambda: rope.kernel_table_from_cos_sin(*cos_sin, heads)  # noqa: E731
+        handed_table = lambda: rope.HANDED_TABLES.get(  # noqa: E731
+            cos_sin, lambda: rope.kernel_table_from_cos_sin(*cos_sin, heads), extra=heads)
     pe = tables[model]()
     q, k, v = bench.model_shaped_inputs(1, heads, pe.shape[2], head_dim, torch.bfloat16, device, seed=seed)
     k, v = k[:, ::group], v[:, ::group]  # one K/V head for each group of query heads

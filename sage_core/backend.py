@@ -30,14 +30,18 @@ def triton_error() -> str | None:
 
 
 def release_buffers() -> None:
-    """Return the work buffers the kernels keep for repeated call shapes (kernels/call_plan.py) to PyTorch's
-    allocator: at the end of a sampling run, so that what runs next (a VAE decode, another model) has them.
-    Nothing to do, and nothing imported, where no kernel has run in this process."""
+    """Return the work buffers the kernels keep for repeated call shapes (kernels/call_plan.py), and the rotary
+    table kept for a forward's calls (rope.HANDED_TABLES), to PyTorch's allocator: at the end of a sampling run, so
+    that what runs next (a VAE decode, another model) has them. Nothing to do, and nothing imported, where no
+    kernel has run in this process."""
     import sys
 
     plans = sys.modules.get(__package__.rsplit(".", 1)[0] + ".kernels.call_plan")
     if plans is not None:
         plans.PLANS.clear()
+    tables = sys.modules.get(__package__ + ".rope")
+    if tables is not None:
+        tables.HANDED_TABLES.clear()
 
 
 def device_refusal(device: torch.device) -> str | None:

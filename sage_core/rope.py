@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
+import weakref
 
 import torch
 
@@ -36,6 +38,14 @@ def from_cos_sin(cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tens
     c, s = (t.view(b, n, heads, inner // heads // 2, 2) for t in (cos, sin))
     table = torch.stack((c[..., 0], -s[..., 0], s[..., 1], c[..., 1]), dim=-1)
     return table.unflatten(-1, (2, 2)).transpose(1, 2)
+
+
+def kernel_table(pe: torch.Tensor) -> torch.Tensor:
+    """pe ([Bp, Hp, N, D/2, 2, 2], any strides and floating dtype) in the kernels' layout: kernels/launch.rope_table's
+    one FP32 copy, the one the kernels would make of pe on the call."""
+    from ..kernels import launch
+
+    return launch.rope_table(pe)
 
 
 @functools.lru_cache(maxsize=16)
@@ -185,3 +195,48 @@ def ltxv_cos_sin(frames: int, height: int, width: int, inner_dim: int, frame_rat
         cos = torch.cat([torch.ones_like(cos[:, :, :inner_dim % 6]), cos], dim=-1)
         sin = torch.cat([torch.zeros_like(sin[:, :, :inner_dim % 6]), sin], dim=-1)
     return cos.to(dtype), sin.to(dtype)
+
+
+def source_signature(t: torch.Tensor) -> tuple:
+    """What a kept table's source must still show to be the same values: its storage, layout and, outside inference
+    mode, its version counter (an in-place change bumps it; inference tensors have none)."""
+    return (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device, None if t.is_inference() else t._version)
+
+
+class HandedTables:
+    """The kernels' table of the last rotary source a model's forward handed over, kept for the calls after it.
+
+    A model makes its rotary table once per forward and hands the same tensor to every block (Flux's pe, Wan's
+    freqs, LTX-Video's cos and sin): its kernels' layout (launch.rope_table's copy, or kernel_table_from_cos_sin) is
+    made once per forward instead of once per call (host work and a pass over the table each). A hit needs the very
+    same tensor objects (held by weak reference: a new forward's table is a new object, even at a freed one's
+    address) with the same source_signature, and the same `extra` (what else the table was made with). Inference
+    tensors carry no version counter, so an in-place change of one would not be seen: only the hand-offs use this
+    (nodes/rotary_handoff.py), whose sources ComfyUI's forwards make and never change. One entry: a forward's blocks
+    share one source; clear() drops it (at the end of a sampling run, with the call plans' buffers)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.entry = None
+        self.made = 0  # tables made (each miss), for the tests
+
+    def get(self, sources: tuple, make, extra=()) -> torch.Tensor:
+        signature = (tuple(source_signature(t) for t in sources), extra)
+        with self.lock:
+            entry = self.entry
+        if entry is not None:
+            refs, kept_signature, table = entry
+            if kept_signature == signature and all(ref() is t for ref, t in zip(refs, sources)):
+                return table
+        table = make()
+        with self.lock:
+            self.entry = (tuple(weakref.ref(t) for t in sources), signature, table)
+            self.made += 1
+        return table
+
+    def clear(self) -> None:
+        with self.lock:
+            self.entry = None
+
+
+HANDED_TABLES = HandedTables()

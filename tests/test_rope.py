@@ -209,6 +209,50 @@ def test_the_kernels_layout_made_from_cos_and_sin_is_from_cos_sins_table(dtype):
     assert torch.equal(attention(q, k, v, config=cfg, rope=table), attention(q, k, v, config=cfg, rope=pe))
 
 
+def test_a_handed_table_is_made_once_per_source_and_again_where_the_source_changed():
+    """rope.HandedTables keeps the kernels' table of the last source: the same tensor object again is a hit; another
+    object (even with equal values), an in-place change (outside inference mode), other `extra` or a clear() make it
+    anew; under inference mode the same object is a hit."""
+    tables = rotary.HandedTables()
+    pe = flux_pe(20, 64)
+    made = []
+
+    def make():
+        made.append(1)
+        return rotary.kernel_table(pe)
+
+    first = tables.get((pe,), make)
+    assert tables.get((pe,), make) is first and len(made) == 1 and torch.equal(first, launch.rope_table(pe))
+    assert tables.get((pe.clone(),), make) is not first and len(made) == 2
+    tables.get((pe,), make)
+    pe.mul_(1.0)  # an in-place change: the version counter moves
+    tables.get((pe,), make)
+    assert len(made) == 4
+    tables.get((pe,), make, extra=3)
+    assert len(made) == 5 and tables.made == 5
+    tables.clear()
+    tables.get((pe,), make, extra=3)
+    assert len(made) == 6
+    with torch.inference_mode():
+        frozen = flux_pe(20, 64)
+        kept = tables.get((frozen,), lambda: rotary.kernel_table(frozen))
+        assert tables.get((frozen,), make) is kept and len(made) == 6
+
+
+def test_a_handed_table_does_not_outlive_its_source_object():
+    """The kept entry holds its sources weakly: a source that is gone never matches, even where a new tensor takes
+    its address and shape."""
+    tables = rotary.HandedTables()
+    pe = flux_pe(20, 64)
+    tables.get((pe,), lambda: rotary.kernel_table(pe))
+    refs = tables.entry[0]
+    del pe
+    assert refs[0]() is None
+    again = flux_pe(20, 64)
+    tables.get((again,), lambda: rotary.kernel_table(again))
+    assert tables.made == 2
+
+
 @pytest.mark.parametrize("bad,message", [
     (lambda t: t.to(torch.float64), r"rope in the kernels' layout must be FP32, FP16 or BF16"),
     (lambda t: t.transpose(-1, -2).contiguous().transpose(-1, -2), r"rope in the kernels' layout must be FP32, FP16 "

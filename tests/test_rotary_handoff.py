@@ -160,6 +160,26 @@ def test_kernel_off_block_list_and_an_earlier_override_run_comfyuis_own_rotation
     assert one.stats.exact["block kept exact"] == 1
 
 
+def test_a_forwards_table_is_made_once_for_all_its_calls(flux, installed):
+    """The blocks of a forward share the model's pe: its kernels' layout is made on the first call Sage runs and
+    kept for the others (rope.HANDED_TABLES), made anew by the next forward (a new pe), and dropped at the end of a
+    sampling run (backend.release_buffers)."""
+    from sage_attention_pack.nodes.override import SageOverride
+    from sage_attention_pack.sage_core import backend, rope
+    from sage_attention_pack.sage_core.config import SageConfig
+
+    _, forward, _ = flux
+    made = rope.HANDED_TABLES.made
+    sage = SageOverride(SageConfig(kernel="int8_fp16"))
+    forward({"optimized_attention_override": sage})
+    assert sage.stats.rotary_fused == CALLS > 1 and rope.HANDED_TABLES.made == made + 1
+    forward({"optimized_attention_override": sage})
+    assert sage.stats.rotary_fused == 2 * CALLS and rope.HANDED_TABLES.made == made + 2
+    assert rope.HANDED_TABLES.entry is not None
+    backend.release_buffers()
+    assert rope.HANDED_TABLES.entry is None
+
+
 def test_another_override_on_top_keeps_comfyuis_path(flux, installed):
     """An override that is not Sage's (or does not take rotations) on top: the call goes the way ComfyUI sends it,
     rotated first, through that override."""

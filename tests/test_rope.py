@@ -1,6 +1,7 @@
 """Rotary tables handed to the attention (ComfyUI's Flux `pe`): the kernels rotate Q and K inside their
 quantization (kernels/rotary.py), the exact paths rotate them as ComfyUI does (sage_core/rope.py). Run for real:
 through Triton's interpreter on the CPU, natively on a GPU."""
+import functools
 import os
 
 import pytest
@@ -244,12 +245,12 @@ def test_a_handed_table_does_not_outlive_its_source_object():
     its address and shape."""
     tables = rotary.HandedTables()
     pe = flux_pe(20, 64)
-    tables.get((pe,), lambda: rotary.kernel_table(pe))
+    tables.get((pe,), functools.partial(rotary.kernel_table, pe))
     refs = tables.entry[0]
     del pe
     assert refs[0]() is None
     again = flux_pe(20, 64)
-    tables.get((again,), lambda: rotary.kernel_table(again))
+    tables.get((again,), functools.partial(rotary.kernel_table, again))
     assert tables.made == 2
 
 

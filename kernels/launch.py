@@ -183,7 +183,7 @@ def launch_now(site: str, fn, grid: tuple, args: tuple, kwargs: dict) -> None:
 def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multiplier: float, smooth_k: bool,
                  smooth_v: bool, pv_fp8: bool, pv_key_order: bool = False,
                  v_code_max: float = FP8_E4M3_MAX, buffers: dict | None = None, run=launch_now,
-                 v_shift: torch.Tensor | None = None, rope: torch.Tensor | None = None) -> dict:
+                 v_shift: torch.Tensor | None = None, rope: torch.Tensor | None = None, derive=None) -> dict:
     """All quantization of one call in at most two launches of quantize_kernel: K's and V's statistics (K's over
     a sample of the keys from 1024 on, stats_every) with Q's INT8 codes, then K's INT8 codes and V's (which need
     the statistics); with nothing to smooth, Q's and K's codes in one.
@@ -197,6 +197,8 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
     v_code_sums [B*HK, programs, block_d] (each V program's per-channel sums of its dequantized codes);
     pv_key_order stores v8's keys in the order the Hopper kernel's P operand takes them. run: a call plan's
     launcher. rope: None, or a rotary table (ComfyUI's pe, or rope_table's layout) Q and K are coded rotated by.
+    derive: a call plan's CallPlan.derive, which keeps what the shapes fix (quant_launches) for the plan's later
+    calls instead of working it out again on each.
 
     v_shift: with pv_fp8, a [B*HK, block_d] FP32 buffer for the output shift, the vector the attention kernels add
     to their output: V's mean minus the mean of its dequantized FP8 codes (the smoothed V's, when it was), so that
@@ -210,39 +212,58 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
     a call at SDXL's and Flux's shapes on the H200 for PyTorch's two; bench/NOTES.md, rounds "Chained launches,
     and the output shift in one launch" and "Three cuts to a program's fixed cost and one launch fewer").
     """
-    B, H, NQ, D = q.shape
-    HK, NK = k.shape[1], k.shape[2]
     rope = rope_table(rope)
     out = buffers if buffers is not None else quant_buffers(
         q, k, q_group=q_group, k_group=k_group, block_d=block_d, smooth_k=smooth_k, smooth_v=smooth_v,
         pv_fp8=pv_fp8)
-    k_every = stats_every(NK)
-    n_chunks, chunk_rows = stats_chunks(NK, k_every)
     need_v_stats = pv_fp8 or smooth_v
-    stats = smooth_k or need_v_stats
-    rows = max(QUANT_ROWS, q_group, k_group)
-    n_v_programs = cdiv(out["v_padded"], V_ROWS) if pv_fp8 else 1
-    dummy = out["q_scale"]  # stands in for buffers a launch does not write
     finish_shift = pv_fp8 and v_shift is not None
+
+    def layout():
+        return quant_launches(q, k, q_group=q_group, k_group=k_group, block_d=block_d, smooth_k=smooth_k,
+                              smooth_v=smooth_v, pv_fp8=pv_fp8, pv_key_order=pv_key_order, finish_shift=finish_shift,
+                              rope=rope is not None, v_padded=out["v_padded"])
+
+    sizes, tail, launches = derive("quant_launches", layout) if derive is not None else layout()
+    dummy = out["q_scale"]  # stands in for buffers a launch does not write
     args = (q, k, v, out["parts"], out["q8"], out["q_scale"], out["k8"], out["k_scale"],
             out["k_mean"] if smooth_k else dummy, out["v8"] if pv_fp8 else dummy,
             out["v_scale"] if pv_fp8 else dummy, out["v_mean"] if need_v_stats else dummy,
             out["v_code_sums"] if pv_fp8 else dummy, v_shift if finish_shift else dummy,
             out["v_tickets"] if finish_shift else dummy, *q.stride(), *k.stride(), *v.stride(),
-            B * H, B * HK, H, HK, NQ, NK, D, n_chunks, chunk_rows, k_every, sampled_key_count(NK, k_every),
-            out["q_scale"].shape[-1], out["k_scale"].shape[-1], float(q_multiplier), out["v_padded"],
-            float(v_code_max), n_v_programs, 1.0 / max(NK, 1), *rope_arguments(rope, dummy))
-    constants = dict(ROWS=rows, Q_SUB=slice_rows(q_group, rows, rope is not None),
-                     K_SUB=slice_rows(k_group, rows, rope is not None), Q_GROUP=q_group,
-                     K_GROUP=k_group, BLOCK_D=block_d, STATS_TILE=STATS_TILE, STATS_CHUNKS=MAX_STATS_CHUNKS,
-                     SMOOTH_K=smooth_k, V_STATS=need_v_stats, V_ROWS=V_ROWS, CHANNELS=v_channels(block_d),
-                     SMOOTH_V=smooth_v, PV_FP8=pv_fp8, FP8_ROUND_IN_FP32=interpreting(), PV_KEY_ORDER=pv_key_order,
-                     FINISH_SHIFT=finish_shift, SHIFT_PROGRAMS=SHIFT_PROGRAMS, ROPE=rope is not None,
+            *sizes, float(q_multiplier), out["v_padded"], float(v_code_max), *tail, *rope_arguments(rope, dummy))
+    for site, grid, kwargs in launches:
+        run(site, quantize_kernel, grid, args, kwargs)
+    return out
+
+
+def quant_launches(q, k, *, q_group: int, k_group: int, block_d: int, smooth_k: bool, smooth_v: bool, pv_fp8: bool,
+                   pv_key_order: bool, finish_shift: bool, rope: bool, v_padded: int) -> tuple[tuple, tuple, list]:
+    """What the shapes and switches of quantize_qkv's call fix: quantize_kernel's size arguments (BH .. k_groups),
+    its (n_v_programs, inv_keys), and its launches [(site, grid, compile-time arguments)], statistics' first."""
+    B, H, NQ, D = q.shape
+    HK, NK = k.shape[1], k.shape[2]
+    k_every = stats_every(NK)
+    n_chunks, chunk_rows = stats_chunks(NK, k_every)
+    need_v_stats = pv_fp8 or smooth_v
+    stats = smooth_k or need_v_stats
+    rows = max(QUANT_ROWS, q_group, k_group)
+    n_v_programs = cdiv(v_padded, V_ROWS) if pv_fp8 else 1
+    sizes = (B * H, B * HK, H, HK, NQ, NK, D, n_chunks, chunk_rows, k_every, sampled_key_count(NK, k_every),
+             cdiv(NQ, q_group), cdiv(NK, k_group))
+    tail = (n_v_programs, 1.0 / max(NK, 1))
+    constants = dict(ROWS=rows, Q_SUB=slice_rows(q_group, rows, rope), K_SUB=slice_rows(k_group, rows, rope),
+                     Q_GROUP=q_group, K_GROUP=k_group, BLOCK_D=block_d, STATS_TILE=STATS_TILE,
+                     STATS_CHUNKS=MAX_STATS_CHUNKS, SMOOTH_K=smooth_k, V_STATS=need_v_stats, V_ROWS=V_ROWS,
+                     CHANNELS=v_channels(block_d), SMOOTH_V=smooth_v, PV_FP8=pv_fp8,
+                     FP8_ROUND_IN_FP32=interpreting(), PV_KEY_ORDER=pv_key_order, FINISH_SHIFT=finish_shift,
+                     SHIFT_PROGRAMS=SHIFT_PROGRAMS, ROPE=rope,
                      WARPS=QUANT_WARPS, num_warps=QUANT_WARPS)  # WARPS: quantize_v_tile's layout steer
     # the statistics' chunks first: they are the longest programs, and blocks are dispatched in grid order
     passes = [dict(DO_STATS=1, DO_Q=1, DO_K=0, V_BLOCKS=0),
               dict(DO_STATS=0, DO_Q=0, DO_K=1, V_BLOCKS=block_d // constants["CHANNELS"] if need_v_stats else 0)] \
         if stats else [dict(DO_STATS=0, DO_Q=1, DO_K=1, V_BLOCKS=0)]
+    launches = []
     for roles in passes:
         role_programs = [(n_chunks, roles["DO_STATS"]), (cdiv(NQ, rows), roles["DO_Q"]),
                          (cdiv(NK, rows), roles["DO_K"]), (n_v_programs, roles["V_BLOCKS"])]
@@ -250,8 +271,8 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
                 sum(count for _, count in role_programs))
         site = "quantize_" + "_".join(name for name, on in (("stats", roles["DO_STATS"]), ("q", roles["DO_Q"]),
                                                              ("k", roles["DO_K"]), ("v", roles["V_BLOCKS"])) if on)
-        run(site, quantize_kernel, grid, args, {**constants, **roles})
-    return out
+        launches.append((site, grid, {**constants, **roles}))
+    return sizes, tail, launches
 
 
 def quantize_int8(x: torch.Tensor, group: int, block_d: int, multiplier: float = 1.0):
@@ -344,7 +365,8 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
     qz = quantize_qkv(q, k, v, q_group=q_group, k_group=k_group, block_d=block_d, q_multiplier=sm_scale * LOG2E,
                       smooth_k=smooth_k, smooth_v=smooth_v, pv_fp8=pv_fp8, pv_key_order=pipelined,
                       v_code_max=fp16_tile_v_code_max(block_n) if fp16_tiles else FP8_E4M3_MAX,
-                      buffers=plan.buffers, run=plan.run, v_shift=plan.buffers["v_shift"], rope=rope)
+                      buffers=plan.buffers, run=plan.run, v_shift=plan.buffers["v_shift"], rope=rope,
+                      derive=plan.derive)
     k_scale, k_mean = qz["k_scale"], qz["k_mean"]
     # FP8 P·V: the shift was written by the quantization's last launch; FP16 P·V: V's mean where V was smoothed
     # (quantize_qkv gives v_mean only then), else None
@@ -367,14 +389,15 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
             qz["q8"], qz["q_scale"], qz["k8"], k_scale, v, v8, v_scale, v_shift if v_shift is not None else k_scale,
             bias if bias is not None else k_scale, out, lse, bad,
             *v.stride(), *out.stride(), *bias_strides,
-            H, H // HK, NQ, NK, D, qz["q_scale"].shape[-1], k_scale.shape[-1], qz["v_padded"]), dict(
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, Q_GROUP=q_group, K_GROUP=k_group,
-            PV_FP8=pv_fp8, SHIFT_V=v_shift is not None, IS_CAUSAL=is_causal, HAS_BIAS=bias is not None,
-            RETURN_LSE=return_lse, BF16_DOT_IN_FP32=interpreting() and v.dtype == torch.bfloat16,
-            FP8_ROUND_IN_FP32=interpreting(), EVEN_D=D == block_d, WARP_SPECIALIZE=config.warp_specialize,
-            MAGIC_CONVERT=config.magic_convert, PV_DIRECT=config.pv_direct, PV_FP16_TILES=fp16_tiles,
-            num_warps=config.num_warps, num_stages=config.num_stages,
-            **({"maxnreg": config.max_registers} if config.max_registers and not interpreting() else {})))
+            H, H // HK, NQ, NK, D, qz["q_scale"].shape[-1], k_scale.shape[-1], qz["v_padded"]),
+            plan.derive("attention_constants", lambda: dict(
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, Q_GROUP=q_group, K_GROUP=k_group,
+                PV_FP8=pv_fp8, SHIFT_V=v_shift is not None, IS_CAUSAL=is_causal, HAS_BIAS=bias is not None,
+                RETURN_LSE=return_lse, BF16_DOT_IN_FP32=interpreting() and v.dtype == torch.bfloat16,
+                FP8_ROUND_IN_FP32=interpreting(), EVEN_D=D == block_d, WARP_SPECIALIZE=config.warp_specialize,
+                MAGIC_CONVERT=config.magic_convert, PV_DIRECT=config.pv_direct, PV_FP16_TILES=fp16_tiles,
+                num_warps=config.num_warps, num_stages=config.num_stages,
+                **({"maxnreg": config.max_registers} if config.max_registers and not interpreting() else {}))))
     if return_lse and k_mean is not None:
         # K smoothing shifted every score of a row by q·mean(K)·scale: add it back for the true LSE
         km = k_mean[:, :D].view(B, HK, D).repeat_interleave(H // HK, dim=1)
@@ -383,9 +406,11 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
         plan.run("repair", repair_tiles_kernel, grid, (
             q, k, v, bias if bias is not None else k_scale, out, lse, bad, repair_counter,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bias_strides,
-            H, H // HK, NQ, NK, D, sm_scale * LOG2E, *rope_arguments(rope, k_scale)), dict(
-            BLOCK_M=block_m, BLOCK_N=repair_block_n(block_m, block_d), BLOCK_D=block_d, IS_CAUSAL=is_causal,
-            HAS_BIAS=bias is not None, RETURN_LSE=return_lse, ROPE=rope is not None, num_warps=4, num_stages=1))
+            H, H // HK, NQ, NK, D, sm_scale * LOG2E, *rope_arguments(rope, k_scale)),
+            plan.derive("repair_constants", lambda: dict(
+                BLOCK_M=block_m, BLOCK_N=repair_block_n(block_m, block_d), BLOCK_D=block_d, IS_CAUSAL=is_causal,
+                HAS_BIAS=bias is not None, RETURN_LSE=return_lse, ROPE=rope is not None, num_warps=4,
+                num_stages=1)))
     return (lse if return_lse else None), bad
 
 

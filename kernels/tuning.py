@@ -264,6 +264,7 @@ class TuningCache:
         self.path = cache_dir() / name
         self.defaults = defaults or {}
         self._data: dict | None = None
+        self.generation = 0  # counts put()s: what was read from the cache before one may have changed
 
     def _load(self) -> dict:
         if self._data is None:
@@ -280,6 +281,7 @@ class TuningCache:
     def put(self, key: str, value) -> None:
         data = self._load()
         data[key] = asdict(value) if isinstance(value, LaunchConfig) else value
+        self.generation += 1
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")

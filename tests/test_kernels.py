@@ -800,11 +800,61 @@ def test_call_plans_reuse_their_buffers_and_every_call_stays_exact():
     assert rel_diff(out3, exact(q, k3, v3).to(out3.dtype)) < EXACT_BOUNDS["int8_fp8"][1]
 
 
+def quantize_through(plan, q, k, v):
+    """One call's quantization launched through `plan`'s launch slots, its launches worked out anew on each call
+    (no `derive`: a switch of the launch module then reaches them)."""
+    return launch.quantize_qkv(q, k, v, q_group=16, k_group=64, block_d=64, q_multiplier=0.1, smooth_k=True,
+                               smooth_v=True, pv_fp8=True, buffers=plan.buffers, run=plan.run)
+
+
+def quantize_plan(q, k):
+    from sage_attention_pack.kernels import call_plan
+
+    return call_plan.CallPlan(launch.quant_buffers(q, k, q_group=16, k_group=64, block_d=64, smooth_k=True,
+                                                   smooth_v=True, pv_fp8=True))
+
+
 def test_a_launch_asking_its_plan_for_another_kernel_is_refused(monkeypatch):
-    """A call plan's launch slots keep what their first launch compiled. A switch outside the call's signature that
-    changes a kernel's compile-time arguments (here the quantization kernel's warps) would otherwise run the first
-    kernel on: with SAGE_ATTENTION_CHECK_PLANS (set for the whole test suite) the launch is refused, naming the
-    site and the argument; repeats of the same call pass."""
+    """A call plan's launch slots keep what their first launch compiled. A launch at a site that asks for other
+    compile-time arguments (here the quantization kernel's warps, changed between two launches that work their
+    arguments out anew) would otherwise run the first kernel on: with SAGE_ATTENTION_CHECK_PLANS (set for the
+    whole test suite) it is refused, naming the site and the argument; repeats of the same launch pass."""
+    from sage_attention_pack.kernels import call_plan
+
+    monkeypatch.setattr(call_plan, "CHECK_LAUNCHES", True)
+    q, k, v = inputs(1, 2, 2, 64, 64, 64, torch.float16, seed=23)
+    plan = quantize_plan(q, k)
+    first = {name: t.clone() for name, t in quantize_through(plan, q, k, v).items() if isinstance(t, torch.Tensor)}
+    again = quantize_through(plan, q, k, v)
+    assert all(torch.equal(t, again[name]) for name, t in first.items())
+    monkeypatch.setattr(launch, "QUANT_WARPS", 2)
+    # the warp count reaches the kernel twice: as num_warps, and as WARPS for V's layout steer (quantize_v_tile)
+    with pytest.raises(RuntimeError, match=r"'quantize_stats_q'.*quantize_kernel.*\(WARPS, num_warps\)"):
+        quantize_through(plan, q, k, v)
+
+
+def test_a_launch_whose_integers_triton_would_specialise_otherwise_is_refused(monkeypatch):
+    """Triton compiles an integer argument that is 1, or that 16 divides, into the kernel. A plan's launch slot
+    keeps its first kernel, so a later launch at the site whose integers specialise otherwise (here K's statistics
+    sampling every key at the first launch, every 2nd tile after the launch module's cap was raised) would run
+    with the first launch's 1 in it: refused, naming the argument."""
+    from sage_attention_pack.kernels import call_plan
+
+    monkeypatch.setattr(call_plan, "CHECK_LAUNCHES", True)
+    q, k, v = inputs(1, 1, 1, 16, 1100, 64, torch.float16, seed=29)
+    plan = quantize_plan(q, k)
+    monkeypatch.setattr(launch, "MAX_STATS_EVERY", 1)
+    quantize_through(plan, q, k, v)
+    monkeypatch.setattr(launch, "MAX_STATS_EVERY", 16)
+    with pytest.raises(RuntimeError, match=r"'quantize_stats_q'.*quantize_kernel.*specialises.*\(k_every\)"):
+        quantize_through(plan, q, k, v)
+    quantize_through(quantize_plan(q, k), q, k, v)  # a fresh plan compiles for what it is given
+
+
+def test_a_plan_keeps_what_its_first_call_worked_out(monkeypatch):
+    """sage_forward works the quantization's launches and the attention's and repair's compile-time arguments out
+    once per call plan (CallPlan.derive): a switch of the launch module changed later reaches new plans only, so a
+    kept plan never mixes its first kernel with other arguments, and gives the same bits."""
     from sage_attention_pack.kernels import call_plan
 
     monkeypatch.setattr(call_plan, "CHECK_LAUNCHES", True)
@@ -812,33 +862,16 @@ def test_a_launch_asking_its_plan_for_another_kernel_is_refused(monkeypatch):
     cfg = SageConfig(kernel="int8_fp8")
     q, k, v = inputs(1, 2, 2, 64, 64, 64, torch.float16, seed=23)
     first, _, _ = run_kernel(q, k, v, cfg)
-    again, _, _ = run_kernel(q, k, v, cfg)
-    assert torch.equal(first, again)
-    monkeypatch.setattr(launch, "QUANT_WARPS", 2)
-    # the warp count reaches the kernel twice: as num_warps, and as WARPS for V's layout steer (quantize_v_tile)
-    with pytest.raises(RuntimeError, match=r"'quantize_stats_q'.*quantize_kernel.*\(WARPS, num_warps\)"):
-        run_kernel(q, k, v, cfg)
+    plan = next(iter(PLANS.plans.values()))
+    assert {"quant_launches", "attention_constants"} <= set(plan.derived)
+    shipped = launch.QUANT_WARPS
+    monkeypatch.setattr(launch, "QUANT_WARPS", shipped // 2)
+    kept, _, _ = run_kernel(q, k, v, cfg)
+    assert torch.equal(kept, first) and plan.derived["quant_launches"][2][0][2]["num_warps"] == shipped
     PLANS.clear()
-
-
-def test_a_launch_whose_integers_triton_would_specialise_otherwise_is_refused(monkeypatch):
-    """Triton compiles an integer argument that is 1, or that 16 divides, into the kernel. A plan's launch slot
-    keeps its first kernel, so a later launch at the site whose integers specialise otherwise (here K's statistics
-    sampling every key at the first call, every 2nd tile after the launch module's cap was raised: a switch outside
-    the call's signature) would run with the first call's 1 in it: refused, naming the argument."""
-    from sage_attention_pack.kernels import call_plan
-
-    monkeypatch.setattr(call_plan, "CHECK_LAUNCHES", True)
-    PLANS.clear()
-    cfg = SageConfig(kernel="int8_fp8")
-    q, k, v = inputs(1, 1, 1, 16, 1100, 64, torch.float16, seed=29)
-    monkeypatch.setattr(launch, "MAX_STATS_EVERY", 1)
-    run_kernel(q, k, v, cfg)
-    monkeypatch.setattr(launch, "MAX_STATS_EVERY", 16)
-    with pytest.raises(RuntimeError, match=r"'quantize_stats_q'.*quantize_kernel.*specialises.*\(k_every\)"):
-        run_kernel(q, k, v, cfg)
-    PLANS.clear()
-    run_kernel(q, k, v, cfg)  # a fresh plan compiles for what it is given
+    fresh, _, _ = run_kernel(q, k, v, cfg)  # a new plan takes the switch: the warps steer only the layout
+    assert torch.equal(fresh, first)
+    assert next(iter(PLANS.plans.values())).derived["quant_launches"][2][0][2]["num_warps"] == shipped // 2
     PLANS.clear()
 
 

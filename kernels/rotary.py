@@ -6,9 +6,10 @@ coefficient plus its partner's (c ^ 1) times another. The kernels read those two
 as the tile is, [B, H, N, 2, D] in FP32 (or 16-bit, widened on load): row 0 the own coefficients, row 1 the
 partners' (launch.rope_table makes it from pe, the node's hand-offs once per forward; nothing about the values, a
 rotation's cos and sin, is assumed). Its loads are then 16-byte vectors in the tile's own layout, and the partner
-comes from the tile already in registers (its channel pairs split and swapped), not from memory. Read in pe's own layout, each channel took two 4-byte gathers and a second load of
-its partner, and Triton moved the tile through shared memory to their layout and back: on an H100 the rotating
-launches were bound in L1/TEX, 2-7x the plain quantization's time (bench/NOTES.md, "The rotary hand-off measured").
+comes from the tile already in registers (its channel pairs split and swapped), not from memory. Read in pe's own
+layout, each channel took two 4-byte gathers and a second load of its partner, and Triton moved the tile through
+shared memory to their layout and back: on an H100 the rotating launches were bound in L1/TEX, 2-7x the plain
+quantization's time (bench/NOTES.md, "The rotary hand-off measured").
 """
 import triton
 import triton.language as tl

@@ -86,7 +86,7 @@ class Call:
     def __init__(self, q, k, v, pe, layout: str, model: str = "flux", handed_table=None):
         self.q, self.k, self.v, self.pe, self.layout, self.model = q, k, v, pe, layout, model
         self.group = self.hnd(q).shape[1] // self.hnd(k).shape[1]
-        self.handed_table = handed_table or (lambda: rope.HANDED_TABLES.get((pe,), lambda: rope.kernel_table(pe)))
+        self.handed_table = handed_table or rope.handed_pe(pe)
 
     def hnd(self, t):
         return t if self.layout == "HND" else t.transpose(1, 2)
@@ -119,8 +119,7 @@ def call_inputs(shape: str, device: str, seed: int = 0, heads: int | None = None
     handed_table = None
     if model == "ltxv":
         cos_sin = rope.ltxv_cos_sin(*grid, heads * head_dim, device=device)
-        handed_table = lambda: rope.HANDED_TABLES.get(  # noqa: E731
-            cos_sin, lambda: rope.kernel_table_from_cos_sin(*cos_sin, heads), extra=heads)
+        handed_table = rope.handed_table(cos_sin, lambda: rope.kernel_table_from_cos_sin(*cos_sin, heads), extra=heads)
     pe = tables[model]()
     q, k, v = bench.model_shaped_inputs(1, heads, pe.shape[2], head_dim, torch.bfloat16, device, seed=seed)
     k, v = k[:, ::group], v[:, ::group]  # one K/V head for each group of query heads

@@ -53,13 +53,6 @@ def takes_rotary(transformer_options) -> bool:
     return bool(getattr(override, "takes_rotary", False)) and not torch.compiler.is_compiling()
 
 
-def handed(sources: tuple, make, extra=()):
-    """What a hand-off gives the override for a call's table: a function of no arguments returning the kernels' layout
-    of the model's rotary `sources` (made by `make`), made only where Sage runs the call and once per forward, not
-    per call (rope.HANDED_TABLES: the blocks of a forward share their model's table)."""
-    return lambda: rotary.HANDED_TABLES.get(sources, make, extra)
-
-
 def flux_hand_off(attention_fn):
     """`attention_fn` (ComfyUI's Flux attention) with the rotation given to the override where it takes it."""
 
@@ -69,7 +62,7 @@ def flux_hand_off(attention_fn):
             return attention_fn(q, k, v, pe, mask=mask, transformer_options=transformer_options)
         return transformer_options[OVERRIDE_KEY].attend_rotary(
             (q, k, v, q.shape[1]), {"mask": mask, "skip_reshape": True, "transformer_options": transformer_options},
-            handed((pe,), lambda: rotary.kernel_table(pe)),
+            rotary.handed_pe(pe),
             lambda options: attention_fn(q, k, v, pe, mask=mask, transformer_options=options))
 
     attention.sage_original = attention_fn
@@ -99,7 +92,7 @@ def wan_hand_off(forward_fn, module):
         # Wan's table is [B, N, 1, D/2, 2, 2] (tokens before heads): the hand-off takes [B, H, N, ...]
         out = transformer_options[OVERRIDE_KEY].attend_rotary(
             (q, k, v, n), {"transformer_options": transformer_options},
-            handed((freqs,), lambda: rotary.kernel_table(freqs.transpose(1, 2))), exact_with)
+            rotary.handed_pe(freqs, tokens_first=True), exact_with)
         return self.o(out)
 
     forward.sage_original = forward_fn
@@ -141,7 +134,7 @@ def qwen_image_hand_off(forward_fn, module):
         out = transformer_options[OVERRIDE_KEY].attend_rotary(
             (query.flatten(start_dim=2), key.flatten(start_dim=2), value.flatten(start_dim=2), self.heads),
             {"mask": attention_mask, "transformer_options": transformer_options},
-            handed((image_rotary_emb,), lambda: rotary.kernel_table(image_rotary_emb.transpose(1, 2))), exact_with)
+            rotary.handed_pe(image_rotary_emb, tokens_first=True), exact_with)
         image_out = self.to_out[1](self.to_out[0](out[:, seq_txt:, :]))
         return image_out, self.to_add_out(out[:, :seq_txt, :])
 
@@ -177,7 +170,7 @@ def lumina2_hand_off(forward_fn, module):
         out = transformer_options[OVERRIDE_KEY].attend_rotary(
             (xq.movedim(1, 2), xk.movedim(1, 2), xv.movedim(1, 2), heads),
             {"mask": x_mask, "skip_reshape": True, "transformer_options": transformer_options},
-            handed((freqs_cis,), lambda: rotary.kernel_table(freqs_cis.transpose(1, 2))), exact_with)
+            rotary.handed_pe(freqs_cis, tokens_first=True), exact_with)
         return self.out(out)
 
     forward.sage_original = forward_fn
@@ -204,7 +197,7 @@ def ltxv_hand_off(forward_fn, module):
 
         out = transformer_options[OVERRIDE_KEY].attend_rotary(
             (q, k, v, self.heads), {"attn_precision": self.attn_precision, "transformer_options": transformer_options},
-            handed(tuple(pe), lambda: rotary.kernel_table_from_cos_sin(*pe, self.heads), extra=self.heads),
+            rotary.handed_table(tuple(pe), lambda: rotary.kernel_table_from_cos_sin(*pe, self.heads), extra=self.heads),
             exact_with)
         return self.to_out(out)
 
@@ -252,15 +245,16 @@ def hidream_hand_off(call_fn, module):
             return module.attention(q, k, value, transformer_options=options)
 
         def table():  # [B, 1, N, D/2, 2, 2] from [B, N, 1, R/2, 2, 2]: the first R channels of each head rotated
-            if rotated == head_dim:
-                return rotary.kernel_table(rope.transpose(1, 2))
-            identity = torch.eye(2, dtype=rope.dtype, device=rope.device)
-            padded = torch.cat([rope, identity.expand(*rope.shape[:-3], (head_dim - rotated) // 2, 2, 2)], dim=-3)
+            padded = rope
+            if rotated < head_dim:
+                identity = torch.eye(2, dtype=rope.dtype, device=rope.device)
+                padded = torch.cat([rope, identity.expand(*rope.shape[:-3], (head_dim - rotated) // 2, 2, 2)], dim=-3)
             return rotary.kernel_table(padded.transpose(1, 2))
 
         out = transformer_options[OVERRIDE_KEY].attend_rotary(
             (query.flatten(2), key.flatten(2), value.flatten(2), attn.heads),
-            {"transformer_options": transformer_options}, handed((rope,), table, extra=head_dim), exact_with)
+            {"transformer_options": transformer_options}, rotary.handed_table((rope,), table, extra=head_dim),
+            exact_with)
         if attn.single:
             return attn.to_out(out)
         image_out, text_out = out.split([image_tokens.shape[1], out.shape[1] - image_tokens.shape[1]], dim=1)

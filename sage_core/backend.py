@@ -105,27 +105,21 @@ def call_config(q, k, *, config: SageConfig, pv_fp8: bool, is_causal: bool):
                       q.shape[2], k.shape[2], str(q.dtype), is_causal)
 
 
-TUNED = {}  # tuning_for's answers by its arguments, the interpreter switch and the launch cache's generation
-MAX_TUNED = 4096
-
-
 def tuning_for(device, pv: str, block_d: int, pinned_m, nq: int, nk: int, dtype: str, is_causal: bool):
     """The launch configuration: an autotuned one from the disk cache if present, else the arch table's. Looked up
     once per distinct call (its key strings and the arch family cost microseconds of host time on every call); a
     new entry in the launch cache (`tune`) starts the answers over."""
     from ..kernels import tuning
 
-    key = (device, pv, block_d, pinned_m, nq, nk, dtype, is_causal, tuning.interpreting(), launch_cache().generation)
-    hit = TUNED.get(key)
-    if hit is None:
-        if len(TUNED) >= MAX_TUNED:
-            TUNED.clear()
-        hit = TUNED[key] = tuned_config(device, pv, block_d, pinned_m, nq, nk, dtype, is_causal)
-    return hit
+    return tuned_config(device, pv, block_d, pinned_m, nq, nk, dtype, is_causal, tuning.interpreting(),
+                        launch_cache().generation)
 
 
-def tuned_config(device, pv: str, block_d: int, pinned_m, nq: int, nk: int, dtype: str, is_causal: bool):
-    """tuning_for's lookup itself."""
+@functools.lru_cache(maxsize=4096)
+def tuned_config(device, pv: str, block_d: int, pinned_m, nq: int, nk: int, dtype: str, is_causal: bool,
+                 interpreting: bool, generation: int):
+    """tuning_for's lookup itself, cached by its arguments, the interpreter switch (which sets the arch family) and
+    the launch cache's generation."""
     from ..kernels import tuning
 
     family = arch_family(device)

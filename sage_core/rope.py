@@ -240,3 +240,16 @@ class HandedTables:
 
 
 HANDED_TABLES = HandedTables()
+
+
+def handed_table(sources: tuple, make, extra=()):
+    """What a hand-off gives Sage for a call's table: a function of no arguments returning the kernels' layout of a
+    model's rotary `sources` (made by `make`), through HANDED_TABLES, so that it is made only where Sage runs the
+    call and once per forward, not per call (the blocks of a forward share their model's table)."""
+    return lambda: HANDED_TABLES.get(sources, make, extra)
+
+
+def handed_pe(pe: torch.Tensor, tokens_first: bool = False):
+    """handed_table of a table in pe's format: [B, H, N, D/2, 2, 2], or with tokens_first [B, N, H, ...] (as Wan,
+    Qwen-Image and Lumina 2 hand theirs), kept by that tensor itself."""
+    return handed_table((pe,), lambda: kernel_table(pe.transpose(1, 2) if tokens_first else pe))

@@ -142,42 +142,60 @@ def v_descriptor(v: torch.Tensor, config: LaunchConfig):
 
 
 def launch(qz: dict, out: torch.Tensor, lse: torch.Tensor, bad: torch.Tensor, *, heads: int, kv_heads: int,
-           q_group: int, v_shift, return_lse: bool, config: LaunchConfig, run, tma: tuple, v=None) -> None:
+           q_group: int, v_shift, return_lse: bool, config: LaunchConfig, run, tma: tuple, v=None,
+           derive=None) -> None:
     """One warpgroup per (query tile of 64 rows, batch·head), as the portable kernel's grid with BLOCK_M = 64;
     the ping-pong kernel puts `consumers` of them in a program, and splits its grid's last items as qz's
     "tail_split" says (tail_buffers, made with the call plan; the parts in its "tail_o" and "tail_lse", joined by a
     second launch). v_shift: None or the [B·HK, D] vector added to the output (launch.quantize_qkv's v_shift);
     run: the call plan's launcher; tma: `descriptors` of qz; v: None (FP8 P·V: V's codes in qz) or the call's V
-    (FP16 P·V, v_tiles)."""
+    (FP16 P·V, v_tiles); derive: the call plan's CallPlan.derive, which keeps the launches' fixed parts
+    (launch_parts) for the plan's later calls: only the call's own tensors (out, lse, bad, V's descriptor) are new."""
+    def parts():
+        return launch_parts(qz, out, heads=heads, kv_heads=kv_heads, q_group=q_group, v_shift=v_shift,
+                            return_lse=return_lse, config=config, pv_fp8=v is None)
+
+    attention, merge = derive("hopper_launch", parts) if derive is not None else parts()
+    descs = tma if v is None else (*tma, v_descriptor(v, config))
+    fn, grid, before, after, kwargs = attention
+    run("attention", fn, grid, (*descs, *before, out, lse, bad, *after), kwargs)
+    if merge is not None:
+        fn, grid, before, after, kwargs = merge
+        run("tail merge", fn, grid, (*before, out, lse, bad, *after), kwargs)
+
+
+def launch_parts(qz: dict, out: torch.Tensor, *, heads: int, kv_heads: int, q_group: int,
+                 v_shift, return_lse: bool, config: LaunchConfig, pv_fp8: bool) -> tuple:
+    """What `launch` launches, less the call's own tensors: for the attention and, where the grid's tail is split,
+    the join (else None), each (kernel, grid, the arguments before the output, the LSE and the flags, those after
+    them, the compile-time arguments). Everything here is fixed by a call plan's signature (its buffers stay put; the
+    output's strides and alignment are in the signature), so a plan works it out once."""
     bh, nq, block_d = qz["q8"].shape
     nk = qz["k8"].shape[1]
     q_tiles = -(-nq // config.block_m)
-    pv_fp8 = v is None
-    if not pv_fp8:
-        tma = (*tma, v_descriptor(v, config))
     v_scale = qz["v_scale"] if pv_fp8 else qz["q_scale"]  # FP16 P·V: a placeholder, never read
     scales = (qz["q_scale"], qz["k_scale"], v_scale, v_shift if v_shift is not None else v_scale)
     sizes = (heads, heads // kv_heads, nq, nk, qz["q_scale"].shape[-1], qz["k_scale"].shape[-1])
-    meta = kernel_constants(config, block_d, q_group, v_shift is not None, return_lse, pv_fp8, out)
+    kwargs = {**kernel_constants(config, block_d, q_group, v_shift is not None, return_lse, pv_fp8, out),
+              **compile_options(config)}
     items = work_items_per_head(config, nq)
     if not config.ping_pong:
-        run("attention", sage_fwd_sm90_kernel, (items, bh), (*tma, *scales, out, lse, bad, *out.stride(), *sizes),
-            {**meta, **compile_options(config)})
-        return
+        return (sage_fwd_sm90_kernel, (items, bh), scales, (*out.stride(), *sizes), kwargs), None
     whole, splits = qz.get("tail_split") or (items * bh, 1)
     grid = (min(items * bh, multiprocessors(out.device)),) if config.persistent else \
         (whole + (items * bh - whole) * splits,)
     # without split items the parts' buffers are never touched: any FP32 buffers keep one signature
     part_o, part_lse = (qz["tail_o"], qz["tail_lse"]) if splits > 1 else (qz["q_scale"], qz["q_scale"])
-    run("attention", sage_fwd_sm90_pingpong_kernel, grid,
-        (*tma, *scales, out, lse, bad, part_o, part_lse, *out.stride(), *sizes, q_tiles, bh, whole, splits),
-        {**meta, **compile_options(config)})
-    if splits > 1:
-        merge_programs = config.consumers * (items * bh - whole) * config.block_m // MERGE_ROWS
-        run("tail merge", sage_fwd_tail_merge_kernel, (merge_programs,),
-            (part_o, part_lse, out, lse, bad, *out.stride(), heads, nq, items, whole),
-            dict(SPLITS=splits, TILES=config.consumers, BLOCK_M=config.block_m, ROWS=MERGE_ROWS, BLOCK_D=block_d,
-                 RETURN_LSE=return_lse, num_warps=4))
+    attention = (sage_fwd_sm90_pingpong_kernel, grid, scales,
+                 (part_o, part_lse, *out.stride(), *sizes, q_tiles, bh, whole, splits), kwargs)
+    if splits == 1:
+        return attention, None
+    merge_programs = config.consumers * (items * bh - whole) * config.block_m // MERGE_ROWS
+    merge = (sage_fwd_tail_merge_kernel, (merge_programs,), (part_o, part_lse),
+             (*out.stride(), heads, nq, items, whole),
+             dict(SPLITS=splits, TILES=config.consumers, BLOCK_M=config.block_m, ROWS=MERGE_ROWS, BLOCK_D=block_d,
+                  RETURN_LSE=return_lse, num_warps=4))
+    return attention, merge
 
 
 # The grid's tail (bench/NOTES.md, "The grid's tail at Flux, measured"): a ping-pong program fills a

@@ -383,7 +383,7 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
         hopper_launch.launch(qz, out, lse, bad, heads=H, kv_heads=HK, q_group=q_group, v_shift=v_shift,
                              return_lse=return_lse, config=config, run=plan.run,
                              tma=plan.derive("tma", lambda: hopper_launch.descriptors(qz, config)),
-                             v=None if pv_fp8 else v)
+                             v=None if pv_fp8 else v, derive=plan.derive)
     else:
         plan.run("attention", sage_attention_fwd_kernel, grid, (
             qz["q8"], qz["q_scale"], qz["k8"], k_scale, v, v8, v_scale, v_shift if v_shift is not None else k_scale,

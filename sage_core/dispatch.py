@@ -123,8 +123,8 @@ def to_hnd(t: torch.Tensor, layout: str) -> torch.Tensor:
     return t if layout == "HND" else t.transpose(1, 2)
 
 
-def validate(q, k, v, tensor_layout: str, attn_mask=None) -> None:
-    """Raise a clear error naming the argument for input no attention can take."""
+def validate(q, k, v, tensor_layout: str, attn_mask=None) -> tuple:
+    """Raise a clear error naming the argument for input no attention can take; returns q, k and v as HND views."""
     if tensor_layout not in LAYOUTS:
         raise ValueError(f"tensor_layout={tensor_layout!r} is unknown: use 'HND' ([B,H,N,D]) or 'NHD' ([B,N,H,D])")
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -155,6 +155,7 @@ def validate(q, k, v, tensor_layout: str, attn_mask=None) -> None:
         except RuntimeError:
             raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
                              f"[B, H, Nq, Nk] = {[qh.shape[0], qh.shape[1], qh.shape[2], kh.shape[2]]}") from None
+    return qh, kh, vh
 
 
 def key_bias(attn_mask, b: int, h: int, nq: int, nk: int):
@@ -223,8 +224,7 @@ def attention(q, k, v, *, tensor_layout="HND", is_causal=False, sm_scale=None, a
     which `auto` times in place of PyTorch's SDPA when it first decides for calls of this kind."""
     config = config or DEFAULT_CONFIG
     stats = stats or GLOBAL_STATS
-    validate(q, k, v, tensor_layout, attn_mask)
-    qh, kh, vh = (to_hnd(t, tensor_layout) for t in (q, k, v))
+    qh, kh, vh = validate(q, k, v, tensor_layout, attn_mask)
     if rope is not None:
         rotary.validate(rope, qh, kh)
     B, H, NQ, D = qh.shape

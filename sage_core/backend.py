@@ -8,7 +8,8 @@ import functools
 
 import torch
 
-from ..kernels.tuning import cuda_capability, interpreting  # triton-free: importing it loads no Triton
+from ..kernels import tuning  # triton-free: importing it loads no Triton
+from ..kernels.tuning import cuda_capability, interpreting
 from .config import SageConfig
 
 LOG2E = 1.4426950408889634
@@ -72,23 +73,28 @@ def supports_fp8(device: torch.device) -> bool:
 
 
 def arch_family(device: torch.device) -> str:
-    from ..kernels import tuning
-
     return tuning.arch_family(None if interpreting() and device.type == "cpu" else cuda_capability(device))
+
+
+@functools.cache
+def kernel_launch():
+    """kernels.launch, imported on its first call (it loads Triton) and kept: an import statement in the functions
+    below cost about 2 µs of host time per attention call."""
+    from ..kernels import launch
+
+    return launch
 
 
 def run(q, k, v, *, layout: str, sm_scale: float, is_causal: bool, bias, config: SageConfig, pv_fp8: bool,
         return_lse: bool, launch_config=None, repair_counter=None, rope=None):
     """Run the Triton path on HND views; returns (output in the caller's layout, lse or None, bad flags). rope: a
     rotary table Q and K are rotated by inside the quantization (launch.quantize_qkv)."""
-    from ..kernels import launch
-
     B, H, NQ, D = q.shape
     cfg = launch_config or call_config(q, k, config=config, pv_fp8=pv_fp8, is_causal=is_causal)
     # output allocated contiguous in the caller's layout, handed to the kernel as an HND view
     out = torch.empty((B, NQ, H, D) if layout == "NHD" else (B, H, NQ, D), device=q.device, dtype=q.dtype)
     out_hnd = out.transpose(1, 2) if layout == "NHD" else out
-    lse, bad = launch.sage_forward(
+    lse, bad = kernel_launch().sage_forward(
         q, k, v, out_hnd, sm_scale=sm_scale, is_causal=is_causal, bias=bias, q_group=config.q_group_rows,
         k_group=config.k_group_rows, pv_fp8=pv_fp8, smooth_k=config.smooth_k, smooth_v=config.smooth_v,
         return_lse=return_lse, config=cfg, repair_counter=repair_counter, rope=rope)
@@ -98,10 +104,8 @@ def run(q, k, v, *, layout: str, sm_scale: float, is_causal: bool, bias, config:
 def call_config(q, k, *, config: SageConfig, pv_fp8: bool, is_causal: bool):
     """The launch configuration `run` takes for these HND inputs when none is given (tuning_for, with the Q tile
     pinned where per-block Q quantization needs it)."""
-    from ..kernels import launch
-
     pinned_m = config.quant_block if config.qk_granularity == "per_block" else None
-    return tuning_for(q.device, "fp8" if pv_fp8 else "fp16", launch.padded_head_dim(q.shape[-1]), pinned_m,
+    return tuning_for(q.device, "fp8" if pv_fp8 else "fp16", kernel_launch().padded_head_dim(q.shape[-1]), pinned_m,
                       q.shape[2], k.shape[2], str(q.dtype), is_causal)
 
 
@@ -109,8 +113,6 @@ def tuning_for(device, pv: str, block_d: int, pinned_m, nq: int, nk: int, dtype:
     """The launch configuration: an autotuned one from the disk cache if present, else the arch table's. Looked up
     once per distinct call (its key strings and the arch family cost microseconds of host time on every call); a
     new entry in the launch cache (`tune`) starts the answers over."""
-    from ..kernels import tuning
-
     return tuned_config(device, pv, block_d, pinned_m, nq, nk, dtype, is_causal, tuning.interpreting(),
                         launch_cache().generation)
 
@@ -120,8 +122,6 @@ def tuned_config(device, pv: str, block_d: int, pinned_m, nq: int, nk: int, dtyp
                  interpreting: bool, generation: int):
     """tuning_for's lookup itself, cached by its arguments, the interpreter switch (which sets the arch family) and
     the launch cache's generation."""
-    from ..kernels import tuning
-
     family = arch_family(device)
     if family != "cpu":
         # the tuned entry for this length bucket, else the nearest shorter tuned one (a longer sequence runs
@@ -137,16 +137,12 @@ def tuned_config(device, pv: str, block_d: int, pinned_m, nq: int, nk: int, dtyp
 
 
 def tuning_key(device, pv, block_d, pinned_m, nq, nk, dtype, is_causal) -> str:
-    from ..kernels import tuning
-
     return (f"{pv}|d{block_d}|m{pinned_m or 'any'}|nq{tuning.seq_bucket(nq)}|nk{tuning.seq_bucket(nk)}|"
             f"{dtype.replace('torch.', '')}|{'causal' if is_causal else 'full'}")
 
 
 @functools.lru_cache(maxsize=None)
 def launch_cache():
-    from ..kernels import tuning
-
     family = arch_family(torch.device("cuda")) if torch.cuda.is_available() else None
     return tuning.TuningCache(f"launch-{device_tag()}.json", tuning.shipped_table(gpu_name(), "launch", family))
 

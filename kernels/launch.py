@@ -197,8 +197,9 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
     v_code_sums [B*HK, programs, block_d] (each V program's per-channel sums of its dequantized codes);
     pv_key_order stores v8's keys in the order the Hopper kernel's P operand takes them. run: a call plan's
     launcher. rope: None, or a rotary table (ComfyUI's pe, or rope_table's layout) Q and K are coded rotated by.
-    derive: a call plan's CallPlan.derive, which keeps what the shapes fix (quant_launches) for the plan's later
-    calls instead of working it out again on each.
+    derive: a call plan's CallPlan.derive, which keeps what the shapes fix (quant_launches, and the launches'
+    arguments from the plan's buffers to the sizes) for the plan's later calls instead of working it out again on
+    each.
 
     v_shift: with pv_fp8, a [B*HK, block_d] FP32 buffer for the output shift, the vector the attention kernels add
     to their output: V's mean minus the mean of its dequantized FP8 codes (the smoothed V's, when it was), so that
@@ -224,14 +225,21 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
                               smooth_v=smooth_v, pv_fp8=pv_fp8, pv_key_order=pv_key_order, finish_shift=finish_shift,
                               rope=rope is not None, v_padded=out["v_padded"])
 
-    sizes, tail, launches = derive("quant_launches", layout) if derive is not None else layout()
-    dummy = out["q_scale"]  # stands in for buffers a launch does not write
-    args = (q, k, v, out["parts"], out["q8"], out["q_scale"], out["k8"], out["k_scale"],
-            out["k_mean"] if smooth_k else dummy, out["v8"] if pv_fp8 else dummy,
-            out["v_scale"] if pv_fp8 else dummy, out["v_mean"] if need_v_stats else dummy,
-            out["v_code_sums"] if pv_fp8 else dummy, v_shift if finish_shift else dummy,
-            out["v_tickets"] if finish_shift else dummy, *q.stride(), *k.stride(), *v.stride(),
-            *sizes, float(q_multiplier), out["v_padded"], float(v_code_max), *tail, *rope_arguments(rope, dummy))
+    def fixed_arguments():
+        """The launches, and their arguments from the buffers to the sizes: all fixed by a plan's signature (its
+        buffers, the inputs' strides and shapes)."""
+        sizes, tail, launches = layout()
+        dummy = out["q_scale"]  # stands in for buffers a launch does not write
+        middle = (out["parts"], out["q8"], out["q_scale"], out["k8"], out["k_scale"],
+                  out["k_mean"] if smooth_k else dummy, out["v8"] if pv_fp8 else dummy,
+                  out["v_scale"] if pv_fp8 else dummy, out["v_mean"] if need_v_stats else dummy,
+                  out["v_code_sums"] if pv_fp8 else dummy, v_shift if finish_shift else dummy,
+                  out["v_tickets"] if finish_shift else dummy, *q.stride(), *k.stride(), *v.stride(), *sizes)
+        return middle, tail, launches
+
+    middle, tail, launches = derive("quant_launches", fixed_arguments) if derive is not None else fixed_arguments()
+    args = (q, k, v, *middle, float(q_multiplier), out["v_padded"], float(v_code_max), *tail,
+            *rope_arguments(rope, out["q_scale"]))
     for site, grid, kwargs in launches:
         run(site, quantize_kernel, grid, args, kwargs)
     return out
@@ -385,32 +393,37 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
                              tma=plan.derive("tma", lambda: hopper_launch.descriptors(qz, config)),
                              v=None if pv_fp8 else v, derive=plan.derive)
     else:
-        plan.run("attention", sage_attention_fwd_kernel, grid, (
-            qz["q8"], qz["q_scale"], qz["k8"], k_scale, v, v8, v_scale, v_shift if v_shift is not None else k_scale,
-            bias if bias is not None else k_scale, out, lse, bad,
-            *v.stride(), *out.stride(), *bias_strides,
-            H, H // HK, NQ, NK, D, qz["q_scale"].shape[-1], k_scale.shape[-1], qz["v_padded"]),
-            plan.derive("attention_constants", lambda: dict(
+        def attention_launch():
+            """The portable launch's arguments after the flags (strides and sizes) and its compile-time ones."""
+            return (*v.stride(), *out.stride(), *bias_strides, H, H // HK, NQ, NK, D, qz["q_scale"].shape[-1],
+                    k_scale.shape[-1], qz["v_padded"]), dict(
                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, Q_GROUP=q_group, K_GROUP=k_group,
                 PV_FP8=pv_fp8, SHIFT_V=v_shift is not None, IS_CAUSAL=is_causal, HAS_BIAS=bias is not None,
                 RETURN_LSE=return_lse, BF16_DOT_IN_FP32=interpreting() and v.dtype == torch.bfloat16,
                 FP8_ROUND_IN_FP32=interpreting(), EVEN_D=D == block_d, WARP_SPECIALIZE=config.warp_specialize,
                 MAGIC_CONVERT=config.magic_convert, PV_DIRECT=config.pv_direct, PV_FP16_TILES=fp16_tiles,
                 num_warps=config.num_warps, num_stages=config.num_stages,
-                **({"maxnreg": config.max_registers} if config.max_registers and not interpreting() else {}))))
+                **({"maxnreg": config.max_registers} if config.max_registers and not interpreting() else {}))
+
+        after, constants = plan.derive("attention_launch", attention_launch)
+        plan.run("attention", sage_attention_fwd_kernel, grid, (
+            qz["q8"], qz["q_scale"], qz["k8"], k_scale, v, v8, v_scale, v_shift if v_shift is not None else k_scale,
+            bias if bias is not None else k_scale, out, lse, bad, *after), constants)
     if return_lse and k_mean is not None:
         # K smoothing shifted every score of a row by q·mean(K)·scale: add it back for the true LSE
         km = k_mean[:, :D].view(B, HK, D).repeat_interleave(H // HK, dim=1)
         lse += torch.einsum("bhnd,bhd->bhn", q.float(), km) * sm_scale
     if repair_counter is not None:  # after the LSE correction: repaired rows get their exact LSE
-        plan.run("repair", repair_tiles_kernel, grid, (
-            q, k, v, bias if bias is not None else k_scale, out, lse, bad, repair_counter,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bias_strides,
-            H, H // HK, NQ, NK, D, sm_scale * LOG2E, *rope_arguments(rope, k_scale)),
-            plan.derive("repair_constants", lambda: dict(
+        def repair_launch():
+            """The repair launch's strides and sizes, and its compile-time arguments."""
+            return (*q.stride(), *k.stride(), *v.stride(), *out.stride(), *bias_strides, H, H // HK, NQ, NK, D), dict(
                 BLOCK_M=block_m, BLOCK_N=repair_block_n(block_m, block_d), BLOCK_D=block_d, IS_CAUSAL=is_causal,
-                HAS_BIAS=bias is not None, RETURN_LSE=return_lse, ROPE=rope is not None, num_warps=4,
-                num_stages=1)))
+                HAS_BIAS=bias is not None, RETURN_LSE=return_lse, ROPE=rope is not None, num_warps=4, num_stages=1)
+
+        sizes, constants = plan.derive("repair_launch", repair_launch)
+        plan.run("repair", repair_tiles_kernel, grid, (
+            q, k, v, bias if bias is not None else k_scale, out, lse, bad, repair_counter, *sizes,
+            sm_scale * LOG2E, *rope_arguments(rope, k_scale)), constants)
     return (lse if return_lse else None), bad
 
 

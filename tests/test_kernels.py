@@ -899,7 +899,7 @@ def test_a_plan_keeps_what_its_first_call_worked_out(monkeypatch):
     q, k, v = inputs(1, 2, 2, 64, 64, 64, torch.float16, seed=23)
     first, _, _ = run_kernel(q, k, v, cfg)
     plan = next(iter(PLANS.plans.values()))
-    assert {"quant_launches", "attention_constants"} <= set(plan.derived)
+    assert {"quant_launches", "attention_launch"} <= set(plan.derived)
     shipped = launch.QUANT_WARPS
     monkeypatch.setattr(launch, "QUANT_WARPS", shipped // 2)
     kept, _, _ = run_kernel(q, k, v, cfg)

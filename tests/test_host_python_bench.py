@@ -12,14 +12,17 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get
                                 reason="no GPU and TRITON_INTERPRET is not 1: the kernels cannot run here")
 
 
-def test_the_calls_are_timed_and_the_launch_sites_given_back(tmp_path):
+@pytest.mark.parametrize("through", ["dispatch", "override"])
+def test_the_calls_are_timed_and_the_launch_sites_given_back(tmp_path, through):
     from sage_attention_pack.kernels import call_plan
 
     module = bench_script.load("host_python")
     real_run = call_plan.CallPlan.run
     out = tmp_path / "host.json"
-    assert module.main(["--shape", "1", "64", "2", "64", "--calls", "20", "--repeats", "2", "--out", str(out)]) == 0
+    assert module.main(["--shape", "1", "64", "2", "64", "--calls", "20", "--repeats", "2", "--through", through,
+                        "--out", str(out)]) == 0
     result = json.loads(out.read_text())
+    assert result["through"] == through
     assert 0 < result["min_us"] <= result["median_us"] and len(result["samples_us"]) == 2
     # the first call and every timed one went through Sage's dispatcher
     assert sum(result["served"].values()) == 1 + 2 * 20 and result["environment"]["torch"]
@@ -32,3 +35,6 @@ def test_bad_arguments_are_named_before_any_work(capsys):
         with pytest.raises(SystemExit) as hit:
             module.main(bad)
         assert hit.value.code == 2 and "at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as hit:
+        module.main(["--through", "comfyui"])
+    assert hit.value.code == 2 and "invalid choice" in capsys.readouterr().err

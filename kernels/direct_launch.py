@@ -154,15 +154,20 @@ class RawLaunch:
     def of(cls, compiled):
         """The RawLaunch of a compiled kernel (its handles initialised), or None where its launcher is not Triton
         3.6's as described above, or the kernel needs scratch memory (allocated per launch)."""
-        runner = compiled.run
         try:
-            if runner.global_scratch_size or runner.profile_scratch_size:
-                return None
-            head = (runner.launch_cooperative_grid, runner.launch_pdl, None, None, compiled.packed_metadata, None,
-                    None, None)
-            launch = runner.launch
-        except AttributeError:
+            return cls.recognised(compiled)
+        except Exception:  # noqa: BLE001 - a launcher unlike the one read: Triton's own path launches it
             return None
+
+    @classmethod
+    def recognised(cls, compiled):
+        """`of`, raising where the launcher lacks what it reads."""
+        runner = compiled.run
+        if runner.global_scratch_size or runner.profile_scratch_size:
+            return None
+        head = (runner.launch_cooperative_grid, runner.launch_pdl, None, None, compiled.packed_metadata, None, None,
+                None)
+        launch = runner.launch
         code = getattr(launch, "__code__", None)
         if code is None:  # the C launcher itself: a kernel without descriptors
             return cls(launch, head, (), (), None) if type(launch).__name__ == "builtin_function_or_method" else None

@@ -776,6 +776,26 @@ def test_direct_launches_repeat_the_first_call_bit_for_bit(key):
     assert rel_diff(out, exact(q2, k, v).to(out.dtype)) < EXACT_BOUNDS["int8_fp8"][1]
 
 
+def test_raw_launches_step_aside_for_launchers_they_do_not_know():
+    """RawLaunch.of reads Triton 3.6's launcher; anything else (another wrapper, missing attributes, scratch memory)
+    gets None, and the launch keeps Triton's own path."""
+    import types
+
+    from sage_attention_pack.kernels.direct_launch import RawLaunch
+
+    def inner(*args):  # a wrapper with the name but not the closure of Triton 3.6's
+        return args
+
+    runner = dict(global_scratch_size=0, profile_scratch_size=0, launch_cooperative_grid=False, launch_pdl=False)
+    for run in (object(), types.SimpleNamespace(**runner, launch=inner),
+                types.SimpleNamespace(**runner, launch=lambda *a: a),
+                types.SimpleNamespace(**{**runner, "global_scratch_size": 64}, launch=print)):
+        assert RawLaunch.of(types.SimpleNamespace(run=run, packed_metadata=None)) is None
+    # a C function as the launcher (a kernel without descriptors) is taken as it is
+    raw = RawLaunch.of(types.SimpleNamespace(run=types.SimpleNamespace(**runner, launch=print), packed_metadata=1))
+    assert raw is not None and raw.positions == () and raw.head == (False, False, None, None, 1, None, None, None)
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="direct launches exist on the GPU only (the interpreter runs "
                                              "every launch through Triton)")
 @pytest.mark.parametrize("key,pv", [(None, "fp8"), ("m64n128w4s4mcpdgppp", "fp8"), ("m64n128w4s4mcpdgppp", "fp16")])

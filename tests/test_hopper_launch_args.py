@@ -80,7 +80,7 @@ def test_launches_bind_every_parameter_and_later_calls_take_their_own_tensors(co
 
     # the persistent grid: one program per multiprocessor, counted on the GPU; an H100 SXM's 132 here
     monkeypatch.setattr(hopper_launch, "multiprocessors", lambda device: 132)
-    for attempt in range(2):  # the plan's first call, then a later one with new tensors of the same shapes
+    for _ in range(2):  # the plan's first call, then a later one with new tensors of the same shapes
         v = None if pv_fp8 else torch.empty(b, hk, nk, d, dtype=torch.bfloat16)
         launches, out, lse, bad, tma = call(qz, config, b=b, h=h, hk=hk, nq=nq, d=d, return_lse=return_lse,
                                             derive=derive, v=v, v_shift=v_shift)

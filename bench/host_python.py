@@ -4,13 +4,14 @@ the first call has compiled and planned for real. What is left is the host work 
 without Triton's launcher (bench/host_time.py measures the whole host time per call on a GPU).
 
     python bench/host_python.py [--shape 1 256 24 128] [--calls 1000] [--repeats 7] [--kernel int8_fp8]
-                                [--through dispatch|override]
+                                [--through dispatch|dispatch_rope|override]
 
 Reports the minimum and median over --repeats of the mean µs per call over --calls calls (CPU time of this
 process: what the machine's other work takes is not counted). On a CPU the first call runs through Triton's
 interpreter (TRITON_INTERPRET=1 is set when there is no GPU); the timed calls then take the path a GPU's call
 plan takes up to its launches, with the portable kernel's launch sites (the Hopper kernel's need an sm90 GPU).
---through override times the same calls through the ComfyUI node's attention hook, as a model's forward makes them.
+--through override times the same calls through the ComfyUI node's attention hook, as a model's forward makes them;
+--through dispatch_rope with a rotary table handed over, as the models' rotary hand-offs call the dispatcher.
 """
 from __future__ import annotations
 
@@ -36,13 +37,24 @@ from sage_attention_pack.sage_core.dispatch import DispatchStats, attention  # n
 
 def one_call(q, k, v, kernel: str, through: str):
     """A function of no arguments making one call the way `through` says, and the stats that count it: "dispatch",
-    sage_core's dispatcher on [B, N, H, D] views; "override", the ComfyUI node's attention hook (SageOverride) as a
-    model's forward calls it, on [B, N, H·D] tensors inside one forward's counter (nodes/override.py imports nothing
-    of ComfyUI)."""
+    sage_core's dispatcher on [B, N, H, D] views; "dispatch_rope", the same with a rotary table handed over as the
+    models' hand-offs hand theirs (rope.handed_pe: kept from the call before); "override", the ComfyUI node's
+    attention hook (SageOverride) as a model's forward calls it, on [B, N, H·D] tensors inside one forward's counter
+    (nodes/override.py imports nothing of ComfyUI)."""
     config = SageConfig(kernel=kernel)
     if through == "dispatch":
         stats = DispatchStats()
         return (lambda: attention(q, k, v, tensor_layout="NHD", config=config, stats=stats)), stats
+    if through == "dispatch_rope":
+        from sage_attention_pack.sage_core import rope
+
+        n, d = q.shape[1], q.shape[-1]
+        angles = torch.rand(1, 1, n, d // 2, device=q.device) * 6.28
+        cos, sin = angles.cos(), angles.sin()
+        pe = torch.stack((cos, -sin, sin, cos), -1).view(1, 1, n, d // 2, 2, 2)  # Flux's layout, one table for all
+        table = rope.handed_pe(pe)  # what a model's hand-off gives: the kernels' layout, made once and then kept
+        stats = DispatchStats()
+        return (lambda: attention(q, k, v, tensor_layout="NHD", config=config, stats=stats, rope=table())), stats
     from sage_attention_pack.nodes import routing
     from sage_attention_pack.nodes.override import SageOverride
 
@@ -78,7 +90,7 @@ def per_call_us(calls: int, repeats: int, shape, kernel: str, through: str = "di
         call_plan.CallPlan.run = real_run
     return {"shape_bnhd": list(shape), "device": device, "kernel": kernel, "through": through, "calls": calls,
             "min_us": min(samples), "median_us": statistics.median(samples), "samples_us": samples,
-            "served": stats.snapshot()["sage"]}
+            "served": stats.snapshot()["sage"], "rotary_fused": stats.snapshot()["rotary_fused"]}
 
 
 def main(argv=None) -> int:
@@ -87,8 +99,9 @@ def main(argv=None) -> int:
     ap.add_argument("--calls", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--kernel", default="int8_fp8", choices=["int8_fp8", "int8_fp16"])
-    ap.add_argument("--through", default="dispatch", choices=["dispatch", "override"],
-                    help="sage_core's dispatcher, or the ComfyUI node's attention hook in ComfyUI's call convention")
+    ap.add_argument("--through", default="dispatch", choices=["dispatch", "dispatch_rope", "override"],
+                    help="sage_core's dispatcher (with a rotary table handed over: dispatch_rope), or the ComfyUI "
+                         "node's attention hook in ComfyUI's call convention")
     ap.add_argument("--out", default=None, help="also write the result as JSON here")
     args = ap.parse_args(argv)
     if args.calls < 1 or args.repeats < 1 or min(args.shape) < 1:

@@ -175,6 +175,12 @@ def rope_arguments(table: torch.Tensor | None, dummy: torch.Tensor) -> tuple:
             table.stride(2))
 
 
+def rope_strides(table: torch.Tensor | None) -> tuple:
+    """rope_arguments less the table itself (its layout checked): what a call plan keeps, as the table's shape,
+    strides and dtype are in its signature."""
+    return rope_arguments(table, None)[1:]
+
+
 def launch_now(site: str, fn, grid: tuple, args: tuple, kwargs: dict) -> None:
     """A launch outside any call plan (the `run` of quantize_qkv's and hopper_launch's callers without one)."""
     run_kernel(fn, grid, args, kwargs)
@@ -235,11 +241,12 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
                   out["v_scale"] if pv_fp8 else dummy, out["v_mean"] if need_v_stats else dummy,
                   out["v_code_sums"] if pv_fp8 else dummy, v_shift if finish_shift else dummy,
                   out["v_tickets"] if finish_shift else dummy, *q.stride(), *k.stride(), *v.stride(), *sizes)
-        return middle, tail, launches
+        return middle, tail, launches, rope_strides(rope)
 
-    middle, tail, launches = derive("quant_launches", fixed_arguments) if derive is not None else fixed_arguments()
+    middle, tail, launches, table_strides = derive("quant_launches", fixed_arguments) if derive is not None \
+        else fixed_arguments()
     args = (q, k, v, *middle, float(q_multiplier), out["v_padded"], float(v_code_max), *tail,
-            *rope_arguments(rope, out["q_scale"]))
+            rope if rope is not None else out["q_scale"], *table_strides)
     for site, grid, kwargs in launches:
         run(site, quantize_kernel, grid, args, kwargs)
     return out
@@ -415,15 +422,17 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
         lse += torch.einsum("bhnd,bhd->bhn", q.float(), km) * sm_scale
     if repair_counter is not None:  # after the LSE correction: repaired rows get their exact LSE
         def repair_launch():
-            """The repair launch's strides and sizes, and its compile-time arguments."""
-            return (*q.stride(), *k.stride(), *v.stride(), *out.stride(), *bias_strides, H, H // HK, NQ, NK, D), dict(
-                BLOCK_M=block_m, BLOCK_N=repair_block_n(block_m, block_d), BLOCK_D=block_d, IS_CAUSAL=is_causal,
-                HAS_BIAS=bias is not None, RETURN_LSE=return_lse, ROPE=rope is not None, num_warps=4, num_stages=1)
+            """The repair launch's strides and sizes, the rotary table's strides, and its compile-time arguments."""
+            return (*q.stride(), *k.stride(), *v.stride(), *out.stride(), *bias_strides, H, H // HK, NQ, NK, D), \
+                rope_strides(rope), dict(
+                    BLOCK_M=block_m, BLOCK_N=repair_block_n(block_m, block_d), BLOCK_D=block_d, IS_CAUSAL=is_causal,
+                    HAS_BIAS=bias is not None, RETURN_LSE=return_lse, ROPE=rope is not None, num_warps=4,
+                    num_stages=1)
 
-        sizes, constants = plan.derive("repair_launch", repair_launch)
+        sizes, table_strides, constants = plan.derive("repair_launch", repair_launch)
         plan.run("repair", repair_tiles_kernel, grid, (
             q, k, v, bias if bias is not None else k_scale, out, lse, bad, repair_counter, *sizes,
-            sm_scale * LOG2E, *rope_arguments(rope, k_scale)), constants)
+            sm_scale * LOG2E, rope if rope is not None else k_scale, *table_strides), constants)
     return (lse if return_lse else None), bad
 
 

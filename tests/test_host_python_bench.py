@@ -12,7 +12,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get
                                 reason="no GPU and TRITON_INTERPRET is not 1: the kernels cannot run here")
 
 
-@pytest.mark.parametrize("through", ["dispatch", "override"])
+@pytest.mark.parametrize("through", ["dispatch", "dispatch_rope", "override"])
 def test_the_calls_are_timed_and_the_launch_sites_given_back(tmp_path, through):
     from sage_attention_pack.kernels import call_plan
 
@@ -26,6 +26,7 @@ def test_the_calls_are_timed_and_the_launch_sites_given_back(tmp_path, through):
     assert 0 < result["min_us"] <= result["median_us"] and len(result["samples_us"]) == 2
     # the first call and every timed one went through Sage's dispatcher
     assert sum(result["served"].values()) == 1 + 2 * 20 and result["environment"]["torch"]
+    assert result["rotary_fused"] == (1 + 2 * 20 if through == "dispatch_rope" else 0)  # the table reached Sage
     assert call_plan.CallPlan.run is real_run
 
 

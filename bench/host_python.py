@@ -48,10 +48,8 @@ def one_call(q, k, v, kernel: str, through: str):
     if through == "dispatch_rope":
         from sage_attention_pack.sage_core import rope
 
-        n, d = q.shape[1], q.shape[-1]
-        angles = torch.rand(1, 1, n, d // 2, device=q.device) * 6.28
-        cos, sin = angles.cos(), angles.sin()
-        pe = torch.stack((cos, -sin, sin, cos), -1).view(1, 1, n, d // 2, 2, 2)  # Flux's layout, one table for all
+        positions = torch.arange(q.shape[1], device=q.device)[None]
+        pe = rope.axis_table(positions, q.shape[-1], 10000.0).unsqueeze(1)  # Flux's layout, one table for all heads
         table = rope.handed_pe(pe)  # what a model's hand-off gives: the kernels' layout, made once and then kept
         stats = DispatchStats()
         return (lambda: attention(q, k, v, tensor_layout="NHD", config=config, stats=stats, rope=table())), stats

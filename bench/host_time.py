@@ -122,5 +122,6 @@ def main(argv=None) -> int:
         direct_launch.RAW_LAUNCHES = shipped
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,7 +4,6 @@ takes longer than the GPU's (short calls, small models), each microsecond the at
 the forward, whatever its kernels save on the device.
 
     python bench/host_time.py [--shapes ltxv_768x512_97f flux_1024px] [--calls 60] [--rounds 3] [--out F.json]
-                              [--triton-launcher]
 
 For each shape of bench/rope_call.py and each way of calling (Sage with the model's table handed over, as the
 hand-off calls it; Sage on Q and K already rotated; PyTorch's SDPA on the same Q, K and V, no rotation), --calls
@@ -12,8 +11,7 @@ calls are issued back to back: the time until the last one returns to Python is 
 (well under the launch queue's depth, so the host never waits on the GPU), and the time until the GPU finishes
 them is the wall time. The ways alternate over --rounds rounds; the report is the median per way. Without a GPU it
 runs the calls through Triton's interpreter at a few heads and tokens (for the tests: the figures then say nothing
-of a GPU host). --triton-launcher launches every kernel through Triton's own launcher (kernels/direct_launch.py,
-RAW_LAUNCHES off), to time what the pack's launch path saves.
+of a GPU host).
 """
 from __future__ import annotations
 
@@ -27,7 +25,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sage_attention_pack.kernels import direct_launch
 from sage_attention_pack.sage_core import bench
 from sage_attention_pack.sage_core.config import SageConfig
 from sage_attention_pack.sage_core.dispatch import DispatchStats, attention
@@ -97,29 +94,20 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--kernel", default="int8_fp8", choices=["int8_fp8", "int8_fp16"])
     ap.add_argument("--out", default="host_time.json")
-    ap.add_argument("--triton-launcher", action="store_true",
-                    help="launch through Triton's own launcher, not the C launcher with descriptors encoded once")
     args = ap.parse_args(argv)
     unknown = [s for s in args.shapes if s not in rope_call.SHAPES]
     if args.calls < 1 or args.rounds < 1 or unknown:
         ap.error(f"--calls and --rounds must be at least 1 and every shape one of {', '.join(rope_call.SHAPES)} "
                  f"(not {unknown})")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    result = {"environment": bench.environment(), "kernel": args.kernel, "raw_launches": not args.triton_launcher,
-              "calls_per_sample": args.calls, "rounds": args.rounds, "shapes": {}}
-    shipped = direct_launch.RAW_LAUNCHES
-    direct_launch.RAW_LAUNCHES = not args.triton_launcher
-    try:
-        for shape in progress(args.shapes, desc="shapes"):
-            row = result["shapes"][shape] = measure(shape, device, args.calls, args.rounds,
-                                                    SageConfig(kernel=args.kernel))
-            print(f"{shape}: " + ", ".join(f"{name} host {row[name]['host_us']:.0f} us, wall "
-                                           f"{row[name]['wall_us']:.0f} us"
-                                           for name in ("sage_rotation_fused", "sage_prerotated", "sdpa")), flush=True)
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=1)
-    finally:
-        direct_launch.RAW_LAUNCHES = shipped
+    result = {"environment": bench.environment(), "kernel": args.kernel, "calls_per_sample": args.calls,
+              "rounds": args.rounds, "shapes": {}}
+    for shape in progress(args.shapes, desc="shapes"):
+        row = result["shapes"][shape] = measure(shape, device, args.calls, args.rounds, SageConfig(kernel=args.kernel))
+        print(f"{shape}: " + ", ".join(f"{name} host {row[name]['host_us']:.0f} us, wall {row[name]['wall_us']:.0f} us"
+                                       for name in ("sage_rotation_fused", "sage_prerotated", "sdpa")), flush=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
     return 0
 
 

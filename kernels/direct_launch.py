@@ -113,113 +113,34 @@ class DirectLaunches:
         self.run_entry(entry, grid, args, kwargs)
         return entry
 
-    def run_entry(self, entry, grid: tuple, args: tuple, kwargs: dict, stream=None, raw=None) -> None:
+    def run_entry(self, entry, grid: tuple, args: tuple, kwargs: dict, stream=None) -> None:
         """Launch a kept entry on `stream`, by default the current device's current stream (the caller knows the
-        key matches); raw: the entry's RawLaunch, which then launches it below Triton's Python wrappers."""
+        key matches)."""
         compiled, params = entry
         self.hits += 1
         runner = compiled.run  # initialises the kernel's handles on first use
         grid = tuple(grid) + (1,) * (3 - len(grid))
         if stream is None:
             stream = driver.active.get_current_stream(torch.cuda.current_device())
-        if raw is not None:
-            raw(grid, stream, compiled.function, (*args, *(kwargs[n] for n in params)))
-            return
         runner(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, None, None, None,
                *args, *(kwargs[n] for n in params))
 
 
-# Triton 3.6's CUDA launcher (triton/backends/nvidia/driver.py): CudaLauncher.__call__ allocates the kernel's
-# scratch buffers and calls its `launch`; for a kernel with tensor descriptors that is a Python wrapper that
-# encodes every descriptor's CUtensorMap (the driver's cuTensorMapEncodeTiled) and flattens all arguments again
-# on each launch before the C launcher runs. A call plan's descriptors lie over its own buffers, which stay put:
-# RawLaunch encodes each descriptor once and calls the C launcher itself. Where a Triton's launcher is built
-# otherwise (another version), RawLaunch.of finds nothing and launches keep Triton's own path.
-RAW_LAUNCHES = False  # off until measured on a GPU; the benchmarks switch it to time both paths
-C_LAUNCH_BASE_ARGS = 13  # grid (3), stream, function, cooperative, PDL, two scratch buffers, metadata, hooks (3)
-
-
-class RawLaunch:
-    """One compiled kernel's launch through Triton's C launcher, with its tensor descriptors encoded once per
-    descriptor object (a call plan's are made once; a call's own, as FP16 P·V's V, are encoded per launch, as
-    Triton does)."""
-
-    __slots__ = ("c_launch", "head", "positions", "metas", "encode", "encoded")
-
-    def __init__(self, c_launch, head: tuple, positions: tuple, metas: tuple, encode):
-        self.c_launch, self.head, self.positions, self.metas, self.encode = c_launch, head, positions, metas, encode
-        self.encoded = [None] * len(positions)  # per descriptor position: (descriptor, its flattened arguments)
-
-    @classmethod
-    def of(cls, compiled):
-        """The RawLaunch of a compiled kernel (its handles initialised), or None where its launcher is not Triton
-        3.6's as described above, or the kernel needs scratch memory (allocated per launch)."""
-        try:
-            return cls.recognised(compiled)
-        except Exception:  # noqa: BLE001 - a launcher unlike the one read: Triton's own path launches it
-            return None
-
-    @classmethod
-    def recognised(cls, compiled):
-        """`of`, raising where the launcher lacks what it reads."""
-        runner = compiled.run
-        if runner.global_scratch_size or runner.profile_scratch_size:
-            return None
-        head = (runner.launch_cooperative_grid, runner.launch_pdl, None, None, compiled.packed_metadata, None, None,
-                None)
-        launch = runner.launch
-        code = getattr(launch, "__code__", None)
-        if code is None:  # the C launcher itself: a kernel without descriptors
-            return cls(launch, head, (), (), None) if type(launch).__name__ == "builtin_function_or_method" else None
-        cells = dict(zip(code.co_freevars, launch.__closure__ or ()))
-        encode = launch.__globals__.get("make_tensordesc_arg")
-        if code.co_name != "inner" or not {"launcher", "tensordesc_indices", "tensordesc_meta"} <= cells.keys() \
-                or launch.__globals__.get("_BASE_ARGS_FORMAT_LEN") != C_LAUNCH_BASE_ARGS \
-                or getattr(getattr(encode, "__code__", None), "co_argcount", 0) != 2:
-            return None
-        positions = tuple(sorted(cells["tensordesc_indices"].cell_contents))
-        metas = cells["tensordesc_meta"].cell_contents or [None] * len(positions)
-        return cls(cells["launcher"].cell_contents, head, positions, tuple(metas), encode)
-
-    def __call__(self, grid: tuple, stream, function, args: tuple) -> None:
-        """Launch on `grid` (three sizes) with all the kernel's arguments (its compile-time ones included, in the
-        kernel's order, as Triton passes them)."""
-        if not self.positions:
-            self.c_launch(grid[0], grid[1], grid[2], stream, function, *self.head, *args)
-            return
-        flat, start = [], 0
-        for i, p in enumerate(self.positions):
-            flat += args[start:p]
-            descriptor, encoded = self.encoded[i] or (None, None)
-            if descriptor is not args[p]:  # a strong reference: its tensor, and the encoded address, stay valid
-                descriptor, encoded = self.encoded[i] = (args[p], self.encode(args[p], self.metas[i]))
-            flat += encoded
-            start = p + 1
-        flat += args[start:]
-        self.c_launch(grid[0], grid[1], grid[2], stream, function, *self.head, *flat)
-
-
 class LaunchSlot:
     """One launch site of a call plan (kernels/call_plan.py). A plan's signature fixes everything Triton
-    specialises on, so the entry its first launch found serves every later launch without a key, through the
-    slot's own RawLaunch where Triton's launcher allows one (its encoded descriptors are the plan's)."""
+    specialises on, so the entry its first launch found serves every later launch without a key."""
 
-    __slots__ = ("entry", "raw")
+    __slots__ = ("entry",)
 
     def __init__(self):
         self.entry = None
-        self.raw = None  # None: not looked for yet; False: none for this entry
 
     def __call__(self, fn, grid: tuple, args: tuple, kwargs: dict, stream=None) -> None:
         """Launch fn; stream: the raw handle of the current stream where the caller has it (None: asked here)."""
         if self.entry is not None and direct_path_open():
-            if self.raw is None and RAW_LAUNCHES:
-                self.entry[0].run  # noqa: B018 - initialises the kernel's handles, which RawLaunch.of reads
-                self.raw = RawLaunch.of(self.entry[0]) or False
-            LAUNCHES.run_entry(self.entry, grid, args, kwargs, stream, self.raw or None if RAW_LAUNCHES else None)
+            LAUNCHES.run_entry(self.entry, grid, args, kwargs, stream)
         else:
             self.entry = LAUNCHES.launch(fn, grid, args, kwargs)
-            self.raw = None
 
 
 def current_stream(device: torch.device):

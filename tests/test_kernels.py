@@ -776,62 +776,6 @@ def test_direct_launches_repeat_the_first_call_bit_for_bit(key):
     assert rel_diff(out, exact(q2, k, v).to(out.dtype)) < EXACT_BOUNDS["int8_fp8"][1]
 
 
-def test_raw_launches_step_aside_for_launchers_they_do_not_know():
-    """RawLaunch.of reads Triton 3.6's launcher; anything else (another wrapper, missing attributes, scratch memory)
-    gets None, and the launch keeps Triton's own path."""
-    import types
-
-    from sage_attention_pack.kernels.direct_launch import RawLaunch
-
-    def inner(*args):  # a wrapper with the name but not the closure of Triton 3.6's
-        return args
-
-    runner = dict(global_scratch_size=0, profile_scratch_size=0, launch_cooperative_grid=False, launch_pdl=False)
-    for run in (object(), types.SimpleNamespace(**runner, launch=inner),
-                types.SimpleNamespace(**runner, launch=lambda *a: a),
-                types.SimpleNamespace(**{**runner, "global_scratch_size": 64}, launch=print)):
-        assert RawLaunch.of(types.SimpleNamespace(run=run, packed_metadata=None)) is None
-    # a C function as the launcher (a kernel without descriptors) is taken as it is
-    raw = RawLaunch.of(types.SimpleNamespace(run=types.SimpleNamespace(**runner, launch=print), packed_metadata=1))
-    assert raw is not None and raw.positions == () and raw.head == (False, False, None, None, 1, None, None, None)
-
-
-@pytest.mark.skipif(DEVICE != "cuda", reason="direct launches exist on the GPU only (the interpreter runs "
-                                             "every launch through Triton)")
-@pytest.mark.parametrize("key,pv", [(None, "fp8"), ("m64n128w4s4mcpdgppp", "fp8"), ("m64n128w4s4mcpdgppp", "fp16")])
-def test_raw_launches_give_triton_launches_bits(key, pv, monkeypatch):
-    """Through Triton's C launcher with the plan's tensor descriptors encoded once (direct_launch.RawLaunch), calls
-    give the bits Triton's own launcher gives, FP16 P·V's per-call V descriptor included; with Triton 3.6 every
-    launch site of the plan takes that path."""
-    import triton
-
-    from sage_attention_pack.kernels import direct_launch
-
-    if key and not HOPPER:
-        pytest.skip(NO_HOPPER)
-    cfg = SageConfig(kernel="int8_fp8" if pv == "fp8" else "int8_fp16")
-    launch_cfg = tuning.LaunchConfig.from_key(key) if key else tuning.INTERPRETER_CONFIG
-    q, k, v = inputs(1, 4, 2, 300, 520, 128, torch.bfloat16, seed=4)
-    results = {}
-    for raw in (False, True):
-        monkeypatch.setattr(direct_launch, "RAW_LAUNCHES", raw)
-        PLANS.clear()
-        outs = []
-        for _ in range(3):  # the first call compiles and plans, the later ones launch directly
-            counter = torch.zeros(1, dtype=torch.int32, device=DEVICE)
-            outs.append(run_kernel(q, k, v, cfg, launch_cfg=launch_cfg, repair_counter=counter)[0])
-        plan = next(iter(PLANS.plans.values()))
-        results[raw] = outs, {site: slot.raw for site, slot in plan.slots.items()}
-    for out in results[True][0] + results[False][0][1:]:
-        assert torch.equal(out, results[False][0][0])
-    assert all(raw is None for raw in results[False][1].values())
-    if triton.__version__.startswith("3.6."):
-        assert all(isinstance(raw, direct_launch.RawLaunch) for raw in results[True][1].values()), results[True][1]
-        if key:  # the attention kernel takes its descriptors (Q's, K's codes; V's codes or V) through RawLaunch
-            assert len(results[True][1]["attention"].positions) == 3
-    PLANS.clear()
-
-
 def test_call_plans_reuse_their_buffers_and_every_call_stays_exact():
     cfg = SageConfig(kernel="int8_fp8")
     PLANS.clear()

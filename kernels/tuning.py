@@ -85,9 +85,21 @@ ARCH_TABLE = {
     ("sm120", "fp8"): {64: _c(128, 64, 4, 2, fp16_tiles=True), 128: _c(128, 64, 8, 2, fp16_tiles=True),
                        256: _c(64, 32, 8, 1, fp16_tiles=True)},
 }
+# A call asks `interpreting` once per launch and a few times besides: os.environ.get reaches the value through two
+# codec calls (~0.8 µs each time on a CPU machine), so the switch is read from os.environ's own mapping, which
+# os.environ's writes (and pytest's monkeypatch.setenv) keep current. Elsewhere, os.environ.get.
+_ENVIRON_DATA = getattr(os.environ, "_data", None)
+_INTERPRET_KEY = os.environ.encodekey("TRITON_INTERPRET") if isinstance(_ENVIRON_DATA, dict) and \
+    hasattr(os.environ, "encodekey") else None
+_SWITCHED_OFF = ("", "0", b"", b"0")
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if _INTERPRET_KEY is None:
+        return os.environ.get("TRITON_INTERPRET", "0") not in _SWITCHED_OFF
+    value = _ENVIRON_DATA.get(_INTERPRET_KEY)
+    return value is not None and value not in _SWITCHED_OFF
 
 
 @functools.lru_cache(maxsize=None)

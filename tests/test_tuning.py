@@ -1,6 +1,7 @@
 """Launch configurations: keys, the candidates autotuning tries per architecture, and which calls the Hopper
 Gluon kernel serves. No GPU needed."""
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -251,3 +252,15 @@ def test_hopper_kernel_declines_what_it_does_not_serve(monkeypatch):
     for change in (dict(config=dataclasses.replace(three, no_turns=False)), dict(head_dim=128, block_d=128),
                    dict(pv_fp8=False, v_tiles=True)):
         assert not hopper_launch.serves(cuda, **{**at_64, **change}), change
+
+
+@pytest.mark.parametrize("value,expected", [(None, False), ("1", True), ("0", False), ("", False), ("true", True)])
+def test_interpreting_follows_the_environment_as_it_changes(monkeypatch, value, expected):
+    """`interpreting` reads os.environ's own mapping (it is asked on every launch): set, cleared and changed
+    values through os.environ are seen at once, as os.environ.get sees them."""
+    if value is None:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert tuning.interpreting() is expected
+    assert expected == (os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))

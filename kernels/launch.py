@@ -162,23 +162,18 @@ def rope_table(rope: torch.Tensor | None) -> torch.Tensor | None:
     return table.flatten(-2).to(torch.float32).contiguous()
 
 
-def rope_arguments(table: torch.Tensor | None, dummy: torch.Tensor) -> tuple:
-    """The rotary table (rope_table's layout) and its batch, head and token strides as the kernels take them, a
-    stride of 0 along a batch or head axis of size 1 (the table broadcasts there); without a table, a buffer of the
-    call's in its place, never read."""
+def rope_strides(table: torch.Tensor | None) -> tuple:
+    """The rotary table's (rope_table's layout) batch, head and token strides as the kernels take them, a stride
+    of 0 along a batch or head axis of size 1 (the table broadcasts there), its layout checked; without a table,
+    zeros (a buffer of the call's then takes its place, never read). What a call plan keeps, as the table's shape,
+    strides and dtype are in its signature."""
     if table is None:
-        return (dummy, 0, 0, 0)
+        return (0, 0, 0)
     if table.dim() != 5 or table.shape[3] != 2 or table.stride()[3:] != (table.shape[4], 1):
         raise ValueError(f"rotary table of shape {tuple(table.shape)} and strides {tuple(table.stride())}: the "
                          "kernels take launch.rope_table's contiguous [B, H, N, 2, D] layout")
-    return (table, 0 if table.shape[0] == 1 else table.stride(0), 0 if table.shape[1] == 1 else table.stride(1),
+    return (0 if table.shape[0] == 1 else table.stride(0), 0 if table.shape[1] == 1 else table.stride(1),
             table.stride(2))
-
-
-def rope_strides(table: torch.Tensor | None) -> tuple:
-    """rope_arguments less the table itself (its layout checked): what a call plan keeps, as the table's shape,
-    strides and dtype are in its signature."""
-    return rope_arguments(table, None)[1:]
 
 
 def launch_now(site: str, fn, grid: tuple, args: tuple, kwargs: dict) -> None:

@@ -57,9 +57,9 @@ def test_the_kernels_table_holds_each_channels_own_and_partner_coefficient(dtype
     partner = x.unflatten(-1, (8, 2)).flip(-1).flatten(-2)
     assert torch.equal(table[..., 0, :] * x + table[..., 1, :] * partner, rotary.rotate(x, pe.float()))
     assert launch.rope_table(table) is table and launch.rope_table(None) is None
-    assert launch.rope_arguments(table[:, :1], table)[1:] == (table.stride(0), 0, 32)
+    assert launch.rope_strides(table[:, :1]) == (table.stride(0), 0, 32)
     with pytest.raises(ValueError, match=r"\[B, H, N, 2, D\]"):
-        launch.rope_arguments(pe.float(), table)
+        launch.rope_strides(pe.float())
 
 
 @pytest.mark.parametrize("b,hq,hk,n,d,pe_batch,pe_heads,layout", [

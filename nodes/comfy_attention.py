@@ -72,10 +72,8 @@ def parse(args: tuple, kwargs: dict) -> AttentionCall:
         # enable_gqa, K's and V's heads are their width over the head dim (ComfyUI's _heads_from_dim)
         b, d = q.shape[0], q.shape[-1] // heads
         q = q.view(b, -1, heads, d)
-        if a.get("enable_gqa"):
-            k, v = k.view(b, -1, kv_heads(k, d), d), v.view(b, -1, kv_heads(v, d), d)
-        else:
-            k, v = k.view(b, -1, heads, d), v.view(b, -1, heads, d)
+        k_heads, v_heads = (kv_heads(k, d), kv_heads(v, d)) if a.get("enable_gqa") else (heads, heads)
+        k, v = k.view(b, -1, k_heads, d), v.view(b, -1, v_heads, d)
     if mask is not None:
         if mask.ndim == 2:  # as ComfyUI's own sage/pytorch paths do: add batch, then heads
             mask = mask.unsqueeze(0)

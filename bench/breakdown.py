@@ -64,16 +64,19 @@ def kernel_ms(call) -> dict:
     return dict(sorted(per_kernel.items(), key=lambda kv: -kv[1]))
 
 
-def quantize_launch_bytes(shape, pv: str, config: SageConfig, q_group: int, k_group: int) -> list[int]:
+def quantize_launch_bytes(shape, pv: str, config: SageConfig, q_group: int, k_group: int,
+                          q_in_kernel: bool = False) -> list[int]:
     """Bytes each quantization launch of one call reads and writes in DRAM, in launch order (as
     launch.quantize_qkv splits the work; scales, means and partial sums left out, they are < 1%): with statistics,
     Q's codes beside K's sampled statistics (and V's full ones where V is coded or smoothed), then K's codes and
-    V's; without, Q's and K's codes in one. The codes' sizes are those of the launcher's own buffers."""
+    V's; without, Q's and K's codes in one. The codes' sizes are those of the launcher's own buffers. q_in_kernel:
+    the attention kernel codes Q (hopper_launch.codes_q_in_kernel), no launch reads or writes it."""
     b, h, n, d = shape
     head = torch.empty(shape, device="meta", dtype=torch.bfloat16)
     out = launch.quant_buffers(head, head, q_group=q_group, k_group=k_group, block_d=launch.padded_head_dim(d),
                                smooth_k=config.smooth_k, smooth_v=config.smooth_v, pv_fp8=pv == "fp8")
-    q_codes, k_codes = head.nbytes + out["q8"].nbytes, head.nbytes + out["k8"].nbytes  # bf16 read, codes written
+    q_codes = 0 if q_in_kernel else head.nbytes + out["q8"].nbytes  # bf16 read, codes written
+    k_codes = head.nbytes + out["k8"].nbytes
     v_codes = head.nbytes + out["v8"].nbytes if out["v8"] is not None else 0
     if not (config.smooth_k or out["v_mean"] is not None):  # no statistics: one launch
         return [q_codes + k_codes]
@@ -103,9 +106,12 @@ def breakdown(shape, pv: str, launch_config=None) -> dict:
     block_d = launch.padded_head_dim(d)
     cfg = launch_config or backend.tuning_for(q.device, pv, block_d, None, n, n, str(q.dtype), False)
     q_group, k_group = launch.quant_groups(config.q_group_rows, config.k_group_rows, cfg)
+    # as launch.sage_forward decides it: the Hopper kernel coding Q itself leaves the quantization Q's pass
+    q_in_kernel = launch.hopper_paths(q, k, v, config=cfg, k_group=k_group, pv_fp8=pv == "fp8", is_causal=False,
+                                      has_bias=False, rope=False)[1]
     quant = median_ms(lambda: launch.quantize_qkv(
         q, k, v, q_group=q_group, k_group=k_group, block_d=block_d, q_multiplier=d ** -0.5 * launch.LOG2E,
-        smooth_k=config.smooth_k, smooth_v=config.smooth_v, pv_fp8=pv == "fp8"), warmup=2)
+        smooth_k=config.smooth_k, smooth_v=config.smooth_v, pv_fp8=pv == "fp8", q_in_kernel=q_in_kernel), warmup=2)
 
     repairs = torch.zeros(1, device="cuda", dtype=torch.int32)  # the non-finite guard runs, as in a workflow
 
@@ -119,12 +125,14 @@ def breakdown(shape, pv: str, launch_config=None) -> dict:
     per_kernel = kernel_ms(call)
     sdpa = median_ms(sdpa_call, warmup=2)
     ops = 4 * b * h * n * n * d
-    return {"launch_config": cfg.key(), "quantize_ms": quant, "call_ms": whole, "host_ms": host_ms(call),
+    return {"launch_config": cfg.key(), "q_in_kernel": q_in_kernel, "quantize_ms": quant, "call_ms": whole,
+            "host_ms": host_ms(call),
             "sdpa_ms": sdpa, "sdpa_host_ms": host_ms(sdpa_call),
             "quantize_share": quant / whole, "attention_tops_without_quantize": ops / ((whole - quant) * 1e9),
             "call_tops": ops / (whole * 1e9), "sdpa_tops": ops / (sdpa * 1e9), "kernel_ms": per_kernel,
             "quantize_launches": quantize_launches(per_kernel,
-                                                   quantize_launch_bytes(shape, pv, config, q_group, k_group)),
+                                                   quantize_launch_bytes(shape, pv, config, q_group, k_group,
+                                                                         q_in_kernel)),
             "bandwidth_reference": bandwidth_reference(q, k)}
 
 

@@ -315,6 +315,8 @@ def main(argv=None):
     ap.add_argument("--pv-direct", action="store_true", help="FP8 P·V accumulated straight into the output")
     ap.add_argument("--shift-v", action="store_true",
                     help="with a gp --config: V's mean added back to the output (every FP8 call accumulating in place)")
+    ap.add_argument("--q-in-kernel", action="store_true",
+                    help="with a ping-pong --config: the kernel codes a BF16 Q itself (codes_q_in_kernel)")
     ap.add_argument("--fp16-tiles", action="store_true",
                     help="FP8 P·V of each key tile in an FP16 accumulator (the portable kernel's fp16_tiles)")
     ap.add_argument("--config", help="a LaunchConfig key (overrides --m/--n/--warps/--stages and the flags); "
@@ -363,7 +365,7 @@ def main(argv=None):
     if cfg.pipelined:
         from sage_attention_pack.kernels.hopper_launch import compile_for_sm90
 
-        k = compile_for_sm90(cfg, args.d, pv_fp8=args.pv == "fp8", shift_v=args.shift_v)
+        k = compile_for_sm90(cfg, args.d, pv_fp8=args.pv == "fp8", shift_v=args.shift_v, q_in_kernel=args.q_in_kernel)
     else:
         k = compile_attention(args.pv, args.d, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, args.arch,
                               cfg.max_registers, MAGIC_CONVERT=cfg.magic_convert, PV_DIRECT=cfg.pv_direct,

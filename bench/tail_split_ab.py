@@ -42,37 +42,51 @@ def parse_shape(text: str) -> tuple[int, int, int, int]:
     return tuple(int(p) for p in parts)
 
 
-class SplitSwitch:
-    """Callables that run with the tail split on or off: the switch and the call plans (which hold the split's
-    buffers and launches) change only when a callable of the other setting runs, so a visit of the interleaved
-    timing pays for it in its untimed calls."""
+class SettingSwitch:
+    """Callables that run with a module setting of hopper_launch (`name`) at a given value: the setting and the
+    call plans (which keep what a setting made them with) change only when a callable of another value runs, so a
+    visit of the interleaved timing pays for it in its untimed calls. restore() puts the shipped value back."""
 
-    def __init__(self):
-        self.current = None
+    def __init__(self, name: str = "TAIL_SPLIT", shipped="policy"):
+        self.name, self.shipped, self.current = name, shipped, None
 
-    def bind(self, setting: str, fn):
+    def bind(self, setting, fn):
         def call():
             if self.current != setting:
-                hopper_launch.TAIL_SPLIT = setting
+                setattr(hopper_launch, self.name, setting)
                 PLANS.clear()
                 self.current = setting
             return fn()
         return call
 
     def restore(self):
-        hopper_launch.TAIL_SPLIT = "policy"
+        setattr(hopper_launch, self.name, self.shipped)
         PLANS.clear()
         self.current = None
 
 
-def measure(shape: tuple, rounds: int, switch: SplitSwitch) -> dict:
+def fp8_call(shape: tuple) -> tuple:
+    """Model-shaped BF16 inputs of `shape` on the GPU, the launch configuration the tables give their FP8 call, and
+    that call (backend.run, the non-finite guard on, as in a workflow): (q, k, v, config, call)."""
     b, h, n, d = shape
     q, k, v = bench.model_shaped_inputs(b, h, n, d, torch.bfloat16, "cuda")
     config = backend.tuning_for(q.device, "fp8", launch.padded_head_dim(d), None, n, n, str(q.dtype), False)
-    repairs = torch.zeros(1, device="cuda", dtype=torch.int32)  # the non-finite guard runs, as in a workflow
-    ours = functools.partial(backend.run, q, k, v, layout="HND", sm_scale=d ** -0.5, is_causal=False, bias=None,
+    repairs = torch.zeros(1, device="cuda", dtype=torch.int32)
+    call = functools.partial(backend.run, q, k, v, layout="HND", sm_scale=d ** -0.5, is_causal=False, bias=None,
                              config=SageConfig(kernel="int8_fp8"), pv_fp8=True, return_lse=False,
                              launch_config=config, repair_counter=repairs)
+    return q, k, v, config, call
+
+
+def last_heads_error(out: torch.Tensor, q, k, v) -> float:
+    """Relative L1 error of `out` against FP32 attention on the last ERROR_HEADS heads."""
+    ref = bench.reference(*(t[:, -ERROR_HEADS:] for t in (q, k, v)))
+    return attention_error(out[:, -ERROR_HEADS:], ref)["rel_l1"]
+
+
+def measure(shape: tuple, rounds: int, switch: SettingSwitch) -> dict:
+    b, h, n, d = shape
+    q, k, v, config, ours = fp8_call(shape)
     items = hopper_launch.work_items_per_head(config, n) * b * h
     switch.restore()
     policy = hopper_launch.tail_split(config, items, n, q.device)
@@ -91,9 +105,8 @@ def measure(shape: tuple, rounds: int, switch: SplitSwitch) -> dict:
         out_split, out_plain = split()[0], unsplit()[0]
     row["max_abs_diff"] = float((out_split.float() - out_plain.float()).abs().max())
     if n <= ERROR_MAX_KEYS:
-        ref = bench.reference(*(t[:, -ERROR_HEADS:] for t in (q, k, v)))
-        row["rel_l1_split"] = attention_error(out_split[:, -ERROR_HEADS:], ref)["rel_l1"]
-        row["rel_l1_unsplit"] = attention_error(out_plain[:, -ERROR_HEADS:], ref)["rel_l1"]
+        row["rel_l1_split"] = last_heads_error(out_split, q, k, v)
+        row["rel_l1_unsplit"] = last_heads_error(out_plain, q, k, v)
     switch.restore()
     return row
 
@@ -114,7 +127,7 @@ def main(argv=None) -> int:
         raise SystemExit("tail_split_ab times the Hopper kernel's calls on a CUDA GPU; none is available")
     result = {"environment": bench.environment(), "rounds": args.rounds,
               "multiprocessors": hopper_launch.multiprocessors(torch.device("cuda")), "shapes": {}}
-    switch = SplitSwitch()
+    switch = SettingSwitch()
     with torch.inference_mode():
         for name in progress(list(shapes), desc="shapes", unit="shape"):
             row = result["shapes"][name] = measure(shapes[name], args.rounds, switch)

@@ -36,7 +36,8 @@ class CallPlan:
     def __init__(self, buffers: dict, stream=None):
         self.buffers = buffers
         self.stream = stream  # the raw handle of the stream the plan is keyed on (None: asked per launch)
-        self.nbytes = sum(t.numel() * t.element_size() for t in buffers.values() if isinstance(t, torch.Tensor))
+        # the memory held, not the elements seen: a buffer with no memory of its own (an expanded stand-in) costs none
+        self.nbytes = sum(t.untyped_storage().nbytes() for t in buffers.values() if isinstance(t, torch.Tensor))
         self.slots: dict[str, LaunchSlot] = {}
         self.derived: dict = {}
         # site -> (kernel, compile-time arguments, runtime arguments' specialisation), with CHECK_LAUNCHES

@@ -407,35 +407,93 @@ def scores_layout(BLOCK_N):
 
 
 @gluon.jit
-def load_q(q_desc, q_bar, q_smem, Q_SCALE, bh, tile_m, NQ, q_groups, live, BLOCK_M: gl.constexpr,
+def load_q(q_desc, q_bar, q_smem, Q_SCALE, bh, tile_m, H, NQ, q_groups, live, BLOCK_M: gl.constexpr,
            BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, Q_GROUP: gl.constexpr):
-    """Issue the TMA of Q's INT8 tile (rows tile_m·BLOCK_M .. of batch·head bh) into q_smem, arriving on q_bar,
-    and load its rows' scales (in the scores' row layout), if `live`; otherwise neither (scales of 1). Q rows
-    past the head's end read the next head's (or TMA's zero fill): their outputs are never stored."""
+    """Issue the TMA of Q's tile (rows tile_m·BLOCK_M .. of batch·head bh) into q_smem, arriving on q_bar, and
+    load its rows' scales (in the scores' row layout), if `live`; otherwise neither (scales of 1). Q's INT8 codes:
+    rows past the head's end read the next head's (or TMA's zero fill): their outputs are never stored. The
+    call's own 16-bit Q (q_desc 4-D over [B, H, NQ, D], in any layout: quantize_q codes it once it lands): rows
+    past NQ arrive as zeros, and its scales are quantize_q's (ones here)."""
     row0 = tile_m * BLOCK_M
     if live:
-        mbarrier.expect(q_bar, BLOCK_M * BLOCK_D)  # INT8 bytes
-        tma_load(q_desc, [bh * NQ + row0, 0], q_bar, q_smem)
+        mbarrier.expect(q_bar, BLOCK_M * BLOCK_D * (q_desc.dtype.primitive_bitwidth // 8))
+        if is_16bit(q_desc.dtype):
+            tma_load(q_desc, [bh // H, bh % H, row0, 0], q_bar, q_smem.reshape([1, 1, BLOCK_M, BLOCK_D]))
+        else:
+            tma_load(q_desc, [bh * NQ + row0, 0], q_bar, q_smem)
     offs_m = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, scores_layout(BLOCK_N)))
-    return gl.load(Q_SCALE + bh * q_groups + offs_m // Q_GROUP, mask=(offs_m < NQ) & live, other=1.0)
+    if is_16bit(q_desc.dtype):
+        scale = gl.full([BLOCK_M], 1.0, gl.float32, gl.SliceLayout(1, scores_layout(BLOCK_N)))
+    else:
+        scale = gl.load(Q_SCALE + bh * q_groups + offs_m // Q_GROUP, mask=(offs_m < NQ) & live, other=1.0)
+    return scale
+
+
+@constexpr_function
+def q_tile_layout(BLOCK_D):
+    """A 16-bit Q tile in registers for its quantization: 8 channels (16 bytes) per thread, a row across
+    BLOCK_D // 8 threads of a warp, so that a row's maximum takes a few shuffles and no shared memory."""
+    return gl.BlockedLayout([1, 8], [32 // (BLOCK_D // 8), BLOCK_D // 8], [4, 1], [1, 0])
+
+
+@constexpr_function
+def q_codes_layout(BLOCK_M, BLOCK_D):
+    """Q's INT8 codes in shared memory, as the scores' wgmma reads them (the layout the launcher gives the TMA
+    of codes quantize_kernel made)."""
+    return gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_D], gl.int8)
 
 
 @gluon.jit
-def attend_rows(tile_m, bh, ring0, q_phase, q_scale, next_bh, next_tile_m, q_desc, k_desc, v_desc, q_smem, q_bar,
-                k_smem, v_smem, full_bars, ones_smem, consumer, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD,
-                stride_ob, stride_oh, stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, t0, t1, part,
-                PART_O, PART_LSE, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr,
-                Q_GROUP: gl.constexpr, STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, CONSUMERS: gl.constexpr,
-                TURNS: gl.constexpr, SHIFT_V: gl.constexpr, RETURN_LSE: gl.constexpr, MAGIC: gl.constexpr,
+def group_max(x, ROWS: gl.constexpr, GROUP: gl.constexpr, rows: gl.constexpr):
+    """Each row's value replaced by the largest of its GROUP consecutive rows' ([ROWS] in layout `rows`)."""
+    if GROUP > 1:
+        by_group = gl.reshape(x, [ROWS // GROUP, GROUP])
+        wide, _ = gl.broadcast(gl.expand_dims(gl.max(by_group, axis=1), 1), by_group)
+        x = gl.convert_layout(gl.reshape(wide, [ROWS]), rows)
+    return x
+
+
+@gluon.jit
+def quantize_q(q_smem, q8_smem, multiplier, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr,
+               Q_GROUP: gl.constexpr):
+    """INT8 codes of the 16-bit Q tile in q_smem times `multiplier` into q8_smem, one scale per Q_GROUP rows;
+    returns the rows' scales in the scores' row layout. The same arithmetic as quantize_kernel's Q role
+    (quant_kernels.quantize_int8_role with quantize_rows_int8): the same codes and scales, bit for bit, a group
+    holding NaN or Inf scaled NaN (the guard then recomputes its rows). Coded here, Q costs no pass of its own:
+    its 16-bit tile is read once, by this program, instead of read, written as codes and read again."""
+    layout: gl.constexpr = q_tile_layout(BLOCK_D)
+    rows: gl.constexpr = gl.SliceLayout(1, layout)
+    x = q_smem.load(layout).to(gl.float32) * multiplier
+    amax = group_max(gl.max(gl.abs(x), axis=1), BLOCK_M, Q_GROUP, rows)
+    has_nan = group_max(gl.max(gl.where(x == x, 0.0, 1.0), axis=1), BLOCK_M, Q_GROUP, rows)
+    scale = gl.where(has_nan > 0, float("nan"), gl.maximum(amax, 1e-30) / 127.0)
+    # one correctly rounded division per row, as quant_kernels.reciprocal (Gluon's `/` is an approximate one)
+    y = x * gl.expand_dims(gl.div_rn(gl.full_like(scale, 1.0), scale), 1)
+    q8_smem.store(gl.where(y >= 0, y + 0.5, y - 0.5).to(gl.int8))  # rounded half away from zero
+    fence_async_shared()  # the generic-proxy stores, before the tensor cores read them
+    cta_barrier()  # every warp's rows, before the warpgroup's first product
+    return gl.convert_layout(scale, gl.SliceLayout(1, scores_layout(BLOCK_N)))
+
+
+@gluon.jit
+def attend_rows(tile_m, bh, ring0, q_phase, q_scale, next_bh, next_tile_m, q_desc, k_desc, v_desc, q_smem,
+                q8_smem, q_bar, k_smem, v_smem, full_bars, ones_smem, consumer, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT,
+                OUT, LSE, BAD, stride_ob, stride_oh, stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups,
+                t0, t1, part, PART_O, PART_LSE, q_multiplier, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                BLOCK_D: gl.constexpr, Q_GROUP: gl.constexpr, STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr,
+                CONSUMERS: gl.constexpr, TURNS: gl.constexpr, SHIFT_V: gl.constexpr, RETURN_LSE: gl.constexpr,
+                MAGIC: gl.constexpr,
                 LAZY_RESCALE: gl.constexpr, OUT_STORE: gl.constexpr, NEXT_Q: gl.constexpr):
     """One warpgroup's work: query rows tile_m·BLOCK_M .. +BLOCK_M of (batch·head) bh against key tiles
     t0 .. t1-1, then the output, its rows' non-finite flags and the LSE; or, for a part of a split work item
     (part ≥ 0, the grid's tail: see work_item), the part's normalised output in FP32 and its base-2 LSE at
     partial `part` (PART_O, PART_LSE), which tail_merge_kernel joins. ring0: key tiles the ring carried before
     these (their slots and phases go on from there); q_phase: the phase of q_bar for this Q tile, whose load the
-    caller issued (load_q), q_scale its rows' scales. NEXT_Q (the persistent kernel): once the last scores are
-    in, the load of this warpgroup's next Q tile (next_tile_m of next_bh; none if next_bh < 0) is issued into
-    q_smem, so that it lands while this item finishes; returns that tile's scales."""
+    caller issued (load_q), q_scale its rows' scales. A 16-bit Q tile (q_desc over the call's Q) is coded into
+    q8_smem here, with q_multiplier, and its scales are the ones quantize_q gives; INT8 codes are read where they
+    landed (q8_smem is q_smem). NEXT_Q (the persistent kernel): once the last scores are in, the load of this
+    warpgroup's next Q tile (next_tile_m of next_bh; none if next_bh < 0) is issued into q_smem, so that it lands
+    while this item finishes; returns that tile's scales."""
     # one warp per 16 query rows; the scores' wgmma spans the key tile, P·V's the head dim (k = 32 bytes)
     PV_K: gl.constexpr = mma_k(v_smem.dtype)
     s_layout: gl.constexpr = scores_layout(BLOCK_N)
@@ -469,7 +527,9 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_scale, next_bh, next_tile_m, q_des
 
     # tile 0: its scores and softmax, with nothing to overlap yet (masked: it may be the last)
     mbarrier.wait(q_bar, q_phase)
-    q_op = scores_operand(q_smem, s_layout, CONSUMERS and TURNS and not is_16bit(v_smem.dtype))
+    if is_16bit(q_desc.dtype):
+        q_scale = quantize_q(q_smem, q8_smem, q_multiplier, BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP)
+    q_op = scores_operand(q8_smem, s_layout, CONSUMERS and TURNS and not is_16bit(v_smem.dtype))
     mbarrier.wait(full_bars.index(ring0 % STAGES), (ring0 // STAGES) & 1)
     if CONSUMERS and TURNS:
         named_arrive(TURN_BARRIER, TURN_THREADS, consumer == 1, 4)  # consumer 0 goes first
@@ -503,7 +563,7 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_scale, next_bh, next_tile_m, q_des
             BLOCK_N, BLOCK_D, STAGES, TWO_LEVEL, CONSUMERS, TURNS, True, MAGIC, SUMS_ON_MMA, s_layout, o_rows, l_rows,
             p_layout, LAZY_RESCALE)
     if NEXT_Q:  # every product that reads Q's tile is done: the next one may land in its place
-        next_scale = load_q(q_desc, q_bar, q_smem, Q_SCALE, next_bh, next_tile_m, NQ, q_groups, next_bh >= 0,
+        next_scale = load_q(q_desc, q_bar, q_smem, Q_SCALE, next_bh, next_tile_m, H, NQ, q_groups, next_bh >= 0,
                             BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP)
     else:
         next_scale = q_scale
@@ -594,6 +654,20 @@ def v_ring(v_desc, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.cons
 
 
 @gluon.jit
+def q_tiles(q_desc, CONSUMERS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_D: gl.constexpr):
+    """Each consumer's Q tile as it lands and as the scores read it: INT8 codes, one buffer for both; the call's
+    16-bit Q (q_desc 4-D, quantize_q codes it in the kernel), its tile in the swizzle of that descriptor's
+    [1, 1, BLOCK_M, BLOCK_D] blocks and the codes beside it."""
+    if is_16bit(q_desc.dtype):
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, [CONSUMERS, BLOCK_M, BLOCK_D], V16_SHARED)
+        q8_smem = gl.allocate_shared_memory(gl.int8, [CONSUMERS, BLOCK_M, BLOCK_D], q_codes_layout(BLOCK_M, BLOCK_D))
+    else:
+        q_smem = gl.allocate_shared_memory(gl.int8, [CONSUMERS, BLOCK_M, BLOCK_D], q_desc.layout)
+        q8_smem = q_smem
+    return q_smem, q8_smem
+
+
+@gluon.jit
 def ring_barriers(STAGES: gl.constexpr):
     """A `full` mbarrier (the TMA of the tile has landed) for each ring slot."""
     full_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -628,12 +702,12 @@ def sage_fwd_sm90_kernel(
         ones_smem = ones_tile(v_desc, BLOCK_N)
     else:
         ones_smem = q_smem  # a placeholder, never read: P's rows are summed in the softmax
-    q_scale = load_q(q_desc, q_bar, q_smem, Q_SCALE, gl.program_id(1), gl.program_id(0), NQ, q_groups, True,
+    q_scale = load_q(q_desc, q_bar, q_smem, Q_SCALE, gl.program_id(1), gl.program_id(0), H, NQ, q_groups, True,
                      BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP)
-    attend_rows(gl.program_id(0), gl.program_id(1), 0, 0, q_scale, -1, 0, q_desc, k_desc, v_desc, q_smem, q_bar,
-                k_smem, v_smem, full_bars, ones_smem, 0, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD,
+    attend_rows(gl.program_id(0), gl.program_id(1), 0, 0, q_scale, -1, 0, q_desc, k_desc, v_desc, q_smem, q_smem,
+                q_bar, k_smem, v_smem, full_bars, ones_smem, 0, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD,
                 stride_ob, stride_oh, stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, 0, n_tiles, -1,
-                OUT, LSE, BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP, STAGES, TWO_LEVEL,
+                OUT, LSE, 1.0, BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP, STAGES, TWO_LEVEL,
                 0, False, SHIFT_V, RETURN_LSE, MAGIC, False, OUT_STORE, False)
 
 
@@ -670,10 +744,10 @@ def work_item(i, n_items, n_tiles, whole, splits, PERSISTENT: gl.constexpr):
 
 
 @gluon.jit
-def consume(meta: gl.constexpr, consumer, q_smem, q_bar, q_desc, k_desc, v_desc, k_smem, v_smem,
+def consume(meta: gl.constexpr, consumer, q_smem, q8_smem, q_bar, q_desc, k_desc, v_desc, k_smem, v_smem,
             full_bars, ones_smem, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, PART_O, PART_LSE,
             stride_ob, stride_oh, stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, BH, whole,
-            splits):
+            splits, q_multiplier):
     """A consumer warpgroup of the ping-pong kernel (meta: the kernel's constants, in its argument order):
     query tile CONSUMERS·item + consumer of each of its program's work items."""
     CONSUMERS: gl.constexpr = meta[11]
@@ -684,7 +758,7 @@ def consume(meta: gl.constexpr, consumer, q_smem, q_bar, q_desc, k_desc, v_desc,
     # Q's tile of the first item; persistent, each item issues the next one's (attend_rows, NEXT_Q): a program's
     # Q then waits ~1 µs at its first item only (bench/NOTES.md, "A program's fixed cost, …")
     item, bh, _, _, _ = work_item(first, n_items, n_tiles, whole, splits, PERSISTENT)
-    q_scale = load_q(q_desc, q_bar, q_smem, Q_SCALE, bh, CONSUMERS * item + consumer, NQ, q_groups, True, meta[0],
+    q_scale = load_q(q_desc, q_bar, q_smem, Q_SCALE, bh, CONSUMERS * item + consumer, H, NQ, q_groups, True, meta[0],
                      meta[1], meta[2], meta[3])
     for i in range(first, end, step):
         done = (i - first) // step  # work items this warpgroup finished before (persistent: each of all keys)
@@ -692,9 +766,10 @@ def consume(meta: gl.constexpr, consumer, q_smem, q_bar, q_desc, k_desc, v_desc,
         next_item, next_bh, _, _, _ = work_item(i + step, n_items, n_tiles, whole, splits, PERSISTENT)
         q_scale = attend_rows(
             CONSUMERS * item + consumer, bh, done * n_tiles, done & 1, q_scale, gl.where(i + step < end, next_bh, -1),
-            CONSUMERS * next_item + consumer, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem, full_bars,
-            ones_smem, consumer, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh, stride_on,
-            stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, t0, t1, part, PART_O, PART_LSE, meta[0],
+            CONSUMERS * next_item + consumer, q_desc, k_desc, v_desc, q_smem, q8_smem, q_bar, k_smem, v_smem,
+            full_bars, ones_smem, consumer, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh,
+            stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, t0, t1, part, PART_O, PART_LSE,
+            q_multiplier, meta[0],
             meta[1], meta[2], meta[3], meta[4], meta[5], CONSUMERS, meta[10], meta[6], meta[7], meta[8], meta[12],
             meta[13], PERSISTENT)
 
@@ -735,7 +810,7 @@ def load_kv_ring(k_desc, v_desc, k_smem, v_smem, full_bars, H, KV_GROUP, NK, n_q
 def sage_fwd_sm90_pingpong_kernel(
     q_desc, k_desc, v_desc, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, PART_O, PART_LSE,
     stride_ob, stride_oh, stride_on, stride_od,
-    H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, BH, whole, splits,
+    H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, BH, whole, splits, q_multiplier,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, Q_GROUP: gl.constexpr,
     STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, SHIFT_V: gl.constexpr, RETURN_LSE: gl.constexpr,
     MAGIC: gl.constexpr, CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr, PERSISTENT: gl.constexpr,
@@ -758,7 +833,7 @@ def sage_fwd_sm90_pingpong_kernel(
     k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_D], k_desc.layout)
     v_smem = v_ring(v_desc, STAGES, BLOCK_N, BLOCK_D)
     gl.static_assert(CONSUMERS == 2 or (CONSUMERS == 3 and not TURNS), "turns are taken by two warpgroups")
-    q_smem = gl.allocate_shared_memory(gl.int8, [CONSUMERS, BLOCK_M, BLOCK_D], q_desc.layout)
+    q_smem, q8_smem = q_tiles(q_desc, CONSUMERS, BLOCK_M, BLOCK_D)
     q_bars = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
     for c in gl.static_range(CONSUMERS):
         mbarrier.init(q_bars.index(c), count=1)
@@ -769,20 +844,21 @@ def sage_fwd_sm90_pingpong_kernel(
                           PERSISTENT, TURNS, CONSUMERS, LAZY_RESCALE, OUT_STORE)
     runtime = (q_desc, k_desc, v_desc, k_smem, v_smem, full_bars, ones_tile(v_desc, BLOCK_N))
     scalars = (Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, PART_O, PART_LSE, stride_ob, stride_oh,
-               stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, BH, whole, splits)
+               stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, BH, whole, splits,
+               q_multiplier)
     # (neither a partition's function nor a tuple holding `meta` can be held in a variable: each list is written out)
     if CONSUMERS == 2:
         gl.warp_specialize([
-            (consume, (meta, 0, q_smem.index(0), q_bars.index(0)) + runtime + scalars),
-            (consume, (meta, 1, q_smem.index(1), q_bars.index(1)) + runtime + scalars),
+            (consume, (meta, 0, q_smem.index(0), q8_smem.index(0), q_bars.index(0)) + runtime + scalars),
+            (consume, (meta, 1, q_smem.index(1), q8_smem.index(1), q_bars.index(1)) + runtime + scalars),
             (load_kv_ring, (k_desc, v_desc, k_smem, v_smem, full_bars, H, KV_GROUP, NK, n_q_tiles, BH, whole,
                             splits, meta)),
         ], [4, 1], [CONSUMER_REGS, 24])
     else:
         gl.warp_specialize([
-            (consume, (meta, 0, q_smem.index(0), q_bars.index(0)) + runtime + scalars),
-            (consume, (meta, 1, q_smem.index(1), q_bars.index(1)) + runtime + scalars),
-            (consume, (meta, 2, q_smem.index(2), q_bars.index(2)) + runtime + scalars),
+            (consume, (meta, 0, q_smem.index(0), q8_smem.index(0), q_bars.index(0)) + runtime + scalars),
+            (consume, (meta, 1, q_smem.index(1), q8_smem.index(1), q_bars.index(1)) + runtime + scalars),
+            (consume, (meta, 2, q_smem.index(2), q8_smem.index(2), q_bars.index(2)) + runtime + scalars),
             (load_kv_ring, (k_desc, v_desc, k_smem, v_smem, full_bars, H, KV_GROUP, NK, n_q_tiles, BH, whole,
                             splits, meta)),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])

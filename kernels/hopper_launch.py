@@ -50,6 +50,20 @@ def serves(device: torch.device, *, config: LaunchConfig, pv_fp8: bool, is_causa
             and not interpreting() and cuda_capability(device) == (9, 0))
 
 
+# Whether the ping-pong kernel codes Q itself where it can (codes_q_in_kernel); the benchmarks set it to time calls
+# both ways (bench/q_in_kernel_ab.py); a call plan keeps what it was made with, until the plans are cleared.
+Q_IN_KERNEL = True
+
+
+def codes_q_in_kernel(q: torch.Tensor, *, config: LaunchConfig, block_d: int, pv_fp8: bool, rope: bool) -> bool:
+    """Whether the Hopper kernel serving this call (serves) codes Q's INT8 tiles itself from the call's Q
+    (hopper_attention_kernel.quantize_q) instead of reading codes a quantization pass wrote: the ping-pong kernel
+    with FP8 P·V (a 16-bit V's ring leaves no shared memory for Q's 16-bit tiles beside the codes at head dim
+    128), no rotary table (Q is coded rotated by the quantization pass), and a Q that TMA reads as it is (v_tiles'
+    conditions). The codes and scales are the pass's, bit for bit."""
+    return (Q_IN_KERNEL and config.ping_pong and pv_fp8 and not rope and AVAILABLE and v_tiles(q, block_d))
+
+
 def two_level(config: LaunchConfig, pv_fp8: bool = True) -> bool:
     """Whether the Gluon kernel of this configuration accumulates P·V per tile in FP16 (its FP8 V codes then
     stay within launch.fp16_tile_v_code_max), else in place (always with a 16-bit V: its products are FP32-exact)."""
@@ -124,14 +138,22 @@ GL_TYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 def descriptors(qz: dict, config: LaunchConfig) -> tuple:
     """The TMA descriptors of Q's, K's and (FP8 P·V) V's codes (launch.quantize_qkv's buffers) in this
-    configuration's tiles: made once per call plan, whose buffers stay put."""
+    configuration's tiles: made once per call plan, whose buffers stay put. Q's is None where the kernel codes Q
+    itself (qz's "q_in_kernel": `launch` then gives the call's Q, q_descriptor)."""
     q8, k8, v8 = qz["q8"], qz["k8"], qz["v8"]
     block_d = q8.shape[-1]
-    codes = (descriptor(q8.view(-1, block_d), [config.block_m, block_d], gl.int8),
+    codes = (None if qz.get("q_in_kernel") else descriptor(q8.view(-1, block_d), [config.block_m, block_d], gl.int8),
              descriptor(k8.view(-1, block_d), [config.block_n, block_d], gl.int8))
     if v8 is None:
         return codes
     return (*codes, descriptor(v8.view(-1, v8.shape[-1]), [block_d, config.block_n], gl.float8e4nv))
+
+
+def q_descriptor(q: torch.Tensor, config: LaunchConfig):
+    """The TMA descriptor of the call's own Q [B, H, NQ, D] (v_tiles' conditions) in tiles of one head's query
+    tile, made per call, for the ping-pong kernel to code Q itself (hopper_attention_kernel.quantize_q; launch's
+    `q`). Rows past NQ arrive as zeros."""
+    return descriptor(q, [1, 1, config.block_m, q.shape[-1]], getattr(gl, GL_TYPES[q.dtype]))
 
 
 def v_descriptor(v: torch.Tensor, config: LaunchConfig):
@@ -143,22 +165,27 @@ def v_descriptor(v: torch.Tensor, config: LaunchConfig):
 
 def launch(qz: dict, out: torch.Tensor, lse: torch.Tensor, bad: torch.Tensor, *, heads: int, kv_heads: int,
            q_group: int, v_shift, return_lse: bool, config: LaunchConfig, run, tma: tuple, v=None,
-           derive=None) -> None:
+           derive=None, q=None, q_multiplier: float = 1.0) -> None:
     """One warpgroup per (query tile of 64 rows, batch·head), as the portable kernel's grid with BLOCK_M = 64;
     the ping-pong kernel puts `consumers` of them in a program, and splits its grid's last items as qz's
     "tail_split" says (tail_buffers, made with the call plan; the parts in its "tail_o" and "tail_lse", joined by a
     second launch). v_shift: None or the [B·HK, D] vector added to the output (launch.quantize_qkv's v_shift);
     run: the call plan's launcher; tma: `descriptors` of qz; v: None (FP8 P·V: V's codes in qz) or the call's V
     (FP16 P·V, v_tiles); derive: the call plan's CallPlan.derive, which keeps the launches' fixed parts
-    (launch_parts) for the plan's later calls: only the call's own tensors (out, lse, bad, V's descriptor) are new."""
+    (launch_parts) for the plan's later calls: only the call's own tensors (out, lse, bad, V's descriptor) are new.
+    q: None (Q's codes in qz) or the call's Q, which the ping-pong kernel then codes itself (codes_q_in_kernel),
+    times q_multiplier, with Q groups of q_group rows; qz's codes of Q then go unused."""
     def parts():
         return launch_parts(qz, out, heads=heads, kv_heads=kv_heads, q_group=q_group, v_shift=v_shift,
                             return_lse=return_lse, config=config, pv_fp8=v is None)
 
     attention, merge = derive("hopper_launch", parts) if derive is not None else parts()
     descs = tma if v is None else (*tma, v_descriptor(v, config))
+    if q is not None:
+        descs = (q_descriptor(q, config), *descs[1:])
     fn, grid, before, after, kwargs = attention
-    run("attention", fn, grid, (*descs, *before, out, lse, bad, *after), kwargs)
+    per_call = (float(q_multiplier),) if config.ping_pong else ()  # the ping-pong kernel's, used with q
+    run("attention", fn, grid, (*descs, *before, out, lse, bad, *after, *per_call), kwargs)
     if merge is not None:
         fn, grid, before, after, kwargs = merge
         run("tail merge", fn, grid, (*before, out, lse, bad, *after), kwargs)
@@ -287,17 +314,20 @@ def compile_options(config: LaunchConfig) -> dict:
 POINTER_ARGS = ("Q_SCALE", "K_SCALE", "V_SCALE", "V_SHIFT", "OUT", "LSE", "BAD", "PART_O", "PART_LSE")
 
 
-def compile_for_sm90(config: LaunchConfig, head_dim: int, pv_fp8: bool = True, shift_v: bool = False):
+def compile_for_sm90(config: LaunchConfig, head_dim: int, pv_fp8: bool = True, shift_v: bool = False,
+                     q_in_kernel: bool = False):
     """Compile the kernel a pipelined configuration launches, for sm90, on any machine (no GPU needed): what
     `bench/inspect_sass.py` disassembles and the code-generation tests check (bf16 output, no LSE; pv_fp8 False:
-    FP16 P·V on a BF16 V; shift_v: V's mean added back, as every call accumulating FP8 P·V in place has it)."""
+    FP16 P·V on a BF16 V; shift_v: V's mean added back, as every call accumulating FP8 P·V in place has it;
+    q_in_kernel: the ping-pong kernel coding a BF16 Q itself)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     fn = sage_fwd_sm90_pingpong_kernel if config.ping_pong else sage_fwd_sm90_kernel
     m, n, d = config.block_m, config.block_n, head_dim
-    descs = {"q_desc": ("i8", [m, d], gl.int8), "k_desc": ("i8", [n, d], gl.int8),
+    descs = {"q_desc": ("bf16", [1, 1, m, d], gl.bfloat16) if q_in_kernel else ("i8", [m, d], gl.int8),
+             "k_desc": ("i8", [n, d], gl.int8),
              "v_desc": ("fp8e4nv", [d, n], gl.float8e4nv) if pv_fp8 else ("bf16", [1, 1, n, d], gl.bfloat16)}
     consts = {**kernel_constants(config, d, 16, shift_v=shift_v, return_lse=False, pv_fp8=pv_fp8), "stride_od": 1}
     sig, constexprs, attrs = {}, {}, {}
@@ -308,6 +338,8 @@ def compile_for_sm90(config: LaunchConfig, head_dim: int, pv_fp8: bool = True, s
             sig[name] = f"tensordesc<{ty}[{', '.join(map(str, shape))}],{layout!r}>"
         elif name in consts:
             sig[name], constexprs[(i,)] = "constexpr", consts[name]
+        elif name == "q_multiplier":
+            sig[name] = "fp32"
         elif name in POINTER_ARGS:
             sig[name] = {"OUT": "*bf16", "BAD": "*i8"}.get(name, "*fp32")
             attrs[(i,)] = [["tt.divisibility", 16]]

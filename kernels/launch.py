@@ -114,8 +114,9 @@ def slice_rows(group: int, rows: int, rope: bool = False) -> int:
 
 
 def quant_buffers(q, k, *, q_group: int, k_group: int, block_d: int, smooth_k: bool, smooth_v: bool,
-                  pv_fp8: bool) -> dict:
-    """The buffers quantize_qkv writes (see there), and "v_padded", FP8 V's key count padded to V_PAD."""
+                  pv_fp8: bool, q_in_kernel: bool = False) -> dict:
+    """The buffers quantize_qkv writes (see there), and "v_padded", FP8 V's key count padded to V_PAD. With
+    q_in_kernel, "q8" has its shape and no memory (the attention kernel codes Q itself)."""
     B, H, NQ = q.shape[:3]
     HK, NK = k.shape[1], k.shape[2]
     dev, f32 = q.device, torch.float32
@@ -123,7 +124,8 @@ def quant_buffers(q, k, *, q_group: int, k_group: int, block_d: int, smooth_k: b
     need_v_stats = pv_fp8 or smooth_v
     return {
         "parts": torch.empty((B * HK, stats_chunks(NK, stats_every(NK))[0], 4, block_d), device=dev, dtype=f32),
-        "q8": torch.empty((B * H, NQ, block_d), device=dev, dtype=torch.int8),
+        "q8": torch.empty((1, 1, block_d), device=dev, dtype=torch.int8).expand(B * H, NQ, block_d) if q_in_kernel
+        else torch.empty((B * H, NQ, block_d), device=dev, dtype=torch.int8),
         "q_scale": torch.empty((B * H, cdiv(NQ, q_group)), device=dev, dtype=f32),
         "k8": torch.empty((B * HK, NK, block_d), device=dev, dtype=torch.int8),
         "k_scale": torch.empty((B * HK, cdiv(NK, k_group)), device=dev, dtype=f32),
@@ -184,10 +186,12 @@ def launch_now(site: str, fn, grid: tuple, args: tuple, kwargs: dict) -> None:
 def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multiplier: float, smooth_k: bool,
                  smooth_v: bool, pv_fp8: bool, pv_key_order: bool = False,
                  v_code_max: float = FP8_E4M3_MAX, buffers: dict | None = None, run=launch_now,
-                 v_shift: torch.Tensor | None = None, rope: torch.Tensor | None = None, derive=None) -> dict:
+                 v_shift: torch.Tensor | None = None, rope: torch.Tensor | None = None, derive=None,
+                 q_in_kernel: bool = False) -> dict:
     """All quantization of one call in at most two launches of quantize_kernel: K's and V's statistics (K's over
     a sample of the keys from 1024 on, stats_every) with Q's INT8 codes, then K's INT8 codes and V's (which need
-    the statistics); with nothing to smooth, Q's and K's codes in one.
+    the statistics); with nothing to smooth, Q's and K's codes in one. q_in_kernel: Q is left to the attention
+    kernel (hopper_launch.codes_q_in_kernel): no Q codes or scales are written.
 
     q: [B, H, NQ, D], k/v: [B, HK, NK, D] views with any strides. Returns (and writes, where a call plan gives
     them, `buffers`: quant_buffers of the same arguments) a dict of
@@ -217,14 +221,14 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
     rope = rope_table(rope)
     out = buffers if buffers is not None else quant_buffers(
         q, k, q_group=q_group, k_group=k_group, block_d=block_d, smooth_k=smooth_k, smooth_v=smooth_v,
-        pv_fp8=pv_fp8)
+        pv_fp8=pv_fp8, q_in_kernel=q_in_kernel)
     need_v_stats = pv_fp8 or smooth_v
     finish_shift = pv_fp8 and v_shift is not None
 
     def layout():
         return quant_launches(q, k, q_group=q_group, k_group=k_group, block_d=block_d, smooth_k=smooth_k,
                               smooth_v=smooth_v, pv_fp8=pv_fp8, pv_key_order=pv_key_order, finish_shift=finish_shift,
-                              rope=rope is not None, v_padded=out["v_padded"])
+                              rope=rope is not None, v_padded=out["v_padded"], q_in_kernel=q_in_kernel)
 
     def fixed_arguments():
         """The launches, and their arguments from the buffers to the sizes: all fixed by a plan's signature (its
@@ -248,7 +252,8 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
 
 
 def quant_launches(q, k, *, q_group: int, k_group: int, block_d: int, smooth_k: bool, smooth_v: bool, pv_fp8: bool,
-                   pv_key_order: bool, finish_shift: bool, rope: bool, v_padded: int) -> tuple[tuple, tuple, list]:
+                   pv_key_order: bool, finish_shift: bool, rope: bool, v_padded: int,
+                   q_in_kernel: bool = False) -> tuple[tuple, tuple, list]:
     """What the shapes and switches of quantize_qkv's call fix: quantize_kernel's size arguments (BH .. k_groups),
     its (n_v_programs, inv_keys), and its launches [(site, grid, compile-time arguments)], statistics' first."""
     B, H, NQ, D = q.shape
@@ -270,9 +275,10 @@ def quant_launches(q, k, *, q_group: int, k_group: int, block_d: int, smooth_k: 
                      SHIFT_PROGRAMS=SHIFT_PROGRAMS, ROPE=rope,
                      WARPS=QUANT_WARPS, num_warps=QUANT_WARPS)  # WARPS: quantize_v_tile's layout steer
     # the statistics' chunks first: they are the longest programs, and blocks are dispatched in grid order
-    passes = [dict(DO_STATS=1, DO_Q=1, DO_K=0, V_BLOCKS=0),
+    do_q = int(not q_in_kernel)
+    passes = [dict(DO_STATS=1, DO_Q=do_q, DO_K=0, V_BLOCKS=0),
               dict(DO_STATS=0, DO_Q=0, DO_K=1, V_BLOCKS=block_d // constants["CHANNELS"] if need_v_stats else 0)] \
-        if stats else [dict(DO_STATS=0, DO_Q=1, DO_K=1, V_BLOCKS=0)]
+        if stats else [dict(DO_STATS=0, DO_Q=do_q, DO_K=1, V_BLOCKS=0)]
     launches = []
     for roles in passes:
         role_programs = [(n_chunks, roles["DO_STATS"]), (cdiv(NQ, rows), roles["DO_Q"]),
@@ -317,6 +323,16 @@ def runs_hopper_kernel(q, k, v, *, config: tuning.LaunchConfig, k_group: int, pv
                                 head_dim=D, block_d=block_d, k_group=k_group, kv_len=k.shape[2], v_tiles=v_tiles)
 
 
+def hopper_paths(q, k, v, *, config: tuning.LaunchConfig, k_group: int, pv_fp8: bool, is_causal: bool,
+                 has_bias: bool, rope: bool) -> tuple[bool, bool]:
+    """(whether sage_forward runs this call on the Hopper kernel, whether that kernel codes Q itself: then no
+    quantization pass writes Q's codes, and the kernel reads the call's Q; hopper_launch.codes_q_in_kernel)."""
+    pipelined = runs_hopper_kernel(q, k, v, config=config, k_group=k_group, pv_fp8=pv_fp8, is_causal=is_causal,
+                                   has_bias=has_bias)
+    return pipelined, pipelined and hopper_launch.codes_q_in_kernel(q, config=config, block_d=padded_head_dim(
+        q.shape[-1]), pv_fp8=pv_fp8, rope=rope)
+
+
 def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_group: int, k_group: int,
                  pv_fp8: bool, smooth_k: bool, smooth_v: bool, return_lse: bool, config: tuning.LaunchConfig,
                  repair_counter=None, rope=None):
@@ -357,15 +373,17 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
                  config, q_group, k_group, pv_fp8, smooth_k, smooth_v, return_lse, is_causal, interpreting())
 
     def call_buffers() -> dict:
+        # decided once per plan: whether the Hopper kernel serves (with the share of the tail split it needs) and
+        # whether it codes Q itself
+        pipelined, q_in_kernel = hopper_paths(q, k, v, config=config, k_group=k_group, pv_fp8=pv_fp8,
+                                              is_causal=is_causal, has_bias=bias is not None, rope=rope is not None)
         buffers = quant_buffers(q, k, q_group=q_group, k_group=k_group, block_d=block_d, smooth_k=smooth_k,
-                                smooth_v=smooth_v, pv_fp8=pv_fp8)
+                                smooth_v=smooth_v, pv_fp8=pv_fp8, q_in_kernel=q_in_kernel)
         buffers["v_shift"] = torch.empty((B * HK, block_d), device=q.device, dtype=torch.float32) \
             if pv_fp8 else None
         buffers["bad"] = torch.empty(B * H * NQ, device=q.device, dtype=torch.int8)  # a flag per query row
-        # whether the Hopper kernel serves, decided once per plan, with the share of the tail split it needs
-        buffers["pipelined"] = runs_hopper_kernel(q, k, v, config=config, k_group=k_group, pv_fp8=pv_fp8,
-                                                  is_causal=is_causal, has_bias=bias is not None)
-        buffers.update(hopper_launch.tail_buffers(config, B * H, NQ, NK, block_d, q.device) if buffers["pipelined"]
+        buffers["pipelined"], buffers["q_in_kernel"] = pipelined, q_in_kernel
+        buffers.update(hopper_launch.tail_buffers(config, B * H, NQ, NK, block_d, q.device) if pipelined
                        else {"tail_split": None, "tail_o": None, "tail_lse": None})
         return buffers
 
@@ -376,7 +394,7 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
                       smooth_k=smooth_k, smooth_v=smooth_v, pv_fp8=pv_fp8, pv_key_order=pipelined,
                       v_code_max=fp16_tile_v_code_max(block_n) if fp16_tiles else FP8_E4M3_MAX,
                       buffers=plan.buffers, run=plan.run, v_shift=plan.buffers["v_shift"], rope=rope,
-                      derive=plan.derive)
+                      derive=plan.derive, q_in_kernel=plan.buffers["q_in_kernel"])
     k_scale, k_mean = qz["k_scale"], qz["k_mean"]
     # FP8 P·V: the shift was written by the quantization's last launch; FP16 P·V: V's mean where V was smoothed
     # (quantize_qkv gives v_mean only then), else None
@@ -393,7 +411,8 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
         hopper_launch.launch(qz, out, lse, bad, heads=H, kv_heads=HK, q_group=q_group, v_shift=v_shift,
                              return_lse=return_lse, config=config, run=plan.run,
                              tma=plan.derive("tma", lambda: hopper_launch.descriptors(qz, config)),
-                             v=None if pv_fp8 else v, derive=plan.derive)
+                             v=None if pv_fp8 else v, derive=plan.derive,
+                             q=q if plan.buffers["q_in_kernel"] else None, q_multiplier=sm_scale * LOG2E)
     else:
         def attention_launch():
             """The portable launch's arguments after the flags (strides and sizes) and its compile-time ones."""

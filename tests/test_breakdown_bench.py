@@ -36,6 +36,17 @@ def test_fp8_launch_bytes_are_the_tensors_each_launch_reads_and_writes(shape):
     assert second == 2 * head_bytes + buffers["k8"].nbytes + buffers["v8"].nbytes
 
 
+def test_q_coded_in_the_kernel_leaves_the_first_launch_the_statistics():
+    shape = (1, 24, 4608, 128)
+    config = SageConfig(kernel="int8_fp8")
+    head_bytes = 24 * 4608 * 128 * 2
+    sampled = launch.sampled_key_count(4608, launch.stats_every(4608))
+    full = breakdown().quantize_launch_bytes(shape, "fp8", config, 16, 128)
+    lean = breakdown().quantize_launch_bytes(shape, "fp8", config, 16, 128, q_in_kernel=True)
+    assert lean == [24 * sampled * 128 * 2 + head_bytes, full[1]]
+    assert full[0] - lean[0] == head_bytes + written(shape, config, pv_fp8=True)["q8"].nbytes
+
+
 def test_fp16_path_reads_v_nowhere_and_unsmoothed_calls_take_one_launch():
     shape = (1, 24, 4608, 128)
     head_bytes = 24 * 4608 * 128 * 2

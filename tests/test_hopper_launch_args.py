@@ -35,14 +35,15 @@ class Recorder:
         self.launches.append((site, fn, grid, {**dict(zip(names, args)), **constants}))
 
 
-def buffers(b, h, hk, nq, nk, d, config, *, pv_fp8=True, split=None):
+def buffers(b, h, hk, nq, nk, d, config, *, pv_fp8=True, split=None, q_in_kernel=False):
     """quantize_qkv's buffers of one call (CPU tensors: nothing is launched), with the tail split `split`
-    ((whole, splits) or None) and its parts' buffers as hopper_launch.tail_buffers makes them."""
+    ((whole, splits) or None) and its parts' buffers as hopper_launch.tail_buffers makes them; q_in_kernel: as
+    sage_forward's plan has them where the kernel codes Q itself."""
     q = torch.empty(b, h, nq, d, dtype=torch.bfloat16)
     k = torch.empty(b, hk, nk, d, dtype=torch.bfloat16)
     qz = launch.quant_buffers(q, k, q_group=64, k_group=config.block_n, block_d=d, smooth_k=True, smooth_v=False,
-                              pv_fp8=pv_fp8)
-    qz["tail_split"] = split
+                              pv_fp8=pv_fp8, q_in_kernel=q_in_kernel)
+    qz["tail_split"], qz["q_in_kernel"] = split, q_in_kernel
     if split is not None:
         items = hopper_launch.work_items_per_head(config, nq) * b * h
         rows = (items - split[0]) * split[1] * config.consumers * config.block_m
@@ -50,26 +51,31 @@ def buffers(b, h, hk, nq, nk, d, config, *, pv_fp8=True, split=None):
     return qz
 
 
-def call(qz, config, *, b, h, hk, nq, d, return_lse, derive, v=None, v_shift=None):
-    """One call's launches (its own output, LSE and flags), as sage_forward makes them."""
+def call(qz, config, *, b, h, hk, nq, d, return_lse, derive, v=None, v_shift=None, q=None, q_multiplier=1.0):
+    """One call's launches (its own output, LSE and flags; its Q where the kernel codes it), as sage_forward makes
+    them."""
     rec = Recorder()
     out = torch.empty(b, nq, h, d, dtype=torch.bfloat16).transpose(1, 2)  # ComfyUI's [B, N, H, D], seen as HND
     lse = torch.empty(b, h, nq) if return_lse else qz["k_scale"]
     bad = torch.empty(b * h * nq, dtype=torch.int8)
     tma = hopper_launch.descriptors(qz, config)
     hopper_launch.launch(qz, out, lse, bad, heads=h, kv_heads=hk, q_group=64, v_shift=v_shift,
-                         return_lse=return_lse, config=config, run=rec, tma=tma, v=v, derive=derive)
+                         return_lse=return_lse, config=config, run=rec, tma=tma, v=v, derive=derive, q=q,
+                         q_multiplier=q_multiplier)
     return rec.launches, out, lse, bad, tma
 
 
-@pytest.mark.parametrize("config,pv_fp8,split,return_lse", [
-    (PING_PONG, True, None, False), (PING_PONG, True, (40, 3), True), (PING_PONG, False, None, True),
-    (ONE_WARPGROUP, True, None, False), (dataclasses.replace(PING_PONG, persistent=True), True, None, False)],
-    ids=["ping-pong", "ping-pong-tail-split", "ping-pong-fp16-pv", "one-warpgroup", "persistent"])
+@pytest.mark.parametrize("config,pv_fp8,split,return_lse,q_in_kernel", [
+    (PING_PONG, True, None, False, False), (PING_PONG, True, (40, 3), True, False),
+    (PING_PONG, False, None, True, False), (ONE_WARPGROUP, True, None, False, False),
+    (dataclasses.replace(PING_PONG, persistent=True), True, None, False, False), (PING_PONG, True, None, True, True),
+    (PING_PONG, True, (40, 3), False, True)],
+    ids=["ping-pong", "ping-pong-tail-split", "ping-pong-fp16-pv", "one-warpgroup", "persistent", "q-in-kernel",
+         "q-in-kernel-tail-split"])
 def test_launches_bind_every_parameter_and_later_calls_take_their_own_tensors(config, pv_fp8, split, return_lse,
-                                                                              monkeypatch):
+                                                                              q_in_kernel, monkeypatch):
     b, h, hk, nq, nk, d = 2, 4, 2, 700, 512, 128
-    qz = buffers(b, h, hk, nq, nk, d, config, pv_fp8=pv_fp8, split=split)
+    qz = buffers(b, h, hk, nq, nk, d, config, pv_fp8=pv_fp8, split=split, q_in_kernel=q_in_kernel)
     v_shift = torch.empty(b * hk, d) if pv_fp8 else None
     plan = CallPlan({})
     made = []
@@ -82,13 +88,22 @@ def test_launches_bind_every_parameter_and_later_calls_take_their_own_tensors(co
     monkeypatch.setattr(hopper_launch, "multiprocessors", lambda device: 132)
     for _ in range(2):  # the plan's first call, then a later one with new tensors of the same shapes
         v = None if pv_fp8 else torch.empty(b, hk, nk, d, dtype=torch.bfloat16)
+        # the call's own Q, in ComfyUI's [B, N, H, D] seen as HND, where the kernel codes it
+        q = torch.empty(b, nq, h, d, dtype=torch.bfloat16).transpose(1, 2) if q_in_kernel else None
         launches, out, lse, bad, tma = call(qz, config, b=b, h=h, hk=hk, nq=nq, d=d, return_lse=return_lse,
-                                            derive=derive, v=v, v_shift=v_shift)
+                                            derive=derive, v=v, v_shift=v_shift, q=q, q_multiplier=0.125)
         site, fn, grid, args = launches[0]
         assert site == "attention"
         assert fn is (hopper_launch.sage_fwd_sm90_pingpong_kernel if config.ping_pong
                       else hopper_launch.sage_fwd_sm90_kernel)
-        assert args["q_desc"] is tma[0] and args["k_desc"] is tma[1]
+        if q_in_kernel:  # the call's own Q, by a descriptor of its own over its 4-D view; no codes' descriptor
+            assert tma[0] is None and args["q_desc"].base is q and list(args["q_desc"].shape) == [b, h, nq, d]
+            assert list(args["q_desc"].block_shape) == [1, 1, config.block_m, d]
+        else:
+            assert args["q_desc"] is tma[0]
+        assert args["k_desc"] is tma[1]
+        if config.ping_pong:  # the call's multiplier, taken per call (used where the kernel codes Q)
+            assert args["q_multiplier"] == 0.125
         if pv_fp8:
             assert args["v_desc"] is tma[2] and args["V_SCALE"] is qz["v_scale"] and args["V_SHIFT"] is v_shift
         else:  # the call's own V, by a descriptor of its own

@@ -733,6 +733,128 @@ def test_hopper_kernels_flag_exactly_the_rows_that_came_out_non_finite(key, d, k
     assert nan_rows.sum() == 1 and nan_rows[b - 1, 1, 250]
 
 
+@pytest.mark.parametrize("smooth_k,pv_fp8", [(True, True), (False, False)])
+def test_quantization_leaves_q_to_a_kernel_that_codes_it(smooth_k, pv_fp8):
+    """With q_in_kernel (the Hopper ping-pong kernel coding Q itself) no launch codes Q and no memory holds Q's
+    codes, and K's and V's codes, scales and statistics are the bits of the full quantization's: with statistics
+    the first launch makes only them, without the one launch codes K alone."""
+    q, k, v = inputs(1, 4, 2, 300, 200, 64, torch.float16, seed=2)
+    common = dict(q_group=16, k_group=64, block_d=64, q_multiplier=0.125, smooth_k=smooth_k, smooth_v=False,
+                  pv_fp8=pv_fp8)
+    full = launch.quantize_qkv(q, k, v, **common)
+    sites = []
+    lean = launch.quantize_qkv(q, k, v, **common, q_in_kernel=True,
+                               run=lambda site, fn, grid, args, kwargs: (sites.append((site, kwargs)),
+                                                                         launch.launch_now(site, fn, grid, args,
+                                                                                           kwargs)))
+    assert all(kwargs["DO_Q"] == 0 for _, kwargs in sites)
+    assert [site for site, _ in sites] == (["quantize_stats", "quantize_k_v"] if pv_fp8 else ["quantize_k"])
+    assert lean["q8"].shape == full["q8"].shape and lean["q8"].untyped_storage().nbytes() == 64
+    for name in ("k8", "k_scale", "k_mean", "v8", "v_scale", "v_mean"):
+        if full[name] is not None:
+            assert torch.equal(lean[name], full[name]), name
+
+
+def test_q_is_coded_in_the_kernel_only_where_it_can_be(monkeypatch):
+    """hopper_launch.codes_q_in_kernel: the ping-pong kernel with FP8 P·V, no rotary table, a 16-bit Q that TMA
+    reads as it lies (any layout, aligned rows, an unpadded head dim), and the switch on."""
+    pp = tuning.LaunchConfig.from_key("m64n128w4s4mcpdgpppnt")
+    q = torch.empty(1, 4, 256, 128, dtype=torch.bfloat16)
+    can = hopper_launch.AVAILABLE
+
+    def codes(q=q, config=pp, block_d=128, pv_fp8=True, rope=False):
+        return hopper_launch.codes_q_in_kernel(q, config=config, block_d=block_d, pv_fp8=pv_fp8, rope=rope)
+
+    assert codes() is can and codes(q.transpose(1, 2).contiguous().transpose(1, 2)) is can  # HND, NHD
+    assert codes(q.half()) is can
+    assert not codes(rope=True) and not codes(pv_fp8=False) and not codes(q.float())
+    assert not codes(config=tuning.LaunchConfig.from_key("m64n128w4s3mcpdgp"))  # the one-warpgroup kernel
+    assert not codes(q[..., :80], block_d=128)  # a padded head dim
+    assert not codes(torch.empty(4 * 256 * 128 + 1, dtype=torch.bfloat16)[1:].view(1, 4, 256, 128))  # misaligned
+    monkeypatch.setattr(hopper_launch, "Q_IN_KERNEL", False)
+    assert not codes()
+
+
+def test_a_call_plan_counts_the_memory_its_buffers_hold():
+    """An expanded stand-in (Q's codes where the kernel codes Q) holds one row, not the shape it shows."""
+    from sage_attention_pack.kernels.call_plan import CallPlan
+
+    stand_in = torch.empty(1, 1, 128, dtype=torch.int8).expand(8, 1000, 128)
+    plan = CallPlan({"q8": stand_in, "k8": torch.empty(8, 100, 128, dtype=torch.int8), "v_padded": 128})
+    assert plan.nbytes == 128 + 8 * 100 * 128
+
+
+def q_layouts(q, layout):
+    """The same Q values laid out as a caller may give them: HND contiguous, NHD (ComfyUI's), a fused QKV
+    projection's first slice, or rows of a longer buffer whose rest is NaN."""
+    if layout == "HND":
+        return q
+    if layout == "NHD":
+        return q.transpose(1, 2).contiguous().transpose(1, 2)
+    if layout == "fused_qkv":
+        return torch.stack([q.transpose(1, 2)] * 3, dim=2).contiguous()[:, :, 0].transpose(1, 2)
+    return torch.cat([q, torch.full_like(q[:, :, :40], float("nan"))], dim=2)[:, :, :q.shape[2]]
+
+
+@pytest.mark.skipif(not HOPPER, reason=NO_HOPPER)
+@pytest.mark.parametrize("key,d,consumers", [("m64n128w4s4mcpdgpppnt", 128, 2), ("m64n128w4s4mcpdgppp", 128, 2),
+                                             ("m64n128w4s4mcpdgpppps", 128, 2), ("m64n128w4s4mcpdgpppntlr", 128, 2),
+                                             ("m64n128w4s4mcgppp", 64, 2), ("m64n128w4s4pdgpppntc3", 64, 3)])
+@pytest.mark.parametrize("layout", ["HND", "NHD", "fused_qkv", "rows_apart"])
+@pytest.mark.parametrize("b,hq,hk,nq,nk,granularity", [
+    (2, 4, 2, 1000, 333, "per_warp"),     # ragged query and key tiles, grouped-query
+    (1, 4, 4, 130, 700, "per_thread"),    # one scale per query row
+    (2, 24, 8, 960, 1100, "per_block"),   # persistent programs of two or three items; Q groups of a whole tile
+])
+def test_q_coded_in_the_kernel_gives_the_pass_codes_bits(monkeypatch, key, d, consumers, layout, b, hq, hk, nq, nk,
+                                                         granularity):
+    """The ping-pong kernel coding the call's BF16 Q itself (hopper_attention_kernel.quantize_q, read by TMA where it
+    lies) gives the output and LSE of the same call with Q coded by the quantization pass, bit for bit, at every Q
+    scale granularity, and the call plan says it took that path."""
+    lc = tuning.LaunchConfig.from_key(key)
+    q, k, v = inputs(b, hq, hk, nq, nk, d, torch.bfloat16, seed=nq + nk)
+    q_call = q_layouts(q, layout)
+    assert torch.equal(q_call, q) and (layout == "HND") == q_call.is_contiguous()
+    cfg = SageConfig(kernel="int8_fp8", qk_granularity=granularity)
+    assert hopper_launch.codes_q_in_kernel(q_call, config=lc, block_d=d, pv_fp8=True, rope=False)
+    results = []
+    for in_kernel in (True, False):
+        monkeypatch.setattr(hopper_launch, "Q_IN_KERNEL", in_kernel)
+        PLANS.clear()
+        out, lse, bad = run_kernel(q_call, k, v, cfg, return_lse=True, launch_cfg=lc)
+        assert [plan.buffers["q_in_kernel"] for plan in PLANS.plans.values()] == [in_kernel]
+        assert int(bad.sum()) == 0 and torch.isfinite(out).all()
+        results.append((out, lse))
+    PLANS.clear()
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    err = attention_error(results[0][0], exact(q, k, v))
+    assert err["cosine"] >= EXACT_BOUNDS["int8_fp8"][0] and err["rel_l1"] <= EXACT_BOUNDS["int8_fp8"][1], err
+
+
+@pytest.mark.skipif(not HOPPER, reason=NO_HOPPER)
+@pytest.mark.parametrize("key,d", [("m64n128w4s4mcpdgpppnt", 128), ("m64n128w4s4mcpdgpppps", 128),
+                                   ("m64n128w4s4pdgpppntc3", 64)])
+def test_q_coded_in_the_kernel_flags_and_repairs_a_nan_row(key, d):
+    """A NaN in one row of the call's Q, coded inside the kernel: its scale group's outputs come out NaN and are
+    flagged, and the guard recomputes the tile, after which only the row exact attention makes NaN is NaN."""
+    lc = tuning.LaunchConfig.from_key(key)
+    q, k, v = inputs(2, 4, 2, 1000, 333, d, torch.bfloat16, seed=11)
+    q[1, 1, 250, 3] = float("nan")
+    cfg = SageConfig(kernel="int8_fp8")
+    PLANS.clear()
+    out, _, bad = run_kernel(q, k, v, cfg, launch_cfg=lc)
+    assert [plan.buffers["q_in_kernel"] for plan in PLANS.plans.values()] == [True]
+    flags = bad.view(2, 4, 1000)
+    assert torch.equal(flags.bool(), ~torch.isfinite(out).all(-1)) and flags[1, 1, 250]
+    assert int(flags.sum()) == cfg.q_group_rows  # the row's scale group
+    counter = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    out, _, _ = run_kernel(q, k, v, cfg, launch_cfg=lc, repair_counter=counter)
+    PLANS.clear()
+    assert int(counter.item()) == 1
+    nan_rows = torch.isnan(out).any(-1)
+    assert nan_rows.sum() == 1 and nan_rows[1, 1, 250]
+
+
 def test_direct_launch_keys_what_triton_specialises_on():
     from sage_attention_pack.kernels.direct_launch import NotKeyable, argument_key, arguments_key
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from sage_attention_pack.kernels.call_plan import PLANS
+from sage_attention_pack.kernels import launch, tuning
 from sage_attention_pack.sage_core import bench, timing
 from sage_attention_pack.sage_core.progress import progress
 
@@ -36,27 +36,35 @@ ab = sibling("tail_split_ab")  # the shapes' parsing, the setting switch, the FP
 breakdown = sibling("breakdown")  # kernel_ms: each launch's device time
 
 DEFAULT_SHAPES = ("flux_1024px", "sweep_d128_n8192", "sweep_d128_n16384", "wan21_480p_81f", "sweep_d64_n16384")
-ARMS = {"in_kernel": True, "pass": False}
+# each arm's hopper_launch settings: Q coded in the kernel, its codes then read from shared memory by every Q·Kᵀ
+# where the configuration does so, or read into registers once per work item; or coded by the quantization pass
+ARMS = {"in_kernel": {"Q_IN_KERNEL": True, "IN_KERNEL_Q_REGISTERS": False},
+        "in_kernel_regs": {"Q_IN_KERNEL": True, "IN_KERNEL_Q_REGISTERS": True},
+        "pass": {"Q_IN_KERNEL": False, "IN_KERNEL_Q_REGISTERS": False}}
+SHIPPED = {"Q_IN_KERNEL": True, "IN_KERNEL_Q_REGISTERS": False}
 
 
-def measure(shape: tuple, rounds: int, switch) -> dict:
+def measure(shape: tuple, rounds: int, switch, config=None) -> dict:
     b, h, n, d = shape
-    q, k, v, config, ours = ab.fp8_call(shape)
+    q, k, v, config, ours = ab.fp8_call(shape, config)
     arms = {name: switch.bind(setting, ours) for name, setting in ARMS.items()}
     sdpa = functools.partial(torch.nn.functional.scaled_dot_product_attention, q, k, v)
     ms = timing.interleaved_median_ms({**arms, "sdpa": sdpa}, rounds=rounds)
     row = {"shape": [b, h, n, d], "launch_config": config.key(), **ms}
-    if all(isinstance(ms.get(m), float) for m in (*ARMS, "sdpa")):
-        row.update(in_kernel_vs_sdpa=ms["sdpa"] / ms["in_kernel"], pass_vs_sdpa=ms["sdpa"] / ms["pass"],
-                   in_kernel_saving_pct=100 * (1 - ms["in_kernel"] / ms["pass"]))
+    for arm in ARMS:
+        if isinstance(ms.get(arm), float) and isinstance(ms.get("sdpa"), float):
+            row[f"{arm}_vs_sdpa"] = ms["sdpa"] / ms[arm]
+            if arm != "pass" and isinstance(ms.get("pass"), float):
+                row[f"{arm}_saving_pct"] = 100 * (1 - ms[arm] / ms["pass"])
     outs = {}
     for name, call in arms.items():
         outs[name] = call()[0].clone()
         row[f"kernels_{name}"] = breakdown.kernel_ms(call)
-        row[f"q_in_kernel_{name}"] = any(plan.buffers.get("q_in_kernel") for plan in PLANS.plans.values())
+        row[f"q_in_kernel_{name}"] = launch.hopper_paths(q, k, v, config=config, k_group=config.block_n, pv_fp8=True,
+                                                          is_causal=False, has_bias=False, rope=False)[1]
         if n <= ab.ERROR_MAX_KEYS:
             row[f"rel_l1_{name}"] = ab.last_heads_error(outs[name], q, k, v)
-    row["same_bits"] = torch.equal(outs["in_kernel"], outs["pass"])
+    row["same_bits"] = all(torch.equal(outs[arm], outs["pass"]) for arm in ARMS)
     switch.restore()
     return row
 
@@ -65,6 +73,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES))
     ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--config", help="a launch configuration key for every shape (default: the tables')")
     ap.add_argument("--out", default="q_in_kernel_ab.json")
     args = ap.parse_args(argv)
     try:
@@ -73,13 +82,17 @@ def main(argv=None) -> int:
         ap.error(str(e))
     if args.rounds < 1:
         ap.error("rounds must be at least 1")
+    try:
+        config = tuning.LaunchConfig.from_key(args.config) if args.config else None
+    except ValueError as e:
+        ap.error(str(e))
     if not torch.cuda.is_available():
         raise SystemExit("q_in_kernel_ab times the Hopper kernel's calls on a CUDA GPU; none is available")
     result = {"environment": bench.environment(), "rounds": args.rounds, "shapes": {}}
-    switch = ab.SettingSwitch("Q_IN_KERNEL", True)
+    switch = ab.SettingSwitch(SHIPPED)
     with torch.inference_mode():
         for name in progress(list(shapes), desc="shapes", unit="shape"):
-            row = result["shapes"][name] = measure(shapes[name], args.rounds, switch)
+            row = result["shapes"][name] = measure(shapes[name], args.rounds, switch, config)
             print(name, json.dumps(row), flush=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

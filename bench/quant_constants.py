@@ -38,9 +38,11 @@ TUNABLE = ("STATS_ROWS", "MAX_STATS_CHUNKS", "STATS_TILE", "QUANT_ROWS", "QUANT_
 GRAPH_CALLS = 20
 # per path, what sizes the quantization's buffers (launch.quant_buffers): fp8, the in-place Hopper path
 # (kernels/launch.sage_forward for an FP8 call with a pipelined key); fp16, the portable FP16-P·V path as Ampere and
-# Ada run it (per-warp Q scales, K smoothed alone in 64-key groups, the tables' BLOCK_N at head dim 128 there)
+# Ada run it (per-warp Q scales, K smoothed alone in 64-key groups, the tables' BLOCK_N at head dim 128 there);
+# fp8_q_in_kernel, the in-place Hopper path where the attention kernel codes Q (hopper_launch.codes_q_in_kernel)
 PATHS = {
     "fp8": dict(q_group=64, k_group=128, smooth_k=True, smooth_v=True, pv_fp8=True),
+    "fp8_q_in_kernel": dict(q_group=64, k_group=128, smooth_k=True, smooth_v=True, pv_fp8=True, q_in_kernel=True),
     "fp16": dict(q_group=16, k_group=64, smooth_k=True, smooth_v=False, pv_fp8=False),
 }
 

@@ -43,34 +43,38 @@ def parse_shape(text: str) -> tuple[int, int, int, int]:
 
 
 class SettingSwitch:
-    """Callables that run with a module setting of hopper_launch (`name`) at a given value: the setting and the
-    call plans (which keep what a setting made them with) change only when a callable of another value runs, so a
-    visit of the interleaved timing pays for it in its untimed calls. restore() puts the shipped value back."""
+    """Callables that run with module settings of hopper_launch ({name: value}) at given values: the settings and
+    the call plans (which keep what the settings made them with) change only when a callable of other values runs,
+    so a visit of the interleaved timing pays for it in its untimed calls. restore() puts the shipped values
+    back."""
 
-    def __init__(self, name: str = "TAIL_SPLIT", shipped="policy"):
-        self.name, self.shipped, self.current = name, shipped, None
+    def __init__(self, shipped: dict | None = None):
+        self.shipped, self.current = shipped or {"TAIL_SPLIT": "policy"}, None
 
-    def bind(self, setting, fn):
+    def bind(self, settings: dict, fn):
         def call():
-            if self.current != setting:
-                setattr(hopper_launch, self.name, setting)
+            if self.current != settings:
+                for name, value in settings.items():
+                    setattr(hopper_launch, name, value)
                 PLANS.clear()
-                self.current = setting
+                self.current = settings
             return fn()
         return call
 
     def restore(self):
-        setattr(hopper_launch, self.name, self.shipped)
+        for name, value in self.shipped.items():
+            setattr(hopper_launch, name, value)
         PLANS.clear()
         self.current = None
 
 
-def fp8_call(shape: tuple) -> tuple:
-    """Model-shaped BF16 inputs of `shape` on the GPU, the launch configuration the tables give their FP8 call, and
-    that call (backend.run, the non-finite guard on, as in a workflow): (q, k, v, config, call)."""
+def fp8_call(shape: tuple, config=None) -> tuple:
+    """Model-shaped BF16 inputs of `shape` on the GPU, the launch configuration the tables give their FP8 call (or
+    `config`), and that call (backend.run, the non-finite guard on, as in a workflow): (q, k, v, config, call)."""
     b, h, n, d = shape
     q, k, v = bench.model_shaped_inputs(b, h, n, d, torch.bfloat16, "cuda")
-    config = backend.tuning_for(q.device, "fp8", launch.padded_head_dim(d), None, n, n, str(q.dtype), False)
+    config = config or backend.tuning_for(q.device, "fp8", launch.padded_head_dim(d), None, n, n, str(q.dtype),
+                                          False)
     repairs = torch.zeros(1, device="cuda", dtype=torch.int32)
     call = functools.partial(backend.run, q, k, v, layout="HND", sm_scale=d ** -0.5, is_causal=False, bias=None,
                              config=SageConfig(kernel="int8_fp8"), pv_fp8=True, return_lse=False,
@@ -92,7 +96,7 @@ def measure(shape: tuple, rounds: int, switch: SettingSwitch) -> dict:
     policy = hopper_launch.tail_split(config, items, n, q.device)
     hopper_launch.TAIL_SPLIT = "forced"
     forced = hopper_launch.tail_split(config, items, n, q.device)
-    split, unsplit = switch.bind("forced", ours), switch.bind("off", ours)
+    split, unsplit = switch.bind({"TAIL_SPLIT": "forced"}, ours), switch.bind({"TAIL_SPLIT": "off"}, ours)
     ms = timing.interleaved_median_ms({"split": split, "unsplit": unsplit,
                                        "sdpa": functools.partial(torch.nn.functional.scaled_dot_product_attention,
                                                                  q, k, v)}, rounds=rounds)

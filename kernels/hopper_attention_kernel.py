@@ -483,7 +483,7 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_scale, next_bh, next_tile_m, q_des
                 BLOCK_D: gl.constexpr, Q_GROUP: gl.constexpr, STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr,
                 CONSUMERS: gl.constexpr, TURNS: gl.constexpr, SHIFT_V: gl.constexpr, RETURN_LSE: gl.constexpr,
                 MAGIC: gl.constexpr,
-                LAZY_RESCALE: gl.constexpr, OUT_STORE: gl.constexpr, NEXT_Q: gl.constexpr):
+                LAZY_RESCALE: gl.constexpr, OUT_STORE: gl.constexpr, NEXT_Q: gl.constexpr, Q_REGS: gl.constexpr):
     """One warpgroup's work: query rows tile_m·BLOCK_M .. +BLOCK_M of (batch·head) bh against key tiles
     t0 .. t1-1, then the output, its rows' non-finite flags and the LSE; or, for a part of a split work item
     (part ≥ 0, the grid's tail: see work_item), the part's normalised output in FP32 and its base-2 LSE at
@@ -529,7 +529,7 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_scale, next_bh, next_tile_m, q_des
     mbarrier.wait(q_bar, q_phase)
     if is_16bit(q_desc.dtype):
         q_scale = quantize_q(q_smem, q8_smem, q_multiplier, BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP)
-    q_op = scores_operand(q8_smem, s_layout, CONSUMERS and TURNS and not is_16bit(v_smem.dtype))
+    q_op = scores_operand(q8_smem, s_layout, Q_REGS)
     mbarrier.wait(full_bars.index(ring0 % STAGES), (ring0 // STAGES) & 1)
     if CONSUMERS and TURNS:
         named_arrive(TURN_BARRIER, TURN_THREADS, consumer == 1, 4)  # consumer 0 goes first
@@ -708,7 +708,7 @@ def sage_fwd_sm90_kernel(
                 q_bar, k_smem, v_smem, full_bars, ones_smem, 0, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD,
                 stride_ob, stride_oh, stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, 0, n_tiles, -1,
                 OUT, LSE, 1.0, BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP, STAGES, TWO_LEVEL,
-                0, False, SHIFT_V, RETURN_LSE, MAGIC, False, OUT_STORE, False)
+                0, False, SHIFT_V, RETURN_LSE, MAGIC, False, OUT_STORE, False, False)
 
 
 @gluon.jit
@@ -771,7 +771,7 @@ def consume(meta: gl.constexpr, consumer, q_smem, q8_smem, q_bar, q_desc, k_desc
             stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, t0, t1, part, PART_O, PART_LSE,
             q_multiplier, meta[0],
             meta[1], meta[2], meta[3], meta[4], meta[5], CONSUMERS, meta[10], meta[6], meta[7], meta[8], meta[12],
-            meta[13], PERSISTENT)
+            meta[13], PERSISTENT, meta[14])
 
 
 @gluon.jit
@@ -814,7 +814,7 @@ def sage_fwd_sm90_pingpong_kernel(
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, Q_GROUP: gl.constexpr,
     STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, SHIFT_V: gl.constexpr, RETURN_LSE: gl.constexpr,
     MAGIC: gl.constexpr, CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr, PERSISTENT: gl.constexpr,
-    TURNS: gl.constexpr, LAZY_RESCALE: gl.constexpr, OUT_STORE: gl.constexpr,
+    TURNS: gl.constexpr, LAZY_RESCALE: gl.constexpr, OUT_STORE: gl.constexpr, Q_REGS: gl.constexpr,
 ):
     """CONSUMERS consumer warpgroups (query tiles CONSUMERS·item + c of BLOCK_M rows) sharing one K/V ring that a
     producer warp fills; two of them take turns at the tensor cores (FlashAttention-3's ping-pong schedule).
@@ -829,7 +829,8 @@ def sage_fwd_sm90_pingpong_kernel(
     of an item for the last (BH·items - whole) items, split in `splits` key ranges (work_item); 1-D grid.
     TURNS: the two warpgroups take turns at the tensor cores; False lets each issue whenever its softmax is done
     (on the H200 faster at 4.6k to 16k and at 118k tokens, slower at Wan2.1's 32k: bench/NOTES.md, "Ping-pong
-    without turns, …"). LAZY_RESCALE: see rescale_if_moved."""
+    without turns, …"). LAZY_RESCALE: see rescale_if_moved. Q_REGS: Q's codes are read into registers once per
+    work item (scores_operand), else from shared memory by every Q·Kᵀ (hopper_launch.q_in_registers decides)."""
     k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_D], k_desc.layout)
     v_smem = v_ring(v_desc, STAGES, BLOCK_N, BLOCK_D)
     gl.static_assert(CONSUMERS == 2 or (CONSUMERS == 3 and not TURNS), "turns are taken by two warpgroups")
@@ -841,7 +842,7 @@ def sage_fwd_sm90_pingpong_kernel(
     # compile-time values cross into partitions only inside a constexpr tuple (elements of a plain tuple are
     # turned into tensors)
     meta: gl.constexpr = (BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP, STAGES, TWO_LEVEL, SHIFT_V, RETURN_LSE, MAGIC,
-                          PERSISTENT, TURNS, CONSUMERS, LAZY_RESCALE, OUT_STORE)
+                          PERSISTENT, TURNS, CONSUMERS, LAZY_RESCALE, OUT_STORE, Q_REGS)
     runtime = (q_desc, k_desc, v_desc, k_smem, v_smem, full_bars, ones_tile(v_desc, BLOCK_N))
     scalars = (Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, PART_O, PART_LSE, stride_ob, stride_oh,
                stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, BH, whole, splits,

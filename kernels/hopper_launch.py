@@ -102,7 +102,7 @@ def out_store(config: LaunchConfig, pv_fp8: bool = True, out: torch.Tensor | Non
 
 
 def kernel_constants(config: LaunchConfig, block_d: int, q_group: int, shift_v: bool, return_lse: bool,
-                     pv_fp8: bool = True, out: torch.Tensor | None = None) -> dict:
+                     pv_fp8: bool = True, out: torch.Tensor | None = None, q_in_kernel: bool = False) -> dict:
     """The compile-time arguments a configuration gives its Gluon kernel (the launch, with the call's `out`, and
     compile_for_sm90, without: an aligned output)."""
     constants = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, Q_GROUP=q_group,
@@ -115,7 +115,20 @@ def kernel_constants(config: LaunchConfig, block_d: int, q_group: int, shift_v: 
         constants["PERSISTENT"] = config.persistent
         constants["TURNS"] = not config.no_turns
         constants["LAZY_RESCALE"] = config.lazy_rescale
+        constants["Q_REGS"] = q_in_registers(config, pv_fp8, q_in_kernel)
     return constants
+
+
+# Where the kernel codes Q itself, its codes are read into registers in every configuration (rather than only with
+# turns and FP8 P·V, q_in_registers); bench/q_in_kernel_ab.py times both
+IN_KERNEL_Q_REGISTERS = False
+
+
+def q_in_registers(config: LaunchConfig, pv_fp8: bool, q_in_kernel: bool = False) -> bool:
+    """Whether the ping-pong kernel reads Q's codes into registers once per work item (scores_operand): with turns
+    and FP8 P·V (each turn is shorter; Wan2.1 2-4% faster), and where it codes Q itself with
+    IN_KERNEL_Q_REGISTERS."""
+    return (not config.no_turns and pv_fp8) or (q_in_kernel and IN_KERNEL_Q_REGISTERS)
 
 
 @functools.lru_cache(maxsize=None)
@@ -203,7 +216,8 @@ def launch_parts(qz: dict, out: torch.Tensor, *, heads: int, kv_heads: int, q_gr
     v_scale = qz["v_scale"] if pv_fp8 else qz["q_scale"]  # FP16 P·V: a placeholder, never read
     scales = (qz["q_scale"], qz["k_scale"], v_scale, v_shift if v_shift is not None else v_scale)
     sizes = (heads, heads // kv_heads, nq, nk, qz["q_scale"].shape[-1], qz["k_scale"].shape[-1])
-    kwargs = {**kernel_constants(config, block_d, q_group, v_shift is not None, return_lse, pv_fp8, out),
+    kwargs = {**kernel_constants(config, block_d, q_group, v_shift is not None, return_lse, pv_fp8, out,
+                                 bool(qz.get("q_in_kernel"))),
               **compile_options(config)}
     items = work_items_per_head(config, nq)
     if not config.ping_pong:
@@ -329,7 +343,8 @@ def compile_for_sm90(config: LaunchConfig, head_dim: int, pv_fp8: bool = True, s
     descs = {"q_desc": ("bf16", [1, 1, m, d], gl.bfloat16) if q_in_kernel else ("i8", [m, d], gl.int8),
              "k_desc": ("i8", [n, d], gl.int8),
              "v_desc": ("fp8e4nv", [d, n], gl.float8e4nv) if pv_fp8 else ("bf16", [1, 1, n, d], gl.bfloat16)}
-    consts = {**kernel_constants(config, d, 16, shift_v=shift_v, return_lse=False, pv_fp8=pv_fp8), "stride_od": 1}
+    consts = {**kernel_constants(config, d, 16, shift_v=shift_v, return_lse=False, pv_fp8=pv_fp8,
+                                 q_in_kernel=q_in_kernel), "stride_od": 1}
     sig, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in descs:

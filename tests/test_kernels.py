@@ -796,21 +796,26 @@ def q_layouts(q, layout):
     return torch.cat([q, torch.full_like(q[:, :, :40], float("nan"))], dim=2)[:, :, :q.shape[2]]
 
 
+# (key, head dim, Q's layout): every kind of ping-pong kernel on a contiguous Q, and Q's other layouts on one
+Q_CODED = [(key, d, "HND") for key, d in (("m64n128w4s4mcpdgpppnt", 128), ("m64n128w4s4mcpdgppp", 128),
+                                          ("m64n128w4s4mcpdgpppps", 128), ("m64n128w4s4mcpdgpppntlr", 128),
+                                          ("m64n128w4s4mcgppp", 64), ("m64n128w4s4pdgpppntc3", 64))] + [
+    ("m64n128w4s4mcpdgpppnt", 128, layout) for layout in ("NHD", "fused_qkv", "rows_apart")]
+
+
 @pytest.mark.skipif(not HOPPER, reason=NO_HOPPER)
-@pytest.mark.parametrize("key,d,consumers", [("m64n128w4s4mcpdgpppnt", 128, 2), ("m64n128w4s4mcpdgppp", 128, 2),
-                                             ("m64n128w4s4mcpdgpppps", 128, 2), ("m64n128w4s4mcpdgpppntlr", 128, 2),
-                                             ("m64n128w4s4mcgppp", 64, 2), ("m64n128w4s4pdgpppntc3", 64, 3)])
-@pytest.mark.parametrize("layout", ["HND", "NHD", "fused_qkv", "rows_apart"])
+@pytest.mark.parametrize("key,d,layout", Q_CODED)
 @pytest.mark.parametrize("b,hq,hk,nq,nk,granularity", [
     (2, 4, 2, 1000, 333, "per_warp"),     # ragged query and key tiles, grouped-query
-    (1, 4, 4, 130, 700, "per_thread"),    # one scale per query row
+    (1, 4, 4, 130, 700, "per_block"),     # one scale per query tile (per-token K scales run the portable kernel)
     (2, 24, 8, 960, 1100, "per_block"),   # persistent programs of two or three items; Q groups of a whole tile
 ])
-def test_q_coded_in_the_kernel_gives_the_pass_codes_bits(monkeypatch, key, d, consumers, layout, b, hq, hk, nq, nk,
+def test_q_coded_in_the_kernel_gives_the_pass_codes_bits(monkeypatch, key, d, layout, b, hq, hk, nq, nk,
                                                          granularity):
     """The ping-pong kernel coding the call's BF16 Q itself (hopper_attention_kernel.quantize_q, read by TMA where it
-    lies) gives the output and LSE of the same call with Q coded by the quantization pass, bit for bit, at every Q
-    scale granularity, and the call plan says it took that path."""
+    lies) gives the output and LSE of the same call with Q coded by the quantization pass, bit for bit, with Q's
+    scales per warp and per tile, its codes read from shared memory or registers, and the call plan says it took
+    that path."""
     lc = tuning.LaunchConfig.from_key(key)
     q, k, v = inputs(b, hq, hk, nq, nk, d, torch.bfloat16, seed=nq + nk)
     q_call = q_layouts(q, layout)
@@ -818,15 +823,17 @@ def test_q_coded_in_the_kernel_gives_the_pass_codes_bits(monkeypatch, key, d, co
     cfg = SageConfig(kernel="int8_fp8", qk_granularity=granularity)
     assert hopper_launch.codes_q_in_kernel(q_call, config=lc, block_d=d, pv_fp8=True, rope=False)
     results = []
-    for in_kernel in (True, False):
+    for in_kernel, registers in ((False, False), (True, False), (True, True)):
         monkeypatch.setattr(hopper_launch, "Q_IN_KERNEL", in_kernel)
+        monkeypatch.setattr(hopper_launch, "IN_KERNEL_Q_REGISTERS", registers)
         PLANS.clear()
         out, lse, bad = run_kernel(q_call, k, v, cfg, return_lse=True, launch_cfg=lc)
         assert [plan.buffers["q_in_kernel"] for plan in PLANS.plans.values()] == [in_kernel]
         assert int(bad.sum()) == 0 and torch.isfinite(out).all()
         results.append((out, lse))
     PLANS.clear()
-    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    for out, lse in results[1:]:
+        assert torch.equal(out, results[0][0]) and torch.equal(lse, results[0][1])
     err = attention_error(results[0][0], exact(q, k, v))
     assert err["cosine"] >= EXACT_BOUNDS["int8_fp8"][0] and err["rel_l1"] <= EXACT_BOUNDS["int8_fp8"][1], err
 

@@ -24,6 +24,7 @@ MAX_STATS_CHUNKS = 16  # partial-statistics rows per head (a power of two), fini
 # loop loading its next tile ahead, 16-row statistics steps (128 registers; 32 took 253) and 32-row slices
 # measured fastest on the H200 (bench/NOTES.md, "Loads issued ahead")
 STATS_TILE = 16
+STATS_AHEAD = 1  # tiles the statistics' loop loads ahead of the one it adds up (1 or 2)
 QUANT_ROWS = 128
 QUANT_SUB = 32
 ROPE_SUB = 64  # Q/K rows a program codes at a time when it rotates them too (slice_rows)
@@ -272,7 +273,7 @@ def quant_launches(q, k, *, q_group: int, k_group: int, block_d: int, smooth_k: 
                      STATS_CHUNKS=MAX_STATS_CHUNKS, SMOOTH_K=smooth_k, V_STATS=need_v_stats, V_ROWS=V_ROWS,
                      CHANNELS=v_channels(block_d), SMOOTH_V=smooth_v, PV_FP8=pv_fp8,
                      FP8_ROUND_IN_FP32=interpreting(), PV_KEY_ORDER=pv_key_order, FINISH_SHIFT=finish_shift,
-                     SHIFT_PROGRAMS=SHIFT_PROGRAMS, ROPE=rope,
+                     SHIFT_PROGRAMS=SHIFT_PROGRAMS, ROPE=rope, STATS_AHEAD=STATS_AHEAD,
                      WARPS=QUANT_WARPS, num_warps=QUANT_WARPS)  # WARPS: quantize_v_tile's layout steer
     # the statistics' chunks first: they are the longest programs, and blocks are dispatched in grid order
     do_q = int(not q_in_kernel)

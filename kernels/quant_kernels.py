@@ -85,15 +85,16 @@ def kv_stats_chunk(
     stride_vb, stride_vh, stride_vn, stride_vd,
     HK, N, D, rows_per_chunk, k_every, PE, stride_pn,
     TILE: tl.constexpr, BLOCK_D: tl.constexpr, K_STATS: tl.constexpr, V_STATS: tl.constexpr, ROPE: tl.constexpr,
+    AHEAD: tl.constexpr,
 ):
     """Partial per-channel statistics of K and V over one chunk of tokens, for one (batch, KV head):
     PARTS[bh, chunk] = (sum of K, sum of V, max of V, min of V), each [BLOCK_D] in FP32 (padded channels
     read as 0). K's sum covers a sample: the tiles whose index is a multiple of k_every (chunks start on one;
     launch.stats_every); K's loads in the tiles between are masked off, which issues no memory access. V's
     statistics cover every key. The quantization programs of the next pass finish the reduction (finish_stats),
-    so no PyTorch reduction runs in between. Each step loads the next tile before it adds up this one
-    (load_raw). With ROPE, K's sample is summed rotated (rotary.rotated; PE this head's table), the K that is
-    coded."""
+    so no PyTorch reduction runs in between. Each step loads the tile AHEAD (1 or 2) tiles on before it adds up this
+    one (load_raw): a chunk is a chain of dependent steps, and the loads in flight per program bound how fast it
+    reads. With ROPE, K's sample is summed rotated (rotary.rotated; PE this head's table), the K that is coded."""
     b = bh // HK
     h = bh % HK
     offs_d = tl.arange(0, BLOCK_D)
@@ -106,21 +107,40 @@ def kv_stats_chunk(
     v_min = tl.full((TILE, BLOCK_D), float("inf"), tl.float32)
     lo = chunk * rows_per_chunk
     hi = tl.minimum(N, lo + rows_per_chunk)
+    # the first tile is sampled (a chunk starts on one); a later tile's K rows end at hi where it is sampled, else
+    # at 0 (none loaded: a masked load issues no memory access)
     if K_STATS:
         k_next = load_raw(K, b, h, lo + rows, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, hi, D)
+        if AHEAD == 2:
+            k_end = tl.where(1 % k_every == 0, hi, 0)
+            k_after = load_raw(K, b, h, lo + TILE + rows, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, k_end,
+                               D)
     if V_STATS:
         v_next = load_raw(V, b, h, lo + rows, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, hi, D)
+        if AHEAD == 2:
+            v_after = load_raw(V, b, h, lo + TILE + rows, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, hi, D)
     for start in range(lo, hi, TILE):
         offs_n = start + rows
         row_ok = offs_n < hi
-        # both next loads issued before this step's tiles are waited for
+        # the loads AHEAD tiles on issued before this step's tiles are waited for
         if K_STATS:
             k_raw = k_next
-            k_end = tl.where(((start + TILE - lo) // TILE) % k_every == 0, hi, 0)  # the next tile K's, or none
-            k_next = load_raw(K, b, h, offs_n + TILE, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, k_end, D)
+            k_end = tl.where(((start + AHEAD * TILE - lo) // TILE) % k_every == 0, hi, 0)
+            if AHEAD == 2:
+                k_next = k_after
+                k_after = load_raw(K, b, h, offs_n + 2 * TILE, offs_d, stride_kb, stride_kh, stride_kn, stride_kd,
+                                   k_end, D)
+            else:
+                k_next = load_raw(K, b, h, offs_n + TILE, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, k_end,
+                                  D)
         if V_STATS:
             v_raw = v_next
-            v_next = load_raw(V, b, h, offs_n + TILE, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, hi, D)
+            if AHEAD == 2:
+                v_next = v_after
+                v_after = load_raw(V, b, h, offs_n + 2 * TILE, offs_d, stride_vb, stride_vh, stride_vn, stride_vd,
+                                   hi, D)
+            else:
+                v_next = load_raw(V, b, h, offs_n + TILE, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, hi, D)
         if K_STATS:
             if ROPE:  # the same rows as this tile's load: none where the tile is not sampled
                 k_sum += rotated(k_raw.to(tl.float32), offs_n, offs_d,
@@ -354,7 +374,7 @@ def quantize_kernel(
     BLOCK_D: tl.constexpr, STATS_TILE: tl.constexpr, STATS_CHUNKS: tl.constexpr, SMOOTH_K: tl.constexpr,
     V_STATS: tl.constexpr, V_ROWS: tl.constexpr, CHANNELS: tl.constexpr, SMOOTH_V: tl.constexpr,
     PV_FP8: tl.constexpr, FP8_ROUND_IN_FP32: tl.constexpr, PV_KEY_ORDER: tl.constexpr, WARPS: tl.constexpr,
-    FINISH_SHIFT: tl.constexpr, SHIFT_PROGRAMS: tl.constexpr, ROPE: tl.constexpr,
+    FINISH_SHIFT: tl.constexpr, SHIFT_PROGRAMS: tl.constexpr, ROPE: tl.constexpr, STATS_AHEAD: tl.constexpr,
 ):
     """One launch of a call's quantization: the roles it is given (DO_STATS, DO_Q, DO_K, V_BLOCKS), one per
     program_id(2), in that order; program_id(0) is the role's chunk or row block, program_id(1) its head. Roles
@@ -385,7 +405,7 @@ def quantize_kernel(
             kv_stats_chunk(K, V, PARTS, bh, pid, n_chunks, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb,
                            stride_vh, stride_vn, stride_vd, HK, NK, D, chunk_rows, k_every,
                            PE + (bh // HK) * stride_pb + (bh % HK) * stride_ph, stride_pn, STATS_TILE, BLOCK_D,
-                           SMOOTH_K, V_STATS, ROPE)
+                           SMOOTH_K, V_STATS, ROPE, STATS_AHEAD)
     if DO_Q:
         if (role == Q_ROLE) & (bh < BH) & (pid * ROWS < NQ):
             first = first_slice(Q, bh // H, bh % H, pid * ROWS, stride_qb, stride_qh, stride_qn, stride_qd, NQ, D, ROWS,

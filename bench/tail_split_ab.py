@@ -13,82 +13,33 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import json
 import sys
+from pathlib import Path
 
 import torch
 
-from sage_attention_pack.kernels import hopper_launch, launch
-from sage_attention_pack.kernels.call_plan import PLANS
-from sage_attention_pack.sage_core import backend, bench, timing
-from sage_attention_pack.sage_core.config import SageConfig
-from sage_attention_pack.sage_core.metrics import attention_error
+from sage_attention_pack.kernels import hopper_launch
+from sage_attention_pack.sage_core import bench, timing
 from sage_attention_pack.sage_core.progress import progress
+
+
+def sibling(name: str):
+    """Another script of this folder, as a module (bench/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+settings_ab = sibling("settings_ab")  # the shapes, the FP8 call, its error, the settings' switch
+parse_shape, fp8_call, last_heads_error = settings_ab.parse_shape, settings_ab.fp8_call, settings_ab.last_heads_error
 
 DEFAULT_SHAPES = ("flux_1024px", "1x26x4608x128", "2x24x4608x128", "sweep_d128_n8192", "sweep_d128_n16384",
                   "wan21_480p_81f")
-ERROR_HEADS = 4  # the last heads, against FP32 attention, where the key count allows it
-ERROR_MAX_KEYS = 8192
-
-
-def parse_shape(text: str) -> tuple[int, int, int, int]:
-    """A benchmark table name, or BxHxNxD; ValueError names what is wrong."""
-    if text in bench.GPU_SHAPES:
-        return bench.GPU_SHAPES[text]
-    parts = text.split("x")
-    if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise ValueError(f"shape {text!r} is neither a benchmark shape ({', '.join(sorted(bench.GPU_SHAPES))}) "
-                         "nor BxHxNxD with positive integers")
-    return tuple(int(p) for p in parts)
-
-
-class SettingSwitch:
-    """Callables that run with module settings of hopper_launch ({name: value}) at given values: the settings and
-    the call plans (which keep what the settings made them with) change only when a callable of other values runs,
-    so a visit of the interleaved timing pays for it in its untimed calls. restore() puts the shipped values
-    back."""
-
-    def __init__(self, shipped: dict | None = None):
-        self.shipped, self.current = shipped or {"TAIL_SPLIT": "policy"}, None
-
-    def bind(self, settings: dict, fn):
-        def call():
-            if self.current != settings:
-                for name, value in settings.items():
-                    setattr(hopper_launch, name, value)
-                PLANS.clear()
-                self.current = settings
-            return fn()
-        return call
-
-    def restore(self):
-        for name, value in self.shipped.items():
-            setattr(hopper_launch, name, value)
-        PLANS.clear()
-        self.current = None
-
-
-def fp8_call(shape: tuple, config=None) -> tuple:
-    """Model-shaped BF16 inputs of `shape` on the GPU, the launch configuration the tables give their FP8 call (or
-    `config`), and that call (backend.run, the non-finite guard on, as in a workflow): (q, k, v, config, call)."""
-    b, h, n, d = shape
-    q, k, v = bench.model_shaped_inputs(b, h, n, d, torch.bfloat16, "cuda")
-    config = config or backend.tuning_for(q.device, "fp8", launch.padded_head_dim(d), None, n, n, str(q.dtype),
-                                          False)
-    repairs = torch.zeros(1, device="cuda", dtype=torch.int32)
-    call = functools.partial(backend.run, q, k, v, layout="HND", sm_scale=d ** -0.5, is_causal=False, bias=None,
-                             config=SageConfig(kernel="int8_fp8"), pv_fp8=True, return_lse=False,
-                             launch_config=config, repair_counter=repairs)
-    return q, k, v, config, call
-
-
-def last_heads_error(out: torch.Tensor, q, k, v) -> float:
-    """Relative L1 error of `out` against FP32 attention on the last ERROR_HEADS heads."""
-    ref = bench.reference(*(t[:, -ERROR_HEADS:] for t in (q, k, v)))
-    return attention_error(out[:, -ERROR_HEADS:], ref)["rel_l1"]
-
-
-def measure(shape: tuple, rounds: int, switch: SettingSwitch) -> dict:
+SPLIT, UNSPLIT = {("hopper_launch", "TAIL_SPLIT"): "forced"}, {("hopper_launch", "TAIL_SPLIT"): "off"}
+def measure(shape: tuple, rounds: int, switch) -> dict:
     b, h, n, d = shape
     q, k, v, config, ours = fp8_call(shape)
     items = hopper_launch.work_items_per_head(config, n) * b * h
@@ -96,7 +47,7 @@ def measure(shape: tuple, rounds: int, switch: SettingSwitch) -> dict:
     policy = hopper_launch.tail_split(config, items, n, q.device)
     hopper_launch.TAIL_SPLIT = "forced"
     forced = hopper_launch.tail_split(config, items, n, q.device)
-    split, unsplit = switch.bind({"TAIL_SPLIT": "forced"}, ours), switch.bind({"TAIL_SPLIT": "off"}, ours)
+    split, unsplit = switch.bind(SPLIT, ours), switch.bind(UNSPLIT, ours)
     ms = timing.interleaved_median_ms({"split": split, "unsplit": unsplit,
                                        "sdpa": functools.partial(torch.nn.functional.scaled_dot_product_attention,
                                                                  q, k, v)}, rounds=rounds)
@@ -108,7 +59,7 @@ def measure(shape: tuple, rounds: int, switch: SettingSwitch) -> dict:
     with torch.no_grad():
         out_split, out_plain = split()[0], unsplit()[0]
     row["max_abs_diff"] = float((out_split.float() - out_plain.float()).abs().max())
-    if n <= ERROR_MAX_KEYS:
+    if n <= settings_ab.ERROR_MAX_KEYS:
         row["rel_l1_split"] = last_heads_error(out_split, q, k, v)
         row["rel_l1_unsplit"] = last_heads_error(out_plain, q, k, v)
     switch.restore()
@@ -131,7 +82,7 @@ def main(argv=None) -> int:
         raise SystemExit("tail_split_ab times the Hopper kernel's calls on a CUDA GPU; none is available")
     result = {"environment": bench.environment(), "rounds": args.rounds,
               "multiprocessors": hopper_launch.multiprocessors(torch.device("cuda")), "shapes": {}}
-    switch = SettingSwitch()
+    switch = settings_ab.Settings({"split": SPLIT, "unsplit": UNSPLIT})
     with torch.inference_mode():
         for name in progress(list(shapes), desc="shapes", unit="shape"):
             row = result["shapes"][name] = measure(shapes[name], args.rounds, switch)

@@ -50,9 +50,11 @@ def serves(device: torch.device, *, config: LaunchConfig, pv_fp8: bool, is_causa
             and not interpreting() and cuda_capability(device) == (9, 0))
 
 
-# Whether the ping-pong kernel codes Q itself where it can (codes_q_in_kernel); the benchmarks set it to time calls
-# both ways (bench/q_in_kernel_ab.py); a call plan keeps what it was made with, until the plans are cleared.
-Q_IN_KERNEL = True
+# Whether the ping-pong kernel codes Q itself where it can (codes_q_in_kernel). Off: on the H200 the kernel ran 14-32%
+# slower with it (Flux 0.384 against 0.321 ms, its codes then read from shared memory; 0.367 from registers) for 7-10
+# µs less quantization (bench/NOTES.md, "Q coded inside the attention kernel, measured and not kept"). The benchmarks
+# set it (bench/settings_ab.py); a call plan keeps what it was made with, until the plans are cleared.
+Q_IN_KERNEL = False
 
 
 def codes_q_in_kernel(q: torch.Tensor, *, config: LaunchConfig, block_d: int, pv_fp8: bool, rope: bool) -> bool:
@@ -120,7 +122,7 @@ def kernel_constants(config: LaunchConfig, block_d: int, q_group: int, shift_v: 
 
 
 # Where the kernel codes Q itself, its codes are read into registers in every configuration (rather than only with
-# turns and FP8 P·V, q_in_registers); bench/q_in_kernel_ab.py times both
+# turns and FP8 P·V, q_in_registers); bench/settings_ab.py times both
 IN_KERNEL_Q_REGISTERS = False
 
 

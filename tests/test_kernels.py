@@ -758,6 +758,7 @@ def test_quantization_leaves_q_to_a_kernel_that_codes_it(smooth_k, pv_fp8):
 def test_q_is_coded_in_the_kernel_only_where_it_can_be(monkeypatch):
     """hopper_launch.codes_q_in_kernel: the ping-pong kernel with FP8 P·V, no rotary table, a 16-bit Q that TMA
     reads as it lies (any layout, aligned rows, an unpadded head dim), and the switch on."""
+    monkeypatch.setattr(hopper_launch, "Q_IN_KERNEL", True)
     pp = tuning.LaunchConfig.from_key("m64n128w4s4mcpdgpppnt")
     q = torch.empty(1, 4, 256, 128, dtype=torch.bfloat16)
     can = hopper_launch.AVAILABLE
@@ -859,9 +860,10 @@ def test_q_coded_in_the_kernel_gives_the_pass_codes_bits(monkeypatch, key, d, la
 @pytest.mark.skipif(not HOPPER, reason=NO_HOPPER)
 @pytest.mark.parametrize("key,d", [("m64n128w4s4mcpdgpppnt", 128), ("m64n128w4s4mcpdgpppps", 128),
                                    ("m64n128w4s4pdgpppntc3", 64)])
-def test_q_coded_in_the_kernel_flags_and_repairs_a_nan_row(key, d):
+def test_q_coded_in_the_kernel_flags_and_repairs_a_nan_row(monkeypatch, key, d):
     """A NaN in one row of the call's Q, coded inside the kernel: its scale group's outputs come out NaN and are
     flagged, and the guard recomputes the tile, after which only the row exact attention makes NaN is NaN."""
+    monkeypatch.setattr(hopper_launch, "Q_IN_KERNEL", True)
     lc = tuning.LaunchConfig.from_key(key)
     q, k, v = inputs(2, 4, 2, 1000, 333, d, torch.bfloat16, seed=11)
     q[1, 1, 250, 3] = float("nan")

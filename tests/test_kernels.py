@@ -840,6 +840,7 @@ def test_q_coded_in_the_kernel_gives_the_pass_codes_bits(monkeypatch, key, d, la
     q_call = q_layouts(q, layout)
     assert torch.equal(q_call, q) and (layout == "HND") == q_call.is_contiguous()
     cfg = SageConfig(kernel="int8_fp8", qk_granularity=granularity)
+    monkeypatch.setattr(hopper_launch, "Q_IN_KERNEL", True)
     assert hopper_launch.codes_q_in_kernel(q_call, config=lc, block_d=d, pv_fp8=True, rope=False)
     results = []
     for in_kernel, registers in ((False, False), (True, False), (True, True)):

@@ -175,13 +175,20 @@ def main(argv=None) -> int:
         ap.error("rounds must be at least 1")
     if not torch.cuda.is_available():
         raise SystemExit("settings_ab times the kernels' calls on a CUDA GPU; none is available")
-    result = {"environment": bench.environment(), "rounds": args.rounds, "arms": args.arms, "shapes": {}}
     settings = Settings(arms)
+    return run_shapes(shapes, lambda shape: measure(shape, arms, args.rounds, settings, config), args.out,
+                      {"rounds": args.rounds, "arms": args.arms})
+
+
+def run_shapes(shapes: dict, measure_shape, out: str, header: dict) -> int:
+    """Measure each named shape (with a progress bar, each row printed as it comes) and write the JSON: the machine's
+    environment, `header`, and the rows by shape."""
+    result = {"environment": bench.environment(), **header, "shapes": {}}
     with torch.inference_mode():
         for name in progress(list(shapes), desc="shapes", unit="shape"):
-            row = result["shapes"][name] = measure(shapes[name], arms, args.rounds, settings, config)
+            row = result["shapes"][name] = measure_shape(shapes[name])
             print(name, json.dumps(row), flush=True)
-    with open(args.out, "w") as f:
+    with open(out, "w") as f:
         json.dump(result, f, indent=1)
     return 0
 

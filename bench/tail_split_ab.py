@@ -14,15 +14,13 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 from sage_attention_pack.kernels import hopper_launch
-from sage_attention_pack.sage_core import bench, timing
-from sage_attention_pack.sage_core.progress import progress
+from sage_attention_pack.sage_core import timing
 
 
 def sibling(name: str):
@@ -39,6 +37,8 @@ parse_shape, fp8_call, last_heads_error = settings_ab.parse_shape, settings_ab.f
 DEFAULT_SHAPES = ("flux_1024px", "1x26x4608x128", "2x24x4608x128", "sweep_d128_n8192", "sweep_d128_n16384",
                   "wan21_480p_81f")
 SPLIT, UNSPLIT = {("hopper_launch", "TAIL_SPLIT"): "forced"}, {("hopper_launch", "TAIL_SPLIT"): "off"}
+
+
 def measure(shape: tuple, rounds: int, switch) -> dict:
     b, h, n, d = shape
     q, k, v, config, ours = fp8_call(shape)
@@ -80,16 +80,10 @@ def main(argv=None) -> int:
         ap.error("rounds must be at least 1")
     if not torch.cuda.is_available():
         raise SystemExit("tail_split_ab times the Hopper kernel's calls on a CUDA GPU; none is available")
-    result = {"environment": bench.environment(), "rounds": args.rounds,
-              "multiprocessors": hopper_launch.multiprocessors(torch.device("cuda")), "shapes": {}}
     switch = settings_ab.Settings({"split": SPLIT, "unsplit": UNSPLIT})
-    with torch.inference_mode():
-        for name in progress(list(shapes), desc="shapes", unit="shape"):
-            row = result["shapes"][name] = measure(shapes[name], args.rounds, switch)
-            print(name, json.dumps(row), flush=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    return 0
+    return settings_ab.run_shapes(shapes, lambda shape: measure(shape, args.rounds, switch), args.out,
+                                  {"rounds": args.rounds,
+                                   "multiprocessors": hopper_launch.multiprocessors(torch.device("cuda"))})
 
 
 if __name__ == "__main__":

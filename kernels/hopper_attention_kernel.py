@@ -409,18 +409,15 @@ def scores_layout(BLOCK_N):
 @gluon.jit
 def load_q(q_desc, q_bar, q_smem, Q_SCALE, bh, tile_m, H, NQ, q_groups, live, BLOCK_M: gl.constexpr,
            BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, Q_GROUP: gl.constexpr):
-    """Issue the TMA of Q's tile (rows tile_m·BLOCK_M .. of batch·head bh) into q_smem, arriving on q_bar, and
-    load its rows' scales (in the scores' row layout), if `live`; otherwise neither (scales of 1). Q's INT8 codes:
-    rows past the head's end read the next head's (or TMA's zero fill): their outputs are never stored. The
-    call's own 16-bit Q (q_desc 4-D over [B, H, NQ, D], in any layout: quantize_q codes it once it lands): rows
-    past NQ arrive as zeros, and its scales are quantize_q's (ones here)."""
+    """Issue the TMA of Q's INT8 tile (rows tile_m·BLOCK_M .. of batch·head bh) into q_smem, arriving on q_bar, and
+    load its rows' scales (in the scores' row layout), if `live`; otherwise neither (scales of 1). Rows past the
+    head's end read the next head's (or TMA's zero fill): their outputs are never stored. With the call's own
+    16-bit Q (q_desc's type; quantize_q loads and codes it in attend_rows) nothing is issued, and the scales are
+    quantize_q's (ones here)."""
     row0 = tile_m * BLOCK_M
-    if live:
-        mbarrier.expect(q_bar, BLOCK_M * BLOCK_D * (q_desc.dtype.primitive_bitwidth // 8))
-        if is_16bit(q_desc.dtype):
-            tma_load(q_desc, [bh // H, bh % H, row0, 0], q_bar, q_smem.reshape([1, 1, BLOCK_M, BLOCK_D]))
-        else:
-            tma_load(q_desc, [bh * NQ + row0, 0], q_bar, q_smem)
+    if live and not is_16bit(q_desc.dtype):
+        mbarrier.expect(q_bar, BLOCK_M * BLOCK_D)  # INT8 bytes
+        tma_load(q_desc, [bh * NQ + row0, 0], q_bar, q_smem)
     offs_m = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, scores_layout(BLOCK_N)))
     if is_16bit(q_desc.dtype):
         scale = gl.full([BLOCK_M], 1.0, gl.float32, gl.SliceLayout(1, scores_layout(BLOCK_N)))
@@ -454,16 +451,22 @@ def group_max(x, ROWS: gl.constexpr, GROUP: gl.constexpr, rows: gl.constexpr):
 
 
 @gluon.jit
-def quantize_q(q_smem, q8_smem, multiplier, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr,
-               Q_GROUP: gl.constexpr):
-    """INT8 codes of the 16-bit Q tile in q_smem times `multiplier` into q8_smem, one scale per Q_GROUP rows;
-    returns the rows' scales in the scores' row layout. The same arithmetic as quantize_kernel's Q role
+def quantize_q(Q_HEAD, stride_qn, row0, NQ, q8_smem, multiplier, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+               BLOCK_D: gl.constexpr, Q_GROUP: gl.constexpr):
+    """INT8 codes of rows row0 .. row0+BLOCK_M of a head's 16-bit Q (Q_HEAD: its first row; channels contiguous,
+    rows stride_qn apart; rows past NQ read as zeros) times `multiplier` into q8_smem, one scale per Q_GROUP rows;
+    returns the rows' scales in the scores' row layout. The tile is loaded straight into registers, 16 bytes a
+    thread: staged in shared memory by TMA it took 33 KB more of it (the kernel ran 14-32% slower, bench/NOTES.md,
+    "Q coded inside the attention kernel, …"). The same arithmetic as quantize_kernel's Q role
     (quant_kernels.quantize_int8_role with quantize_rows_int8): the same codes and scales, bit for bit, a group
     holding NaN or Inf scaled NaN (the guard then recomputes its rows). Coded here, Q costs no pass of its own:
     its 16-bit tile is read once, by this program, instead of read, written as codes and read again."""
     layout: gl.constexpr = q_tile_layout(BLOCK_D)
     rows: gl.constexpr = gl.SliceLayout(1, layout)
-    x = q_smem.load(layout).to(gl.float32) * multiplier
+    offs_m = row0 + gl.arange(0, BLOCK_M, layout=rows)
+    offs_d = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, layout))
+    ptrs = Q_HEAD + gl.expand_dims(offs_m, 1) * stride_qn + gl.expand_dims(offs_d, 0)
+    x = gl.load(ptrs, mask=gl.expand_dims(offs_m < NQ, 1), other=0.0).to(gl.float32) * multiplier
     amax = group_max(gl.max(gl.abs(x), axis=1), BLOCK_M, Q_GROUP, rows)
     has_nan = group_max(gl.max(gl.where(x == x, 0.0, 1.0), axis=1), BLOCK_M, Q_GROUP, rows)
     scale = gl.where(has_nan > 0, float("nan"), gl.maximum(amax, 1e-30) / 127.0)
@@ -479,7 +482,8 @@ def quantize_q(q_smem, q8_smem, multiplier, BLOCK_M: gl.constexpr, BLOCK_N: gl.c
 def attend_rows(tile_m, bh, ring0, q_phase, q_scale, next_bh, next_tile_m, q_desc, k_desc, v_desc, q_smem,
                 q8_smem, q_bar, k_smem, v_smem, full_bars, ones_smem, consumer, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT,
                 OUT, LSE, BAD, stride_ob, stride_oh, stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups,
-                t0, t1, part, PART_O, PART_LSE, q_multiplier, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                t0, t1, part, PART_O, PART_LSE, q_multiplier, Q, stride_qb, stride_qh, stride_qn,
+                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                 BLOCK_D: gl.constexpr, Q_GROUP: gl.constexpr, STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr,
                 CONSUMERS: gl.constexpr, TURNS: gl.constexpr, SHIFT_V: gl.constexpr, RETURN_LSE: gl.constexpr,
                 MAGIC: gl.constexpr,
@@ -489,11 +493,11 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_scale, next_bh, next_tile_m, q_des
     (part ≥ 0, the grid's tail: see work_item), the part's normalised output in FP32 and its base-2 LSE at
     partial `part` (PART_O, PART_LSE), which tail_merge_kernel joins. ring0: key tiles the ring carried before
     these (their slots and phases go on from there); q_phase: the phase of q_bar for this Q tile, whose load the
-    caller issued (load_q), q_scale its rows' scales. A 16-bit Q tile (q_desc over the call's Q) is coded into
-    q8_smem here, with q_multiplier, and its scales are the ones quantize_q gives; INT8 codes are read where they
-    landed (q8_smem is q_smem). NEXT_Q (the persistent kernel): once the last scores are in, the load of this
-    warpgroup's next Q tile (next_tile_m of next_bh; none if next_bh < 0) is issued into q_smem, so that it lands
-    while this item finishes; returns that tile's scales."""
+    caller issued (load_q), q_scale its rows' scales. With a 16-bit q_desc the call's Q (Q, its batch, head and
+    row strides) is loaded and coded into q8_smem here, with q_multiplier, and its scales are the ones quantize_q
+    gives; INT8 codes are read where they landed (q8_smem is q_smem). NEXT_Q (the persistent kernel): once the
+    last scores are in, the load of this warpgroup's next Q tile (next_tile_m of next_bh; none if next_bh < 0) is
+    issued into q_smem, so that it lands while this item finishes; returns that tile's scales."""
     # one warp per 16 query rows; the scores' wgmma spans the key tile, P·V's the head dim (k = 32 bytes)
     PV_K: gl.constexpr = mma_k(v_smem.dtype)
     s_layout: gl.constexpr = scores_layout(BLOCK_N)
@@ -526,9 +530,11 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_scale, next_bh, next_tile_m, q_des
     tile_zero = gl.zeros([BLOCK_M, BLOCK_D], gl.float16, o_layout)
 
     # tile 0: its scores and softmax, with nothing to overlap yet (masked: it may be the last)
-    mbarrier.wait(q_bar, q_phase)
     if is_16bit(q_desc.dtype):
-        q_scale = quantize_q(q_smem, q8_smem, q_multiplier, BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP)
+        q_head = Q + b.to(gl.int64) * stride_qb + h.to(gl.int64) * stride_qh
+        q_scale = quantize_q(q_head, stride_qn, row0, NQ, q8_smem, q_multiplier, BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP)
+    else:
+        mbarrier.wait(q_bar, q_phase)
     q_op = scores_operand(q8_smem, s_layout, Q_REGS)
     mbarrier.wait(full_bars.index(ring0 % STAGES), (ring0 // STAGES) & 1)
     if CONSUMERS and TURNS:
@@ -655,16 +661,13 @@ def v_ring(v_desc, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.cons
 
 @gluon.jit
 def q_tiles(q_desc, CONSUMERS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_D: gl.constexpr):
-    """Each consumer's Q tile as it lands and as the scores read it: INT8 codes, one buffer for both; the call's
-    16-bit Q (q_desc 4-D, quantize_q codes it in the kernel), its tile in the swizzle of that descriptor's
-    [1, 1, BLOCK_M, BLOCK_D] blocks and the codes beside it."""
+    """Each consumer's Q codes, as TMA lands them (q_smem) and as the scores read them (q8_smem): one buffer; with a
+    16-bit q_desc (quantize_q codes the call's Q in the kernel) in the layout the codes' TMA would have given."""
     if is_16bit(q_desc.dtype):
-        q_smem = gl.allocate_shared_memory(q_desc.dtype, [CONSUMERS, BLOCK_M, BLOCK_D], V16_SHARED)
-        q8_smem = gl.allocate_shared_memory(gl.int8, [CONSUMERS, BLOCK_M, BLOCK_D], q_codes_layout(BLOCK_M, BLOCK_D))
+        q_smem = gl.allocate_shared_memory(gl.int8, [CONSUMERS, BLOCK_M, BLOCK_D], q_codes_layout(BLOCK_M, BLOCK_D))
     else:
         q_smem = gl.allocate_shared_memory(gl.int8, [CONSUMERS, BLOCK_M, BLOCK_D], q_desc.layout)
-        q8_smem = q_smem
-    return q_smem, q8_smem
+    return q_smem, q_smem
 
 
 @gluon.jit
@@ -707,7 +710,7 @@ def sage_fwd_sm90_kernel(
     attend_rows(gl.program_id(0), gl.program_id(1), 0, 0, q_scale, -1, 0, q_desc, k_desc, v_desc, q_smem, q_smem,
                 q_bar, k_smem, v_smem, full_bars, ones_smem, 0, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD,
                 stride_ob, stride_oh, stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, 0, n_tiles, -1,
-                OUT, LSE, 1.0, BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP, STAGES, TWO_LEVEL,
+                OUT, LSE, 1.0, Q_SCALE, 0, 0, 0, BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP, STAGES, TWO_LEVEL,
                 0, False, SHIFT_V, RETURN_LSE, MAGIC, False, OUT_STORE, False, False)
 
 
@@ -747,7 +750,7 @@ def work_item(i, n_items, n_tiles, whole, splits, PERSISTENT: gl.constexpr):
 def consume(meta: gl.constexpr, consumer, q_smem, q8_smem, q_bar, q_desc, k_desc, v_desc, k_smem, v_smem,
             full_bars, ones_smem, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, PART_O, PART_LSE,
             stride_ob, stride_oh, stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, BH, whole,
-            splits, q_multiplier):
+            splits, q_multiplier, Q, stride_qb, stride_qh, stride_qn):
     """A consumer warpgroup of the ping-pong kernel (meta: the kernel's constants, in its argument order):
     query tile CONSUMERS·item + consumer of each of its program's work items."""
     CONSUMERS: gl.constexpr = meta[11]
@@ -769,7 +772,7 @@ def consume(meta: gl.constexpr, consumer, q_smem, q8_smem, q_bar, q_desc, k_desc
             CONSUMERS * next_item + consumer, q_desc, k_desc, v_desc, q_smem, q8_smem, q_bar, k_smem, v_smem,
             full_bars, ones_smem, consumer, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh,
             stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, t0, t1, part, PART_O, PART_LSE,
-            q_multiplier, meta[0],
+            q_multiplier, Q, stride_qb, stride_qh, stride_qn, meta[0],
             meta[1], meta[2], meta[3], meta[4], meta[5], CONSUMERS, meta[10], meta[6], meta[7], meta[8], meta[12],
             meta[13], PERSISTENT, meta[14])
 
@@ -810,7 +813,8 @@ def load_kv_ring(k_desc, v_desc, k_smem, v_smem, full_bars, H, KV_GROUP, NK, n_q
 def sage_fwd_sm90_pingpong_kernel(
     q_desc, k_desc, v_desc, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, PART_O, PART_LSE,
     stride_ob, stride_oh, stride_on, stride_od,
-    H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, BH, whole, splits, q_multiplier,
+    H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, BH, whole, splits, q_multiplier, Q, stride_qb, stride_qh,
+    stride_qn,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, Q_GROUP: gl.constexpr,
     STAGES: gl.constexpr, TWO_LEVEL: gl.constexpr, SHIFT_V: gl.constexpr, RETURN_LSE: gl.constexpr,
     MAGIC: gl.constexpr, CONSUMERS: gl.constexpr, CONSUMER_REGS: gl.constexpr, PERSISTENT: gl.constexpr,
@@ -846,7 +850,7 @@ def sage_fwd_sm90_pingpong_kernel(
     runtime = (q_desc, k_desc, v_desc, k_smem, v_smem, full_bars, ones_tile(v_desc, BLOCK_N))
     scalars = (Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, PART_O, PART_LSE, stride_ob, stride_oh,
                stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, BH, whole, splits,
-               q_multiplier)
+               q_multiplier, Q, stride_qb, stride_qh, stride_qn)
     # (neither a partition's function nor a tuple holding `meta` can be held in a variable: each list is written out)
     if CONSUMERS == 2:
         gl.warp_specialize([

@@ -165,9 +165,9 @@ def descriptors(qz: dict, config: LaunchConfig) -> tuple:
 
 
 def q_descriptor(q: torch.Tensor, config: LaunchConfig):
-    """The TMA descriptor of the call's own Q [B, H, NQ, D] (v_tiles' conditions) in tiles of one head's query
-    tile, made per call, for the ping-pong kernel to code Q itself (hopper_attention_kernel.quantize_q; launch's
-    `q`). Rows past NQ arrive as zeros."""
+    """A TMA descriptor of the call's own Q [B, H, NQ, D] (v_tiles' conditions) in tiles of one head's query tile,
+    made per call, in q_desc's place where the ping-pong kernel codes Q itself (launch's `q`): its 16-bit type tells
+    the kernel so (hopper_attention_kernel.quantize_q reads Q by pointer)."""
     return descriptor(q, [1, 1, config.block_m, q.shape[-1]], getattr(gl, GL_TYPES[q.dtype]))
 
 
@@ -199,7 +199,9 @@ def launch(qz: dict, out: torch.Tensor, lse: torch.Tensor, bad: torch.Tensor, *,
     if q is not None:
         descs = (q_descriptor(q, config), *descs[1:])
     fn, grid, before, after, kwargs = attention
-    per_call = (float(q_multiplier),) if config.ping_pong else ()  # the ping-pong kernel's, used with q
+    # the ping-pong kernel's, used with q: the multiplier, and Q's pointer and its batch, head and row strides
+    per_call = ((float(q_multiplier), *((q, *q.stride()[:3]) if q is not None else (qz["q_scale"], 0, 0, 0)))
+                if config.ping_pong else ())
     run("attention", fn, grid, (*descs, *before, out, lse, bad, *after, *per_call), kwargs)
     if merge is not None:
         fn, grid, before, after, kwargs = merge
@@ -357,6 +359,9 @@ def compile_for_sm90(config: LaunchConfig, head_dim: int, pv_fp8: bool = True, s
             sig[name], constexprs[(i,)] = "constexpr", consts[name]
         elif name == "q_multiplier":
             sig[name] = "fp32"
+        elif name == "Q":
+            sig[name] = "*bf16" if q_in_kernel else "*fp32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in POINTER_ARGS:
             sig[name] = {"OUT": "*bf16", "BAD": "*i8"}.get(name, "*fp32")
             attrs[(i,)] = [["tt.divisibility", 16]]

@@ -96,11 +96,14 @@ def test_launches_bind_every_parameter_and_later_calls_take_their_own_tensors(co
         assert site == "attention"
         assert fn is (hopper_launch.sage_fwd_sm90_pingpong_kernel if config.ping_pong
                       else hopper_launch.sage_fwd_sm90_kernel)
-        if q_in_kernel:  # the call's own Q, by a descriptor of its own over its 4-D view; no codes' descriptor
+        if q_in_kernel:  # the call's own Q, by pointer and strides; a descriptor over it says its type
             assert tma[0] is None and args["q_desc"].base is q and list(args["q_desc"].shape) == [b, h, nq, d]
-            assert list(args["q_desc"].block_shape) == [1, 1, config.block_m, d]
+            assert args["Q"] is q and (args["stride_qb"], args["stride_qh"], args["stride_qn"]) == q.stride()[:3]
         else:
             assert args["q_desc"] is tma[0]
+            if config.ping_pong:  # Q's pointer unused: a buffer of the plan's stands in
+                assert args["Q"] is qz["q_scale"] and (args["stride_qb"], args["stride_qh"], args["stride_qn"]) == (
+                    0, 0, 0)
         assert args["k_desc"] is tma[1]
         if config.ping_pong:  # the call's multiplier, taken per call (used where the kernel codes Q)
             assert args["q_multiplier"] == 0.125

@@ -50,10 +50,10 @@ def serves(device: torch.device, *, config: LaunchConfig, pv_fp8: bool, is_causa
             and not interpreting() and cuda_capability(device) == (9, 0))
 
 
-# Whether the ping-pong kernel codes Q itself where it can (codes_q_in_kernel). Off: on the H200 the kernel ran 14-32%
-# slower with it (Flux 0.384 against 0.321 ms, its codes then read from shared memory; 0.367 from registers) for 7-10
-# µs less quantization (bench/NOTES.md, "Q coded inside the attention kernel, measured and not kept"). The benchmarks
-# set it (bench/settings_ab.py); a call plan keeps what it was made with, until the plans are cleared.
+# Whether the ping-pong kernel codes Q itself where it can (codes_q_in_kernel). Off: the kernel ran slower by more
+# than the quantization saved (the H100 at Flux: 0.366-0.386 ms against 0.323, for 0.011 ms less quantization; the
+# prologue costs ~7 µs a program; bench/NOTES.md, "Q coded inside the attention kernel, measured and not kept"). The
+# benchmarks set it (bench/settings_ab.py); a call plan keeps what it was made with, until the plans are cleared.
 Q_IN_KERNEL = False
 
 

@@ -60,9 +60,9 @@ Q_IN_KERNEL = False
 def codes_q_in_kernel(q: torch.Tensor, *, config: LaunchConfig, block_d: int, pv_fp8: bool, rope: bool) -> bool:
     """Whether the Hopper kernel serving this call (serves) codes Q's INT8 tiles itself from the call's Q
     (hopper_attention_kernel.quantize_q) instead of reading codes a quantization pass wrote: the ping-pong kernel
-    with FP8 P·V (a 16-bit V's ring leaves no shared memory for Q's 16-bit tiles beside the codes at head dim
-    128), no rotary table (Q is coded rotated by the quantization pass), and a Q that TMA reads as it is (v_tiles'
-    conditions). The codes and scales are the pass's, bit for bit."""
+    with FP8 P·V (where it was built and measured), no rotary table (Q is coded rotated by the quantization pass),
+    and a Q with contiguous channels and aligned rows (v_tiles' conditions: 16-byte loads, and the descriptor that
+    carries Q's type). The codes and scales are the pass's, bit for bit."""
     return (Q_IN_KERNEL and config.ping_pong and pv_fp8 and not rope and AVAILABLE and v_tiles(q, block_d))
 
 

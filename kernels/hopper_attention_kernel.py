@@ -407,7 +407,7 @@ def scores_layout(BLOCK_N):
 
 
 @gluon.jit
-def load_q(q_desc, q_bar, q_smem, Q_SCALE, bh, tile_m, H, NQ, q_groups, live, BLOCK_M: gl.constexpr,
+def load_q(q_desc, q_bar, q_smem, Q_SCALE, bh, tile_m, NQ, q_groups, live, BLOCK_M: gl.constexpr,
            BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, Q_GROUP: gl.constexpr):
     """Issue the TMA of Q's INT8 tile (rows tile_m·BLOCK_M .. of batch·head bh) into q_smem, arriving on q_bar, and
     load its rows' scales (in the scores' row layout), if `live`; otherwise neither (scales of 1). Rows past the
@@ -451,10 +451,10 @@ def group_max(x, ROWS: gl.constexpr, GROUP: gl.constexpr, rows: gl.constexpr):
 
 
 @gluon.jit
-def quantize_q(Q_HEAD, stride_qn, row0, NQ, q8_smem, multiplier, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+def quantize_q(Q_HEAD, stride_qn, row0, NQ, q_smem, multiplier, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                BLOCK_D: gl.constexpr, Q_GROUP: gl.constexpr):
     """INT8 codes of rows row0 .. row0+BLOCK_M of a head's 16-bit Q (Q_HEAD: its first row; channels contiguous,
-    rows stride_qn apart; rows past NQ read as zeros) times `multiplier` into q8_smem, one scale per Q_GROUP rows;
+    rows stride_qn apart; rows past NQ read as zeros) times `multiplier` into q_smem, one scale per Q_GROUP rows;
     returns the rows' scales in the scores' row layout. The tile is loaded straight into registers, 16 bytes a
     thread: staged in shared memory by TMA it took 33 KB more of it (the kernel ran 14-32% slower, bench/NOTES.md,
     "Q coded inside the attention kernel, …"). The same arithmetic as quantize_kernel's Q role
@@ -472,7 +472,7 @@ def quantize_q(Q_HEAD, stride_qn, row0, NQ, q8_smem, multiplier, BLOCK_M: gl.con
     scale = gl.where(has_nan > 0, float("nan"), gl.maximum(amax, 1e-30) / 127.0)
     # one correctly rounded division per row, as quant_kernels.reciprocal (Gluon's `/` is an approximate one)
     y = x * gl.expand_dims(gl.div_rn(gl.full_like(scale, 1.0), scale), 1)
-    q8_smem.store(gl.where(y >= 0, y + 0.5, y - 0.5).to(gl.int8))  # rounded half away from zero
+    q_smem.store(gl.where(y >= 0, y + 0.5, y - 0.5).to(gl.int8))  # rounded half away from zero
     fence_async_shared()  # the generic-proxy stores, before the tensor cores read them
     cta_barrier()  # every warp's rows, before the warpgroup's first product
     return gl.convert_layout(scale, gl.SliceLayout(1, scores_layout(BLOCK_N)))
@@ -480,7 +480,7 @@ def quantize_q(Q_HEAD, stride_qn, row0, NQ, q8_smem, multiplier, BLOCK_M: gl.con
 
 @gluon.jit
 def attend_rows(tile_m, bh, ring0, q_phase, q_scale, next_bh, next_tile_m, q_desc, k_desc, v_desc, q_smem,
-                q8_smem, q_bar, k_smem, v_smem, full_bars, ones_smem, consumer, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT,
+                q_bar, k_smem, v_smem, full_bars, ones_smem, consumer, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT,
                 OUT, LSE, BAD, stride_ob, stride_oh, stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups,
                 t0, t1, part, PART_O, PART_LSE, q_multiplier, Q, stride_qb, stride_qh, stride_qn,
                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -494,8 +494,8 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_scale, next_bh, next_tile_m, q_des
     partial `part` (PART_O, PART_LSE), which tail_merge_kernel joins. ring0: key tiles the ring carried before
     these (their slots and phases go on from there); q_phase: the phase of q_bar for this Q tile, whose load the
     caller issued (load_q), q_scale its rows' scales. With a 16-bit q_desc the call's Q (Q, its batch, head and
-    row strides) is loaded and coded into q8_smem here, with q_multiplier, and its scales are the ones quantize_q
-    gives; INT8 codes are read where they landed (q8_smem is q_smem). NEXT_Q (the persistent kernel): once the
+    row strides) is loaded and coded into q_smem here, with q_multiplier, and its scales are the ones quantize_q
+    gives. NEXT_Q (the persistent kernel): once the
     last scores are in, the load of this warpgroup's next Q tile (next_tile_m of next_bh; none if next_bh < 0) is
     issued into q_smem, so that it lands while this item finishes; returns that tile's scales."""
     # one warp per 16 query rows; the scores' wgmma spans the key tile, P·V's the head dim (k = 32 bytes)
@@ -532,10 +532,10 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_scale, next_bh, next_tile_m, q_des
     # tile 0: its scores and softmax, with nothing to overlap yet (masked: it may be the last)
     if is_16bit(q_desc.dtype):
         q_head = Q + b.to(gl.int64) * stride_qb + h.to(gl.int64) * stride_qh
-        q_scale = quantize_q(q_head, stride_qn, row0, NQ, q8_smem, q_multiplier, BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP)
+        q_scale = quantize_q(q_head, stride_qn, row0, NQ, q_smem, q_multiplier, BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP)
     else:
         mbarrier.wait(q_bar, q_phase)
-    q_op = scores_operand(q8_smem, s_layout, Q_REGS)
+    q_op = scores_operand(q_smem, s_layout, Q_REGS)
     mbarrier.wait(full_bars.index(ring0 % STAGES), (ring0 // STAGES) & 1)
     if CONSUMERS and TURNS:
         named_arrive(TURN_BARRIER, TURN_THREADS, consumer == 1, 4)  # consumer 0 goes first
@@ -569,7 +569,7 @@ def attend_rows(tile_m, bh, ring0, q_phase, q_scale, next_bh, next_tile_m, q_des
             BLOCK_N, BLOCK_D, STAGES, TWO_LEVEL, CONSUMERS, TURNS, True, MAGIC, SUMS_ON_MMA, s_layout, o_rows, l_rows,
             p_layout, LAZY_RESCALE)
     if NEXT_Q:  # every product that reads Q's tile is done: the next one may land in its place
-        next_scale = load_q(q_desc, q_bar, q_smem, Q_SCALE, next_bh, next_tile_m, H, NQ, q_groups, next_bh >= 0,
+        next_scale = load_q(q_desc, q_bar, q_smem, Q_SCALE, next_bh, next_tile_m, NQ, q_groups, next_bh >= 0,
                             BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP)
     else:
         next_scale = q_scale
@@ -661,13 +661,13 @@ def v_ring(v_desc, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.cons
 
 @gluon.jit
 def q_tiles(q_desc, CONSUMERS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_D: gl.constexpr):
-    """Each consumer's Q codes, as TMA lands them (q_smem) and as the scores read them (q8_smem): one buffer; with a
-    16-bit q_desc (quantize_q codes the call's Q in the kernel) in the layout the codes' TMA would have given."""
+    """Each consumer's Q codes, as TMA lands them and the scores read them; with a 16-bit q_desc (quantize_q codes
+    the call's Q in the kernel) in the layout the codes' TMA would have given."""
     if is_16bit(q_desc.dtype):
-        q_smem = gl.allocate_shared_memory(gl.int8, [CONSUMERS, BLOCK_M, BLOCK_D], q_codes_layout(BLOCK_M, BLOCK_D))
+        layout: gl.constexpr = q_codes_layout(BLOCK_M, BLOCK_D)
     else:
-        q_smem = gl.allocate_shared_memory(gl.int8, [CONSUMERS, BLOCK_M, BLOCK_D], q_desc.layout)
-    return q_smem, q_smem
+        layout: gl.constexpr = q_desc.layout
+    return gl.allocate_shared_memory(gl.int8, [CONSUMERS, BLOCK_M, BLOCK_D], layout)
 
 
 @gluon.jit
@@ -705,10 +705,10 @@ def sage_fwd_sm90_kernel(
         ones_smem = ones_tile(v_desc, BLOCK_N)
     else:
         ones_smem = q_smem  # a placeholder, never read: P's rows are summed in the softmax
-    q_scale = load_q(q_desc, q_bar, q_smem, Q_SCALE, gl.program_id(1), gl.program_id(0), H, NQ, q_groups, True,
+    q_scale = load_q(q_desc, q_bar, q_smem, Q_SCALE, gl.program_id(1), gl.program_id(0), NQ, q_groups, True,
                      BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP)
-    attend_rows(gl.program_id(0), gl.program_id(1), 0, 0, q_scale, -1, 0, q_desc, k_desc, v_desc, q_smem, q_smem,
-                q_bar, k_smem, v_smem, full_bars, ones_smem, 0, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD,
+    attend_rows(gl.program_id(0), gl.program_id(1), 0, 0, q_scale, -1, 0, q_desc, k_desc, v_desc, q_smem, q_bar,
+                k_smem, v_smem, full_bars, ones_smem, 0, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD,
                 stride_ob, stride_oh, stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, 0, n_tiles, -1,
                 OUT, LSE, 1.0, Q_SCALE, 0, 0, 0, BLOCK_M, BLOCK_N, BLOCK_D, Q_GROUP, STAGES, TWO_LEVEL,
                 0, False, SHIFT_V, RETURN_LSE, MAGIC, False, OUT_STORE, False, False)
@@ -747,7 +747,7 @@ def work_item(i, n_items, n_tiles, whole, splits, PERSISTENT: gl.constexpr):
 
 
 @gluon.jit
-def consume(meta: gl.constexpr, consumer, q_smem, q8_smem, q_bar, q_desc, k_desc, v_desc, k_smem, v_smem,
+def consume(meta: gl.constexpr, consumer, q_smem, q_bar, q_desc, k_desc, v_desc, k_smem, v_smem,
             full_bars, ones_smem, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, PART_O, PART_LSE,
             stride_ob, stride_oh, stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, n_q_tiles, BH, whole,
             splits, q_multiplier, Q, stride_qb, stride_qh, stride_qn):
@@ -761,7 +761,7 @@ def consume(meta: gl.constexpr, consumer, q_smem, q8_smem, q_bar, q_desc, k_desc
     # Q's tile of the first item; persistent, each item issues the next one's (attend_rows, NEXT_Q): a program's
     # Q then waits ~1 µs at its first item only (bench/NOTES.md, "A program's fixed cost, …")
     item, bh, _, _, _ = work_item(first, n_items, n_tiles, whole, splits, PERSISTENT)
-    q_scale = load_q(q_desc, q_bar, q_smem, Q_SCALE, bh, CONSUMERS * item + consumer, H, NQ, q_groups, True, meta[0],
+    q_scale = load_q(q_desc, q_bar, q_smem, Q_SCALE, bh, CONSUMERS * item + consumer, NQ, q_groups, True, meta[0],
                      meta[1], meta[2], meta[3])
     for i in range(first, end, step):
         done = (i - first) // step  # work items this warpgroup finished before (persistent: each of all keys)
@@ -769,7 +769,7 @@ def consume(meta: gl.constexpr, consumer, q_smem, q8_smem, q_bar, q_desc, k_desc
         next_item, next_bh, _, _, _ = work_item(i + step, n_items, n_tiles, whole, splits, PERSISTENT)
         q_scale = attend_rows(
             CONSUMERS * item + consumer, bh, done * n_tiles, done & 1, q_scale, gl.where(i + step < end, next_bh, -1),
-            CONSUMERS * next_item + consumer, q_desc, k_desc, v_desc, q_smem, q8_smem, q_bar, k_smem, v_smem,
+            CONSUMERS * next_item + consumer, q_desc, k_desc, v_desc, q_smem, q_bar, k_smem, v_smem,
             full_bars, ones_smem, consumer, Q_SCALE, K_SCALE, V_SCALE, V_SHIFT, OUT, LSE, BAD, stride_ob, stride_oh,
             stride_on, stride_od, H, KV_GROUP, NQ, NK, q_groups, k_groups, t0, t1, part, PART_O, PART_LSE,
             q_multiplier, Q, stride_qb, stride_qh, stride_qn, meta[0],
@@ -838,7 +838,7 @@ def sage_fwd_sm90_pingpong_kernel(
     k_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_D], k_desc.layout)
     v_smem = v_ring(v_desc, STAGES, BLOCK_N, BLOCK_D)
     gl.static_assert(CONSUMERS == 2 or (CONSUMERS == 3 and not TURNS), "turns are taken by two warpgroups")
-    q_smem, q8_smem = q_tiles(q_desc, CONSUMERS, BLOCK_M, BLOCK_D)
+    q_smem = q_tiles(q_desc, CONSUMERS, BLOCK_M, BLOCK_D)
     q_bars = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
     for c in gl.static_range(CONSUMERS):
         mbarrier.init(q_bars.index(c), count=1)
@@ -854,16 +854,16 @@ def sage_fwd_sm90_pingpong_kernel(
     # (neither a partition's function nor a tuple holding `meta` can be held in a variable: each list is written out)
     if CONSUMERS == 2:
         gl.warp_specialize([
-            (consume, (meta, 0, q_smem.index(0), q8_smem.index(0), q_bars.index(0)) + runtime + scalars),
-            (consume, (meta, 1, q_smem.index(1), q8_smem.index(1), q_bars.index(1)) + runtime + scalars),
+            (consume, (meta, 0, q_smem.index(0), q_bars.index(0)) + runtime + scalars),
+            (consume, (meta, 1, q_smem.index(1), q_bars.index(1)) + runtime + scalars),
             (load_kv_ring, (k_desc, v_desc, k_smem, v_smem, full_bars, H, KV_GROUP, NK, n_q_tiles, BH, whole,
                             splits, meta)),
         ], [4, 1], [CONSUMER_REGS, 24])
     else:
         gl.warp_specialize([
-            (consume, (meta, 0, q_smem.index(0), q8_smem.index(0), q_bars.index(0)) + runtime + scalars),
-            (consume, (meta, 1, q_smem.index(1), q8_smem.index(1), q_bars.index(1)) + runtime + scalars),
-            (consume, (meta, 2, q_smem.index(2), q8_smem.index(2), q_bars.index(2)) + runtime + scalars),
+            (consume, (meta, 0, q_smem.index(0), q_bars.index(0)) + runtime + scalars),
+            (consume, (meta, 1, q_smem.index(1), q_bars.index(1)) + runtime + scalars),
+            (consume, (meta, 2, q_smem.index(2), q_bars.index(2)) + runtime + scalars),
             (load_kv_ring, (k_desc, v_desc, k_smem, v_smem, full_bars, H, KV_GROUP, NK, n_q_tiles, BH, whole,
                             splits, meta)),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])

@@ -121,7 +121,7 @@ Q_IN_KERNEL = list(dict.fromkeys(Q_IN_KERNEL))
 @pytest.mark.parametrize("config,head_dim", Q_IN_KERNEL, ids=[f"{c.key()}-d{d}" for c, d in Q_IN_KERNEL])
 def test_ping_pong_kernel_coding_q_itself_keeps_its_loop(config, head_dim):
     """Coding a BF16 Q inside the ping-pong kernel (hopper_launch.codes_q_in_kernel) adds a prologue to every work
-    item and no shared memory but the compiler's scratch for its layout conversions (under 1 KB more: Q's tile
+    item and no shared memory but the compiler's scratch for its layout conversions (within 1 KB: Q's tile
     is loaded straight into registers; staged by TMA it took 33 KB more), and its main loop must stay as it was:
     within 1% of its instructions (ptxas schedules the loop a little differently after another prologue), no
     spill, no serialised wgmma, Q·Kᵀ's A operand where it was, as many barrier waits (ptxas spilling a few bytes
@@ -129,7 +129,7 @@ def test_ping_pong_kernel_coding_q_itself_keeps_its_loop(config, head_dim):
     plain = sass_report(config, head_dim)
     coded = bench_script.json_report("inspect_sass", "--config", config.key(), "--d", str(head_dim), "--json",
                                      "--q-in-kernel")
-    assert plain["shared"] <= coded["shared"] <= min(plain["shared"] + 1024, SM90_SHARED_PER_BLOCK), (plain, coded)
+    assert coded["shared"] <= SM90_SHARED_PER_BLOCK and abs(coded["shared"] - plain["shared"]) <= 1024, (plain, coded)
     assert "serialized" not in coded["resources"] and not coded["loop_spills"], coded
     assert abs(coded["loop_instructions"] - plain["loop_instructions"]) <= plain["loop_instructions"] // 100, \
         (plain, coded)

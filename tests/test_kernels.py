@@ -315,6 +315,11 @@ def test_quantization_takes_two_launches_and_codes_what_three_did(smooth_k, smoo
         torch.testing.assert_close(decoded, centred, rtol=0.07, atol=scale.max().item())
 
 
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """A tensor torch.equal can compare bit for bit (FP8 as its bytes)."""
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
 ONE_LAUNCH_CASES = [  # smooth_k, smooth_v, pv_fp8, q_in_kernel, (B, HQ, HK, NQ, NK, D)
     (True, True, True, False, (1, 4, 2, 150, 333, 64)),
     (True, False, True, False, (2, 3, 3, 200, 700, 128)),
@@ -359,18 +364,11 @@ def test_quantization_in_one_launch_codes_what_two_launches_do(monkeypatch, smoo
                 assert len(launched) == 2 and buffers.get("work") is None
             if call:
                 for name, t in outputs.items():
-                    assert t is None or torch.equal(t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t,
-                                                    runs[one][name].view(torch.uint8)
-                                                    if t.dtype == torch.float8_e4m3fn else runs[one][name]), name
+                    assert t is None or torch.equal(bits(t), bits(runs[one][name])), name
             runs[one] = outputs
     for name, t in runs[False].items():
         other = runs[True][name]
-        if t is None:
-            assert other is None, name
-        elif t.dtype == torch.float8_e4m3fn:
-            assert torch.equal(t.view(torch.uint8), other.view(torch.uint8)), name
-        else:
-            assert torch.equal(t, other), name
+        assert other is None if t is None else torch.equal(bits(t), bits(other)), name
     monkeypatch.setattr(launch, "QUANT_ONE_LAUNCH", True)
     launched = []
     launch.quantize_qkv(q, k, v, q_multiplier=0.3, smooth_k=False, smooth_v=False, pv_fp8=False, q_group=16, k_group=64,
@@ -405,9 +403,7 @@ def test_quantization_in_one_launch_on_many_programs(monkeypatch, shape):
         runs[one] = {n: t.clone() for n, t in qz.items() if torch.is_tensor(t) and n not in ("parts", "work")}
         runs[one]["v_shift"] = shifts[0]
     for name, t in runs[False].items():
-        assert torch.equal(t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t,
-                           runs[True][name].view(torch.uint8) if t.dtype == torch.float8_e4m3fn else runs[True][name]), \
-            name
+        assert torch.equal(bits(t), bits(runs[True][name])), name
 
 
 @pytest.mark.parametrize("kernel", ["int8_fp8", "int8_fp16"])

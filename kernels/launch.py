@@ -31,6 +31,9 @@ QUANT_ONE_LAUNCH = False
 # its registers per thread (0: the compiler's choice): every role's code in one kernel took 138 at head dim 128 on
 # sm90 (3 programs of 4 warps per multiprocessor), 128 keeps 4 without a spill (bench/inspect_sass.py --quant one)
 QUANT_ONE_LAUNCH_REGISTERS = 128
+# programs of the exact repair's launch (kernels/repair_kernel.py), each looking at every REPAIR_PROGRAMS-th query
+# tile; 0: one per tile
+REPAIR_PROGRAMS = 0
 QUANT_ROWS = 128
 QUANT_SUB = 32
 ROPE_SUB = 64  # Q/K rows a program codes at a time when it rotates them too (slice_rows)
@@ -468,9 +471,10 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
                     num_stages=1)
 
         sizes, table_strides, constants = plan.derive("repair_launch", repair_launch)
-        plan.run("repair", repair_tiles_kernel, grid, (
+        tiles = grid[0] * grid[1]
+        plan.run("repair", repair_tiles_kernel, (min(tiles, REPAIR_PROGRAMS or tiles),), (
             q, k, v, bias if bias is not None else k_scale, out, lse, bad, repair_counter, *sizes,
-            sm_scale * LOG2E, rope if rope is not None else k_scale, *table_strides), constants)
+            sm_scale * LOG2E, rope if rope is not None else k_scale, *table_strides, grid[0], tiles), constants)
     return (lse if return_lse else None), bad
 
 

@@ -1,7 +1,8 @@
 """Exact recomputation of the output tiles the 8-bit kernel flagged as non-finite (device code only).
 
-Launched after every Sage call over the same grid: a program whose tile was clean returns at once, so the
-guard costs one tiny launch and no host synchronisation. A flagged tile is recomputed from the original
+Launched after every Sage call, one program per query tile of the attention kernel's grid (or fewer, each looking
+at several: launch.REPAIR_PROGRAMS): a clean tile is passed at once, so the guard costs one tiny launch and no host
+synchronisation. A flagged tile is recomputed from the original
 Q, K, V in FP32 (IEEE dots, online softmax), with the same bias and causal mask (and Q and K rotated by the
 call's rotary table, ROPE), so wherever exact attention is finite the returned output is finite too.
 """
@@ -20,15 +21,40 @@ def repair_tiles_kernel(
     stride_ob, stride_oh, stride_on, stride_od,
     stride_bias_b, stride_bias_h,
     H, KV_GROUP, NQ, NK, D, qk_multiplier,
+    PE, stride_pb, stride_ph, stride_pn, tiles_m, tiles,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, RETURN_LSE: tl.constexpr, ROPE: tl.constexpr,
+):
+    """Each program looks at the tiles pid, pid + programs, ... of the call's `tiles` (tiles_m query tiles of
+    BLOCK_M rows per head) and repairs the flagged ones: one program per tile, or fewer programs that each look at
+    several (launch.REPAIR_PROGRAMS), so that a clean call's launch is smaller."""
+    for tile in range(tl.program_id(0), tiles, tl.num_programs(0)):
+        pid_m = tile % tiles_m
+        bh = tile // tiles_m
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        if tl.max(tl.load(BAD + bh * NQ + offs_m, mask=offs_m < NQ, other=0), axis=0) != 0:
+            repair_tile(Q, K, V, BIAS, OUT, LSE, REPAIRED, pid_m, bh, offs_m,
+                        stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                        stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_on, stride_od,
+                        stride_bias_b, stride_bias_h, H, KV_GROUP, NQ, NK, D, qk_multiplier,
+                        PE, stride_pb, stride_ph, stride_pn,
+                        BLOCK_M, BLOCK_N, BLOCK_D, IS_CAUSAL, HAS_BIAS, RETURN_LSE, ROPE)
+
+
+@triton.jit
+def repair_tile(
+    Q, K, V, BIAS, OUT, LSE, REPAIRED, pid_m, bh, offs_m,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_bias_b, stride_bias_h,
+    H, KV_GROUP, NQ, NK, D, qk_multiplier,
     PE, stride_pb, stride_ph, stride_pn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, RETURN_LSE: tl.constexpr, ROPE: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    if tl.max(tl.load(BAD + bh * NQ + offs_m, mask=offs_m < NQ, other=0), axis=0) == 0:
-        return
+    """Query tile pid_m of head bh recomputed exactly, and counted."""
     tl.atomic_add(REPAIRED, 1)  # counted on the device; read only when the counters are reported
     b = bh // H
     h = bh % H

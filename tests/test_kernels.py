@@ -567,6 +567,29 @@ def test_flagged_tiles_are_recomputed_exactly_on_device(kernel, head_dim):
     torch.testing.assert_close(lse[0, 1, 6:64].double(), true_lse[0, 1, 6:64], rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("programs", [1, 4])
+def test_fewer_repair_programs_repair_the_same_tiles(monkeypatch, programs):
+    """launch.REPAIR_PROGRAMS: fewer repair programs than query tiles, each looking at every programs-th tile,
+    repair the same flagged tiles (two, in different heads and tiles) to the same bits, each counted once."""
+    cfg = SageConfig(kernel="int8_fp8")
+    q, k, v = inputs(1, 2, 2, 150, 90, 64, torch.float32, seed=23)
+    q[0, 1, 5, 3] = float("nan")
+    q[0, 0, 70, 1] = float("inf")
+    results = {}
+    for n in (0, programs):
+        monkeypatch.setattr(launch, "REPAIR_PROGRAMS", n)
+        PLANS.clear()
+        counter = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+        out, lse, _ = run_kernel(q, k, v, cfg, return_lse=True, repair_counter=counter)
+        assert int(counter.item()) == 2
+        results[n] = (out, lse)
+    PLANS.clear()
+    assert torch.equal(results[0][0].nan_to_num(), results[programs][0].nan_to_num())
+    assert torch.equal(results[0][1].nan_to_num(), results[programs][1].nan_to_num())
+    repaired = results[programs][0][0, 0, 64:128]  # head 0's second tile, exact: finite but for row 70 itself
+    assert torch.isfinite(torch.cat((repaired[:6], repaired[7:]))).all()
+
+
 @pytest.mark.parametrize("kernel,flags", [("int8_fp16", {"magic_convert": True}), ("int8_fp8", {"magic_convert": True}),
                                           ("int8_fp8", {"pv_direct": True}),
                                           ("int8_fp8", {"magic_convert": True, "pv_direct": True}),

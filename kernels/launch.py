@@ -203,7 +203,8 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
                  q_in_kernel: bool = False) -> dict:
     """All quantization of one call in at most two launches of quantize_kernel: K's and V's statistics (K's over
     a sample of the keys from 1024 on, stats_every) with Q's INT8 codes, then K's INT8 codes and V's (which need
-    the statistics); with nothing to smooth, Q's and K's codes in one. q_in_kernel: Q is left to the attention
+    the statistics); with nothing to smooth, Q's and K's codes in one; with QUANT_ONE_LAUNCH every role in one
+    launch, K's and V's programs waiting for their head's statistics inside it. q_in_kernel: Q is left to the attention
     kernel (hopper_launch.codes_q_in_kernel): no Q codes or scales are written.
 
     q: [B, H, NQ, D], k/v: [B, HK, NK, D] views with any strides. Returns (and writes, where a call plan gives

@@ -69,11 +69,10 @@ def compile_attention(pv: str, d: int, m: int, n: int, warps: int, stages: int, 
                           options={"num_warps": warps, "num_stages": stages, "maxnreg": maxnreg})
 
 
-def compile_quantize(which: str, d: int, arch: int, pv_fp8: bool = True, maxnreg=None, rope: bool = False,
+def compile_quantize(stats_pass: bool, d: int, arch: int, pv_fp8: bool = True, maxnreg=None, rope: bool = False,
                      **overrides):
     """One of the quantization's two launches (kernels/launch.quantize_qkv) compiled for `arch`: the statistics with
-    Q's codes (which "stats_q"), or K's codes with V's ("k_v"); or the whole quantization as one launch ("one",
-    launch.QUANT_ONE_LAUNCH). pv_fp8: as the in-place Hopper path launches it (FP8 P·V, both
+    Q's codes (stats_pass), or K's codes with V's. pv_fp8: as the in-place Hopper path launches it (FP8 P·V, both
     smoothings, Q in groups of 64 rows, K of 128); otherwise as the portable kernel's FP16 P·V does by default (K
     smoothed alone, groups of 16 and 64 rows, no V codes). rope: with the rotary table (Q and K coded rotated).
     `overrides` replace the launch module's constants (STATS_TILE=16, ...)."""
@@ -87,7 +86,7 @@ def compile_quantize(which: str, d: int, arch: int, pv_fp8: bool = True, maxnreg
     from quant_constants import PATHS, constants  # bench/, beside this script
 
     ptypes = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Q8": "*i8", "K8": "*i8", "V8": "*fp8e4nv" if pv_fp8 else "*i8",
-              "V_TICKETS": "*i32", "WORK": "*i32", "PE": "*fp32"}
+              "V_TICKETS": "*i32", "PE": "*fp32"}
     floats = ("q_multiplier", "v_code_max", "inv_keys")
     path = PATHS["fp8" if pv_fp8 else "fp16"]  # the groups each call path quantizes in
     q_group, k_group = path["q_group"], path["k_group"]
@@ -96,14 +95,13 @@ def compile_quantize(which: str, d: int, arch: int, pv_fp8: bool = True, maxnreg
         q_sub, k_sub = launch.slice_rows(q_group, rows, rope), launch.slice_rows(k_group, rows, rope)
         channels, stats_tile, stats_chunks = launch.v_channels(d), launch.STATS_TILE, launch.MAX_STATS_CHUNKS
         v_rows, warps, ahead = launch.V_ROWS, launch.QUANT_WARPS, launch.STATS_AHEAD
-    stats_pass, codes_pass = which in ("stats_q", "one"), which in ("k_v", "one")
     const_values = dict(ROWS=rows, Q_SUB=q_sub, K_SUB=k_sub, Q_GROUP=q_group, K_GROUP=k_group, BLOCK_D=d,
                         STATS_TILE=stats_tile, STATS_CHUNKS=stats_chunks, SMOOTH_K=True,
                         V_STATS=pv_fp8, V_ROWS=v_rows, CHANNELS=channels, SMOOTH_V=pv_fp8, PV_FP8=pv_fp8,
                         FP8_ROUND_IN_FP32=False, PV_KEY_ORDER=pv_fp8, WARPS=warps, DO_STATS=int(stats_pass),
-                        FINISH_SHIFT=pv_fp8 and codes_pass, SHIFT_PROGRAMS=launch.SHIFT_PROGRAMS,
-                        DO_Q=int(stats_pass), DO_K=int(codes_pass), ROPE=rope, STATS_AHEAD=ahead,
-                        V_BLOCKS=d // channels if pv_fp8 and codes_pass else 0, ONE_LAUNCH=which == "one")
+                        FINISH_SHIFT=pv_fp8 and not stats_pass, SHIFT_PROGRAMS=launch.SHIFT_PROGRAMS,
+                        DO_Q=int(stats_pass), DO_K=int(not stats_pass), ROPE=rope, STATS_AHEAD=ahead,
+                        V_BLOCKS=d // channels if pv_fp8 and not stats_pass else 0)
     const_values.update({name: 1 for name in fn.arg_names if re.fullmatch(r"stride_[a-z]d", name)})
     sig, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -115,8 +113,6 @@ def compile_quantize(which: str, d: int, arch: int, pv_fp8: bool = True, maxnreg
         sig[name] = ptypes.get(name, "*fp32") if is_ptr else ("fp32" if name in floats else "i32")
         if is_ptr or name.startswith("stride") or name in ("D", "v_padded"):
             attrs[(i,)] = [["tt.divisibility", 16]]
-    if which == "one" and maxnreg is None:  # as the launch caps it
-        maxnreg = launch.QUANT_ONE_LAUNCH_REGISTERS or None
     src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "maxnreg": maxnreg})
 
@@ -128,13 +124,13 @@ def compile_repair(block_m: int, d: int, arch: int, rope: bool = False):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from sage_attention_pack.kernels.launch import repair_block_n
+    from sage_attention_pack.kernels.launch import REPAIR_TILES, repair_block_n
     from sage_attention_pack.kernels.repair_kernel import repair_tiles_kernel as fn
 
     consts = dict(BLOCK_M=block_m, BLOCK_N=repair_block_n(block_m, d), BLOCK_D=d, IS_CAUSAL=False, HAS_BIAS=False,
-                  RETURN_LSE=False, ROPE=rope)
+                  RETURN_LSE=False, ROPE=rope, TILES=REPAIR_TILES)
     types = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "OUT": "*bf16", "BIAS": "*fp32", "LSE": "*fp32",
-             "BAD": "*i32", "REPAIRED": "*i32", "qk_multiplier": "fp32", "PE": "*fp32"}
+             "BAD": "*i8", "REPAIRED": "*i32", "qk_multiplier": "fp32", "PE": "*fp32"}
     sig = {name: "constexpr" if name in consts else types.get(name, "i32") for name in fn.arg_names}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "num_stages": 1})
@@ -328,9 +324,8 @@ def main(argv=None):
     ap.add_argument("--dump", help="write the SASS here")
     ap.add_argument("--ptx", help="write the PTX here")
     ap.add_argument("--json", action="store_true", help="print only a JSON summary (resources, main-loop overlap)")
-    ap.add_argument("--quant", choices=["stats_q", "k_v", "one"],
-                    help="compile a quantization launch instead (its constants as CONST=VALUE after it; one: the "
-                         "whole quantization in one launch)")
+    ap.add_argument("--quant", choices=["stats_q", "k_v"],
+                    help="compile a quantization launch instead (its constants as CONST=VALUE after it)")
     ap.add_argument("--repair", action="store_true",
                     help="compile the exact repair of flagged tiles instead (query tiles of --m rows)")
     ap.add_argument("--rope", action="store_true",
@@ -343,7 +338,7 @@ def main(argv=None):
               else f"{resource_report(k, args.arch)}  shared {k.metadata.shared} B")
         return 0
     if args.quant:
-        k = compile_quantize(args.quant, args.d, args.arch, args.pv == "fp8", args.maxnreg, args.rope,
+        k = compile_quantize(args.quant == "stats_q", args.d, args.arch, args.pv == "fp8", args.maxnreg, args.rope,
                              **{c: int(v) for c, v in (o.split("=") for o in args.overrides)})
         sass = sass_of(k)
         if args.dump:

@@ -25,15 +25,10 @@ MAX_STATS_CHUNKS = 16  # partial-statistics rows per head (a power of two), fini
 # measured fastest on the H200 (bench/NOTES.md, "Loads issued ahead")
 STATS_TILE = 16
 STATS_AHEAD = 1  # tiles the statistics' loop loads ahead of the one it adds up (1 or 2)
-# Whether a call's quantization with statistics runs as one launch (quantize_kernel's ONE_LAUNCH: the programs
-# take their items by ticket, and K's and V's wait for their head's statistics) instead of two
-QUANT_ONE_LAUNCH = False
-# its registers per thread (0: the compiler's choice): every role's code in one kernel took 138 at head dim 128 on
-# sm90 (3 programs of 4 warps per multiprocessor), 128 keeps 4 without a spill (bench/inspect_sass.py --quant one)
-QUANT_ONE_LAUNCH_REGISTERS = 128
-# programs of the exact repair's launch (kernels/repair_kernel.py), each looking at every REPAIR_PROGRAMS-th query
-# tile; 0: one per tile
-REPAIR_PROGRAMS = 0
+# query tiles per program of the exact repair's launch (kernels/repair_kernel.py): a program reads their row flags
+# in one load and repairs the flagged ones. One per tile cost a clean call 5.7 µs at Flux's shape and 50 µs at
+# B2 H32 N16384 D128 on an H100, 16 cost 2.0 and 5.0 (bench/NOTES.md, round "The quantization in one launch, …")
+REPAIR_TILES = 16
 QUANT_ROWS = 128
 QUANT_SUB = 32
 ROPE_SUB = 64  # Q/K rows a program codes at a time when it rotates them too (slice_rows)
@@ -133,9 +128,6 @@ def quant_buffers(q, k, *, q_group: int, k_group: int, block_d: int, smooth_k: b
     v_padded = cdiv(max(NK, 1), V_PAD) * V_PAD if pv_fp8 else 0
     need_v_stats = pv_fp8 or smooth_v
     return {
-        # QUANT_ONE_LAUNCH's counters (quant_kernels.WORK_*): zeros before and after every launch
-        "work": torch.zeros(2 + B * HK, device=dev, dtype=torch.int32)
-        if QUANT_ONE_LAUNCH and (smooth_k or need_v_stats) else None,
         "parts": torch.empty((B * HK, stats_chunks(NK, stats_every(NK))[0], 4, block_d), device=dev, dtype=f32),
         "q8": torch.empty((1, 1, block_d), device=dev, dtype=torch.int8).expand(B * H, NQ, block_d) if q_in_kernel
         else torch.empty((B * H, NQ, block_d), device=dev, dtype=torch.int8),
@@ -203,8 +195,7 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
                  q_in_kernel: bool = False) -> dict:
     """All quantization of one call in at most two launches of quantize_kernel: K's and V's statistics (K's over
     a sample of the keys from 1024 on, stats_every) with Q's INT8 codes, then K's INT8 codes and V's (which need
-    the statistics); with nothing to smooth, Q's and K's codes in one; with QUANT_ONE_LAUNCH every role in one
-    launch, K's and V's programs waiting for their head's statistics inside it. q_in_kernel: Q is left to the attention
+    the statistics); with nothing to smooth, Q's and K's codes in one. q_in_kernel: Q is left to the attention
     kernel (hopper_launch.codes_q_in_kernel): no Q codes or scales are written.
 
     q: [B, H, NQ, D], k/v: [B, HK, NK, D] views with any strides. Returns (and writes, where a call plan gives
@@ -242,8 +233,7 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
     def layout():
         return quant_launches(q, k, q_group=q_group, k_group=k_group, block_d=block_d, smooth_k=smooth_k,
                               smooth_v=smooth_v, pv_fp8=pv_fp8, pv_key_order=pv_key_order, finish_shift=finish_shift,
-                              rope=rope is not None, v_padded=out["v_padded"], q_in_kernel=q_in_kernel,
-                              one_launch=out.get("work") is not None)
+                              rope=rope is not None, v_padded=out["v_padded"], q_in_kernel=q_in_kernel)
 
     def fixed_arguments():
         """The launches, and their arguments from the buffers to the sizes: all fixed by a plan's signature (its
@@ -254,9 +244,7 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
                   out["k_mean"] if smooth_k else dummy, out["v8"] if pv_fp8 else dummy,
                   out["v_scale"] if pv_fp8 else dummy, out["v_mean"] if need_v_stats else dummy,
                   out["v_code_sums"] if pv_fp8 else dummy, v_shift if finish_shift else dummy,
-                  out["v_tickets"] if finish_shift else dummy,
-                  out["work"] if out.get("work") is not None else dummy, *q.stride(), *k.stride(), *v.stride(),
-                  *sizes)
+                  out["v_tickets"] if finish_shift else dummy, *q.stride(), *k.stride(), *v.stride(), *sizes)
         return middle, tail, launches, rope_strides(rope)
 
     middle, tail, launches, table_strides = derive("quant_launches", fixed_arguments) if derive is not None \
@@ -270,11 +258,9 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
 
 def quant_launches(q, k, *, q_group: int, k_group: int, block_d: int, smooth_k: bool, smooth_v: bool, pv_fp8: bool,
                    pv_key_order: bool, finish_shift: bool, rope: bool, v_padded: int,
-                   q_in_kernel: bool = False, one_launch: bool = False) -> tuple[tuple, tuple, list]:
+                   q_in_kernel: bool = False) -> tuple[tuple, tuple, list]:
     """What the shapes and switches of quantize_qkv's call fix: quantize_kernel's size arguments (BH .. k_groups),
-    its (n_v_programs, inv_keys, n_programs), and its launches [(site, grid, compile-time arguments)], statistics'
-    first. one_launch (QUANT_ONE_LAUNCH, where there are statistics): every role in one launch of n_programs
-    programs, which take their items by ticket (quantize_kernel's ONE_LAUNCH); else n_programs is 0."""
+    its (n_v_programs, inv_keys), and its launches [(site, grid, compile-time arguments)], statistics' first."""
     B, H, NQ, D = q.shape
     HK, NK = k.shape[1], k.shape[2]
     k_every = stats_every(NK)
@@ -285,27 +271,18 @@ def quant_launches(q, k, *, q_group: int, k_group: int, block_d: int, smooth_k: 
     n_v_programs = cdiv(v_padded, V_ROWS) if pv_fp8 else 1
     sizes = (B * H, B * HK, H, HK, NQ, NK, D, n_chunks, chunk_rows, k_every, sampled_key_count(NK, k_every),
              cdiv(NQ, q_group), cdiv(NK, k_group))
-    v_blocks = block_d // v_channels(block_d) if need_v_stats else 0
-    do_q = int(not q_in_kernel)
-    one_launch = one_launch and stats
-    n_programs = (n_chunks * B * HK + do_q * cdiv(NQ, rows) * B * H + cdiv(NK, rows) * B * HK
-                  + v_blocks * n_v_programs * B * HK) if one_launch else 0
-    tail = (n_v_programs, 1.0 / max(NK, 1), n_programs)
+    tail = (n_v_programs, 1.0 / max(NK, 1))
     constants = dict(ROWS=rows, Q_SUB=slice_rows(q_group, rows, rope), K_SUB=slice_rows(k_group, rows, rope),
                      Q_GROUP=q_group, K_GROUP=k_group, BLOCK_D=block_d, STATS_TILE=STATS_TILE,
                      STATS_CHUNKS=MAX_STATS_CHUNKS, SMOOTH_K=smooth_k, V_STATS=need_v_stats, V_ROWS=V_ROWS,
                      CHANNELS=v_channels(block_d), SMOOTH_V=smooth_v, PV_FP8=pv_fp8,
                      FP8_ROUND_IN_FP32=interpreting(), PV_KEY_ORDER=pv_key_order, FINISH_SHIFT=finish_shift,
                      SHIFT_PROGRAMS=SHIFT_PROGRAMS, ROPE=rope, STATS_AHEAD=STATS_AHEAD,
-                     ONE_LAUNCH=one_launch, WARPS=QUANT_WARPS,
-                     num_warps=QUANT_WARPS)  # WARPS: quantize_v_tile's layout steer
-    if one_launch:
-        roles = dict(DO_STATS=1, DO_Q=do_q, DO_K=1, V_BLOCKS=v_blocks)
-        cap = {"maxnreg": QUANT_ONE_LAUNCH_REGISTERS} if QUANT_ONE_LAUNCH_REGISTERS and not interpreting() else {}
-        return sizes, tail, [("quantize_one_launch", (n_programs, 1, 1), {**constants, **roles, **cap})]
+                     WARPS=QUANT_WARPS, num_warps=QUANT_WARPS)  # WARPS: quantize_v_tile's layout steer
     # the statistics' chunks first: they are the longest programs, and blocks are dispatched in grid order
+    do_q = int(not q_in_kernel)
     passes = [dict(DO_STATS=1, DO_Q=do_q, DO_K=0, V_BLOCKS=0),
-              dict(DO_STATS=0, DO_Q=0, DO_K=1, V_BLOCKS=v_blocks)] \
+              dict(DO_STATS=0, DO_Q=0, DO_K=1, V_BLOCKS=block_d // constants["CHANNELS"] if need_v_stats else 0)] \
         if stats else [dict(DO_STATS=0, DO_Q=do_q, DO_K=1, V_BLOCKS=0)]
     launches = []
     for roles in passes:
@@ -473,9 +450,10 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
 
         sizes, table_strides, constants = plan.derive("repair_launch", repair_launch)
         tiles = grid[0] * grid[1]
-        plan.run("repair", repair_tiles_kernel, (min(tiles, REPAIR_PROGRAMS or tiles),), (
+        plan.run("repair", repair_tiles_kernel, (cdiv(tiles, REPAIR_TILES),), (
             q, k, v, bias if bias is not None else k_scale, out, lse, bad, repair_counter, *sizes,
-            sm_scale * LOG2E, rope if rope is not None else k_scale, *table_strides, grid[0], tiles), constants)
+            sm_scale * LOG2E, rope if rope is not None else k_scale, *table_strides, grid[0], tiles),
+                 {**constants, "TILES": REPAIR_TILES})
     return (lse if return_lse else None), bad
 
 

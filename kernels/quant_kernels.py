@@ -160,88 +160,19 @@ def kv_stats_chunk(
 
 
 @triton.jit
-def finish_stats(PARTS, bh, n_chunks, N, offs_d, BLOCK_D: tl.constexpr, CHUNKS: tl.constexpr, WHICH: tl.constexpr,
-                 FRESH: tl.constexpr = False):
+def finish_stats(PARTS, bh, n_chunks, N, offs_d, BLOCK_D: tl.constexpr, CHUNKS: tl.constexpr, WHICH: tl.constexpr):
     """Reduce one statistic over the chunks of kv_stats_chunk (n_chunks <= CHUNKS): 0 mean of K, 1 mean of V,
     2 max of V, 3 min of V; N the keys the statistic covers. All chunks load at once: a loop over them would be
-    a chain of dependent L2 round trips in every quantization program. FRESH: the partial rows were written by
-    programs of the running launch (ONE_LAUNCH), so the loads skip L1 (".cg")."""
+    a chain of dependent L2 round trips in every quantization program."""
     offs_c = tl.arange(0, CHUNKS)
     ptrs = PARTS + ((bh * n_chunks + offs_c[:, None]) * 4 + WHICH) * BLOCK_D + offs_d[None, :]
     present = offs_c[:, None] < n_chunks
     if WHICH == 2:
-        neutral = float("-inf")
+        return tl.max(tl.load(ptrs, mask=present, other=float("-inf")), axis=0)
     elif WHICH == 3:
-        neutral = float("inf")
+        return tl.min(tl.load(ptrs, mask=present, other=float("inf")), axis=0)
     else:
-        neutral = 0.0
-    if FRESH:
-        parts = tl.load(ptrs, mask=present, other=neutral, cache_modifier=".cg")
-    else:
-        parts = tl.load(ptrs, mask=present, other=neutral)
-    if WHICH == 2:
-        return tl.max(parts, axis=0)
-    elif WHICH == 3:
-        return tl.min(parts, axis=0)
-    else:
-        return tl.sum(parts, axis=0) / tl.maximum(N, 1).to(tl.float32)
-
-
-# ONE_LAUNCH's counters, in the call's WORK buffer of int32: the next ticket, the programs finished, then one
-# count per KV head of its statistics chunks stored (launch.quant_buffers' "work")
-WORK_TICKET = tl.constexpr(0)
-WORK_DONE = tl.constexpr(1)
-WORK_HEADS = tl.constexpr(2)
-
-
-@triton.jit
-def wait_for_stats(WORK, bh, n_chunks):
-    """Spin until every statistics chunk of KV head bh is stored (ONE_LAUNCH). Those chunks hold lower tickets,
-    so their programs are running or done: a wait never waits on a program that has not started. The acquire
-    (one thread) and the barrier after it order every thread's reads of the partial rows after their stores."""
-    count = WORK + WORK_HEADS + bh
-    seen = tl.atomic_add(count, 0, sem="acquire")
-    while seen < n_chunks:
-        seen = tl.atomic_add(count, 0, sem="acquire")
-    tl.debug_barrier()
-
-
-@triton.jit
-def stats_stored(WORK, bh):
-    """A statistics chunk of KV head bh is stored: count it (ONE_LAUNCH). The barrier puts every thread's stores
-    before the release."""
-    tl.debug_barrier()
-    tl.atomic_add(WORK + WORK_HEADS + bh, 1, sem="release")
-
-
-@triton.jit
-def program_done(WORK, n_programs, BHK):
-    """Count this program out (ONE_LAUNCH); the last one sets WORK back to zeros for the next call: every ticket
-    has been taken and every wait has ended by then."""
-    tl.debug_barrier()
-    if tl.atomic_add(WORK + WORK_DONE, 1, sem="acq_rel") == n_programs - 1:
-        tl.store(WORK + WORK_TICKET, 0)
-        tl.store(WORK + WORK_DONE, 0)
-        for start in range(0, BHK, 128):
-            heads = start + tl.arange(0, 128)
-            tl.store(WORK + WORK_HEADS + heads, tl.zeros((128,), tl.int32), mask=heads < BHK)
-
-
-@triton.jit
-def ticket_item(ticket, n_stats, n_q, n_k, n_chunks, q_blocks, k_blocks, n_v_programs, BH, BHK,
-                Q_ROLE: tl.constexpr, K_ROLE: tl.constexpr, V_ROLE: tl.constexpr):
-    """(role, pid, bh) of ONE_LAUNCH's ticket: the statistics' chunks first, then Q's, K's and V's row blocks
-    (V's channel blocks one after another), each head's consecutive; the same (role, pid, bh) a program of the
-    two-launch grid has as program ids."""
-    after_stats = ticket >= n_stats
-    after_q = ticket >= n_stats + n_q
-    after_k = ticket >= n_stats + n_q + n_k
-    start = tl.where(after_k, n_stats + n_q + n_k, tl.where(after_q, n_stats + n_q, tl.where(after_stats, n_stats, 0)))
-    per_head = tl.where(after_k, n_v_programs, tl.where(after_q, k_blocks, tl.where(after_stats, q_blocks, n_chunks)))
-    heads = tl.where(after_stats & (ticket < n_stats + n_q), BH, BHK)
-    first_role = tl.where(after_k, V_ROLE, tl.where(after_q, K_ROLE, tl.where(after_stats, Q_ROLE, 0)))
-    u = ticket - start
-    return first_role + u // (per_head * heads), u % per_head, (u // per_head) % heads
+        return tl.sum(tl.load(ptrs, mask=present, other=0.0), axis=0) / tl.maximum(N, 1).to(tl.float32)
 
 
 @triton.jit
@@ -330,12 +261,12 @@ def quantize_int8_role(X, b, h, row0, stride_b, stride_h, stride_n, stride_d, N,
 
 @triton.jit
 def quantize_v_tile(
-    V, PARTS, V8, V_SCALE, V_MEAN, V_CODE_SUM, V_SHIFT, V_TICKETS, WORK, pid, bh, channel_block, n_programs,
+    V, PARTS, V8, V_SCALE, V_MEAN, V_CODE_SUM, V_SHIFT, V_TICKETS, pid, bh, channel_block, n_programs,
     stride_vb, stride_vh, stride_vn, stride_vd,
     HK, NK, D, n_chunks, v_padded, v_code_max, inv_keys,
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr, CHANNELS: tl.constexpr, STATS_CHUNKS: tl.constexpr,
     SMOOTH_V: tl.constexpr, PV_FP8: tl.constexpr, FP8_ROUND_IN_FP32: tl.constexpr, PV_KEY_ORDER: tl.constexpr,
-    WARPS: tl.constexpr, FINISH_SHIFT: tl.constexpr, SHIFT_PROGRAMS: tl.constexpr, ONE_LAUNCH: tl.constexpr,
+    WARPS: tl.constexpr, FINISH_SHIFT: tl.constexpr, SHIFT_PROGRAMS: tl.constexpr,
 ):
     """V's part of one call's quantization: ROWS keys (program pid of n_programs) and CHANNELS of the BLOCK_D
     channels (channel_block) of one head: a whole 128-channel tile took 255 registers and spilled. The first
@@ -361,10 +292,7 @@ def quantize_v_tile(
 
     FINISH_SHIFT: the last of a head's and channel block's programs to store its code sums (an atomic ticket per
     block in V_TICKETS, which that program sets back to 0 for the next call) writes the output shift of those
-    channels into V_SHIFT (finish_shift).
-
-    ONE_LAUNCH: the statistics come from programs of the same launch: the program waits for its head's
-    (wait_for_stats), its tile's load in flight."""
+    channels into V_SHIFT (finish_shift)."""
     # rows per repetition of that layout: WARPS warps (the launch's num_warps) of 32 threads, CHANNELS // 4 along the
     # channels
     REPEAT: tl.constexpr = WARPS * 32 // (CHANNELS // 4)
@@ -376,17 +304,15 @@ def quantize_v_tile(
     src_n = pv_key_source(offs_n) if PV_KEY_ORDER else offs_n
     if PV_FP8:  # in flight while the statistics are finished: nothing in it waits for them
         v_raw = load_raw(V, bh // HK, bh % HK, src_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, NK, D)
-    if ONE_LAUNCH:
-        wait_for_stats(WORK, bh, n_chunks)
-    mean = finish_stats(PARTS, bh, n_chunks, NK, offs_d, BLOCK_D, STATS_CHUNKS, 1, ONE_LAUNCH)
+    mean = finish_stats(PARTS, bh, n_chunks, NK, offs_d, BLOCK_D, STATS_CHUNKS, 1)
     if pid == 0:
         tl.store(V_MEAN + bh * BLOCK_D + offs_d, mean)
     if PV_FP8:
         v_mean = mean  # V's own: the output shift restores it
         if not SMOOTH_V:
             mean = tl.zeros((CHANNELS,), tl.float32)
-        vmax = finish_stats(PARTS, bh, n_chunks, NK, offs_d, BLOCK_D, STATS_CHUNKS, 2, ONE_LAUNCH)
-        vmin = finish_stats(PARTS, bh, n_chunks, NK, offs_d, BLOCK_D, STATS_CHUNKS, 3, ONE_LAUNCH)
+        vmax = finish_stats(PARTS, bh, n_chunks, NK, offs_d, BLOCK_D, STATS_CHUNKS, 2)
+        vmin = finish_stats(PARTS, bh, n_chunks, NK, offs_d, BLOCK_D, STATS_CHUNKS, 3)
         scale = tl.maximum(tl.maximum(vmax - mean, mean - vmin), 1e-30) / v_code_max
         v = v_raw.to(tl.float32)
         valid = in_bounds(src_n, offs_d, NK, D)
@@ -436,12 +362,12 @@ def finish_shift(V_CODE_SUM, V_SHIFT, V_TICKETS, mean, bh, channel_block, n_prog
 
 @triton.jit
 def quantize_kernel(
-    Q, K, V, PARTS, Q8, Q_SCALE, K8, K_SCALE, K_MEAN, V8, V_SCALE, V_MEAN, V_CODE_SUM, V_SHIFT, V_TICKETS, WORK,
+    Q, K, V, PARTS, Q8, Q_SCALE, K8, K_SCALE, K_MEAN, V8, V_SCALE, V_MEAN, V_CODE_SUM, V_SHIFT, V_TICKETS,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     BH, BHK, H, HK, NQ, NK, D, n_chunks, chunk_rows, k_every, k_sampled, q_groups, k_groups, q_multiplier,
-    v_padded, v_code_max, n_v_programs, inv_keys, n_programs,
+    v_padded, v_code_max, n_v_programs, inv_keys,
     PE, stride_pb, stride_ph, stride_pn,
     DO_STATS: tl.constexpr, DO_Q: tl.constexpr, DO_K: tl.constexpr, V_BLOCKS: tl.constexpr,
     ROWS: tl.constexpr, Q_SUB: tl.constexpr, K_SUB: tl.constexpr, Q_GROUP: tl.constexpr, K_GROUP: tl.constexpr,
@@ -449,7 +375,6 @@ def quantize_kernel(
     V_STATS: tl.constexpr, V_ROWS: tl.constexpr, CHANNELS: tl.constexpr, SMOOTH_V: tl.constexpr,
     PV_FP8: tl.constexpr, FP8_ROUND_IN_FP32: tl.constexpr, PV_KEY_ORDER: tl.constexpr, WARPS: tl.constexpr,
     FINISH_SHIFT: tl.constexpr, SHIFT_PROGRAMS: tl.constexpr, ROPE: tl.constexpr, STATS_AHEAD: tl.constexpr,
-    ONE_LAUNCH: tl.constexpr = False,
 ):
     """One launch of a call's quantization: the roles it is given (DO_STATS, DO_Q, DO_K, V_BLOCKS), one per
     program_id(2), in that order; program_id(0) is the role's chunk or row block, program_id(1) its head. Roles
@@ -467,34 +392,20 @@ def quantize_kernel(
 
     ROPE: Q and K are coded (and K's sample summed) rotated by the rotary table PE [B, H, N, 2, D] (strides 0
     where it broadcasts; kernels/rotary.py, launch.rope_table), so that a model's rotation costs no pass of its
-    own.
-
-    ONE_LAUNCH: every role in one launch of n_programs programs on a 1-D grid. Each program takes the next
-    ticket from WORK (an atomic counter) and does the item it names (ticket_item: the statistics' chunks hold the
-    first tickets); K's and V's programs wait for their head's statistics (wait_for_stats), and the last program
-    to finish sets WORK back (program_done). Tickets, not program ids, give the order: a program waits only on
-    lower tickets, taken by programs already running, whatever order the hardware starts blocks in."""
+    own."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    role = tl.program_id(2)
     offs_d = tl.arange(0, BLOCK_D)
     Q_ROLE: tl.constexpr = DO_STATS
     K_ROLE: tl.constexpr = DO_STATS + DO_Q
     V_ROLE: tl.constexpr = DO_STATS + DO_Q + DO_K
-    if ONE_LAUNCH:
-        ticket = tl.atomic_add(WORK + WORK_TICKET, 1, sem="relaxed")
-        role, pid, bh = ticket_item(ticket, n_chunks * BHK * DO_STATS, tl.cdiv(NQ, ROWS) * BH * DO_Q,
-                                    tl.cdiv(NK, ROWS) * BHK * DO_K, n_chunks, tl.cdiv(NQ, ROWS), tl.cdiv(NK, ROWS),
-                                    n_v_programs, BH, BHK, Q_ROLE, K_ROLE, V_ROLE)
-    else:
-        pid = tl.program_id(0)
-        bh = tl.program_id(1)
-        role = tl.program_id(2)
     if DO_STATS:
         if (role == 0) & (pid < n_chunks) & (bh < BHK):
             kv_stats_chunk(K, V, PARTS, bh, pid, n_chunks, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb,
                            stride_vh, stride_vn, stride_vd, HK, NK, D, chunk_rows, k_every,
                            PE + (bh // HK) * stride_pb + (bh % HK) * stride_ph, stride_pn, STATS_TILE, BLOCK_D,
                            SMOOTH_K, V_STATS, ROPE, STATS_AHEAD)
-            if ONE_LAUNCH:
-                stats_stored(WORK, bh)
     if DO_Q:
         if (role == Q_ROLE) & (bh < BH) & (pid * ROWS < NQ):
             first = first_slice(Q, bh // H, bh % H, pid * ROWS, stride_qb, stride_qh, stride_qn, stride_qd, NQ, D, ROWS,
@@ -510,9 +421,7 @@ def quantize_kernel(
             first = first_slice(K, bh // HK, bh % HK, pid * ROWS, stride_kb, stride_kh, stride_kn, stride_kd, NK, D,
                                 ROWS, K_SUB, BLOCK_D)
             if SMOOTH_K:
-                if ONE_LAUNCH:
-                    wait_for_stats(WORK, bh, n_chunks)
-                mean = finish_stats(PARTS, bh, n_chunks, k_sampled, offs_d, BLOCK_D, STATS_CHUNKS, 0, ONE_LAUNCH)
+                mean = finish_stats(PARTS, bh, n_chunks, k_sampled, offs_d, BLOCK_D, STATS_CHUNKS, 0)
                 if pid == 0:
                     tl.store(K_MEAN + bh * BLOCK_D + offs_d, mean)
             else:
@@ -523,10 +432,7 @@ def quantize_kernel(
                                BLOCK_D, ROPE)
     if V_BLOCKS > 0:
         if (role >= V_ROLE) & (bh < BHK) & (pid < n_v_programs):
-            quantize_v_tile(V, PARTS, V8, V_SCALE, V_MEAN, V_CODE_SUM, V_SHIFT, V_TICKETS, WORK, pid, bh,
-                            role - V_ROLE, n_v_programs, stride_vb, stride_vh, stride_vn, stride_vd, HK, NK, D,
-                            n_chunks, v_padded, v_code_max, inv_keys, V_ROWS, BLOCK_D, CHANNELS, STATS_CHUNKS,
-                            SMOOTH_V, PV_FP8, FP8_ROUND_IN_FP32, PV_KEY_ORDER, WARPS, FINISH_SHIFT, SHIFT_PROGRAMS,
-                            ONE_LAUNCH)
-    if ONE_LAUNCH:
-        program_done(WORK, n_programs, BHK)
+            quantize_v_tile(V, PARTS, V8, V_SCALE, V_MEAN, V_CODE_SUM, V_SHIFT, V_TICKETS, pid, bh, role - V_ROLE,
+                            n_v_programs, stride_vb, stride_vh, stride_vn, stride_vd, HK, NK, D, n_chunks, v_padded,
+                            v_code_max, inv_keys, V_ROWS, BLOCK_D, CHANNELS, STATS_CHUNKS, SMOOTH_V, PV_FP8,
+                            FP8_ROUND_IN_FP32, PV_KEY_ORDER, WARPS, FINISH_SHIFT, SHIFT_PROGRAMS)

@@ -1,7 +1,7 @@
 """Exact recomputation of the output tiles the 8-bit kernel flagged as non-finite (device code only).
 
-Launched after every Sage call, one program per query tile of the attention kernel's grid (or fewer, each looking
-at several: launch.REPAIR_PROGRAMS): a clean tile is passed at once, so the guard costs one tiny launch and no host
+Launched after every Sage call, one program per launch.REPAIR_TILES query tiles of the attention kernel's grid: a
+clean call's programs read their tiles' row flags and end, so the guard costs one small launch and no host
 synchronisation. A flagged tile is recomputed from the original
 Q, K, V in FP32 (IEEE dots, online softmax), with the same bias and causal mask (and Q and K rotated by the
 call's rotary table, ROPE), so wherever exact attention is finite the returned output is finite too.
@@ -24,21 +24,29 @@ def repair_tiles_kernel(
     PE, stride_pb, stride_ph, stride_pn, tiles_m, tiles,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, RETURN_LSE: tl.constexpr, ROPE: tl.constexpr,
+    TILES: tl.constexpr,
 ):
-    """Each program looks at the tiles pid, pid + programs, ... of the call's `tiles` (tiles_m query tiles of
-    BLOCK_M rows per head) and repairs the flagged ones: one program per tile, or fewer programs that each look at
-    several (launch.REPAIR_PROGRAMS), so that a clean call's launch is smaller."""
-    for tile in range(tl.program_id(0), tiles, tl.num_programs(0)):
-        pid_m = tile % tiles_m
-        bh = tile // tiles_m
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        if tl.max(tl.load(BAD + bh * NQ + offs_m, mask=offs_m < NQ, other=0), axis=0) != 0:
-            repair_tile(Q, K, V, BIAS, OUT, LSE, REPAIRED, pid_m, bh, offs_m,
-                        stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-                        stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_on, stride_od,
-                        stride_bias_b, stride_bias_h, H, KV_GROUP, NQ, NK, D, qk_multiplier,
-                        PE, stride_pb, stride_ph, stride_pn,
-                        BLOCK_M, BLOCK_N, BLOCK_D, IS_CAUSAL, HAS_BIAS, RETURN_LSE, ROPE)
+    """Program pid looks at TILES consecutive query tiles of the call's `tiles` (tiles_m tiles of BLOCK_M rows per
+    head) in one load of their row flags, and repairs the flagged ones. The kernel's resources are the repair's
+    (~56 KB of shared memory at head dim 128 on sm90, a few programs per multiprocessor), which a clean call pays
+    in every program it launches: one program per tile took 7 µs at Flux's shape and 60 µs at B2 H32 N16384 on
+    an H100 (bench/NOTES.md, round "The quantization in one launch, …")."""
+    first = tl.program_id(0) * TILES
+    tile = first + tl.arange(0, TILES)
+    row = (tile % tiles_m)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+    flags = tl.load(BAD + (tile // tiles_m)[:, None] * NQ + row, mask=(tile[:, None] < tiles) & (row < NQ), other=0)
+    if tl.max(tl.max(flags, axis=1), axis=0) != 0:
+        for t in range(first, tl.minimum(first + TILES, tiles)):
+            pid_m = t % tiles_m
+            bh = t // tiles_m
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            if tl.max(tl.load(BAD + bh * NQ + offs_m, mask=offs_m < NQ, other=0), axis=0) != 0:
+                repair_tile(Q, K, V, BIAS, OUT, LSE, REPAIRED, pid_m, bh, offs_m,
+                            stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                            stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_on, stride_od,
+                            stride_bias_b, stride_bias_h, H, KV_GROUP, NQ, NK, D, qk_multiplier,
+                            PE, stride_pb, stride_ph, stride_pn,
+                            BLOCK_M, BLOCK_N, BLOCK_D, IS_CAUSAL, HAS_BIAS, RETURN_LSE, ROPE)
 
 
 @triton.jit

@@ -315,116 +315,6 @@ def test_quantization_takes_two_launches_and_codes_what_three_did(smooth_k, smoo
         torch.testing.assert_close(decoded, centred, rtol=0.07, atol=scale.max().item())
 
 
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """A tensor torch.equal can compare bit for bit (FP8 as its bytes)."""
-    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
-
-
-ONE_LAUNCH_CASES = [  # smooth_k, smooth_v, pv_fp8, q_in_kernel, (B, HQ, HK, NQ, NK, D)
-    (True, True, True, False, (1, 4, 2, 150, 333, 64)),
-    (True, False, True, False, (2, 3, 3, 200, 700, 128)),
-    (True, True, True, True, (1, 4, 2, 150, 333, 64)),
-    (False, True, False, False, (1, 2, 1, 90, 250, 64)),
-    (True, False, False, False, (1, 2, 2, 90, 250, 128)),
-]
-
-
-@pytest.mark.parametrize("smooth_k,smooth_v,pv_fp8,q_in_kernel,shape", ONE_LAUNCH_CASES)
-def test_quantization_in_one_launch_codes_what_two_launches_do(monkeypatch, smooth_k, smooth_v, pv_fp8, q_in_kernel,
-                                                               shape):
-    """launch.QUANT_ONE_LAUNCH: every role in one launch, the programs taking their items by ticket and K's and V's
-    waiting for their head's statistics. The same bits as the two launches in every buffer (codes, scales, means,
-    code sums, the output shift), the counters back at zero after each call, and the same bits again on the
-    plan's next call; without statistics to make there is nothing to wait for and the single launch stays."""
-    b, hq, hk, nq, nk, d = shape
-    q, k, v = inputs(b, hq, hk, nq, nk, d, torch.bfloat16, seed=nk)
-    k = k + 0.5
-    args = dict(q_group=16, k_group=64, block_d=d, smooth_k=smooth_k, smooth_v=smooth_v, pv_fp8=pv_fp8)
-    runs = {}
-    for one in (False, True):
-        monkeypatch.setattr(launch, "QUANT_ONE_LAUNCH", one)
-        buffers = launch.quant_buffers(q, k, q_in_kernel=q_in_kernel, **args)
-        for call in range(2):
-            launched = []
-
-            def run(site, fn, grid, args_, kwargs):
-                launched.append(site)
-                launch.launch_now(site, fn, grid, args_, kwargs)
-
-            shift = torch.full((b * hk, d), float("nan"), device=DEVICE) if pv_fp8 else None
-            qz = launch.quantize_qkv(q, k, v, q_multiplier=0.3, pv_key_order=pv_fp8, buffers=buffers, run=run,
-                                     v_shift=shift, q_in_kernel=q_in_kernel, **args)
-            outputs = {name: t.clone() for name, t in qz.items() if torch.is_tensor(t) and name not in ("parts", "work")
-                       and not (q_in_kernel and name in ("q8", "q_scale"))}
-            outputs["v_shift"] = shift
-            if one:
-                assert launched == ["quantize_one_launch"]
-                assert buffers["work"].eq(0).all()
-            else:
-                assert len(launched) == 2 and buffers.get("work") is None
-            if call:
-                for name, t in outputs.items():
-                    assert t is None or torch.equal(bits(t), bits(runs[one][name])), name
-            runs[one] = outputs
-    for name, t in runs[False].items():
-        other = runs[True][name]
-        assert other is None if t is None else torch.equal(bits(t), bits(other)), name
-    monkeypatch.setattr(launch, "QUANT_ONE_LAUNCH", True)
-    launched = []
-    launch.quantize_qkv(q, k, v, q_multiplier=0.3, smooth_k=False, smooth_v=False, pv_fp8=False, q_group=16, k_group=64,
-                        block_d=d, run=lambda site, *rest: (launched.append(site), launch.launch_now(site, *rest)))
-    assert launched == ["quantize_q_k"]
-
-
-@pytest.mark.skipif(DEVICE == "cpu", reason="the waits under concurrency need a GPU (the interpreter runs programs "
-                    "one at a time)")
-@pytest.mark.parametrize("shape", [(1, 24, 24, 4608, 4608, 128), (2, 32, 32, 2048, 2048, 64), (1, 40, 8, 4000, 4000,
-                                                                                             128)])
-def test_quantization_in_one_launch_on_many_programs(monkeypatch, shape):
-    """At model shapes, thousands of programs in flight: K's and V's programs wait for statistics that programs on
-    other multiprocessors are still making. The same bits as two launches over ten calls in a row, counters at
-    zero after them."""
-    b, hq, hk, nq, nk, d = shape
-    q, k, v = inputs(b, hq, hk, nq, nk, d, torch.bfloat16, seed=7)
-    args = dict(q_group=64, k_group=128, block_d=d, smooth_k=True, smooth_v=True, pv_fp8=True, pv_key_order=True)
-    runs = {}
-    for one in (False, True):
-        monkeypatch.setattr(launch, "QUANT_ONE_LAUNCH", one)
-        buffers = launch.quant_buffers(q, k, **{n: a for n, a in args.items() if n != "pv_key_order"})
-        shifts = []
-        for _ in range(10):
-            shift = torch.empty((b * hk, d), device=DEVICE)
-            qz = launch.quantize_qkv(q, k, v, q_multiplier=0.3, buffers=buffers, v_shift=shift, **args)
-            shifts.append(shift)
-        torch.cuda.synchronize()
-        assert all(torch.equal(s, shifts[0]) for s in shifts)
-        if one:
-            assert buffers["work"].eq(0).all()
-        runs[one] = {n: t.clone() for n, t in qz.items() if torch.is_tensor(t) and n not in ("parts", "work")}
-        runs[one]["v_shift"] = shifts[0]
-    for name, t in runs[False].items():
-        assert torch.equal(bits(t), bits(runs[True][name])), name
-
-
-@pytest.mark.parametrize("kernel", ["int8_fp8", "int8_fp16"])
-def test_attention_with_one_quantization_launch_gives_the_same_output(monkeypatch, kernel):
-    """A whole call (quantization, attention, repair) with QUANT_ONE_LAUNCH gives the output and LSE of the two
-    launches bit for bit, on the Hopper kernels where the GPU has them."""
-    q, k, v = inputs(1, 4, 2, 300, 520, 128, torch.bfloat16, seed=5)
-    cfg = SageConfig(kernel=kernel)
-    # on an H100/H200 the shipped ping-pong key (FP8 P·V) and the portable kernel's interpreter configuration
-    launch_cfg = tuning.LaunchConfig.from_key("m64n128w4s4mcpdgpppnt") if HOPPER and kernel == "int8_fp8" else None
-    results = {}
-    for one in (False, True):
-        monkeypatch.setattr(launch, "QUANT_ONE_LAUNCH", one)
-        PLANS.clear()
-        out, lse, _ = run_kernel(q, k, v, cfg, return_lse=True, launch_cfg=launch_cfg,
-                                 repair_counter=torch.zeros(1, dtype=torch.int32, device=DEVICE))
-        results[one] = (out, lse)
-    PLANS.clear()
-    assert torch.equal(results[False][0], results[True][0]) and torch.equal(results[False][1], results[True][1])
-
-
 def test_statistics_count_every_key_once_across_chunk_and_tile_edges():
     """The statistics loop loads its next tile while it adds up this one, and Q's and K's slices load one step
     ahead: spikes on the rows at every chunk's and tile's edges (and the last key) must each count once, in K's
@@ -567,26 +457,27 @@ def test_flagged_tiles_are_recomputed_exactly_on_device(kernel, head_dim):
     torch.testing.assert_close(lse[0, 1, 6:64].double(), true_lse[0, 1, 6:64], rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("programs", [1, 4])
-def test_fewer_repair_programs_repair_the_same_tiles(monkeypatch, programs):
-    """launch.REPAIR_PROGRAMS: fewer repair programs than query tiles, each looking at every programs-th tile,
-    repair the same flagged tiles (two, in different heads and tiles) to the same bits, each counted once."""
+@pytest.mark.parametrize("tiles", [2, 4, 16])
+def test_repair_programs_of_several_tiles_repair_the_same_tiles(monkeypatch, tiles):
+    """launch.REPAIR_TILES: repair programs that each look at several query tiles (2 and 4 of the call's 6, and all
+    of them in one program's 16) repair the same flagged tiles (two, in different heads and tiles) to the same bits,
+    each counted once."""
     cfg = SageConfig(kernel="int8_fp8")
     q, k, v = inputs(1, 2, 2, 150, 90, 64, torch.float32, seed=23)
     q[0, 1, 5, 3] = float("nan")
     q[0, 0, 70, 1] = float("inf")
     results = {}
-    for n in (0, programs):
-        monkeypatch.setattr(launch, "REPAIR_PROGRAMS", n)
+    for n in (1, tiles):
+        monkeypatch.setattr(launch, "REPAIR_TILES", n)
         PLANS.clear()
         counter = torch.zeros(1, dtype=torch.int32, device=DEVICE)
         out, lse, _ = run_kernel(q, k, v, cfg, return_lse=True, repair_counter=counter)
         assert int(counter.item()) == 2
         results[n] = (out, lse)
     PLANS.clear()
-    assert torch.equal(results[0][0].nan_to_num(), results[programs][0].nan_to_num())
-    assert torch.equal(results[0][1].nan_to_num(), results[programs][1].nan_to_num())
-    repaired = results[programs][0][0, 0, 64:128]  # head 0's second tile, exact: finite but for row 70 itself
+    assert torch.equal(results[1][0].nan_to_num(), results[tiles][0].nan_to_num())
+    assert torch.equal(results[1][1].nan_to_num(), results[tiles][1].nan_to_num())
+    repaired = results[tiles][0][0, 0, 64:128]  # head 0's second tile, exact: finite but for row 70 itself
     assert torch.isfinite(torch.cat((repaired[:6], repaired[7:]))).all()
 
 

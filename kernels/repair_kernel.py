@@ -41,38 +41,33 @@ def repair_tiles_kernel(
             bh = t // tiles_m
             offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             if tl.max(tl.load(BAD + bh * NQ + offs_m, mask=offs_m < NQ, other=0), axis=0) != 0:
-                repair_tile(Q, K, V, BIAS, OUT, LSE, REPAIRED, pid_m, bh, offs_m,
-                            stride_qb, stride_qh, stride_qn, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
-                            stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_on, stride_od,
-                            stride_bias_b, stride_bias_h, H, KV_GROUP, NQ, NK, D, qk_multiplier,
-                            PE, stride_pb, stride_ph, stride_pn,
+                b = bh // H
+                h = bh % H
+                hk = h // KV_GROUP
+                repair_tile(Q + b * stride_qb + h * stride_qh, K + b * stride_kb + hk * stride_kh,
+                            V + b * stride_vb + hk * stride_vh, OUT + b * stride_ob + h * stride_oh,
+                            BIAS + b * stride_bias_b + h * stride_bias_h, LSE + bh * NQ, REPAIRED,
+                            PE + b * stride_pb + h * stride_ph, PE + b * stride_pb + hk * stride_ph, stride_pn,
+                            stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_on, stride_od,
+                            pid_m, offs_m, NQ, NK, D, qk_multiplier,
                             BLOCK_M, BLOCK_N, BLOCK_D, IS_CAUSAL, HAS_BIAS, RETURN_LSE, ROPE)
 
 
 @triton.jit
-def repair_tile(
-    Q, K, V, BIAS, OUT, LSE, REPAIRED, pid_m, bh, offs_m,
-    stride_qb, stride_qh, stride_qn, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_on, stride_od,
-    stride_bias_b, stride_bias_h,
-    H, KV_GROUP, NQ, NK, D, qk_multiplier,
-    PE, stride_pb, stride_ph, stride_pn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, RETURN_LSE: tl.constexpr, ROPE: tl.constexpr,
-):
-    """Query tile pid_m of head bh recomputed exactly, and counted."""
+def repair_tile(Q, K, V, OUT, BIAS, LSE, REPAIRED, PE_Q, PE_K, stride_pn,
+                stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_on, stride_od,
+                pid_m, offs_m, NQ, NK, D, qk_multiplier,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, RETURN_LSE: tl.constexpr, ROPE: tl.constexpr):
+    """Query tile pid_m (rows offs_m) of one head recomputed exactly, and counted: Q, OUT, BIAS, LSE and PE_Q at
+    that head, K, V and PE_K at its KV head."""
     tl.atomic_add(REPAIRED, 1)  # counted on the device; read only when the counters are reported
-    b = bh // H
-    h = bh % H
-    hk = h // KV_GROUP
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < D
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+    q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
                 mask=(offs_m[:, None] < NQ) & d_valid[None, :], other=0.0).to(tl.float32)
     if ROPE:
-        q = rotated(q, offs_m, offs_d, NQ, D, PE + b * stride_pb + h * stride_ph, stride_pn)
+        q = rotated(q, offs_m, offs_d, NQ, D, PE_Q, stride_pn)
     q = q * qk_multiplier
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -84,13 +79,13 @@ def repair_tile(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < NK
         kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=kv_mask, other=0.0).to(tl.float32)
+        k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0
+                    ).to(tl.float32)
         if ROPE:
-            k = rotated(k, offs_n, offs_d, NK, D, PE + b * stride_pb + hk * stride_ph, stride_pn)
+            k = rotated(k, offs_n, offs_d, NK, D, PE_K, stride_pn)
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
         if HAS_BIAS:
-            s += tl.load(BIAS + b * stride_bias_b + h * stride_bias_h + offs_n, mask=n_valid, other=0.0)[None, :]
+            s += tl.load(BIAS + offs_n, mask=n_valid, other=0.0)[None, :]
         keep = n_valid[None, :]
         if IS_CAUSAL:
             keep = keep & (offs_n[None, :] <= offs_m[:, None])
@@ -100,13 +95,13 @@ def repair_tile(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=kv_mask, other=0.0).to(tl.float32)
+        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0
+                    ).to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
         m_i = m_new
     out = acc / l_i[:, None]
     o_mask = (offs_m[:, None] < NQ) & d_valid[None, :]
-    tl.store(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
-             out.to(OUT.dtype.element_ty), mask=o_mask)
+    tl.store(OUT + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od, out.to(OUT.dtype.element_ty),
+             mask=o_mask)
     if RETURN_LSE:
-        tl.store(LSE + bh * NQ + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=offs_m < NQ)
+        tl.store(LSE + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=offs_m < NQ)

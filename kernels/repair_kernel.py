@@ -2,9 +2,9 @@
 
 Launched after every Sage call, one program per launch.REPAIR_TILES query tiles of the attention kernel's grid: a
 clean call's programs read their tiles' row flags and end, so the guard costs one small launch and no host
-synchronisation. A flagged tile is recomputed from the original
-Q, K, V in FP32 (IEEE dots, online softmax), with the same bias and causal mask (and Q and K rotated by the
-call's rotary table, ROPE), so wherever exact attention is finite the returned output is finite too.
+synchronisation. A flagged tile is recomputed from the original Q, K, V in FP32 (IEEE dots, online softmax), with
+the same bias and causal mask (and Q and K rotated by the call's rotary table, ROPE), so wherever exact attention
+is finite the returned output is finite too.
 """
 import triton
 import triton.language as tl
@@ -29,8 +29,8 @@ def repair_tiles_kernel(
     """Program pid looks at TILES consecutive query tiles of the call's `tiles` (tiles_m tiles of BLOCK_M rows per
     head) in one load of their row flags, and repairs the flagged ones. The kernel's resources are the repair's
     (~56 KB of shared memory at head dim 128 on sm90, a few programs per multiprocessor), which a clean call pays
-    in every program it launches: one program per tile took 7 µs at Flux's shape and 60 µs at B2 H32 N16384 on
-    an H100 (bench/NOTES.md, round "The quantization in one launch, …")."""
+    in every program it launches: one program per tile took 5.7-7.3 µs at Flux's shape and 50-60 µs at B2 H32
+    N16384 D128 on an H100 (bench/NOTES.md, round "The quantization in one launch, …")."""
     first = tl.program_id(0) * TILES
     tile = first + tl.arange(0, TILES)
     row = (tile % tiles_m)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]

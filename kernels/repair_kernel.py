@@ -26,17 +26,20 @@ def repair_tiles_kernel(
     IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, RETURN_LSE: tl.constexpr, ROPE: tl.constexpr,
     TILES: tl.constexpr,
 ):
-    """Program pid looks at TILES consecutive query tiles of the call's `tiles` (tiles_m tiles of BLOCK_M rows per
-    head) in one load of their row flags, and repairs the flagged ones. The kernel's resources are the repair's
+    """Program pid of P looks at TILES query tiles of the call's `tiles` (tiles_m tiles of BLOCK_M rows per head),
+    pid, pid + P, pid + 2P, ..., in one load of their row flags, and repairs the flagged ones one after another:
+    a head's consecutive tiles fall to different programs, so a whole flagged head is repaired in parallel as
+    before (P = tiles / TILES, at least as many as a head's tiles from 16 heads on). The kernel's resources are
+    the repair's
     (~56 KB of shared memory at head dim 128 on sm90, a few programs per multiprocessor), which a clean call pays
     in every program it launches: one program per tile took 5.7-7.3 µs at Flux's shape and 50-60 µs at B2 H32
     N16384 D128 on an H100 (bench/NOTES.md, round "The quantization in one launch, …")."""
-    first = tl.program_id(0) * TILES
-    tile = first + tl.arange(0, TILES)
+    programs = tl.num_programs(0)
+    tile = tl.program_id(0) + tl.arange(0, TILES) * programs
     row = (tile % tiles_m)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
     flags = tl.load(BAD + (tile // tiles_m)[:, None] * NQ + row, mask=(tile[:, None] < tiles) & (row < NQ), other=0)
     if tl.max(tl.max(flags, axis=1), axis=0) != 0:
-        for t in range(first, tl.minimum(first + TILES, tiles)):
+        for t in range(tl.program_id(0), tiles, programs):
             pid_m = t % tiles_m
             bh = t // tiles_m
             offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

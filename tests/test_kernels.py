@@ -459,9 +459,9 @@ def test_flagged_tiles_are_recomputed_exactly_on_device(kernel, head_dim):
 
 @pytest.mark.parametrize("tiles", [2, 4, 16])
 def test_repair_programs_of_several_tiles_repair_the_same_tiles(monkeypatch, tiles):
-    """launch.REPAIR_TILES: repair programs that each look at several query tiles (2 and 4 of the call's 6, and all
-    of them in one program's 16) repair the same flagged tiles (two, in different heads and tiles) to the same bits,
-    each counted once."""
+    """launch.REPAIR_TILES: repair programs that each look at several query tiles (2 and 4 of the call's 6, every
+    third and every second; all of them in one program's 16) repair the same flagged tiles (two, in different heads
+    and tiles) to the same bits, each counted once."""
     cfg = SageConfig(kernel="int8_fp8")
     q, k, v = inputs(1, 2, 2, 150, 90, 64, torch.float32, seed=23)
     q[0, 1, 5, 3] = float("nan")

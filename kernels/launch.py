@@ -25,11 +25,6 @@ MAX_STATS_CHUNKS = 16  # partial-statistics rows per head (a power of two), fini
 # measured fastest on the H200 (bench/NOTES.md, "Loads issued ahead")
 STATS_TILE = 16
 STATS_AHEAD = 1  # tiles the statistics' loop loads ahead of the one it adds up (1 or 2)
-# query tiles per program of the exact repair's launch (kernels/repair_kernel.py): a program reads their row flags
-# in one load and repairs the flagged ones. One per tile cost a clean call 5.7-5.9 µs at Flux's shape and 50-51 µs
-# at B2 H32 N16384 D128 on an H100, 16 cost 2.0-2.3 and 5.0-5.8 (bench/NOTES.md, round "The quantization in one
-# launch, …")
-REPAIR_TILES = 16
 QUANT_ROWS = 128
 QUANT_SUB = 32
 ROPE_SUB = 64  # Q/K rows a program codes at a time when it rotates them too (slice_rows)
@@ -51,6 +46,11 @@ FP8_E4M3_MAX = 448.0
 # statistics from a sample, measured"), and its range bounds the FP8 codes.
 STATS_SAMPLE_KEYS = 512
 MAX_STATS_EVERY = 16
+# query tiles per program of the exact repair's launch (kernels/repair_kernel.py): a program reads their row flags
+# in one load and repairs the flagged ones. One per tile cost a clean call 5.7-5.9 µs at Flux's shape and 50-51 µs
+# at B2 H32 N16384 D128 on an H100, 16 cost 2.0-2.3 and 5.0-5.8 (bench/NOTES.md, round "The quantization in one
+# launch, …")
+REPAIR_TILES = 16
 
 
 def fp16_tile_v_code_max(block_n: int) -> float:

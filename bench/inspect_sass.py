@@ -343,6 +343,8 @@ def main(argv=None):
         sass = sass_of(k)
         if args.dump:
             Path(args.dump).write_text(sass)
+        if args.ptx:
+            Path(args.ptx).write_text(k.asm["ptx"])
         if args.json:
             mix = sorted(instruction_mix(sass).items())
             print(json.dumps({"resources": resource_report(k, args.arch), "shared": k.metadata.shared,

@@ -236,6 +236,31 @@ def test_a_nan_makes_only_its_own_int8_group_scale_nan(group):
     assert bad.tolist() == [g == 130 // group for g in range(scales.shape[-1])]
 
 
+@pytest.mark.parametrize("group", [16, 64, 128])
+def test_int8_codes_round_ties_zeros_and_tiny_values_as_the_reference(group):
+    """quant_kernels.int8_codes takes the ±0.5 from x's sign bit, not from a test of x · (1/scale): exact ties
+    (a group whose maximum is 127 has scale 1) round half away from zero, -0 and values whose product underflows
+    code 0, and a group with NaN gets a NaN scale (nan_max) while its neighbours code as the reference does; in
+    one-pass groups (16, 64 rows) and a group found in a first pass (128)."""
+    x = inputs(1, 2, 2, 300, 300, 64, torch.float32, seed=19)[1]
+    ties = [2.5, -3.5, 0.5, -0.5, 126.5, -126.5, 1e-30, -1e-30, -0.0, 0.0, -1.5, 1.5]
+    x[0, 0, :3] = 0.0
+    x[0, 0, 0, 0] = 127.0
+    x[0, 0, 1, :len(ties)] = torch.tensor(ties)
+    x[0, 1, 130, 7] = float("nan")
+    codes, scales = launch.quantize_int8(x, group, 64)
+    ref_codes, ref_rows = quantize_int8_groups(x.float(), group)
+    assert codes[0, 0, 1, :len(ties)].tolist() == [3, -4, 1, -1, 127, -127, 0, 0, 0, 0, -2, 2]
+    assert scales[0, 0, 0].item() == 1.0
+    nan_group = torch.arange(300) // group == 130 // group
+    assert torch.isnan(scales[0, 1]).tolist() == [g == 130 // group for g in range(scales.shape[-1])]
+    finite = torch.ones(1, 2, 300, dtype=torch.bool)
+    finite[0, 1] = ~nan_group
+    assert torch.equal(codes.float()[finite], ref_codes[finite])
+    rows = scales.repeat_interleave(group, -1)[..., :300]
+    torch.testing.assert_close(rows[finite], ref_rows[finite], rtol=1e-6, atol=0)
+
+
 def test_fp8_v_in_the_hopper_key_order_is_a_permutation_within_every_32_keys():
     # position (h q u t) of every 32 holds key (h u q t): what the Gluon kernel's P operand multiplies
     q, k, v = inputs(1, 2, 2, 64, 200, 64, torch.bfloat16, seed=5)

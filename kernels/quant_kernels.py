@@ -80,8 +80,9 @@ def int8_scale(amax):
 @triton.jit
 def quantize_rows_int8(x, ROWS: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.constexpr):
     """INT8 codes, the scale of each GROUP of rows, and that scale repeated per row, for a [ROWS, BLOCK_D]
-    FP32 tile. A group holding NaN or Inf gets a NaN scale, so the attention output turns non-finite and
-    the guard recomputes it exactly instead of returning finite garbage."""
+    FP32 tile. A group holding NaN gets a NaN scale and one holding Inf an infinite one (its codes 0): either way
+    the attention output turns non-finite and the guard recomputes it exactly instead of returning finite
+    garbage."""
     grouped = tl.reshape(x, (ROWS // GROUP, GROUP * BLOCK_D))
     scale = int8_scale(tl.reduce(tl.abs(grouped), 1, nan_max))
     q = int8_codes(grouped, reciprocal(scale)[:, None])

@@ -98,7 +98,7 @@ def compile_quantize(stats_pass: bool, d: int, arch: int, pv_fp8: bool = True, m
     const_values = dict(ROWS=rows, Q_SUB=q_sub, K_SUB=k_sub, Q_GROUP=q_group, K_GROUP=k_group, BLOCK_D=d,
                         STATS_TILE=stats_tile, STATS_CHUNKS=stats_chunks, SMOOTH_K=True,
                         V_STATS=pv_fp8, V_ROWS=v_rows, CHANNELS=channels, SMOOTH_V=pv_fp8, PV_FP8=pv_fp8,
-                        FP8_ROUND_IN_FP32=False, PV_KEY_ORDER=pv_fp8, WARPS=warps, DO_STATS=int(stats_pass),
+                        INTERPRETING=False, PV_KEY_ORDER=pv_fp8, WARPS=warps, DO_STATS=int(stats_pass),
                         FINISH_SHIFT=pv_fp8 and not stats_pass, SHIFT_PROGRAMS=launch.SHIFT_PROGRAMS,
                         DO_Q=int(stats_pass), DO_K=int(not stats_pass), ROPE=rope, STATS_AHEAD=ahead,
                         V_BLOCKS=d // channels if pv_fp8 and not stats_pass else 0)

@@ -19,6 +19,18 @@ def nan_max(a, b):
 
 
 @triton.jit
+def abs_max(x, axis, EXPLICIT_NAN: tl.constexpr):
+    """The absolute maximum of x along axis (all of it with None), NaN where x holds a NaN. On the GPU one
+    FMNMX.NAN per element (nan_max). Triton's interpreter runs a reduction with a combine function of its own some
+    ten times slower than its own maximum, so there (EXPLICIT_NAN) it is the plain maximum and a NaN test: the same
+    value."""
+    if EXPLICIT_NAN:
+        return tl.where(tl.max(tl.where(x == x, 0.0, 1.0), axis=axis) > 0, float("nan"), tl.max(tl.abs(x), axis=axis))
+    else:
+        return tl.reduce(tl.abs(x), axis, nan_max)
+
+
+@triton.jit
 def int8_codes(x, r):
     """INT8 codes of x * r (r > 0, a group's reciprocal scale), rounded half away from zero by truncating
     x * r ± 0.5, the ±0.5 taking x's sign by a bit operation (x * r has x's sign; where it underflows to -0, both
@@ -78,13 +90,13 @@ def int8_scale(amax):
 
 
 @triton.jit
-def quantize_rows_int8(x, ROWS: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.constexpr):
+def quantize_rows_int8(x, ROWS: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.constexpr, EXPLICIT_NAN: tl.constexpr):
     """INT8 codes, the scale of each GROUP of rows, and that scale repeated per row, for a [ROWS, BLOCK_D]
     FP32 tile. A group holding NaN gets a NaN scale and one holding Inf an infinite one (its codes 0): either way
     the attention output turns non-finite and the guard recomputes it exactly instead of returning finite
     garbage."""
     grouped = tl.reshape(x, (ROWS // GROUP, GROUP * BLOCK_D))
-    scale = int8_scale(tl.reduce(tl.abs(grouped), 1, nan_max))
+    scale = int8_scale(abs_max(grouped, 1, EXPLICIT_NAN))
     q = int8_codes(grouped, reciprocal(scale)[:, None])
     q = tl.reshape(q, (ROWS, BLOCK_D))
     row_scale = tl.reshape(tl.broadcast_to(scale[:, None], (ROWS // GROUP, GROUP)), (ROWS,))
@@ -234,7 +246,7 @@ def first_slice(X, b, h, row0, stride_b, stride_h, stride_n, stride_d, N, D, ROW
 def quantize_int8_role(X, b, h, row0, stride_b, stride_h, stride_n, stride_d, N, D, shift, multiplier,
                        OUT8, SCALE, n_groups, first, PE, stride_pn,
                        ROWS: tl.constexpr, SUB: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.constexpr,
-                       ROPE: tl.constexpr, SHIFTED: tl.constexpr):
+                       ROPE: tl.constexpr, SHIFTED: tl.constexpr, EXPLICIT_NAN: tl.constexpr):
     """INT8 codes of (rot(x) - shift) * multiplier (rot: the rotary table PE's rotation with ROPE, else none) for
     rows [row0, row0 + ROWS) of one head, SUB rows at a time, into OUT8 [N, BLOCK_D] and one scale per GROUP rows
     into SCALE [n_groups]. Slices keep the FP32 tile small (a whole 128-row tile took 255 registers and spilled in
@@ -253,7 +265,7 @@ def quantize_int8_role(X, b, h, row0, stride_b, stride_h, stride_n, stride_d, N,
             for s in range(0, GROUP, SUB):
                 x, nxt = shifted_slice(X, b, h, row0 + g + s + rows, offs_d, stride_b, stride_h, stride_n, stride_d,
                                        N, D, shift, multiplier, nxt, end, PE, stride_pn, SUB, ROPE, MASK)
-                amax = nan_max(amax, tl.reduce(tl.abs(x), None, nan_max))
+                amax = nan_max(amax, abs_max(x, None, EXPLICIT_NAN))
             scale = int8_scale(amax)
             nxt = first_slice(X, b, h, row0 + g, stride_b, stride_h, stride_n, stride_d, N, D, ROWS - g, SUB,
                               BLOCK_D)
@@ -270,7 +282,7 @@ def quantize_int8_role(X, b, h, row0, stride_b, stride_h, stride_n, stride_d, N,
             offs_n = row0 + s + rows
             x, nxt = shifted_slice(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D, shift,
                                    multiplier, nxt, end, PE, stride_pn, SUB, ROPE, MASK)
-            codes, scale, _ = quantize_rows_int8(x, SUB, GROUP, BLOCK_D)
+            codes, scale, _ = quantize_rows_int8(x, SUB, GROUP, BLOCK_D, EXPLICIT_NAN)
             tl.store(OUT8 + offs_n[:, None] * BLOCK_D + offs_d[None, :], codes, mask=offs_n[:, None] < N)
             offs_g = (row0 + s) // GROUP + tl.arange(0, SUB // GROUP)
             tl.store(SCALE + offs_g, scale, mask=offs_g < n_groups)
@@ -390,7 +402,7 @@ def quantize_kernel(
     ROWS: tl.constexpr, Q_SUB: tl.constexpr, K_SUB: tl.constexpr, Q_GROUP: tl.constexpr, K_GROUP: tl.constexpr,
     BLOCK_D: tl.constexpr, STATS_TILE: tl.constexpr, STATS_CHUNKS: tl.constexpr, SMOOTH_K: tl.constexpr,
     V_STATS: tl.constexpr, V_ROWS: tl.constexpr, CHANNELS: tl.constexpr, SMOOTH_V: tl.constexpr,
-    PV_FP8: tl.constexpr, FP8_ROUND_IN_FP32: tl.constexpr, PV_KEY_ORDER: tl.constexpr, WARPS: tl.constexpr,
+    PV_FP8: tl.constexpr, INTERPRETING: tl.constexpr, PV_KEY_ORDER: tl.constexpr, WARPS: tl.constexpr,
     FINISH_SHIFT: tl.constexpr, SHIFT_PROGRAMS: tl.constexpr, ROPE: tl.constexpr, STATS_AHEAD: tl.constexpr,
 ):
     """One launch of a call's quantization: the roles it is given (DO_STATS, DO_Q, DO_K, V_BLOCKS), one per
@@ -406,6 +418,8 @@ def quantize_kernel(
        one scale per K_GROUP rows; the first program of each head also writes the mean (for the LSE correction).
     V (V_BLOCKS roles, one per CHANNELS channels): quantize_v_tile, n_v_programs programs per head; with
        FINISH_SHIFT the last of them also writes the output shift (finish_shift).
+    INTERPRETING: under Triton's interpreter, where FP8 codes are rounded in FP32 first (to_fp8_e4m3) and a
+       group's NaN found by a test of its own (abs_max), for the GPU's results at the interpreter's speed.
 
     ROPE: Q and K are coded (and K's sample summed) rotated by the rotary table PE [B, H, N, 2, D] (strides 0
     where it broadcasts; kernels/rotary.py, launch.rope_table), so that a model's rotation costs no pass of its
@@ -431,7 +445,7 @@ def quantize_kernel(
                                tl.zeros((BLOCK_D,), tl.float32), q_multiplier, Q8 + bh * NQ * BLOCK_D,
                                Q_SCALE + bh * q_groups, q_groups, first,
                                PE + (bh // H) * stride_pb + (bh % H) * stride_ph, stride_pn, ROWS, Q_SUB, Q_GROUP,
-                               BLOCK_D, ROPE, False)
+                               BLOCK_D, ROPE, False, INTERPRETING)
     if DO_K:
         if (role == K_ROLE) & (bh < BHK) & (pid * ROWS < NK):
             # K's first rows in flight while the mean is finished from the statistics
@@ -446,10 +460,10 @@ def quantize_kernel(
             quantize_int8_role(K, bh // HK, bh % HK, pid * ROWS, stride_kb, stride_kh, stride_kn, stride_kd, NK, D,
                                mean, 1.0, K8 + bh * NK * BLOCK_D, K_SCALE + bh * k_groups, k_groups, first,
                                PE + (bh // HK) * stride_pb + (bh % HK) * stride_ph, stride_pn, ROWS, K_SUB, K_GROUP,
-                               BLOCK_D, ROPE, SMOOTH_K)
+                               BLOCK_D, ROPE, SMOOTH_K, INTERPRETING)
     if V_BLOCKS > 0:
         if (role >= V_ROLE) & (bh < BHK) & (pid < n_v_programs):
             quantize_v_tile(V, PARTS, V8, V_SCALE, V_MEAN, V_CODE_SUM, V_SHIFT, V_TICKETS, pid, bh, role - V_ROLE,
                             n_v_programs, stride_vb, stride_vh, stride_vn, stride_vd, HK, NK, D, n_chunks, v_padded,
                             v_code_max, inv_keys, V_ROWS, BLOCK_D, CHANNELS, STATS_CHUNKS, SMOOTH_V, PV_FP8,
-                            FP8_ROUND_IN_FP32, PV_KEY_ORDER, WARPS, FINISH_SHIFT, SHIFT_PROGRAMS)
+                            INTERPRETING, PV_KEY_ORDER, WARPS, FINISH_SHIFT, SHIFT_PROGRAMS)

@@ -238,7 +238,7 @@ def test_a_nan_makes_only_its_own_int8_group_scale_nan(group):
 
 @pytest.mark.parametrize("group", [16, 64, 128])
 def test_int8_codes_round_ties_zeros_and_tiny_values_as_the_reference(group):
-    """quant_kernels.int8_codes takes the ±0.5 from x's sign bit, not from a test of x · (1/scale): exact ties
+    """quant_kernels.int8_codes takes the ±0.5 from the product's sign bit, not from a compare and a select: exact ties
     (a group whose maximum is 127 has scale 1) round half away from zero, -0 and values whose product underflows
     code 0, and a group with NaN gets a NaN scale (nan_max) while its neighbours code as the reference does; in
     one-pass groups (16, 64 rows) and a group found in a first pass (128)."""

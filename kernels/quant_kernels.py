@@ -88,8 +88,8 @@ def reciprocal(scale):
 
 @triton.jit
 def int8_scale(amax):
-    """The INT8 scale of a group from its absolute maximum (taken with nan_max): NaN where that is NaN."""
-    return tl.where(amax != amax, float("nan"), tl.maximum(amax, 1e-30) / 127.0)
+    """The INT8 scale of a group from its absolute maximum (abs_max): NaN where that is NaN, as nan_max keeps it."""
+    return nan_max(amax, 1e-30) / 127.0
 
 
 @triton.jit

@@ -35,7 +35,7 @@ def int8_codes(x, r):
     """INT8 codes of x * r (r > 0, a group's reciprocal scale), rounded half away from zero by truncating
     x * r ± 0.5, the ±0.5 taking the product's sign by a bit operation (copysign) where a compare and a select
     took two; on the GPU the add still fuses with the product into one FMA, so the codes are those of the test.
-    With the NaN test abs_max replaces, Q's coding loop went from 1020 to 731 instructions on sm90 (bench/NOTES.md,
+    With the NaN test abs_max replaces, Q's coding loop went from 1020 to 729 instructions on sm90 (bench/NOTES.md,
     round "Fewer instructions per coded element, …"). Taking the sign from x itself saves the product too (667),
     and measured 1 µs faster at Flux's shape, but Triton 3.9's ptxas then gives the launch 195 registers on sm100
     instead of 128."""

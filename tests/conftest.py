@@ -1,6 +1,7 @@
 """Shared pytest fixtures: a real ComfyUI checkout, tiny random-weight models, ComfyUI in-process and over HTTP.
 
-Fixtures (all session-scoped; the ComfyUI ones skip with a clear reason when no checkout is found):
+Fixtures (``seeded_torch`` seeds torch before every test; the rest are session-scoped, and the ComfyUI ones skip with
+a clear reason when no checkout is found):
 
 * ``comfyui`` -> Path of the checkout, with ComfyUI importable (first on sys.path) and ``--cpu`` set.
 * ``small_models`` -> :class:`comfy_harness.ModelSet` (``{family: {role: file name}}``, ``.root`` folder).
@@ -31,6 +32,15 @@ import comfy_harness as harness  # noqa: E402
 def pytest_configure(config):
     config.addinivalue_line("markers", "comfy: needs a ComfyUI checkout (COMFYUI_PATH or ~/comfy/ComfyUI)")
     config.addinivalue_line("markers", "comfy_server: starts a ComfyUI server process")
+
+
+@pytest.fixture(autouse=True)
+def seeded_torch():
+    """Each test draws its unseeded random inputs from one seed, whatever ran before it: a tolerance met once is met
+    on every machine and in every order."""
+    import torch
+
+    torch.manual_seed(0)
 
 
 @pytest.fixture(scope="session")

@@ -723,33 +723,35 @@ def test_the_benchmarks_hidream_table_is_comfyuis(comfyui):
     assert torch.equal(hidream_table(text, rows, cols), embed(ids).transpose(1, 2))
 
 
-# ComfyUI's model config class, the unet config, the latent's shape, the conditioning's extras, the attention calls
-# per forward
+# ComfyUI's model config class, the unet config, the latent's shape, the conditioning's extras (drawn from the test's
+# generator), the attention calls per forward
 SAMPLED = {
     "qwen_image": ("QwenImage", dict(image_model="qwen_image", in_channels=64, out_channels=16, num_layers=QWEN_LAYERS,
                                      attention_head_dim=128, num_attention_heads=2, joint_attention_dim=64),
-                   (1, 16, 1, 12, 10), {}, QWEN_LAYERS, QWEN_LAYERS),  # one frame of Qwen-Image's (Wan2.1's) latent
+                   # one frame of Qwen-Image's (Wan2.1's) latent
+                   (1, 16, 1, 12, 10), lambda g: {}, QWEN_LAYERS, QWEN_LAYERS),
     "lumina2": ("Lumina2", dict(image_model="lumina2", patch_size=2, in_channels=16, dim=384, n_layers=2,
                                 n_refiner_layers=1, n_heads=4, n_kv_heads=2, multiple_of=32, qk_norm=True,
                                 cap_feat_dim=64, axes_dims=[32, 32, 32], axes_lens=[300, 512, 512]),
                 # its text encoder's mask: 7 of the 9 tokens, the caption's padding masked on every call
-                (1, 16, 10, 12), {"attention_mask": torch.tensor([[1] * 7 + [0] * 2])}, LUMINA_CALLS, LUMINA_CALLS),
+                (1, 16, 10, 12), lambda g: {"attention_mask": torch.tensor([[1] * 7 + [0] * 2])}, LUMINA_CALLS,
+                LUMINA_CALLS),
     # two latent frames of 4x5 in LTX-Video's 128 channels; its cross-attention calls (its text encoder's mask: 7 of
     # the 9 tokens) are served unrotated
     "ltxv": ("LTXV", dict(image_model="ltxv", in_channels=128, cross_attention_dim=128, attention_head_dim=64,
                           num_attention_heads=2, caption_channels=64, num_layers=LTXV_LAYERS),
-             (1, 128, 2, 4, 5), {"attention_mask": torch.tensor([[1] * 7 + [0] * 2])}, 2 * LTXV_LAYERS, LTXV_LAYERS),
-    # its pooled text embedding and its Llama's hidden states (one layer of 6 tokens) beside the T5 tokens, drawn
-    # from their own seed; one routed expert, because a choice between two flips for a token when its gate's logits
-    # tie within the attention's error, and a flipped token moves the run's cosine to ~0.9998 however exact the rest
+             (1, 128, 2, 4, 5), lambda g: {"attention_mask": torch.tensor([[1] * 7 + [0] * 2])}, 2 * LTXV_LAYERS,
+             LTXV_LAYERS),
+    # its pooled text embedding and its Llama's hidden states (one layer of 6 tokens) beside the T5 tokens; one routed
+    # expert, because a choice between two flips for a token when its gate's logits tie within the attention's error,
+    # and a flipped token moves the run's cosine to ~0.9998 however exact the rest
     "hidream": ("HiDream", dict(image_model="hidream", patch_size=2, in_channels=16, out_channels=16, num_layers=1,
                                 num_single_layers=1, attention_head_dim=64, num_attention_heads=2,
                                 caption_channels=[64, 64], text_emb_dim=32, num_routed_experts=1,
                                 num_activated_experts=1, axes_dims_rope=[32, 16, 16], max_resolution=[16, 16],
                                 llama_layers=[0, 0]),
-                (1, 16, 8, 8), {"pooled_output": torch.randn(1, 32, generator=torch.Generator().manual_seed(33)),
-                                "conditioning_llama3": torch.randn(1, 1, 6, 64,
-                                                                   generator=torch.Generator().manual_seed(133))},
+                (1, 16, 8, 8), lambda g: {"pooled_output": torch.randn(1, 32, generator=g),
+                                          "conditioning_llama3": torch.randn(1, 1, 6, 64, generator=g)},
                 HIDREAM_CALLS, HIDREAM_CALLS),
 }
 
@@ -771,7 +773,7 @@ def test_the_patch_node_samples_with_the_rotation_inside_the_quantization(comfyu
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
                                                offload_device=torch.device("cpu"))
     x = torch.randn(*latent, generator=g)
-    cond = [[torch.randn(1, 9, 64, generator=g), dict(extras)]]
+    cond = [[torch.randn(1, 9, 64, generator=g), extras(g)]]
 
     def sample(m):
         return comfy.sample.sample(m, x, 2, 1.0, "euler", "simple", cond, cond, torch.zeros_like(x), seed=1)

@@ -43,7 +43,8 @@ FP8_E4M3_MAX = 448.0
 # corrected with the same vector), so the sample only has to be close enough to the mean to take the channels'
 # offset off. V's statistics read every key: V's mean is what the in-place FP8 accumulator needs taken off
 # (sage_forward), exactly (a sample's mean cost accuracy that grew with the sequence: bench/NOTES.md, round "V's
-# statistics from a sample, measured"), and its range bounds the FP8 codes.
+# statistics from a sample, measured"), and its range bounds the FP8 codes (folded in by atomics: quant_buffers'
+# "v_range").
 STATS_SAMPLE_KEYS = 512
 MAX_STATS_EVERY = 16
 # query tiles per program of the exact repair's launch (kernels/repair_kernel.py): a program reads their row flags
@@ -129,7 +130,8 @@ def quant_buffers(q, k, *, q_group: int, k_group: int, block_d: int, smooth_k: b
     v_padded = cdiv(max(NK, 1), V_PAD) * V_PAD if pv_fp8 else 0
     need_v_stats = pv_fp8 or smooth_v
     return {
-        "parts": torch.empty((B * HK, stats_chunks(NK, stats_every(NK))[0], 4, block_d), device=dev, dtype=f32),
+        # per chunk of the statistics, K's sum and V's sum (kv_stats_chunk)
+        "parts": torch.empty((B * HK, stats_chunks(NK, stats_every(NK))[0], 2, block_d), device=dev, dtype=f32),
         "q8": torch.empty((1, 1, block_d), device=dev, dtype=torch.int8).expand(B * H, NQ, block_d) if q_in_kernel
         else torch.empty((B * H, NQ, block_d), device=dev, dtype=torch.int8),
         "q_scale": torch.empty((B * H, cdiv(NQ, q_group)), device=dev, dtype=f32),
@@ -142,10 +144,14 @@ def quant_buffers(q, k, *, q_group: int, k_group: int, block_d: int, smooth_k: b
         # per program of V's quantization, the per-channel sum of its dequantized FP8 codes (quantize_qkv's v_shift)
         "v_code_sums": torch.empty((B * HK, cdiv(v_padded, V_ROWS), block_d), device=dev, dtype=f32)
         if pv_fp8 else None,
-        # a ticket per head and V channel block: the V program that finds it last writes the output shift (and
-        # sets it back to 0), when quantize_qkv is given where to write it
+        # a ticket per head and V channel block: the V program that finds it last sets it back to 0, resets V's
+        # range and, when quantize_qkv is given where to write it, writes the output shift
         "v_tickets": torch.zeros(B * HK * (block_d // v_channels(block_d)), device=dev, dtype=torch.int32)
         if pv_fp8 else None,
+        # V's range per head and channel, (max, min), which the statistics' atomics fold into; the last V program of
+        # each head and channel block sets it back to (-inf, inf) for the next call
+        "v_range": torch.tensor([float("-inf"), float("inf")], device=dev, dtype=f32).repeat_interleave(
+            block_d).repeat(B * HK, 1).view(B * HK, 2, block_d) if pv_fp8 else None,
         "v_padded": v_padded,
     }
 
@@ -205,7 +211,8 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
     k_scale [B*HK, ceil(NK/k_group)], k_mean [B*HK, block_d] (the sample's mean taken off K; None when not
     smoothed), v_mean [B*HK, block_d] (V's mean, with FP8 V or V smoothing, else None), and with
     pv_fp8 v8 [B*HK, block_d, v_padded] FP8 e4m3 codes up to ±v_code_max, v_scale [B*HK, block_d] and
-    v_code_sums [B*HK, programs, block_d] (each V program's per-channel sums of its dequantized codes);
+    v_code_sums [B*HK, programs, block_d] (each V program's per-channel sums of its dequantized codes) and v_range
+    [B*HK, 2, block_d] (V's maximum and minimum while the call runs; back at (-inf, inf) after it);
     pv_key_order stores v8's keys in the order the Hopper kernel's P operand takes them. run: a call plan's
     launcher. rope: None, or a rotary table (ComfyUI's pe, or rope_table's layout) Q and K are coded rotated by.
     derive: a call plan's CallPlan.derive, which keeps what the shapes fix (quant_launches, and the launches'
@@ -241,11 +248,11 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
         buffers, the inputs' strides and shapes)."""
         sizes, tail, launches = layout()
         dummy = out["q_scale"]  # stands in for buffers a launch does not write
-        middle = (out["parts"], out["q8"], out["q_scale"], out["k8"], out["k_scale"],
-                  out["k_mean"] if smooth_k else dummy, out["v8"] if pv_fp8 else dummy,
+        middle = (out["parts"], out["v_range"] if pv_fp8 else dummy, out["q8"], out["q_scale"], out["k8"],
+                  out["k_scale"], out["k_mean"] if smooth_k else dummy, out["v8"] if pv_fp8 else dummy,
                   out["v_scale"] if pv_fp8 else dummy, out["v_mean"] if need_v_stats else dummy,
                   out["v_code_sums"] if pv_fp8 else dummy, v_shift if finish_shift else dummy,
-                  out["v_tickets"] if finish_shift else dummy, *q.stride(), *k.stride(), *v.stride(), *sizes)
+                  out["v_tickets"] if pv_fp8 else dummy, *q.stride(), *k.stride(), *v.stride(), *sizes)
         return middle, tail, launches, rope_strides(rope)
 
     middle, tail, launches, table_strides = derive("quant_launches", fixed_arguments) if derive is not None \

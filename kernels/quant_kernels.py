@@ -108,21 +108,25 @@ def quantize_rows_int8(x, ROWS: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.c
 
 @triton.jit
 def kv_stats_chunk(
-    K, V, PARTS, bh, chunk, n_chunks,
+    K, V, PARTS, V_RANGE, bh, chunk, n_chunks,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     HK, N, D, rows_per_chunk, k_every, PE, stride_pn,
     TILE: tl.constexpr, BLOCK_D: tl.constexpr, K_STATS: tl.constexpr, V_STATS: tl.constexpr, ROPE: tl.constexpr,
-    AHEAD: tl.constexpr,
+    AHEAD: tl.constexpr, V_RANGE_ON: tl.constexpr,
 ):
     """Partial per-channel statistics of K and V over one chunk of tokens, for one (batch, KV head):
-    PARTS[bh, chunk] = (sum of K, sum of V, max of V, min of V), each [BLOCK_D] in FP32 (padded channels
-    read as 0). K's sum covers a sample: the tiles whose index is a multiple of k_every (chunks start on one;
-    launch.stats_every); K's loads in the tiles between are masked off, which issues no memory access. V's
-    statistics cover every key. The quantization programs of the next pass finish the reduction (finish_stats),
-    so no PyTorch reduction runs in between. Each step loads the tile AHEAD (1 or 2) tiles on before it adds up this
-    one (load_raw): a chunk is a chain of dependent steps, and the loads in flight per program bound how fast it
-    reads. With ROPE, K's sample is summed rotated (rotary.rotated; PE this head's table), the K that is coded."""
+    PARTS[bh, chunk] = (sum of K, sum of V), each [BLOCK_D] in FP32 (padded channels read as 0). K's sum covers a
+    sample: the tiles whose index is a multiple of k_every (chunks start on one; launch.stats_every); K's loads in
+    the tiles between are masked off, which issues no memory access. V's statistics cover every key. The
+    quantization programs of the next pass finish the sums (finish_stats), so no PyTorch reduction runs in between.
+    With V_RANGE_ON (FP8 V, whose codes' scales need it) V's per-channel maximum and minimum fold straight into the
+    head's range V_RANGE [BHK, 2, BLOCK_D] by atomic maximum and minimum: exact and independent of the order, so
+    the same bits on every run, and each V program then loads two finished rows where it reduced two [chunks,
+    channels] tiles of partial ranges (bench/NOTES.md, round "V's range by atomics"). Each step loads the tile AHEAD
+    (1 or 2) tiles on before it adds up this one (load_raw): a chunk is a chain of dependent steps, and the loads in
+    flight per program bound how fast it reads. With ROPE, K's sample is summed rotated (rotary.rotated; PE this
+    head's table), the K that is coded."""
     b = bh // HK
     h = bh % HK
     offs_d = tl.arange(0, BLOCK_D)
@@ -178,29 +182,27 @@ def kv_stats_chunk(
         if V_STATS:
             v = v_raw.to(tl.float32)
             v_sum += v
-            v_max = tl.maximum(v_max, tl.where(row_ok[:, None], v, float("-inf")))
-            v_min = tl.minimum(v_min, tl.where(row_ok[:, None], v, float("inf")))
-    out = PARTS + (bh * n_chunks + chunk) * 4 * BLOCK_D + offs_d
+            if V_RANGE_ON:
+                v_max = tl.maximum(v_max, tl.where(row_ok[:, None], v, float("-inf")))
+                v_min = tl.minimum(v_min, tl.where(row_ok[:, None], v, float("inf")))
+    out = PARTS + (bh * n_chunks + chunk) * 2 * BLOCK_D + offs_d
     tl.store(out, tl.sum(k_sum, axis=0))
     tl.store(out + BLOCK_D, tl.sum(v_sum, axis=0))
-    tl.store(out + 2 * BLOCK_D, tl.max(v_max, axis=0))
-    tl.store(out + 3 * BLOCK_D, tl.min(v_min, axis=0))
+    if V_RANGE_ON:  # relaxed: the next launch reads the range, and the launches' order orders it
+        v_range = V_RANGE + bh * 2 * BLOCK_D + offs_d
+        tl.atomic_max(v_range, tl.max(v_max, axis=0), sem="relaxed")
+        tl.atomic_min(v_range + BLOCK_D, tl.min(v_min, axis=0), sem="relaxed")
 
 
 @triton.jit
 def finish_stats(PARTS, bh, n_chunks, N, offs_d, BLOCK_D: tl.constexpr, CHUNKS: tl.constexpr, WHICH: tl.constexpr):
-    """Reduce one statistic over the chunks of kv_stats_chunk (n_chunks <= CHUNKS): 0 mean of K, 1 mean of V,
-    2 max of V, 3 min of V; N the keys the statistic covers. All chunks load at once: a loop over them would be
-    a chain of dependent L2 round trips in every quantization program."""
+    """The mean of K (WHICH 0) or of V (1) from the partial sums of kv_stats_chunk (n_chunks <= CHUNKS); N the keys
+    the sums cover. All chunks load at once: a loop over them would be a chain of dependent L2 round trips in every
+    quantization program."""
     offs_c = tl.arange(0, CHUNKS)
-    ptrs = PARTS + ((bh * n_chunks + offs_c[:, None]) * 4 + WHICH) * BLOCK_D + offs_d[None, :]
+    ptrs = PARTS + ((bh * n_chunks + offs_c[:, None]) * 2 + WHICH) * BLOCK_D + offs_d[None, :]
     present = offs_c[:, None] < n_chunks
-    if WHICH == 2:
-        return tl.max(tl.load(ptrs, mask=present, other=float("-inf")), axis=0)
-    elif WHICH == 3:
-        return tl.min(tl.load(ptrs, mask=present, other=float("inf")), axis=0)
-    else:
-        return tl.sum(tl.load(ptrs, mask=present, other=0.0), axis=0) / tl.maximum(N, 1).to(tl.float32)
+    return tl.sum(tl.load(ptrs, mask=present, other=0.0), axis=0) / tl.maximum(N, 1).to(tl.float32)
 
 
 @triton.jit
@@ -293,7 +295,7 @@ def quantize_int8_role(X, b, h, row0, stride_b, stride_h, stride_n, stride_d, N,
 
 @triton.jit
 def quantize_v_tile(
-    V, PARTS, V8, V_SCALE, V_MEAN, V_CODE_SUM, V_SHIFT, V_TICKETS, pid, bh, channel_block, n_programs,
+    V, PARTS, V_RANGE, V8, V_SCALE, V_MEAN, V_CODE_SUM, V_SHIFT, V_TICKETS, pid, bh, channel_block, n_programs,
     stride_vb, stride_vh, stride_vn, stride_vd,
     HK, NK, D, n_chunks, v_padded, v_code_max, inv_keys,
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr, CHANNELS: tl.constexpr, STATS_CHUNKS: tl.constexpr,
@@ -306,8 +308,8 @@ def quantize_v_tile(
     sums).
 
     With PV_FP8: FP8 e4m3 codes stored transposed [BHK, BLOCK_D, v_padded] (the K-major operand FP8
-    tensor-core dots want) with per-channel scales from V's range (the partial maxima and minima, finished
-    here), of v - mean(v) with SMOOTH_V; the same first programs write the scales. PV_KEY_ORDER stores
+    tensor-core dots want) with per-channel scales from V's range (V_RANGE, which the statistics' atomics
+    finished), of v - mean(v) with SMOOTH_V; the same first programs write the scales. PV_KEY_ORDER stores
     the keys of every 32 in the order the Hopper kernel's P operand comes in (pv_key_source). Every program
     writes the per-channel sums of its dequantized codes into its channels of V_CODE_SUM [BHK, n_programs,
     BLOCK_D] (see launch.quantize_qkv's v_shift). A sum of the codes alone, not of their rounding errors: the rounding
@@ -343,8 +345,8 @@ def quantize_v_tile(
         v_mean = mean  # V's own: the output shift restores it
         if not SMOOTH_V:
             mean = tl.zeros((CHANNELS,), tl.float32)
-        vmax = finish_stats(PARTS, bh, n_chunks, NK, offs_d, BLOCK_D, STATS_CHUNKS, 2)
-        vmin = finish_stats(PARTS, bh, n_chunks, NK, offs_d, BLOCK_D, STATS_CHUNKS, 3)
+        vmax = tl.load(V_RANGE + bh * 2 * BLOCK_D + offs_d)  # finished by the statistics' atomics
+        vmin = tl.load(V_RANGE + (bh * 2 + 1) * BLOCK_D + offs_d)
         scale = tl.maximum(tl.maximum(vmax - mean, mean - vmin), 1e-30) / v_code_max
         v = v_raw.to(tl.float32)
         valid = in_bounds(src_n, offs_d, NK, D)
@@ -357,9 +359,8 @@ def quantize_v_tile(
                  tl.sum(codes.to(tl.float32), axis=0) * scale)
         if pid == 0:
             tl.store(V_SCALE + bh * BLOCK_D + offs_d, scale)
-        if FINISH_SHIFT:
-            finish_shift(V_CODE_SUM, V_SHIFT, V_TICKETS, v_mean, bh, channel_block, n_programs, inv_keys, offs_d,
-                         BLOCK_D, CHANNELS, SHIFT_PROGRAMS)
+        finish_shift(V_CODE_SUM, V_SHIFT, V_TICKETS, V_RANGE, v_mean, bh, channel_block, n_programs, inv_keys,
+                     offs_d, BLOCK_D, CHANNELS, SHIFT_PROGRAMS, FINISH_SHIFT)
 
 
 @triton.jit
@@ -378,23 +379,28 @@ def code_sums_total(V_CODE_SUM, bh, n_programs, offs_d, BLOCK_D: tl.constexpr, C
 
 
 @triton.jit
-def finish_shift(V_CODE_SUM, V_SHIFT, V_TICKETS, mean, bh, channel_block, n_programs, inv_keys, offs_d,
-                 BLOCK_D: tl.constexpr, CHANNELS: tl.constexpr, SHIFT_PROGRAMS: tl.constexpr):
-    """A V program's part in the output shift: count itself in on its head's and channel block's ticket once its
-    code sums are stored; the last to arrive adds every program's sums up (in a fixed order, SHIFT_PROGRAMS rows
-    at a time: the same bits on every run) and writes V_SHIFT = mean - inv_keys · their sum. The barrier
-    puts every thread's stores before the ticket's release; the acquire makes the other programs' visible."""
+def finish_shift(V_CODE_SUM, V_SHIFT, V_TICKETS, V_RANGE, mean, bh, channel_block, n_programs, inv_keys, offs_d,
+                 BLOCK_D: tl.constexpr, CHANNELS: tl.constexpr, SHIFT_PROGRAMS: tl.constexpr, SHIFT: tl.constexpr):
+    """The end of a V program: count itself in on its head's and channel block's ticket once its code sums are
+    stored and V's range read. The last to arrive sets those channels of the range V_RANGE back to (-inf, inf) for
+    the next call's atomics (kv_stats_chunk) and, with SHIFT, adds every program's code sums up (in a fixed order,
+    SHIFT_PROGRAMS rows at a time: the same bits on every run) and writes V_SHIFT = mean - inv_keys · their sum. The
+    barrier puts every thread's loads and stores before the ticket's release; the acquire makes the other programs'
+    visible."""
     tl.debug_barrier()
     ticket = V_TICKETS + bh * (BLOCK_D // CHANNELS) + channel_block
     if tl.atomic_add(ticket, 1, sem="acq_rel") == n_programs - 1:
         tl.store(ticket, 0)
-        total = code_sums_total(V_CODE_SUM, bh, n_programs, offs_d, BLOCK_D, CHANNELS, SHIFT_PROGRAMS)
-        tl.store(V_SHIFT + bh * BLOCK_D + offs_d, mean - total * inv_keys)
+        if SHIFT:
+            total = code_sums_total(V_CODE_SUM, bh, n_programs, offs_d, BLOCK_D, CHANNELS, SHIFT_PROGRAMS)
+            tl.store(V_SHIFT + bh * BLOCK_D + offs_d, mean - total * inv_keys)
+        tl.store(V_RANGE + bh * 2 * BLOCK_D + offs_d, tl.full((CHANNELS,), float("-inf"), tl.float32))
+        tl.store(V_RANGE + (bh * 2 + 1) * BLOCK_D + offs_d, tl.full((CHANNELS,), float("inf"), tl.float32))
 
 
 @triton.jit
 def quantize_kernel(
-    Q, K, V, PARTS, Q8, Q_SCALE, K8, K_SCALE, K_MEAN, V8, V_SCALE, V_MEAN, V_CODE_SUM, V_SHIFT, V_TICKETS,
+    Q, K, V, PARTS, V_RANGE, Q8, Q_SCALE, K8, K_SCALE, K_MEAN, V8, V_SCALE, V_MEAN, V_CODE_SUM, V_SHIFT, V_TICKETS,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -414,13 +420,13 @@ def quantize_kernel(
     together (the statistics alone were under one wave at Flux's shape) and a call has two launches, not three.
 
     statistics (role 0): K's sums (SMOOTH_K; every k_every-th tile, k_sampled keys per head in all) and V's sums
-       and range (V_STATS) over chunk program_id(0) of chunk_rows tokens (kv_stats_chunk), for the next launch's
-       K and V codes.
+       (V_STATS) over chunk program_id(0) of chunk_rows tokens into PARTS, and with PV_FP8 V's range into V_RANGE
+       (kv_stats_chunk), for the next launch's K and V codes.
     Q: INT8 codes [BH, NQ, BLOCK_D] of q * q_multiplier, one scale per Q_GROUP rows.
     K: INT8 codes [BHK, NK, BLOCK_D] of k - mean(k) (SMOOTH_K, the sample's mean finished from the statistics),
        one scale per K_GROUP rows; the first program of each head also writes the mean (for the LSE correction).
-    V (V_BLOCKS roles, one per CHANNELS channels): quantize_v_tile, n_v_programs programs per head; with
-       FINISH_SHIFT the last of them also writes the output shift (finish_shift).
+    V (V_BLOCKS roles, one per CHANNELS channels): quantize_v_tile, n_v_programs programs per head; the last of
+       them sets V's range back for the next call and, with FINISH_SHIFT, writes the output shift (finish_shift).
     INTERPRETING: under Triton's interpreter, where FP8 codes are rounded in FP32 first (to_fp8_e4m3) and a
        group's NaN found by a test of its own (abs_max), for the GPU's results at the interpreter's speed.
 
@@ -436,10 +442,10 @@ def quantize_kernel(
     V_ROLE: tl.constexpr = DO_STATS + DO_Q + DO_K
     if DO_STATS:
         if (role == 0) & (pid < n_chunks) & (bh < BHK):
-            kv_stats_chunk(K, V, PARTS, bh, pid, n_chunks, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb,
-                           stride_vh, stride_vn, stride_vd, HK, NK, D, chunk_rows, k_every,
+            kv_stats_chunk(K, V, PARTS, V_RANGE, bh, pid, n_chunks, stride_kb, stride_kh, stride_kn, stride_kd,
+                           stride_vb, stride_vh, stride_vn, stride_vd, HK, NK, D, chunk_rows, k_every,
                            PE + (bh // HK) * stride_pb + (bh % HK) * stride_ph, stride_pn, STATS_TILE, BLOCK_D,
-                           SMOOTH_K, V_STATS, ROPE, STATS_AHEAD)
+                           SMOOTH_K, V_STATS, ROPE, STATS_AHEAD, PV_FP8)
     if DO_Q:
         if (role == Q_ROLE) & (bh < BH) & (pid * ROWS < NQ):
             first = first_slice(Q, bh // H, bh % H, pid * ROWS, stride_qb, stride_qh, stride_qn, stride_qd, NQ, D, ROWS,
@@ -466,7 +472,8 @@ def quantize_kernel(
                                BLOCK_D, ROPE, SMOOTH_K, INTERPRETING)
     if V_BLOCKS > 0:
         if (role >= V_ROLE) & (bh < BHK) & (pid < n_v_programs):
-            quantize_v_tile(V, PARTS, V8, V_SCALE, V_MEAN, V_CODE_SUM, V_SHIFT, V_TICKETS, pid, bh, role - V_ROLE,
+            quantize_v_tile(V, PARTS, V_RANGE, V8, V_SCALE, V_MEAN, V_CODE_SUM, V_SHIFT, V_TICKETS, pid, bh,
+                            role - V_ROLE,
                             n_v_programs, stride_vb, stride_vh, stride_vn, stride_vd, HK, NK, D, n_chunks, v_padded,
                             v_code_max, inv_keys, V_ROWS, BLOCK_D, CHANNELS, STATS_CHUNKS, SMOOTH_V, PV_FP8,
                             INTERPRETING, PV_KEY_ORDER, WARPS, FINISH_SHIFT, SHIFT_PROGRAMS)

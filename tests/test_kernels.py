@@ -1128,6 +1128,32 @@ def test_call_plans_give_each_stream_and_a_graph_capture_their_own_buffers():
     assert torch.equal(captured, run_kernel(q2, k2, v2, cfg, launch_cfg=launch_cfg)[0])
 
 
+@pytest.mark.parametrize("nk,d", [(333, 128), (4700, 64)])
+def test_v_range_folds_in_by_atomics_and_is_set_back_after_every_call(nk, d):
+    """V's range (the FP8 codes' per-channel scales) comes from the statistics' atomic maximum and minimum into one
+    row per head: after every call that row is back at (-inf, inf), with or without a buffer for the output shift,
+    so a call on a V a hundred times smaller, on the same buffers, codes exactly as on fresh ones (no stale range
+    survives), and the scales are the reference's: V's maximum deviation from its mean over every key."""
+    q, k, v = inputs(1, 4, 2, 64, nk, d, torch.bfloat16, seed=nk + d)
+    args = dict(q_group=16, k_group=128, block_d=d, smooth_k=True, smooth_v=True, pv_fp8=True, q_multiplier=1.0)
+    buffers = launch.quant_buffers(q, k, **{a: args[a] for a in args if a != "q_multiplier"})
+    reset = torch.tensor([float("-inf"), float("inf")], device=DEVICE).repeat_interleave(d).view(2, d)
+    small = (v.float() / 100).to(v.dtype)
+    for shift in (torch.empty((2, d), device=DEVICE), None):
+        launch.quantize_qkv(q, k, v, buffers=buffers, v_shift=shift, **args)
+        assert torch.equal(buffers["v_range"], reset.expand_as(buffers["v_range"]))
+        reused = {name: t.clone() for name, t in launch.quantize_qkv(q, k, small, buffers=buffers, v_shift=shift,
+                                                                      **args).items() if torch.is_tensor(t)}
+        assert torch.equal(buffers["v_range"], reset.expand_as(buffers["v_range"]))
+        fresh = launch.quantize_qkv(q, k, small, v_shift=None if shift is None else torch.empty_like(shift), **args)
+        for name in ("v8", "v_scale", "v_mean"):
+            assert torch.equal(reused[name].float(), fresh[name].float()), name
+    vf = small.float().reshape(2, nk, d)
+    mean = vf.mean(1, keepdim=True)
+    expected = (vf - mean).abs().amax(1) / launch.FP8_E4M3_MAX
+    torch.testing.assert_close(fresh["v_scale"], expected, rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("nk,d", [(333, 128), (4700, 128), (1000, 64)])
 def test_quantization_writes_the_output_shift_when_its_last_v_program_is_in(nk, d):
     """Given where to write it, the quantization's second launch writes the output shift itself: the last V

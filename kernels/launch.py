@@ -25,6 +25,7 @@ MAX_STATS_CHUNKS = 16  # partial-statistics rows per head (a power of two), fini
 # measured fastest on the H200 (bench/NOTES.md, "Loads issued ahead")
 STATS_TILE = 16
 STATS_AHEAD = 1  # tiles the statistics' loop loads ahead of the one it adds up (1 or 2)
+STATS_STAGES = 4  # >= 2: the statistics' loop pipelined by Triton in that many stages instead (STATS_AHEAD unused)
 QUANT_ROWS = 128
 QUANT_SUB = 32
 ROPE_SUB = 64  # Q/K rows a program codes at a time when it rotates them too (slice_rows)
@@ -120,6 +121,14 @@ def slice_rows(group: int, rows: int, rope: bool = False) -> int:
     return group if QUANT_SUB < group < rows else min(QUANT_SUB, rows)
 
 
+def empty_range(rows: int, block_d: int, device) -> torch.Tensor:
+    """A [rows, 2, block_d] FP32 range at (-inf, inf) made on the device by two fills: a tensor copied from the
+    host would synchronise the host with the GPU on every call whose plan is too large to keep (call_plan)."""
+    out = torch.full((rows, 2, block_d), float("inf"), device=device, dtype=torch.float32)
+    out[:, 0].fill_(float("-inf"))
+    return out
+
+
 def quant_buffers(q, k, *, q_group: int, k_group: int, block_d: int, smooth_k: bool, smooth_v: bool,
                   pv_fp8: bool, q_in_kernel: bool = False) -> dict:
     """The buffers quantize_qkv writes (see there), and "v_padded", FP8 V's key count padded to V_PAD. With
@@ -150,8 +159,7 @@ def quant_buffers(q, k, *, q_group: int, k_group: int, block_d: int, smooth_k: b
         if pv_fp8 else None,
         # V's range per head and channel, (max, min), which the statistics' atomics fold into; the last V program of
         # each head and channel block sets it back to (-inf, inf) for the next call
-        "v_range": torch.tensor([float("-inf"), float("inf")], device=dev, dtype=f32).repeat_interleave(
-            block_d).repeat(B * HK, 1).view(B * HK, 2, block_d) if pv_fp8 else None,
+        "v_range": empty_range(B * HK, block_d, dev) if pv_fp8 else None,
         "v_padded": v_padded,
     }
 
@@ -285,7 +293,7 @@ def quant_launches(q, k, *, q_group: int, k_group: int, block_d: int, smooth_k: 
                      STATS_CHUNKS=MAX_STATS_CHUNKS, SMOOTH_K=smooth_k, V_STATS=need_v_stats, V_ROWS=V_ROWS,
                      CHANNELS=v_channels(block_d), SMOOTH_V=smooth_v, PV_FP8=pv_fp8,
                      INTERPRETING=interpreting(), PV_KEY_ORDER=pv_key_order, FINISH_SHIFT=finish_shift,
-                     SHIFT_PROGRAMS=SHIFT_PROGRAMS, ROPE=rope, STATS_AHEAD=STATS_AHEAD,
+                     SHIFT_PROGRAMS=SHIFT_PROGRAMS, ROPE=rope, STATS_AHEAD=STATS_AHEAD, STATS_STAGES=STATS_STAGES,
                      WARPS=QUANT_WARPS, num_warps=QUANT_WARPS)  # WARPS: quantize_v_tile's layout steer
     # the statistics' chunks first: they are the longest programs, and blocks are dispatched in grid order
     do_q = int(not q_in_kernel)

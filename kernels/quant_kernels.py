@@ -113,7 +113,7 @@ def kv_stats_chunk(
     stride_vb, stride_vh, stride_vn, stride_vd,
     HK, N, D, rows_per_chunk, k_every, PE, stride_pn,
     TILE: tl.constexpr, BLOCK_D: tl.constexpr, K_STATS: tl.constexpr, V_STATS: tl.constexpr, ROPE: tl.constexpr,
-    AHEAD: tl.constexpr, V_RANGE_ON: tl.constexpr,
+    AHEAD: tl.constexpr, V_RANGE_ON: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Partial per-channel statistics of K and V over one chunk of tokens, for one (batch, KV head):
     PARTS[bh, chunk] = (sum of K, sum of V), each [BLOCK_D] in FP32 (padded channels read as 0). K's sum covers a
@@ -139,6 +139,26 @@ def kv_stats_chunk(
     v_min = tl.full((TILE, BLOCK_D), float("inf"), tl.float32)
     lo = chunk * rows_per_chunk
     hi = tl.minimum(N, lo + rows_per_chunk)
+    if STAGES > 0:
+        # Triton's pipeliner: STAGES - 1 tiles in flight through shared memory (asynchronous copies), none held
+        # in registers
+        for start in tl.range(lo, hi, TILE, num_stages=STAGES):
+            offs_n = start + rows
+            if K_STATS:  # none loaded where the tile is not sampled
+                k_end = tl.where(((start - lo) // TILE) % k_every == 0, hi, 0)
+                k_raw = load_raw(K, b, h, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, k_end, D)
+                if ROPE:
+                    k_sum += rotated(k_raw.to(tl.float32), offs_n, offs_d, k_end, D, PE, stride_pn)
+                else:
+                    k_sum += k_raw.to(tl.float32)
+            if V_STATS:
+                v = load_raw(V, b, h, offs_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, hi, D).to(tl.float32)
+                v_sum += v
+                if V_RANGE_ON:
+                    row_ok = offs_n < hi
+                    v_max = tl.maximum(v_max, tl.where(row_ok[:, None], v, float("-inf")))
+                    v_min = tl.minimum(v_min, tl.where(row_ok[:, None], v, float("inf")))
+        hi = lo  # the look-ahead loop below runs no step
     # the first tile is sampled (a chunk starts on one); a later tile's K rows end at hi where it is sampled, else
     # at 0 (none loaded: a masked load issues no memory access)
     if K_STATS:
@@ -413,6 +433,7 @@ def quantize_kernel(
     V_STATS: tl.constexpr, V_ROWS: tl.constexpr, CHANNELS: tl.constexpr, SMOOTH_V: tl.constexpr,
     PV_FP8: tl.constexpr, INTERPRETING: tl.constexpr, PV_KEY_ORDER: tl.constexpr, WARPS: tl.constexpr,
     FINISH_SHIFT: tl.constexpr, SHIFT_PROGRAMS: tl.constexpr, ROPE: tl.constexpr, STATS_AHEAD: tl.constexpr,
+    STATS_STAGES: tl.constexpr,
 ):
     """One launch of a call's quantization: the roles it is given (DO_STATS, DO_Q, DO_K, V_BLOCKS), one per
     program_id(2), in that order; program_id(0) is the role's chunk or row block, program_id(1) its head. Roles
@@ -445,7 +466,7 @@ def quantize_kernel(
             kv_stats_chunk(K, V, PARTS, V_RANGE, bh, pid, n_chunks, stride_kb, stride_kh, stride_kn, stride_kd,
                            stride_vb, stride_vh, stride_vn, stride_vd, HK, NK, D, chunk_rows, k_every,
                            PE + (bh // HK) * stride_pb + (bh % HK) * stride_ph, stride_pn, STATS_TILE, BLOCK_D,
-                           SMOOTH_K, V_STATS, ROPE, STATS_AHEAD, PV_FP8)
+                           SMOOTH_K, V_STATS, ROPE, STATS_AHEAD, PV_FP8, STATS_STAGES)
     if DO_Q:
         if (role == Q_ROLE) & (bh < BH) & (pid * ROWS < NQ):
             first = first_slice(Q, bh // H, bh % H, pid * ROWS, stride_qb, stride_qh, stride_qn, stride_qd, NQ, D, ROWS,

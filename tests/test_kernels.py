@@ -836,20 +836,22 @@ def test_a_call_plan_counts_the_memory_its_buffers_hold():
 
 @pytest.mark.parametrize("n", [200, 1100, 4700])
 def test_statistics_loaded_two_tiles_ahead_give_the_same_bits(monkeypatch, n):
-    """The statistics' loop loading two tiles ahead (launch.STATS_AHEAD 2) adds up the same tiles in the same order:
-    every code, scale and mean is the one tile-ahead loop's, bit for bit (K sampled every 1, 2 or 8 tiles: 200,
-    1100 and 4700 keys; ragged last tiles)."""
+    """The statistics' loop loading two tiles ahead (launch.STATS_AHEAD 2), or pipelined by Triton in 4 stages
+    (launch.STATS_STAGES), adds up the same tiles in the same order: every code, scale and mean is the one
+    tile-ahead loop's, bit for bit (K sampled every 1, 2 or 8 tiles: 200, 1100 and 4700 keys; ragged last
+    tiles)."""
     q, k, v = inputs(1, 2, 2, 130, n, 64, torch.bfloat16, seed=n)
     common = dict(q_group=16, k_group=64, block_d=64, q_multiplier=0.125, smooth_k=True, smooth_v=True, pv_fp8=True)
     outs = []
-    for ahead in (1, 2):
+    for ahead, stages in ((1, 0), (2, 0), (1, 4)):
         monkeypatch.setattr(launch, "STATS_AHEAD", ahead)
+        monkeypatch.setattr(launch, "STATS_STAGES", stages)
         outs.append(launch.quantize_qkv(q, k, v, **common))
     assert launch.stats_every(n) == {200: 1, 1100: 2, 4700: 8}[n]
-    for name, value in outs[0].items():
-        if torch.is_tensor(value) and name != "parts":
-            assert torch.equal(value.float(), outs[1][name].float()), name
-    assert torch.equal(outs[0]["parts"], outs[1]["parts"])
+    for other in outs[1:]:
+        for name, value in outs[0].items():
+            if torch.is_tensor(value):
+                assert torch.equal(value.float(), other[name].float()), name
 
 
 def q_layouts(q, layout):
@@ -1152,6 +1154,22 @@ def test_v_range_folds_in_by_atomics_and_is_set_back_after_every_call(nk, d):
     mean = vf.mean(1, keepdim=True)
     expected = (vf - mean).abs().amax(1) / launch.FP8_E4M3_MAX
     torch.testing.assert_close(fresh["v_scale"], expected, rtol=1e-5, atol=0)
+
+
+def test_quantization_buffers_are_made_without_host_data(monkeypatch):
+    """A call whose plan is too large to keep (call_plan.PLAN_MAX_BYTES) makes its buffers on every call: a tensor
+    copied from host memory there (a pageable copy) would make the host wait for the GPU each time, leaving the GPU
+    idle between calls (0.3-0.5 ms a call at 16k keys on an H100). quant_buffers builds everything on the device."""
+    q, k, _ = inputs(1, 4, 2, 64, 300, 64, torch.bfloat16)
+
+    def host_data(*args, **kwargs):
+        raise AssertionError("quant_buffers copied a tensor from host data")
+
+    monkeypatch.setattr(torch, "tensor", host_data)
+    monkeypatch.setattr(torch, "as_tensor", host_data)
+    buffers = launch.quant_buffers(q, k, q_group=16, k_group=64, block_d=64, smooth_k=True, smooth_v=True,
+                                   pv_fp8=True)
+    assert torch.isneginf(buffers["v_range"][:, 0]).all() and torch.isposinf(buffers["v_range"][:, 1]).all()
 
 
 @pytest.mark.parametrize("nk,d", [(333, 128), (4700, 128), (1000, 64)])

@@ -351,7 +351,8 @@ def main(argv=None):
             print(json.dumps({"resources": resource_report(k, args.arch), "shared": k.metadata.shared,
                               "load_loops": load_loops(sass),
                               "shared_accesses": {op: n for op, n in mix if op.startswith(("STS", "LDS"))},
-                              "global_loads": {op: n for op, n in mix if op.startswith("LDG")}}))
+                              # LDGDEPBAR is the asynchronous copies' commit, not a load
+                              "global_loads": {op: n for op, n in mix if op.startswith("LDG") and op != "LDGDEPBAR"}}))
             return 0
         print(f"{resource_report(k, args.arch)}  shared {k.metadata.shared} B")
         for loop in load_loops(sass):

@@ -24,8 +24,12 @@ MAX_STATS_CHUNKS = 16  # partial-statistics rows per head (a power of two), fini
 # loop loading its next tile ahead, 16-row statistics steps (128 registers; 32 took 253) and 32-row slices
 # measured fastest on the H200 (bench/NOTES.md, "Loads issued ahead")
 STATS_TILE = 16
-STATS_AHEAD = 1  # tiles the statistics' loop loads ahead of the one it adds up (1 or 2)
-STATS_STAGES = 4  # >= 2: the statistics' loop pipelined by Triton in that many stages instead (STATS_AHEAD unused)
+STATS_AHEAD = 1  # with STATS_STAGES 0: tiles the statistics' loop loads ahead of the one it adds up (1 or 2)
+# the statistics' loop pipelined by Triton in this many stages (asynchronous copies into shared memory, 8 KB a stage);
+# 0: the look-ahead in registers above. On an H100 (bench/NOTES.md, round "V's range by atomics, …") 4 stages took
+# the first launch 39.5 -> 38.0 µs at Flux, 22.9 -> 20.0 at SDXL, 247 -> 232 at B2 H32 N16384 D128; 3 and 6 less
+# evenly
+STATS_STAGES = 4
 QUANT_ROWS = 128
 QUANT_SUB = 32
 ROPE_SUB = 64  # Q/K rows a program codes at a time when it rotates them too (slice_rows)

@@ -123,9 +123,11 @@ def kv_stats_chunk(
     With V_RANGE_ON (FP8 V, whose codes' scales need it) V's per-channel maximum and minimum fold straight into the
     head's range V_RANGE [BHK, 2, BLOCK_D] by atomic maximum and minimum: exact and independent of the order, so
     the same bits on every run, and each V program then loads two finished rows where it reduced two [chunks,
-    channels] tiles of partial ranges (bench/NOTES.md, round "V's range by atomics"). Each step loads the tile AHEAD
-    (1 or 2) tiles on before it adds up this one (load_raw): a chunk is a chain of dependent steps, and the loads in
-    flight per program bound how fast it reads. With ROPE, K's sample is summed rotated (rotary.rotated; PE this
+    channels] tiles of partial ranges (bench/NOTES.md, round "V's range by atomics, …"). A chunk is a chain of
+    dependent steps, and the loads in flight per program bound how fast it reads: with STAGES (launch.STATS_STAGES)
+    Triton's pipeliner keeps STAGES - 1 tiles in flight as asynchronous copies into shared memory; with STAGES 0
+    each step loads the tile AHEAD (1 or 2) tiles on, in registers, before it adds up this one (load_raw). The
+    same tiles are added in the same order either way. With ROPE, K's sample is summed rotated (rotary.rotated; PE this
     head's table), the K that is coded."""
     b = bh // HK
     h = bh % HK

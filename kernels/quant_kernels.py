@@ -127,8 +127,8 @@ def kv_stats_chunk(
     dependent steps, and the loads in flight per program bound how fast it reads: with STAGES (launch.STATS_STAGES)
     Triton's pipeliner keeps STAGES - 1 tiles in flight as asynchronous copies into shared memory; with STAGES 0
     each step loads the tile AHEAD (1 or 2) tiles on, in registers, before it adds up this one (load_raw). The
-    same tiles are added in the same order either way. With ROPE, K's sample is summed rotated (rotary.rotated; PE this
-    head's table), the K that is coded."""
+    same tiles are added in the same order either way. With ROPE, K's sample is summed rotated (rotary.rotated; PE
+    this head's table), the K that is coded."""
     b = bh // HK
     h = bh % HK
     offs_d = tl.arange(0, BLOCK_D)
@@ -142,8 +142,7 @@ def kv_stats_chunk(
     lo = chunk * rows_per_chunk
     hi = tl.minimum(N, lo + rows_per_chunk)
     if STAGES > 0:
-        # Triton's pipeliner: STAGES - 1 tiles in flight through shared memory (asynchronous copies), none held
-        # in registers
+        # Triton's pipeliner: STAGES - 1 tiles in flight as asynchronous copies into shared memory
         for start in tl.range(lo, hi, TILE, num_stages=STAGES):
             offs_n = start + rows
             if K_STATS:  # none loaded where the tile is not sampled
@@ -160,53 +159,53 @@ def kv_stats_chunk(
                     row_ok = offs_n < hi
                     v_max = tl.maximum(v_max, tl.where(row_ok[:, None], v, float("-inf")))
                     v_min = tl.minimum(v_min, tl.where(row_ok[:, None], v, float("inf")))
-        hi = lo  # the look-ahead loop below runs no step
-    # the first tile is sampled (a chunk starts on one); a later tile's K rows end at hi where it is sampled, else
-    # at 0 (none loaded: a masked load issues no memory access)
-    if K_STATS:
-        k_next = load_raw(K, b, h, lo + rows, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, hi, D)
-        if AHEAD == 2:
-            k_end = tl.where(1 % k_every == 0, hi, 0)
-            k_after = load_raw(K, b, h, lo + TILE + rows, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, k_end,
-                               D)
-    if V_STATS:
-        v_next = load_raw(V, b, h, lo + rows, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, hi, D)
-        if AHEAD == 2:
-            v_after = load_raw(V, b, h, lo + TILE + rows, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, hi, D)
-    for start in range(lo, hi, TILE):
-        offs_n = start + rows
-        row_ok = offs_n < hi
-        # the loads AHEAD tiles on issued before this step's tiles are waited for
+    else:
+        # the first tile is sampled (a chunk starts on one); a later tile's K rows end at hi where it is sampled, else
+        # at 0 (none loaded: a masked load issues no memory access)
         if K_STATS:
-            k_raw = k_next
-            k_end = tl.where(((start + AHEAD * TILE - lo) // TILE) % k_every == 0, hi, 0)
+            k_next = load_raw(K, b, h, lo + rows, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, hi, D)
             if AHEAD == 2:
-                k_next = k_after
-                k_after = load_raw(K, b, h, offs_n + 2 * TILE, offs_d, stride_kb, stride_kh, stride_kn, stride_kd,
-                                   k_end, D)
-            else:
-                k_next = load_raw(K, b, h, offs_n + TILE, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, k_end,
-                                  D)
+                k_end = tl.where(1 % k_every == 0, hi, 0)
+                k_after = load_raw(K, b, h, lo + TILE + rows, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, k_end,
+                                   D)
         if V_STATS:
-            v_raw = v_next
+            v_next = load_raw(V, b, h, lo + rows, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, hi, D)
             if AHEAD == 2:
-                v_next = v_after
-                v_after = load_raw(V, b, h, offs_n + 2 * TILE, offs_d, stride_vb, stride_vh, stride_vn, stride_vd,
-                                   hi, D)
-            else:
-                v_next = load_raw(V, b, h, offs_n + TILE, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, hi, D)
-        if K_STATS:
-            if ROPE:  # the same rows as this tile's load: none where the tile is not sampled
-                k_sum += rotated(k_raw.to(tl.float32), offs_n, offs_d,
-                                 tl.where(((start - lo) // TILE) % k_every == 0, hi, 0), D, PE, stride_pn)
-            else:
-                k_sum += k_raw.to(tl.float32)
-        if V_STATS:
-            v = v_raw.to(tl.float32)
-            v_sum += v
-            if V_RANGE_ON:
-                v_max = tl.maximum(v_max, tl.where(row_ok[:, None], v, float("-inf")))
-                v_min = tl.minimum(v_min, tl.where(row_ok[:, None], v, float("inf")))
+                v_after = load_raw(V, b, h, lo + TILE + rows, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, hi, D)
+        for start in range(lo, hi, TILE):
+            offs_n = start + rows
+            row_ok = offs_n < hi
+            # the loads AHEAD tiles on issued before this step's tiles are waited for
+            if K_STATS:
+                k_raw = k_next
+                k_end = tl.where(((start + AHEAD * TILE - lo) // TILE) % k_every == 0, hi, 0)
+                if AHEAD == 2:
+                    k_next = k_after
+                    k_after = load_raw(K, b, h, offs_n + 2 * TILE, offs_d, stride_kb, stride_kh, stride_kn, stride_kd,
+                                       k_end, D)
+                else:
+                    k_next = load_raw(K, b, h, offs_n + TILE, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, k_end,
+                                      D)
+            if V_STATS:
+                v_raw = v_next
+                if AHEAD == 2:
+                    v_next = v_after
+                    v_after = load_raw(V, b, h, offs_n + 2 * TILE, offs_d, stride_vb, stride_vh, stride_vn, stride_vd,
+                                       hi, D)
+                else:
+                    v_next = load_raw(V, b, h, offs_n + TILE, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, hi, D)
+            if K_STATS:
+                if ROPE:  # the same rows as this tile's load: none where the tile is not sampled
+                    k_sum += rotated(k_raw.to(tl.float32), offs_n, offs_d,
+                                     tl.where(((start - lo) // TILE) % k_every == 0, hi, 0), D, PE, stride_pn)
+                else:
+                    k_sum += k_raw.to(tl.float32)
+            if V_STATS:
+                v = v_raw.to(tl.float32)
+                v_sum += v
+                if V_RANGE_ON:
+                    v_max = tl.maximum(v_max, tl.where(row_ok[:, None], v, float("-inf")))
+                    v_min = tl.minimum(v_min, tl.where(row_ok[:, None], v, float("inf")))
     out = PARTS + (bh * n_chunks + chunk) * 2 * BLOCK_D + offs_d
     tl.store(out, tl.sum(k_sum, axis=0))
     tl.store(out + BLOCK_D, tl.sum(v_sum, axis=0))
@@ -496,7 +495,6 @@ def quantize_kernel(
     if V_BLOCKS > 0:
         if (role >= V_ROLE) & (bh < BHK) & (pid < n_v_programs):
             quantize_v_tile(V, PARTS, V_RANGE, V8, V_SCALE, V_MEAN, V_CODE_SUM, V_SHIFT, V_TICKETS, pid, bh,
-                            role - V_ROLE,
-                            n_v_programs, stride_vb, stride_vh, stride_vn, stride_vd, HK, NK, D, n_chunks, v_padded,
-                            v_code_max, inv_keys, V_ROWS, BLOCK_D, CHANNELS, STATS_CHUNKS, SMOOTH_V, PV_FP8,
-                            INTERPRETING, PV_KEY_ORDER, WARPS, FINISH_SHIFT, SHIFT_PROGRAMS)
+                            role - V_ROLE, n_v_programs, stride_vb, stride_vh, stride_vn, stride_vd, HK, NK, D,
+                            n_chunks, v_padded, v_code_max, inv_keys, V_ROWS, BLOCK_D, CHANNELS, STATS_CHUNKS,
+                            SMOOTH_V, PV_FP8, INTERPRETING, PV_KEY_ORDER, WARPS, FINISH_SHIFT, SHIFT_PROGRAMS)

@@ -39,7 +39,7 @@ V_ROWS = 128  # keys per program of V's quantization
 # ahead: 64 channels 2-6% faster at head dim 128, 4% slower at 64; 32 was ahead of 64 and 128 before)
 V_CHANNELS = 64
 V_CHANNELS_SMALL_HEADS = 32
-# code sums the output shift adds per step (quant_kernels.finish_shift; with 32 channels one [32, 32] FP32 tile)
+# code sums the output shift adds per step (quant_kernels.finish_v_block; with 32 channels one [32, 32] FP32 tile)
 SHIFT_PROGRAMS = 32
 V_PAD = 128  # FP8 V rows padded to a multiple of this, so every tile load is in bounds and aligned
 FP8_E4M3_MAX = 448.0
@@ -234,7 +234,7 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
     v_shift: with pv_fp8, a [B*HK, block_d] FP32 buffer for the output shift, the vector the attention kernels add
     to their output: V's mean minus the mean of its dequantized FP8 codes (the smoothed V's, when it was), so that
     the dequantized V has exactly V's mean. The last V program of each head and channel block writes it, from
-    every program's code sums (quant_kernels.finish_shift); with no buffer it is not made. Long-sequence attention
+    every program's code sums (quant_kernels.finish_v_block); with no buffer it is not made. Long-sequence attention
     is nearly flat (an output row is close to V's mean), so the systematic part of V's rounding error, its mean
     over the keys, does not average out the way its random part does: taking it off cut the relative L1 error at
     32k keys from 0.038 to 0.034 without V smoothing, and from 0.045 to 0.034 with it (exact-arithmetic reference

@@ -107,6 +107,29 @@ def quantize_rows_int8(x, ROWS: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.c
 
 
 @triton.jit
+def add_k_tile(k_sum, k_raw, offs_n, offs_d, k_end, D, PE, stride_pn, ROPE: tl.constexpr):
+    """kv_stats_chunk's step for K: one tile's rows (loaded up to k_end: none where the tile is not sampled) into
+    K's sum, rotated with ROPE (the K that is coded)."""
+    if ROPE:
+        k_sum += rotated(k_raw.to(tl.float32), offs_n, offs_d, k_end, D, PE, stride_pn)
+    else:
+        k_sum += k_raw.to(tl.float32)
+    return k_sum
+
+
+@triton.jit
+def add_v_tile(v_sum, v_max, v_min, v_raw, row_ok, V_RANGE_ON: tl.constexpr):
+    """kv_stats_chunk's step for V: one tile's rows into V's sum and, with V_RANGE_ON, those in the chunk (row_ok)
+    into its maximum and minimum."""
+    v = v_raw.to(tl.float32)
+    v_sum += v
+    if V_RANGE_ON:
+        v_max = tl.maximum(v_max, tl.where(row_ok[:, None], v, float("-inf")))
+        v_min = tl.minimum(v_min, tl.where(row_ok[:, None], v, float("inf")))
+    return v_sum, v_max, v_min
+
+
+@triton.jit
 def kv_stats_chunk(
     K, V, PARTS, V_RANGE, bh, chunk, n_chunks,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -148,17 +171,10 @@ def kv_stats_chunk(
             if K_STATS:  # none loaded where the tile is not sampled
                 k_end = tl.where(((start - lo) // TILE) % k_every == 0, hi, 0)
                 k_raw = load_raw(K, b, h, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, k_end, D)
-                if ROPE:
-                    k_sum += rotated(k_raw.to(tl.float32), offs_n, offs_d, k_end, D, PE, stride_pn)
-                else:
-                    k_sum += k_raw.to(tl.float32)
+                k_sum = add_k_tile(k_sum, k_raw, offs_n, offs_d, k_end, D, PE, stride_pn, ROPE)
             if V_STATS:
-                v = load_raw(V, b, h, offs_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, hi, D).to(tl.float32)
-                v_sum += v
-                if V_RANGE_ON:
-                    row_ok = offs_n < hi
-                    v_max = tl.maximum(v_max, tl.where(row_ok[:, None], v, float("-inf")))
-                    v_min = tl.minimum(v_min, tl.where(row_ok[:, None], v, float("inf")))
+                v_raw = load_raw(V, b, h, offs_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, hi, D)
+                v_sum, v_max, v_min = add_v_tile(v_sum, v_max, v_min, v_raw, offs_n < hi, V_RANGE_ON)
     else:
         # the first tile is sampled (a chunk starts on one); a later tile's K rows end at hi where it is sampled, else
         # at 0 (none loaded: a masked load issues no memory access)
@@ -194,18 +210,11 @@ def kv_stats_chunk(
                                        hi, D)
                 else:
                     v_next = load_raw(V, b, h, offs_n + TILE, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, hi, D)
-            if K_STATS:
-                if ROPE:  # the same rows as this tile's load: none where the tile is not sampled
-                    k_sum += rotated(k_raw.to(tl.float32), offs_n, offs_d,
-                                     tl.where(((start - lo) // TILE) % k_every == 0, hi, 0), D, PE, stride_pn)
-                else:
-                    k_sum += k_raw.to(tl.float32)
+            if K_STATS:  # the same rows as this tile's load: none where the tile is not sampled
+                k_sum = add_k_tile(k_sum, k_raw, offs_n, offs_d, tl.where(((start - lo) // TILE) % k_every == 0, hi, 0),
+                                   D, PE, stride_pn, ROPE)
             if V_STATS:
-                v = v_raw.to(tl.float32)
-                v_sum += v
-                if V_RANGE_ON:
-                    v_max = tl.maximum(v_max, tl.where(row_ok[:, None], v, float("-inf")))
-                    v_min = tl.minimum(v_min, tl.where(row_ok[:, None], v, float("inf")))
+                v_sum, v_max, v_min = add_v_tile(v_sum, v_max, v_min, v_raw, row_ok, V_RANGE_ON)
     out = PARTS + (bh * n_chunks + chunk) * 2 * BLOCK_D + offs_d
     tl.store(out, tl.sum(k_sum, axis=0))
     tl.store(out + BLOCK_D, tl.sum(v_sum, axis=0))
@@ -345,9 +354,9 @@ def quantize_v_tile(
     H200 from Flux's shape to HunyuanVideo's, the same bits (bench/NOTES.md, round "V's tile layout, and
     statistics finished once per head").
 
-    FINISH_SHIFT: the last of a head's and channel block's programs to store its code sums (an atomic ticket per
-    block in V_TICKETS, which that program sets back to 0 for the next call) writes the output shift of those
-    channels into V_SHIFT (finish_shift)."""
+    The last of a head's and channel block's programs to store its code sums (an atomic ticket per block in
+    V_TICKETS, which that program sets back to 0 for the next call) sets those channels of V_RANGE back and, with
+    FINISH_SHIFT, writes their output shift into V_SHIFT (finish_v_block)."""
     # rows per repetition of that layout: WARPS warps (the launch's num_warps) of 32 threads, CHANNELS // 4 along the
     # channels
     REPEAT: tl.constexpr = WARPS * 32 // (CHANNELS // 4)
@@ -380,7 +389,7 @@ def quantize_v_tile(
                  tl.sum(codes.to(tl.float32), axis=0) * scale)
         if pid == 0:
             tl.store(V_SCALE + bh * BLOCK_D + offs_d, scale)
-        finish_shift(V_CODE_SUM, V_SHIFT, V_TICKETS, V_RANGE, v_mean, bh, channel_block, n_programs, inv_keys,
+        finish_v_block(V_CODE_SUM, V_SHIFT, V_TICKETS, V_RANGE, v_mean, bh, channel_block, n_programs, inv_keys,
                      offs_d, BLOCK_D, CHANNELS, SHIFT_PROGRAMS, FINISH_SHIFT)
 
 
@@ -400,7 +409,7 @@ def code_sums_total(V_CODE_SUM, bh, n_programs, offs_d, BLOCK_D: tl.constexpr, C
 
 
 @triton.jit
-def finish_shift(V_CODE_SUM, V_SHIFT, V_TICKETS, V_RANGE, mean, bh, channel_block, n_programs, inv_keys, offs_d,
+def finish_v_block(V_CODE_SUM, V_SHIFT, V_TICKETS, V_RANGE, mean, bh, channel_block, n_programs, inv_keys, offs_d,
                  BLOCK_D: tl.constexpr, CHANNELS: tl.constexpr, SHIFT_PROGRAMS: tl.constexpr, SHIFT: tl.constexpr):
     """The end of a V program: count itself in on its head's and channel block's ticket once its code sums are
     stored and V's range read. The last to arrive sets those channels of the range V_RANGE back to (-inf, inf) for
@@ -448,7 +457,7 @@ def quantize_kernel(
     K: INT8 codes [BHK, NK, BLOCK_D] of k - mean(k) (SMOOTH_K, the sample's mean finished from the statistics),
        one scale per K_GROUP rows; the first program of each head also writes the mean (for the LSE correction).
     V (V_BLOCKS roles, one per CHANNELS channels): quantize_v_tile, n_v_programs programs per head; the last of
-       them sets V's range back for the next call and, with FINISH_SHIFT, writes the output shift (finish_shift).
+       them sets V's range back for the next call and, with FINISH_SHIFT, writes the output shift (finish_v_block).
     INTERPRETING: under Triton's interpreter, where FP8 codes are rounded in FP32 first (to_fp8_e4m3) and a
        group's NaN found by a test of its own (abs_max), for the GPU's results at the interpreter's speed.
 

@@ -34,7 +34,8 @@ from sage_attention_pack.sage_core.timing import interleaved_median_ms  # noqa: 
 # the constants of kernels/launch.py that shape the quantization launches without changing what they write, and
 # MAX_STATS_EVERY, whose 1 reads every key for K's mean (its codes then differ from the sampled mean's)
 TUNABLE = ("STATS_ROWS", "MAX_STATS_CHUNKS", "STATS_TILE", "STATS_AHEAD", "QUANT_ROWS", "QUANT_SUB", "QUANT_WARPS",
-           "V_ROWS", "V_CHANNELS", "V_CHANNELS_SMALL_HEADS", "MAX_STATS_EVERY", "STATS_STAGES")
+           "V_ROWS", "V_CHANNELS", "V_CHANNELS_SMALL_HEADS", "MAX_STATS_EVERY", "STATS_STAGES",
+           "ROPE_STATS_STAGES")
 GRAPH_CALLS = 20
 # per path, what sizes the quantization's buffers (launch.quant_buffers): fp8, the in-place Hopper path
 # (kernels/launch.sage_forward for an FP8 call with a pipelined key); fp16, the portable FP16-P·V path as Ampere and

@@ -30,6 +30,11 @@ STATS_AHEAD = 1  # with STATS_STAGES 0: tiles the statistics' loop loads ahead o
 # the first launch 39.5 -> 38.0 µs at Flux, 22.9 -> 20.0 at SDXL, 247 -> 232 at B2 H32 N16384 D128; 3 and 6 less
 # evenly
 STATS_STAGES = 4
+# with the rotary table inside the quantization: the look-ahead loop. Pipelined (4 stages) the first launch took 137
+# registers and 72 KB of shared memory (the table's loads pipelined too), and on an H100 Wan2.1's rotating
+# quantization read 1.745 and 1.748 ms against 1.700 and 1.696, Flux.1's call 0.447 against 0.443-0.444 ms
+# (bench/NOTES.md, round "Heads in groups on streams of their own, …")
+ROPE_STATS_STAGES = 0
 QUANT_ROWS = 128
 QUANT_SUB = 32
 ROPE_SUB = 64  # Q/K rows a program codes at a time when it rotates them too (slice_rows)
@@ -112,6 +117,11 @@ def stats_chunks(n: int, every: int = 1) -> tuple[int, int]:
 def v_channels(block_d: int) -> int:
     """Channels per program of V's quantization for a padded head dim."""
     return min(V_CHANNELS if block_d > 64 else V_CHANNELS_SMALL_HEADS, block_d)
+
+
+def stats_stages(rope: bool) -> int:
+    """Stages of the statistics' loop (0: the look-ahead loop) for a quantization with or without the rotary table."""
+    return ROPE_STATS_STAGES if rope else STATS_STAGES
 
 
 def slice_rows(group: int, rows: int, rope: bool = False) -> int:
@@ -297,7 +307,7 @@ def quant_launches(q, k, *, q_group: int, k_group: int, block_d: int, smooth_k: 
                      STATS_CHUNKS=MAX_STATS_CHUNKS, SMOOTH_K=smooth_k, V_STATS=need_v_stats, V_ROWS=V_ROWS,
                      CHANNELS=v_channels(block_d), SMOOTH_V=smooth_v, PV_FP8=pv_fp8,
                      INTERPRETING=interpreting(), PV_KEY_ORDER=pv_key_order, FINISH_SHIFT=finish_shift,
-                     SHIFT_PROGRAMS=SHIFT_PROGRAMS, ROPE=rope, STATS_AHEAD=STATS_AHEAD, STATS_STAGES=STATS_STAGES,
+                     SHIFT_PROGRAMS=SHIFT_PROGRAMS, ROPE=rope, STATS_AHEAD=STATS_AHEAD, STATS_STAGES=stats_stages(rope),
                      WARPS=QUANT_WARPS, num_warps=QUANT_WARPS)  # WARPS: quantize_v_tile's layout steer
     # the statistics' chunks first: they are the longest programs, and blocks are dispatched in grid order
     do_q = int(not q_in_kernel)

@@ -88,6 +88,26 @@ def test_quantization_codes_q_and_k_rotated_by_the_table(b, hq, hk, n, d, pe_bat
         assert torch.equal(fused[name].float(), first[name].float()), name
 
 
+def test_the_rotating_quantization_keeps_the_look_ahead_loop_and_pipelined_gives_the_same_bits(monkeypatch):
+    """With the table inside, the statistics' loop is the look-ahead one (launch.ROPE_STATS_STAGES, measured faster
+    there than the pipelined loop that plain calls take); pipelined in 4 stages it adds up the same tiles in the
+    same order: every code, scale and mean the same bits (K's mean from a sample: 1100 keys)."""
+    q, k, v = inputs(1, 2, 2, 1100, 1100, 64, torch.bfloat16, seed=4)
+    pe = flux_pe(1100, 64)
+    args = dict(q_group=64, k_group=128, block_d=64, smooth_k=True, smooth_v=True, pv_fp8=True)
+    for rope, stages in ((False, launch.STATS_STAGES), (True, 0)):
+        launches = launch.quant_launches(q, k, **args, pv_key_order=False, finish_shift=True, rope=rope,
+                                         v_padded=1152)[2]
+        assert {kwargs["STATS_STAGES"] for _, _, kwargs in launches} == {stages}
+    outs = []
+    for stages in (0, 4):
+        monkeypatch.setattr(launch, "ROPE_STATS_STAGES", stages)
+        outs.append(launch.quantize_qkv(q, k, v, rope=pe, q_multiplier=0.125, **args))
+    for name, value in outs[0].items():
+        if torch.is_tensor(value):
+            assert torch.equal(value.float(), outs[1][name].float()), name
+
+
 @pytest.mark.parametrize("kernel", ["int8_fp16", "int8_fp8"])
 @pytest.mark.parametrize("b,hq,hk,n,d", [(1, 2, 2, 200, 64), (2, 4, 2, 130, 128)])
 def test_a_call_with_a_table_matches_the_reference_and_exact_attention(kernel, b, hq, hk, n, d):

@@ -112,13 +112,29 @@ def stream_priorities() -> tuple[int, int]:
     return torch.cuda.Stream.priority_range() if hasattr(torch.cuda.Stream, "priority_range") else (0, -1)
 
 
-class GroupedCall:
-    """The FP8 call of (q, k, v) as `groups` calls of launch.sage_forward on head slices, each on its own stream,
-    writing into one output; the caller's stream waits for all of them."""
+class HeadSlices:
+    """The FP8 call of (q, k, v) as calls of launch.sage_forward on ranges of heads, writing into one output."""
 
-    def __init__(self, q, k, v, config, groups: int, chain: bool, priority: str | None):
+    def __init__(self, q, k, v, config, groups: int):
         self.q, self.k, self.v, self.config = q, k, v, config
         self.bounds = head_bounds(q.shape[1], groups)
+        self.repairs = torch.zeros(1, device=q.device, dtype=torch.int32)
+        self.sage = SageConfig(kernel="int8_fp8")
+
+    def forward(self, out, h0: int, h1: int) -> None:
+        """Heads h0..h1 of the call into out, on the current stream."""
+        q, k, v, sage = self.q, self.k, self.v, self.sage
+        launch.sage_forward(
+            q[:, h0:h1], k[:, h0:h1], v[:, h0:h1], out[:, h0:h1], sm_scale=q.shape[-1] ** -0.5, is_causal=False,
+            bias=None, q_group=sage.q_group_rows, k_group=sage.k_group_rows, pv_fp8=True, smooth_k=sage.smooth_k,
+            smooth_v=sage.smooth_v, return_lse=False, config=self.config, repair_counter=self.repairs)
+
+
+class GroupedCall(HeadSlices):
+    """Each group's quantization and attention on a stream of its own; the caller's stream waits for all of them."""
+
+    def __init__(self, q, k, v, config, groups: int, chain: bool, priority: str | None):
+        super().__init__(q, k, v, config, groups)
         n = len(self.bounds)
         low, high = stream_priorities()
         prio = [0] * n
@@ -129,13 +145,10 @@ class GroupedCall:
         self.streams = [torch.cuda.Stream(priority=p) for p in prio]
         self.quant_done = [torch.cuda.Event() for _ in range(n)]
         self.chain = chain
-        self.repairs = torch.zeros(1, device=q.device, dtype=torch.int32)
-        self.sage = SageConfig(kernel="int8_fp8")
 
     def __call__(self):
-        q, k, v = self.q, self.k, self.v
         caller = torch.cuda.current_stream()
-        out = torch.empty_like(q)
+        out = torch.empty_like(self.q)
         for g, (h0, h1) in enumerate(self.bounds):
             stream = self.streams[g]
             stream.wait_stream(caller)
@@ -143,46 +156,33 @@ class GroupedCall:
                 stream.wait_event(self.quant_done[g - 1])
             with torch.cuda.stream(stream):
                 QUANT_DONE[0] = self.quant_done[g]
-                launch.sage_forward(
-                    q[:, h0:h1], k[:, h0:h1], v[:, h0:h1], out[:, h0:h1], sm_scale=q.shape[-1] ** -0.5,
-                    is_causal=False, bias=None, q_group=self.sage.q_group_rows, k_group=self.sage.k_group_rows,
-                    pv_fp8=True, smooth_k=self.sage.smooth_k, smooth_v=self.sage.smooth_v, return_lse=False,
-                    config=self.config, repair_counter=self.repairs)
+                self.forward(out, h0, h1)
         QUANT_DONE[0] = None
         for stream in self.streams:
             caller.wait_stream(stream)
         return (out,)
 
 
-class SplitCall:
-    """The FP8 call as `groups` calls of launch.sage_forward on head slices: every group's quantization on one
-    quantization stream (high priority with `high`), one after another, and each group's attention (and repair) on a
-    stream of its own that waits only for its group's quantization."""
+class SplitCall(HeadSlices):
+    """Every group's quantization on one quantization stream (high priority with `high`), one after another, and
+    each group's attention (and repair) on a stream of its own that waits only for its group's quantization."""
 
     def __init__(self, q, k, v, config, groups: int, high: bool):
-        self.q, self.k, self.v, self.config = q, k, v, config
-        self.bounds = head_bounds(q.shape[1], groups)
+        super().__init__(q, k, v, config, groups)
         low, top = stream_priorities()
         self.quant_stream = torch.cuda.Stream(priority=top if high else 0)
         self.streams = [torch.cuda.Stream() for _ in self.bounds]
         self.events = [torch.cuda.Event() for _ in self.bounds]
-        self.repairs = torch.zeros(1, device=q.device, dtype=torch.int32)
-        self.sage = SageConfig(kernel="int8_fp8")
 
     def __call__(self):
-        q, k, v = self.q, self.k, self.v
         caller = torch.cuda.current_stream()
-        out = torch.empty_like(q)
+        out = torch.empty_like(self.q)
         self.quant_stream.wait_stream(caller)
         for g, (h0, h1) in enumerate(self.bounds):
             TAG[0], ATTENTION[0] = (id(self), g), (self.streams[g], self.events[g])
             torch.cuda.set_stream(self.quant_stream)
             try:
-                launch.sage_forward(
-                    q[:, h0:h1], k[:, h0:h1], v[:, h0:h1], out[:, h0:h1], sm_scale=q.shape[-1] ** -0.5,
-                    is_causal=False, bias=None, q_group=self.sage.q_group_rows, k_group=self.sage.k_group_rows,
-                    pv_fp8=True, smooth_k=self.sage.smooth_k, smooth_v=self.sage.smooth_v, return_lse=False,
-                    config=self.config, repair_counter=self.repairs)
+                self.forward(out, h0, h1)
             finally:
                 torch.cuda.set_stream(caller)
                 TAG[0], ATTENTION[0] = None, None

@@ -125,11 +125,11 @@ def compile_repair(block_m: int, d: int, arch: int, rope: bool = False):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from sage_attention_pack.kernels.launch import REPAIR_TILES, repair_block_n
+    from sage_attention_pack.kernels.launch import REPAIR_KEYS, REPAIR_TILES, repair_rows
     from sage_attention_pack.kernels.repair_kernel import repair_tiles_kernel as fn
 
-    consts = dict(BLOCK_M=block_m, BLOCK_N=repair_block_n(block_m, d), BLOCK_D=d, IS_CAUSAL=False, HAS_BIAS=False,
-                  RETURN_LSE=False, ROPE=rope, TILES=REPAIR_TILES)
+    consts = dict(BLOCK_M=block_m, BLOCK_N=REPAIR_KEYS, BLOCK_D=d, IS_CAUSAL=False, HAS_BIAS=False,
+                  RETURN_LSE=False, ROPE=rope, TILES=REPAIR_TILES, ROWS=repair_rows(block_m))
     types = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "OUT": "*bf16", "BIAS": "*fp32", "LSE": "*fp32",
              "BAD": "*i8", "REPAIRED": "*i32", "qk_multiplier": "fp32", "PE": "*fp32"}
     sig = {name: "constexpr" if name in consts else types.get(name, "i32") for name in fn.arg_names}

@@ -62,6 +62,12 @@ MAX_STATS_EVERY = 16
 # at B2 H32 N16384 D128 on an H100, 16 cost 2.0-2.3 and 5.0-5.8 (bench/NOTES.md, round "The quantization in one
 # launch, …")
 REPAIR_TILES = 16
+REPAIR_ROWS = 16  # rows of a flagged tile the repair recomputes at a time (repair_rows)
+# keys per step of the exact repair (kernels/repair_kernel.py): its FP32 tiles take shared memory with the rows and
+# the head dim (32 keys at 64 rows × 256 dims took ~105 KB, over the 99 KB per block of consumer Ampere, Ada and
+# Blackwell; tests/test_arch_codegen.py), and with REPAIR_ROWS rows a slice 16 keys kept its registers clear of
+# spills on sm90 where 32 did not (bench/NOTES.md, round "Heads in groups on streams of their own, …")
+REPAIR_KEYS = 16
 
 
 def fp16_tile_v_code_max(block_n: int) -> float:
@@ -72,11 +78,10 @@ def fp16_tile_v_code_max(block_n: int) -> float:
     return FP8_E4M3_MAX / (4 * block_n)
 
 
-def repair_block_n(block_m: int, block_d: int) -> int:
-    """Keys per step of the exact repair (kernels/repair_kernel.py): its FP32 tiles take shared memory with the
-    query tile and the head dim, and 32 keys at 64 rows × 256 dims take ~105 KB, over the 99 KB per block of
-    consumer Ampere, Ada and Blackwell; 16 keys take ~86 KB there (tests/test_arch_codegen.py)."""
-    return 32 if block_m * block_d <= 64 * 128 else 16
+def repair_rows(block_m: int) -> int:
+    """Query rows the exact repair recomputes at a time (of a flagged tile's block_m): a whole 64-row tile at head dim
+    128 in FP32 registers made ptxas fall back to 32 registers and a 12.5 KB stack per thread on sm90."""
+    return min(REPAIR_ROWS, block_m)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -474,7 +479,7 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
             """The repair launch's strides and sizes, the rotary table's strides, and its compile-time arguments."""
             return (*q.stride(), *k.stride(), *v.stride(), *out.stride(), *bias_strides, H, H // HK, NQ, NK, D), \
                 rope_strides(rope), dict(
-                    BLOCK_M=block_m, BLOCK_N=repair_block_n(block_m, block_d), BLOCK_D=block_d, IS_CAUSAL=is_causal,
+                    BLOCK_M=block_m, BLOCK_N=REPAIR_KEYS, BLOCK_D=block_d, IS_CAUSAL=is_causal,
                     HAS_BIAS=bias is not None, RETURN_LSE=return_lse, ROPE=rope is not None, num_warps=4,
                     num_stages=1)
 
@@ -483,7 +488,7 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
         plan.run("repair", repair_tiles_kernel, (cdiv(tiles, REPAIR_TILES),), (
             q, k, v, bias if bias is not None else k_scale, out, lse, bad, repair_counter, *sizes,
             sm_scale * LOG2E, rope if rope is not None else k_scale, *table_strides, grid[0], tiles),
-                 {**constants, "TILES": REPAIR_TILES})
+                 {**constants, "TILES": REPAIR_TILES, "ROWS": repair_rows(block_m)})
     return (lse if return_lse else None), bad
 
 

@@ -24,7 +24,7 @@ def repair_tiles_kernel(
     PE, stride_pb, stride_ph, stride_pn, tiles_m, tiles,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, RETURN_LSE: tl.constexpr, ROPE: tl.constexpr,
-    TILES: tl.constexpr,
+    TILES: tl.constexpr, ROWS: tl.constexpr,
 ):
     """Program pid of P looks at TILES query tiles of the call's `tiles` (tiles_m tiles of BLOCK_M rows per head),
     pid, pid + P, pid + 2P, ..., in one load of their row flags, and repairs the flagged ones one after another:
@@ -33,7 +33,9 @@ def repair_tiles_kernel(
     the repair's
     (~56 KB of shared memory at head dim 128 on sm90, a few programs per multiprocessor), which a clean call pays
     in every program it launches: one program per tile took 5.7-7.3 µs at Flux's shape and 50-60 µs at B2 H32
-    N16384 D128 on an H100 (bench/NOTES.md, round "The quantization in one launch, …")."""
+    N16384 D128 on an H100 (bench/NOTES.md, round "The quantization in one launch, …"). A flagged tile is recomputed
+    ROWS rows at a time (launch.repair_rows): with a whole 64- or 128-row tile in FP32 registers ptxas spilled up to
+    tens of KB per thread."""
     programs = tl.num_programs(0)
     tile = tl.program_id(0) + tl.arange(0, TILES) * programs
     row = (tile % tiles_m)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
@@ -44,27 +46,30 @@ def repair_tiles_kernel(
             bh = t // tiles_m
             offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             if tl.max(tl.load(BAD + bh * NQ + offs_m, mask=offs_m < NQ, other=0), axis=0) != 0:
+                tl.atomic_add(REPAIRED, 1)  # a tile counted once, on the device; read only when reported
                 b = bh // H
                 h = bh % H
                 hk = h // KV_GROUP
-                repair_tile(Q + b * stride_qb + h * stride_qh, K + b * stride_kb + hk * stride_kh,
-                            V + b * stride_vb + hk * stride_vh, OUT + b * stride_ob + h * stride_oh,
-                            BIAS + b * stride_bias_b + h * stride_bias_h, LSE + bh * NQ, REPAIRED,
-                            PE + b * stride_pb + h * stride_ph, PE + b * stride_pb + hk * stride_ph, stride_pn,
-                            stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_on, stride_od,
-                            pid_m, offs_m, NQ, NK, D, qk_multiplier,
-                            BLOCK_M, BLOCK_N, BLOCK_D, IS_CAUSAL, HAS_BIAS, RETURN_LSE, ROPE)
+                # the causal mask's last key of the tile, for every one of its row slices
+                hi = tl.minimum(NK, (pid_m + 1) * BLOCK_M) if IS_CAUSAL else NK
+                for r in range(0, BLOCK_M, ROWS):
+                    repair_rows(Q + b * stride_qb + h * stride_qh, K + b * stride_kb + hk * stride_kh,
+                                V + b * stride_vb + hk * stride_vh, OUT + b * stride_ob + h * stride_oh,
+                                BIAS + b * stride_bias_b + h * stride_bias_h, LSE + bh * NQ,
+                                PE + b * stride_pb + h * stride_ph, PE + b * stride_pb + hk * stride_ph, stride_pn,
+                                stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_on,
+                                stride_od, pid_m * BLOCK_M + r + tl.arange(0, ROWS), hi, NQ, NK, D, qk_multiplier,
+                                ROWS, BLOCK_N, BLOCK_D, IS_CAUSAL, HAS_BIAS, RETURN_LSE, ROPE)
 
 
 @triton.jit
-def repair_tile(Q, K, V, OUT, BIAS, LSE, REPAIRED, PE_Q, PE_K, stride_pn,
+def repair_rows(Q, K, V, OUT, BIAS, LSE, PE_Q, PE_K, stride_pn,
                 stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_on, stride_od,
-                pid_m, offs_m, NQ, NK, D, qk_multiplier,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                offs_m, hi, NQ, NK, D, qk_multiplier,
+                ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, RETURN_LSE: tl.constexpr, ROPE: tl.constexpr):
-    """Query tile pid_m (rows offs_m) of one head recomputed exactly, and counted: Q, OUT, BIAS, LSE and PE_Q at
-    that head, K, V and PE_K at its KV head."""
-    tl.atomic_add(REPAIRED, 1)  # counted on the device; read only when the counters are reported
+    """Query rows offs_m of one head recomputed exactly over keys 0..hi: Q, OUT, BIAS, LSE and PE_Q at that head, K,
+    V and PE_K at its KV head."""
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < D
     q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
@@ -72,12 +77,9 @@ def repair_tile(Q, K, V, OUT, BIAS, LSE, REPAIRED, PE_Q, PE_K, stride_pn,
     if ROPE:
         q = rotated(q, offs_m, offs_d, NQ, D, PE_Q, stride_pn)
     q = q * qk_multiplier
-    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    hi = NK
-    if IS_CAUSAL:
-        hi = tl.minimum(NK, (pid_m + 1) * BLOCK_M)
+    m_i = tl.full((ROWS,), float("-inf"), tl.float32)
+    l_i = tl.zeros((ROWS,), tl.float32)
+    acc = tl.zeros((ROWS, BLOCK_D), tl.float32)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < NK

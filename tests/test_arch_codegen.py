@@ -54,10 +54,22 @@ REPAIR_CASES = sorted({(family, cfg.block_m, d) for family, _, d, cfg in CASES})
 def test_repair_after_table_configuration_fits_shared_memory(family, block_m, head_dim):
     """The exact repair runs after every call (a program with a clean tile returns at once): if it cannot launch
     on a card, no call of that kind is served. With 32 keys a step it took ~105 KB at head dim 256, over consumer
-    Ampere's, Ada's and Blackwell's 99 KB; the launcher takes 16 keys there (launch.repair_block_n)."""
+    Ampere's, Ada's and Blackwell's 99 KB; the launcher takes 16 keys (launch.REPAIR_KEYS)."""
     report = bench_script.json_report("inspect_sass", "--repair", "--arch", family[2:], "--m", str(block_m),
                                       "--d", str(head_dim), "--json")
     assert report["shared"] <= SHARED_PER_BLOCK[family], report
+
+
+@pytest.mark.parametrize("arch,block_m,head_dim", [(90, 64, 128), (90, 128, 128), (90, 64, 64), (89, 64, 128),
+                                                    (80, 128, 128), (120, 64, 128)])
+def test_the_repair_keeps_its_fp32_rows_in_registers(arch, block_m, head_dim):
+    """The repair recomputes a flagged tile launch.REPAIR_ROWS rows at a time: with the whole 64-row tile at head
+    dim 128 ptxas fell back to 32 registers and a 12.5 KB stack per thread on sm90 (17 KB of spill stores). Without
+    a rotary table it now spills at most a few bytes on every family."""
+    report = bench_script.json_report("inspect_sass", "--repair", "--arch", str(arch), "--m", str(block_m),
+                                      "--d", str(head_dim), "--json")
+    spilled = int(re.search(r"(\d+) bytes spill stores", report["resources"]).group(1))
+    assert spilled <= 64, report
 
 
 def test_every_family_from_ampere_on_has_a_table_entry_and_turing_is_refused():

@@ -461,7 +461,7 @@ def test_nan_input_is_flagged_not_hidden():
     assert int(bad.sum()) > 0  # the dispatcher recomputes such calls exactly
 
 
-@pytest.mark.parametrize("head_dim", [64, 256])  # 256: the repair takes 16 keys a step (launch.repair_block_n)
+@pytest.mark.parametrize("head_dim", [64, 256])  # 256: the largest FP32 slices of the repair
 @pytest.mark.parametrize("kernel", ["int8_fp16", "int8_fp8"])
 def test_flagged_tiles_are_recomputed_exactly_on_device(kernel, head_dim):
     cfg = SageConfig(kernel=kernel)

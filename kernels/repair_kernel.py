@@ -30,12 +30,11 @@ def repair_tiles_kernel(
     pid, pid + P, pid + 2P, ..., in one load of their row flags, and repairs the flagged ones one after another:
     a head's consecutive tiles fall to different programs, so a whole flagged head is repaired in parallel as
     before (P = tiles / TILES, at least as many as a head's tiles from 16 heads on). The kernel's resources are
-    the repair's
-    (~56 KB of shared memory at head dim 128 on sm90, a few programs per multiprocessor), which a clean call pays
-    in every program it launches: one program per tile took 5.7-7.3 µs at Flux's shape and 50-60 µs at B2 H32
-    N16384 D128 on an H100 (bench/NOTES.md, round "The quantization in one launch, …"). A flagged tile is recomputed
-    ROWS rows at a time (launch.repair_rows): with a whole 64- or 128-row tile in FP32 registers ptxas spilled up to
-    tens of KB per thread."""
+    the repair's, which a clean call pays in every program it launches: one program per tile took 5.7-7.3 µs at
+    Flux's shape and 50-60 µs at B2 H32 N16384 D128 on an H100 with ~56 KB of shared memory a program (bench/NOTES.md,
+    round "The quantization in one launch, …"). A flagged tile is recomputed ROWS rows at a time (launch.repair_rows):
+    with a whole 64- or 128-row tile in FP32 registers ptxas spilled up to tens of KB per thread; 16 rows take 17.5 KB
+    of shared memory at head dim 128 on sm90 and no spill."""
     programs = tl.num_programs(0)
     tile = tl.program_id(0) + tl.arange(0, TILES) * programs
     row = (tile % tiles_m)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
@@ -53,21 +52,21 @@ def repair_tiles_kernel(
                 # the causal mask's last key of the tile, for every one of its row slices
                 hi = tl.minimum(NK, (pid_m + 1) * BLOCK_M) if IS_CAUSAL else NK
                 for r in range(0, BLOCK_M, ROWS):
-                    repair_rows(Q + b * stride_qb + h * stride_qh, K + b * stride_kb + hk * stride_kh,
-                                V + b * stride_vb + hk * stride_vh, OUT + b * stride_ob + h * stride_oh,
-                                BIAS + b * stride_bias_b + h * stride_bias_h, LSE + bh * NQ,
-                                PE + b * stride_pb + h * stride_ph, PE + b * stride_pb + hk * stride_ph, stride_pn,
-                                stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_on,
-                                stride_od, pid_m * BLOCK_M + r + tl.arange(0, ROWS), hi, NQ, NK, D, qk_multiplier,
-                                ROWS, BLOCK_N, BLOCK_D, IS_CAUSAL, HAS_BIAS, RETURN_LSE, ROPE)
+                    repair_row_slice(Q + b * stride_qb + h * stride_qh, K + b * stride_kb + hk * stride_kh,
+                                     V + b * stride_vb + hk * stride_vh, OUT + b * stride_ob + h * stride_oh,
+                                     BIAS + b * stride_bias_b + h * stride_bias_h, LSE + bh * NQ,
+                                     PE + b * stride_pb + h * stride_ph, PE + b * stride_pb + hk * stride_ph, stride_pn,
+                                     stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_on,
+                                     stride_od, pid_m * BLOCK_M + r + tl.arange(0, ROWS), hi, NQ, NK, D, qk_multiplier,
+                                     ROWS, BLOCK_N, BLOCK_D, IS_CAUSAL, HAS_BIAS, RETURN_LSE, ROPE)
 
 
 @triton.jit
-def repair_rows(Q, K, V, OUT, BIAS, LSE, PE_Q, PE_K, stride_pn,
-                stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_on, stride_od,
-                offs_m, hi, NQ, NK, D, qk_multiplier,
-                ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, RETURN_LSE: tl.constexpr, ROPE: tl.constexpr):
+def repair_row_slice(Q, K, V, OUT, BIAS, LSE, PE_Q, PE_K, stride_pn,
+                     stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_on, stride_od,
+                     offs_m, hi, NQ, NK, D, qk_multiplier,
+                     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, RETURN_LSE: tl.constexpr, ROPE: tl.constexpr):
     """Query rows offs_m of one head recomputed exactly over keys 0..hi: Q, OUT, BIAS, LSE and PE_Q at that head, K,
     V and PE_K at its KV head."""
     offs_d = tl.arange(0, BLOCK_D)

@@ -506,6 +506,26 @@ def test_repair_programs_of_several_tiles_repair_the_same_tiles(monkeypatch, til
     assert torch.isfinite(torch.cat((repaired[:6], repaired[7:]))).all()
 
 
+def test_a_causal_tile_is_repaired_in_row_slices_exactly():
+    """The repair recomputes a flagged tile launch.REPAIR_ROWS rows at a time, each slice over the keys up to the
+    tile's last row with the causal mask per row: a NaN in row 70 flags the second 64-row tile of head 1, whose other
+    rows (four slices of 16) come out as exact causal attention, with their LSE; one tile counted."""
+    cfg = SageConfig(kernel="int8_fp8")
+    q, k, v = inputs(1, 2, 2, 150, 150, 64, torch.float32, seed=29)
+    q[0, 1, 70, 3] = float("nan")
+    counter = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    out, lse, _ = run_kernel(q, k, v, cfg, is_causal=True, return_lse=True, repair_counter=counter)
+    assert int(counter.item()) == 1 and launch.repair_rows(64) == launch.REPAIR_ROWS < 64
+    ref = exact(q, k, v, is_causal=True)
+    rows = [r for r in range(64, 128) if r != 70]
+    torch.testing.assert_close(out[0, 1, rows].double(), ref[0, 1, rows], rtol=1e-4, atol=1e-5)
+    assert torch.isnan(out[0, 1, 70]).all()
+    scores = (q.double() @ k.double().transpose(-1, -2)) * 64 ** -0.5
+    scores = scores.masked_fill(torch.ones(150, 150, dtype=torch.bool, device=DEVICE).triu(1), float("-inf"))
+    torch.testing.assert_close(lse[0, 1, rows].double(), torch.logsumexp(scores, dim=-1)[0, 1, rows], rtol=1e-5,
+                               atol=1e-4)
+
+
 @pytest.mark.parametrize("kernel,flags", [("int8_fp16", {"magic_convert": True}), ("int8_fp8", {"magic_convert": True}),
                                           ("int8_fp8", {"pv_direct": True}),
                                           ("int8_fp8", {"magic_convert": True, "pv_direct": True}),

@@ -49,13 +49,15 @@ def repair_tiles_kernel(
                 b = bh // H
                 h = bh % H
                 hk = h // KV_GROUP
-                # the causal mask's last key of the tile, for every one of its row slices
+                # the tile's head (Q, OUT, BIAS, PE_Q) and KV head (K, V, PE_K), and the causal mask's last key of
+                # the tile: the same for every one of its row slices
+                q_head, out_head = Q + b * stride_qb + h * stride_qh, OUT + b * stride_ob + h * stride_oh
+                k_head, v_head = K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh
+                bias_head = BIAS + b * stride_bias_b + h * stride_bias_h
+                pe_q, pe_k = PE + b * stride_pb + h * stride_ph, PE + b * stride_pb + hk * stride_ph
                 hi = tl.minimum(NK, (pid_m + 1) * BLOCK_M) if IS_CAUSAL else NK
                 for r in range(0, BLOCK_M, ROWS):
-                    repair_row_slice(Q + b * stride_qb + h * stride_qh, K + b * stride_kb + hk * stride_kh,
-                                     V + b * stride_vb + hk * stride_vh, OUT + b * stride_ob + h * stride_oh,
-                                     BIAS + b * stride_bias_b + h * stride_bias_h, LSE + bh * NQ,
-                                     PE + b * stride_pb + h * stride_ph, PE + b * stride_pb + hk * stride_ph, stride_pn,
+                    repair_row_slice(q_head, k_head, v_head, out_head, bias_head, LSE + bh * NQ, pe_q, pe_k, stride_pn,
                                      stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_on,
                                      stride_od, pid_m * BLOCK_M + r + tl.arange(0, ROWS), hi, NQ, NK, D, qk_multiplier,
                                      ROWS, BLOCK_N, BLOCK_D, IS_CAUSAL, HAS_BIAS, RETURN_LSE, ROPE)

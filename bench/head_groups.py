@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from sage_attention_pack.kernels import hopper_launch, launch
+from sage_attention_pack.kernels import head_groups, hopper_launch, launch
 from sage_attention_pack.kernels.call_plan import PLANS
 from sage_attention_pack.sage_core import timing
 from sage_attention_pack.sage_core.config import SageConfig
@@ -92,9 +92,12 @@ def tagged_plan(device, signature, make_buffers):
 
 @contextlib.contextmanager
 def hooks():
-    """The Hopper launch and the call plans' look-up wrapped for the arms (pass-throughs while no arm sets them), and
-    PLANS' limits raised so that every arm's plans stay kept; all as it was afterwards."""
-    limits = PLANS.max_bytes, PLANS.plan_max_bytes
+    """The Hopper launch and the call plans' look-up wrapped for the arms (pass-throughs while no arm sets them),
+    PLANS' limits raised so that every arm's plans stay kept, and the library's own split off (the plain call is
+    the whole call; bench/settings_ab.py's `head_groups.GROUPS` arms time the library's split); all as it was
+    afterwards."""
+    limits, library_groups = (PLANS.max_bytes, PLANS.plan_max_bytes), head_groups.GROUPS
+    head_groups.GROUPS = 1  # the plain call whole: the library's own split (kernels/head_groups.py) stays out
     # every plan kept: a plan made per call would free its buffers on the group's quantization stream while its
     # attention stream still reads them (the first run of the `s` arms read such reused memory at Wan2.1's shape)
     hopper_launch.launch, PLANS.plan, PLANS.max_bytes, PLANS.plan_max_bytes = recording_launch, tagged_plan, \
@@ -103,6 +106,7 @@ def hooks():
         yield
     finally:
         hopper_launch.launch, (PLANS.max_bytes, PLANS.plan_max_bytes) = _plain_launch, limits
+        head_groups.GROUPS = library_groups
         del PLANS.plan  # the class's method again
         PLANS.clear()
 

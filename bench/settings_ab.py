@@ -1,15 +1,17 @@
 """Whole FP8 calls under settings of the kernels' launchers, arm by arm, with PyTorch's default SDPA beside them, in
 interleaved rounds on one machine; per shape the times, the ratios to SDPA and to the first arm, whether every arm
-gives the first arm's bits, each arm's kernels (device milliseconds per call, from the profiler), whether the
-Hopper kernel coded Q itself, and the relative L1 error against FP32 attention on the last heads.
+gives the first arm's bits, each arm's kernels (device milliseconds per call, from the profiler), its host
+milliseconds per call, whether the Hopper kernel coded Q itself, and the relative L1 error against FP32 attention on
+the last heads.
 
     python bench/settings_ab.py [--arms NAME:module.SETTING=VALUE,... ...] [--shapes flux_1024px ...]
         [--config KEY] [--rounds 9] [--out settings_ab.json]
 
-An arm is NAME:module.SETTING=VALUE[,...] over kernels/launch.py (`launch.STATS_AHEAD=2`) and kernels/hopper_launch.py
-(`hopper_launch.Q_IN_KERNEL=1`); values are integers (1/0 for switches) or words. The default arms: Q coded by the
-quantization pass (as shipped), and coded inside the Hopper ping-pong kernel with its codes read from shared memory
-or from registers (hopper_launch.codes_q_in_kernel). A shape is a name of the benchmark's table or BxHxNxD.
+An arm is NAME:module.SETTING=VALUE[,...] over kernels/launch.py (`launch.STATS_AHEAD=2`),
+kernels/hopper_launch.py (`hopper_launch.Q_IN_KERNEL=1`) and kernels/head_groups.py (`head_groups.GROUPS=1`); values
+are integers (1/0 for switches) or words. The default arms: Q coded by the quantization pass (as shipped), and coded
+inside the Hopper ping-pong kernel with its codes read from shared memory or from registers
+(hopper_launch.codes_q_in_kernel). A shape is a name of the benchmark's table or BxHxNxD.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from sage_attention_pack.kernels import hopper_launch, launch, tuning
+from sage_attention_pack.kernels import head_groups, hopper_launch, launch, tuning
 from sage_attention_pack.kernels.call_plan import PLANS
 from sage_attention_pack.sage_core import backend, bench, timing
 from sage_attention_pack.sage_core.config import SageConfig
@@ -75,7 +77,7 @@ def last_heads_error(out: torch.Tensor, q, k, v) -> float:
     return attention_error(out[:, -ERROR_HEADS:], ref)["rel_l1"]
 
 
-MODULES = {"launch": launch, "hopper_launch": hopper_launch}
+MODULES = {"launch": launch, "hopper_launch": hopper_launch, "head_groups": head_groups}
 DEFAULT_SHAPES = ("flux_1024px", "sweep_d128_n16384")
 DEFAULT_ARMS = ("pass:hopper_launch.Q_IN_KERNEL=0",
                 "in_kernel:hopper_launch.Q_IN_KERNEL=1,hopper_launch.IN_KERNEL_Q_REGISTERS=0",
@@ -146,6 +148,7 @@ def measure(shape: tuple, arms: dict, rounds: int, settings: Settings, config=No
     for name, call in calls.items():
         outs[name] = call()[0].clone()
         row[f"kernels_{name}"] = breakdown.kernel_ms(call)
+        row[f"host_ms_{name}"] = breakdown.host_ms(call)
         row[f"q_in_kernel_{name}"] = launch.hopper_paths(q, k, v, config=config, k_group=config.block_n, pv_fp8=True,
                                                           is_causal=False, has_bias=False, rope=False)[1]
         if n <= ERROR_MAX_KEYS:

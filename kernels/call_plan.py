@@ -30,14 +30,32 @@ PLANS_MAX_BYTES = 128 << 20
 CHECK_LAUNCHES = os.environ.get("SAGE_ATTENTION_CHECK_PLANS", "0") not in ("", "0")
 
 
+def held_bytes(values, seen: set | None = None) -> int:
+    """The memory the tensors among `values` hold, and those of the call plans and lists of tuples among them (a
+    call split in head groups keeps a plan per group): the memory, not the elements seen, so a buffer with no
+    memory of its own (an expanded stand-in) costs none, and a storage shared by views counts once."""
+    seen = set() if seen is None else seen
+    total = 0
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        elif isinstance(value, CallPlan):
+            total += held_bytes(value.buffers.values(), seen)
+        elif isinstance(value, (list, tuple)):
+            total += held_bytes(value, seen)
+    return total
+
+
 class CallPlan:
     """The buffers of one call shape, a launch slot per launch site and whatever else is derived from them."""
 
     def __init__(self, buffers: dict, stream=None):
         self.buffers = buffers
         self.stream = stream  # the raw handle of the stream the plan is keyed on (None: asked per launch)
-        # the memory held, not the elements seen: a buffer with no memory of its own (an expanded stand-in) costs none
-        self.nbytes = sum(t.untyped_storage().nbytes() for t in buffers.values() if isinstance(t, torch.Tensor))
+        self.nbytes = held_bytes(buffers.values())
         self.slots: dict[str, LaunchSlot] = {}
         self.derived: dict = {}
         # site -> (kernel, compile-time arguments, runtime arguments' specialisation), with CHECK_LAUNCHES

@@ -9,8 +9,8 @@ import math
 
 import torch
 
-from . import hopper_launch, tuning
-from .call_plan import PLANS
+from . import head_groups, hopper_launch, tuning
+from .call_plan import PLANS, CallPlan
 from .direct_launch import launch as run_kernel
 from .tuning import interpreting
 from .attention_kernel import sage_attention_fwd_kernel
@@ -387,14 +387,13 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
     bias: None or an FP32 [Bb, Hb, Nk] additive bias in log2 units, Bb in {1, B}, Hb in {1, H}.
     rope: None or a rotary table Q and K are rotated by (quantize_qkv's rope; the repair rotates them too). The
     LSE's correction for K's smoothing reads the caller's Q: with a table, return_lse is not taken.
+
+    Where kernels/head_groups.py allows it, the call runs as groups of heads on streams of their own, each with
+    the plan its call plan keeps for it.
     """
     if rope is not None and return_lse:
         raise ValueError("sage_forward: return_lse with a rotary table is not supported (rotate Q and K first)")
-    B, H, NQ, D = q.shape
-    HK, NK = k.shape[1], k.shape[2]
     rope = rope_table(rope)  # once for the quantization and the repair
-    block_d = padded_head_dim(D)
-    block_m, block_n = config.block_m, config.block_n
     q_group, k_group = quant_groups(q_group, k_group, config)
     # FP8 P·V accumulated in place runs in the tensor cores' reduced-precision accumulator: with a per-channel
     # offset in V (projections with a bias) the output lost 0.26 relative L1 at 16k keys. V smoothing (exact:
@@ -404,30 +403,70 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
     # V's own type (relative L1 0.0122 -> 0.0152 against exact attention in the reference, 0.013 -> 0.022 in the
     # portable kernel, bench/NOTES.md). An FP32 V keeps the option (its products run in TF32).
     smooth_v = smooth_v and (pv_fp8 or v.dtype == torch.float32)
-
-    grid = (cdiv(NQ, block_m), B * H)
+    switches = dict(sm_scale=sm_scale, is_causal=is_causal, bias=bias, q_group=q_group, k_group=k_group,
+                    pv_fp8=pv_fp8, smooth_k=smooth_k, smooth_v=smooth_v, return_lse=return_lse, config=config,
+                    repair_counter=repair_counter, rope=rope)
     signature = (q.device, tensor_signature(q), tensor_signature(k), tensor_signature(v), tensor_signature(out),
                  tensor_signature(bias) if bias is not None else None,
                  tensor_signature(repair_counter) if repair_counter is not None else None,
                  tensor_signature(rope) if rope is not None else None,
-                 config, q_group, k_group, pv_fp8, smooth_k, smooth_v, return_lse, is_causal, interpreting())
+                 config, q_group, k_group, pv_fp8, smooth_k, smooth_v, return_lse, is_causal, interpreting(),
+                 head_groups.GROUPS, head_groups.ANY_PATH)
+    plan = PLANS.plan(q.device, signature, lambda: call_buffers(q, k, v, split=True, **switches))
+    groups = plan.buffers.get("head_groups")
+    if groups is None:
+        return run_plan(plan, q, k, v, out, **switches)
 
-    def call_buffers() -> dict:
-        # decided once per plan: whether the Hopper kernel serves (with the share of the tail split it needs) and
-        # whether it codes Q itself
-        pipelined, q_in_kernel = hopper_paths(q, k, v, config=config, k_group=k_group, pv_fp8=pv_fp8,
-                                              is_causal=is_causal, has_bias=bias is not None, rope=rope is not None)
-        buffers = quant_buffers(q, k, q_group=q_group, k_group=k_group, block_d=block_d, smooth_k=smooth_k,
-                                smooth_v=smooth_v, pv_fp8=pv_fp8, q_in_kernel=q_in_kernel)
-        buffers["v_shift"] = torch.empty((B * HK, block_d), device=q.device, dtype=torch.float32) \
-            if pv_fp8 else None
-        buffers["bad"] = torch.empty(B * H * NQ, device=q.device, dtype=torch.int8)  # a flag per query row
-        buffers["pipelined"], buffers["q_in_kernel"] = pipelined, q_in_kernel
-        buffers.update(hopper_launch.tail_buffers(config, B * H, NQ, NK, block_d, q.device) if pipelined
-                       else {"tail_split": None, "tail_o": None, "tail_lse": None})
-        return buffers
+    def call_group(group):
+        h0, h1, kh0, kh1, group_plan = group
+        run_plan(group_plan, q[:, h0:h1], k[:, kh0:kh1], v[:, kh0:kh1], out[:, h0:h1], **switches)
 
-    plan = PLANS.plan(q.device, signature, call_buffers)
+    head_groups.run(q.device, groups, call_group)
+    return None, plan.buffers["bad"]
+
+
+def call_buffers(q, k, v, *, split: bool, bad: torch.Tensor | None = None, **switches) -> dict:
+    """A call plan's buffers for sage_forward's call (switches: run_plan's keyword arguments), decided once per
+    plan: whether the Hopper kernel serves (with the share of the tail split it needs) and whether it codes Q
+    itself. With `split`, where head_groups.bounds splits the call: {"head_groups": [(h0, h1, kh0, kh1, the group's
+    CallPlan)], "bad": the call's row flags}, the groups' own plans writing their rows' flags into parts of it and
+    splitting no tail. bad: the flags' buffer to use (a group's part of its call's)."""
+    B, H, NQ, D = q.shape
+    HK, NK = k.shape[1], k.shape[2]
+    block_d = padded_head_dim(D)
+    config, pv_fp8, has_bias, rope = switches["config"], switches["pv_fp8"], switches["bias"] is not None, \
+        switches["rope"]
+    pipelined, q_in_kernel = hopper_paths(q, k, v, config=config, k_group=switches["k_group"], pv_fp8=pv_fp8,
+                                          is_causal=switches["is_causal"], has_bias=has_bias, rope=rope is not None)
+    groups = head_groups.bounds(q, k, pipelined=pipelined, pv_fp8=pv_fp8, return_lse=switches["return_lse"],
+                                has_bias=has_bias, is_causal=switches["is_causal"], rope=rope) if split else None
+    if groups is not None:
+        bad = torch.empty(B * H * NQ, device=q.device, dtype=torch.int8)
+        return {"bad": bad, "head_groups": [
+            (h0, h1, kh0, kh1, CallPlan(call_buffers(q[:, h0:h1], k[:, kh0:kh1], v[:, kh0:kh1], split=False,
+                                                     bad=bad[h0 * NQ:h1 * NQ], **switches)))
+            for h0, h1, kh0, kh1 in groups]}
+    buffers = quant_buffers(q, k, q_group=switches["q_group"], k_group=switches["k_group"], block_d=block_d,
+                            smooth_k=switches["smooth_k"], smooth_v=switches["smooth_v"], pv_fp8=pv_fp8,
+                            q_in_kernel=q_in_kernel)
+    buffers["v_shift"] = torch.empty((B * HK, block_d), device=q.device, dtype=torch.float32) if pv_fp8 else None
+    buffers["bad"] = bad if bad is not None else torch.empty(B * H * NQ, device=q.device, dtype=torch.int8)
+    buffers["pipelined"], buffers["q_in_kernel"] = pipelined, q_in_kernel
+    buffers.update(hopper_launch.tail_buffers(config, B * H, NQ, NK, block_d, q.device) if pipelined and split
+                   else {"tail_split": None, "tail_o": None, "tail_lse": None})
+    return buffers
+
+
+def run_plan(plan: CallPlan, q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_group: int, k_group: int,
+             pv_fp8: bool, smooth_k: bool, smooth_v: bool, return_lse: bool, config: tuning.LaunchConfig,
+             repair_counter, rope):
+    """sage_forward's call on one plan (call_buffers' without groups): the quantization, the attention and the
+    repair; q_group, k_group and smooth_v as sage_forward settles them, rope in rope_table's layout."""
+    B, H, NQ, D = q.shape
+    HK, NK = k.shape[1], k.shape[2]
+    block_d = padded_head_dim(D)
+    block_m, block_n = config.block_m, config.block_n
+    grid = (cdiv(NQ, block_m), B * H)
     pipelined = plan.buffers["pipelined"]
     fp16_tiles = hopper_launch.two_level(config, pv_fp8) if pipelined else portable_fp16_tiles(config, pv_fp8)
     qz = quantize_qkv(q, k, v, q_group=q_group, k_group=k_group, block_d=block_d, q_multiplier=sm_scale * LOG2E,

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import bench_script
+from sage_attention_pack.kernels import head_groups as library_groups
 from sage_attention_pack.kernels import hopper_launch
 from sage_attention_pack.kernels.call_plan import PLANS
 
@@ -46,14 +47,16 @@ def test_no_gpu_is_refused_with_the_reason():
 def test_the_hooks_are_pass_throughs_and_are_taken_back():
     g = groups()
     launch_before, limits = hopper_launch.launch, (PLANS.max_bytes, PLANS.plan_max_bytes)
+    groups_before = library_groups.GROUPS
     with g.hooks():
         assert hopper_launch.launch is g.recording_launch and PLANS.plan is g.tagged_plan
         assert PLANS.max_bytes > limits[0] and PLANS.plan_max_bytes > limits[1]
         assert g.TAG[0] is None  # no arm running: the plain look-up, and the plan kept
+        assert library_groups.GROUPS == 1  # the plain call whole
         made = PLANS.plan(torch.device("cpu"), ("head_groups test",), lambda: {"x": torch.zeros(4)})
         assert PLANS.plan(torch.device("cpu"), ("head_groups test",), dict) is made
     assert hopper_launch.launch is launch_before and (PLANS.max_bytes, PLANS.plan_max_bytes) == limits
-    assert "plan" not in vars(PLANS) and not PLANS.plans
+    assert "plan" not in vars(PLANS) and not PLANS.plans and library_groups.GROUPS == groups_before
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

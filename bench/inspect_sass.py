@@ -125,16 +125,16 @@ def compile_repair(block_m: int, d: int, arch: int, rope: bool = False):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from sage_attention_pack.kernels.launch import REPAIR_KEYS, REPAIR_TILES, repair_rows
+    from sage_attention_pack.kernels.launch import repair_constants
     from sage_attention_pack.kernels.repair_kernel import repair_tiles_kernel as fn
 
-    consts = dict(BLOCK_M=block_m, BLOCK_N=REPAIR_KEYS, BLOCK_D=d, IS_CAUSAL=False, HAS_BIAS=False,
-                  RETURN_LSE=False, ROPE=rope, TILES=REPAIR_TILES, ROWS=repair_rows(block_m))
+    consts = repair_constants(block_m, d, is_causal=False, has_bias=False, return_lse=False, rope=rope)
+    options = {name: consts.pop(name) for name in ("num_warps", "num_stages")}
     types = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "OUT": "*bf16", "BIAS": "*fp32", "LSE": "*fp32",
              "BAD": "*i8", "REPAIRED": "*i32", "qk_multiplier": "fp32", "PE": "*fp32"}
     sig = {name: "constexpr" if name in consts else types.get(name, "i32") for name in fn.arg_names}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "num_stages": 1})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def sass_of(kernel) -> str:

@@ -1,10 +1,14 @@
 """What the non-finite guard's exact repair costs on this GPU: the guarded FP8 call (as in a workflow) on clean
 inputs, with one flagged tile (a NaN in one query row poisons its INT8 scale group, whose rows come out NaN) and with
 a whole head flagged (a NaN in one key of the last head), in interleaved rounds beside PyTorch's default SDPA; per
-case the call's milliseconds, the repair kernel's device milliseconds per call (from the profiler), the tiles it
-repaired per call, and how far the repaired rows are from FP32 attention.
+arm and case the call's milliseconds, the repair kernel's device milliseconds per call (from the profiler), the
+tiles it repaired per call, and how far the repaired rows are from FP32 attention.
 
-    python bench/repair_cost.py [--shapes flux_1024px ...] [--rounds 9] [--out repair_cost.json]
+    python bench/repair_cost.py [--shapes flux_1024px ...] [--arms NAME:launch.SETTING=VALUE,... ...] [--rounds 9]
+        [--out repair_cost.json]
+
+Arms as bench/settings_ab.py takes them (`ieee:launch.REPAIR_DOT_PRECISION=ieee`); without any, the shipped
+settings.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from sage_attention_pack.sage_core import backend, bench, timing
 from sage_attention_pack.sage_core.config import SageConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is a folder of scripts
-from settings_ab import breakdown, parse_shape, run_shapes  # noqa: E402
+from settings_ab import Settings, breakdown, parse_arm, parse_shape, run_shapes  # noqa: E402
 
 CASES = ("clean", "one_tile", "one_head")
 CHECKED_ROWS = 64  # rows of the repaired tile compared with FP32 attention
@@ -36,54 +40,64 @@ def poisoned(q, k, case: str):
     return q, k
 
 
-def measure(shape: tuple, rounds: int) -> dict:
+def measure(shape: tuple, arms: dict, rounds: int, settings: Settings) -> dict:
     b, h, n, d = shape
     q, k, v = bench.model_shaped_inputs(b, h, n, d, torch.bfloat16, "cuda")
     config = backend.tuning_for(q.device, "fp8", launch.padded_head_dim(d), None, n, n, str(q.dtype), False)
-    counters, calls, inputs = {}, {}, {}
-    for case in CASES:
-        inputs[case] = poisoned(q, k, case)
-        counters[case] = torch.zeros(1, device="cuda", dtype=torch.int32)
-        calls[case] = functools.partial(
-            backend.run, *inputs[case], v, layout="HND", sm_scale=d ** -0.5, is_causal=False, bias=None,
-            config=SageConfig(kernel="int8_fp8"), pv_fp8=True, return_lse=False, launch_config=config,
-            repair_counter=counters[case])
+    counters, calls, inputs = {}, {}, {case: poisoned(q, k, case) for case in CASES}
+    for arm, arm_settings in arms.items():
+        for case in CASES:
+            name = case if len(arms) == 1 else f"{arm}_{case}"
+            counters[name] = torch.zeros(1, device="cuda", dtype=torch.int32)
+            calls[name] = settings.bind(arm_settings, functools.partial(
+                backend.run, *inputs[case], v, layout="HND", sm_scale=d ** -0.5, is_causal=False, bias=None,
+                config=SageConfig(kernel="int8_fp8"), pv_fp8=True, return_lse=False, launch_config=config,
+                repair_counter=counters[name]))
     sdpa = functools.partial(torch.nn.functional.scaled_dot_product_attention, q, k, v)
     ms = timing.interleaved_median_ms({**calls, "sdpa": sdpa}, rounds=rounds)
     row = {"shape": [b, h, n, d], "launch_config": config.key(), **ms}
-    for case, call in calls.items():
-        repair = {name: t for name, t in breakdown.kernel_ms(call).items() if name.startswith("repair")}
-        row[f"repair_ms_{case}"] = sum(repair.values())
-        counters[case].zero_()
+    for name, call in calls.items():
+        case = next(c for c in CASES if name.endswith(c))
+        clean = name[: -len(case)] + "clean"
+        repair = {kernel: t for kernel, t in breakdown.kernel_ms(call).items() if kernel.startswith("repair")}
+        row[f"repair_ms_{name}"] = sum(repair.values())
+        counters[name].zero_()
         out = call()[0]
         torch.cuda.synchronize()
-        row[f"tiles_repaired_{case}"] = int(counters[case].item())
-        if case != "clean" and isinstance(ms.get(case), float) and isinstance(ms.get("clean"), float):
-            row[f"extra_ms_{case}"] = ms[case] - ms["clean"]
+        row[f"tiles_repaired_{name}"] = int(counters[name].item())
+        if case != "clean" and isinstance(ms.get(name), float) and isinstance(ms.get(clean), float):
+            row[f"extra_ms_{name}"] = ms[name] - ms[clean]
         if case == "one_tile":  # the repaired tile, less its NaN row, against FP32 attention
             qs, ks = inputs[case]
             ref = torch.nn.functional.scaled_dot_product_attention(
                 qs[:, :1, :CHECKED_ROWS].float(), ks[:, :1].float(), v[:, :1].float())
             rows = torch.cat((torch.arange(5), torch.arange(6, CHECKED_ROWS))).to(out.device)
-            row["repaired_max_abs_err"] = (out[:, :1, rows].float() - ref[:, :, rows]).abs().max().item()
+            row[f"repaired_max_abs_err_{name}"] = (out[:, :1, rows].float() - ref[:, :, rows]).abs().max().item()
+    settings.restore()
     return row
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=["flux_1024px"])
+    ap.add_argument("--arms", nargs="+", default=[])
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--out", default="repair_cost.json")
     args = ap.parse_args(argv)
     try:
         shapes = {name: parse_shape(name) for name in args.shapes}
+        arms = dict(parse_arm(text) for text in args.arms) or {"shipped": {}}
     except ValueError as e:
         ap.error(str(e))
+    if args.arms and len(arms) != len(args.arms):
+        ap.error("two arms share a name")
     if args.rounds < 1:
         ap.error("rounds must be at least 1")
     if not torch.cuda.is_available():
         raise SystemExit("repair_cost times the guarded call on a CUDA GPU; none is available")
-    return run_shapes(shapes, lambda shape: measure(shape, args.rounds), args.out, {"rounds": args.rounds})
+    settings = Settings(arms)
+    return run_shapes(shapes, lambda shape: measure(shape, arms, args.rounds, settings), args.out,
+                      {"rounds": args.rounds, "arms": args.arms})
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ took Flux's call 0.4115 -> 0.3999 ms; built as a call of the whole entry point p
 call's host time (bench/NOTES.md, round "Heads in groups on streams of their own, …"). Here a call plan holds one
 plan per group (kernels/call_plan.py), made once, so a call adds only the groups' launches and two events.
 
-Where it applies (`bounds`): the Hopper kernel with FP8 P·V, one batch (each group's row flags are then a
+Where it applies (`bounds`): the Hopper ping-pong kernel with FP8 P·V, one batch (each group's row flags are then a
 contiguous part of the call's), whole groups of K/V heads, a rotary table shared by every head, no bias, no LSE, no
 causal mask, enough work (MIN_WORK) and at most MAX_KEYS keys: at 16k and 32k keys the split measured level or
 slower, and SDXL's shorter call became bound by the host. Each group runs with its own grid and no tail split (the
@@ -23,14 +23,17 @@ import torch
 
 GROUPS = 2  # groups a call's heads are split into where `bounds` allows it; 1 never splits
 MIN_WORK = 4e10  # B·H·Nq·Nk·D below which the groups' extra launches cost more host time than the overlap saves
-MAX_KEYS = 8192
+# on an H100 two groups took 0.7-2.8% off Flux's call (4608 keys) and lost 0.7% at 6144 keys, 4.8% at 8192 (where
+# the whole call splits its grid's tail already) and 1.7% at 4096 keys with the one-warpgroup kernel there
+# (bench/NOTES.md, round "Heads in groups inside the library, …")
+MAX_KEYS = 5120
 # the split on every path, the portable kernel's and the CPU interpreter's included (the tests' switch: there the
 # groups run one after another, which checks everything but the streams)
 ANY_PATH = False
 
 
-def bounds(q, k, *, pipelined: bool, pv_fp8: bool, return_lse: bool, has_bias: bool, is_causal: bool,
-           rope: torch.Tensor | None) -> list[tuple[int, int, int, int]] | None:
+def bounds(q, k, *, pipelined: bool, ping_pong: bool, pv_fp8: bool, return_lse: bool, has_bias: bool,
+           is_causal: bool, rope: torch.Tensor | None) -> list[tuple[int, int, int, int]] | None:
     """The groups of a call on [B, H, NQ, D] q and [B, HK, NK, D] k, as (h0, h1, kh0, kh1) head ranges of Q and of
     K/V, or None where the call is not split."""
     B, H, NQ, D = q.shape
@@ -40,8 +43,8 @@ def bounds(q, k, *, pipelined: bool, pv_fp8: bool, return_lse: bool, has_bias: b
         return None
     if rope is not None and rope.shape[1] != 1:  # a table per head would need slicing per group
         return None
-    if not ANY_PATH and (not pipelined or q.device.type != "cuda" or NK > MAX_KEYS or B * H * NQ * NK * D < MIN_WORK
-                         or torch.cuda.is_current_stream_capturing()):
+    if not ANY_PATH and (not (pipelined and ping_pong) or q.device.type != "cuda" or NK > MAX_KEYS
+                         or B * H * NQ * NK * D < MIN_WORK or torch.cuda.is_current_stream_capturing()):
         return None
     per_group, ratio = HK // groups, H // HK
     return [(g * per_group * ratio, (g + 1) * per_group * ratio, g * per_group, (g + 1) * per_group)

@@ -68,6 +68,9 @@ REPAIR_ROWS = 16  # rows of a flagged tile the repair recomputes at a time (repa
 # Blackwell; tests/test_arch_codegen.py), and with REPAIR_ROWS rows a slice 16 keys kept its registers clear of
 # spills on sm90 where 32 did not (bench/NOTES.md, round "Heads in groups on streams of their own, …")
 REPAIR_KEYS = 16
+# the repair's dots: "ieee" (FP32 on the FMA pipe) or "tf32x3" (three TF32 products on the tensor cores, FP32's
+# precision: 255 registers a thread where IEEE took 201 on sm90, and 52-72 bytes of spills on sm80 and sm120)
+REPAIR_DOT_PRECISION = "ieee"
 
 
 def fp16_tile_v_code_max(block_n: int) -> float:
@@ -82,6 +85,19 @@ def repair_rows(block_m: int) -> int:
     """Query rows the exact repair recomputes at a time (of a flagged tile's block_m): a whole 64-row tile at head dim
     128 in FP32 registers made ptxas fall back to 32 registers and a 12.5 KB stack per thread on sm90."""
     return min(REPAIR_ROWS, block_m)
+
+
+def repair_constants(block_m: int, block_d: int, *, is_causal: bool, has_bias: bool, return_lse: bool,
+                     rope: bool) -> dict:
+    """The exact repair's compile-time arguments and options after a kernel with query tiles of block_m rows."""
+    return dict(BLOCK_M=block_m, BLOCK_N=REPAIR_KEYS, BLOCK_D=block_d, IS_CAUSAL=is_causal, HAS_BIAS=has_bias,
+                RETURN_LSE=return_lse, ROPE=rope, TILES=REPAIR_TILES, ROWS=repair_rows(block_m),
+                DOT_PRECISION=REPAIR_DOT_PRECISION, num_warps=4, num_stages=1)
+
+
+def repair_grid(tiles: int, block_m: int) -> tuple[int, int]:
+    """The repair's grid for a call of `tiles` query tiles: a program per REPAIR_TILES tiles and row slice."""
+    return cdiv(tiles, REPAIR_TILES), block_m // repair_rows(block_m)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -438,8 +454,9 @@ def call_buffers(q, k, v, *, split: bool, bad: torch.Tensor | None = None, **swi
         switches["rope"]
     pipelined, q_in_kernel = hopper_paths(q, k, v, config=config, k_group=switches["k_group"], pv_fp8=pv_fp8,
                                           is_causal=switches["is_causal"], has_bias=has_bias, rope=rope is not None)
-    groups = head_groups.bounds(q, k, pipelined=pipelined, pv_fp8=pv_fp8, return_lse=switches["return_lse"],
-                                has_bias=has_bias, is_causal=switches["is_causal"], rope=rope) if split else None
+    groups = head_groups.bounds(q, k, pipelined=pipelined, ping_pong=config.ping_pong, pv_fp8=pv_fp8,
+                                return_lse=switches["return_lse"], has_bias=has_bias,
+                                is_causal=switches["is_causal"], rope=rope) if split else None
     if groups is not None:
         bad = torch.empty(B * H * NQ, device=q.device, dtype=torch.int8)
         return {"bad": bad, "head_groups": [
@@ -517,17 +534,14 @@ def run_plan(plan: CallPlan, q, k, v, out, *, sm_scale: float, is_causal: bool, 
         def repair_launch():
             """The repair launch's strides and sizes, the rotary table's strides, and its compile-time arguments."""
             return (*q.stride(), *k.stride(), *v.stride(), *out.stride(), *bias_strides, H, H // HK, NQ, NK, D), \
-                rope_strides(rope), dict(
-                    BLOCK_M=block_m, BLOCK_N=REPAIR_KEYS, BLOCK_D=block_d, IS_CAUSAL=is_causal,
-                    HAS_BIAS=bias is not None, RETURN_LSE=return_lse, ROPE=rope is not None, num_warps=4,
-                    num_stages=1)
+                rope_strides(rope), repair_constants(block_m, block_d, is_causal=is_causal, has_bias=bias is not None,
+                                                     return_lse=return_lse, rope=rope is not None)
 
         sizes, table_strides, constants = plan.derive("repair_launch", repair_launch)
         tiles = grid[0] * grid[1]
-        plan.run("repair", repair_tiles_kernel, (cdiv(tiles, REPAIR_TILES),), (
+        plan.run("repair", repair_tiles_kernel, repair_grid(tiles, block_m), (
             q, k, v, bias if bias is not None else k_scale, out, lse, bad, repair_counter, *sizes,
-            sm_scale * LOG2E, rope if rope is not None else k_scale, *table_strides, grid[0], tiles),
-                 {**constants, "TILES": REPAIR_TILES, "ROWS": repair_rows(block_m)})
+            sm_scale * LOG2E, rope if rope is not None else k_scale, *table_strides, grid[0], tiles), constants)
     return (lse if return_lse else None), bad
 
 

@@ -2,9 +2,10 @@
 
 Launched after every Sage call, one program per launch.REPAIR_TILES query tiles of the attention kernel's grid: a
 clean call's programs read their tiles' row flags and end, so the guard costs one small launch and no host
-synchronisation. A flagged tile is recomputed from the original Q, K, V in FP32 (IEEE dots, online softmax), with
-the same bias and causal mask (and Q and K rotated by the call's rotary table, ROPE), so wherever exact attention
-is finite the returned output is finite too.
+synchronisation. A flagged tile is recomputed from the original Q, K, V in FP32 (online softmax; the dots as
+DOT_PRECISION says: "tf32x3", three TF32 products on the tensor cores that together keep FP32's precision, or
+"ieee", FP32 on the FMA pipe), with the same bias and causal mask (and Q and K rotated by the call's rotary table,
+ROPE), so wherever exact attention is finite the returned output is finite too.
 """
 import triton
 import triton.language as tl
@@ -24,17 +25,20 @@ def repair_tiles_kernel(
     PE, stride_pb, stride_ph, stride_pn, tiles_m, tiles,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, RETURN_LSE: tl.constexpr, ROPE: tl.constexpr,
-    TILES: tl.constexpr, ROWS: tl.constexpr,
+    TILES: tl.constexpr, ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Program pid of P looks at TILES query tiles of the call's `tiles` (tiles_m tiles of BLOCK_M rows per head),
     pid, pid + P, pid + 2P, ..., in one load of their row flags, and repairs the flagged ones one after another:
     a head's consecutive tiles fall to different programs, so a whole flagged head is repaired in parallel as
-    before (P = tiles / TILES, at least as many as a head's tiles from 16 heads on). The kernel's resources are
+    before (P = tiles / TILES, at least as many as a head's tiles from 16 heads on). Each of the grid's
+    BLOCK_M / ROWS programs along axis 1 recomputes one slice of ROWS rows of every flagged tile it finds, so that
+    one flagged tile is repaired by that many programs at once. The kernel's resources are
     the repair's, which a clean call pays in every program it launches: one program per tile took 5.7-7.3 µs at
     Flux's shape and 50-60 µs at B2 H32 N16384 D128 on an H100 with ~56 KB of shared memory a program (bench/NOTES.md,
     round "The quantization in one launch, …"). A flagged tile is recomputed ROWS rows at a time (launch.repair_rows):
     with a whole 64- or 128-row tile in FP32 registers ptxas spilled up to tens of KB per thread; 16 rows take 17.5 KB
-    of shared memory at head dim 128 on sm90 and no spill."""
+    of shared memory at head dim 128 on sm90 and no spill. One program for all of a tile's slices took one flagged
+    tile 3.9 ms at Flux's shape on an H100 (bench/NOTES.md, round "Heads in groups inside the library, …")."""
     programs = tl.num_programs(0)
     tile = tl.program_id(0) + tl.arange(0, TILES) * programs
     row = (tile % tiles_m)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
@@ -45,22 +49,23 @@ def repair_tiles_kernel(
             bh = t // tiles_m
             offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             if tl.max(tl.load(BAD + bh * NQ + offs_m, mask=offs_m < NQ, other=0), axis=0) != 0:
-                tl.atomic_add(REPAIRED, 1)  # a tile counted once, on the device; read only when reported
+                if tl.program_id(1) == 0:
+                    tl.atomic_add(REPAIRED, 1)  # a tile counted once, on the device; read only when reported
                 b = bh // H
                 h = bh % H
                 hk = h // KV_GROUP
                 # the tile's head (Q, OUT, BIAS, PE_Q) and KV head (K, V, PE_K), and the causal mask's last key of
-                # the tile: the same for every one of its row slices
+                # the tile
                 q_head, out_head = Q + b * stride_qb + h * stride_qh, OUT + b * stride_ob + h * stride_oh
                 k_head, v_head = K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh
                 bias_head = BIAS + b * stride_bias_b + h * stride_bias_h
                 pe_q, pe_k = PE + b * stride_pb + h * stride_ph, PE + b * stride_pb + hk * stride_ph
                 hi = tl.minimum(NK, (pid_m + 1) * BLOCK_M) if IS_CAUSAL else NK
-                for r in range(0, BLOCK_M, ROWS):
-                    repair_row_slice(q_head, k_head, v_head, out_head, bias_head, LSE + bh * NQ, pe_q, pe_k, stride_pn,
-                                     stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_on,
-                                     stride_od, pid_m * BLOCK_M + r + tl.arange(0, ROWS), hi, NQ, NK, D, qk_multiplier,
-                                     ROWS, BLOCK_N, BLOCK_D, IS_CAUSAL, HAS_BIAS, RETURN_LSE, ROPE)
+                repair_row_slice(q_head, k_head, v_head, out_head, bias_head, LSE + bh * NQ, pe_q, pe_k, stride_pn,
+                                 stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_on, stride_od,
+                                 pid_m * BLOCK_M + tl.program_id(1) * ROWS + tl.arange(0, ROWS), hi, NQ, NK, D,
+                                 qk_multiplier, ROWS, BLOCK_N, BLOCK_D, IS_CAUSAL, HAS_BIAS, RETURN_LSE, ROPE,
+                                 DOT_PRECISION)
 
 
 @triton.jit
@@ -68,7 +73,8 @@ def repair_row_slice(Q, K, V, OUT, BIAS, LSE, PE_Q, PE_K, stride_pn,
                      stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_on, stride_od,
                      offs_m, hi, NQ, NK, D, qk_multiplier,
                      ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, RETURN_LSE: tl.constexpr, ROPE: tl.constexpr):
+                     IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, RETURN_LSE: tl.constexpr, ROPE: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
     """Query rows offs_m of one head recomputed exactly over keys 0..hi: Q, OUT, BIAS, LSE and PE_Q at that head, K,
     V and PE_K at its KV head."""
     offs_d = tl.arange(0, BLOCK_D)
@@ -89,7 +95,7 @@ def repair_row_slice(Q, K, V, OUT, BIAS, LSE, PE_Q, PE_K, stride_pn,
                     ).to(tl.float32)
         if ROPE:
             k = rotated(k, offs_n, offs_d, NK, D, PE_K, stride_pn)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if HAS_BIAS:
             s += tl.load(BIAS + offs_n, mask=n_valid, other=0.0)[None, :]
         keep = n_valid[None, :]
@@ -103,7 +109,7 @@ def repair_row_slice(Q, K, V, OUT, BIAS, LSE, PE_Q, PE_K, stride_pn,
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0
                     ).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
         m_i = m_new
     out = acc / l_i[:, None]
     o_mask = (offs_m[:, None] < NQ) & d_valid[None, :]

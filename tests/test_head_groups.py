@@ -18,7 +18,8 @@ def meta(*shape):
 
 
 def split_bounds(q, k, **overrides):
-    switches = dict(pipelined=True, pv_fp8=True, return_lse=False, has_bias=False, is_causal=False, rope=None)
+    switches = dict(pipelined=True, ping_pong=True, pv_fp8=True, return_lse=False, has_bias=False, is_causal=False,
+                    rope=None)
     return head_groups.bounds(q, k, **{**switches, **overrides})
 
 
@@ -48,6 +49,7 @@ def test_without_the_switch_only_a_long_enough_hopper_call_on_the_gpu_splits():
         flux = torch.empty(1, 24, 4608, 128, **cuda)
         assert split_bounds(flux, flux) == [(0, 12, 0, 12), (12, 24, 12, 24)]
         assert split_bounds(flux, flux, pipelined=False) is None
+        assert split_bounds(flux, flux, ping_pong=False) is None
         short = torch.empty(1, 24, 1024, 128, **cuda)  # under MIN_WORK
         assert split_bounds(short, short) is None
         long_keys = torch.empty(1, 24, head_groups.MAX_KEYS + 128, 128, **cuda)

@@ -14,7 +14,9 @@ def repair_cost():
 
 
 def test_bad_arguments_are_named_before_any_work(capsys):
-    for argv, said in ((["--shapes", "1x2x3"], "1x2x3"), (["--rounds", "0"], "at least 1")):
+    for argv, said in ((["--shapes", "1x2x3"], "1x2x3"), (["--rounds", "0"], "at least 1"),
+                       (["--arms", "x:launch.NOPE=1"], "NOPE"),
+                       (["--arms", "a:launch.REPAIR_TILES=2", "a:launch.REPAIR_TILES=4"], "share")):
         with pytest.raises(SystemExit) as hit:
             repair_cost().main(argv)
         assert hit.value.code == 2 and said in capsys.readouterr().err
@@ -44,4 +46,10 @@ def test_a_short_run_repairs_one_tile_and_one_head(tmp_path):
     assert row["tiles_repaired_clean"] == 0 and row["tiles_repaired_one_tile"] == 1
     block_m = tuning.LaunchConfig.from_key(row["launch_config"]).block_m
     assert row["tiles_repaired_one_head"] == -(-1024 // block_m)  # every tile of the last head
-    assert row["repair_ms_one_head"] > row["repair_ms_clean"] > 0 and row["repaired_max_abs_err"] < 2e-2
+    assert row["repair_ms_one_head"] > row["repair_ms_clean"] > 0 and row["repaired_max_abs_err_one_tile"] < 2e-2
+    # two arms: each case per arm, the dots in FP32 on the FMA pipe and as three TF32 products
+    arms = ["ieee:launch.REPAIR_DOT_PRECISION=ieee", "tf32x3:launch.REPAIR_DOT_PRECISION=tf32x3"]
+    assert repair_cost().main(["--shapes", "1x4x1024x128", "--rounds", "1", "--out", str(out), "--arms", *arms]) == 0
+    row = json.loads(out.read_text())["shapes"]["1x4x1024x128"]
+    for arm in ("ieee", "tf32x3"):
+        assert row[f"tiles_repaired_{arm}_one_tile"] == 1 and row[f"repaired_max_abs_err_{arm}_one_tile"] < 2e-2

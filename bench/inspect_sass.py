@@ -128,7 +128,7 @@ def compile_repair(block_m: int, d: int, arch: int, rope: bool = False):
     from sage_attention_pack.kernels.launch import repair_constants
     from sage_attention_pack.kernels.repair_kernel import repair_tiles_kernel as fn
 
-    consts = repair_constants(block_m, d, is_causal=False, has_bias=False, return_lse=False, rope=rope)
+    consts = repair_constants(block_m, d, is_causal=False, has_bias=False, return_lse=False, rope=rope, arch=arch)
     options = {name: consts.pop(name) for name in ("num_warps", "num_stages")}
     types = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "OUT": "*bf16", "BIAS": "*fp32", "LSE": "*fp32",
              "BAD": "*i8", "REPAIRED": "*i32", "qk_multiplier": "fp32", "PE": "*fp32"}

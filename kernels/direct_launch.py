@@ -57,9 +57,12 @@ def arguments_key(values) -> tuple:
 
 
 def uncommon_argument_key(a):
-    """argument_key of what arguments_key does not take inline: booleans, subclasses, tensor descriptors."""
+    """argument_key of what arguments_key does not take inline: booleans, words (a compile-time choice such as the
+    repair's dot precision), subclasses, tensor descriptors."""
     if isinstance(a, bool):
         return bool, a
+    if isinstance(a, str):
+        return str, a
     if isinstance(a, torch.Tensor):
         return a.dtype, a.data_ptr() % 16 == 0
     if isinstance(a, int):

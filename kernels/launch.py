@@ -68,9 +68,13 @@ REPAIR_ROWS = 16  # rows of a flagged tile the repair recomputes at a time (repa
 # Blackwell; tests/test_arch_codegen.py), and with REPAIR_ROWS rows a slice 16 keys kept its registers clear of
 # spills on sm90 where 32 did not (bench/NOTES.md, round "Heads in groups on streams of their own, …")
 REPAIR_KEYS = 16
-# the repair's dots: "ieee" (FP32 on the FMA pipe) or "tf32x3" (three TF32 products on the tensor cores, FP32's
-# precision: 255 registers a thread where IEEE took 201 on sm90, and 52-72 bytes of spills on sm80 and sm120)
+# the repair's dots: "tf32x3" (three TF32 products on the tensor cores, FP32's precision) on Hopper, where it took one
+# flagged tile at Flux's shape 1.07 -> 0.77 ms and a whole flagged head 11.1 -> 1.5 ms against IEEE dots, with the
+# same output bits there (bench/NOTES.md, round "Heads in groups inside the library, …"); "ieee" (FP32 on the FMA
+# pipe) elsewhere, where three TF32 products took 255 registers and spilled 52-72 bytes on sm80 and sm120 (IEEE: 201
+# to 255 registers, no spill) and no GPU of those families has measured either
 REPAIR_DOT_PRECISION = "ieee"
+REPAIR_DOT_PRECISION_SM90 = "tf32x3"
 
 
 def fp16_tile_v_code_max(block_n: int) -> float:
@@ -88,11 +92,19 @@ def repair_rows(block_m: int) -> int:
 
 
 def repair_constants(block_m: int, block_d: int, *, is_causal: bool, has_bias: bool, return_lse: bool,
-                     rope: bool) -> dict:
-    """The exact repair's compile-time arguments and options after a kernel with query tiles of block_m rows."""
+                     rope: bool, arch: int) -> dict:
+    """The exact repair's compile-time arguments and options after a kernel with query tiles of block_m rows, for
+    a GPU of compute capability `arch` (90 for sm90; 0 where there is none)."""
     return dict(BLOCK_M=block_m, BLOCK_N=REPAIR_KEYS, BLOCK_D=block_d, IS_CAUSAL=is_causal, HAS_BIAS=has_bias,
                 RETURN_LSE=return_lse, ROPE=rope, TILES=REPAIR_TILES, ROWS=repair_rows(block_m),
-                DOT_PRECISION=REPAIR_DOT_PRECISION, num_warps=4, num_stages=1)
+                DOT_PRECISION=REPAIR_DOT_PRECISION_SM90 if arch == 90 else REPAIR_DOT_PRECISION, num_warps=4,
+                num_stages=1)
+
+
+def device_arch(device: torch.device) -> int:
+    """The GPU's compute capability as one number (90 for sm90), 0 off CUDA and in Triton's interpreter."""
+    capability = None if interpreting() or device.type != "cuda" else tuning.cuda_capability(device)
+    return capability[0] * 10 + capability[1] if capability else 0
 
 
 def repair_grid(tiles: int, block_m: int) -> tuple[int, int]:
@@ -535,7 +547,8 @@ def run_plan(plan: CallPlan, q, k, v, out, *, sm_scale: float, is_causal: bool, 
             """The repair launch's strides and sizes, the rotary table's strides, and its compile-time arguments."""
             return (*q.stride(), *k.stride(), *v.stride(), *out.stride(), *bias_strides, H, H // HK, NQ, NK, D), \
                 rope_strides(rope), repair_constants(block_m, block_d, is_causal=is_causal, has_bias=bias is not None,
-                                                     return_lse=return_lse, rope=rope is not None)
+                                                     return_lse=return_lse, rope=rope is not None,
+                                                     arch=device_arch(q.device))
 
         sizes, table_strides, constants = plan.derive("repair_launch", repair_launch)
         tiles = grid[0] * grid[1]

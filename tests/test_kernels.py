@@ -506,6 +506,18 @@ def test_repair_programs_of_several_tiles_repair_the_same_tiles(monkeypatch, til
     assert torch.isfinite(torch.cat((repaired[:6], repaired[7:]))).all()
 
 
+def test_the_repair_takes_three_tf32_products_on_hopper_and_ieee_dots_elsewhere():
+    """launch.repair_constants: the tensor cores' three TF32 products where they were measured (sm90), IEEE FP32 dots
+    on every other target (and in the interpreter, arch 0); one program per row slice of a tile."""
+    def precision(arch):
+        return launch.repair_constants(64, 128, is_causal=False, has_bias=False, return_lse=False, rope=False,
+                                       arch=arch)["DOT_PRECISION"]
+
+    assert precision(90) == "tf32x3" and {precision(a) for a in (0, 80, 86, 89, 100, 120)} == {"ieee"}
+    assert launch.repair_grid(72 * 24, 64) == (-(-72 * 24 // launch.REPAIR_TILES), 64 // launch.REPAIR_ROWS)
+    assert launch.device_arch(torch.device("cpu")) == 0
+
+
 def test_a_causal_tile_is_repaired_in_row_slices_exactly():
     """The repair recomputes a flagged tile launch.REPAIR_ROWS rows at a time, each slice over the keys up to the
     tile's last row with the causal mask per row: a NaN in row 70 flags the second 64-row tile of head 1, whose other
@@ -963,6 +975,7 @@ def test_direct_launch_keys_what_triton_specialises_on():
     assert argument_key(x.float()) != argument_key(x)
     assert argument_key(1) != argument_key(True) and argument_key(16) != argument_key(17)
     assert argument_key(0.5) == argument_key(2.0)  # floats are not specialised by value
+    assert argument_key("ieee") != argument_key("tf32x3")  # a word's value is compiled in (the repair's precision)
     with pytest.raises(NotKeyable):
         argument_key(object())
     values = (x, x[1:], 1, True, 16, 0.5, None)

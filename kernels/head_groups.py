@@ -6,7 +6,8 @@ head's codes and statistics, so with the heads in two groups on two streams one 
 the other's attention, and the groups' last waves share the machine. As a script (bench/head_groups.py) two groups
 took Flux's call 0.4115 -> 0.3999 ms; built as a call of the whole entry point per group it lost, each group paying a
 call's host time (bench/NOTES.md, round "Heads in groups on streams of their own, …"). Here a call plan holds one
-plan per group (kernels/call_plan.py), made once, so a call adds only the groups' launches and two events.
+plan per group (kernels/call_plan.py), made once, so a call adds only the groups' launches and two events. Off as
+shipped (GROUPS): measured, it gained too little (see there).
 
 Where it applies (`bounds`): the Hopper ping-pong kernel with FP8 P·V, one batch (each group's row flags are then a
 contiguous part of the call's), whole groups of K/V heads, a rotary table shared by every head, no bias, no LSE, no
@@ -21,11 +22,13 @@ import threading
 
 import torch
 
-GROUPS = 2  # groups a call's heads are split into where `bounds` allows it; 1 never splits
+# groups a call's heads are split into where `bounds` allows it; 1, as shipped, never splits. On an H100 two groups
+# took 0.7-0.9% off Flux's call (4608 keys) in interleaved A/Bs and lost 1.7% at 5120 keys, 0.7% at 6144, 4.8% at
+# 8192 (where the whole call splits its grid's tail already) and 1.7% at 4096 with the one-warpgroup kernel there;
+# three and four groups lost 9% and 40% at Flux, each group costing the host ~0.13 ms (bench/NOTES.md, round "Heads
+# in groups inside the library, …"). Too little, and too unevenly, to split calls by default.
+GROUPS = 1
 MIN_WORK = 4e10  # B·H·Nq·Nk·D below which the groups' extra launches cost more host time than the overlap saves
-# on an H100 two groups took 0.7-2.8% off Flux's call (4608 keys) and lost 0.7% at 6144 keys, 4.8% at 8192 (where
-# the whole call splits its grid's tail already) and 1.7% at 4096 keys with the one-warpgroup kernel there
-# (bench/NOTES.md, round "Heads in groups inside the library, …")
 MAX_KEYS = 5120
 # the split on every path, the portable kernel's and the CPU interpreter's included (the tests' switch: there the
 # groups run one after another, which checks everything but the streams)

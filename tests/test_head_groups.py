@@ -25,6 +25,7 @@ def split_bounds(q, k, **overrides):
 
 def test_bounds_take_whole_kv_head_groups_and_refuse_what_a_group_cannot_take(monkeypatch):
     monkeypatch.setattr(head_groups, "ANY_PATH", True)
+    monkeypatch.setattr(head_groups, "GROUPS", 2)
     q, k = meta(1, 8, 100, 64), meta(1, 4, 100, 64)  # two query heads per K/V head
     assert split_bounds(q, k) == [(0, 4, 0, 2), (4, 8, 2, 4)]
     monkeypatch.setattr(head_groups, "GROUPS", 4)
@@ -41,8 +42,10 @@ def test_bounds_take_whole_kv_head_groups_and_refuse_what_a_group_cannot_take(mo
     assert split_bounds(q, k) is None
 
 
-def test_without_the_switch_only_a_long_enough_hopper_call_on_the_gpu_splits():
+def test_without_the_switch_only_a_long_enough_hopper_call_on_the_gpu_splits(monkeypatch):
     q, k = meta(1, 24, 4608, 128), meta(1, 24, 4608, 128)  # Flux's shape, but not on a GPU
+    assert head_groups.GROUPS == 1  # as shipped: no call splits
+    monkeypatch.setattr(head_groups, "GROUPS", 2)
     assert split_bounds(q, k) is None
     if torch.cuda.is_available():
         cuda = dict(device="cuda")
@@ -54,6 +57,8 @@ def test_without_the_switch_only_a_long_enough_hopper_call_on_the_gpu_splits():
         assert split_bounds(short, short) is None
         long_keys = torch.empty(1, 24, head_groups.MAX_KEYS + 128, 128, **cuda)
         assert split_bounds(flux, long_keys) is None
+        monkeypatch.setattr(head_groups, "GROUPS", 1)
+        assert split_bounds(flux, flux) is None
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the portable path's split, run in Triton's interpreter")
@@ -89,6 +94,7 @@ def test_a_split_call_gives_the_whole_calls_bits_flags_and_repairs(monkeypatch, 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the portable path's split, run in Triton's interpreter")
 def test_a_split_calls_plan_holds_each_groups_plan_and_is_reused(monkeypatch):
     monkeypatch.setattr(head_groups, "ANY_PATH", True)
+    monkeypatch.setattr(head_groups, "GROUPS", 2)
     q, k, v = inputs(1, 4, 2, 96, 80, 64, torch.float32, seed=5)
     PLANS.clear()
     first = run_kernel(q, k, v, FP8)[0]
@@ -106,8 +112,9 @@ def test_a_split_calls_plan_holds_each_groups_plan_and_is_reused(monkeypatch):
 
 @pytest.mark.skipif(not HOPPER, reason=NO_HOPPER)
 def test_flux_split_on_streams_gives_the_whole_calls_bits_on_the_hopper_kernel(monkeypatch):
-    """Flux's shape on the H100: two groups on two streams through the Hopper kernel, against the whole call
-    (whose grid splits no tail there): the same bits, repeatable, and exact attention's accuracy bound."""
+    """Flux's shape on the H100, the split switched on: two groups on two streams through the Hopper kernel, against
+    the whole call (whose grid splits no tail there): the same bits, repeatable, and exact attention's accuracy
+    bound."""
     shape = (1, 24, 4608, 128)
     q, k, v = inputs(*shape[:2], shape[1], shape[2], shape[2], shape[3], torch.bfloat16, seed=7)
     config = tuning.LaunchConfig.from_key("m64n128w4s4mcpdgpppnt")

@@ -69,8 +69,9 @@ REPAIR_ROWS = 16  # rows of a flagged tile the repair recomputes at a time (repa
 # spills on sm90 where 32 did not (bench/NOTES.md, round "Heads in groups on streams of their own, …")
 REPAIR_KEYS = 16
 # the repair's dots: "tf32x3" (three TF32 products on the tensor cores, FP32's precision) on Hopper, where it took one
-# flagged tile at Flux's shape 1.07 -> 0.77 ms and a whole flagged head 11.1 -> 1.5 ms against IEEE dots, with the
-# same output bits there (bench/NOTES.md, round "Heads in groups inside the library, …"); "ieee" (FP32 on the FMA
+# flagged tile at Flux's shape 1.07 -> 0.77 ms and a whole flagged head 11.1 -> 1.5 ms against IEEE dots, the
+# repaired rows as close to FP32 attention (2.4e-4 at most, the BF16 output's rounding; bench/NOTES.md, round "Heads
+# in groups inside the library, …"); "ieee" (FP32 on the FMA
 # pipe) elsewhere, where three TF32 products took 255 registers and spilled 52-72 bytes on sm80 and sm120 (IEEE: 201
 # to 255 registers, no spill) and no GPU of those families has measured either
 REPAIR_DOT_PRECISION = "ieee"

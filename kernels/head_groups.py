@@ -56,8 +56,8 @@ def bounds(q, k, *, pipelined: bool, ping_pong: bool, pv_fp8: bool, return_lse: 
 
 class Streams(threading.local):
     """Per thread and device: the side streams of all groups but the last (which runs on the caller's stream), the
-    event they wait on and the events the caller waits on. Made once: a stream made per call would also key a new
-    call plan on every call."""
+    event they wait on and the events the caller waits on. Made once, so that a call only records and waits; per
+    thread, so that two threads' calls never record the same event."""
 
     def __init__(self):
         self.by_device: dict = {}

@@ -69,10 +69,11 @@ def compile_attention(pv: str, d: int, m: int, n: int, warps: int, stages: int, 
                           options={"num_warps": warps, "num_stages": stages, "maxnreg": maxnreg})
 
 
-def compile_quantize(stats_pass: bool, d: int, arch: int, pv_fp8: bool = True, maxnreg=None, rope: bool = False,
+def compile_quantize(which: str, d: int, arch: int, pv_fp8: bool = True, maxnreg=None, rope: bool = False,
                      **overrides):
-    """One of the quantization's two launches (kernels/launch.quantize_qkv) compiled for `arch`: the statistics with
-    Q's codes (stats_pass), or K's codes with V's. pv_fp8: as the in-place Hopper path launches it (FP8 P·V, both
+    """One of the quantization's launches (kernels/launch.quantize_qkv) compiled for `arch`: the statistics with
+    Q's codes ("stats_q"), K's codes with V's ("k_v"), or with carried statistics Q's, K's and V's codes in one
+    ("carried", FP8 P·V only). pv_fp8: as the in-place Hopper path launches it (FP8 P·V, both
     smoothings, Q in groups of 64 rows, K of 128); otherwise as the portable kernel's FP16 P·V does by default (K
     smoothed alone, groups of 16 and 64 rows, no V codes). rope: with the rotary table (Q and K coded rotated).
     `overrides` replace the launch module's constants (STATS_TILE=16, ...)."""
@@ -86,8 +87,9 @@ def compile_quantize(stats_pass: bool, d: int, arch: int, pv_fp8: bool = True, m
     from quant_constants import PATHS, constants  # bench/, beside this script
 
     ptypes = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Q8": "*i8", "K8": "*i8", "V8": "*fp8e4nv" if pv_fp8 else "*i8",
-              "V_TICKETS": "*i32", "PE": "*fp32"}
-    floats = ("q_multiplier", "v_code_max", "inv_keys")
+              "V_TICKETS": "*i32", "K_TICKETS": "*i32", "PE": "*fp32"}
+    floats = ("q_multiplier", "v_code_max", "inv_keys", "carry_margin")
+    stats_pass, carried = which == "stats_q", which == "carried" and pv_fp8
     path = PATHS["fp8" if pv_fp8 else "fp16"]  # the groups each call path quantizes in
     q_group, k_group = path["q_group"], path["k_group"]
     with constants(overrides):  # slice_rows and v_channels read them too
@@ -101,8 +103,9 @@ def compile_quantize(stats_pass: bool, d: int, arch: int, pv_fp8: bool = True, m
                         V_STATS=pv_fp8, V_ROWS=v_rows, CHANNELS=channels, SMOOTH_V=pv_fp8, PV_FP8=pv_fp8,
                         INTERPRETING=False, PV_KEY_ORDER=pv_fp8, WARPS=warps, DO_STATS=int(stats_pass),
                         FINISH_SHIFT=pv_fp8 and not stats_pass, SHIFT_PROGRAMS=launch.SHIFT_PROGRAMS,
-                        DO_Q=int(stats_pass), DO_K=int(not stats_pass), ROPE=rope, STATS_AHEAD=ahead,
-                        V_BLOCKS=d // channels if pv_fp8 and not stats_pass else 0, STATS_STAGES=stages)
+                        DO_Q=int(stats_pass or carried), DO_K=int(not stats_pass), ROPE=rope, STATS_AHEAD=ahead,
+                        V_BLOCKS=d // channels if pv_fp8 and not stats_pass else 0, STATS_STAGES=stages,
+                        CARRIED=carried)
     const_values.update({name: 1 for name in fn.arg_names if re.fullmatch(r"stride_[a-z]d", name)})
     sig, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -325,7 +328,7 @@ def main(argv=None):
     ap.add_argument("--dump", help="write the SASS here")
     ap.add_argument("--ptx", help="write the PTX here")
     ap.add_argument("--json", action="store_true", help="print only a JSON summary (resources, main-loop overlap)")
-    ap.add_argument("--quant", choices=["stats_q", "k_v"],
+    ap.add_argument("--quant", choices=["stats_q", "k_v", "carried"],
                     help="compile a quantization launch instead (its constants as CONST=VALUE after it)")
     ap.add_argument("--repair", action="store_true",
                     help="compile the exact repair of flagged tiles instead (query tiles of --m rows)")
@@ -339,7 +342,7 @@ def main(argv=None):
               else f"{resource_report(k, args.arch)}  shared {k.metadata.shared} B")
         return 0
     if args.quant:
-        k = compile_quantize(args.quant == "stats_q", args.d, args.arch, args.pv == "fp8", args.maxnreg, args.rope,
+        k = compile_quantize(args.quant, args.d, args.arch, args.pv == "fp8", args.maxnreg, args.rope,
                              **{c: int(v) for c, v in (o.split("=") for o in args.overrides)})
         sass = sass_of(k)
         if args.dump:

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from . import head_groups, hopper_launch, tuning
+from . import carried_stats, head_groups, hopper_launch, tuning
 from .call_plan import PLANS, CallPlan
 from .direct_launch import launch as run_kernel
 from .tuning import interpreting
@@ -76,6 +76,12 @@ REPAIR_KEYS = 16
 # to 255 registers, no spill) and no GPU of those families has measured either
 REPAIR_DOT_PRECISION = "ieee"
 REPAIR_DOT_PRECISION_SM90 = "tf32x3"
+# carried statistics (kernels/carried_stats.py): V's FP8 scale carried to the next call is its range's times this,
+# so that V may grow this much between two calls at a site before a code saturates (and its head is repaired).
+# FP8 e4m3 keeps its relative precision at any scale down to its smallest normal, 2^-6: only values below
+# margin × 3.5e-5 of a channel's largest lose bits
+CARRY_MARGIN = 2.0
+CARRY_SCRATCH = ("k_parts", "k_tickets", "v_diff_sums")  # quant_buffers that only a carried call writes
 
 
 def fp16_tile_v_code_max(block_n: int) -> float:
@@ -208,6 +214,13 @@ def quant_buffers(q, k, *, q_group: int, k_group: int, block_d: int, smooth_k: b
         # V's range per head and channel, (max, min), which the statistics' atomics fold into; the last V program of
         # each head and channel block sets it back to (-inf, inf) for the next call
         "v_range": empty_range(B * HK, block_d, dev) if pv_fp8 else None,
+        # a call with carried statistics (quantize_qkv's carry): each K program's sum of k - mean, a ticket per head
+        # that the last K program sets back to 0, and each V program's sum of v - mean
+        "k_parts": torch.empty((B * HK, cdiv(NK, max(QUANT_ROWS, q_group, k_group)), block_d), device=dev, dtype=f32)
+        if pv_fp8 else None,
+        "k_tickets": torch.zeros(B * HK, device=dev, dtype=torch.int32) if pv_fp8 else None,
+        "v_diff_sums": torch.empty((B * HK, cdiv(v_padded, V_ROWS), block_d), device=dev, dtype=f32)
+        if pv_fp8 else None,
         "v_padded": v_padded,
     }
 
@@ -255,7 +268,7 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
                  smooth_v: bool, pv_fp8: bool, pv_key_order: bool = False,
                  v_code_max: float = FP8_E4M3_MAX, buffers: dict | None = None, run=launch_now,
                  v_shift: torch.Tensor | None = None, rope: torch.Tensor | None = None, derive=None,
-                 q_in_kernel: bool = False) -> dict:
+                 q_in_kernel: bool = False, carry: torch.Tensor | None = None) -> dict:
     """All quantization of one call in at most two launches of quantize_kernel: K's and V's statistics (K's over
     a sample of the keys from 1024 on, stats_every) with Q's INT8 codes, then K's INT8 codes and V's (which need
     the statistics); with nothing to smooth, Q's and K's codes in one. q_in_kernel: Q is left to the attention
@@ -286,6 +299,11 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
     launch of its own, and before that with PyTorch's sum and scaled add, it cost a launch per call (11-14 µs of
     a call at SDXL's and Flux's shapes on the H200 for PyTorch's two; bench/NOTES.md, rounds "Chained launches,
     and the output shift in one launch" and "Three cuts to a program's fixed cost and one launch fewer").
+
+    carry: a call site's carried statistics ([B*HK, 3, block_d] FP32: K's mean, V's mean, V's scale with its
+    margin; kernels/carried_stats.py), with pv_fp8 and v_shift only: then one launch codes Q, K and V with them
+    instead of this call's statistics, and carries this call's to the next (quant_kernels.finish_k_block and
+    finish_v_block). k_mean then holds the carried mean the K codes took off, v_mean this call's mean.
     """
     rope = rope_table(rope)
     out = buffers if buffers is not None else quant_buffers(
@@ -293,11 +311,15 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
         pv_fp8=pv_fp8, q_in_kernel=q_in_kernel)
     need_v_stats = pv_fp8 or smooth_v
     finish_shift = pv_fp8 and v_shift is not None
+    carried = carry is not None
+    if carried and not finish_shift:
+        raise ValueError("quantize_qkv: carried statistics need FP8 P·V and an output shift buffer")
 
     def layout():
         return quant_launches(q, k, q_group=q_group, k_group=k_group, block_d=block_d, smooth_k=smooth_k,
                               smooth_v=smooth_v, pv_fp8=pv_fp8, pv_key_order=pv_key_order, finish_shift=finish_shift,
-                              rope=rope is not None, v_padded=out["v_padded"], q_in_kernel=q_in_kernel)
+                              rope=rope is not None, v_padded=out["v_padded"], q_in_kernel=q_in_kernel,
+                              carried=carried)
 
     def fixed_arguments():
         """The launches, and their arguments from the buffers to the sizes: all fixed by a plan's signature (its
@@ -308,13 +330,15 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
                   out["k_scale"], out["k_mean"] if smooth_k else dummy, out["v8"] if pv_fp8 else dummy,
                   out["v_scale"] if pv_fp8 else dummy, out["v_mean"] if need_v_stats else dummy,
                   out["v_code_sums"] if pv_fp8 else dummy, v_shift if finish_shift else dummy,
-                  out["v_tickets"] if pv_fp8 else dummy, *q.stride(), *k.stride(), *v.stride(), *sizes)
+                  out["v_tickets"] if pv_fp8 else dummy, out["k_parts"] if pv_fp8 else dummy,
+                  out["k_tickets"] if pv_fp8 else dummy, out["v_diff_sums"] if pv_fp8 else dummy, *q.stride(),
+                  *k.stride(), *v.stride(), *sizes)
         return middle, tail, launches, rope_strides(rope)
 
-    middle, tail, launches, table_strides = derive("quant_launches", fixed_arguments) if derive is not None \
-        else fixed_arguments()
-    args = (q, k, v, *middle, float(q_multiplier), out["v_padded"], float(v_code_max), *tail,
-            rope if rope is not None else out["q_scale"], *table_strides)
+    middle, tail, launches, table_strides = derive("quant_launches_carried" if carried else "quant_launches",
+                                                   fixed_arguments) if derive is not None else fixed_arguments()
+    args = (q, k, v, carry if carried else out["q_scale"], *middle, float(q_multiplier), out["v_padded"],
+            float(v_code_max), *tail, rope if rope is not None else out["q_scale"], *table_strides)
     for site, grid, kwargs in launches:
         run(site, quantize_kernel, grid, args, kwargs)
     return out
@@ -322,9 +346,10 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
 
 def quant_launches(q, k, *, q_group: int, k_group: int, block_d: int, smooth_k: bool, smooth_v: bool, pv_fp8: bool,
                    pv_key_order: bool, finish_shift: bool, rope: bool, v_padded: int,
-                   q_in_kernel: bool = False) -> tuple[tuple, tuple, list]:
+                   q_in_kernel: bool = False, carried: bool = False) -> tuple[tuple, tuple, list]:
     """What the shapes and switches of quantize_qkv's call fix: quantize_kernel's size arguments (BH .. k_groups),
-    its (n_v_programs, inv_keys), and its launches [(site, grid, compile-time arguments)], statistics' first."""
+    its (n_v_programs, inv_keys, carry_margin), and its launches [(site, grid, compile-time arguments)], statistics'
+    first; with `carried` (quantize_qkv's carry) one launch of Q's, K's and V's codes."""
     B, H, NQ, D = q.shape
     HK, NK = k.shape[1], k.shape[2]
     k_every = stats_every(NK)
@@ -335,19 +360,23 @@ def quant_launches(q, k, *, q_group: int, k_group: int, block_d: int, smooth_k: 
     n_v_programs = cdiv(v_padded, V_ROWS) if pv_fp8 else 1
     sizes = (B * H, B * HK, H, HK, NQ, NK, D, n_chunks, chunk_rows, k_every, sampled_key_count(NK, k_every),
              cdiv(NQ, q_group), cdiv(NK, k_group))
-    tail = (n_v_programs, 1.0 / max(NK, 1))
+    tail = (n_v_programs, 1.0 / max(NK, 1), CARRY_MARGIN)
     constants = dict(ROWS=rows, Q_SUB=slice_rows(q_group, rows, rope), K_SUB=slice_rows(k_group, rows, rope),
                      Q_GROUP=q_group, K_GROUP=k_group, BLOCK_D=block_d, STATS_TILE=STATS_TILE,
                      STATS_CHUNKS=MAX_STATS_CHUNKS, SMOOTH_K=smooth_k, V_STATS=need_v_stats, V_ROWS=V_ROWS,
                      CHANNELS=v_channels(block_d), SMOOTH_V=smooth_v, PV_FP8=pv_fp8,
                      INTERPRETING=interpreting(), PV_KEY_ORDER=pv_key_order, FINISH_SHIFT=finish_shift,
                      SHIFT_PROGRAMS=SHIFT_PROGRAMS, ROPE=rope, STATS_AHEAD=STATS_AHEAD, STATS_STAGES=stats_stages(rope),
-                     WARPS=QUANT_WARPS, num_warps=QUANT_WARPS)  # WARPS: quantize_v_tile's layout steer
+                     CARRIED=carried, WARPS=QUANT_WARPS, num_warps=QUANT_WARPS)  # WARPS: quantize_v_tile's layout
     # the statistics' chunks first: they are the longest programs, and blocks are dispatched in grid order
     do_q = int(not q_in_kernel)
-    passes = [dict(DO_STATS=1, DO_Q=do_q, DO_K=0, V_BLOCKS=0),
-              dict(DO_STATS=0, DO_Q=0, DO_K=1, V_BLOCKS=block_d // constants["CHANNELS"] if need_v_stats else 0)] \
-        if stats else [dict(DO_STATS=0, DO_Q=do_q, DO_K=1, V_BLOCKS=0)]
+    v_blocks = block_d // constants["CHANNELS"] if need_v_stats else 0
+    if carried:
+        passes = [dict(DO_STATS=0, DO_Q=do_q, DO_K=1, V_BLOCKS=v_blocks)]
+    elif stats:
+        passes = [dict(DO_STATS=1, DO_Q=do_q, DO_K=0, V_BLOCKS=0), dict(DO_STATS=0, DO_Q=0, DO_K=1, V_BLOCKS=v_blocks)]
+    else:
+        passes = [dict(DO_STATS=0, DO_Q=do_q, DO_K=1, V_BLOCKS=0)]
     launches = []
     for roles in passes:
         role_programs = [(n_chunks, roles["DO_STATS"]), (cdiv(NQ, rows), roles["DO_Q"]),
@@ -355,7 +384,8 @@ def quant_launches(q, k, *, q_group: int, k_group: int, block_d: int, smooth_k: 
         grid = (max(max(n, 1) for n, count in role_programs if count), max(B * H, B * HK) if roles["DO_Q"] else B * HK,
                 sum(count for _, count in role_programs))
         site = "quantize_" + "_".join(name for name, on in (("stats", roles["DO_STATS"]), ("q", roles["DO_Q"]),
-                                                             ("k", roles["DO_K"]), ("v", roles["V_BLOCKS"])) if on)
+                                                             ("k", roles["DO_K"]), ("v", roles["V_BLOCKS"]),
+                                                             ("carried", carried)) if on)
         launches.append((site, grid, {**constants, **roles}))
     return sizes, tail, launches
 
@@ -404,7 +434,7 @@ def hopper_paths(q, k, v, *, config: tuning.LaunchConfig, k_group: int, pv_fp8: 
 
 def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_group: int, k_group: int,
                  pv_fp8: bool, smooth_k: bool, smooth_v: bool, return_lse: bool, config: tuning.LaunchConfig,
-                 repair_counter=None, rope=None):
+                 repair_counter=None, rope=None, carry_key=None):
     """Run quantization and attention; writes `out` ([B, H, Nq, D] view) and returns (lse, bad): bad holds a
     flag per query row ([B·H·Nq] int8, 1 where the row's output came out non-finite), valid until the next call
     of this shape.
@@ -419,6 +449,10 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
 
     Where kernels/head_groups.py allows it, the call runs as groups of heads on streams of their own, each with
     the plan its call plan keeps for it.
+
+    carry_key: a hashable name of the call site (e.g. a model's block and call) whose statistics carry from one
+    call to the next (kernels/carried_stats.py): taken with FP8 P·V, the guard on (repair_counter), no LSE and no
+    head groups, else ignored.
     """
     if rope is not None and return_lse:
         raise ValueError("sage_forward: return_lse with a rotary table is not supported (rotate Q and K first)")
@@ -444,7 +478,11 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
     plan = PLANS.plan(q.device, signature, lambda: call_buffers(q, k, v, split=True, **switches))
     groups = plan.buffers.get("head_groups")
     if groups is None:
-        return run_plan(plan, q, k, v, out, **switches)
+        carry = None
+        if carry_key is not None and pv_fp8 and repair_counter is not None and not return_lse:
+            carry = carried_stats.SITES.site((carry_key, signature), q.shape[0] * k.shape[1],
+                                             padded_head_dim(q.shape[-1]), q.device)
+        return run_plan(plan, q, k, v, out, carry=carry, **switches)
 
     def call_group(group):
         h0, h1, kh0, kh1, group_plan = group
@@ -489,9 +527,11 @@ def call_buffers(q, k, v, *, split: bool, bad: torch.Tensor | None = None, **swi
 
 def run_plan(plan: CallPlan, q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_group: int, k_group: int,
              pv_fp8: bool, smooth_k: bool, smooth_v: bool, return_lse: bool, config: tuning.LaunchConfig,
-             repair_counter, rope):
+             repair_counter, rope, carry: carried_stats.CarriedSite | None = None):
     """sage_forward's call on one plan (call_buffers' without groups): the quantization, the attention and the
-    repair; q_group, k_group and smooth_v as sage_forward settles them, rope in rope_table's layout."""
+    repair; q_group, k_group and smooth_v as sage_forward settles them, rope in rope_table's layout. carry: the
+    call site's carried statistics: the quantization codes with them once primed, and the first call primes
+    them."""
     B, H, NQ, D = q.shape
     HK, NK = k.shape[1], k.shape[2]
     block_d = padded_head_dim(D)
@@ -503,7 +543,10 @@ def run_plan(plan: CallPlan, q, k, v, out, *, sm_scale: float, is_causal: bool, 
                       smooth_k=smooth_k, smooth_v=smooth_v, pv_fp8=pv_fp8, pv_key_order=pipelined,
                       v_code_max=fp16_tile_v_code_max(block_n) if fp16_tiles else FP8_E4M3_MAX,
                       buffers=plan.buffers, run=plan.run, v_shift=plan.buffers["v_shift"], rope=rope,
-                      derive=plan.derive, q_in_kernel=plan.buffers["q_in_kernel"])
+                      derive=plan.derive, q_in_kernel=plan.buffers["q_in_kernel"],
+                      carry=carry.values if carry is not None and carry.primed else None)
+    if carry is not None and not carry.primed:
+        carry.prime(qz["k_mean"], qz["v_mean"], qz["v_scale"], CARRY_MARGIN)
     k_scale, k_mean = qz["k_scale"], qz["k_mean"]
     # FP8 P·V: the shift was written by the quantization's last launch; FP16 P·V: V's mean where V was smoothed
     # (quantize_qkv gives v_mean only then), else None

@@ -236,6 +236,16 @@ def finish_stats(PARTS, bh, n_chunks, N, offs_d, BLOCK_D: tl.constexpr, CHUNKS: 
 
 
 @triton.jit
+def carried_row(ROW, offs_d, CHUNKS: tl.constexpr):
+    """ROW[offs_d], one per-channel row of the carried statistics, in the layout finish_stats gives its vectors: a
+    [CHUNKS, channels] tile of which only the first row is read (the masked rows issue no memory access), summed.
+    Loaded as a vector of its own, Triton gave it another layout and the carried launch took 244 registers on sm90
+    where one of the same roles without it took 128."""
+    first = tl.arange(0, CHUNKS)[:, None] == 0
+    return tl.sum(tl.load(ROW + tl.zeros((CHUNKS, 1), tl.int32) + offs_d[None, :], mask=first, other=0.0), axis=0)
+
+
+@triton.jit
 def pv_key_source(s):
     """Which key goes to position s within its 32: the Hopper kernel's P operand takes keys relabelled by bits
     (h u q t) -> (h q u t) (kernels/hopper_attention_kernel.to_pv_operand), so position (h q u t) holds key
@@ -279,21 +289,27 @@ def first_slice(X, b, h, row0, stride_b, stride_h, stride_n, stride_d, N, D, ROW
 
 @triton.jit
 def quantize_int8_role(X, b, h, row0, stride_b, stride_h, stride_n, stride_d, N, D, shift, multiplier,
-                       OUT8, SCALE, n_groups, first, PE, stride_pn,
+                       OUT8, SCALE, n_groups, first, PE, stride_pn, SUMS,
                        ROWS: tl.constexpr, SUB: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.constexpr,
-                       ROPE: tl.constexpr, SHIFTED: tl.constexpr, EXPLICIT_NAN: tl.constexpr):
+                       ROPE: tl.constexpr, SHIFTED: tl.constexpr, EXPLICIT_NAN: tl.constexpr,
+                       SUM_ROWS: tl.constexpr):
     """INT8 codes of (rot(x) - shift) * multiplier (rot: the rotary table PE's rotation with ROPE, else none) for
     rows [row0, row0 + ROWS) of one head, SUB rows at a time, into OUT8 [N, BLOCK_D] and one scale per GROUP rows
     into SCALE [n_groups]. Slices keep the FP32 tile small (a whole 128-row tile took 255 registers and spilled in
     4 warps), so more programs share a multiprocessor. A group longer than a slice takes two passes: its maximum is
     found first, then its rows are read again (from the cache) and coded. Every slice's load is issued one step
     ahead (shifted_slice); the caller issues the first (first_slice), ahead of whatever else it waits for. Without
-    SHIFTED (shift all zeros) and ROPE, rows and channels outside the tensor load as 0 and stay 0: no mask."""
+    SHIFTED (shift all zeros) and ROPE, rows and channels outside the tensor load as 0 and stay 0: no mask. With
+    SUM_ROWS the program also stores the per-channel sum of the coded values (rot(x) - shift) * multiplier over its
+    rows into SUMS [BLOCK_D] (carried statistics: the next call's K mean, finish_k_block)."""
     offs_d = tl.arange(0, BLOCK_D)
     rows = tl.arange(0, SUB)
     end = tl.minimum(N, row0 + ROWS)
     nxt = first
     MASK: tl.constexpr = SHIFTED or ROPE
+    # in the layout of a slice's sums (a vector of its own layout cost a conversion per slice: 166 registers on sm90
+    # where the launch takes 128 without the sums)
+    total = tl.sum(tl.zeros((SUB, BLOCK_D), tl.float32), axis=0)
     if GROUP > SUB:
         for g in tl.static_range(0, ROWS, GROUP):
             amax = tl.zeros([1], tl.float32)
@@ -310,6 +326,8 @@ def quantize_int8_role(X, b, h, row0, stride_b, stride_h, stride_n, stride_d, N,
                                        multiplier, nxt, end, PE, stride_pn, SUB, ROPE, MASK)
                 codes = int8_codes(x, reciprocal(scale)[:, None])
                 tl.store(OUT8 + offs_n[:, None] * BLOCK_D + offs_d[None, :], codes, mask=offs_n[:, None] < N)
+                if SUM_ROWS:
+                    total += tl.sum(x, axis=0)
             offs_g = (row0 + g) // GROUP + tl.arange(0, 1)
             tl.store(SCALE + offs_g, scale, mask=offs_g < n_groups)
     else:
@@ -321,16 +339,21 @@ def quantize_int8_role(X, b, h, row0, stride_b, stride_h, stride_n, stride_d, N,
             tl.store(OUT8 + offs_n[:, None] * BLOCK_D + offs_d[None, :], codes, mask=offs_n[:, None] < N)
             offs_g = (row0 + s) // GROUP + tl.arange(0, SUB // GROUP)
             tl.store(SCALE + offs_g, scale, mask=offs_g < n_groups)
+            if SUM_ROWS:
+                total += tl.sum(x, axis=0)
+    if SUM_ROWS:
+        tl.store(SUMS + offs_d, total)
 
 
 @triton.jit
 def quantize_v_tile(
-    V, PARTS, V_RANGE, V8, V_SCALE, V_MEAN, V_CODE_SUM, V_SHIFT, V_TICKETS, pid, bh, channel_block, n_programs,
+    V, PARTS, V_RANGE, V8, V_SCALE, V_MEAN, V_CODE_SUM, V_SHIFT, V_TICKETS, CARRY, V_DIFF_SUM, pid, bh,
+    channel_block, n_programs,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    HK, NK, D, n_chunks, v_padded, v_code_max, inv_keys,
+    HK, NK, D, n_chunks, v_padded, v_code_max, inv_keys, carry_margin,
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr, CHANNELS: tl.constexpr, STATS_CHUNKS: tl.constexpr,
     SMOOTH_V: tl.constexpr, PV_FP8: tl.constexpr, FP8_ROUND_IN_FP32: tl.constexpr, PV_KEY_ORDER: tl.constexpr,
-    WARPS: tl.constexpr, FINISH_SHIFT: tl.constexpr, SHIFT_PROGRAMS: tl.constexpr,
+    WARPS: tl.constexpr, FINISH_SHIFT: tl.constexpr, SHIFT_PROGRAMS: tl.constexpr, CARRIED: tl.constexpr,
 ):
     """V's part of one call's quantization: ROWS keys (program pid of n_programs) and CHANNELS of the BLOCK_D
     channels (channel_block) of one head: a whole 128-channel tile took 255 registers and spilled. The first
@@ -356,7 +379,16 @@ def quantize_v_tile(
 
     The last of a head's and channel block's programs to store its code sums (an atomic ticket per block in
     V_TICKETS, which that program sets back to 0 for the next call) sets those channels of V_RANGE back and, with
-    FINISH_SHIFT, writes their output shift into V_SHIFT (finish_v_block)."""
+    FINISH_SHIFT, writes their output shift into V_SHIFT (finish_v_block).
+
+    CARRIED (PV_FP8 with FINISH_SHIFT only): V's mean and scale come from the call before at this site (CARRY
+    [BHK, 3, BLOCK_D]: K's mean, V's mean, V's scale with its margin; kernels/carried_stats.py) instead of this
+    call's statistics, which no launch before this one makes. The program folds its rows' range into V_RANGE by
+    atomics and stores the sum of v - (carried mean) into V_DIFF_SUM [BHK, n_programs, BLOCK_D]; the last
+    program finishes this call's mean, the exact output shift and the next call's scale from them. A value past
+    the carried scale's reach would saturate its FP8 code: the program then writes NaN into its channel's code
+    sum, so that the head's shift, and with it every output row of the head, turns non-finite, and the guard's
+    repair recomputes those rows exactly (the caller runs this mode only with the guard on)."""
     # rows per repetition of that layout: WARPS warps (the launch's num_warps) of 32 threads, CHANNELS // 4 along the
     # channels
     REPEAT: tl.constexpr = WARPS * 32 // (CHANNELS // 4)
@@ -368,74 +400,130 @@ def quantize_v_tile(
     src_n = pv_key_source(offs_n) if PV_KEY_ORDER else offs_n
     if PV_FP8:  # in flight while the statistics are finished: nothing in it waits for them
         v_raw = load_raw(V, bh // HK, bh % HK, src_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, NK, D)
-    mean = finish_stats(PARTS, bh, n_chunks, NK, offs_d, BLOCK_D, STATS_CHUNKS, 1)
-    if pid == 0:
-        tl.store(V_MEAN + bh * BLOCK_D + offs_d, mean)
+    if CARRIED:
+        mean = carried_row(CARRY + (bh * 3 + 1) * BLOCK_D, offs_d, STATS_CHUNKS)
+    else:
+        mean = finish_stats(PARTS, bh, n_chunks, NK, offs_d, BLOCK_D, STATS_CHUNKS, 1)
+        if pid == 0:
+            tl.store(V_MEAN + bh * BLOCK_D + offs_d, mean)
     if PV_FP8:
-        v_mean = mean  # V's own: the output shift restores it
+        v_mean = mean  # V's own (CARRIED: the call before's): the output shift restores this call's
         if not SMOOTH_V:
             mean = tl.zeros((CHANNELS,), tl.float32)
-        vmax = tl.load(V_RANGE + bh * 2 * BLOCK_D + offs_d)  # finished by the statistics' atomics
-        vmin = tl.load(V_RANGE + (bh * 2 + 1) * BLOCK_D + offs_d)
-        scale = tl.maximum(tl.maximum(vmax - mean, mean - vmin), 1e-30) / v_code_max
+        if CARRIED:
+            scale = carried_row(CARRY + (bh * 3 + 2) * BLOCK_D, offs_d, STATS_CHUNKS)
+        else:
+            vmax = tl.load(V_RANGE + bh * 2 * BLOCK_D + offs_d)  # finished by the statistics' atomics
+            vmin = tl.load(V_RANGE + (bh * 2 + 1) * BLOCK_D + offs_d)
+            scale = tl.maximum(tl.maximum(vmax - mean, mean - vmin), 1e-30) / v_code_max
         v = v_raw.to(tl.float32)
         valid = in_bounds(src_n, offs_d, NK, D)
-        codes = to_fp8_e4m3(tl.where(valid, v - mean[None, :], 0.0) * reciprocal(scale)[None, :], FP8_ROUND_IN_FP32)
+        r = reciprocal(scale)
+        codes = to_fp8_e4m3(tl.where(valid, v - mean[None, :], 0.0) * r[None, :], FP8_ROUND_IN_FP32)
         # [A, R, CHANNELS]: load row i = a * R + r at position r * A + a, contiguous along a
         pos = pid * ROWS + tl.arange(0, R)[None, :, None] * A + tl.arange(0, A)[:, None, None]
         tl.store(V8 + (bh * BLOCK_D + offs_d[None, None, :]) * v_padded + pos, tl.reshape(codes, (A, R, CHANNELS)),
                  mask=pos < v_padded)
-        tl.store(V_CODE_SUM + (bh * n_programs + pid) * BLOCK_D + offs_d,
-                 tl.sum(codes.to(tl.float32), axis=0) * scale)
+        code_sum = tl.sum(codes.to(tl.float32), axis=0) * scale
+        if CARRIED:
+            # rows outside V read as the carried mean: no deviation, no share of the sums, no false saturation.
+            # (Taken from the scaled tile the codes are made of instead, the launch took 230 registers on sm90, not
+            # 168)
+            v_in = tl.where(valid, v, v_mean[None, :])
+            top = tl.max(v_in, axis=0)
+            bottom = tl.min(v_in, axis=0)
+            code_sum = tl.where(tl.maximum(top - mean, mean - bottom) * r > v_code_max, float("nan"), code_sum)
+            tl.store(V_DIFF_SUM + (bh * n_programs + pid) * BLOCK_D + offs_d, tl.sum(v_in - v_mean[None, :], axis=0))
+            tl.atomic_max(V_RANGE + bh * 2 * BLOCK_D + offs_d, top, sem="relaxed")
+            tl.atomic_min(V_RANGE + (bh * 2 + 1) * BLOCK_D + offs_d, bottom, sem="relaxed")
+        tl.store(V_CODE_SUM + (bh * n_programs + pid) * BLOCK_D + offs_d, code_sum)
         if pid == 0:
             tl.store(V_SCALE + bh * BLOCK_D + offs_d, scale)
         finish_v_block(V_CODE_SUM, V_SHIFT, V_TICKETS, V_RANGE, v_mean, bh, channel_block, n_programs, inv_keys,
-                     offs_d, BLOCK_D, CHANNELS, SHIFT_PROGRAMS, FINISH_SHIFT)
+                       offs_d, CARRY, V_DIFF_SUM, V_MEAN, scale, v_code_max, carry_margin, BLOCK_D, CHANNELS,
+                       SHIFT_PROGRAMS, FINISH_SHIFT, CARRIED, SMOOTH_V)
 
 
 @triton.jit
-def code_sums_total(V_CODE_SUM, bh, n_programs, offs_d, BLOCK_D: tl.constexpr, CHANNELS: tl.constexpr,
+def code_sums_total(SUMS, bh, n_programs, offs_d, BLOCK_D: tl.constexpr, CHANNELS: tl.constexpr,
                     PROGRAMS: tl.constexpr):
-    """The sum over a head's n_programs V programs of their code sums (V_CODE_SUM [BHK, n_programs, BLOCK_D]) at
-    channels offs_d, PROGRAMS rows at a time: one fixed order, the same bits on every run. The loads skip L1
-    (".cg"): the sums were just written by other programs of the running launch."""
+    """The sum over a head's n_programs programs of their per-channel sums (SUMS [BHK, n_programs, BLOCK_D]: V's
+    code sums, V's or K's sums of x - mean) at channels offs_d, PROGRAMS rows at a time: one fixed order, the same
+    bits on every run. The loads skip L1 (".cg"): the sums were just written by other programs of the running
+    launch."""
     offs_p = tl.arange(0, PROGRAMS)
     total = tl.zeros((PROGRAMS, CHANNELS), tl.float32)
     for start in range(0, n_programs, PROGRAMS):
         rows = start + offs_p
-        total += tl.load(V_CODE_SUM + (bh * n_programs + rows[:, None]) * BLOCK_D + offs_d[None, :],
+        total += tl.load(SUMS + (bh * n_programs + rows[:, None]) * BLOCK_D + offs_d[None, :],
                          mask=rows[:, None] < n_programs, other=0.0, cache_modifier=".cg")
     return tl.sum(total, axis=0)
 
 
 @triton.jit
 def finish_v_block(V_CODE_SUM, V_SHIFT, V_TICKETS, V_RANGE, mean, bh, channel_block, n_programs, inv_keys, offs_d,
-                 BLOCK_D: tl.constexpr, CHANNELS: tl.constexpr, SHIFT_PROGRAMS: tl.constexpr, SHIFT: tl.constexpr):
+                   CARRY, V_DIFF_SUM, V_MEAN, scale, v_code_max, carry_margin,
+                   BLOCK_D: tl.constexpr, CHANNELS: tl.constexpr, SHIFT_PROGRAMS: tl.constexpr, SHIFT: tl.constexpr,
+                   CARRIED: tl.constexpr, SMOOTH_V: tl.constexpr):
     """The end of a V program: count itself in on its head's and channel block's ticket once its code sums are
     stored and V's range read. The last to arrive sets those channels of the range V_RANGE back to (-inf, inf) for
     the next call's atomics (kv_stats_chunk) and, with SHIFT, adds every program's code sums up (in a fixed order,
     SHIFT_PROGRAMS rows at a time: the same bits on every run) and writes V_SHIFT = mean - inv_keys · their sum. The
     barrier puts every thread's loads and stores before the ticket's release; the acquire makes the other programs'
-    visible."""
+    visible.
+
+    CARRIED (quantize_v_tile): `mean` is the carried one and `scale` the carried scale the codes used. The last
+    program finishes this call's mean from the programs' sums of v - mean (V_DIFF_SUM), writes it to V_MEAN and
+    the shift from it, and carries this call's mean and the scale its range gives (times carry_margin) to the next
+    call in CARRY; a non-finite one (a NaN or Inf in V) carries the old values instead."""
     tl.debug_barrier()
     ticket = V_TICKETS + bh * (BLOCK_D // CHANNELS) + channel_block
     if tl.atomic_add(ticket, 1, sem="acq_rel") == n_programs - 1:
         tl.store(ticket, 0)
+        if CARRIED:
+            current = mean + code_sums_total(V_DIFF_SUM, bh, n_programs, offs_d, BLOCK_D, CHANNELS,
+                                             SHIFT_PROGRAMS) * inv_keys
+            tl.store(V_MEAN + bh * BLOCK_D + offs_d, current)
+            top = tl.load(V_RANGE + bh * 2 * BLOCK_D + offs_d, cache_modifier=".cg")
+            bottom = tl.load(V_RANGE + (bh * 2 + 1) * BLOCK_D + offs_d, cache_modifier=".cg")
+            centre = current if SMOOTH_V else tl.zeros((CHANNELS,), tl.float32)
+            carried = tl.maximum(tl.maximum(top - centre, centre - bottom), 1e-30) / v_code_max * carry_margin
+            kept = (tl.abs(current) < float("inf")) & (carried < float("inf"))  # False for NaN too
+            tl.store(CARRY + (bh * 3 + 1) * BLOCK_D + offs_d, tl.where(kept, current, mean))
+            tl.store(CARRY + (bh * 3 + 2) * BLOCK_D + offs_d, tl.where(kept, carried, scale))
+        else:
+            current = mean
         if SHIFT:
             total = code_sums_total(V_CODE_SUM, bh, n_programs, offs_d, BLOCK_D, CHANNELS, SHIFT_PROGRAMS)
-            tl.store(V_SHIFT + bh * BLOCK_D + offs_d, mean - total * inv_keys)
+            tl.store(V_SHIFT + bh * BLOCK_D + offs_d, current - total * inv_keys)
         tl.store(V_RANGE + bh * 2 * BLOCK_D + offs_d, tl.full((CHANNELS,), float("-inf"), tl.float32))
         tl.store(V_RANGE + (bh * 2 + 1) * BLOCK_D + offs_d, tl.full((CHANNELS,), float("inf"), tl.float32))
 
 
 @triton.jit
+def finish_k_block(K_PARTS, K_TICKETS, CARRY, mean, bh, n_programs, inv_keys, offs_d, BLOCK_D: tl.constexpr,
+                   SHIFT_PROGRAMS: tl.constexpr):
+    """The end of a K program in a CARRIED launch: count itself in on its head's ticket once its sum of k - mean
+    (quantize_int8_role's SUMS, in K_PARTS [BHK, n_programs, BLOCK_D]) is stored; the last to arrive sets the
+    ticket back to 0 and carries this call's K mean (mean + their sum / keys, a fixed order) to the next call in
+    CARRY, the old one where it is not finite. Every program of the head read the old mean before it arrived."""
+    tl.debug_barrier()
+    ticket = K_TICKETS + bh
+    if tl.atomic_add(ticket, 1, sem="acq_rel") == n_programs - 1:
+        tl.store(ticket, 0)
+        current = mean + code_sums_total(K_PARTS, bh, n_programs, offs_d, BLOCK_D, BLOCK_D, SHIFT_PROGRAMS) * inv_keys
+        tl.store(CARRY + bh * 3 * BLOCK_D + offs_d, tl.where(tl.abs(current) < float("inf"), current, mean))
+
+
+@triton.jit
 def quantize_kernel(
-    Q, K, V, PARTS, V_RANGE, Q8, Q_SCALE, K8, K_SCALE, K_MEAN, V8, V_SCALE, V_MEAN, V_CODE_SUM, V_SHIFT, V_TICKETS,
+    Q, K, V, CARRY, PARTS, V_RANGE, Q8, Q_SCALE, K8, K_SCALE, K_MEAN, V8, V_SCALE, V_MEAN, V_CODE_SUM, V_SHIFT,
+    V_TICKETS, K_PARTS, K_TICKETS, V_DIFF_SUM,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     BH, BHK, H, HK, NQ, NK, D, n_chunks, chunk_rows, k_every, k_sampled, q_groups, k_groups, q_multiplier,
-    v_padded, v_code_max, n_v_programs, inv_keys,
+    v_padded, v_code_max, n_v_programs, inv_keys, carry_margin,
     PE, stride_pb, stride_ph, stride_pn,
     DO_STATS: tl.constexpr, DO_Q: tl.constexpr, DO_K: tl.constexpr, V_BLOCKS: tl.constexpr,
     ROWS: tl.constexpr, Q_SUB: tl.constexpr, K_SUB: tl.constexpr, Q_GROUP: tl.constexpr, K_GROUP: tl.constexpr,
@@ -443,7 +531,7 @@ def quantize_kernel(
     V_STATS: tl.constexpr, V_ROWS: tl.constexpr, CHANNELS: tl.constexpr, SMOOTH_V: tl.constexpr,
     PV_FP8: tl.constexpr, INTERPRETING: tl.constexpr, PV_KEY_ORDER: tl.constexpr, WARPS: tl.constexpr,
     FINISH_SHIFT: tl.constexpr, SHIFT_PROGRAMS: tl.constexpr, ROPE: tl.constexpr, STATS_AHEAD: tl.constexpr,
-    STATS_STAGES: tl.constexpr,
+    STATS_STAGES: tl.constexpr, CARRIED: tl.constexpr,
 ):
     """One launch of a call's quantization: the roles it is given (DO_STATS, DO_Q, DO_K, V_BLOCKS), one per
     program_id(2), in that order; program_id(0) is the role's chunk or row block, program_id(1) its head. Roles
@@ -463,7 +551,12 @@ def quantize_kernel(
 
     ROPE: Q and K are coded (and K's sample summed) rotated by the rotary table PE [B, H, N, 2, D] (strides 0
     where it broadcasts; kernels/rotary.py, launch.rope_table), so that a model's rotation costs no pass of its
-    own."""
+    own.
+
+    CARRIED: one launch without statistics: K's and V's codes take the means and V's scale from the call before at
+    this site (CARRY [BHK, 3, BLOCK_D]; kernels/carried_stats.py), and the last K and V programs of each head carry
+    this call's to the next (finish_k_block, finish_v_block). K_PARTS, K_TICKETS and V_DIFF_SUM are their
+    scratch."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     role = tl.program_id(2)
@@ -484,26 +577,35 @@ def quantize_kernel(
             quantize_int8_role(Q, bh // H, bh % H, pid * ROWS, stride_qb, stride_qh, stride_qn, stride_qd, NQ, D,
                                tl.zeros((BLOCK_D,), tl.float32), q_multiplier, Q8 + bh * NQ * BLOCK_D,
                                Q_SCALE + bh * q_groups, q_groups, first,
-                               PE + (bh // H) * stride_pb + (bh % H) * stride_ph, stride_pn, ROWS, Q_SUB, Q_GROUP,
-                               BLOCK_D, ROPE, False, INTERPRETING)
+                               PE + (bh // H) * stride_pb + (bh % H) * stride_ph, stride_pn, K_PARTS, ROWS, Q_SUB,
+                               Q_GROUP, BLOCK_D, ROPE, False, INTERPRETING, False)
     if DO_K:
         if (role == K_ROLE) & (bh < BHK) & (pid * ROWS < NK):
             # K's first rows in flight while the mean is finished from the statistics
             first = first_slice(K, bh // HK, bh % HK, pid * ROWS, stride_kb, stride_kh, stride_kn, stride_kd, NK, D,
                                 ROWS, K_SUB, BLOCK_D)
             if SMOOTH_K:
-                mean = finish_stats(PARTS, bh, n_chunks, k_sampled, offs_d, BLOCK_D, STATS_CHUNKS, 0)
+                if CARRIED:
+                    mean = carried_row(CARRY + bh * 3 * BLOCK_D, offs_d, STATS_CHUNKS)
+                else:
+                    mean = finish_stats(PARTS, bh, n_chunks, k_sampled, offs_d, BLOCK_D, STATS_CHUNKS, 0)
                 if pid == 0:
                     tl.store(K_MEAN + bh * BLOCK_D + offs_d, mean)
             else:
                 mean = tl.zeros((BLOCK_D,), tl.float32)
+            k_programs = tl.cdiv(NK, ROWS)
             quantize_int8_role(K, bh // HK, bh % HK, pid * ROWS, stride_kb, stride_kh, stride_kn, stride_kd, NK, D,
                                mean, 1.0, K8 + bh * NK * BLOCK_D, K_SCALE + bh * k_groups, k_groups, first,
-                               PE + (bh // HK) * stride_pb + (bh % HK) * stride_ph, stride_pn, ROWS, K_SUB, K_GROUP,
-                               BLOCK_D, ROPE, SMOOTH_K, INTERPRETING)
+                               PE + (bh // HK) * stride_pb + (bh % HK) * stride_ph, stride_pn,
+                               K_PARTS + (bh * k_programs + pid) * BLOCK_D, ROWS, K_SUB, K_GROUP, BLOCK_D, ROPE,
+                               SMOOTH_K, INTERPRETING, CARRIED and SMOOTH_K)
+            if CARRIED and SMOOTH_K:
+                finish_k_block(K_PARTS, K_TICKETS, CARRY, mean, bh, k_programs, inv_keys, offs_d, BLOCK_D,
+                               SHIFT_PROGRAMS)
     if V_BLOCKS > 0:
         if (role >= V_ROLE) & (bh < BHK) & (pid < n_v_programs):
-            quantize_v_tile(V, PARTS, V_RANGE, V8, V_SCALE, V_MEAN, V_CODE_SUM, V_SHIFT, V_TICKETS, pid, bh,
-                            role - V_ROLE, n_v_programs, stride_vb, stride_vh, stride_vn, stride_vd, HK, NK, D,
-                            n_chunks, v_padded, v_code_max, inv_keys, V_ROWS, BLOCK_D, CHANNELS, STATS_CHUNKS,
-                            SMOOTH_V, PV_FP8, INTERPRETING, PV_KEY_ORDER, WARPS, FINISH_SHIFT, SHIFT_PROGRAMS)
+            quantize_v_tile(V, PARTS, V_RANGE, V8, V_SCALE, V_MEAN, V_CODE_SUM, V_SHIFT, V_TICKETS, CARRY, V_DIFF_SUM,
+                            pid, bh, role - V_ROLE, n_v_programs, stride_vb, stride_vh, stride_vn, stride_vd, HK, NK,
+                            D, n_chunks, v_padded, v_code_max, inv_keys, carry_margin, V_ROWS, BLOCK_D, CHANNELS,
+                            STATS_CHUNKS, SMOOTH_V, PV_FP8, INTERPRETING, PV_KEY_ORDER, WARPS, FINISH_SHIFT,
+                            SHIFT_PROGRAMS, CARRIED)

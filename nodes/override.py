@@ -83,7 +83,7 @@ class SageOverride:
         """One call through Sage, or through `exact` (ComfyUI's attention for this call, no arguments) where the
         block list, the step range, `auto` or a failure sends it there."""
         counter = routing.forward_counter(call.transformer_options)
-        block, _ = counter.next_call(call.is_self_attention)
+        block, index = counter.next_call(call.is_self_attention)
         if block in self.exact_blocks:
             self.stats.record_exact("block kept exact")
             return exact()
@@ -95,7 +95,8 @@ class SageOverride:
             return exact()
         try:
             out = run_sage(call, self.strict_config, self.stats, self.stats_id, host_exact=exact,
-                           rope=rope() if callable(rope) else rope)
+                           rope=rope() if callable(rope) else rope,
+                           carry_key=self.carry_key(index, call.transformer_options))
         except ExactPreferred:  # `auto` measured exact attention fastest here: ComfyUI's own, as unpatched
             return exact()
         except UnsupportedInput as e:
@@ -110,6 +111,14 @@ class SageOverride:
             return self.fallback(f"kernel error: {type(e).__name__}", exact, detail=str(e))
         return call.finish(out)
 
+    def carry_key(self, call_index: int, transformer_options: dict):
+        """The call site whose statistics carry from one sampling step to the next (kernels/carried_stats.py): this
+        node, the call's place in the forward and which of cond and uncond the batch holds; None with carry_stats
+        off."""
+        if not self.config.carry_stats:
+            return None
+        return self.stats_id, call_index, tuple(transformer_options.get("cond_or_uncond") or ())
+
     def fallback(self, reason, exact, detail=""):
         self.stats.record_fallback(reason)
         if reason not in self._warned:  # once per reason, not once per call
@@ -120,17 +129,19 @@ class SageOverride:
 
 
 def run_sage(call: comfy_attention.AttentionCall, config: SageConfig, stats: DispatchStats,
-             stats_id: int = 0, host_exact=None, rope=None) -> torch.Tensor:
+             stats_id: int = 0, host_exact=None, rope=None, carry_key=None) -> torch.Tensor:
     """Sage attention for one ComfyUI call; raises UnsupportedInput where the kernels cannot serve, and
     ExactPreferred where `auto` measured the exact attention ComfyUI runs instead (host_exact, this call through
     it) fastest. rope: the call's rotary table, not yet applied to Q and K (SageOverride.attend_rotary; never
-    while compiling: the hand-off steps aside there)."""
+    while compiling: the hand-off steps aside there). carry_key: the call's site (SageOverride.carry_key), whose
+    statistics carry to its next call; not while compiling."""
     strict = config if config.on_unsupported == "raise" else config.with_(on_unsupported="raise")
     if rope is not None:
         return attention(call.q, call.k, call.v, tensor_layout=call.layout, sm_scale=call.scale, attn_mask=call.mask,
-                         config=strict, stats=stats, defer_exact=True, host_exact=host_exact, rope=rope)
+                         config=strict, stats=stats, defer_exact=True, host_exact=host_exact, rope=rope,
+                         carry_key=carry_key)
     if torch.compiler.is_compiling():
         return sage_attention_op(call.q, call.k, call.v, call.mask, call.layout, strict, stats_id,
                                  sm_scale=call.scale)
     return attention(call.q, call.k, call.v, tensor_layout=call.layout, sm_scale=call.scale, attn_mask=call.mask,
-                     config=strict, stats=stats, defer_exact=True, host_exact=host_exact)
+                     config=strict, stats=stats, defer_exact=True, host_exact=host_exact, carry_key=carry_key)

@@ -18,7 +18,9 @@ def sageattn(q, k, v, tensor_layout: str = "HND", is_causal: bool = False, sm_sc
     qk_quant_gran ("per_block" | "per_warp" | "per_thread"), pv_precision / kernel ("auto" |
     "int8_fp16" | "int8_fp8"), quant_block (64 | 128), config (a SageConfig), stats (a DispatchStats), rope (a
     rotary table [B, H, N, D/2, 2, 2] in ComfyUI's Flux layout that Q and K are rotated by first: the kernels
-    rotate them inside their quantization, sage_core/rope.py).
+    rotate them inside their quantization, sage_core/rope.py), carry_key (a hashable name of the call site, e.g. a
+    model block's: its K and V statistics carry to its next call, one quantization launch instead of two;
+    kernels/carried_stats.py).
     Official keywords without meaning here (pv_accum_dtype) are accepted and ignored.
     """
     config = kwargs.pop("config", None) or DEFAULT_CONFIG
@@ -38,9 +40,10 @@ def sageattn(q, k, v, tensor_layout: str = "HND", is_causal: bool = False, sm_sc
     dropout_p = kwargs.pop("dropout_p", 0.0)
     stats: DispatchStats | None = kwargs.pop("stats", None)
     rope = kwargs.pop("rope", None)
+    carry_key = kwargs.pop("carry_key", None)
     kwargs.pop("pv_accum_dtype", None)
     if kwargs:
         raise TypeError(f"sageattn() got unexpected keyword arguments: {', '.join(sorted(kwargs))}")
     return attention(q, k, v, tensor_layout=tensor_layout, is_causal=is_causal, sm_scale=sm_scale,
                      attn_mask=attn_mask, dropout_p=dropout_p, config=config, stats=stats, return_lse=return_lse,
-                     rope=rope)
+                     rope=rope, carry_key=carry_key)

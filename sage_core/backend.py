@@ -31,15 +31,20 @@ def triton_error() -> str | None:
 
 
 def release_buffers() -> None:
-    """Return the work buffers the kernels keep for repeated call shapes (kernels/call_plan.py), and the rotary
-    table kept for a forward's calls (rope.HANDED_TABLES), to PyTorch's allocator: at the end of a sampling run, so
-    that what runs next (a VAE decode, another model) has them. Nothing to do, and nothing imported, where no
-    kernel has run in this process."""
+    """Return the work buffers the kernels keep for repeated call shapes (kernels/call_plan.py), the call sites'
+    carried statistics (kernels/carried_stats.py) and the rotary table kept for a forward's calls
+    (rope.HANDED_TABLES) to PyTorch's allocator: at the end of a sampling run, so that what runs next (a VAE
+    decode, another model) has them, and the next run's first calls measure their own statistics. Nothing to do,
+    and nothing imported, where no kernel has run in this process."""
     import sys
 
-    plans = sys.modules.get(__package__.rsplit(".", 1)[0] + ".kernels.call_plan")
+    kernels = __package__.rsplit(".", 1)[0] + ".kernels"
+    plans = sys.modules.get(kernels + ".call_plan")
     if plans is not None:
         plans.PLANS.clear()
+    sites = sys.modules.get(kernels + ".carried_stats")
+    if sites is not None:
+        sites.SITES.clear()
     tables = sys.modules.get(__package__ + ".rope")
     if tables is not None:
         tables.HANDED_TABLES.clear()
@@ -86,9 +91,10 @@ def kernel_launch():
 
 
 def run(q, k, v, *, layout: str, sm_scale: float, is_causal: bool, bias, config: SageConfig, pv_fp8: bool,
-        return_lse: bool, launch_config=None, repair_counter=None, rope=None):
+        return_lse: bool, launch_config=None, repair_counter=None, rope=None, carry_key=None):
     """Run the Triton path on HND views; returns (output in the caller's layout, lse or None, bad flags). rope: a
-    rotary table Q and K are rotated by inside the quantization (launch.quantize_qkv)."""
+    rotary table Q and K are rotated by inside the quantization (launch.quantize_qkv). carry_key: the call site
+    whose statistics carry to its next call (launch.sage_forward, kernels/carried_stats.py)."""
     B, H, NQ, D = q.shape
     cfg = launch_config or call_config(q, k, config=config, pv_fp8=pv_fp8, is_causal=is_causal)
     # output allocated contiguous in the caller's layout, handed to the kernel as an HND view
@@ -97,7 +103,7 @@ def run(q, k, v, *, layout: str, sm_scale: float, is_causal: bool, bias, config:
     lse, bad = kernel_launch().sage_forward(
         q, k, v, out_hnd, sm_scale=sm_scale, is_causal=is_causal, bias=bias, q_group=config.q_group_rows,
         k_group=config.k_group_rows, pv_fp8=pv_fp8, smooth_k=config.smooth_k, smooth_v=config.smooth_v,
-        return_lse=return_lse, config=cfg, repair_counter=repair_counter, rope=rope)
+        return_lse=return_lse, config=cfg, repair_counter=repair_counter, rope=rope, carry_key=carry_key)
     return out, lse, bad
 
 

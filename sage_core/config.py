@@ -27,6 +27,9 @@ class SageConfig:
                      K uses one scale per key tile (per_block, per_warp) or per key token (per_thread).
     quant_block:     tokens per Q quantization block and per attention Q tile (64 or 128).
     nan_guard:       recompute a call exactly when the fast path produced a non-finite value.
+    carry_stats:     where the caller names its call sites (the ComfyUI node does: block, call, cond or
+                     uncond), FP8 calls take K's and V's statistics from the site's call before, one
+                     quantization launch instead of two (kernels/carried_stats.py).
     on_unsupported:  "fallback" to exact attention (counted, with its reason) or "raise".
     """
 
@@ -36,6 +39,7 @@ class SageConfig:
     qk_granularity: str = "per_warp"
     quant_block: int = 128
     nan_guard: bool = True
+    carry_stats: bool = True
     on_unsupported: str = "fallback"
 
     def __post_init__(self):

@@ -211,7 +211,7 @@ def sdpa(q, k, v, *, is_causal=False, sm_scale=None, attn_mask=None, dropout_p=0
 
 def attention(q, k, v, *, tensor_layout="HND", is_causal=False, sm_scale=None, attn_mask=None, dropout_p=0.0,
               config: SageConfig | None = None, stats: DispatchStats | None = None, return_lse=False,
-              defer_exact=False, host_exact=None, rope=None):
+              defer_exact=False, host_exact=None, rope=None, carry_key=None):
     """Attention through the fastest path that can serve; same semantics as SDPA (top-left causal).
 
     rope: a rotary table [Bp, Hp, N, D/2, 2, 2] (ComfyUI's Flux `pe`, in [B, H, ...] order whatever the layout;
@@ -221,10 +221,20 @@ def attention(q, k, v, *, tensor_layout="HND", is_causal=False, sm_scale=None, a
 
     defer_exact: where `auto` picks exact attention, raise ExactPreferred (counted as "auto:sdpa") instead of
     running PyTorch's SDPA here. host_exact: the exact attention the host then runs for this call (no arguments),
-    which `auto` times in place of PyTorch's SDPA when it first decides for calls of this kind."""
+    which `auto` times in place of PyTorch's SDPA when it first decides for calls of this kind.
+
+    carry_key: a hashable name of the call site (a model's block and call, as the ComfyUI node keys them) whose
+    K and V statistics carry from one call to the next, so that the quantization takes one launch instead of two
+    (FP8 P·V with the guard on; kernels/carried_stats.py says what it costs: nothing in exactness, a repair where
+    V outgrows the carried range)."""
     config = config or DEFAULT_CONFIG
     stats = stats or GLOBAL_STATS
     qh, kh, vh = validate(q, k, v, tensor_layout, attn_mask)
+    if carry_key is not None:
+        try:
+            hash(carry_key)
+        except TypeError:
+            raise TypeError(f"carry_key must be hashable (it names a call site), got {type(carry_key).__name__}")
     if rope is not None:
         rotary.validate(rope, qh, kh)
     B, H, NQ, D = qh.shape
@@ -297,7 +307,7 @@ def attention(q, k, v, *, tensor_layout="HND", is_causal=False, sm_scale=None, a
         out, lse, _ = backend.run(qh, kh, vh, layout=tensor_layout, sm_scale=sm_scale, is_causal=is_causal,
                                   bias=bias, config=config, pv_fp8=variant == "int8_fp8", return_lse=return_lse,
                                   repair_counter=stats.repair_counter(qh.device) if config.nan_guard else None,
-                                  rope=rope)
+                                  rope=rope, carry_key=carry_key if config.carry_stats else None)
     except Exception as e:  # a compile or launch failure on this GPU/Triton: exact attention, said once
         if config.on_unsupported == "raise":
             raise

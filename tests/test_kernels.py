@@ -882,7 +882,7 @@ def test_statistics_loaded_two_tiles_ahead_give_the_same_bits(monkeypatch, n):
     assert launch.stats_every(n) == {200: 1, 1100: 2, 4700: 8}[n]
     for other in outs[1:]:
         for name, value in outs[0].items():
-            if torch.is_tensor(value):
+            if torch.is_tensor(value) and name not in launch.CARRY_SCRATCH:
                 assert torch.equal(value.float(), other[name].float()), name
 
 

@@ -239,3 +239,34 @@ def test_with_comfy_torch_compile_node(run_prompt, small_models, unpatched):
     breaks = [reason for reason in counters["graph_break"] if "sage" in reason.lower()]
     assert breaks == []
     assert psnr(run.image(), unpatched["wan"]) >= MIN_PSNR_DB
+
+
+def carried_sites_modules():
+    """Every loaded copy of the pack's kernels.carried_stats (ComfyUI loads the pack under its folder's name)."""
+    return [m for name, m in list(sys.modules.items())
+            if name.endswith("kernels.carried_stats") and hasattr(m, "SITES")]
+
+
+@pytest.mark.parametrize("family", ["sd3", "wan"])
+def test_fp8_calls_carry_their_statistics_across_steps_and_runs_repeat(family, run_prompt, small_models, unpatched,
+                                                                       monkeypatch):
+    """With FP8 P·V each attention call of a sampling run is a site (block, call, cond or uncond): its first step
+    measures its statistics and every later step carries them from the step before (one quantization launch), with
+    nothing repaired. The run's end drops them, so the same prompt renders the same pixels again."""
+    keys = []
+    for module in carried_sites_modules():
+        sites = module.SITES
+
+        def site(key, *args, _site=sites.site, **kwargs):
+            keys.append(key)
+            return _site(key, *args, **kwargs)
+        monkeypatch.setattr(sites, "site", site)
+    api = workflow_api(family, small_models, model_patch=sage(kernel="int8_fp8"), output="PreviewImage")
+    first = run_prompt(api)
+    stats = stats_of(first)
+    calls = ATTENTION_CALLS_PER_RUN[family]
+    assert stats["sage"] == {"int8_fp8": calls} and stats["recomputed"] == 0
+    assert len(keys) == calls and len(set(keys)) == calls // 4  # 4 steps: 1 priming call, 3 carried, per site
+    assert all(len(m.SITES) == 0 for m in carried_sites_modules())  # released with the run
+    assert psnr(first.image(), unpatched[family]) >= MIN_PSNR_DB - 5
+    assert torch.equal(run_prompt(api).image(), first.image())

@@ -104,7 +104,7 @@ def test_the_rotating_quantization_keeps_the_look_ahead_loop_and_pipelined_gives
         monkeypatch.setattr(launch, "ROPE_STATS_STAGES", stages)
         outs.append(launch.quantize_qkv(q, k, v, rope=pe, q_multiplier=0.125, **args))
     for name, value in outs[0].items():
-        if torch.is_tensor(value):
+        if torch.is_tensor(value) and name not in launch.CARRY_SCRATCH:
             assert torch.equal(value.float(), outs[1][name].float()), name
 
 

@@ -1,0 +1,207 @@
+"""Carried statistics (kernels/carried_stats.py): a call site's K and V statistics from its call before, one
+quantization launch instead of two. Run for real: through Triton's interpreter on the CPU, natively on a GPU."""
+import os
+
+import pytest
+import torch
+
+from sage_attention_pack.kernels import carried_stats, launch
+from sage_attention_pack.kernels.call_plan import PLANS
+from sage_attention_pack.sage_core import backend
+from sage_attention_pack.sage_core.config import SageConfig
+from sage_attention_pack.sage_core.dispatch import DispatchStats, attention
+from sage_attention_pack.sage_core.metrics import attention_error
+from test_kernels import DEVICE, EXACT_BOUNDS, HOPPER, NO_HOPPER, exact, inputs, rel_diff
+from test_rope import flux_pe, rotated_fp32
+
+pytestmark = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="no GPU and TRITON_INTERPRET is not 1: the kernels cannot run here")
+FP8 = SageConfig(kernel="int8_fp8")
+# a carried call against the same call with its own statistics: the codes' centres and scales differ, so the
+# rounding does; the same bound as two FP8 kernels of the same algorithm
+CARRIED_TOL = 2e-2
+
+
+@pytest.fixture(autouse=True)
+def fresh_sites():
+    carried_stats.SITES.clear()
+    yield
+    carried_stats.SITES.clear()
+
+
+def call(q, k, v, key="site", stats=None, config=FP8, **kwargs):
+    return attention(q, k, v, config=config, stats=stats or DispatchStats(), carry_key=key, **kwargs)
+
+
+def only_site() -> carried_stats.CarriedSite:
+    assert len(carried_stats.SITES) == 1
+    return next(iter(carried_stats.SITES._sites.values()))
+
+
+def check_carried_values(site, k, v, margin=launch.CARRY_MARGIN):
+    """The site carries the whole K's mean, V's mean and V's scale (its range's, about 0: no V smoothing, times
+    the margin), per batch entry and KV head."""
+    d = k.shape[-1]
+    kf, vf = k.float().flatten(0, 1), v.float().flatten(0, 1)
+    torch.testing.assert_close(site.values[:, 0, :d], kf.mean(1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(site.values[:, 1, :d], vf.mean(1), rtol=1e-4, atol=1e-5)
+    reach = torch.maximum(vf.amax(1), -vf.amin(1))
+    torch.testing.assert_close(site.values[:, 2, :d], reach / launch.FP8_E4M3_MAX * margin, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 2, 200, 300, 64), (2, 4, 2, 130, 257, 128)])
+def test_a_carried_call_stays_within_the_bounds_and_carries_this_calls_statistics(shape):
+    """The first call at a site runs as without carrying (the same bits) and primes it; the next, with the
+    statistics carried, is as close to FP32 attention as a call with its own, repairs nothing, and carries the
+    whole K's mean (not a sample's), V's mean and V's scale on. GQA, ragged key counts and batch entries too."""
+    q, k, v = inputs(*shape, torch.bfloat16, seed=3)
+    plain = attention(q, k, v, config=FP8)
+    stats = DispatchStats()
+    first = call(q, k, v, stats=stats)
+    assert torch.equal(first, plain)
+    second = call(q, k, v, stats=stats)
+    want = exact(q, k, v)
+    cosine, rel_l1 = EXACT_BOUNDS["int8_fp8"]
+    err = attention_error(second, want)
+    assert err["cosine"] >= cosine and err["rel_l1"] <= rel_l1, err
+    assert rel_diff(second, plain) < CARRIED_TOL
+    assert stats.recomputed == 0
+    check_carried_values(only_site(), k, v)
+
+
+def test_the_carried_call_takes_one_quantization_launch():
+    """Primed, a site's call launches the quantization once (Q's, K's and V's codes together), where the first
+    call launched the statistics and then the codes."""
+    q, k, v = inputs(1, 2, 2, 150, 150, 64, torch.bfloat16)
+    PLANS.clear()
+    call(q, k, v)
+    (plan,) = PLANS.plans.values()
+    assert {s for s in plan.slots if s.startswith("quantize")} == {"quantize_stats_q", "quantize_k_v"}
+    call(q, k, v)
+    assert {s for s in plan.slots if s.startswith("quantize")} == {"quantize_stats_q", "quantize_k_v",
+                                                                   "quantize_q_k_v_carried"}
+    assert launch.quant_launches(q, k, q_group=16, k_group=64, block_d=64, smooth_k=True, smooth_v=False,
+                                 pv_fp8=True, pv_key_order=False, finish_shift=True, rope=False, v_padded=256,
+                                 carried=True)[2][0][0] == "quantize_q_k_v_carried"
+
+
+def test_v_outgrowing_the_carried_range_is_repaired_exactly_and_carried_on():
+    """One head's V grows past the carried scale's reach (the margin): its codes would saturate, so every output
+    row of that head is recomputed exactly (counted), the other head's are not, and the next call carries the grown
+    range and repairs nothing."""
+    q, k, v = inputs(1, 2, 2, 200, 300, 64, torch.bfloat16, seed=5)
+    stats = DispatchStats()
+    call(q, k, v, stats=stats)
+    grown = v.clone()
+    grown[:, 1] *= 3 * launch.CARRY_MARGIN
+    out = call(q, k, grown, stats=stats)
+    tiles_per_head = -(-q.shape[2] // launch.tuning.INTERPRETER_CONFIG.block_m) if DEVICE == "cpu" else None
+    repaired = stats.recomputed
+    assert repaired > 0 and (tiles_per_head is None or repaired == tiles_per_head)
+    want = exact(q, k, grown)
+    assert rel_diff(out[:, 1], want[:, 1]) < 5e-3  # recomputed exactly: the BF16 output's rounding (codes: ~0.03)
+    assert attention_error(out[:, 0], want[:, 0])["rel_l1"] <= EXACT_BOUNDS["int8_fp8"][1]
+    after = call(q, k, grown, stats=stats)
+    assert stats.recomputed == repaired
+    assert attention_error(after, want)["rel_l1"] <= EXACT_BOUNDS["int8_fp8"][1]
+    check_carried_values(only_site(), k, grown)
+
+
+def test_a_nan_in_v_is_repaired_and_not_carried():
+    """A NaN in V flags its head as without carrying, and the site keeps its finite statistics: the next clean call
+    repairs nothing."""
+    q, k, v = inputs(1, 2, 2, 130, 200, 64, torch.bfloat16, seed=6)
+    stats = DispatchStats()
+    call(q, k, v, stats=stats)
+    poisoned = v.clone()
+    poisoned[0, 0, 17, 5] = float("nan")
+    out = call(q, k, poisoned, stats=stats)
+    assert stats.recomputed > 0
+    assert torch.isnan(out[:, 0]).any() == torch.isnan(exact(q, k, poisoned)[:, 0]).any()
+    assert torch.isfinite(only_site().values).all()
+    before = stats.recomputed
+    clean = call(q, k, v, stats=stats)
+    assert stats.recomputed == before
+    assert attention_error(clean, exact(q, k, v))["rel_l1"] <= EXACT_BOUNDS["int8_fp8"][1]
+
+
+def test_sites_are_kept_apart_and_released_with_the_plans():
+    """Two sites of the same shape carry their own inputs' statistics; the end of a sampling run
+    (backend.release_buffers) drops them, so that the next run's first call measures its own again."""
+    a = inputs(1, 2, 2, 100, 160, 64, torch.bfloat16, seed=7)
+    b = inputs(1, 2, 2, 100, 160, 64, torch.bfloat16, seed=8)
+    for _ in range(2):
+        call(*a, key=("block", 0))
+        call(*b, key=("block", 1))
+    sites = carried_stats.SITES._sites
+    assert len(sites) == 2
+    (key_a, site_a), (key_b, site_b) = sites.items()
+    assert key_a[0] == ("block", 0) and key_b[0] == ("block", 1)
+    check_carried_values(site_a, a[1], a[2])
+    check_carried_values(site_b, b[1], b[2])
+    backend.release_buffers()
+    assert len(carried_stats.SITES) == 0
+
+
+def test_a_carried_run_repeats_bit_for_bit_from_a_cleared_store():
+    """Three steps from cleared sites give the same bits twice: what a seed renders does not depend on what ran
+    before."""
+    steps = [inputs(1, 2, 2, 140, 140, 64, torch.bfloat16, seed=s) for s in (10, 11, 12)]
+    runs = []
+    for _ in range(2):
+        carried_stats.SITES.clear()
+        runs.append([call(*step) for step in steps])
+    for one, two in zip(*runs):
+        assert torch.equal(one, two)
+
+
+def test_the_rotary_table_carries_the_rotated_k_mean():
+    """With the rotation inside the quantization, the K programs sum the rotated K that they code: the site
+    carries its mean."""
+    q, k, v = inputs(1, 2, 2, 96, 96, 64, torch.bfloat16, seed=9)
+    pe = flux_pe(96, 64)
+    for _ in range(2):
+        out = call(q, k, v, rope=pe)
+    site = only_site()
+    torch.testing.assert_close(site.values[:, 0, :64], rotated_fp32(k, pe).flatten(0, 1).mean(1), rtol=1e-4,
+                               atol=1e-5)
+    want = exact(rotated_fp32(q, pe), rotated_fp32(k, pe), v)
+    assert attention_error(out, want)["rel_l1"] <= EXACT_BOUNDS["int8_fp8"][1]
+
+
+@pytest.mark.parametrize("why", ["no guard", "lse", "fp16 pv"])
+def test_calls_that_cannot_carry_keep_their_own_statistics(why):
+    """Without the guard a saturated code could not be repaired, the LSE's correction needs the mean the K codes
+    took off this call, and FP16 P·V has no V codes: such calls neither use nor make a site."""
+    q, k, v = inputs(1, 2, 2, 100, 100, 64, torch.bfloat16)
+    config = {"no guard": FP8.with_(nan_guard=False), "lse": FP8,
+              "fp16 pv": SageConfig(kernel="int8_fp16")}[why]
+    for _ in range(2):
+        call(q, k, v, config=config, return_lse=why == "lse")
+    assert len(carried_stats.SITES) == 0
+
+
+def test_an_unhashable_key_is_refused_before_any_work():
+    q, k, v = inputs(1, 1, 1, 16, 16, 64, torch.bfloat16)
+    with pytest.raises(TypeError, match="carry_key must be hashable"):
+        call(q, k, v, key=["block", 0])
+
+
+@pytest.mark.skipif(not HOPPER, reason=NO_HOPPER)
+def test_flux_shaped_calls_carried_on_the_hopper_kernel():
+    """Flux's shape on the Hopper kernel: the carried call is as accurate as the plain one against FP32 attention
+    and repairs nothing; two sampler-like steps whose V drifts by 5% carry on without a repair."""
+    from sage_attention_pack.sage_core.bench import model_shaped_inputs
+
+    q, k, v = model_shaped_inputs(1, 24, 4608, 128, torch.bfloat16, DEVICE)
+    want = torch.nn.functional.scaled_dot_product_attention(q[:, :4].float(), k[:, :4].float(), v[:, :4].float())
+    plain = attention(q, k, v, config=FP8)
+    stats = DispatchStats()
+    call(q, k, v, stats=stats)
+    for step in range(3):
+        drift = 1 + 0.05 * step
+        out = call(q, k, v * drift, stats=stats)
+        err = attention_error(out[:, :4], want * drift)
+        assert err["cosine"] >= 0.999 and err["rel_l1"] <= EXACT_BOUNDS["int8_fp8"][1], err
+    assert stats.recomputed == 0
+    assert attention_error(out[:, :4], want * drift)["rel_l1"] <= attention_error(plain[:, :4], want)["rel_l1"] * 1.05

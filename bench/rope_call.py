@@ -3,7 +3,8 @@ ComfyUI's rotation then PyTorch's default SDPA (ComfyUI unpatched), its rotation
 hand-off), Sage with the table handed over (the rotation inside the quantization, nodes/rotary_handoff.py; the
 table's kernels' layout made on the first call and kept, as a forward's blocks share one table), and for
 scale the rotation alone, Sage on Q and K already rotated (the benchmarked call) and the quantization alone with and
-without the table. Flux.1 at two sizes (its table with 512 text tokens, [B, H, N, D] tensors, the rotation of
+without the table; both Sage calls also with their statistics carried from the call before (a sampler's later
+steps, kernels/carried_stats.py). Flux.1 at two sizes (its table with 512 text tokens, [B, H, N, D] tensors, the rotation of
 comfy/ldm/flux/math.attention), Wan2.1 at 480p, 81 frames ([B, N, H, D] tensors, the rotation of apply_rope1 as
 its self-attention applies it), Qwen-Image at 1328 px (128 text tokens, [B, N, H, D] tensors, a BF16 table and
 its apply_rotary_emb, in BF16) and Lumina 2 at 1024 px (256 caption tokens, 24 query heads of 96 on 8 K/V heads,
@@ -138,8 +139,11 @@ def methods(c: Call, config: SageConfig, stats: DispatchStats) -> dict:
         "comfyui_rotation_sdpa": lambda: F.scaled_dot_product_attention(*(c.hnd(t) for t in c.comfy_inputs())),
         "comfyui_rotation_sage": lambda: sage(*c.comfy_inputs()),
         "sage_rotation_fused": lambda: sage(c.q, c.k, c.v, rope=c.handed_table()),
+        # with the statistics carried from the call before (kernels/carried_stats.py; a sampler's later steps)
+        "sage_rotation_fused_carried": lambda: sage(c.q, c.k, c.v, rope=c.handed_table(), carry_key="fused"),
         "rotation_alone": c.comfy_inputs,
         "sage_prerotated": lambda: sage(c.q, c.k, c.v),
+        "sage_prerotated_carried": lambda: sage(c.q, c.k, c.v, carry_key="prerotated"),
         # the quantization alone, as the FP8 Hopper path launches it, with and without the table
         "quantize_rotation_fused": lambda: launch.quantize_qkv(hq, hk, hv, rope=c.handed_table(), **quantize),
         "quantize_prerotated": lambda: launch.quantize_qkv(hq, hk, hv, **quantize),
@@ -160,7 +164,10 @@ def errors(c: Call, config: SageConfig) -> dict:
                                            enable_gqa=c.group > 1)
     fused = attention(q, k, v, config=config, rope=first_heads(c.handed_table()))
     first = attention(rope.rotate(q, pe), rope.rotate(k, pe), v, config=config)
+    for _ in range(2):  # the first call primes the site, the second carries its statistics
+        carried = attention(q, k, v, config=config, rope=first_heads(c.handed_table()), carry_key="errors")
     return {"sage_rotation_fused": attention_error(fused, exact),
+            "sage_rotation_fused_carried": attention_error(carried, exact),
             "comfyui_rotation_sage": attention_error(first, exact)}
 
 

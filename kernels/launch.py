@@ -81,6 +81,9 @@ REPAIR_DOT_PRECISION_SM90 = "tf32x3"
 # FP8 e4m3 keeps its relative precision at any scale down to its smallest normal, 2^-6: only values below
 # margin × 3.5e-5 of a channel's largest lose bits
 CARRY_MARGIN = 2.0
+# whether a carried call also carries this call's K mean to the next (else a site keeps the mean its first call
+# measured: exact either way, any vector taken off K is)
+CARRY_K_MEAN = True
 CARRY_SCRATCH = ("k_parts", "k_tickets", "v_diff_sums")  # quant_buffers that only a carried call writes
 
 
@@ -367,7 +370,7 @@ def quant_launches(q, k, *, q_group: int, k_group: int, block_d: int, smooth_k: 
                      CHANNELS=v_channels(block_d), SMOOTH_V=smooth_v, PV_FP8=pv_fp8,
                      INTERPRETING=interpreting(), PV_KEY_ORDER=pv_key_order, FINISH_SHIFT=finish_shift,
                      SHIFT_PROGRAMS=SHIFT_PROGRAMS, ROPE=rope, STATS_AHEAD=STATS_AHEAD, STATS_STAGES=stats_stages(rope),
-                     CARRIED=carried, WARPS=QUANT_WARPS, num_warps=QUANT_WARPS)  # WARPS: quantize_v_tile's layout
+                     CARRIED=carried, CARRY_K=carried and smooth_k and CARRY_K_MEAN, WARPS=QUANT_WARPS, num_warps=QUANT_WARPS)  # WARPS: quantize_v_tile's layout
     # the statistics' chunks first: they are the longest programs, and blocks are dispatched in grid order
     do_q = int(not q_in_kernel)
     v_blocks = block_d // constants["CHANNELS"] if need_v_stats else 0

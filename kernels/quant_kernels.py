@@ -531,7 +531,7 @@ def quantize_kernel(
     V_STATS: tl.constexpr, V_ROWS: tl.constexpr, CHANNELS: tl.constexpr, SMOOTH_V: tl.constexpr,
     PV_FP8: tl.constexpr, INTERPRETING: tl.constexpr, PV_KEY_ORDER: tl.constexpr, WARPS: tl.constexpr,
     FINISH_SHIFT: tl.constexpr, SHIFT_PROGRAMS: tl.constexpr, ROPE: tl.constexpr, STATS_AHEAD: tl.constexpr,
-    STATS_STAGES: tl.constexpr, CARRIED: tl.constexpr,
+    STATS_STAGES: tl.constexpr, CARRIED: tl.constexpr, CARRY_K: tl.constexpr,
 ):
     """One launch of a call's quantization: the roles it is given (DO_STATS, DO_Q, DO_K, V_BLOCKS), one per
     program_id(2), in that order; program_id(0) is the role's chunk or row block, program_id(1) its head. Roles
@@ -555,8 +555,8 @@ def quantize_kernel(
 
     CARRIED: one launch without statistics: K's and V's codes take the means and V's scale from the call before at
     this site (CARRY [BHK, 3, BLOCK_D]; kernels/carried_stats.py), and the last K and V programs of each head carry
-    this call's to the next (finish_k_block, finish_v_block). K_PARTS, K_TICKETS and V_DIFF_SUM are their
-    scratch."""
+    this call's to the next (finish_k_block, finish_v_block; K's only with CARRY_K, else the site keeps the K mean
+    its first call measured). K_PARTS, K_TICKETS and V_DIFF_SUM are their scratch."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     role = tl.program_id(2)
@@ -598,8 +598,8 @@ def quantize_kernel(
                                mean, 1.0, K8 + bh * NK * BLOCK_D, K_SCALE + bh * k_groups, k_groups, first,
                                PE + (bh // HK) * stride_pb + (bh % HK) * stride_ph, stride_pn,
                                K_PARTS + (bh * k_programs + pid) * BLOCK_D, ROWS, K_SUB, K_GROUP, BLOCK_D, ROPE,
-                               SMOOTH_K, INTERPRETING, CARRIED and SMOOTH_K)
-            if CARRIED and SMOOTH_K:
+                               SMOOTH_K, INTERPRETING, CARRY_K)
+            if CARRY_K:
                 finish_k_block(K_PARTS, K_TICKETS, CARRY, mean, bh, k_programs, inv_keys, offs_d, BLOCK_D,
                                SHIFT_PROGRAMS)
     if V_BLOCKS > 0:

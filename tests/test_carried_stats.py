@@ -205,3 +205,19 @@ def test_flux_shaped_calls_carried_on_the_hopper_kernel():
         assert err["cosine"] >= 0.999 and err["rel_l1"] <= EXACT_BOUNDS["int8_fp8"][1], err
     assert stats.recomputed == 0
     assert attention_error(out[:, :4], want * drift)["rel_l1"] <= attention_error(plain[:, :4], want)["rel_l1"] * 1.05
+
+
+def test_without_carrying_k_the_site_keeps_its_first_calls_k_mean(monkeypatch):
+    """launch.CARRY_K_MEAN off: the carried calls code K with the mean the site's first call measured (a sample's),
+    carry V's statistics on as before, and stay within the bounds."""
+    monkeypatch.setattr(launch, "CARRY_K_MEAN", False)
+    q, k, v = inputs(1, 2, 2, 120, 1100, 64, torch.bfloat16, seed=13)
+    first = launch.quantize_qkv(q, k, v, q_group=16, k_group=64, block_d=64, q_multiplier=0.125, smooth_k=True,
+                                smooth_v=False, pv_fp8=True)["k_mean"].clone()
+    call(q, k, v)
+    later = [call(q, k, v * 1.1) for _ in range(2)][-1]
+    site = only_site()
+    torch.testing.assert_close(site.values[:, 0], first)
+    assert (first[:, :64] - k.float().flatten(0, 1).mean(1)).abs().max() > 1e-3  # a sample's, not the whole K's
+    torch.testing.assert_close(site.values[:, 1, :64], (v * 1.1).float().flatten(0, 1).mean(1), rtol=1e-4, atol=1e-5)
+    assert attention_error(later, exact(q, k, v * 1.1))["rel_l1"] <= EXACT_BOUNDS["int8_fp8"][1]

@@ -370,7 +370,8 @@ def quant_launches(q, k, *, q_group: int, k_group: int, block_d: int, smooth_k: 
                      CHANNELS=v_channels(block_d), SMOOTH_V=smooth_v, PV_FP8=pv_fp8,
                      INTERPRETING=interpreting(), PV_KEY_ORDER=pv_key_order, FINISH_SHIFT=finish_shift,
                      SHIFT_PROGRAMS=SHIFT_PROGRAMS, ROPE=rope, STATS_AHEAD=STATS_AHEAD, STATS_STAGES=stats_stages(rope),
-                     CARRIED=carried, CARRY_K=carried and smooth_k and CARRY_K_MEAN, WARPS=QUANT_WARPS, num_warps=QUANT_WARPS)  # WARPS: quantize_v_tile's layout
+                     CARRIED=carried, CARRY_K=carried and smooth_k and CARRY_K_MEAN,
+                     WARPS=QUANT_WARPS, num_warps=QUANT_WARPS)  # WARPS: quantize_v_tile's layout steer
     # the statistics' chunks first: they are the longest programs, and blocks are dispatched in grid order
     do_q = int(not q_in_kernel)
     v_blocks = block_d // constants["CHANNELS"] if need_v_stats else 0

@@ -5,8 +5,8 @@ table's kernels' layout made on the first call and kept, as a forward's blocks s
 scale the rotation alone, Sage on Q and K already rotated (the benchmarked call) and the quantization alone with and
 without the table; both Sage calls also with their statistics carried from the call before (a sampler's later
 steps, kernels/carried_stats.py). Flux.1 at two sizes (its table with 512 text tokens, [B, H, N, D] tensors, the
-rotation of comfy/ldm/flux/math.attention), Wan2.1 at 480p, 81 frames ([B, N, H, D] tensors, the rotation of apply_rope1 as
-its self-attention applies it), Qwen-Image at 1328 px (128 text tokens, [B, N, H, D] tensors, a BF16 table and
+rotation of comfy/ldm/flux/math.attention), Wan2.1 at 480p, 81 frames ([B, N, H, D] tensors, the rotation of
+apply_rope1 as its self-attention applies it), Qwen-Image at 1328 px (128 text tokens, [B, N, H, D] tensors, a BF16 table and
 its apply_rotary_emb, in BF16) and Lumina 2 at 1024 px (256 caption tokens, 24 query heads of 96 on 8 K/V heads,
 which ComfyUI repeats to 24 before its attention and the hand-off does not) and LTX-Video 2B at 768x512, 97 frames
 (32 heads of 64, a BF16 table per head from its cos and sin, its apply_rotary_emb in BF16) and HiDream-I1 at 1024 px

@@ -84,6 +84,9 @@ CARRY_MARGIN = 2.0
 # whether a carried call also carries this call's K mean to the next (else a site keeps the mean its first call
 # measured: exact either way, any vector taken off K is)
 CARRY_K_MEAN = True
+# with the rotary table inside the quantization: the rotated K's sums took the carried launch from 168 to 253
+# registers on sm90 (two programs per multiprocessor instead of three), so a site keeps its first call's K mean there
+ROPE_CARRY_K_MEAN = False
 CARRY_SCRATCH = ("k_parts", "k_tickets", "v_diff_sums")  # quant_buffers that only a carried call writes
 
 
@@ -160,6 +163,12 @@ def stats_chunks(n: int, every: int = 1) -> tuple[int, int]:
 def v_channels(block_d: int) -> int:
     """Channels per program of V's quantization for a padded head dim."""
     return min(V_CHANNELS if block_d > 64 else V_CHANNELS_SMALL_HEADS, block_d)
+
+
+def carry_k_mean(rope: bool) -> bool:
+    """Whether a carried call carries its K mean on (else its site keeps the first call's), with or without the
+    rotary table."""
+    return bool(ROPE_CARRY_K_MEAN if rope else CARRY_K_MEAN)
 
 
 def stats_stages(rope: bool) -> int:
@@ -370,7 +379,7 @@ def quant_launches(q, k, *, q_group: int, k_group: int, block_d: int, smooth_k: 
                      CHANNELS=v_channels(block_d), SMOOTH_V=smooth_v, PV_FP8=pv_fp8,
                      INTERPRETING=interpreting(), PV_KEY_ORDER=pv_key_order, FINISH_SHIFT=finish_shift,
                      SHIFT_PROGRAMS=SHIFT_PROGRAMS, ROPE=rope, STATS_AHEAD=STATS_AHEAD, STATS_STAGES=stats_stages(rope),
-                     CARRIED=carried, CARRY_K=carried and smooth_k and CARRY_K_MEAN,
+                     CARRIED=carried, CARRY_K=carried and smooth_k and carry_k_mean(rope),
                      WARPS=QUANT_WARPS, num_warps=QUANT_WARPS)  # WARPS: quantize_v_tile's layout steer
     # the statistics' chunks first: they are the longest programs, and blocks are dispatched in grid order
     do_q = int(not q_in_kernel)

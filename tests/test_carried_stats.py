@@ -155,12 +155,14 @@ def test_a_carried_run_repeats_bit_for_bit_from_a_cleared_store():
         assert torch.equal(one, two)
 
 
-def test_the_rotary_table_carries_the_rotated_k_mean():
+@pytest.mark.parametrize("carry_k", [True, False])
+def test_the_rotary_table_carries_the_rotated_k_mean(monkeypatch, carry_k):
     """With the rotation inside the quantization, the K programs sum the rotated K that they code: the site
-    carries its mean."""
+    carries its mean (launch.ROPE_CARRY_K_MEAN), or keeps the first call's, the mean of the rotated K too."""
+    monkeypatch.setattr(launch, "ROPE_CARRY_K_MEAN", carry_k)
     q, k, v = inputs(1, 2, 2, 96, 96, 64, torch.bfloat16, seed=9)
     pe = flux_pe(96, 64)
-    for _ in range(2):
+    for _ in range(3):
         out = call(q, k, v, rope=pe)
     site = only_site()
     torch.testing.assert_close(site.values[:, 0, :64], rotated_fp32(k, pe).flatten(0, 1).mean(1), rtol=1e-4,

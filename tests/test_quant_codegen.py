@@ -81,3 +81,20 @@ def test_rotating_quantization_reads_in_vectors(launch, arch, pv):
     loads = quant_report(launch, 128, arch, pv, rope=True)["global_loads"]
     narrow = {op: n for op, n in loads.items() if not re.search(r"\.(64|128)\b", op)}
     assert loads and not narrow, loads
+
+
+# The carried launch (kernels/carried_stats.py: Q's, K's and V's codes in one launch, with the statistics from the call
+# before) holds every role's code; the sums and ranges it takes for the next call cost registers: 168 on sm90 (three
+# programs of 4 warps per multiprocessor) where the roles alone take 128, and 253 with the rotated K's sums, which a
+# rotating call therefore does not take (launch.ROPE_CARRY_K_MEAN); with the table 168 with Triton 3.6, 174 with 3.9.
+CARRIED_TARGETS = [(90, 128, False, 168), (90, 64, False, 168), (90, 128, True, 176), (89, 128, False, 192),
+                   (100, 128, False, 192), (120, 128, False, 255)]
+
+
+@pytest.mark.parametrize("arch,head_dim,rope,max_registers", CARRIED_TARGETS,
+                         ids=[f"sm{a}-d{d}{'-rope' if r else ''}" for a, d, r, _ in CARRIED_TARGETS])
+def test_the_carried_launch_fits_its_register_budget(arch, head_dim, rope, max_registers):
+    report = quant_report("carried", head_dim, arch, "fp8", rope)
+    registers = int(re.search(r"Used (\d+) registers", report["resources"]).group(1))
+    spilled = int(re.search(r"(\d+) bytes spill stores", report["resources"]).group(1))
+    assert registers <= max_registers and spilled <= 16, report

@@ -8,7 +8,8 @@ the last heads.
         [--config KEY] [--rounds 9] [--out settings_ab.json]
 
 An arm is NAME:module.SETTING=VALUE[,...] over kernels/launch.py (`launch.STATS_AHEAD=2`),
-kernels/hopper_launch.py (`hopper_launch.Q_IN_KERNEL=1`) and kernels/head_groups.py (`head_groups.GROUPS=1`); values
+kernels/hopper_launch.py (`hopper_launch.Q_IN_KERNEL=1`), kernels/head_groups.py (`head_groups.GROUPS=1`) and
+kernels/carried_stats.py (`carried_stats.PLAIN=0`: the call's own statistics, not its site's call before's); values
 are integers (1/0 for switches) or words. The default arms: Q coded by the quantization pass (as shipped), and coded
 inside the Hopper ping-pong kernel with its codes read from shared memory or from registers
 (hopper_launch.codes_q_in_kernel). A shape is a name of the benchmark's table or BxHxNxD.
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from sage_attention_pack.kernels import head_groups, hopper_launch, launch, tuning
+from sage_attention_pack.kernels import carried_stats, head_groups, hopper_launch, launch, tuning
 from sage_attention_pack.kernels.call_plan import PLANS
 from sage_attention_pack.sage_core import backend, bench, timing
 from sage_attention_pack.sage_core.config import SageConfig
@@ -59,7 +60,8 @@ def parse_shape(text: str) -> tuple[int, int, int, int]:
 
 def fp8_call(shape: tuple, config=None) -> tuple:
     """Model-shaped BF16 inputs of `shape` on the GPU, the launch configuration the tables give their FP8 call (or
-    `config`), and that call (backend.run, the non-finite guard on, as in a workflow): (q, k, v, config, call)."""
+    `config`), and that call (backend.run, the non-finite guard on and a call site named, as in a workflow: its
+    statistics carried where kernels/carried_stats.py's settings take them): (q, k, v, config, call)."""
     b, h, n, d = shape
     q, k, v = bench.model_shaped_inputs(b, h, n, d, torch.bfloat16, "cuda")
     config = config or backend.tuning_for(q.device, "fp8", launch.padded_head_dim(d), None, n, n, str(q.dtype),
@@ -67,7 +69,7 @@ def fp8_call(shape: tuple, config=None) -> tuple:
     repairs = torch.zeros(1, device="cuda", dtype=torch.int32)
     call = functools.partial(backend.run, q, k, v, layout="HND", sm_scale=d ** -0.5, is_causal=False, bias=None,
                              config=SageConfig(kernel="int8_fp8"), pv_fp8=True, return_lse=False,
-                             launch_config=config, repair_counter=repairs)
+                             launch_config=config, repair_counter=repairs, carry_key="settings_ab")
     return q, k, v, config, call
 
 
@@ -77,7 +79,8 @@ def last_heads_error(out: torch.Tensor, q, k, v) -> float:
     return attention_error(out[:, -ERROR_HEADS:], ref)["rel_l1"]
 
 
-MODULES = {"launch": launch, "hopper_launch": hopper_launch, "head_groups": head_groups}
+MODULES = {"launch": launch, "hopper_launch": hopper_launch, "head_groups": head_groups,
+           "carried_stats": carried_stats}
 DEFAULT_SHAPES = ("flux_1024px", "sweep_d128_n16384")
 DEFAULT_ARMS = ("pass:hopper_launch.Q_IN_KERNEL=0",
                 "in_kernel:hopper_launch.Q_IN_KERNEL=1,hopper_launch.IN_KERNEL_Q_REGISTERS=0",

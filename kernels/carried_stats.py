@@ -25,6 +25,15 @@ from collections import OrderedDict
 import torch
 
 MAX_SITES = 4096  # a sampling run's sites: blocks × calls × cond/uncond; the least recently used dropped first
+# which calls with a site take carried statistics: those with the rotary table inside the quantization (ROTARY),
+# whose first launch rotates K's sample and codes Q rotated, and those without (PLAIN)
+ROTARY = True
+PLAIN = True
+
+
+def serves(rope: bool) -> bool:
+    """Whether a call with a site, with or without the rotary table, takes carried statistics."""
+    return bool(ROTARY if rope else PLAIN)
 
 
 class CarriedSite:

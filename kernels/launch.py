@@ -492,7 +492,8 @@ def sage_forward(q, k, v, out, *, sm_scale: float, is_causal: bool, bias, q_grou
     groups = plan.buffers.get("head_groups")
     if groups is None:
         carry = None
-        if carry_key is not None and pv_fp8 and repair_counter is not None and not return_lse:
+        if carry_key is not None and pv_fp8 and repair_counter is not None and not return_lse and \
+                carried_stats.serves(rope is not None):
             carry = carried_stats.SITES.site((carry_key, signature), q.shape[0] * k.shape[1],
                                              padded_head_dim(q.shape[-1]), q.device)
         return run_plan(plan, q, k, v, out, carry=carry, **switches)

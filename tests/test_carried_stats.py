@@ -23,10 +23,25 @@ CARRIED_TOL = 2e-2
 
 
 @pytest.fixture(autouse=True)
-def fresh_sites():
+def fresh_sites(monkeypatch):
+    """Cleared sites, and carried statistics for calls without a rotary table too (carried_stats.PLAIN, off as
+    shipped): the same kernels serve both, and most tests here need no table."""
+    monkeypatch.setattr(carried_stats, "PLAIN", True)
     carried_stats.SITES.clear()
     yield
     carried_stats.SITES.clear()
+
+
+def test_as_shipped_calls_with_the_rotary_table_carry_and_plain_calls_keep_their_own(monkeypatch):
+    """carried_stats.ROTARY on, PLAIN off (measured: bench/NOTES.md, round "Statistics carried from step to step,
+    …"): a plain call with a site runs with its own statistics and makes no site; one with its table makes one."""
+    monkeypatch.setattr(carried_stats, "PLAIN", False)
+    q, k, v = inputs(1, 2, 2, 96, 96, 64, torch.bfloat16, seed=4)
+    for _ in range(2):
+        assert torch.equal(call(q, k, v), attention(q, k, v, config=FP8))
+    assert len(carried_stats.SITES) == 0
+    call(q, k, v, rope=flux_pe(96, 64))
+    assert len(carried_stats.SITES) == 1
 
 
 def call(q, k, v, key="site", stats=None, config=FP8, **kwargs):

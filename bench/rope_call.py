@@ -3,16 +3,16 @@ ComfyUI's rotation then PyTorch's default SDPA (ComfyUI unpatched), its rotation
 hand-off), Sage with the table handed over (the rotation inside the quantization, nodes/rotary_handoff.py; the table's
 kernels' layout made on the first call and kept, as a forward's blocks share one table), and for scale the rotation
 alone, Sage on Q and K already rotated (the benchmarked call) and the quantization alone with and without the table;
-both Sage calls also with their statistics carried from the call before (a sampler's later steps,
-kernels/carried_stats.py). Flux.1 at two sizes (its table with 512 text tokens, [B, H, N, D] tensors, the rotation of
-comfy/ldm/flux/math.attention), Wan2.1 at 480p, 81 frames ([B, N, H, D] tensors, the rotation of apply_rope1 as its
-self-attention applies it), Qwen-Image at 1328 px (128 text tokens, [B, N, H, D] tensors, a BF16 table and its
-apply_rotary_emb, in BF16) and Lumina 2 at 1024 px (256 caption tokens, 24 query heads of 96 on 8 K/V heads, which
-ComfyUI repeats to 24 before its attention and the hand-off does not) and LTX-Video 2B at 768x512, 97 frames (32 heads
-of 64, a BF16 table per head from its cos and sin, its apply_rotary_emb in BF16) and HiDream-I1 at 1024 px (20 heads
-of 128, 384 text tokens after the image's, Flux's apply_rope on [B, N, H, D]), each with its model's own table
-(sage_core/rope). Per shape the times, the ratios to ComfyUI unpatched, and the errors of both Sage forms against FP32
-attention on the rotated Q and K.
+Sage with the table also with its statistics carried from the call before (a sampler's later steps,
+kernels/carried_stats.py; calls without a table keep their own as shipped, carried_stats.PLAIN). Flux.1 at two sizes
+(its table with 512 text tokens, [B, H, N, D] tensors, the rotation of comfy/ldm/flux/math.attention), Wan2.1 at 480p,
+81 frames ([B, N, H, D] tensors, the rotation of apply_rope1 as its self-attention applies it), Qwen-Image at 1328 px
+(128 text tokens, [B, N, H, D] tensors, a BF16 table and its apply_rotary_emb, in BF16) and Lumina 2 at 1024 px (256
+caption tokens, 24 query heads of 96 on 8 K/V heads, which ComfyUI repeats to 24 before its attention and the hand-off
+does not) and LTX-Video 2B at 768x512, 97 frames (32 heads of 64, a BF16 table per head from its cos and sin, its
+apply_rotary_emb in BF16) and HiDream-I1 at 1024 px (20 heads of 128, 384 text tokens after the image's, Flux's
+apply_rope on [B, N, H, D]), each with its model's own table (sage_core/rope). Per shape the times, the ratios to
+ComfyUI unpatched, and the errors of both Sage forms against FP32 attention on the rotated Q and K.
 
     python bench/rope_call.py [--shapes flux_1024px flux_1536px wan21_480p_81f qwen_image_1328px lumina2_1024px
                                ltxv_768x512_97f hidream_1024px]
@@ -143,7 +143,6 @@ def methods(c: Call, config: SageConfig, stats: DispatchStats) -> dict:
         "sage_rotation_fused_carried": lambda: sage(c.q, c.k, c.v, rope=c.handed_table(), carry_key="fused"),
         "rotation_alone": c.comfy_inputs,
         "sage_prerotated": lambda: sage(c.q, c.k, c.v),
-        "sage_prerotated_carried": lambda: sage(c.q, c.k, c.v, carry_key="prerotated"),
         # the quantization alone, as the FP8 Hopper path launches it, with and without the table
         "quantize_rotation_fused": lambda: launch.quantize_qkv(hq, hk, hv, rope=c.handed_table(), **quantize),
         "quantize_prerotated": lambda: launch.quantize_qkv(hq, hk, hv, **quantize),

@@ -9,9 +9,9 @@ the last heads.
 
 An arm is NAME:module.SETTING=VALUE[,...] over kernels/launch.py (`launch.STATS_AHEAD=2`),
 kernels/hopper_launch.py (`hopper_launch.Q_IN_KERNEL=1`), kernels/head_groups.py (`head_groups.GROUPS=1`) and
-kernels/carried_stats.py (`carried_stats.PLAIN=0`: the call's own statistics, not its site's call before's); values
-are integers (1/0 for switches) or words. The default arms: Q coded by the quantization pass (as shipped), and coded
-inside the Hopper ping-pong kernel with its codes read from shared memory or from registers
+kernels/carried_stats.py (`carried_stats.PLAIN=1`: the site's statistics from its call before, not the call's own);
+values are integers (1/0 for switches) or words. The default arms: Q coded by the quantization pass (as shipped), and
+coded inside the Hopper ping-pong kernel with its codes read from shared memory or from registers
 (hopper_launch.codes_q_in_kernel). A shape is a name of the benchmark's table or BxHxNxD.
 """
 from __future__ import annotations

@@ -246,6 +246,25 @@ def carried_row(ROW, offs_d, CHUNKS: tl.constexpr):
 
 
 @triton.jit
+def fp8_scale(top, bottom, centre, code_max):
+    """The per-channel FP8 scale of V's codes of v - centre for a range [bottom, top]: the largest distance from the
+    centre reaches code_max."""
+    return tl.maximum(tl.maximum(top - centre, centre - bottom), 1e-30) / code_max
+
+
+@triton.jit
+def last_to_arrive(TICKET, n_programs):
+    """Count this program in on a ticket shared by n_programs; True in the last to arrive, which sets the ticket
+    back to 0 for the next call. The barrier puts every thread's loads and stores before the ticket's release; the
+    acquire makes the other programs' visible to the last."""
+    tl.debug_barrier()
+    last = tl.atomic_add(TICKET, 1, sem="acq_rel") == n_programs - 1
+    if last:
+        tl.store(TICKET, 0)
+    return last
+
+
+@triton.jit
 def pv_key_source(s):
     """Which key goes to position s within its 32: the Hopper kernel's P operand takes keys relabelled by bits
     (h u q t) -> (h q u t) (kernels/hopper_attention_kernel.to_pv_operand), so position (h q u t) holds key
@@ -415,7 +434,7 @@ def quantize_v_tile(
         else:
             vmax = tl.load(V_RANGE + bh * 2 * BLOCK_D + offs_d)  # finished by the statistics' atomics
             vmin = tl.load(V_RANGE + (bh * 2 + 1) * BLOCK_D + offs_d)
-            scale = tl.maximum(tl.maximum(vmax - mean, mean - vmin), 1e-30) / v_code_max
+            scale = fp8_scale(vmax, vmin, mean, v_code_max)
         v = v_raw.to(tl.float32)
         valid = in_bounds(src_n, offs_d, NK, D)
         r = reciprocal(scale)
@@ -468,18 +487,14 @@ def finish_v_block(V_CODE_SUM, V_SHIFT, V_TICKETS, V_RANGE, mean, bh, channel_bl
     """The end of a V program: count itself in on its head's and channel block's ticket once its code sums are
     stored and V's range read. The last to arrive sets those channels of the range V_RANGE back to (-inf, inf) for
     the next call's atomics (kv_stats_chunk) and, with SHIFT, adds every program's code sums up (in a fixed order,
-    SHIFT_PROGRAMS rows at a time: the same bits on every run) and writes V_SHIFT = mean - inv_keys · their sum. The
-    barrier puts every thread's loads and stores before the ticket's release; the acquire makes the other programs'
-    visible.
+    SHIFT_PROGRAMS rows at a time: the same bits on every run) and writes V_SHIFT = mean - inv_keys · their sum
+    (last_to_arrive).
 
     CARRIED (quantize_v_tile): `mean` is the carried one and `scale` the carried scale the codes used. The last
     program finishes this call's mean from the programs' sums of v - mean (V_DIFF_SUM), writes it to V_MEAN and
     the shift from it, and carries this call's mean and the scale its range gives (times carry_margin) to the next
     call in CARRY; a non-finite one (a NaN or Inf in V) carries the old values instead."""
-    tl.debug_barrier()
-    ticket = V_TICKETS + bh * (BLOCK_D // CHANNELS) + channel_block
-    if tl.atomic_add(ticket, 1, sem="acq_rel") == n_programs - 1:
-        tl.store(ticket, 0)
+    if last_to_arrive(V_TICKETS + bh * (BLOCK_D // CHANNELS) + channel_block, n_programs):
         if CARRIED:
             current = mean + code_sums_total(V_DIFF_SUM, bh, n_programs, offs_d, BLOCK_D, CHANNELS,
                                              SHIFT_PROGRAMS) * inv_keys
@@ -487,7 +502,7 @@ def finish_v_block(V_CODE_SUM, V_SHIFT, V_TICKETS, V_RANGE, mean, bh, channel_bl
             top = tl.load(V_RANGE + bh * 2 * BLOCK_D + offs_d, cache_modifier=".cg")
             bottom = tl.load(V_RANGE + (bh * 2 + 1) * BLOCK_D + offs_d, cache_modifier=".cg")
             centre = current if SMOOTH_V else tl.zeros((CHANNELS,), tl.float32)
-            carried = tl.maximum(tl.maximum(top - centre, centre - bottom), 1e-30) / v_code_max * carry_margin
+            carried = fp8_scale(top, bottom, centre, v_code_max) * carry_margin
             kept = (tl.abs(current) < float("inf")) & (carried < float("inf"))  # False for NaN too
             tl.store(CARRY + (bh * 3 + 1) * BLOCK_D + offs_d, tl.where(kept, current, mean))
             tl.store(CARRY + (bh * 3 + 2) * BLOCK_D + offs_d, tl.where(kept, carried, scale))
@@ -507,10 +522,7 @@ def finish_k_block(K_PARTS, K_TICKETS, CARRY, mean, bh, n_programs, inv_keys, of
     (quantize_int8_role's SUMS, in K_PARTS [BHK, n_programs, BLOCK_D]) is stored; the last to arrive sets the
     ticket back to 0 and carries this call's K mean (mean + their sum / keys, a fixed order) to the next call in
     CARRY, the old one where it is not finite. Every program of the head read the old mean before it arrived."""
-    tl.debug_barrier()
-    ticket = K_TICKETS + bh
-    if tl.atomic_add(ticket, 1, sem="acq_rel") == n_programs - 1:
-        tl.store(ticket, 0)
+    if last_to_arrive(K_TICKETS + bh, n_programs):
         current = mean + code_sums_total(K_PARTS, bh, n_programs, offs_d, BLOCK_D, BLOCK_D, SHIFT_PROGRAMS) * inv_keys
         tl.store(CARRY + bh * 3 * BLOCK_D + offs_d, tl.where(tl.abs(current) < float("inf"), current, mean))
 

@@ -113,10 +113,8 @@ class SageOverride:
 
     def carry_key(self, call_index: int, transformer_options: dict):
         """The call site whose statistics carry from one sampling step to the next (kernels/carried_stats.py): this
-        node, the call's place in the forward and which of cond and uncond the batch holds; None with carry_stats
-        off."""
-        if not self.config.carry_stats:
-            return None
+        node, the call's place in the forward and which of cond and uncond the batch holds (the dispatcher drops it
+        where SageConfig.carry_stats is off)."""
         return self.stats_id, call_index, tuple(transformer_options.get("cond_or_uncond") or ())
 
     def fallback(self, reason, exact, detail=""):

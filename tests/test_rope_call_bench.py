@@ -87,7 +87,7 @@ def test_a_short_run_writes_every_way(tmp_path):
     row = json.loads(out.read_text())["shapes"]["flux_1024px"]
     assert set(row["ms"]) == {"comfyui_rotation_sdpa", "comfyui_rotation_sage", "sage_rotation_fused",
                               "sage_rotation_fused_carried", "rotation_alone", "sage_prerotated",
-                              "sage_prerotated_carried", "quantize_rotation_fused", "quantize_prerotated"}
+                              "quantize_rotation_fused", "quantize_prerotated"}
     assert all(ms > 0 for ms in row["ms"].values()) and row["calls"]["rotary_fused"] > 0
     # the benchmark's inputs carry K offsets that the rotation turns with the position: both forms lose alike
     fused, first = row["errors"]["sage_rotation_fused"], row["errors"]["comfyui_rotation_sage"]

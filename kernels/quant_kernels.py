@@ -320,7 +320,10 @@ def quantize_int8_role(X, b, h, row0, stride_b, stride_h, stride_n, stride_d, N,
     ahead (shifted_slice); the caller issues the first (first_slice), ahead of whatever else it waits for. Without
     SHIFTED (shift all zeros) and ROPE, rows and channels outside the tensor load as 0 and stay 0: no mask. With
     SUM_ROWS the program also stores the per-channel sum of the coded values (rot(x) - shift) * multiplier over its
-    rows into SUMS [BLOCK_D] (carried statistics: the next call's K mean, finish_k_block)."""
+    rows into SUMS [BLOCK_D] (carried statistics: the next call's K mean, finish_k_block). Where a group takes two
+    passes the sums are taken in the first, which holds no codes: taken in the coding pass, they took the carried
+    launch's K programs from 64 registers to 128 on sm90, in the first pass to 115 (the same slices in the same
+    order, so the same bits)."""
     offs_d = tl.arange(0, BLOCK_D)
     rows = tl.arange(0, SUB)
     end = tl.minimum(N, row0 + ROWS)
@@ -336,6 +339,8 @@ def quantize_int8_role(X, b, h, row0, stride_b, stride_h, stride_n, stride_d, N,
                 x, nxt = shifted_slice(X, b, h, row0 + g + s + rows, offs_d, stride_b, stride_h, stride_n, stride_d,
                                        N, D, shift, multiplier, nxt, end, PE, stride_pn, SUB, ROPE, MASK)
                 amax = nan_max(amax, abs_max(x, None, EXPLICIT_NAN))
+                if SUM_ROWS:
+                    total += tl.sum(x, axis=0)
             scale = int8_scale(amax)
             nxt = first_slice(X, b, h, row0 + g, stride_b, stride_h, stride_n, stride_d, N, D, ROWS - g, SUB,
                               BLOCK_D)
@@ -345,8 +350,6 @@ def quantize_int8_role(X, b, h, row0, stride_b, stride_h, stride_n, stride_d, N,
                                        multiplier, nxt, end, PE, stride_pn, SUB, ROPE, MASK)
                 codes = int8_codes(x, reciprocal(scale)[:, None])
                 tl.store(OUT8 + offs_n[:, None] * BLOCK_D + offs_d[None, :], codes, mask=offs_n[:, None] < N)
-                if SUM_ROWS:
-                    total += tl.sum(x, axis=0)
             offs_g = (row0 + g) // GROUP + tl.arange(0, 1)
             tl.store(SCALE + offs_g, scale, mask=offs_g < n_groups)
     else:
@@ -515,15 +518,19 @@ def finish_v_block(V_CODE_SUM, V_SHIFT, V_TICKETS, V_RANGE, mean, bh, channel_bl
         tl.store(V_RANGE + (bh * 2 + 1) * BLOCK_D + offs_d, tl.full((CHANNELS,), float("inf"), tl.float32))
 
 
+# K programs' sums a step of finish_k_block adds up: a [32, 128] step took the carried launch's K programs from 115
+# registers to 151 on sm90, [16, 128] to 116
+K_FINISH_ROWS = tl.constexpr(16)
+
+
 @triton.jit
-def finish_k_block(K_PARTS, K_TICKETS, CARRY, mean, bh, n_programs, inv_keys, offs_d, BLOCK_D: tl.constexpr,
-                   SHIFT_PROGRAMS: tl.constexpr):
+def finish_k_block(K_PARTS, K_TICKETS, CARRY, mean, bh, n_programs, inv_keys, offs_d, BLOCK_D: tl.constexpr):
     """The end of a K program in a CARRIED launch: count itself in on its head's ticket once its sum of k - mean
     (quantize_int8_role's SUMS, in K_PARTS [BHK, n_programs, BLOCK_D]) is stored; the last to arrive sets the
     ticket back to 0 and carries this call's K mean (mean + their sum / keys, a fixed order) to the next call in
     CARRY, the old one where it is not finite. Every program of the head read the old mean before it arrived."""
     if last_to_arrive(K_TICKETS + bh, n_programs):
-        current = mean + code_sums_total(K_PARTS, bh, n_programs, offs_d, BLOCK_D, BLOCK_D, SHIFT_PROGRAMS) * inv_keys
+        current = mean + code_sums_total(K_PARTS, bh, n_programs, offs_d, BLOCK_D, BLOCK_D, K_FINISH_ROWS) * inv_keys
         tl.store(CARRY + bh * 3 * BLOCK_D + offs_d, tl.where(tl.abs(current) < float("inf"), current, mean))
 
 
@@ -612,8 +619,7 @@ def quantize_kernel(
                                K_PARTS + (bh * k_programs + pid) * BLOCK_D, ROWS, K_SUB, K_GROUP, BLOCK_D, ROPE,
                                SMOOTH_K, INTERPRETING, CARRY_K)
             if CARRY_K:
-                finish_k_block(K_PARTS, K_TICKETS, CARRY, mean, bh, k_programs, inv_keys, offs_d, BLOCK_D,
-                               SHIFT_PROGRAMS)
+                finish_k_block(K_PARTS, K_TICKETS, CARRY, mean, bh, k_programs, inv_keys, offs_d, BLOCK_D)
     if V_BLOCKS > 0:
         if (role >= V_ROLE) & (bh < BHK) & (pid < n_v_programs):
             quantize_v_tile(V, PARTS, V_RANGE, V8, V_SCALE, V_MEAN, V_CODE_SUM, V_SHIFT, V_TICKETS, CARRY, V_DIFF_SUM,

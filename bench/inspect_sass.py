@@ -95,11 +95,11 @@ def compile_quantize(which: str, d: int, arch: int, pv_fp8: bool = True, maxnreg
     with constants(overrides):  # slice_rows and v_channels read them too
         rows = launch.QUANT_ROWS
         q_sub, k_sub = launch.slice_rows(q_group, rows, rope), launch.slice_rows(k_group, rows, rope)
-        channels = launch.carried_v_channels(d) if carried else launch.v_channels(d)
+        channels = launch.carried_v_channels(d, rope) if carried else launch.v_channels(d)
         stats_tile, stats_chunks = launch.STATS_TILE, launch.MAX_STATS_CHUNKS
         v_rows, warps, ahead = launch.V_ROWS, launch.QUANT_WARPS, launch.STATS_AHEAD
         stages = launch.stats_stages(rope)
-        carry_k = carried and launch.CARRY_K_MEAN
+        carry_k = carried and launch.carry_k_mean(rope)
     const_values = dict(ROWS=rows, Q_SUB=q_sub, K_SUB=k_sub, Q_GROUP=q_group, K_GROUP=k_group, BLOCK_D=d,
                         STATS_TILE=stats_tile, STATS_CHUNKS=stats_chunks, SMOOTH_K=True,
                         V_STATS=pv_fp8, V_ROWS=v_rows, CHANNELS=channels, SMOOTH_V=pv_fp8, PV_FP8=pv_fp8,

@@ -83,13 +83,17 @@ REPAIR_DOT_PRECISION_SM90 = "tf32x3"
 CARRY_MARGIN = 2.0
 # whether a carried call also carries this call's K mean to the next (else a site keeps the mean its first call
 # measured: exact either way, any vector taken off K is). With K's sums taken in its programs' first pass
-# (quant_kernels.quantize_int8_role) and CARRY_V_CHANNELS, the carried launch takes 128 registers on sm90 with them,
-# and 153 with the rotary table (163 without them there)
+# (quant_kernels.quantize_int8_role) and V on CARRY_V_CHANNELS, the carried launch takes 128 registers on sm90
 CARRY_K_MEAN = True
 # channels per V program in a carried launch (carried_v_channels): V's range and sums of v - mean on a 64-channel
-# tile took the launch to 168 registers on sm90 (three programs per multiprocessor), on 32 channels 128 (four); with
-# the rotary table and K's sums, 234 against 153
+# tile took the launch to 168 registers on sm90 (three programs per multiprocessor), on 32 channels 128 (four)
 CARRY_V_CHANNELS = 32
+# with the rotary table inside the quantization, the carried launch as measured on an H100 (bench/NOTES.md, round
+# "Statistics carried from step to step, …"): the site keeps its first call's K mean and V takes v_channels, 168
+# registers on sm90. Carrying the rotated K's mean with V on 32 channels takes 153 (with 64 channels, 234); not
+# measured on a GPU yet
+ROPE_CARRY_K_MEAN = False
+ROPE_CARRY_V_CHANNELS = 64
 CARRY_SCRATCH = ("k_parts", "k_tickets", "v_diff_sums")  # quant_buffers that only a carried call writes
 
 
@@ -168,9 +172,16 @@ def v_channels(block_d: int) -> int:
     return min(V_CHANNELS if block_d > 64 else V_CHANNELS_SMALL_HEADS, block_d)
 
 
-def carried_v_channels(block_d: int) -> int:
-    """Channels per program of V's quantization in a carried launch (quantize_qkv's carry)."""
-    return min(CARRY_V_CHANNELS, v_channels(block_d))
+def carried_v_channels(block_d: int, rope: bool) -> int:
+    """Channels per program of V's quantization in a carried launch (quantize_qkv's carry), with or without the
+    rotary table."""
+    return min(ROPE_CARRY_V_CHANNELS if rope else CARRY_V_CHANNELS, v_channels(block_d))
+
+
+def carry_k_mean(rope: bool) -> bool:
+    """Whether a carried call carries its K mean on (else its site keeps the first call's), with or without the
+    rotary table."""
+    return bool(ROPE_CARRY_K_MEAN if rope else CARRY_K_MEAN)
 
 
 def stats_stages(rope: bool) -> int:
@@ -224,8 +235,9 @@ def quant_buffers(q, k, *, q_group: int, k_group: int, block_d: int, smooth_k: b
         # a ticket per head and V channel block: the V program that finds it last sets it back to 0, resets V's
         # range and, when quantize_qkv is given where to write it, writes the output shift
         # (enough for a carried launch's channel blocks too: every ticket is back at 0 between launches)
-        "v_tickets": torch.zeros(B * HK * (block_d // min(v_channels(block_d), CARRY_V_CHANNELS)), device=dev,
-                                 dtype=torch.int32) if pv_fp8 else None,
+        "v_tickets": torch.zeros(B * HK * (block_d // min(v_channels(block_d), CARRY_V_CHANNELS,
+                                                            ROPE_CARRY_V_CHANNELS)), device=dev, dtype=torch.int32)
+        if pv_fp8 else None,
         # V's range per head and channel, (max, min), which the statistics' atomics fold into; the last V program of
         # each head and channel block sets it back to (-inf, inf) for the next call
         "v_range": empty_range(B * HK, block_d, dev) if pv_fp8 else None,
@@ -379,11 +391,11 @@ def quant_launches(q, k, *, q_group: int, k_group: int, block_d: int, smooth_k: 
     constants = dict(ROWS=rows, Q_SUB=slice_rows(q_group, rows, rope), K_SUB=slice_rows(k_group, rows, rope),
                      Q_GROUP=q_group, K_GROUP=k_group, BLOCK_D=block_d, STATS_TILE=STATS_TILE,
                      STATS_CHUNKS=MAX_STATS_CHUNKS, SMOOTH_K=smooth_k, V_STATS=need_v_stats, V_ROWS=V_ROWS,
-                     CHANNELS=carried_v_channels(block_d) if carried else v_channels(block_d),
+                     CHANNELS=carried_v_channels(block_d, rope) if carried else v_channels(block_d),
                      SMOOTH_V=smooth_v, PV_FP8=pv_fp8,
                      INTERPRETING=interpreting(), PV_KEY_ORDER=pv_key_order, FINISH_SHIFT=finish_shift,
                      SHIFT_PROGRAMS=SHIFT_PROGRAMS, ROPE=rope, STATS_AHEAD=STATS_AHEAD, STATS_STAGES=stats_stages(rope),
-                     CARRIED=carried, CARRY_K=carried and smooth_k and CARRY_K_MEAN,
+                     CARRIED=carried, CARRY_K=carried and smooth_k and carry_k_mean(rope),
                      WARPS=QUANT_WARPS, num_warps=QUANT_WARPS)  # WARPS: quantize_v_tile's layout steer
     # the statistics' chunks first: they are the longest programs, and blocks are dispatched in grid order
     do_q = int(not q_in_kernel)

@@ -172,15 +172,16 @@ def test_a_carried_run_repeats_bit_for_bit_from_a_cleared_store():
 
 @pytest.mark.parametrize("rope", [False, True])
 def test_the_carried_launchs_v_channel_blocks_change_only_the_order_of_its_sums(monkeypatch, rope):
-    """A carried launch codes V in blocks of launch.CARRY_V_CHANNELS channels (32: its registers), where the uncarried
-    launch takes 64 at head dim 128. Each channel's codes, sums and range are its own whatever block holds it; only
-    the order in which a program's sums are reduced follows the block's layout. So the outputs and the carried values
-    agree to rounding, and every ticket is back at 0 for the next launch."""
+    """A carried launch codes V in blocks of launch.CARRY_V_CHANNELS channels (ROPE_CARRY_V_CHANNELS with the rotary
+    table; 32: its registers), where the uncarried launch takes 64 at head dim 128. Each channel's codes, sums and
+    range are its own whatever block holds it; only the order in which a program's sums are reduced follows the
+    block's layout. So the outputs and the carried values agree to rounding, and every ticket is back at 0 for the
+    next launch."""
     q, k, v = inputs(1, 2, 2, 160, 160, 128, torch.bfloat16, seed=21)
     pe = flux_pe(160, 128) if rope else None
     runs = []
     for channels in (32, 64):
-        monkeypatch.setattr(launch, "CARRY_V_CHANNELS", channels)
+        monkeypatch.setattr(launch, "ROPE_CARRY_V_CHANNELS" if rope else "CARRY_V_CHANNELS", channels)
         carried_stats.SITES.clear()
         PLANS.clear()
         outs = [call(q, k, v * scale, rope=pe) for scale in (1.0, 1.05, 1.1)]
@@ -197,8 +198,8 @@ def test_the_carried_launchs_v_channel_blocks_change_only_the_order_of_its_sums(
 @pytest.mark.parametrize("carry_k", [True, False])
 def test_the_rotary_table_carries_the_rotated_k_mean(monkeypatch, carry_k):
     """With the rotation inside the quantization, the K programs sum the rotated K that they code: the site
-    carries its mean (launch.CARRY_K_MEAN), or keeps the first call's, the mean of the rotated K too."""
-    monkeypatch.setattr(launch, "CARRY_K_MEAN", carry_k)
+    carries its mean (launch.ROPE_CARRY_K_MEAN), or keeps the first call's, the mean of the rotated K too."""
+    monkeypatch.setattr(launch, "ROPE_CARRY_K_MEAN", carry_k)
     q, k, v = inputs(1, 2, 2, 96, 96, 64, torch.bfloat16, seed=9)
     pe = flux_pe(96, 64)
     for _ in range(3):

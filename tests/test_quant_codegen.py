@@ -87,8 +87,9 @@ def test_rotating_quantization_reads_in_vectors(launch, arch, pv):
 # before) holds every role's code, and the sums and ranges it takes for the next call: 128 registers on sm90, as each
 # of the two launches it replaces (four programs of 4 warps per multiprocessor), with K's sums in its programs' first
 # pass and V on 32 channels a program (launch.CARRY_V_CHANNELS); taken in the coding pass and on 64 channels, 168.
-# With the rotary table 153 (Triton 3.6) and 147 (3.9). sm100 130 with Triton 3.6, sm120 136.
-CARRIED_TARGETS = [(90, 128, False, 128), (90, 64, False, 128), (90, 128, True, 160), (89, 128, False, 128),
+# With the rotary table, as measured (the first call's K mean kept, V on 64 channels), 168 with Triton 3.6 and 174 with
+# 3.9. sm100 130 with Triton 3.6, sm120 136.
+CARRIED_TARGETS = [(90, 128, False, 128), (90, 64, False, 128), (90, 128, True, 176), (89, 128, False, 128),
                    (100, 128, False, 136), (120, 128, False, 144)]
 
 

@@ -229,6 +229,24 @@ def test_an_unhashable_key_is_refused_before_any_work():
         call(q, k, v, key=["block", 0])
 
 
+def test_the_benchmarks_carried_method_carries_plain_calls_whatever_ships(monkeypatch):
+    """sage_core.bench's sage_int8_fp8_carried: with PLAIN off (as shipped) its calls still carry, the first priming
+    the site, the timed one a carried launch; PLAIN is back as it was after every call."""
+    from sage_attention_pack.sage_core import bench
+
+    monkeypatch.setattr(carried_stats, "PLAIN", False)
+    q, k, v = inputs(1, 2, 2, 120, 120, 64, torch.bfloat16, seed=5)
+    PLANS.clear()
+    method = bench.carried_method(FP8)
+    out = method(q, k, v)
+    assert carried_stats.PLAIN is False and only_site().primed
+    (plan,) = PLANS.plans.values()
+    assert "quantize_q_k_v_carried" in plan.slots
+    cosine, rel_l1 = EXACT_BOUNDS["int8_fp8"]
+    err = attention_error(out, exact(q, k, v))
+    assert err["cosine"] >= cosine and err["rel_l1"] <= rel_l1, err
+
+
 @pytest.mark.skipif(not HOPPER, reason=NO_HOPPER)
 def test_flux_shaped_calls_carried_on_the_hopper_kernel():
     """Flux's shape on the Hopper kernel: the carried call is as accurate as the plain one against FP32 attention

@@ -85,7 +85,7 @@ CARRY_MARGIN = 2.0
 # measured: exact either way, any vector taken off K is). With K's sums taken in its programs' first pass
 # (quant_kernels.quantize_int8_role) and V on CARRY_V_CHANNELS, the carried launch takes 128 registers on sm90
 CARRY_K_MEAN = True
-# channels per V program in a carried launch (carried_v_channels): V's range and sums of v - mean on a 64-channel
+# channels per V program in a carried launch (launch_v_channels): V's range and sums of v - mean on a 64-channel
 # tile took the launch to 168 registers on sm90 (three programs per multiprocessor), on 32 channels 128 (four)
 CARRY_V_CHANNELS = 32
 # with the rotary table inside the quantization, the carried launch as measured on an H100 (bench/NOTES.md, round
@@ -172,9 +172,11 @@ def v_channels(block_d: int) -> int:
     return min(V_CHANNELS if block_d > 64 else V_CHANNELS_SMALL_HEADS, block_d)
 
 
-def carried_v_channels(block_d: int, rope: bool) -> int:
-    """Channels per program of V's quantization in a carried launch (quantize_qkv's carry), with or without the
-    rotary table."""
+def launch_v_channels(block_d: int, rope: bool, carried: bool) -> int:
+    """Channels per program of V's quantization in a launch: v_channels, and in a carried launch (quantize_qkv's
+    carry) at most CARRY_V_CHANNELS, or ROPE_CARRY_V_CHANNELS with the rotary table."""
+    if not carried:
+        return v_channels(block_d)
     return min(ROPE_CARRY_V_CHANNELS if rope else CARRY_V_CHANNELS, v_channels(block_d))
 
 
@@ -217,6 +219,9 @@ def quant_buffers(q, k, *, q_group: int, k_group: int, block_d: int, smooth_k: b
     dev, f32 = q.device, torch.float32
     v_padded = cdiv(max(NK, 1), V_PAD) * V_PAD if pv_fp8 else 0
     need_v_stats = pv_fp8 or smooth_v
+    # V's channels per program in the finest of the launches that may share these buffers (launch_v_channels)
+    finest_v_block = min(launch_v_channels(block_d, rope, carried)
+                         for rope in (False, True) for carried in (False, True))
     return {
         # per chunk of the statistics, K's sum and V's sum (kv_stats_chunk)
         "parts": torch.empty((B * HK, stats_chunks(NK, stats_every(NK))[0], 2, block_d), device=dev, dtype=f32),
@@ -234,9 +239,8 @@ def quant_buffers(q, k, *, q_group: int, k_group: int, block_d: int, smooth_k: b
         if pv_fp8 else None,
         # a ticket per head and V channel block: the V program that finds it last sets it back to 0, resets V's
         # range and, when quantize_qkv is given where to write it, writes the output shift
-        # (enough for a carried launch's channel blocks too: every ticket is back at 0 between launches)
-        "v_tickets": torch.zeros(B * HK * (block_d // min(v_channels(block_d), CARRY_V_CHANNELS,
-                                                            ROPE_CARRY_V_CHANNELS)), device=dev, dtype=torch.int32)
+        # (as many as the finest launch's channel blocks: every ticket is back at 0 between launches)
+        "v_tickets": torch.zeros(B * HK * (block_d // finest_v_block), device=dev, dtype=torch.int32)
         if pv_fp8 else None,
         # V's range per head and channel, (max, min), which the statistics' atomics fold into; the last V program of
         # each head and channel block sets it back to (-inf, inf) for the next call
@@ -391,7 +395,7 @@ def quant_launches(q, k, *, q_group: int, k_group: int, block_d: int, smooth_k: 
     constants = dict(ROWS=rows, Q_SUB=slice_rows(q_group, rows, rope), K_SUB=slice_rows(k_group, rows, rope),
                      Q_GROUP=q_group, K_GROUP=k_group, BLOCK_D=block_d, STATS_TILE=STATS_TILE,
                      STATS_CHUNKS=MAX_STATS_CHUNKS, SMOOTH_K=smooth_k, V_STATS=need_v_stats, V_ROWS=V_ROWS,
-                     CHANNELS=carried_v_channels(block_d, rope) if carried else v_channels(block_d),
+                     CHANNELS=launch_v_channels(block_d, rope, carried),
                      SMOOTH_V=smooth_v, PV_FP8=pv_fp8,
                      INTERPRETING=interpreting(), PV_KEY_ORDER=pv_key_order, FINISH_SHIFT=finish_shift,
                      SHIFT_PROGRAMS=SHIFT_PROGRAMS, ROPE=rope, STATS_AHEAD=STATS_AHEAD, STATS_STAGES=stats_stages(rope),

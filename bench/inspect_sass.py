@@ -94,7 +94,7 @@ def compile_quantize(which: str, d: int, arch: int, pv_fp8: bool = True, maxnreg
     q_group, k_group = path["q_group"], path["k_group"]
     with constants(overrides):  # slice_rows and v_channels read them too
         rows = launch.QUANT_ROWS
-        q_sub, k_sub = launch.slice_rows(q_group, rows, rope), launch.slice_rows(k_group, rows, rope)
+        q_sub, k_sub = (launch.slice_rows(group, rows, rope, carried) for group in (q_group, k_group))
         channels = launch.launch_v_channels(d, rope, carried)
         stats_tile, stats_chunks = launch.STATS_TILE, launch.MAX_STATS_CHUNKS
         v_rows, warps, ahead = launch.V_ROWS, launch.QUANT_WARPS, launch.STATS_AHEAD

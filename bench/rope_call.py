@@ -16,7 +16,12 @@ ComfyUI unpatched, and the errors of both Sage forms against FP32 attention on t
 
     python bench/rope_call.py [--shapes flux_1024px flux_1536px wan21_480p_81f qwen_image_1328px lumina2_1024px
                                ltxv_768x512_97f hidream_1024px]
-                              [--kernel int8_fp8] [--rounds 9] [--out rope_call.json]
+                              [--kernel int8_fp8] [--rounds 9] [--arms NAME:module.SETTING=VALUE,... ...]
+                              [--out rope_call.json]
+
+--arms (as bench/settings_ab.py's, e.g. `light:launch.ROPE_CARRY_K_MEAN=1,launch.ROPE_CARRY_V_CHANNELS=32`): the
+carried call once more under each arm's settings (sage_rotation_fused_carried@NAME, a site of its own), interleaved
+with the others, which run as shipped; its error beside theirs.
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ from sage_attention_pack.sage_core.dispatch import DispatchStats, attention
 from sage_attention_pack.sage_core.metrics import attention_error
 from sage_attention_pack.sage_core.progress import progress
 
+settings_ab = bench.bench_script("settings_ab")  # parse_arm, Settings: an arm's settings switched per call
 ERROR_HEADS = 4
 # (model, query heads, and the table's grid: Flux's, Qwen-Image's and Lumina 2's text tokens and patch rows and
 # columns; Wan's latent frames and patch rows and columns)
@@ -129,6 +135,13 @@ def call_inputs(shape: str, device: str, seed: int = 0, heads: int | None = None
     return Call(*(t.contiguous() for t in (q, k, v)), pe, "HND" if model == "flux" else "NHD", model, handed_table)
 
 
+def fused_carried(c: Call, config: SageConfig, stats: DispatchStats, key: str = "fused"):
+    """Sage with the table handed over and its statistics carried from the call before at site `key`
+    (kernels/carried_stats.py; a sampler's later steps)."""
+    return lambda: attention(c.q, c.k, c.v, tensor_layout=c.layout, config=config, stats=stats,
+                             rope=c.handed_table(), carry_key=key)
+
+
 def methods(c: Call, config: SageConfig, stats: DispatchStats) -> dict:
     def sage(q, k, v, **kw):
         return attention(q, k, v, tensor_layout=c.layout, config=config, stats=stats, **kw)
@@ -139,8 +152,7 @@ def methods(c: Call, config: SageConfig, stats: DispatchStats) -> dict:
         "comfyui_rotation_sdpa": lambda: F.scaled_dot_product_attention(*(c.hnd(t) for t in c.comfy_inputs())),
         "comfyui_rotation_sage": lambda: sage(*c.comfy_inputs()),
         "sage_rotation_fused": lambda: sage(c.q, c.k, c.v, rope=c.handed_table()),
-        # with the statistics carried from the call before (kernels/carried_stats.py; a sampler's later steps)
-        "sage_rotation_fused_carried": lambda: sage(c.q, c.k, c.v, rope=c.handed_table(), carry_key="fused"),
+        "sage_rotation_fused_carried": fused_carried(c, config, stats),
         "rotation_alone": c.comfy_inputs,
         "sage_prerotated": lambda: sage(c.q, c.k, c.v),
         # the quantization alone, as the FP8 Hopper path launches it, with and without the table
@@ -149,9 +161,10 @@ def methods(c: Call, config: SageConfig, stats: DispatchStats) -> dict:
     }
 
 
-def errors(c: Call, config: SageConfig) -> dict:
+def errors(c: Call, config: SageConfig, arms: dict | None = None, settings=None) -> dict:
     """Both Sage forms against FP32 attention on Q and K rotated in FP32, on the first query heads and their K/V
-    heads (the model's rotation, in [B, H, N, D] order, before the second)."""
+    heads (the model's rotation, in [B, H, N, D] order, before the second); the carried form also under each of
+    `arms`' settings (settings_ab.Settings)."""
     kv_heads = max(1, ERROR_HEADS // c.group)
     q, k, v = c.hnd(c.q)[:, :kv_heads * c.group], c.hnd(c.k)[:, :kv_heads], c.hnd(c.v)[:, :kv_heads]
     def first_heads(table):  # LTX-Video's tables have a head each
@@ -163,11 +176,33 @@ def errors(c: Call, config: SageConfig) -> dict:
                                            enable_gqa=c.group > 1)
     fused = attention(q, k, v, config=config, rope=first_heads(c.handed_table()))
     first = attention(rope.rotate(q, pe), rope.rotate(k, pe), v, config=config)
-    for _ in range(2):  # the first call primes the site, the second carries its statistics
-        carried = attention(q, k, v, config=config, rope=first_heads(c.handed_table()), carry_key="errors")
-    return {"sage_rotation_fused": attention_error(fused, exact),
-            "sage_rotation_fused_carried": attention_error(carried, exact),
-            "comfyui_rotation_sage": attention_error(first, exact)}
+
+    def carried(key: str):  # the first call primes the site, the second carries its statistics
+        for _ in range(2):
+            out = attention(q, k, v, config=config, rope=first_heads(c.handed_table()), carry_key=key)
+        return attention_error(out, exact)
+
+    result = {"sage_rotation_fused": attention_error(fused, exact),
+              "sage_rotation_fused_carried": carried("errors"),
+              "comfyui_rotation_sage": attention_error(first, exact)}
+    for name, arm in (arms or {}).items():
+        settings.apply(arm)
+        result[f"sage_rotation_fused_carried@{name}"] = carried(f"errors@{name}")
+    if arms:
+        settings.restore()
+    return result
+
+
+def arm_methods(c: Call, config: SageConfig, stats: DispatchStats, arms: dict, settings) -> dict:
+    """methods(), each under the shipped settings, and the carried call under every arm's (a site per arm)."""
+    if not arms:
+        return methods(c, config, stats)
+    shipped = {}
+    timed = {name: settings.bind(shipped, fn) for name, fn in methods(c, config, stats).items()}
+    for name, arm in arms.items():
+        timed[f"sage_rotation_fused_carried@{name}"] = settings.bind(arm, fused_carried(c, config, stats,
+                                                                                         f"fused@{name}"))
+    return timed
 
 
 def main(argv=None) -> int:
@@ -175,25 +210,36 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES), help=f"of {', '.join(SHAPES)}")
     ap.add_argument("--kernel", default="int8_fp8", choices=["int8_fp8", "int8_fp16", "auto"])
     ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--arms", nargs="*", default=[], help="NAME:module.SETTING=VALUE,... as bench/settings_ab.py's")
     ap.add_argument("--out", default="rope_call.json")
     args = ap.parse_args(argv)
     unknown = [s for s in args.shapes if s not in SHAPES]
     if args.rounds < 1 or unknown:
         ap.error(f"--rounds must be at least 1 and every shape one of {', '.join(SHAPES)} (not {unknown})")
+    try:
+        arms = dict(settings_ab.parse_arm(text) for text in args.arms)
+    except ValueError as e:
+        ap.error(str(e))
+    if len(arms) < len(args.arms):
+        ap.error("two arms share a name")
+    settings = settings_ab.Settings(arms)
     if not torch.cuda.is_available():
         print("rope_call: needs a GPU (device time of whole calls)", file=sys.stderr)
         return 2
     config = SageConfig(kernel=args.kernel)
-    result = {"environment": bench.environment(), "kernel": args.kernel, "rounds": args.rounds, "shapes": {}}
+    result = {"environment": bench.environment(), "kernel": args.kernel, "rounds": args.rounds,
+              "arms": args.arms, "shapes": {}}
     for shape in progress(args.shapes, desc="shapes"):
         c = call_inputs(shape, "cuda")
         stats = DispatchStats()
-        timed = timing.interleaved_median_ms(methods(c, config, stats), rounds=args.rounds)
+        timed = timing.interleaved_median_ms(arm_methods(c, config, stats, arms, settings), rounds=args.rounds)
+        if arms:
+            settings.restore()
         base = timed["comfyui_rotation_sdpa"]
         row = {"shape": list(c.hnd(c.q).shape), "layout": c.layout, "ms": timed,
                "speedup_vs_comfyui": {name: base / ms for name, ms in timed.items() if isinstance(ms, float)},
                "fused_saves_ms": timed["comfyui_rotation_sage"] - timed["sage_rotation_fused"],
-               "errors": errors(c, config), "calls": stats.snapshot()}
+               "errors": errors(c, config, arms, settings), "calls": stats.snapshot()}
         result["shapes"][shape] = row
         print(f"{shape}: " + ", ".join(f"{name} {ms:.3f} ms" for name, ms in timed.items())
               + f"; fused saves {row['fused_saves_ms']:.3f} ms", flush=True)

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import torch
 
@@ -33,15 +31,7 @@ from sage_attention_pack.sage_core.metrics import attention_error
 from sage_attention_pack.sage_core.progress import progress
 
 
-def sibling(name: str):
-    """Another script of this folder, as a module (bench/ is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-breakdown = sibling("breakdown")  # kernel_ms: each launch's device time
+breakdown = bench.bench_script("breakdown")  # kernel_ms: each launch's device time
 
 ERROR_HEADS = 4  # the last heads, against FP32 attention, where the key count allows it
 ERROR_MAX_KEYS = 8192

@@ -13,25 +13,15 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import sys
-from pathlib import Path
 
 import torch
 
 from sage_attention_pack.kernels import hopper_launch
-from sage_attention_pack.sage_core import timing
+from sage_attention_pack.sage_core import bench, timing
 
 
-def sibling(name: str):
-    """Another script of this folder, as a module (bench/ is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-settings_ab = sibling("settings_ab")  # the shapes, the FP8 call, its error, the settings' switch
+settings_ab = bench.bench_script("settings_ab")  # the shapes, the FP8 call, its error, the settings' switch
 parse_shape, fp8_call, last_heads_error = settings_ab.parse_shape, settings_ab.fp8_call, settings_ab.last_heads_error
 
 DEFAULT_SHAPES = ("flux_1024px", "1x26x4608x128", "2x24x4608x128", "sweep_d128_n8192", "sweep_d128_n16384",

@@ -90,10 +90,11 @@ CARRY_K_MEAN = True
 CARRY_V_CHANNELS = 32
 # with the rotary table inside the quantization, the carried launch as measured on an H100 (bench/NOTES.md, round
 # "Statistics carried from step to step, …"): the site keeps its first call's K mean and V takes v_channels, 168
-# registers on sm90. Carrying the rotated K's mean with V on 32 channels takes 153 (with 64 channels, 234); not
-# measured on a GPU yet
+# registers on sm90. Carrying the rotated K's mean with V on 32 channels takes 153 (with 64 channels, 234), and
+# with Q and K rotated 16 rows a slice (ROPE_CARRY_SUB; slice_rows) 96; not measured on a GPU yet
 ROPE_CARRY_K_MEAN = False
 ROPE_CARRY_V_CHANNELS = 64
+ROPE_CARRY_SUB = 64
 CARRY_SCRATCH = ("k_parts", "k_tickets", "v_diff_sums")  # quant_buffers that only a carried call writes
 
 
@@ -191,14 +192,15 @@ def stats_stages(rope: bool) -> int:
     return ROPE_STATS_STAGES if rope else STATS_STAGES
 
 
-def slice_rows(group: int, rows: int, rope: bool = False) -> int:
+def slice_rows(group: int, rows: int, rope: bool = False, carried: bool = False) -> int:
     """Rows per slice of an INT8 quantization program: QUANT_SUB, or the group where a group is longer than
     that but shorter than the program (the kernel finds a longer group's maximum before coding its slices). With a
     rotary table, ROPE_SUB and two passes over a longer group: a rotated slice holds four FP32 tiles (the values,
     their partners, two coefficients), 164-167 registers at 64 rows on sm90. Measured on an H100 (bench/NOTES.md,
-    "The rotary table in the tile's layout"): 64-row slices as fast as or faster than 16 and 32 at every shape."""
+    "The rotary table in the tile's layout"): 64-row slices as fast as or faster than 16 and 32 at every shape. A
+    carried launch (quantize_qkv's carry) with the table: ROPE_CARRY_SUB."""
     if rope:
-        return min(ROPE_SUB, rows)
+        return min(ROPE_CARRY_SUB if carried else ROPE_SUB, rows)
     return group if QUANT_SUB < group < rows else min(QUANT_SUB, rows)
 
 
@@ -392,7 +394,8 @@ def quant_launches(q, k, *, q_group: int, k_group: int, block_d: int, smooth_k: 
     sizes = (B * H, B * HK, H, HK, NQ, NK, D, n_chunks, chunk_rows, k_every, sampled_key_count(NK, k_every),
              cdiv(NQ, q_group), cdiv(NK, k_group))
     tail = (n_v_programs, 1.0 / max(NK, 1), CARRY_MARGIN)
-    constants = dict(ROWS=rows, Q_SUB=slice_rows(q_group, rows, rope), K_SUB=slice_rows(k_group, rows, rope),
+    constants = dict(ROWS=rows, Q_SUB=slice_rows(q_group, rows, rope, carried),
+                     K_SUB=slice_rows(k_group, rows, rope, carried),
                      Q_GROUP=q_group, K_GROUP=k_group, BLOCK_D=block_d, STATS_TILE=STATS_TILE,
                      STATS_CHUNKS=MAX_STATS_CHUNKS, SMOOTH_K=smooth_k, V_STATS=need_v_stats, V_ROWS=V_ROWS,
                      CHANNELS=launch_v_channels(block_d, rope, carried),

@@ -52,6 +52,17 @@ SAGE_VARIANTS = {
 BOUNDS = {"fp16": {"cosine": 0.9999, "rel_l1": 0.015}, "fp8": {"cosine": 0.999, "rel_l1": 0.045}}
 
 
+BENCH_SCRIPTS = Path(__file__).resolve().parent.parent / "bench"  # beside the package: scripts, not a package
+
+
+def bench_script(name: str):
+    """bench/<name>.py loaded as a fresh module, for another script or a test that uses its functions."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH_SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def model_shaped_inputs(b, h, n, d, dtype, device, seed=0):
     """Random Q, K, V with a per-channel offset in K, drawn on `device` (video-length inputs are GBs)."""
     g = torch.Generator(device=device).manual_seed(seed)

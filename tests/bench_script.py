@@ -1,6 +1,5 @@
 """A script of bench/ (a folder of scripts, not a package) loaded as a module, for the tests of its functions, or
 run in a process of its own for its JSON line."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,10 +11,9 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 def load(name: str):
     """bench/<name>.py as a fresh module."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from sage_attention_pack.sage_core.bench import bench_script
+
+    return bench_script(name)
 
 
 def json_report(name: str, *args: str) -> dict:

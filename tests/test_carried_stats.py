@@ -170,18 +170,22 @@ def test_a_carried_run_repeats_bit_for_bit_from_a_cleared_store():
         assert torch.equal(one, two)
 
 
-@pytest.mark.parametrize("rope", [False, True])
-def test_the_carried_launchs_v_channel_blocks_change_only_the_order_of_its_sums(monkeypatch, rope):
+@pytest.mark.parametrize("setting, rope, values", [("CARRY_V_CHANNELS", False, (32, 64)),
+                                                   ("ROPE_CARRY_V_CHANNELS", True, (32, 64)),
+                                                   ("ROPE_CARRY_SUB", True, (16, 64))])
+def test_the_carried_launchs_blocks_change_only_the_order_of_its_sums(monkeypatch, setting, rope, values):
     """A carried launch codes V in blocks of launch.CARRY_V_CHANNELS channels (ROPE_CARRY_V_CHANNELS with the rotary
-    table; 32: its registers), where the uncarried launch takes 64 at head dim 128. Each channel's codes, sums and
-    range are its own whatever block holds it; only the order in which a program's sums are reduced follows the
-    block's layout. So the outputs and the carried values agree to rounding, and every ticket is back at 0 for the
-    next launch."""
+    table; 32: its registers), where the uncarried launch takes 64 at head dim 128, and with the table rotates Q and
+    K ROPE_CARRY_SUB rows a slice. Each channel's codes, sums and range are its own whatever block holds it, and a
+    group's codes its own whatever slices it is coded in; only the order in which a program's sums are reduced
+    follows the blocks. So the outputs and the carried values agree to rounding, and every ticket is back at 0 for
+    the next launch."""
     q, k, v = inputs(1, 2, 2, 160, 160, 128, torch.bfloat16, seed=21)
     pe = flux_pe(160, 128) if rope else None
+    monkeypatch.setattr(launch, "ROPE_CARRY_K_MEAN", True)  # the rotated K's sums carried too
     runs = []
-    for channels in (32, 64):
-        monkeypatch.setattr(launch, "ROPE_CARRY_V_CHANNELS" if rope else "CARRY_V_CHANNELS", channels)
+    for value in values:
+        monkeypatch.setattr(launch, setting, value)
         carried_stats.SITES.clear()
         PLANS.clear()
         outs = [call(q, k, v * scale, rope=pe) for scale in (1.0, 1.05, 1.1)]

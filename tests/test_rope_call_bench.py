@@ -65,6 +65,44 @@ def test_every_way_computes_the_same_attention():
         assert all(e["cosine"] > 0.999 for e in errors.values()), (shape, errors)
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                    reason="no GPU and TRITON_INTERPRET is not 1: the kernels cannot run here")
+def test_an_arms_carried_call_runs_under_its_settings_and_the_rest_as_shipped():
+    """--arms: the carried call once more per arm, under the arm's settings and at a site of its own, as close to
+    exact attention as the shipped one; every other method runs as shipped, and the settings are back after."""
+    from sage_attention_pack.kernels import carried_stats, launch
+    from sage_attention_pack.sage_core.config import SageConfig
+    from sage_attention_pack.sage_core.dispatch import DispatchStats
+
+    module = rope_call()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    c = module.call_inputs("flux_1024px", device, heads=4, grid=(16, 4, 4))
+    arms = dict([module.settings_ab.parse_arm("light:launch.ROPE_CARRY_K_MEAN=1,launch.ROPE_CARRY_V_CHANNELS=32,"
+                                              "launch.ROPE_CARRY_SUB=16")])
+    settings = module.settings_ab.Settings(arms)
+    seen = {}
+
+    def note(name):  # the settings each method runs under
+        seen[name] = (launch.ROPE_CARRY_K_MEAN, launch.ROPE_CARRY_V_CHANNELS, launch.ROPE_CARRY_SUB)
+
+    config, stats = SageConfig(kernel="int8_fp8"), DispatchStats()
+    ways = module.arm_methods(c, config, stats, arms, settings)
+    assert set(ways) == set(module.methods(c, config, stats)) | {"sage_rotation_fused_carried@light"}
+    exact = ways["comfyui_rotation_sdpa"]().double()
+    carried_stats.SITES.clear()
+    for name in ("sage_rotation_fused_carried", "sage_rotation_fused_carried@light") * 2:
+        out = c.hnd(ways[name]()).double()
+        note(name)
+        assert ((out - exact).abs().sum() / exact.abs().sum()).item() < 0.045, name
+    assert seen["sage_rotation_fused_carried"] == (False, 64, 64)
+    assert seen["sage_rotation_fused_carried@light"] == (True, 32, 16)
+    assert len(carried_stats.SITES) == 2 and stats.recomputed == 0  # a site per arm
+    settings.restore()
+    errors = module.errors(c, config, arms, settings)
+    assert errors["sage_rotation_fused_carried@light"]["cosine"] > 0.999
+    assert (launch.ROPE_CARRY_K_MEAN, launch.ROPE_CARRY_V_CHANNELS, launch.ROPE_CARRY_SUB) == (False, 64, 64)
+
+
 def test_bad_arguments_are_named_before_any_work(capsys):
     with pytest.raises(SystemExit) as hit:
         rope_call().main(["--rounds", "0"])
@@ -72,6 +110,12 @@ def test_bad_arguments_are_named_before_any_work(capsys):
     with pytest.raises(SystemExit) as hit:
         rope_call().main(["--shapes", "sdxl"])
     assert hit.value.code == 2 and "['sdxl']" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as hit:
+        rope_call().main(["--arms", "light:launch.NO_SUCH_SETTING=1"])
+    assert hit.value.code == 2 and "'launch.NO_SUCH_SETTING' is not a setting" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as hit:
+        rope_call().main(["--arms", "a:launch.ROPE_CARRY_SUB=16", "a:launch.ROPE_CARRY_SUB=32"])
+    assert hit.value.code == 2 and "two arms share a name" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the command would measure")

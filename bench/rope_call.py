@@ -39,7 +39,7 @@ from sage_attention_pack.sage_core.dispatch import DispatchStats, attention
 from sage_attention_pack.sage_core.metrics import attention_error
 from sage_attention_pack.sage_core.progress import progress
 
-settings_ab = bench.bench_script("settings_ab")  # parse_arm, Settings: an arm's settings switched per call
+settings_ab = bench.bench_script("settings_ab")  # parse_arms, Settings: an arm's settings switched per call
 ERROR_HEADS = 4
 # (model, query heads, and the table's grid: Flux's, Qwen-Image's and Lumina 2's text tokens and patch rows and
 # columns; Wan's latent frames and patch rows and columns)
@@ -217,11 +217,9 @@ def main(argv=None) -> int:
     if args.rounds < 1 or unknown:
         ap.error(f"--rounds must be at least 1 and every shape one of {', '.join(SHAPES)} (not {unknown})")
     try:
-        arms = dict(settings_ab.parse_arm(text) for text in args.arms)
+        arms = settings_ab.parse_arms(args.arms)
     except ValueError as e:
         ap.error(str(e))
-    if len(arms) < len(args.arms):
-        ap.error("two arms share a name")
     settings = settings_ab.Settings(arms)
     if not torch.cuda.is_available():
         print("rope_call: needs a GPU (device time of whole calls)", file=sys.stderr)

@@ -96,6 +96,14 @@ def parse_arm(text: str) -> tuple[str, dict]:
     return name, settings
 
 
+def parse_arms(texts: list) -> dict:
+    """{NAME: settings} of parse_arm's texts; ValueError names a bad arm, or two arms that share a name."""
+    arms = dict(parse_arm(text) for text in texts)
+    if len(arms) != len(texts):
+        raise ValueError("two arms share a name")
+    return arms
+
+
 class Settings:
     """Callables that run under an arm's settings: the settings change, and the call plans (which keep what the
     settings made them with) are cleared, only when a callable of another arm runs, so a visit of the interleaved
@@ -161,12 +169,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         shapes = {name: parse_shape(name) for name in args.shapes}
-        arms = dict(parse_arm(text) for text in args.arms)
+        arms = parse_arms(args.arms)
         config = tuning.LaunchConfig.from_key(args.config) if args.config else None
     except ValueError as e:
         ap.error(str(e))
-    if len(arms) != len(args.arms):
-        ap.error("two arms share a name")
     if args.rounds < 1:
         ap.error("rounds must be at least 1")
     if not torch.cuda.is_available():

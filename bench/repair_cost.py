@@ -24,7 +24,7 @@ from sage_attention_pack.sage_core import backend, bench, timing
 from sage_attention_pack.sage_core.config import SageConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is a folder of scripts
-from settings_ab import Settings, breakdown, parse_arm, parse_shape, run_shapes  # noqa: E402
+from settings_ab import Settings, breakdown, parse_arms, parse_shape, run_shapes  # noqa: E402
 
 CASES = ("clean", "one_tile", "one_head")
 CHECKED_ROWS = 64  # rows of the repaired tile compared with FP32 attention
@@ -87,11 +87,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         shapes = {name: parse_shape(name) for name in args.shapes}
-        arms = dict(parse_arm(text) for text in args.arms) or {"shipped": {}}
+        arms = parse_arms(args.arms) or {"shipped": {}}
     except ValueError as e:
         ap.error(str(e))
-    if args.arms and len(arms) != len(args.arms):
-        ap.error("two arms share a name")
     if args.rounds < 1:
         ap.error("rounds must be at least 1")
     if not torch.cuda.is_available():

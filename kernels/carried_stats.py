@@ -27,10 +27,10 @@ import torch
 MAX_SITES = 4096  # a sampling run's sites: blocks × calls × cond/uncond; the least recently used dropped first
 # which calls with a site take carried statistics: those with the rotary table inside the quantization (ROTARY),
 # whose first launch rotates K's sample and codes Q rotated, and those without (PLAIN). Measured on an H100
-# (bench/NOTES.md, round "Statistics carried from step to step, …"): Flux.1's call with its table 0.447 -> 0.425 ms;
-# without a table the one launch was slower than the two (its sums and ranges took it from 128 to 168 registers on
-# sm90, three programs per multiprocessor instead of four): Flux 0.4039 -> 0.4085 ms, B2 H32 N16384 D64 7.097 ->
-# 7.202 ms. It now takes 128 (round "The carried launch at 128 registers"); PLAIN stays off until that is measured
+# (bench/NOTES.md, rounds "Statistics carried from step to step, …" and "The carried launches measured on the
+# H100, …"): Flux.1's call with its table 0.445 -> 0.424 ms, Wan2.1's 25.72 -> 24.81 ms; without a table no gain,
+# even at 128 registers: Flux's call 0.402 ms of device time either way (one launch of 78.5 µs for two of 38.9 and
+# 38.8), B2 H32 N16384 D64 slower. The quantization is bound by its work per coded element, not by its statistics
 ROTARY = True
 PLAIN = False
 

@@ -33,8 +33,9 @@ def fresh_sites(monkeypatch):
 
 
 def test_as_shipped_calls_with_the_rotary_table_carry_and_plain_calls_keep_their_own(monkeypatch):
-    """carried_stats.ROTARY on, PLAIN off (measured: bench/NOTES.md, round "Statistics carried from step to step,
-    …"): a plain call with a site runs with its own statistics and makes no site; one with its table makes one."""
+    """carried_stats.ROTARY on, PLAIN off (measured: bench/NOTES.md, rounds "Statistics carried from step to step,
+    …" and "The carried launches measured on the H100, …"): a plain call with a site runs with its own statistics
+    and makes no site; one with its table makes one."""
     monkeypatch.setattr(carried_stats, "PLAIN", False)
     q, k, v = inputs(1, 2, 2, 96, 96, 64, torch.bfloat16, seed=4)
     for _ in range(2):

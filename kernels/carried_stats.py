@@ -30,7 +30,7 @@ MAX_SITES = 4096  # a sampling run's sites: blocks × calls × cond/uncond; the 
 # (bench/NOTES.md, rounds "Statistics carried from step to step, …" and "The carried launches measured on the
 # H100, …"): Flux.1's call with its table 0.445 -> 0.424 ms, Wan2.1's 25.72 -> 24.81 ms; without a table no gain,
 # even at 128 registers: Flux's call 0.402 ms of device time either way (one launch of 78.5 µs for two of 38.9 and
-# 38.8), B2 H32 N16384 D64 slower. The quantization is bound by its work per coded element, not by its statistics
+# 38.8), B2 H32 N16384 D64 slower: the quantization is not bound by its statistics' pass or its bytes
 ROTARY = True
 PLAIN = False
 

@@ -91,8 +91,8 @@ CARRY_V_CHANNELS = 32
 # with the rotary table inside the quantization, the carried launch as measured on an H100 (bench/NOTES.md, round
 # "Statistics carried from step to step, …"): the site keeps its first call's K mean and V takes v_channels, 168
 # registers on sm90. Carrying the rotated K's mean with V on 32 channels takes 153 (with 64 channels, 234), and
-# with Q and K rotated 16 rows a slice (ROPE_CARRY_SUB; slice_rows) 96. Both measured slower on an H100 (Flux.1's
-# call 0.472 and 0.460 ms against 0.424; bench/NOTES.md, round "The carried launches measured on the H100, …")
+# with Q and K rotated 16 rows a slice (ROPE_CARRY_SUB; slice_rows) 96. On an H100 both were slower at Flux.1 (0.472
+# and 0.460 ms against 0.424) and no faster at Wan2.1 (bench/NOTES.md, "The carried launches measured on the H100")
 ROPE_CARRY_K_MEAN = False
 ROPE_CARRY_V_CHANNELS = 64
 ROPE_CARRY_SUB = 64

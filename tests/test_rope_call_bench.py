@@ -77,8 +77,8 @@ def test_an_arms_carried_call_runs_under_its_settings_and_the_rest_as_shipped():
     module = rope_call()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     c = module.call_inputs("flux_1024px", device, heads=4, grid=(16, 4, 4))
-    arms = dict([module.settings_ab.parse_arm("light:launch.ROPE_CARRY_K_MEAN=1,launch.ROPE_CARRY_V_CHANNELS=32,"
-                                              "launch.ROPE_CARRY_SUB=16")])
+    arms = module.settings_ab.parse_arms(["light:launch.ROPE_CARRY_K_MEAN=1,launch.ROPE_CARRY_V_CHANNELS=32,"
+                                          "launch.ROPE_CARRY_SUB=16"])
     settings = module.settings_ab.Settings(arms)
     seen = {}
 

@@ -100,6 +100,8 @@ def compile_quantize(which: str, d: int, arch: int, pv_fp8: bool = True, maxnreg
         v_rows, warps, ahead = launch.V_ROWS, launch.QUANT_WARPS, launch.STATS_AHEAD
         stages = launch.stats_stages(rope)
         carry_k = carried and launch.carry_k_mean(rope)
+        range_pass, inline_ptx = launch.RANGE_PASS, launch.INLINE_PTX and not (rope or carried)
+        maxnreg = maxnreg or (launch.QUANT_MAX_REGISTERS if launch.capped_quantization(pv_fp8, rope, carried) else None)
     const_values = dict(ROWS=rows, Q_SUB=q_sub, K_SUB=k_sub, Q_GROUP=q_group, K_GROUP=k_group, BLOCK_D=d,
                         STATS_TILE=stats_tile, STATS_CHUNKS=stats_chunks, SMOOTH_K=True,
                         V_STATS=pv_fp8, V_ROWS=v_rows, CHANNELS=channels, SMOOTH_V=pv_fp8, PV_FP8=pv_fp8,
@@ -107,7 +109,7 @@ def compile_quantize(which: str, d: int, arch: int, pv_fp8: bool = True, maxnreg
                         FINISH_SHIFT=pv_fp8 and not stats_pass, SHIFT_PROGRAMS=launch.SHIFT_PROGRAMS,
                         DO_Q=int(stats_pass or carried), DO_K=int(not stats_pass), ROPE=rope, STATS_AHEAD=ahead,
                         V_BLOCKS=d // channels if pv_fp8 and not stats_pass else 0, STATS_STAGES=stages,
-                        CARRIED=carried, CARRY_K=carry_k)
+                        CARRIED=carried, CARRY_K=carry_k, RANGE_PASS=range_pass, INLINE_PTX=inline_ptx)
     const_values.update({name: 1 for name in fn.arg_names if re.fullmatch(r"stride_[a-z]d", name)})
     sig, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -186,6 +188,14 @@ def sass_instructions(sass: str) -> list[tuple[int, str, str]]:
 
 def instruction_mix(sass: str) -> collections.Counter:
     return collections.Counter(op for _, op, _ in sass_instructions(sass))
+
+
+def opcode_counts(mix) -> dict:
+    """A listing's instruction counts by opcode, modifiers left out (HMNMX2.BF16_V2.NAN counts as HMNMX2)."""
+    counts = collections.Counter()
+    for op, n in mix:
+        counts[op.split(".")[0]] += n
+    return dict(counts)
 
 
 def global_stores(sass: str) -> dict:
@@ -357,7 +367,8 @@ def main(argv=None):
                               "load_loops": load_loops(sass),
                               "shared_accesses": {op: n for op, n in mix if op.startswith(("STS", "LDS"))},
                               # LDGDEPBAR is the asynchronous copies' commit, not a load
-                              "global_loads": {op: n for op, n in mix if op.startswith("LDG") and op != "LDGDEPBAR"}}))
+                              "global_loads": {op: n for op, n in mix if op.startswith("LDG") and op != "LDGDEPBAR"},
+                              "opcodes": opcode_counts(mix), "instructions": sum(n for _, n in mix)}))
             return 0
         print(f"{resource_report(k, args.arch)}  shared {k.metadata.shared} B")
         for loop in load_loops(sass):

@@ -30,6 +30,18 @@ STATS_AHEAD = 1  # with STATS_STAGES 0: tiles the statistics' loop loads ahead o
 # the first launch 39.5 -> 38.0 µs at Flux, 22.9 -> 20.0 at SDXL, 247 -> 232 at B2 H32 N16384 D128; 3 and 6 less
 # evenly
 STATS_STAGES = 4
+# a two-pass INT8 group's maximum from its elementwise range (quant_kernels.group_amax), and the inline PTX of the
+# coding loops (quant_kernels.widened, range_step, int8_codes): fewer instructions an element, the same bits. On an
+# H100 the two took Flux's quantization from 76.9 to 68.6 µs (bench/NOTES.md, round "K's range pass, …"). Not in the
+# carried launches: with the rotary table the inline PTX took them from 168 registers to 176 on sm90 (two programs a
+# multiprocessor, not three), and without it to 144 on sm89
+RANGE_PASS = True
+INLINE_PTX = True
+# registers a quantization program may take (ptxas's cap; None: its own choice). With INLINE_PTX's packed codes ptxas
+# gave the statistics-and-Q launch 168 on sm90 (three programs a multiprocessor, not four); capped at 128 it codes Q
+# in 611 instructions a loop, without spills, where it took 740 before. FP8 P·V's launches only, and not with the
+# rotary table: theirs take more (and spill under 128), FP16 P·V's K launch 162
+QUANT_MAX_REGISTERS = 128
 # with the rotary table inside the quantization: the look-ahead loop. Pipelined (4 stages) the first launch took 137
 # registers and 72 KB of shared memory (the table's loads pipelined too), and on an H100 Wan2.1's rotating
 # quantization read 1.745 and 1.748 ms against 1.700 and 1.696, Flux.1's call 0.447 against 0.443-0.444 ms
@@ -378,6 +390,12 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
     return out
 
 
+def capped_quantization(pv_fp8: bool, rope: bool, carried: bool) -> bool:
+    """Whether the quantization's launches take QUANT_MAX_REGISTERS as ptxas's cap (never under the interpreter; not
+    the carried launch, which spilled under it for sm100)."""
+    return bool(QUANT_MAX_REGISTERS) and pv_fp8 and not (rope or carried or interpreting())
+
+
 def quant_launches(q, k, *, q_group: int, k_group: int, block_d: int, smooth_k: bool, smooth_v: bool, pv_fp8: bool,
                    pv_key_order: bool, finish_shift: bool, rope: bool, v_padded: int,
                    q_in_kernel: bool = False, carried: bool = False) -> tuple[tuple, tuple, list]:
@@ -403,8 +421,10 @@ def quant_launches(q, k, *, q_group: int, k_group: int, block_d: int, smooth_k: 
                      SMOOTH_V=smooth_v, PV_FP8=pv_fp8,
                      INTERPRETING=interpreting(), PV_KEY_ORDER=pv_key_order, FINISH_SHIFT=finish_shift,
                      SHIFT_PROGRAMS=SHIFT_PROGRAMS, ROPE=rope, STATS_AHEAD=STATS_AHEAD, STATS_STAGES=stats_stages(rope),
-                     CARRIED=carried, CARRY_K=carried and smooth_k and carry_k_mean(rope),
-                     WARPS=QUANT_WARPS, num_warps=QUANT_WARPS)  # WARPS: quantize_v_tile's layout steer
+                     CARRIED=carried, CARRY_K=carried and smooth_k and carry_k_mean(rope), RANGE_PASS=RANGE_PASS,
+                     INLINE_PTX=INLINE_PTX and not (rope or carried or interpreting()),
+                     WARPS=QUANT_WARPS, num_warps=QUANT_WARPS,  # WARPS: quantize_v_tile's layout steer
+                     **({"maxnreg": QUANT_MAX_REGISTERS} if capped_quantization(pv_fp8, rope, carried) else {}))
     # the statistics' chunks first: they are the longest programs, and blocks are dispatched in grid order
     do_q = int(not q_in_kernel)
     v_blocks = block_d // constants["CHANNELS"] if need_v_stats else 0

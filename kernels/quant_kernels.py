@@ -19,6 +19,28 @@ def nan_max(a, b):
 
 
 @triton.jit
+def nan_min(a, b):
+    """The smaller of a and b, NaN where either is NaN (nan_max's partner)."""
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def range_step(a, b, MIN: tl.constexpr, PAIRS: tl.constexpr):
+    """The elementwise maximum (or with MIN minimum) of a and b in their own dtype, NaN where either is NaN. With
+    PAIRS (BF16 or FP16 tiles on the GPU) two elements an instruction (max.NaN.bf16x2 and its kin, sm80 on): Triton
+    widens a 16-bit maximum to FP32, a conversion per element and one instruction per element more."""
+    if PAIRS:
+        OP: tl.constexpr = "min" if MIN else "max"
+        TYPE: tl.constexpr = "bf16x2" if a.dtype == tl.bfloat16 else "f16x2"
+        return tl.inline_asm_elementwise(OP + ".NaN." + TYPE + " $0, $1, $2;", "=r,r,r", [a, b], dtype=a.dtype,
+                                         is_pure=True, pack=2)
+    elif MIN:
+        return nan_min(a, b)
+    else:
+        return nan_max(a, b)
+
+
+@triton.jit
 def abs_max(x, axis, EXPLICIT_NAN: tl.constexpr):
     """The absolute maximum of x along axis (all of it with None), NaN where x holds a NaN. On the GPU one
     FMNMX.NAN per element (nan_max). Triton's interpreter runs a reduction with a combine function of its own some
@@ -31,17 +53,38 @@ def abs_max(x, axis, EXPLICIT_NAN: tl.constexpr):
 
 
 @triton.jit
-def int8_codes(x, r):
+def widened(raw, INLINE_PTX: tl.constexpr):
+    """A loaded tile as FP32. With INLINE_PTX a BF16 pair widens in two instructions (a shift and a mask): the
+    compiler's own widening took three, a byte permute and a multiply for the pair's upper half."""
+    if INLINE_PTX and raw.dtype == tl.bfloat16:
+        # two elements an instance: $2 holds the pair, element 0 in its lower half
+        return tl.inline_asm_elementwise("{ shl.b32 $0, $2, 16; and.b32 $1, $2, 0xffff0000; }", "=r,=r,r", [raw],
+                                         dtype=tl.float32, is_pure=True, pack=2)
+    else:
+        return raw.to(tl.float32)
+
+
+@triton.jit
+def int8_codes(x, r, INLINE_PTX: tl.constexpr):
     """INT8 codes of x * r (r > 0, a group's reciprocal scale), rounded half away from zero by truncating
     x * r ± 0.5, the ±0.5 taking the product's sign by a bit operation (copysign) where a compare and a select
     took two; on the GPU the add still fuses with the product into one FMA, so the codes are those of the test.
     With the NaN test abs_max replaces, Q's coding loop went from 1020 to 729 instructions on sm90 (bench/NOTES.md,
     round "Fewer instructions per coded element, …"). Taking the sign from x itself saves the product too (667),
     and measured 1 µs faster at Flux's shape, but Triton 3.9's ptxas then gives the launch 195 registers on sm100
-    instead of 128."""
+    instead of 128. With INLINE_PTX four codes are truncated and packed into one
+    register by two saturating packs (cvt.pack.sat.s8): the compiler's narrowing took a mask per code and three
+    byte permutes for four (the values never leave [-127.5, 127.5], so saturation changes nothing)."""
     y = x * r
     half = ((y.to(tl.uint32, bitcast=True) & 0x80000000) | 0x3F000000).to(tl.float32, bitcast=True)
-    return (y + half).to(tl.int8)
+    if INLINE_PTX:
+        # four elements an instance: $1..$4 the values, $0 their codes, element 0 in the lowest byte
+        return tl.inline_asm_elementwise(
+            "{ .reg .s32 c0, c1, c2, c3, hi; cvt.rzi.s32.f32 c0, $1; cvt.rzi.s32.f32 c1, $2; cvt.rzi.s32.f32 c2, $3; "
+            "cvt.rzi.s32.f32 c3, $4; cvt.pack.sat.s8.s32.b32 hi, c3, c2, c3; cvt.pack.sat.s8.s32.b32 $0, c1, c0, hi; }",
+            "=r,r,r,r,r", [y + half], dtype=tl.int8, is_pure=True, pack=4)
+    else:
+        return (y + half).to(tl.int8)
 
 
 @triton.jit
@@ -93,35 +136,37 @@ def int8_scale(amax):
 
 
 @triton.jit
-def quantize_rows_int8(x, ROWS: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.constexpr, EXPLICIT_NAN: tl.constexpr):
+def quantize_rows_int8(x, ROWS: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.constexpr, EXPLICIT_NAN: tl.constexpr,
+                       INLINE_PTX: tl.constexpr):
     """INT8 codes, the scale of each GROUP of rows, and that scale repeated per row, for a [ROWS, BLOCK_D]
     FP32 tile. A group holding NaN gets a NaN scale and one holding Inf an infinite one (its codes 0): either way
     the attention output turns non-finite and the guard recomputes it exactly instead of returning finite
     garbage."""
-    grouped = tl.reshape(x, (ROWS // GROUP, GROUP * BLOCK_D))
-    scale = int8_scale(abs_max(grouped, 1, EXPLICIT_NAN))
-    q = int8_codes(grouped, reciprocal(scale)[:, None])
-    q = tl.reshape(q, (ROWS, BLOCK_D))
+    scale = int8_scale(abs_max(tl.reshape(x, (ROWS // GROUP, GROUP * BLOCK_D)), 1, EXPLICIT_NAN))
+    # coded in the tile's own layout, each row with its group's reciprocal: coded as [groups, group's elements] and
+    # reshaped back, the packed codes (int8_codes' INLINE_PTX) took Q's programs from 121 registers to 168 on sm90
+    row_r = tl.reshape(tl.broadcast_to(reciprocal(scale)[:, None], (ROWS // GROUP, GROUP)), (ROWS,))
+    q = int8_codes(x, row_r[:, None], INLINE_PTX)
     row_scale = tl.reshape(tl.broadcast_to(scale[:, None], (ROWS // GROUP, GROUP)), (ROWS,))
     return q, scale, row_scale
 
 
 @triton.jit
-def add_k_tile(k_sum, k_raw, offs_n, offs_d, k_end, D, PE, stride_pn, ROPE: tl.constexpr):
+def add_k_tile(k_sum, k_raw, offs_n, offs_d, k_end, D, PE, stride_pn, ROPE: tl.constexpr, INLINE_PTX: tl.constexpr):
     """kv_stats_chunk's step for K: one tile's rows (loaded up to k_end: none where the tile is not sampled) into
     K's sum, rotated with ROPE (the K that is coded)."""
     if ROPE:
-        k_sum += rotated(k_raw.to(tl.float32), offs_n, offs_d, k_end, D, PE, stride_pn)
+        k_sum += rotated(widened(k_raw, INLINE_PTX), offs_n, offs_d, k_end, D, PE, stride_pn)
     else:
-        k_sum += k_raw.to(tl.float32)
+        k_sum += widened(k_raw, INLINE_PTX)
     return k_sum
 
 
 @triton.jit
-def add_v_tile(v_sum, v_max, v_min, v_raw, row_ok, V_RANGE_ON: tl.constexpr):
+def add_v_tile(v_sum, v_max, v_min, v_raw, row_ok, V_RANGE_ON: tl.constexpr, INLINE_PTX: tl.constexpr):
     """kv_stats_chunk's step for V: one tile's rows into V's sum and, with V_RANGE_ON, those in the chunk (row_ok)
     into its maximum and minimum."""
-    v = v_raw.to(tl.float32)
+    v = widened(v_raw, INLINE_PTX)
     v_sum += v
     if V_RANGE_ON:
         v_max = tl.maximum(v_max, tl.where(row_ok[:, None], v, float("-inf")))
@@ -136,7 +181,7 @@ def kv_stats_chunk(
     stride_vb, stride_vh, stride_vn, stride_vd,
     HK, N, D, rows_per_chunk, k_every, PE, stride_pn,
     TILE: tl.constexpr, BLOCK_D: tl.constexpr, K_STATS: tl.constexpr, V_STATS: tl.constexpr, ROPE: tl.constexpr,
-    AHEAD: tl.constexpr, V_RANGE_ON: tl.constexpr, STAGES: tl.constexpr,
+    AHEAD: tl.constexpr, V_RANGE_ON: tl.constexpr, STAGES: tl.constexpr, INLINE_PTX: tl.constexpr,
 ):
     """Partial per-channel statistics of K and V over one chunk of tokens, for one (batch, KV head):
     PARTS[bh, chunk] = (sum of K, sum of V), each [BLOCK_D] in FP32 (padded channels read as 0). K's sum covers a
@@ -171,10 +216,10 @@ def kv_stats_chunk(
             if K_STATS:  # none loaded where the tile is not sampled
                 k_end = tl.where(((start - lo) // TILE) % k_every == 0, hi, 0)
                 k_raw = load_raw(K, b, h, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, k_end, D)
-                k_sum = add_k_tile(k_sum, k_raw, offs_n, offs_d, k_end, D, PE, stride_pn, ROPE)
+                k_sum = add_k_tile(k_sum, k_raw, offs_n, offs_d, k_end, D, PE, stride_pn, ROPE, INLINE_PTX)
             if V_STATS:
                 v_raw = load_raw(V, b, h, offs_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, hi, D)
-                v_sum, v_max, v_min = add_v_tile(v_sum, v_max, v_min, v_raw, offs_n < hi, V_RANGE_ON)
+                v_sum, v_max, v_min = add_v_tile(v_sum, v_max, v_min, v_raw, offs_n < hi, V_RANGE_ON, INLINE_PTX)
     else:
         # the first tile is sampled (a chunk starts on one); a later tile's K rows end at hi where it is sampled, else
         # at 0 (none loaded: a masked load issues no memory access)
@@ -212,9 +257,9 @@ def kv_stats_chunk(
                     v_next = load_raw(V, b, h, offs_n + TILE, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, hi, D)
             if K_STATS:  # the same rows as this tile's load: none where the tile is not sampled
                 k_sum = add_k_tile(k_sum, k_raw, offs_n, offs_d, tl.where(((start - lo) // TILE) % k_every == 0, hi, 0),
-                                   D, PE, stride_pn, ROPE)
+                                   D, PE, stride_pn, ROPE, INLINE_PTX)
             if V_STATS:
-                v_sum, v_max, v_min = add_v_tile(v_sum, v_max, v_min, v_raw, row_ok, V_RANGE_ON)
+                v_sum, v_max, v_min = add_v_tile(v_sum, v_max, v_min, v_raw, row_ok, V_RANGE_ON, INLINE_PTX)
     out = PARTS + (bh * n_chunks + chunk) * 2 * BLOCK_D + offs_d
     tl.store(out, tl.sum(k_sum, axis=0))
     tl.store(out + BLOCK_D, tl.sum(v_sum, axis=0))
@@ -274,36 +319,81 @@ def pv_key_source(s):
 
 
 @triton.jit
-def shifted(raw, offs_n, offs_d, N, D, shift, multiplier, MASK: tl.constexpr):
-    """(x - shift) * multiplier of a tile load_raw read, as FP32, zero outside the tensor. Without MASK the
-    caller knows that the load's zeros stay zero (no shift): a select per element less."""
+def shifted(x, offs_n, offs_d, N, D, shift, multiplier, SHIFT: tl.constexpr, MASK: tl.constexpr):
+    """(x - shift) * multiplier of an FP32 tile (without SHIFT the shift is known to be zero and not taken), with
+    MASK zero outside the tensor. Without MASK the caller knows that what lies outside does not count: a select per
+    element less."""
+    if SHIFT:
+        x = x - shift[None, :]
+    x = x * multiplier
     if MASK:
-        valid = in_bounds(offs_n, offs_d, N, D)
-        return tl.where(valid, (raw.to(tl.float32) - shift[None, :]) * multiplier, 0.0)
-    else:
-        return raw.to(tl.float32) * multiplier
+        x = tl.where(in_bounds(offs_n, offs_d, N, D), x, 0.0)
+    return x
 
 
 @triton.jit
-def shifted_slice(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D, shift, multiplier, nxt, end,
-                  PE, stride_pn, SUB: tl.constexpr, ROPE: tl.constexpr, MASK: tl.constexpr):
-    """The slice offs_n of a program's rows, which came loaded in `nxt`, rotated (ROPE: rotary.rotated by the
-    head's table PE), shifted and scaled (see shifted), and the next slice's load (rows up to `end`, the
-    program's end), issued before this one is used."""
+def clamped_rows(offs_n, end, CLAMP: tl.constexpr):
+    """With CLAMP, offs_n with the rows past a program's end (the last row it codes, end - 1) read as that row: a
+    duplicate row changes no maximum or minimum, where the zeros of a masked load would (its shifted value is
+    -shift), and the rows past the end are neither stored nor summed (quantize_int8_role's RANGES). Without, offs_n
+    (loaded masked at the end): the programs that mask every value they take a maximum of, where the clamp cost
+    registers (the carried rotating launch spilled on sm90, the carried one took 140 on sm100)."""
+    if CLAMP:
+        return tl.minimum(offs_n, end - 1)
+    else:
+        return offs_n
+
+
+@triton.jit
+def next_slice(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D, nxt, end, PE, stride_pn,
+               SUB: tl.constexpr, ROPE: tl.constexpr, INLINE_PTX: tl.constexpr, CLAMP: tl.constexpr):
+    """The slice offs_n of a program's rows, which came loaded in `nxt`, as FP32, rotated with ROPE
+    (rotary.rotated by the head's table PE), and the next slice's load (clamped_rows with CLAMP), issued before
+    this one is used."""
     raw = nxt
-    nxt = load_raw(X, b, h, offs_n + SUB, offs_d, stride_b, stride_h, stride_n, stride_d, end, D)
-    x = raw.to(tl.float32)
+    nxt = load_raw(X, b, h, clamped_rows(offs_n + SUB, end, CLAMP), offs_d, stride_b, stride_h, stride_n, stride_d, end,
+                   D)
+    x = widened(raw, INLINE_PTX)
     if ROPE:
         x = rotated(x, offs_n, offs_d, N, D, PE, stride_pn)
-    return shifted(x, offs_n, offs_d, N, D, shift, multiplier, MASK), nxt
+    return x, nxt
 
 
 @triton.jit
 def first_slice(X, b, h, row0, stride_b, stride_h, stride_n, stride_d, N, D, ROWS: tl.constexpr,
-                SUB: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The load of the first SUB rows of quantize_int8_role's program (its `first`)."""
-    return load_raw(X, b, h, row0 + tl.arange(0, SUB), tl.arange(0, BLOCK_D), stride_b, stride_h, stride_n, stride_d,
-                    tl.minimum(N, row0 + ROWS), D)
+                SUB: tl.constexpr, BLOCK_D: tl.constexpr, CLAMP: tl.constexpr):
+    """The load of the first SUB rows of quantize_int8_role's program (its `first`; clamped_rows)."""
+    end = tl.minimum(N, row0 + ROWS)
+    return load_raw(X, b, h, clamped_rows(row0 + tl.arange(0, SUB), end, CLAMP), tl.arange(0, BLOCK_D), stride_b,
+                    stride_h, stride_n, stride_d, end, D)
+
+
+@triton.jit
+def group_amax(top, bottom, shift, multiplier, EXPLICIT_NAN: tl.constexpr):
+    """max |(x - shift) * multiplier| over a group of rows from its elementwise maximum `top` and minimum `bottom`
+    (FP32 [rows, channels], each element the extreme of its row position across the group's slices): the farthest
+    value from a channel's shift is its maximum or its minimum. Exact, the same value as the maximum over every
+    shifted element (FP32 rounding is monotone, so the largest rounded difference is the rounded largest
+    difference), NaN where the group holds one. The distances are taken elementwise and reduced once: reduced to
+    per-channel rows first, across threads and warps, the K programs took 554 instructions a group for it."""
+    dist = nan_max(top - shift[None, :], shift[None, :] - bottom)
+    return abs_max(dist * multiplier, None, EXPLICIT_NAN)
+
+
+@triton.jit
+def code_slice(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D, nxt, end, PE, stride_pn, shift,
+               multiplier, scale, OUT8, SUB: tl.constexpr, BLOCK_D: tl.constexpr, ROPE: tl.constexpr,
+               SHIFTED: tl.constexpr, INLINE_PTX: tl.constexpr, CLAMP: tl.constexpr):
+    """The second pass of a two-pass group over one slice (quantize_int8_role): its INT8 codes with the group's
+    scale stored, and the next slice's load returned (next_slice). No mask but with the rotary table (without it
+    the rotating K-and-V launch took 170 registers on sm89, not 168): rows past N are not stored, and padded
+    channels hold 0 - 0 (their shift is 0)."""
+    x, nxt = next_slice(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D, nxt, end, PE, stride_pn,
+                        SUB, ROPE, INLINE_PTX, CLAMP)
+    codes = int8_codes(shifted(x, offs_n, offs_d, N, D, shift, multiplier, SHIFTED, ROPE), reciprocal(scale)[:, None],
+                       INLINE_PTX)
+    tl.store(OUT8 + offs_n[:, None] * BLOCK_D + offs_d[None, :], codes, mask=offs_n[:, None] < N)
+    return nxt
 
 
 @triton.jit
@@ -311,53 +401,82 @@ def quantize_int8_role(X, b, h, row0, stride_b, stride_h, stride_n, stride_d, N,
                        OUT8, SCALE, n_groups, first, PE, stride_pn, SUMS,
                        ROWS: tl.constexpr, SUB: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.constexpr,
                        ROPE: tl.constexpr, SHIFTED: tl.constexpr, EXPLICIT_NAN: tl.constexpr,
-                       SUM_ROWS: tl.constexpr):
+                       SUM_ROWS: tl.constexpr, RANGES: tl.constexpr, INLINE_PTX: tl.constexpr):
     """INT8 codes of (rot(x) - shift) * multiplier (rot: the rotary table PE's rotation with ROPE, else none) for
     rows [row0, row0 + ROWS) of one head, SUB rows at a time, into OUT8 [N, BLOCK_D] and one scale per GROUP rows
     into SCALE [n_groups]. Slices keep the FP32 tile small (a whole 128-row tile took 255 registers and spilled in
     4 warps), so more programs share a multiprocessor. A group longer than a slice takes two passes: its maximum is
-    found first, then its rows are read again (from the cache) and coded. Every slice's load is issued one step
-    ahead (shifted_slice); the caller issues the first (first_slice), ahead of whatever else it waits for. Without
-    SHIFTED (shift all zeros) and ROPE, rows and channels outside the tensor load as 0 and stay 0: no mask. With
-    SUM_ROWS the program also stores the per-channel sum of the coded values (rot(x) - shift) * multiplier over its
-    rows into SUMS [BLOCK_D] (carried statistics: the next call's K mean, finish_k_block). Where a group takes two
-    passes the sums are taken in the first, which holds no codes: taken in the coding pass, they took the carried
-    launch's K programs from 64 registers to 128 on sm90, in the first pass to 115 (the same slices in the same
-    order, so the same bits)."""
+    found first, then its rows are read again (from the cache) and coded. With RANGES (quantize_kernel's) the first
+    pass takes the group's elementwise range (group_amax), rows past the program's end loaded as its last row
+    (clamped_rows, also for `first`, which the caller issues with first_slice ahead of whatever else it waits for);
+    on sm90 a K program's instructions went from 2660 to 1704 with it, the second pass unrolled and the inline PTX
+    (bench/NOTES.md, round "K's range pass, …"). Otherwise the first pass takes the maximum of the shifted values,
+    zero outside the tensor. Every slice's load is issued one step ahead (next_slice). A group within a slice is
+    coded from its slice's values, zero outside the tensor where they are shifted or rotated. With SUM_ROWS the
+    program also stores the per-channel sum of the coded values (rot(x) - shift) * multiplier over its rows into
+    SUMS [BLOCK_D] (carried statistics: the next call's K mean, finish_k_block). Where a group takes two passes the
+    sums are taken in the first, which holds no codes: taken in the coding pass, they took the carried launch's K
+    programs from 64 registers to 128 on sm90, in the first pass to 115 (the same slices in the same order, so the
+    same bits)."""
     offs_d = tl.arange(0, BLOCK_D)
     rows = tl.arange(0, SUB)
     end = tl.minimum(N, row0 + ROWS)
     nxt = first
-    MASK: tl.constexpr = SHIFTED or ROPE
     # in the layout of a slice's sums (a vector of its own layout cost a conversion per slice: 166 registers on sm90
     # where the launch takes 128 without the sums)
     total = tl.sum(tl.zeros((SUB, BLOCK_D), tl.float32), axis=0)
     if GROUP > SUB:
         for g in tl.static_range(0, ROWS, GROUP):
-            amax = tl.zeros([1], tl.float32)
-            for s in range(0, GROUP, SUB):
-                x, nxt = shifted_slice(X, b, h, row0 + g + s + rows, offs_d, stride_b, stride_h, stride_n, stride_d,
-                                       N, D, shift, multiplier, nxt, end, PE, stride_pn, SUB, ROPE, MASK)
-                amax = nan_max(amax, abs_max(x, None, EXPLICIT_NAN))
-                if SUM_ROWS:
-                    total += tl.sum(x, axis=0)
+            if RANGES:
+                # in the input's own dtype: a 16-bit pair's maximum is one instruction and needs no conversion
+                # (range_step), and the conversion of the maximum is exact
+                RANGE_DTYPE: tl.constexpr = tl.float32 if EXPLICIT_NAN else nxt.dtype
+                PAIRS: tl.constexpr = INLINE_PTX and RANGE_DTYPE.primitive_bitwidth == 16
+                top = tl.full((SUB, BLOCK_D), float("-inf"), RANGE_DTYPE)
+                bottom = tl.full((SUB, BLOCK_D), float("inf"), RANGE_DTYPE)
+                for s in tl.static_range(0, GROUP, SUB):
+                    tile = nxt.to(RANGE_DTYPE)
+                    nxt = load_raw(X, b, h, clamped_rows(row0 + g + s + rows + SUB, end, True), offs_d, stride_b,
+                                   stride_h, stride_n, stride_d, N, D)
+                    top = range_step(top, tile, False, PAIRS)
+                    bottom = range_step(bottom, tile, True, PAIRS)
+                amax = nan_max(tl.zeros([1], tl.float32),
+                               group_amax(top.to(tl.float32), bottom.to(tl.float32), shift, multiplier, EXPLICIT_NAN))
+            else:  # every shifted value (the sums need them), zero outside the tensor
+                amax = tl.zeros([1], tl.float32)
+                for s in range(0, GROUP, SUB):
+                    offs_n = row0 + g + s + rows
+                    x, nxt = next_slice(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D, nxt,
+                                        end, PE, stride_pn, SUB, ROPE, INLINE_PTX, RANGES)
+                    x = shifted(x, offs_n, offs_d, N, D, shift, multiplier, SHIFTED, True)
+                    amax = nan_max(amax, abs_max(x, None, EXPLICIT_NAN))
+                    if SUM_ROWS:
+                        total += tl.sum(x, axis=0)
             scale = int8_scale(amax)
             nxt = first_slice(X, b, h, row0 + g, stride_b, stride_h, stride_n, stride_d, N, D, ROWS - g, SUB,
-                              BLOCK_D)
-            for s in range(0, GROUP, SUB):
-                offs_n = row0 + g + s + rows
-                x, nxt = shifted_slice(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D, shift,
-                                       multiplier, nxt, end, PE, stride_pn, SUB, ROPE, MASK)
-                codes = int8_codes(x, reciprocal(scale)[:, None])
-                tl.store(OUT8 + offs_n[:, None] * BLOCK_D + offs_d[None, :], codes, mask=offs_n[:, None] < N)
+                              BLOCK_D, RANGES)
+            # unrolled with the range pass (straight-line code: 11% fewer instructions a K program on sm90); rolled
+            # elsewhere, where unrolled it took the rotating launches to 232 registers and the carried one to 138 on
+            # sm100
+            if RANGES:
+                for s in tl.static_range(0, GROUP, SUB):
+                    nxt = code_slice(X, b, h, row0 + g + s + rows, offs_d, stride_b, stride_h, stride_n, stride_d, N,
+                                     D, nxt, end, PE, stride_pn, shift, multiplier, scale, OUT8, SUB, BLOCK_D, ROPE,
+                                     SHIFTED, INLINE_PTX, RANGES)
+            else:
+                for s in range(0, GROUP, SUB):
+                    nxt = code_slice(X, b, h, row0 + g + s + rows, offs_d, stride_b, stride_h, stride_n, stride_d, N,
+                                     D, nxt, end, PE, stride_pn, shift, multiplier, scale, OUT8, SUB, BLOCK_D, ROPE,
+                                     SHIFTED, INLINE_PTX, RANGES)
             offs_g = (row0 + g) // GROUP + tl.arange(0, 1)
             tl.store(SCALE + offs_g, scale, mask=offs_g < n_groups)
     else:
         for s in range(0, ROWS, SUB):
             offs_n = row0 + s + rows
-            x, nxt = shifted_slice(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D, shift,
-                                   multiplier, nxt, end, PE, stride_pn, SUB, ROPE, MASK)
-            codes, scale, _ = quantize_rows_int8(x, SUB, GROUP, BLOCK_D, EXPLICIT_NAN)
+            x, nxt = next_slice(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D, nxt, end, PE,
+                                stride_pn, SUB, ROPE, INLINE_PTX, False)
+            x = shifted(x, offs_n, offs_d, N, D, shift, multiplier, SHIFTED, SHIFTED or ROPE)
+            codes, scale, _ = quantize_rows_int8(x, SUB, GROUP, BLOCK_D, EXPLICIT_NAN, INLINE_PTX)
             tl.store(OUT8 + offs_n[:, None] * BLOCK_D + offs_d[None, :], codes, mask=offs_n[:, None] < N)
             offs_g = (row0 + s) // GROUP + tl.arange(0, SUB // GROUP)
             tl.store(SCALE + offs_g, scale, mask=offs_g < n_groups)
@@ -376,6 +495,7 @@ def quantize_v_tile(
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr, CHANNELS: tl.constexpr, STATS_CHUNKS: tl.constexpr,
     SMOOTH_V: tl.constexpr, PV_FP8: tl.constexpr, FP8_ROUND_IN_FP32: tl.constexpr, PV_KEY_ORDER: tl.constexpr,
     WARPS: tl.constexpr, FINISH_SHIFT: tl.constexpr, SHIFT_PROGRAMS: tl.constexpr, CARRIED: tl.constexpr,
+    INLINE_PTX: tl.constexpr,
 ):
     """V's part of one call's quantization: ROWS keys (program pid of n_programs) and CHANNELS of the BLOCK_D
     channels (channel_block) of one head: a whole 128-channel tile took 255 registers and spilled. The first
@@ -438,7 +558,7 @@ def quantize_v_tile(
             vmax = tl.load(V_RANGE + bh * 2 * BLOCK_D + offs_d)  # finished by the statistics' atomics
             vmin = tl.load(V_RANGE + (bh * 2 + 1) * BLOCK_D + offs_d)
             scale = fp8_scale(vmax, vmin, mean, v_code_max)
-        v = v_raw.to(tl.float32)
+        v = widened(v_raw, INLINE_PTX)
         valid = in_bounds(src_n, offs_d, NK, D)
         r = reciprocal(scale)
         codes = to_fp8_e4m3(tl.where(valid, v - mean[None, :], 0.0) * r[None, :], FP8_ROUND_IN_FP32)
@@ -550,7 +670,8 @@ def quantize_kernel(
     V_STATS: tl.constexpr, V_ROWS: tl.constexpr, CHANNELS: tl.constexpr, SMOOTH_V: tl.constexpr,
     PV_FP8: tl.constexpr, INTERPRETING: tl.constexpr, PV_KEY_ORDER: tl.constexpr, WARPS: tl.constexpr,
     FINISH_SHIFT: tl.constexpr, SHIFT_PROGRAMS: tl.constexpr, ROPE: tl.constexpr, STATS_AHEAD: tl.constexpr,
-    STATS_STAGES: tl.constexpr, CARRIED: tl.constexpr, CARRY_K: tl.constexpr,
+    STATS_STAGES: tl.constexpr, CARRIED: tl.constexpr, CARRY_K: tl.constexpr, RANGE_PASS: tl.constexpr,
+    INLINE_PTX: tl.constexpr,
 ):
     """One launch of a call's quantization: the roles it is given (DO_STATS, DO_Q, DO_K, V_BLOCKS), one per
     program_id(2), in that order; program_id(0) is the role's chunk or row block, program_id(1) its head. Roles
@@ -567,6 +688,9 @@ def quantize_kernel(
        them sets V's range back for the next call and, with FINISH_SHIFT, writes the output shift (finish_v_block).
     INTERPRETING: under Triton's interpreter, where FP8 codes are rounded in FP32 first (to_fp8_e4m3) and a
        group's NaN found by a test of its own (abs_max), for the GPU's results at the interpreter's speed.
+    RANGE_PASS: a K (or Q) group longer than a slice finds its maximum from its elementwise range (group_amax), not
+       from every shifted value. INLINE_PTX (never under the interpreter): BF16 widened, 16-bit ranges taken and
+       INT8 codes packed by inline PTX (widened, range_step, int8_codes). Both give the same bits as without.
 
     ROPE: Q and K are coded (and K's sample summed) rotated by the rotary table PE [B, H, N, 2, D] (strides 0
     where it broadcasts; kernels/rotary.py, launch.rope_table), so that a model's rotation costs no pass of its
@@ -588,21 +712,26 @@ def quantize_kernel(
             kv_stats_chunk(K, V, PARTS, V_RANGE, bh, pid, n_chunks, stride_kb, stride_kh, stride_kn, stride_kd,
                            stride_vb, stride_vh, stride_vn, stride_vd, HK, NK, D, chunk_rows, k_every,
                            PE + (bh // HK) * stride_pb + (bh % HK) * stride_ph, stride_pn, STATS_TILE, BLOCK_D,
-                           SMOOTH_K, V_STATS, ROPE, STATS_AHEAD, PV_FP8, STATS_STAGES)
+                           SMOOTH_K, V_STATS, ROPE, STATS_AHEAD, PV_FP8, STATS_STAGES, INLINE_PTX)
     if DO_Q:
         if (role == Q_ROLE) & (bh < BH) & (pid * ROWS < NQ):
+            # the range pass (quantize_int8_role's RANGES) for two-pass groups, not with the rotary table (a rotated
+            # range in FP32 over 64-row slices took the rotating launches to 255 registers and spills on sm90) nor
+            # where K's sums are carried (they need every shifted value)
+            Q_RANGES: tl.constexpr = Q_GROUP > Q_SUB and RANGE_PASS and not ROPE
             first = first_slice(Q, bh // H, bh % H, pid * ROWS, stride_qb, stride_qh, stride_qn, stride_qd, NQ, D, ROWS,
-                                Q_SUB, BLOCK_D)
+                                Q_SUB, BLOCK_D, Q_RANGES)
             quantize_int8_role(Q, bh // H, bh % H, pid * ROWS, stride_qb, stride_qh, stride_qn, stride_qd, NQ, D,
                                tl.zeros((BLOCK_D,), tl.float32), q_multiplier, Q8 + bh * NQ * BLOCK_D,
                                Q_SCALE + bh * q_groups, q_groups, first,
                                PE + (bh // H) * stride_pb + (bh % H) * stride_ph, stride_pn, K_PARTS, ROWS, Q_SUB,
-                               Q_GROUP, BLOCK_D, ROPE, False, INTERPRETING, False)
+                               Q_GROUP, BLOCK_D, ROPE, False, INTERPRETING, False, Q_RANGES, INLINE_PTX)
     if DO_K:
         if (role == K_ROLE) & (bh < BHK) & (pid * ROWS < NK):
             # K's first rows in flight while the mean is finished from the statistics
+            K_RANGES: tl.constexpr = K_GROUP > K_SUB and RANGE_PASS and not (ROPE or CARRY_K)
             first = first_slice(K, bh // HK, bh % HK, pid * ROWS, stride_kb, stride_kh, stride_kn, stride_kd, NK, D,
-                                ROWS, K_SUB, BLOCK_D)
+                                ROWS, K_SUB, BLOCK_D, K_RANGES)
             if SMOOTH_K:
                 if CARRIED:
                     mean = carried_row(CARRY + bh * 3 * BLOCK_D, offs_d, STATS_CHUNKS)
@@ -617,7 +746,7 @@ def quantize_kernel(
                                mean, 1.0, K8 + bh * NK * BLOCK_D, K_SCALE + bh * k_groups, k_groups, first,
                                PE + (bh // HK) * stride_pb + (bh % HK) * stride_ph, stride_pn,
                                K_PARTS + (bh * k_programs + pid) * BLOCK_D, ROWS, K_SUB, K_GROUP, BLOCK_D, ROPE,
-                               SMOOTH_K, INTERPRETING, CARRY_K)
+                               SMOOTH_K, INTERPRETING, CARRY_K, K_RANGES, INLINE_PTX)
             if CARRY_K:
                 finish_k_block(K_PARTS, K_TICKETS, CARRY, mean, bh, k_programs, inv_keys, offs_d, BLOCK_D)
     if V_BLOCKS > 0:
@@ -626,4 +755,4 @@ def quantize_kernel(
                             pid, bh, role - V_ROLE, n_v_programs, stride_vb, stride_vh, stride_vn, stride_vd, HK, NK,
                             D, n_chunks, v_padded, v_code_max, inv_keys, carry_margin, V_ROWS, BLOCK_D, CHANNELS,
                             STATS_CHUNKS, SMOOTH_V, PV_FP8, INTERPRETING, PV_KEY_ORDER, WARPS, FINISH_SHIFT,
-                            SHIFT_PROGRAMS, CARRIED)
+                            SHIFT_PROGRAMS, CARRIED, INLINE_PTX)

@@ -886,6 +886,44 @@ def test_statistics_loaded_two_tiles_ahead_give_the_same_bits(monkeypatch, n):
                 assert torch.equal(value.float(), other[name].float()), name
 
 
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors hold the same bits (NaN included)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.is_floating_point():
+        ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        return torch.equal(a.contiguous().view(ints), b.contiguous().view(ints))
+    return torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n,d", [(300, 128), (1000, 64)])
+def test_the_range_pass_and_inline_ptx_give_the_same_bits(monkeypatch, dtype, n, d):
+    """A two-pass INT8 group's maximum from its elementwise range (launch.RANGE_PASS: quant_kernels.group_amax)
+    and the coding loops' inline PTX (launch.INLINE_PTX: BF16 widened by a shift and a mask, 16-bit ranges two
+    elements an instruction, four INT8 codes packed by saturating packs; on the GPU only, the interpreter runs no
+    PTX) give every code, scale, mean and sum of the plain forms, bit for bit: K groups of 128 rows (two passes,
+    smoothed) and Q's (unshifted) in ragged last programs, a Q row holding NaN (its group's scale NaN), one holding
+    an infinity, and K rows of -0, in every input dtype."""
+    q, k, v = inputs(1, 2, 2, 300, n, d, dtype, seed=n + d)
+    q[0, 0, 5, 3] = float("nan")
+    q[0, 1, 290, 1] = float("-inf")
+    k[0, 1, 140] = -0.0
+    common = dict(q_group=128, k_group=128, block_d=d, q_multiplier=0.3, smooth_k=True, smooth_v=True, pv_fp8=True)
+    outs = []
+    for range_pass, inline_ptx in ((False, False), (True, False), (True, True)):
+        monkeypatch.setattr(launch, "RANGE_PASS", range_pass)
+        monkeypatch.setattr(launch, "INLINE_PTX", inline_ptx)
+        outs.append(launch.quantize_qkv(q, k, v, **common))
+    q_scale = outs[0]["q_scale"].view(2, -1)
+    assert torch.isnan(q_scale[0]).tolist() == [True, False, False]
+    assert torch.isinf(q_scale[1]).tolist() == [False, False, True]
+    for other in outs[1:]:
+        for name, value in outs[0].items():
+            if torch.is_tensor(value) and name not in launch.CARRY_SCRATCH:
+                assert same_bits(value, other[name]), name
+
+
 def q_layouts(q, layout):
     """The same Q values laid out as a caller may give them: HND contiguous, NHD (ComfyUI's), a fused QKV
     projection's first slice, or rows of a longer buffer whose rest is NaN."""

@@ -32,7 +32,7 @@ STATS_AHEAD = 1  # with STATS_STAGES 0: tiles the statistics' loop loads ahead o
 STATS_STAGES = 4
 # a two-pass INT8 group's maximum from its elementwise range (quant_kernels.group_amax), and the inline PTX of the
 # coding loops (quant_kernels.widened, range_step, int8_codes): fewer instructions an element, the same bits. On an
-# H100 the two took Flux's quantization from 76.9 to 68.6 µs (bench/NOTES.md, round "K's range pass, …"). Not in the
+# H100 the two took Flux's quantization from 76.9 to 67.9 µs (bench/NOTES.md, round "K's range pass, …"). Not in the
 # carried launches: with the rotary table the inline PTX took them from 168 registers to 176 on sm90 (two programs a
 # multiprocessor, not three), and without it to 144 on sm89
 RANGE_PASS = True

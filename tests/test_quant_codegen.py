@@ -105,7 +105,7 @@ def test_the_carried_launch_fits_its_register_budget(arch, head_dim, rope, max_r
 # The coding loops' lean forms (launch.RANGE_PASS, launch.INLINE_PTX): a two-pass K group's maximum from its range
 # in BF16 pairs (HMNMX2, two elements an instruction) and Q's and K's INT8 codes packed by saturating packs (ptxas's
 # F2IP, two codes an instruction). On sm90 they took a K program from 2660 instructions to 1704, and Flux's
-# quantization from 76.9 to 68.6 µs on an H100 (bench/NOTES.md, round "K's range pass, …"). The outputs are the same
+# quantization from 76.9 to 67.9 µs on an H100 (bench/NOTES.md, round "K's range pass, …"). The outputs are the same
 # bits either way (test_kernels.py), so only this test would notice a compiler that dropped them.
 @pytest.mark.parametrize("arch", [89, 90, 100, 120])
 def test_the_coding_loops_take_pair_ranges_and_packed_codes(arch):

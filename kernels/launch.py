@@ -32,14 +32,15 @@ STATS_AHEAD = 1  # with STATS_STAGES 0: tiles the statistics' loop loads ahead o
 STATS_STAGES = 4
 # a two-pass INT8 group's maximum from its elementwise range (quant_kernels.group_amax), and the inline PTX of the
 # coding loops (quant_kernels.widened, range_step, int8_codes): fewer instructions an element, the same bits. On an
-# H100 the two took Flux's quantization from 76.9 to 67.9 µs (bench/NOTES.md, round "K's range pass, …"). Not in the
-# carried launches: with the rotary table the inline PTX took them from 168 registers to 176 on sm90 (two programs a
-# multiprocessor, not three), and without it to 144 on sm89
+# H100 the two took Flux's quantization from 76.9 to 67.9 µs (bench/NOTES.md, round "K's range pass, …"). The inline
+# PTX (sm80 on, as every GPU the kernels serve) is left out with the rotary table and in the carried launches: it took
+# the carried rotating launch from 168 registers to 176 on sm90 (two programs a multiprocessor, not three), the
+# carried one to 144 on sm89
 RANGE_PASS = True
 INLINE_PTX = True
 # registers a quantization program may take (ptxas's cap; None: its own choice). With INLINE_PTX's packed codes ptxas
 # gave the statistics-and-Q launch 168 on sm90 (three programs a multiprocessor, not four); capped at 128 it codes Q
-# in 611 instructions a loop, without spills, where it took 740 before. FP8 P·V's launches only, and not with the
+# in 608 instructions a loop, without spills, where it took 740 before. FP8 P·V's launches only, and not with the
 # rotary table: theirs take more (and spill under 128), FP16 P·V's K launch 162
 QUANT_MAX_REGISTERS = 128
 # with the rotary table inside the quantization: the look-ahead loop. Pipelined (4 stages) the first launch took 137

@@ -100,7 +100,7 @@ def compile_quantize(which: str, d: int, arch: int, pv_fp8: bool = True, maxnreg
         v_rows, warps, ahead = launch.V_ROWS, launch.QUANT_WARPS, launch.STATS_AHEAD
         stages = launch.stats_stages(rope)
         carry_k = carried and launch.carry_k_mean(rope)
-        range_pass, inline_ptx = launch.RANGE_PASS, launch.INLINE_PTX and not (rope or carried)
+        range_pass, inline_ptx = launch.RANGE_PASS, launch.inline_ptx(rope, carried)
         maxnreg = maxnreg or (launch.QUANT_MAX_REGISTERS if launch.capped_quantization(pv_fp8, rope, carried) else None)
     const_values = dict(ROWS=rows, Q_SUB=q_sub, K_SUB=k_sub, Q_GROUP=q_group, K_GROUP=k_group, BLOCK_D=d,
                         STATS_TILE=stats_tile, STATS_CHUNKS=stats_chunks, SMOOTH_K=True,

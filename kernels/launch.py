@@ -391,6 +391,12 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
     return out
 
 
+def inline_ptx(rope: bool, carried: bool) -> bool:
+    """Whether the quantization's launches take INLINE_PTX's forms (never under the interpreter, which runs no PTX;
+    not with the rotary table nor in the carried launches, where they cost registers)."""
+    return INLINE_PTX and not (rope or carried or interpreting())
+
+
 def capped_quantization(pv_fp8: bool, rope: bool, carried: bool) -> bool:
     """Whether the quantization's launches take QUANT_MAX_REGISTERS as ptxas's cap (never under the interpreter; not
     the carried launch, which spilled under it for sm100)."""
@@ -423,7 +429,7 @@ def quant_launches(q, k, *, q_group: int, k_group: int, block_d: int, smooth_k: 
                      INTERPRETING=interpreting(), PV_KEY_ORDER=pv_key_order, FINISH_SHIFT=finish_shift,
                      SHIFT_PROGRAMS=SHIFT_PROGRAMS, ROPE=rope, STATS_AHEAD=STATS_AHEAD, STATS_STAGES=stats_stages(rope),
                      CARRIED=carried, CARRY_K=carried and smooth_k and carry_k_mean(rope), RANGE_PASS=RANGE_PASS,
-                     INLINE_PTX=INLINE_PTX and not (rope or carried or interpreting()),
+                     INLINE_PTX=inline_ptx(rope, carried),
                      WARPS=QUANT_WARPS, num_warps=QUANT_WARPS,  # WARPS: quantize_v_tile's layout steer
                      **({"maxnreg": QUANT_MAX_REGISTERS} if capped_quantization(pv_fp8, rope, carried) else {}))
     # the statistics' chunks first: they are the longest programs, and blocks are dispatched in grid order

@@ -43,6 +43,10 @@ INLINE_PTX = True
 # in 608 instructions a loop, without spills, where it took 740 before. FP8 P·V's launches only, and not with the
 # rotary table: theirs take more (and spill under 128), FP16 P·V's K launch 162
 QUANT_MAX_REGISTERS = 128
+# the INT8 codes' ±0.5 taken from the coded value's own sign, not the scaled one's (quant_kernels.int8_codes): the
+# same bits, Q's coding loop 545 instructions instead of 608 and a K program 1576 instead of 1704 on sm90. In the
+# launches QUANT_MAX_REGISTERS caps only (sign_from_x): uncapped, ptxas took more registers for it (195 on sm100)
+SIGN_FROM_X = True
 # with the rotary table inside the quantization: the look-ahead loop. Pipelined (4 stages) the first launch took 137
 # registers and 72 KB of shared memory (the table's loads pipelined too), and on an H100 Wan2.1's rotating
 # quantization read 1.745 and 1.748 ms against 1.700 and 1.696, Flux.1's call 0.447 against 0.443-0.444 ms
@@ -403,6 +407,13 @@ def capped_quantization(pv_fp8: bool, rope: bool, carried: bool) -> bool:
     return bool(QUANT_MAX_REGISTERS) and pv_fp8 and not (rope or carried or interpreting())
 
 
+def sign_from_x(pv_fp8: bool, rope: bool, carried: bool) -> bool:
+    """Whether the INT8 codes take their rounding's sign from the coded value (SIGN_FROM_X): in the launches that
+    QUANT_MAX_REGISTERS caps on the GPU, and under the interpreter in the same launches, so that the CPU's tests run
+    the form the GPU runs."""
+    return SIGN_FROM_X and pv_fp8 and not (rope or carried) and (bool(QUANT_MAX_REGISTERS) or interpreting())
+
+
 def quant_launches(q, k, *, q_group: int, k_group: int, block_d: int, smooth_k: bool, smooth_v: bool, pv_fp8: bool,
                    pv_key_order: bool, finish_shift: bool, rope: bool, v_padded: int,
                    q_in_kernel: bool = False, carried: bool = False) -> tuple[tuple, tuple, list]:
@@ -430,6 +441,7 @@ def quant_launches(q, k, *, q_group: int, k_group: int, block_d: int, smooth_k: 
                      SHIFT_PROGRAMS=SHIFT_PROGRAMS, ROPE=rope, STATS_AHEAD=STATS_AHEAD, STATS_STAGES=stats_stages(rope),
                      CARRIED=carried, CARRY_K=carried and smooth_k and carry_k_mean(rope), RANGE_PASS=RANGE_PASS,
                      INLINE_PTX=inline_ptx(rope, carried),
+                     SIGN_FROM_X=sign_from_x(pv_fp8, rope, carried),
                      WARPS=QUANT_WARPS, num_warps=QUANT_WARPS,  # WARPS: quantize_v_tile's layout steer
                      **({"maxnreg": QUANT_MAX_REGISTERS} if capped_quantization(pv_fp8, rope, carried) else {}))
     # the statistics' chunks first: they are the longest programs, and blocks are dispatched in grid order

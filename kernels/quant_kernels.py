@@ -65,18 +65,20 @@ def widened(raw, INLINE_PTX: tl.constexpr):
 
 
 @triton.jit
-def int8_codes(x, r, INLINE_PTX: tl.constexpr):
+def int8_codes(x, r, INLINE_PTX: tl.constexpr, SIGN_FROM_X: tl.constexpr):
     """INT8 codes of x * r (r > 0, a group's reciprocal scale), rounded half away from zero by truncating
     x * r ± 0.5, the ±0.5 taking the product's sign by a bit operation (copysign) where a compare and a select
     took two; on the GPU the add still fuses with the product into one FMA, so the codes are those of the test.
     With the NaN test abs_max replaces, Q's coding loop went from 1020 to 729 instructions on sm90 (bench/NOTES.md,
-    round "Fewer instructions per coded element, …"). Taking the sign from x itself saves the product too (667),
-    and measured 1 µs faster at Flux's shape, but Triton 3.9's ptxas then gives the launch 195 registers on sm100
-    instead of 128. With INLINE_PTX four codes are truncated and packed into one
-    register by two saturating packs (cvt.pack.sat.s8): the compiler's narrowing took a mask per code and three
+    round "Fewer instructions per coded element, …"). With SIGN_FROM_X the sign is x's own (x * r has it, r > 0):
+    the product is then only the FMA's, one instruction fewer an element (Q's loop 545 instead of 608 on sm90), but
+    uncapped Triton 3.9's ptxas gave the launch 195 registers on sm100 instead of 128, so the launches take it under
+    QUANT_MAX_REGISTERS's cap only (launch.sign_from_x). With INLINE_PTX four codes are truncated and packed into
+    one register by two saturating packs (cvt.pack.sat.s8): the compiler's narrowing took a mask per code and three
     byte permutes for four (the values never leave [-127.5, 127.5], so saturation changes nothing)."""
     y = x * r
-    half = ((y.to(tl.uint32, bitcast=True) & 0x80000000) | 0x3F000000).to(tl.float32, bitcast=True)
+    sign_of = x if SIGN_FROM_X else y  # the same sign: an underflow to 0 keeps it
+    half = ((sign_of.to(tl.uint32, bitcast=True) & 0x80000000) | 0x3F000000).to(tl.float32, bitcast=True)
     if INLINE_PTX:
         # four elements an instance: $1..$4 the values, $0 their codes, element 0 in the lowest byte
         return tl.inline_asm_elementwise(
@@ -137,7 +139,7 @@ def int8_scale(amax):
 
 @triton.jit
 def quantize_rows_int8(x, ROWS: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.constexpr, EXPLICIT_NAN: tl.constexpr,
-                       INLINE_PTX: tl.constexpr):
+                       INLINE_PTX: tl.constexpr, SIGN_FROM_X: tl.constexpr):
     """INT8 codes, the scale of each GROUP of rows, and that scale repeated per row, for a [ROWS, BLOCK_D]
     FP32 tile. A group holding NaN gets a NaN scale and one holding Inf an infinite one (its codes 0): either way
     the attention output turns non-finite and the guard recomputes it exactly instead of returning finite
@@ -146,7 +148,7 @@ def quantize_rows_int8(x, ROWS: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.c
     # coded in the tile's own layout, each row with its group's reciprocal: coded as [groups, group's elements] and
     # reshaped back, the packed codes (int8_codes' INLINE_PTX) took Q's programs from 121 registers to 168 on sm90
     row_r = tl.reshape(tl.broadcast_to(reciprocal(scale)[:, None], (ROWS // GROUP, GROUP)), (ROWS,))
-    q = int8_codes(x, row_r[:, None], INLINE_PTX)
+    q = int8_codes(x, row_r[:, None], INLINE_PTX, SIGN_FROM_X)
     row_scale = tl.reshape(tl.broadcast_to(scale[:, None], (ROWS // GROUP, GROUP)), (ROWS,))
     return q, scale, row_scale
 
@@ -383,7 +385,7 @@ def group_amax(top, bottom, shift, multiplier, EXPLICIT_NAN: tl.constexpr):
 @triton.jit
 def code_slice(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D, nxt, end, PE, stride_pn, shift,
                multiplier, scale, OUT8, SUB: tl.constexpr, BLOCK_D: tl.constexpr, ROPE: tl.constexpr,
-               SHIFTED: tl.constexpr, INLINE_PTX: tl.constexpr, CLAMP: tl.constexpr):
+               SHIFTED: tl.constexpr, INLINE_PTX: tl.constexpr, CLAMP: tl.constexpr, SIGN_FROM_X: tl.constexpr):
     """The second pass of a two-pass group over one slice (quantize_int8_role): its INT8 codes with the group's
     scale stored, and the next slice's load returned (next_slice). No mask but with the rotary table (without it
     the rotating K-and-V launch took 170 registers on sm89, not 168): rows past N are not stored, and padded
@@ -391,7 +393,7 @@ def code_slice(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, 
     x, nxt = next_slice(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D, nxt, end, PE, stride_pn,
                         SUB, ROPE, INLINE_PTX, CLAMP)
     codes = int8_codes(shifted(x, offs_n, offs_d, N, D, shift, multiplier, SHIFTED, ROPE), reciprocal(scale)[:, None],
-                       INLINE_PTX)
+                       INLINE_PTX, SIGN_FROM_X)
     tl.store(OUT8 + offs_n[:, None] * BLOCK_D + offs_d[None, :], codes, mask=offs_n[:, None] < N)
     return nxt
 
@@ -401,7 +403,8 @@ def quantize_int8_role(X, b, h, row0, stride_b, stride_h, stride_n, stride_d, N,
                        OUT8, SCALE, n_groups, first, PE, stride_pn, SUMS,
                        ROWS: tl.constexpr, SUB: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.constexpr,
                        ROPE: tl.constexpr, SHIFTED: tl.constexpr, EXPLICIT_NAN: tl.constexpr,
-                       SUM_ROWS: tl.constexpr, RANGES: tl.constexpr, INLINE_PTX: tl.constexpr):
+                       SUM_ROWS: tl.constexpr, RANGES: tl.constexpr, INLINE_PTX: tl.constexpr,
+                       SIGN_FROM_X: tl.constexpr):
     """INT8 codes of (rot(x) - shift) * multiplier (rot: the rotary table PE's rotation with ROPE, else none) for
     rows [row0, row0 + ROWS) of one head, SUB rows at a time, into OUT8 [N, BLOCK_D] and one scale per GROUP rows
     into SCALE [n_groups]. Slices keep the FP32 tile small (a whole 128-row tile took 255 registers and spilled in
@@ -462,12 +465,12 @@ def quantize_int8_role(X, b, h, row0, stride_b, stride_h, stride_n, stride_d, N,
                 for s in tl.static_range(0, GROUP, SUB):
                     nxt = code_slice(X, b, h, row0 + g + s + rows, offs_d, stride_b, stride_h, stride_n, stride_d, N,
                                      D, nxt, end, PE, stride_pn, shift, multiplier, scale, OUT8, SUB, BLOCK_D, ROPE,
-                                     SHIFTED, INLINE_PTX, RANGES)
+                                     SHIFTED, INLINE_PTX, RANGES, SIGN_FROM_X)
             else:
                 for s in range(0, GROUP, SUB):
                     nxt = code_slice(X, b, h, row0 + g + s + rows, offs_d, stride_b, stride_h, stride_n, stride_d, N,
                                      D, nxt, end, PE, stride_pn, shift, multiplier, scale, OUT8, SUB, BLOCK_D, ROPE,
-                                     SHIFTED, INLINE_PTX, RANGES)
+                                     SHIFTED, INLINE_PTX, RANGES, SIGN_FROM_X)
             offs_g = (row0 + g) // GROUP + tl.arange(0, 1)
             tl.store(SCALE + offs_g, scale, mask=offs_g < n_groups)
     else:
@@ -476,7 +479,7 @@ def quantize_int8_role(X, b, h, row0, stride_b, stride_h, stride_n, stride_d, N,
             x, nxt = next_slice(X, b, h, offs_n, offs_d, stride_b, stride_h, stride_n, stride_d, N, D, nxt, end, PE,
                                 stride_pn, SUB, ROPE, INLINE_PTX, False)
             x = shifted(x, offs_n, offs_d, N, D, shift, multiplier, SHIFTED, SHIFTED or ROPE)
-            codes, scale, _ = quantize_rows_int8(x, SUB, GROUP, BLOCK_D, EXPLICIT_NAN, INLINE_PTX)
+            codes, scale, _ = quantize_rows_int8(x, SUB, GROUP, BLOCK_D, EXPLICIT_NAN, INLINE_PTX, SIGN_FROM_X)
             tl.store(OUT8 + offs_n[:, None] * BLOCK_D + offs_d[None, :], codes, mask=offs_n[:, None] < N)
             offs_g = (row0 + s) // GROUP + tl.arange(0, SUB // GROUP)
             tl.store(SCALE + offs_g, scale, mask=offs_g < n_groups)
@@ -671,7 +674,7 @@ def quantize_kernel(
     PV_FP8: tl.constexpr, INTERPRETING: tl.constexpr, PV_KEY_ORDER: tl.constexpr, WARPS: tl.constexpr,
     FINISH_SHIFT: tl.constexpr, SHIFT_PROGRAMS: tl.constexpr, ROPE: tl.constexpr, STATS_AHEAD: tl.constexpr,
     STATS_STAGES: tl.constexpr, CARRIED: tl.constexpr, CARRY_K: tl.constexpr, RANGE_PASS: tl.constexpr,
-    INLINE_PTX: tl.constexpr,
+    INLINE_PTX: tl.constexpr, SIGN_FROM_X: tl.constexpr,
 ):
     """One launch of a call's quantization: the roles it is given (DO_STATS, DO_Q, DO_K, V_BLOCKS), one per
     program_id(2), in that order; program_id(0) is the role's chunk or row block, program_id(1) its head. Roles
@@ -725,7 +728,8 @@ def quantize_kernel(
                                tl.zeros((BLOCK_D,), tl.float32), q_multiplier, Q8 + bh * NQ * BLOCK_D,
                                Q_SCALE + bh * q_groups, q_groups, first,
                                PE + (bh // H) * stride_pb + (bh % H) * stride_ph, stride_pn, K_PARTS, ROWS, Q_SUB,
-                               Q_GROUP, BLOCK_D, ROPE, False, INTERPRETING, False, Q_RANGES, INLINE_PTX)
+                               Q_GROUP, BLOCK_D, ROPE, False, INTERPRETING, False, Q_RANGES, INLINE_PTX,
+                               SIGN_FROM_X)
     if DO_K:
         if (role == K_ROLE) & (bh < BHK) & (pid * ROWS < NK):
             # K's first rows in flight while the mean is finished from the statistics
@@ -746,7 +750,7 @@ def quantize_kernel(
                                mean, 1.0, K8 + bh * NK * BLOCK_D, K_SCALE + bh * k_groups, k_groups, first,
                                PE + (bh // HK) * stride_pb + (bh % HK) * stride_ph, stride_pn,
                                K_PARTS + (bh * k_programs + pid) * BLOCK_D, ROWS, K_SUB, K_GROUP, BLOCK_D, ROPE,
-                               SMOOTH_K, INTERPRETING, CARRY_K, K_RANGES, INLINE_PTX)
+                               SMOOTH_K, INTERPRETING, CARRY_K, K_RANGES, INLINE_PTX, SIGN_FROM_X)
             if CARRY_K:
                 finish_k_block(K_PARTS, K_TICKETS, CARRY, mean, bh, k_programs, inv_keys, offs_d, BLOCK_D)
     if V_BLOCKS > 0:

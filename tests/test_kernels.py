@@ -236,12 +236,15 @@ def test_a_nan_makes_only_its_own_int8_group_scale_nan(group):
     assert bad.tolist() == [g == 130 // group for g in range(scales.shape[-1])]
 
 
+@pytest.mark.parametrize("sign_from_x", [False, True])
 @pytest.mark.parametrize("group", [16, 64, 128])
-def test_int8_codes_round_ties_zeros_and_tiny_values_as_the_reference(group):
-    """quant_kernels.int8_codes takes the ±0.5 from the product's sign bit, not from a compare and a select: exact ties
-    (a group whose maximum is 127 has scale 1) round half away from zero, -0 and values whose product underflows
-    code 0, and a group with NaN gets a NaN scale (nan_max) while its neighbours code as the reference does; in
-    one-pass groups (16, 64 rows) and a group found in a first pass (128)."""
+def test_int8_codes_round_ties_zeros_and_tiny_values_as_the_reference(monkeypatch, group, sign_from_x):
+    """quant_kernels.int8_codes takes the ±0.5 from a sign bit (the product's, or with SIGN_FROM_X the coded
+    value's), not from a compare and a select: exact ties (a group whose maximum is 127 has scale 1) round half away
+    from zero, -0 and values whose product underflows code 0, and a group with NaN gets a NaN scale (nan_max) while
+    its neighbours code as the reference does; in one-pass groups (16, 64 rows) and a group found in a first pass
+    (128)."""
+    monkeypatch.setattr(launch, "sign_from_x", lambda pv_fp8, rope, carried: sign_from_x)
     x = inputs(1, 2, 2, 300, 300, 64, torch.float32, seed=19)[1]
     ties = [2.5, -3.5, 0.5, -0.5, 126.5, -126.5, 1e-30, -1e-30, -0.0, 0.0, -1.5, 1.5]
     x[0, 0, :3] = 0.0
@@ -904,21 +907,24 @@ def assert_quantizations_share_bits(outs: list) -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("n,d", [(300, 128), (1000, 64)])
 def test_the_range_pass_and_inline_ptx_give_the_same_bits(monkeypatch, dtype, n, d):
-    """A two-pass INT8 group's maximum from its elementwise range (launch.RANGE_PASS: quant_kernels.group_amax)
-    and the coding loops' inline PTX (launch.INLINE_PTX: BF16 widened by a shift and a mask, 16-bit ranges two
+    """A two-pass INT8 group's maximum from its elementwise range (launch.RANGE_PASS: quant_kernels.group_amax),
+    the coding loops' inline PTX (launch.INLINE_PTX: BF16 widened by a shift and a mask, 16-bit ranges two
     elements an instruction, four INT8 codes packed by saturating packs; on the GPU only, the interpreter runs no
-    PTX) give every code, scale, mean and sum of the plain forms, bit for bit: K groups of 128 rows (two passes,
-    smoothed) and Q's (unshifted) in ragged last programs, a Q row holding NaN (its group's scale NaN), one holding
-    an infinity, and K rows of -0, in every input dtype."""
+    PTX) and the rounding's sign taken from the coded value (launch.SIGN_FROM_X) give every code, scale, mean and
+    sum of the plain forms, bit for bit: K groups of 128 rows (two passes, smoothed) and Q's (unshifted) in ragged
+    last programs, a Q row holding NaN (its group's scale NaN), one holding an infinity, and K rows of -0, in every
+    input dtype."""
     q, k, v = inputs(1, 2, 2, 300, n, d, dtype, seed=n + d)
     q[0, 0, 5, 3] = float("nan")
     q[0, 1, 290, 1] = float("-inf")
     k[0, 1, 140] = -0.0
     common = dict(q_group=128, k_group=128, block_d=d, q_multiplier=0.3, smooth_k=True, smooth_v=True, pv_fp8=True)
     outs = []
-    for range_pass, inline_ptx in ((False, False), (True, False), (True, True)):
+    for range_pass, inline_ptx, sign_from_x in ((False, False, False), (True, False, False), (True, True, False),
+                                                (False, False, True), (True, True, True)):
         monkeypatch.setattr(launch, "RANGE_PASS", range_pass)
         monkeypatch.setattr(launch, "INLINE_PTX", inline_ptx)
+        monkeypatch.setattr(launch, "SIGN_FROM_X", sign_from_x)
         outs.append(launch.quantize_qkv(q, k, v, **common))
     q_scale = outs[0]["q_scale"].view(2, -1)
     assert torch.isnan(q_scale[0]).tolist() == [True, False, False]

@@ -248,6 +248,15 @@ def forward_clocks(runs: dict, labels, seconds: float, rounds: int = 2) -> dict:
     return out
 
 
+def sampler_forward(forward, override):
+    """One forward through the attention hook `override` as a sampler's forward runs it: with a fresh call counter,
+    as the patch node's model wrapper puts in every forward's options (nodes/routing.py). Without one every call
+    counts as its forward's first, and the calls share one carried-statistics site."""
+    from sage_attention_pack.nodes.routing import ForwardCounter
+
+    return forward({"optimized_attention_override": override, ForwardCounter.KEY: ForwardCounter()})
+
+
 def compare(out, ref) -> dict:
     o, r = out.double().flatten(), ref.double().flatten()
     cos = (o @ r / (o.norm() * r.norm())).item()
@@ -313,14 +322,17 @@ def main():
             runs, row = {"default": lambda: forward({})}, {"settings": {}}
             for label, override in overrides.items():
                 override.stats.reset()
+                run = functools.partial(sampler_forward, forward, override)
                 try:
-                    out = forward({"optimized_attention_override": override})
+                    out = run()
+                    carried = run()  # a sampler's later steps: statistics carried from the step before
                 except Exception as e:  # a peer that cannot run this model is reported, not fatal
                     row["settings"][label] = {"error": error_line(e)}
                     continue
-                row["settings"][label] = {**compare(out, ref), "calls": override.stats.snapshot()}
-                runs[label] = functools.partial(forward, {"optimized_attention_override": override})
-                del out
+                row["settings"][label] = {**compare(out, ref), "calls": override.stats.snapshot(),
+                                          "later_steps": compare(carried, ref)}
+                runs[label] = run
+                del out, carried
             timed = interleaved_median_ms(runs, rounds=args.repeats, per_round=1, warmup=1)
             base_ms = row["default_ms"] = timed.pop("default")
             if isinstance(base_ms, str):
@@ -332,7 +344,8 @@ def main():
                     continue
                 entry.update(ms=ms, speedup=base_ms / ms)
                 print(f"{name:28s} {label:10s} {ms:9.2f} ms vs {base_ms:9.2f} ms -> {base_ms / ms:.3f}x  "
-                      f"cos {entry['cosine']:.5f} psnr {entry['psnr_db']:.1f} dB", flush=True)
+                      f"cos {entry['cosine']:.5f} psnr {entry['psnr_db']:.1f} dB (later steps "
+                      f"{entry['later_steps']['psnr_db']:.1f} dB)", flush=True)
             for label in args.profile:
                 if label not in runs:
                     print(f"{name}: no setting {label!r} to profile", flush=True)

@@ -96,7 +96,7 @@ class SageOverride:
         try:
             out = run_sage(call, self.strict_config, self.stats, self.stats_id, host_exact=exact,
                            rope=rope() if callable(rope) else rope,
-                           carry_key=self.carry_key(index, call.transformer_options))
+                           carry_key=self.carry_key(index, call.transformer_options) if counter.placed else None)
         except ExactPreferred:  # `auto` measured exact attention fastest here: ComfyUI's own, as unpatched
             return exact()
         except UnsupportedInput as e:
@@ -114,7 +114,9 @@ class SageOverride:
     def carry_key(self, call_index: int, transformer_options: dict):
         """The call site whose statistics carry from one sampling step to the next (kernels/carried_stats.py): this
         node, the call's place in the forward and which of cond and uncond the batch holds (the dispatcher drops it
-        where SageConfig.carry_stats is off)."""
+        where SageConfig.carry_stats is off). Only for calls whose place is known (routing.ForwardCounter.placed):
+        outside a sampler forward every call would count as its forward's first and share one site, each block then
+        coding with another block's statistics."""
         return self.stats_id, call_index, tuple(transformer_options.get("cond_or_uncond") or ())
 
     def fallback(self, reason, exact, detail=""):

@@ -50,10 +50,12 @@ class ForwardCounter:
 
     KEY = "sage_attention_forward"
 
-    def __init__(self):
+    def __init__(self, placed: bool = True):
         self.self_calls = -1
         self.calls = -1
         self.steps_active = True  # set per forward from the sigma, against the node's step range
+        # False for a call outside a sampler forward, counted on its own: its place in the forward is unknown
+        self.placed = placed
 
     def next_call(self, is_self_attention: bool) -> tuple[int, int]:
         """(block index, call index within the forward) of the call being made."""
@@ -66,7 +68,7 @@ class ForwardCounter:
 def forward_counter(transformer_options: dict) -> ForwardCounter:
     counter = transformer_options.get(ForwardCounter.KEY)
     if counter is None:  # a call outside a sampler forward (no wrapper ran): count it on its own
-        counter = ForwardCounter()
+        counter = ForwardCounter(placed=False)
     return counter
 
 

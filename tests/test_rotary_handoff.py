@@ -185,7 +185,7 @@ def test_statistics_carry_only_where_a_calls_place_in_its_forward_is_known(flux,
     """A call's site is its place in the forward, which the patch node's model wrapper counts
     (routing.ForwardCounter). A model called outside a sampler, as a benchmark or another node may call it, has no
     counter: every call would count as its forward's first and share one site, so that each block coded with the
-    statistics of the block before (on an H100, Flux.1's forward read 0.54× ComfyUI's time, 108 tiles a call
+    statistics of the first block (on an H100, Flux.1's forward read 0.54× ComfyUI's time, 108 tiles a call
     repaired and PSNR 51 dB against 63). Such calls take no carried statistics and prime no site; counted, each
     call primes a site of its own and the next forward carries them, its output as close to exact attention."""
     from sage_attention_pack.kernels import carried_stats

@@ -45,7 +45,9 @@ INLINE_PTX = True
 QUANT_MAX_REGISTERS = 128
 # the INT8 codes' ±0.5 taken from the coded value's own sign, not the scaled one's (quant_kernels.int8_codes): the
 # same bits, Q's coding loop 545 instructions instead of 608 and a K program 1576 instead of 1704 on sm90. In the
-# launches QUANT_MAX_REGISTERS caps only (sign_from_x): uncapped, ptxas took more registers for it (195 on sm100)
+# launches QUANT_MAX_REGISTERS caps only (sign_from_x): uncapped, ptxas took more registers for it (195 on sm100).
+# On an H100 the quantization's device time was level with it (Flux 69.1 against 68.8 µs; bench/NOTES.md, round
+# "The rounding's sign from the coded value, …"): kept for GPUs bound by instructions, at no measured cost
 SIGN_FROM_X = True
 # with the rotary table inside the quantization: the look-ahead loop. Pipelined (4 stages) the first launch took 137
 # registers and 72 KB of shared memory (the table's loads pipelined too), and on an H100 Wan2.1's rotating

@@ -693,7 +693,8 @@ def quantize_kernel(
        group's NaN found by a test of its own (abs_max), for the GPU's results at the interpreter's speed.
     RANGE_PASS: a K (or Q) group longer than a slice finds its maximum from its elementwise range (group_amax), not
        from every shifted value. INLINE_PTX (never under the interpreter): BF16 widened, 16-bit ranges taken and
-       INT8 codes packed by inline PTX (widened, range_step, int8_codes). Both give the same bits as without.
+       INT8 codes packed by inline PTX (widened, range_step, int8_codes). SIGN_FROM_X: the INT8 rounding's ±0.5 from
+       the coded value's sign, not the scaled one's (int8_codes). All give the same bits as without.
 
     ROPE: Q and K are coded (and K's sample summed) rotated by the rotary table PE [B, H, N, 2, D] (strides 0
     where it broadcasts; kernels/rotary.py, launch.rope_table), so that a model's rotation costs no pass of its

@@ -96,7 +96,7 @@ class SageOverride:
         try:
             out = run_sage(call, self.strict_config, self.stats, self.stats_id, host_exact=exact,
                            rope=rope() if callable(rope) else rope,
-                           carry_key=self.carry_key(index, call.transformer_options) if counter.placed else None)
+                           carry_key=self.carry_key(counter, index, call.transformer_options))
         except ExactPreferred:  # `auto` measured exact attention fastest here: ComfyUI's own, as unpatched
             return exact()
         except UnsupportedInput as e:
@@ -111,13 +111,18 @@ class SageOverride:
             return self.fallback(f"kernel error: {type(e).__name__}", exact, detail=str(e))
         return call.finish(out)
 
-    def carry_key(self, call_index: int, transformer_options: dict):
+    def carry_key(self, counter: routing.ForwardCounter, call_index: int, transformer_options: dict):
         """The call site whose statistics carry from one sampling step to the next (kernels/carried_stats.py): this
-        node, the call's place in the forward and which of cond and uncond the batch holds (the dispatcher drops it
-        where SageConfig.carry_stats is off). Only for calls whose place is known (routing.ForwardCounter.placed):
-        outside a sampler forward every call would count as its forward's first and share one site, each block then
-        coding with another block's statistics."""
-        return self.stats_id, call_index, tuple(transformer_options.get("cond_or_uncond") or ())
+        node, the call's place in the forward, the blocks the forward's options replace (a skip layer guidance pass
+        makes its calls at other places than the plain pass of the same batch) and which of cond and uncond the
+        batch holds (the dispatcher drops it where SageConfig.carry_stats is off). None for calls whose place is
+        unknown (routing.ForwardCounter.placed): outside a sampler forward every call would count as its forward's
+        first and share one site, each block then coding with another block's statistics."""
+        if not counter.placed:
+            return None
+        if counter.variant is None:
+            counter.variant = routing.replaced_blocks(transformer_options)
+        return self.stats_id, call_index, counter.variant, tuple(transformer_options.get("cond_or_uncond") or ())
 
     def fallback(self, reason, exact, detail=""):
         self.stats.record_fallback(reason)

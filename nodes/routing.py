@@ -56,6 +56,7 @@ class ForwardCounter:
         self.steps_active = True  # set per forward from the sigma, against the node's step range
         # False for a call outside a sampler forward, counted on its own: its place in the forward is unknown
         self.placed = placed
+        self.variant = None  # replaced_blocks of the forward's options, taken at its first call
 
     def next_call(self, is_self_attention: bool) -> tuple[int, int]:
         """(block index, call index within the forward) of the call being made."""
@@ -63,6 +64,15 @@ class ForwardCounter:
         if is_self_attention or self.self_calls < 0:
             self.self_calls += 1
         return self.self_calls, self.calls
+
+
+def replaced_blocks(transformer_options: dict) -> tuple:
+    """Which parts of the model a forward's options replace (their patches_replace keys, e.g. the "dit" blocks skip
+    layer guidance skips in a pass of its own): a forward with other replacements makes its calls at other places
+    (its i-th call is another block's), so call sites are told apart by them."""
+    replaced = transformer_options.get("patches_replace") or {}
+    return tuple(sorted((str(kind), repr(key)) for kind, patches in replaced.items() if isinstance(patches, dict)
+                        for key in patches))
 
 
 def forward_counter(transformer_options: dict) -> ForwardCounter:

@@ -329,6 +329,31 @@ def test_wan_self_attention_rotates_inside_the_quantization(wan, installed):
     assert_self_attention_fused(wan, installed, 2 * WAN_LAYERS, WAN_LAYERS)
 
 
+def test_a_pass_that_skips_blocks_has_call_sites_of_its_own(wan, installed):
+    """Skip layer guidance runs a pass of the same batch with blocks replaced (patches_replace "dit"): its i-th call
+    is another block's than the plain pass's i-th (here block 1's self-attention comes first, with block 0's plan).
+    Its calls get sites of their own (the forward's replaced blocks are part of the site), so that neither pass
+    codes with the other's statistics; a plain pass after it carries the plain pass's sites."""
+    from sage_attention_pack.kernels import carried_stats
+    from sage_attention_pack.nodes.override import SageOverride
+    from sage_attention_pack.sage_core import backend
+    from sage_attention_pack.sage_core.config import SageConfig
+
+    def skip(args, extra_args):  # as ComfyUI's skip layer guidance skips a block
+        return args
+
+    backend.release_buffers()
+    sage = SageOverride(SageConfig(kernel="int8_fp8"))
+    plain = wan({"optimized_attention_override": sage})
+    assert len(carried_stats.SITES) == WAN_LAYERS  # the self-attention calls (cross-attention has no table)
+    wan({"optimized_attention_override": sage, "patches_replace": {"dit": {("double_block", 0): skip}}})
+    assert len(carried_stats.SITES) == WAN_LAYERS + 1
+    assert cosine(wan({"optimized_attention_override": sage}), plain) > 0.9999
+    snap = sage.stats.snapshot()
+    assert snap["sage"] == {"int8_fp8": 2 * (2 * WAN_LAYERS) + 2} and snap["recomputed"] == 0, snap
+    backend.release_buffers()
+
+
 def assert_self_attention_fused(forward, installed, calls, rotated):
     """All `calls` attention calls of `forward(options)` served by Sage, the `rotated` of them with the rotation
     fused; the output as close to ComfyUI's own as with ComfyUI's rotation before the hook (`installed` taken out)."""

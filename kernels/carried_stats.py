@@ -14,8 +14,9 @@ finish_v_block). What that costs in exactness:
 The first call at a site measures its statistics as every call does without this mode, and primes the site.
 
 Sites are keyed by the caller (the ComfyUI node: the call's place in the forward, the blocks the forward's options
-replace, cond or uncond; nodes/override.py's carry_key) with the call's plan signature, and dropped at the end of each sampling run with the call plans (sage_core.backend.release_buffers),
-so that one seed gives one image whatever ran before.
+replace, cond or uncond; nodes/override.py's carry_key) with the call's plan signature, and dropped at the end of
+each sampling run with the call plans (sage_core.backend.release_buffers), so that one seed gives one image whatever
+ran before.
 """
 from __future__ import annotations
 

@@ -14,9 +14,16 @@ import pytest
 
 
 @functools.lru_cache(maxsize=None)
-def quant_report(launch: str, head_dim: int, arch: int, pv: str, rope: bool = False) -> dict:
+def quant_report(launch: str, head_dim: int, arch: int, pv: str, rope: bool = False, *overrides: str) -> dict:
+    """inspect_sass's report of a quantization launch; overrides: launch constants set for it ("NAME=VALUE")."""
     return bench_script.json_report("inspect_sass", "--quant", launch, "--d", str(head_dim), "--arch", str(arch),
-                                    "--pv", pv, "--json", *(["--rope"] if rope else []))
+                                    "--pv", pv, "--json", *(["--rope"] if rope else []), *overrides)
+
+
+def registers_and_spills(report: dict) -> tuple[int, int]:
+    """A report's registers per thread and bytes of spill stores."""
+    registers = int(re.search(r"Used (\d+) registers", report["resources"]).group(1))
+    return registers, int(re.search(r"(\d+) bytes spill stores", report["resources"]).group(1))
 
 
 # (arch, P·V): the H200's FP8 path, measured; Ampere's and Ada's FP16 path, Ada's and Blackwell's FP8 path, compiled
@@ -31,11 +38,10 @@ TARGETS = [(90, "fp8", 128), (90, "fp16", 192), (80, "fp16", 192), (89, "fp8", 1
 @pytest.mark.parametrize("arch,pv,max_registers", TARGETS, ids=[f"sm{a}-{pv}" for a, pv, _ in TARGETS])
 def test_quantization_launch_fits_its_register_budget(launch, head_dim, arch, pv, max_registers):
     report = quant_report(launch, head_dim, arch, pv)
-    registers = int(re.search(r"Used (\d+) registers", report["resources"]).group(1))
+    registers, spilled = registers_and_spills(report)
     assert registers <= max_registers, report
     # a few bytes of spill are cheap in a kernel bound by DRAM (Triton 3.9's ptxas spills 4 bytes in K's and V's
     # launch at head dim 128, Triton 3.6's none); a tile too large for the registers spills hundreds
-    spilled = int(re.search(r"(\d+) bytes spill stores", report["resources"]).group(1))
     assert spilled <= 16, report
     # the statistics loop (the launch's shortest loop with loads) and the slices' loops are there to be checked
     assert report["load_loops"] and all(loop["loads"] > 0 for loop in report["load_loops"]), report
@@ -65,8 +71,7 @@ ROPE_TARGETS = [(90, "fp8", 168), (90, "fp16", 168), (80, "fp16", 168), (89, "fp
 @pytest.mark.parametrize("arch,pv,max_registers", ROPE_TARGETS, ids=[f"sm{a}-{pv}" for a, pv, _ in ROPE_TARGETS])
 def test_rotating_quantization_compiles_without_spilling(launch, arch, pv, max_registers):
     report = quant_report(launch, 128, arch, pv, rope=True)
-    registers = int(re.search(r"Used (\d+) registers", report["resources"]).group(1))
-    spilled = int(re.search(r"(\d+) bytes spill stores", report["resources"]).group(1))
+    registers, spilled = registers_and_spills(report)
     assert registers <= max_registers and spilled <= 16, report
 
 
@@ -97,8 +102,7 @@ CARRIED_TARGETS = [(90, 128, False, 128), (90, 64, False, 128), (90, 128, True, 
                          ids=[f"sm{a}-d{d}{'-rope' if r else ''}" for a, d, r, _ in CARRIED_TARGETS])
 def test_the_carried_launch_fits_its_register_budget(arch, head_dim, rope, max_registers):
     report = quant_report("carried", head_dim, arch, "fp8", rope)
-    registers = int(re.search(r"Used (\d+) registers", report["resources"]).group(1))
-    spilled = int(re.search(r"(\d+) bytes spill stores", report["resources"]).group(1))
+    registers, spilled = registers_and_spills(report)
     assert registers <= max_registers and spilled <= 16, report
 
 
@@ -111,8 +115,7 @@ def test_the_carried_launch_fits_its_register_budget(arch, head_dim, rope, max_r
 def test_the_coding_loops_take_pair_ranges_and_packed_codes(arch):
     k_v = quant_report("k_v", 128, arch, "fp8")
     stats_q = quant_report("stats_q", 128, arch, "fp8")
-    plain = bench_script.json_report("inspect_sass", "--quant", "k_v", "--d", "128", "--arch", str(arch), "--pv", "fp8",
-                                     "--json", "RANGE_PASS=0", "INLINE_PTX=0")
+    plain = quant_report("k_v", 128, arch, "fp8", False, "RANGE_PASS=0", "INLINE_PTX=0")
     assert k_v["opcodes"].get("HMNMX2", 0) >= 64 and k_v["opcodes"].get("F2IP", 0) >= 32, k_v["opcodes"]
     assert stats_q["opcodes"].get("F2IP", 0) >= 16, stats_q["opcodes"]
     assert not plain["opcodes"].get("HMNMX2") and not plain["opcodes"].get("F2IP"), plain["opcodes"]
@@ -126,10 +129,8 @@ def test_the_coding_loops_take_pair_ranges_and_packed_codes(arch):
 def test_the_rounding_takes_its_sign_from_the_coded_value(arch):
     for launch, fewer in (("stats_q", 48), ("k_v", 96)):
         lean = quant_report(launch, 128, arch, "fp8")
-        plain = bench_script.json_report("inspect_sass", "--quant", launch, "--d", "128", "--arch", str(arch), "--pv",
-                                         "fp8", "--json", "SIGN_FROM_X=0")
+        plain = quant_report(launch, 128, arch, "fp8", False, "SIGN_FROM_X=0")
         assert lean["instructions"] <= plain["instructions"] - fewer, (launch, lean["instructions"],
                                                                        plain["instructions"])
-        registers = int(re.search(r"Used (\d+) registers", lean["resources"]).group(1))
-        spilled = int(re.search(r"(\d+) bytes spill stores", lean["resources"]).group(1))
+        registers, spilled = registers_and_spills(lean)
         assert registers <= 128 and spilled == 0, lean["resources"]

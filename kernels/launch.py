@@ -49,6 +49,9 @@ QUANT_MAX_REGISTERS = 128
 # On an H100 the quantization's device time was level with it (Flux 69.1 against 68.8 µs; bench/NOTES.md, round
 # "The rounding's sign from the coded value, …"): kept for GPUs bound by instructions, at no measured cost
 SIGN_FROM_X = True
+# FP8 V's codes written by the tensor memory accelerator (Hopper and later) from a tile in shared memory, instead of
+# every thread's stores of its transposed codes (quant_kernels.quantize_v_tile; v_tma_store)
+V_TMA_STORE = False
 # with the rotary table inside the quantization: the look-ahead loop. Pipelined (4 stages) the first launch took 137
 # registers and 72 KB of shared memory (the table's loads pipelined too), and on an H100 Wan2.1's rotating
 # quantization read 1.745 and 1.748 ms against 1.700 and 1.696, Flux.1's call 0.447 against 0.443-0.444 ms
@@ -104,6 +107,9 @@ CARRY_MARGIN = 2.0
 # measured: exact either way, any vector taken off K is). With K's sums taken in its programs' first pass
 # (quant_kernels.quantize_int8_role) and V on CARRY_V_CHANNELS, the carried launch takes 128 registers on sm90
 CARRY_K_MEAN = True
+# a carried launch without the rotary table that keeps its site's K mean (CARRY_K_MEAN off) takes the plain launches'
+# leaner forms (lean_launch)
+LEAN_CARRIED = True
 # channels per V program in a carried launch (launch_v_channels): V's range and sums of v - mean on a 64-channel
 # tile took the launch to 168 registers on sm90 (three programs per multiprocessor), on 32 channels 128 (four)
 CARRY_V_CHANNELS = 32
@@ -379,8 +385,10 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
         buffers, the inputs' strides and shapes)."""
         sizes, tail, launches = layout()
         dummy = out["q_scale"]  # stands in for buffers a launch does not write
+        constants = launches[0][2]
+        v8_out = v8_descriptor(out["v8"], constants["CHANNELS"]) if constants["V_TMA"] else dummy
         middle = (out["parts"], out["v_range"] if pv_fp8 else dummy, out["q8"], out["q_scale"], out["k8"],
-                  out["k_scale"], out["k_mean"] if smooth_k else dummy, out["v8"] if pv_fp8 else dummy,
+                  out["k_scale"], out["k_mean"] if smooth_k else dummy, out["v8"] if pv_fp8 else dummy, v8_out,
                   out["v_scale"] if pv_fp8 else dummy, out["v_mean"] if need_v_stats else dummy,
                   out["v_code_sums"] if pv_fp8 else dummy, v_shift if finish_shift else dummy,
                   out["v_tickets"] if pv_fp8 else dummy, out["k_parts"] if pv_fp8 else dummy,
@@ -397,23 +405,48 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
     return out
 
 
+def lean_launch(rope: bool, carried: bool) -> bool:
+    """Whether a launch takes the leaner coding forms (inline PTX, the register cap, the rounding's sign from x): the
+    plain two launches, and with LEAN_CARRIED the carried launch without the rotary table that keeps its site's K
+    mean (its K programs then take the range pass, as the plain K launch does)."""
+    if rope:
+        return False
+    return not carried or (LEAN_CARRIED and not carry_k_mean(rope))
+
+
 def inline_ptx(rope: bool, carried: bool) -> bool:
     """Whether the quantization's launches take INLINE_PTX's forms (never under the interpreter, which runs no PTX;
-    not with the rotary table nor in the carried launches, where they cost registers)."""
-    return INLINE_PTX and not (rope or carried or interpreting())
+    not with the rotary table nor in the carried launches but lean_launch's, where they cost registers)."""
+    return INLINE_PTX and lean_launch(rope, carried) and not interpreting()
 
 
 def capped_quantization(pv_fp8: bool, rope: bool, carried: bool) -> bool:
     """Whether the quantization's launches take QUANT_MAX_REGISTERS as ptxas's cap (never under the interpreter; not
-    the carried launch, which spilled under it for sm100)."""
-    return bool(QUANT_MAX_REGISTERS) and pv_fp8 and not (rope or carried or interpreting())
+    the carried launch but lean_launch's: the full one spilled under it for sm100)."""
+    return bool(QUANT_MAX_REGISTERS) and pv_fp8 and lean_launch(rope, carried) and not interpreting()
 
 
 def sign_from_x(pv_fp8: bool, rope: bool, carried: bool) -> bool:
     """Whether the INT8 codes take their rounding's sign from the coded value (SIGN_FROM_X): in the launches that
     QUANT_MAX_REGISTERS caps on the GPU, and under the interpreter in the same launches, so that the CPU's tests run
     the form the GPU runs."""
-    return SIGN_FROM_X and pv_fp8 and not (rope or carried) and (bool(QUANT_MAX_REGISTERS) or interpreting())
+    return SIGN_FROM_X and pv_fp8 and lean_launch(rope, carried) and (bool(QUANT_MAX_REGISTERS) or interpreting())
+
+
+def v8_descriptor(v8: torch.Tensor, channels: int):
+    """FP8 V's codes [B*HK, block_d, v_padded] as the 2-D tensor descriptor quantize_v_tile stores its [channels,
+    V_ROWS] tiles through (v_tma_store); the last program's rows past v_padded fall outside it and are not
+    written."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    rows = v8.view(-1, v8.shape[-1])
+    return TensorDescriptor(rows, list(rows.shape), list(rows.stride()), [channels, V_ROWS])
+
+
+def v_tma_store(pv_fp8: bool, arch: int) -> bool:
+    """Whether V's FP8 codes go out through a tensor descriptor (V_TMA_STORE): on GPUs with the tensor memory
+    accelerator (sm90 on), and under the interpreter, so that the CPU's tests run the form the GPU runs."""
+    return V_TMA_STORE and pv_fp8 and (arch >= 90 or interpreting())
 
 
 def quant_launches(q, k, *, q_group: int, k_group: int, block_d: int, smooth_k: bool, smooth_v: bool, pv_fp8: bool,
@@ -444,6 +477,7 @@ def quant_launches(q, k, *, q_group: int, k_group: int, block_d: int, smooth_k: 
                      CARRIED=carried, CARRY_K=carried and smooth_k and carry_k_mean(rope), RANGE_PASS=RANGE_PASS,
                      INLINE_PTX=inline_ptx(rope, carried),
                      SIGN_FROM_X=sign_from_x(pv_fp8, rope, carried),
+                     V_TMA=v_tma_store(pv_fp8, device_arch(q.device)),
                      WARPS=QUANT_WARPS, num_warps=QUANT_WARPS,  # WARPS: quantize_v_tile's layout steer
                      **({"maxnreg": QUANT_MAX_REGISTERS} if capped_quantization(pv_fp8, rope, carried) else {}))
     # the statistics' chunks first: they are the longest programs, and blocks are dispatched in grid order

@@ -102,7 +102,6 @@ def compile_quantize(which: str, d: int, arch: int, pv_fp8: bool = True, maxnreg
         carry_k = carried and launch.carry_k_mean(rope)
         range_pass, inline_ptx = launch.RANGE_PASS, launch.inline_ptx(rope, carried)
         sign_from_x = launch.sign_from_x(pv_fp8, rope, carried)
-        v_tma = launch.v_tma_store(pv_fp8 and not stats_pass, arch)
         maxnreg = maxnreg or (launch.QUANT_MAX_REGISTERS if launch.capped_quantization(pv_fp8, rope, carried) else None)
     const_values = dict(ROWS=rows, Q_SUB=q_sub, K_SUB=k_sub, Q_GROUP=q_group, K_GROUP=k_group, BLOCK_D=d,
                         STATS_TILE=stats_tile, STATS_CHUNKS=stats_chunks, SMOOTH_K=True,
@@ -112,9 +111,7 @@ def compile_quantize(which: str, d: int, arch: int, pv_fp8: bool = True, maxnreg
                         DO_Q=int(stats_pass or carried), DO_K=int(not stats_pass), ROPE=rope, STATS_AHEAD=ahead,
                         V_BLOCKS=d // channels if pv_fp8 and not stats_pass else 0, STATS_STAGES=stages,
                         CARRIED=carried, CARRY_K=carry_k, RANGE_PASS=range_pass, INLINE_PTX=inline_ptx,
-                        SIGN_FROM_X=sign_from_x, V_TMA=v_tma)
-    if v_tma:
-        ptypes["V8_DESC"] = f"tensordesc<fp8e4nv[{channels},{v_rows}]>"
+                        SIGN_FROM_X=sign_from_x)
     const_values.update({name: 1 for name in fn.arg_names if re.fullmatch(r"stride_[a-z]d", name)})
     sig, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):

@@ -25,11 +25,6 @@ try:
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 except Exception:  # noqa: BLE001 - no Gluon: no tensor descriptors to key
     TensorDescriptor = None
-try:  # Triton's own (the quantization's V store), which has no layout
-    from triton.tools.tensor_descriptor import TensorDescriptor as TritonDescriptor
-except Exception:  # noqa: BLE001
-    TritonDescriptor = None
-DESCRIPTORS = tuple(t for t in (TensorDescriptor, TritonDescriptor) if t is not None)
 
 
 MAX_ENTRIES = 4096  # distinct calls kept (a forward has a handful; a long run of many resolutions more)
@@ -74,9 +69,9 @@ def uncommon_argument_key(a):
         return a
     if isinstance(a, float):
         return float
-    if isinstance(a, DESCRIPTORS):
-        return (type(a), a.base.dtype, a.base.data_ptr() % 16 == 0, tuple(a.shape), tuple(a.strides),
-                tuple(a.block_shape), getattr(a, "layout", None), a.padding)
+    if TensorDescriptor is not None and isinstance(a, TensorDescriptor):
+        return (TensorDescriptor, a.base.dtype, a.base.data_ptr() % 16 == 0, tuple(a.shape), tuple(a.strides),
+                tuple(a.block_shape), a.layout, a.padding)
     raise NotKeyable(type(a).__name__)
 
 

@@ -49,9 +49,6 @@ QUANT_MAX_REGISTERS = 128
 # On an H100 the quantization's device time was level with it (Flux 69.1 against 68.8 µs; bench/NOTES.md, round
 # "The rounding's sign from the coded value, …"): kept for GPUs bound by instructions, at no measured cost
 SIGN_FROM_X = True
-# FP8 V's codes written by the tensor memory accelerator (Hopper and later) from a tile in shared memory, instead of
-# every thread's stores of its transposed codes (quant_kernels.quantize_v_tile; v_tma_store)
-V_TMA_STORE = False
 # with the rotary table inside the quantization: the look-ahead loop. Pipelined (4 stages) the first launch took 137
 # registers and 72 KB of shared memory (the table's loads pipelined too), and on an H100 Wan2.1's rotating
 # quantization read 1.745 and 1.748 ms against 1.700 and 1.696, Flux.1's call 0.447 against 0.443-0.444 ms
@@ -105,10 +102,13 @@ REPAIR_DOT_PRECISION_SM90 = "tf32x3"
 CARRY_MARGIN = 2.0
 # whether a carried call also carries this call's K mean to the next (else a site keeps the mean its first call
 # measured: exact either way, any vector taken off K is). With K's sums taken in its programs' first pass
-# (quant_kernels.quantize_int8_role) and V on CARRY_V_CHANNELS, the carried launch takes 128 registers on sm90
-CARRY_K_MEAN = True
-# a carried launch without the rotary table that keeps its site's K mean (CARRY_K_MEAN off) takes the plain launches'
-# leaner forms (lean_launch)
+# (quant_kernels.quantize_int8_role) and V on CARRY_V_CHANNELS, the carried launch takes 128 registers on sm90.
+# Kept off: the site's first mean lets the carried launch take the plain launches' leaner forms (LEAN_CARRIED: K's
+# range pass, inline PTX, the register cap, the rounding's sign from x; 127 registers on sm90, no spills on sm89,
+# sm90 or sm120, 68 bytes on sm100), which on an H100 took its device time at Flux's shape from 78.0 to 65.1 µs and at
+# Wan2.1's from 883 to 699 (bench/NOTES.md, round "V's codes through a tensor descriptor, and the lean carried
+# launch")
+CARRY_K_MEAN = False
 LEAN_CARRIED = True
 # channels per V program in a carried launch (launch_v_channels): V's range and sums of v - mean on a 64-channel
 # tile took the launch to 168 registers on sm90 (three programs per multiprocessor), on 32 channels 128 (four)
@@ -385,10 +385,8 @@ def quantize_qkv(q, k, v, *, q_group: int, k_group: int, block_d: int, q_multipl
         buffers, the inputs' strides and shapes)."""
         sizes, tail, launches = layout()
         dummy = out["q_scale"]  # stands in for buffers a launch does not write
-        constants = launches[0][2]
-        v8_out = v8_descriptor(out["v8"], constants["CHANNELS"]) if constants["V_TMA"] else dummy
         middle = (out["parts"], out["v_range"] if pv_fp8 else dummy, out["q8"], out["q_scale"], out["k8"],
-                  out["k_scale"], out["k_mean"] if smooth_k else dummy, out["v8"] if pv_fp8 else dummy, v8_out,
+                  out["k_scale"], out["k_mean"] if smooth_k else dummy, out["v8"] if pv_fp8 else dummy,
                   out["v_scale"] if pv_fp8 else dummy, out["v_mean"] if need_v_stats else dummy,
                   out["v_code_sums"] if pv_fp8 else dummy, v_shift if finish_shift else dummy,
                   out["v_tickets"] if pv_fp8 else dummy, out["k_parts"] if pv_fp8 else dummy,
@@ -433,22 +431,6 @@ def sign_from_x(pv_fp8: bool, rope: bool, carried: bool) -> bool:
     return SIGN_FROM_X and pv_fp8 and lean_launch(rope, carried) and (bool(QUANT_MAX_REGISTERS) or interpreting())
 
 
-def v8_descriptor(v8: torch.Tensor, channels: int):
-    """FP8 V's codes [B*HK, block_d, v_padded] as the 2-D tensor descriptor quantize_v_tile stores its [channels,
-    V_ROWS] tiles through (v_tma_store); the last program's rows past v_padded fall outside it and are not
-    written."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    rows = v8.view(-1, v8.shape[-1])
-    return TensorDescriptor(rows, list(rows.shape), list(rows.stride()), [channels, V_ROWS])
-
-
-def v_tma_store(pv_fp8: bool, arch: int) -> bool:
-    """Whether V's FP8 codes go out through a tensor descriptor (V_TMA_STORE): on GPUs with the tensor memory
-    accelerator (sm90 on), and under the interpreter, so that the CPU's tests run the form the GPU runs."""
-    return V_TMA_STORE and pv_fp8 and (arch >= 90 or interpreting())
-
-
 def quant_launches(q, k, *, q_group: int, k_group: int, block_d: int, smooth_k: bool, smooth_v: bool, pv_fp8: bool,
                    pv_key_order: bool, finish_shift: bool, rope: bool, v_padded: int,
                    q_in_kernel: bool = False, carried: bool = False) -> tuple[tuple, tuple, list]:
@@ -477,7 +459,6 @@ def quant_launches(q, k, *, q_group: int, k_group: int, block_d: int, smooth_k: 
                      CARRIED=carried, CARRY_K=carried and smooth_k and carry_k_mean(rope), RANGE_PASS=RANGE_PASS,
                      INLINE_PTX=inline_ptx(rope, carried),
                      SIGN_FROM_X=sign_from_x(pv_fp8, rope, carried),
-                     V_TMA=v_tma_store(pv_fp8, device_arch(q.device)),
                      WARPS=QUANT_WARPS, num_warps=QUANT_WARPS,  # WARPS: quantize_v_tile's layout steer
                      **({"maxnreg": QUANT_MAX_REGISTERS} if capped_quantization(pv_fp8, rope, carried) else {}))
     # the statistics' chunks first: they are the longest programs, and blocks are dispatched in grid order

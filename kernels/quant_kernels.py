@@ -491,14 +491,14 @@ def quantize_int8_role(X, b, h, row0, stride_b, stride_h, stride_n, stride_d, N,
 
 @triton.jit
 def quantize_v_tile(
-    V, PARTS, V_RANGE, V8, V8_DESC, V_SCALE, V_MEAN, V_CODE_SUM, V_SHIFT, V_TICKETS, CARRY, V_DIFF_SUM, pid, bh,
+    V, PARTS, V_RANGE, V8, V_SCALE, V_MEAN, V_CODE_SUM, V_SHIFT, V_TICKETS, CARRY, V_DIFF_SUM, pid, bh,
     channel_block, n_programs,
     stride_vb, stride_vh, stride_vn, stride_vd,
     HK, NK, D, n_chunks, v_padded, v_code_max, inv_keys, carry_margin,
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr, CHANNELS: tl.constexpr, STATS_CHUNKS: tl.constexpr,
     SMOOTH_V: tl.constexpr, PV_FP8: tl.constexpr, FP8_ROUND_IN_FP32: tl.constexpr, PV_KEY_ORDER: tl.constexpr,
     WARPS: tl.constexpr, FINISH_SHIFT: tl.constexpr, SHIFT_PROGRAMS: tl.constexpr, CARRIED: tl.constexpr,
-    INLINE_PTX: tl.constexpr, V_TMA: tl.constexpr,
+    INLINE_PTX: tl.constexpr,
 ):
     """V's part of one call's quantization: ROWS keys (program pid of n_programs) and CHANNELS of the BLOCK_D
     channels (channel_block) of one head: a whole 128-channel tile took 255 registers and spilled. The first
@@ -566,13 +566,9 @@ def quantize_v_tile(
         r = reciprocal(scale)
         codes = to_fp8_e4m3(tl.where(valid, v - mean[None, :], 0.0) * r[None, :], FP8_ROUND_IN_FP32)
         # [A, R, CHANNELS]: load row i = a * R + r at position r * A + a, contiguous along a
-        tile = tl.reshape(codes, (A, R, CHANNELS))
-        if V_TMA:  # [CHANNELS, ROWS] in stored order (r * A + a), written by the tensor memory accelerator
-            V8_DESC.store([bh * BLOCK_D + channel_block * CHANNELS, pid * ROWS],
-                          tl.reshape(tl.permute(tile, (2, 1, 0)), (CHANNELS, ROWS)))
-        else:
-            pos = pid * ROWS + tl.arange(0, R)[None, :, None] * A + tl.arange(0, A)[:, None, None]
-            tl.store(V8 + (bh * BLOCK_D + offs_d[None, None, :]) * v_padded + pos, tile, mask=pos < v_padded)
+        pos = pid * ROWS + tl.arange(0, R)[None, :, None] * A + tl.arange(0, A)[:, None, None]
+        tl.store(V8 + (bh * BLOCK_D + offs_d[None, None, :]) * v_padded + pos, tl.reshape(codes, (A, R, CHANNELS)),
+                 mask=pos < v_padded)
         code_sum = tl.sum(codes.to(tl.float32), axis=0) * scale
         if CARRIED:
             # rows outside V read as the carried mean: no deviation, no share of the sums, no false saturation.
@@ -663,7 +659,7 @@ def finish_k_block(K_PARTS, K_TICKETS, CARRY, mean, bh, n_programs, inv_keys, of
 
 @triton.jit
 def quantize_kernel(
-    Q, K, V, CARRY, PARTS, V_RANGE, Q8, Q_SCALE, K8, K_SCALE, K_MEAN, V8, V8_DESC, V_SCALE, V_MEAN, V_CODE_SUM, V_SHIFT,
+    Q, K, V, CARRY, PARTS, V_RANGE, Q8, Q_SCALE, K8, K_SCALE, K_MEAN, V8, V_SCALE, V_MEAN, V_CODE_SUM, V_SHIFT,
     V_TICKETS, K_PARTS, K_TICKETS, V_DIFF_SUM,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -678,7 +674,7 @@ def quantize_kernel(
     PV_FP8: tl.constexpr, INTERPRETING: tl.constexpr, PV_KEY_ORDER: tl.constexpr, WARPS: tl.constexpr,
     FINISH_SHIFT: tl.constexpr, SHIFT_PROGRAMS: tl.constexpr, ROPE: tl.constexpr, STATS_AHEAD: tl.constexpr,
     STATS_STAGES: tl.constexpr, CARRIED: tl.constexpr, CARRY_K: tl.constexpr, RANGE_PASS: tl.constexpr,
-    INLINE_PTX: tl.constexpr, SIGN_FROM_X: tl.constexpr, V_TMA: tl.constexpr,
+    INLINE_PTX: tl.constexpr, SIGN_FROM_X: tl.constexpr,
 ):
     """One launch of a call's quantization: the roles it is given (DO_STATS, DO_Q, DO_K, V_BLOCKS), one per
     program_id(2), in that order; program_id(0) is the role's chunk or row block, program_id(1) its head. Roles
@@ -760,8 +756,8 @@ def quantize_kernel(
                 finish_k_block(K_PARTS, K_TICKETS, CARRY, mean, bh, k_programs, inv_keys, offs_d, BLOCK_D)
     if V_BLOCKS > 0:
         if (role >= V_ROLE) & (bh < BHK) & (pid < n_v_programs):
-            quantize_v_tile(V, PARTS, V_RANGE, V8, V8_DESC, V_SCALE, V_MEAN, V_CODE_SUM, V_SHIFT, V_TICKETS, CARRY,
-                            V_DIFF_SUM, pid, bh, role - V_ROLE, n_v_programs, stride_vb, stride_vh, stride_vn,
-                            stride_vd, HK, NK, D, n_chunks, v_padded, v_code_max, inv_keys, carry_margin, V_ROWS,
-                            BLOCK_D, CHANNELS, STATS_CHUNKS, SMOOTH_V, PV_FP8, INTERPRETING, PV_KEY_ORDER, WARPS,
-                            FINISH_SHIFT, SHIFT_PROGRAMS, CARRIED, INLINE_PTX, V_TMA)
+            quantize_v_tile(V, PARTS, V_RANGE, V8, V_SCALE, V_MEAN, V_CODE_SUM, V_SHIFT, V_TICKETS, CARRY, V_DIFF_SUM,
+                            pid, bh, role - V_ROLE, n_v_programs, stride_vb, stride_vh, stride_vn, stride_vd, HK, NK,
+                            D, n_chunks, v_padded, v_code_max, inv_keys, carry_margin, V_ROWS, BLOCK_D, CHANNELS,
+                            STATS_CHUNKS, SMOOTH_V, PV_FP8, INTERPRETING, PV_KEY_ORDER, WARPS, FINISH_SHIFT,
+                            SHIFT_PROGRAMS, CARRIED, INLINE_PTX)

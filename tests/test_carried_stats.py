@@ -55,21 +55,27 @@ def only_site() -> carried_stats.CarriedSite:
 
 
 def check_carried_values(site, k, v, margin=launch.CARRY_MARGIN):
-    """The site carries the whole K's mean, V's mean and V's scale (its range's, about 0: no V smoothing, times
-    the margin), per batch entry and KV head."""
+    """The site carries V's mean and V's scale (its range's, about 0: no V smoothing, times the margin), and with
+    launch.CARRY_K_MEAN the whole K's mean, per batch entry and KV head (without it the site keeps its first call's
+    K mean: test_without_carrying_k_the_site_keeps_its_first_calls_k_mean)."""
     d = k.shape[-1]
     kf, vf = k.float().flatten(0, 1), v.float().flatten(0, 1)
-    torch.testing.assert_close(site.values[:, 0, :d], kf.mean(1), rtol=1e-4, atol=1e-5)
+    if launch.CARRY_K_MEAN:
+        torch.testing.assert_close(site.values[:, 0, :d], kf.mean(1), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(site.values[:, 1, :d], vf.mean(1), rtol=1e-4, atol=1e-5)
     reach = torch.maximum(vf.amax(1), -vf.amin(1))
     torch.testing.assert_close(site.values[:, 2, :d], reach / launch.FP8_E4M3_MAX * margin, rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.parametrize("carry_k", [False, True])
 @pytest.mark.parametrize("shape", [(1, 2, 2, 200, 300, 64), (2, 4, 2, 130, 257, 128)])
-def test_a_carried_call_stays_within_the_bounds_and_carries_this_calls_statistics(shape):
+def test_a_carried_call_stays_within_the_bounds_and_carries_this_calls_statistics(monkeypatch, shape, carry_k):
     """The first call at a site runs as without carrying (the same bits) and primes it; the next, with the
-    statistics carried, is as close to FP32 attention as a call with its own, repairs nothing, and carries the
-    whole K's mean (not a sample's), V's mean and V's scale on. GQA, ragged key counts and batch entries too."""
+    statistics carried, is as close to FP32 attention as a call with its own, repairs nothing, and carries V's mean
+    and V's scale on, and with launch.CARRY_K_MEAN the whole K's mean (not a sample's); without it (as shipped) the
+    launch takes the lean forms. GQA, ragged key counts and batch entries too."""
+    monkeypatch.setattr(launch, "CARRY_K_MEAN", carry_k)
+    assert launch.lean_launch(False, True) == (not carry_k)
     q, k, v = inputs(*shape, torch.bfloat16, seed=3)
     plain = attention(q, k, v, config=FP8)
     stats = DispatchStats()

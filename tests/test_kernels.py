@@ -932,39 +932,6 @@ def test_the_range_pass_and_inline_ptx_give_the_same_bits(monkeypatch, dtype, n,
     assert_quantizations_share_bits(outs)
 
 
-@pytest.mark.parametrize("pv_key_order", [False, True])
-@pytest.mark.parametrize("n,d", [(300, 128), (1000, 64)])
-def test_v_codes_through_the_tensor_descriptor_give_the_thread_stores_bits(monkeypatch, pv_key_order, n, d):
-    """FP8 V's codes stored as whole [channels, keys] tiles through a tensor descriptor (launch.V_TMA_STORE) land
-    where every thread's own stores put them: the same codes, scales, code sums and output shift, bit for bit, with
-    64 and 32 channels a program, a ragged last program (its rows past the keys coded as zeros), in the Hopper
-    kernel's key order and in order; and in the carried launch, which codes V with the call before's statistics
-    and carries this call's on."""
-    q, k, v = inputs(1, 2, 2, 200, n, d, torch.bfloat16, seed=n + d)
-    common = dict(q_group=64, k_group=128, block_d=d, q_multiplier=0.3, smooth_k=True, smooth_v=True, pv_fp8=True,
-                  pv_key_order=pv_key_order)
-    outs, carried = [], []
-    for tma in (False, True):
-        monkeypatch.setattr(launch, "V_TMA_STORE", tma)
-        assert launch.v_tma_store(True, 0) == tma  # the interpreter runs the GPU's form
-        shift = torch.empty(2, d, device=DEVICE)
-        outs.append({**launch.quantize_qkv(q, k, v, v_shift=shift, **common), "shift": shift})
-        first = outs[-1]
-        carry = torch.stack([first["k_mean"], first["v_mean"], first["v_scale"] * launch.CARRY_MARGIN], dim=1)
-        shift = torch.empty(2, d, device=DEVICE)
-        out = launch.quantize_qkv(q, k, 0.9 * v, v_shift=shift, carry=carry, **common)
-        carried.append({**out, "shift": shift, "carry": carry})
-    assert_quantizations_share_bits(outs)
-    for chosen in carried:
-        del chosen["parts"]  # the statistics' partial sums: no carried launch writes them
-    assert_quantizations_share_bits(carried)
-    codes = outs[1]["v8"].view(2, d, -1)
-    assert codes.shape[-1] == launch.cdiv(n, launch.V_PAD) * launch.V_PAD
-    end = launch.cdiv(n, 32) * 32 if pv_key_order else n  # the key order moves keys within their 32
-    assert torch.all(codes[:, :, end:].float() == 0)  # rows past the keys coded as zeros
-    assert torch.any(codes[:, :, :n].float() != 0)
-
-
 @pytest.mark.parametrize("n,d", [(300, 128), (1000, 64)])
 def test_the_lean_carried_launch_gives_the_full_forms_bits(monkeypatch, n, d):
     """A carried launch that keeps its site's K mean (launch.CARRY_K_MEAN off) in the plain launches' leaner forms

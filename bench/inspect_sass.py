@@ -101,8 +101,9 @@ def compile_quantize(which: str, d: int, arch: int, pv_fp8: bool = True, maxnreg
         stages = launch.stats_stages(rope)
         carry_k = carried and launch.carry_k_mean(rope)
         range_pass, inline_ptx = launch.RANGE_PASS, launch.inline_ptx(rope, carried)
-        sign_from_x = launch.sign_from_x(pv_fp8, rope, carried)
-        maxnreg = maxnreg or (launch.QUANT_MAX_REGISTERS if launch.capped_quantization(pv_fp8, rope, carried) else None)
+        sign_from_x = launch.sign_from_x(pv_fp8, rope, carried, arch)
+        maxnreg = maxnreg or (launch.QUANT_MAX_REGISTERS if launch.capped_quantization(pv_fp8, rope, carried, arch)
+                              else None)
     const_values = dict(ROWS=rows, Q_SUB=q_sub, K_SUB=k_sub, Q_GROUP=q_group, K_GROUP=k_group, BLOCK_D=d,
                         STATS_TILE=stats_tile, STATS_CHUNKS=stats_chunks, SMOOTH_K=True,
                         V_STATS=pv_fp8, V_ROWS=v_rows, CHANNELS=channels, SMOOTH_V=pv_fp8, PV_FP8=pv_fp8,

@@ -110,6 +110,9 @@ CARRY_MARGIN = 2.0
 # launch")
 CARRY_K_MEAN = False
 LEAN_CARRIED = True
+# where the lean carried launch takes neither the register cap nor the rounding's sign from x: sm100's ptxas spilled
+# 64 bytes in it under the cap (and took 146 registers uncapped with the sign from x, 128 without it)
+UNCAPPED_CARRIED_ARCHS = (100,)
 # channels per V program in a carried launch (launch_v_channels): V's range and sums of v - mean on a 64-channel
 # tile took the launch to 168 registers on sm90 (three programs per multiprocessor), on 32 channels 128 (four)
 CARRY_V_CHANNELS = 32
@@ -418,17 +421,23 @@ def inline_ptx(rope: bool, carried: bool) -> bool:
     return INLINE_PTX and lean_launch(rope, carried) and not interpreting()
 
 
-def capped_quantization(pv_fp8: bool, rope: bool, carried: bool) -> bool:
-    """Whether the quantization's launches take QUANT_MAX_REGISTERS as ptxas's cap (never under the interpreter; not
-    the carried launch but lean_launch's: the full one spilled under it for sm100)."""
-    return bool(QUANT_MAX_REGISTERS) and pv_fp8 and lean_launch(rope, carried) and not interpreting()
+def capped_launch(pv_fp8: bool, rope: bool, carried: bool, arch: int) -> bool:
+    """Whether a launch is one QUANT_MAX_REGISTERS may cap: lean_launch's with FP8 P·V, but the carried one on
+    UNCAPPED_CARRIED_ARCHS."""
+    return pv_fp8 and lean_launch(rope, carried) and not (carried and arch in UNCAPPED_CARRIED_ARCHS)
 
 
-def sign_from_x(pv_fp8: bool, rope: bool, carried: bool) -> bool:
+def capped_quantization(pv_fp8: bool, rope: bool, carried: bool, arch: int = 0) -> bool:
+    """Whether the quantization's launches take QUANT_MAX_REGISTERS as ptxas's cap (never under the interpreter;
+    capped_launch's: the full carried launch spilled under it for sm100)."""
+    return bool(QUANT_MAX_REGISTERS) and capped_launch(pv_fp8, rope, carried, arch) and not interpreting()
+
+
+def sign_from_x(pv_fp8: bool, rope: bool, carried: bool, arch: int = 0) -> bool:
     """Whether the INT8 codes take their rounding's sign from the coded value (SIGN_FROM_X): in the launches that
     QUANT_MAX_REGISTERS caps on the GPU, and under the interpreter in the same launches, so that the CPU's tests run
     the form the GPU runs."""
-    return SIGN_FROM_X and pv_fp8 and lean_launch(rope, carried) and (bool(QUANT_MAX_REGISTERS) or interpreting())
+    return SIGN_FROM_X and capped_launch(pv_fp8, rope, carried, arch) and (bool(QUANT_MAX_REGISTERS) or interpreting())
 
 
 def quant_launches(q, k, *, q_group: int, k_group: int, block_d: int, smooth_k: bool, smooth_v: bool, pv_fp8: bool,
@@ -440,6 +449,7 @@ def quant_launches(q, k, *, q_group: int, k_group: int, block_d: int, smooth_k: 
     B, H, NQ, D = q.shape
     HK, NK = k.shape[1], k.shape[2]
     k_every = stats_every(NK)
+    arch = device_arch(q.device)
     n_chunks, chunk_rows = stats_chunks(NK, k_every)
     need_v_stats = pv_fp8 or smooth_v
     stats = smooth_k or need_v_stats
@@ -458,9 +468,9 @@ def quant_launches(q, k, *, q_group: int, k_group: int, block_d: int, smooth_k: 
                      SHIFT_PROGRAMS=SHIFT_PROGRAMS, ROPE=rope, STATS_AHEAD=STATS_AHEAD, STATS_STAGES=stats_stages(rope),
                      CARRIED=carried, CARRY_K=carried and smooth_k and carry_k_mean(rope), RANGE_PASS=RANGE_PASS,
                      INLINE_PTX=inline_ptx(rope, carried),
-                     SIGN_FROM_X=sign_from_x(pv_fp8, rope, carried),
+                     SIGN_FROM_X=sign_from_x(pv_fp8, rope, carried, arch),
                      WARPS=QUANT_WARPS, num_warps=QUANT_WARPS,  # WARPS: quantize_v_tile's layout steer
-                     **({"maxnreg": QUANT_MAX_REGISTERS} if capped_quantization(pv_fp8, rope, carried) else {}))
+                     **({"maxnreg": QUANT_MAX_REGISTERS} if capped_quantization(pv_fp8, rope, carried, arch) else {}))
     # the statistics' chunks first: they are the longest programs, and blocks are dispatched in grid order
     do_q = int(not q_in_kernel)
     v_blocks = block_d // constants["CHANNELS"] if need_v_stats else 0

@@ -93,7 +93,8 @@ def test_rotating_quantization_reads_in_vectors(launch, arch, pv):
 # of the two launches it replaces (four programs of 4 warps per multiprocessor), with K's sums in its programs' first
 # pass and V on 32 channels a program (launch.CARRY_V_CHANNELS); taken in the coding pass and on 64 channels, 168.
 # With the rotary table, as measured (the first call's K mean kept, V on 64 channels), 168 with Triton 3.6 and 174 with
-# 3.9. sm100 130 with Triton 3.6, sm120 136.
+# 3.9. sm100 130 with Triton 3.6, sm120 136. As shipped the launch keeps its site's first K mean (launch.CARRY_K_MEAN
+# off) and takes the plain launches' lean forms (launch.LEAN_CARRIED): 126 on sm90, 128 on sm100 without the cap.
 CARRIED_TARGETS = [(90, 128, False, 128), (90, 64, False, 128), (90, 128, True, 176), (89, 128, False, 128),
                    (100, 128, False, 136), (120, 128, False, 144)]
 
@@ -104,6 +105,21 @@ def test_the_carried_launch_fits_its_register_budget(arch, head_dim, rope, max_r
     report = quant_report("carried", head_dim, arch, "fp8", rope)
     registers, spilled = registers_and_spills(report)
     assert registers <= max_registers and spilled <= 16, report
+
+
+@pytest.mark.parametrize("arch", [89, 90, 100, 120])
+def test_the_carried_launch_takes_the_lean_forms_without_spills(arch):
+    """The carried launch without the rotary table that keeps its site's K mean takes K's range pass in BF16 pairs and
+    the packed INT8 codes (launch.lean_launch; on an H100 it took the launch at Flux's shape from 78.0 to 65.1 µs), in
+    fewer instructions than its full form and without spills, capped at 128 registers but on sm100, where ptxas
+    spilled under the cap (launch.UNCAPPED_CARRIED_ARCHS)."""
+    lean = quant_report("carried", 128, arch, "fp8")
+    full = quant_report("carried", 128, arch, "fp8", False, "LEAN_CARRIED=0")
+    assert lean["opcodes"].get("HMNMX2", 0) >= 64 and lean["opcodes"].get("F2IP", 0) >= 32, lean["opcodes"]
+    assert not full["opcodes"].get("HMNMX2") and not full["opcodes"].get("F2IP"), full["opcodes"]
+    assert lean["instructions"] < full["instructions"]
+    registers, spilled = registers_and_spills(lean)
+    assert registers <= 128 and spilled == 0, lean["resources"]
 
 
 # The coding loops' lean forms (launch.RANGE_PASS, launch.INLINE_PTX): a two-pass K group's maximum from its range

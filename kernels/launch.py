@@ -104,8 +104,8 @@ CARRY_MARGIN = 2.0
 # measured: exact either way, any vector taken off K is). With K's sums taken in its programs' first pass
 # (quant_kernels.quantize_int8_role) and V on CARRY_V_CHANNELS, the carried launch takes 128 registers on sm90.
 # Kept off: the site's first mean lets the carried launch take the plain launches' leaner forms (LEAN_CARRIED: K's
-# range pass, inline PTX, the register cap, the rounding's sign from x; 127 registers on sm90, no spills on sm89,
-# sm90 or sm120, 68 bytes on sm100), which on an H100 took its device time at Flux's shape from 78.0 to 65.1 µs and at
+# range pass, inline PTX, the register cap, the rounding's sign from x; 126 registers on sm90, at most 128 and no
+# spills on sm89, sm100 and sm120), which on an H100 took its device time at Flux's shape from 78.0 to 65.1 µs and at
 # Wan2.1's from 883 to 699 (bench/NOTES.md, round "V's codes through a tensor descriptor, and the lean carried
 # launch")
 CARRY_K_MEAN = False

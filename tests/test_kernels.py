@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sage_attention_pack.kernels import hopper_launch, launch, tuning
+from sage_attention_pack.kernels import carried_stats, hopper_launch, launch, tuning
 from sage_attention_pack.kernels.call_plan import PLANS, CallPlans
 from sage_attention_pack.sage_core.config import SageConfig
 from sage_attention_pack.sage_core.metrics import attention_error
@@ -943,7 +943,9 @@ def test_the_lean_carried_launch_gives_the_full_forms_bits(monkeypatch, n, d):
                   pv_key_order=True)
     monkeypatch.setattr(launch, "CARRY_K_MEAN", False)
     first = launch.quantize_qkv(q, k, v, v_shift=torch.empty(2, d, device=DEVICE), **common)
-    start = torch.stack([first["k_mean"], first["v_mean"], first["v_scale"] * launch.CARRY_MARGIN], dim=1)
+    site = carried_stats.CarriedSite(2, d, DEVICE)  # primed as the dispatcher primes a site from its first call
+    site.prime(first["k_mean"], first["v_mean"], first["v_scale"], launch.CARRY_MARGIN)
+    start = site.values
     outs = []
     for lean in (False, True):
         monkeypatch.setattr(launch, "LEAN_CARRIED", lean)

@@ -136,10 +136,11 @@ def call_inputs(shape: str, device: str, seed: int = 0, heads: int | None = None
 
 
 def fused_carried(c: Call, config: SageConfig, stats: DispatchStats, key: str = "fused"):
-    """Sage with the table handed over and its statistics carried from the call before at site `key`
-    (kernels/carried_stats.py; a sampler's later steps)."""
+    """Sage with the table handed over and its statistics carried from the call before at site `key` of this
+    model (kernels/carried_stats.py; a sampler's later steps). Sites are per model: two models' calls of one shape
+    would otherwise share one, and the second would code its K and V with the first's statistics."""
     return lambda: attention(c.q, c.k, c.v, tensor_layout=c.layout, config=config, stats=stats,
-                             rope=c.handed_table(), carry_key=key)
+                             rope=c.handed_table(), carry_key=(c.model, key))
 
 
 def methods(c: Call, config: SageConfig, stats: DispatchStats) -> dict:
@@ -179,7 +180,7 @@ def errors(c: Call, config: SageConfig, arms: dict | None = None, settings=None)
 
     def carried(key: str):  # the first call primes the site, the second carries its statistics
         for _ in range(2):
-            out = attention(q, k, v, config=config, rope=first_heads(c.handed_table()), carry_key=key)
+            out = attention(q, k, v, config=config, rope=first_heads(c.handed_table()), carry_key=(c.model, key))
         return attention_error(out, exact)
 
     result = {"sage_rotation_fused": attention_error(fused, exact),

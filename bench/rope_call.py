@@ -135,12 +135,18 @@ def call_inputs(shape: str, device: str, seed: int = 0, heads: int | None = None
     return Call(*(t.contiguous() for t in (q, k, v)), pe, "HND" if model == "flux" else "NHD", model, handed_table)
 
 
+def site_key(c: Call, key: str) -> tuple:
+    """The carried call site `key` of this call's model (kernels/carried_stats.py). Sites are per model: two models'
+    calls of one shape would otherwise share one, and the second would code its K and V with the first's
+    statistics."""
+    return c.model, key
+
+
 def fused_carried(c: Call, config: SageConfig, stats: DispatchStats, key: str = "fused"):
     """Sage with the table handed over and its statistics carried from the call before at site `key` of this
-    model (kernels/carried_stats.py; a sampler's later steps). Sites are per model: two models' calls of one shape
-    would otherwise share one, and the second would code its K and V with the first's statistics."""
+    model (site_key; a sampler's later steps)."""
     return lambda: attention(c.q, c.k, c.v, tensor_layout=c.layout, config=config, stats=stats,
-                             rope=c.handed_table(), carry_key=(c.model, key))
+                             rope=c.handed_table(), carry_key=site_key(c, key))
 
 
 def methods(c: Call, config: SageConfig, stats: DispatchStats) -> dict:
@@ -180,7 +186,7 @@ def errors(c: Call, config: SageConfig, arms: dict | None = None, settings=None)
 
     def carried(key: str):  # the first call primes the site, the second carries its statistics
         for _ in range(2):
-            out = attention(q, k, v, config=config, rope=first_heads(c.handed_table()), carry_key=(c.model, key))
+            out = attention(q, k, v, config=config, rope=first_heads(c.handed_table()), carry_key=site_key(c, key))
         return attention_error(out, exact)
 
     result = {"sage_rotation_fused": attention_error(fused, exact),

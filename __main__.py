@@ -42,7 +42,7 @@ def main(argv=None) -> int:
 
     info = selfcheck.describe()
     print(f"sage-attention-pack: device {info['device']}, triton {info['triton']}; serving: {info['serving']}")
-    failures = 0
+    failures, extra = 0, {}
     if args.command == "tune":
         from .sage_core import autotune
 
@@ -64,10 +64,11 @@ def main(argv=None) -> int:
             print(f"  {'ok  ' if r['ok'] else 'FAIL'} {r['kernel']:10s} B,H,Nq,Nk,D,causal={r['case']} "
                   f"cos {r['cosine']:.6f} relL1 {r['rel_l1']:.4f} via {r['served_by']}"
                   + (", Flux's rotary table inside the quantization" if r["rotary"] else ""))
+        extra = {"serving": info["serving"], "selfcheck": rows}
     with torch.inference_mode():
         result = bench.run(shapes=args.shapes, dtype=getattr(torch, args.dtype), repeats=args.repeats,
                            with_peers=not args.no_peers, out_path=args.out, quick=args.command == "selfcheck",
-                           method_patterns=args.methods, merge=args.merge)
+                           method_patterns=args.methods, merge=args.merge, extra=extra)
     print(bench.format_table(result))
     print(f"results written to {args.out}")
     if failures:

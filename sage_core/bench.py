@@ -240,7 +240,9 @@ LONG_SHAPE_TOKENS = 60000
 
 
 def run(shapes=None, dtype=torch.bfloat16, repeats=None, with_peers=True, out_path=None, quick=False,
-        method_patterns=None, merge=False) -> dict:
+        method_patterns=None, merge=False, extra=None) -> dict:
+    """Benchmark the shapes; the JSON (written to out_path after every shape) holds the environment, each
+    shape's methods and `extra`'s keys (the main job's own: what serves here and the self-check's rows)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not backend.interpreting():
         raise SystemExit("No GPU: set TRITON_INTERPRET=1 to run the kernels through Triton's interpreter")
@@ -272,6 +274,7 @@ def run(shapes=None, dtype=torch.bfloat16, repeats=None, with_peers=True, out_pa
         result = json.loads(Path(out_path).read_text())
         result["peers_missing"] = {**result.get("peers_missing", {}), **peers_missing}
         result["peer_versions"] = {**result.get("peer_versions", {}), **peer_versions}
+    result.update(extra or {})
     for name in progress(names, desc="benchmark", unit="shape"):
         shape = table[name]
         long = shape[2] > LONG_SHAPE_TOKENS

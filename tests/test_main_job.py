@@ -26,6 +26,12 @@ def test_selfcheck_reports_device_accuracy_and_writes_json(tmp_path):
     assert r.stdout.count("Flux's rotary table inside the quantization") == 2
     result = json.loads(out.read_text())
     assert set(result["environment"]) >= {"torch", "triton", "device"}
+    # the JSON keeps what was checked, not only what was timed: the same ten rows the command printed
+    assert result["serving"].startswith("Sage INT8-QK") and result["serving"] in r.stdout
+    checked = result["selfcheck"]
+    assert len(checked) == 10 and all(row["ok"] for row in checked)
+    assert {row["kernel"] for row in checked} == {"int8_fp16", "int8_fp8"}
+    assert sum(row["rotary"] for row in checked) == 2 and all(0.999 <= row["cosine"] <= 1 for row in checked)
     rows = result["shapes"][shapes[0]]["methods"]
     assert rows["sage_int8_fp16"]["cosine"] >= 0.9999 and rows["sage_int8_fp8"]["cosine"] >= 0.999
     assert rows["sage_int8_fp16"]["rel_l1"] < rows["sage_int8_fp16_no_smooth_k"]["rel_l1"]  # smoothing helps

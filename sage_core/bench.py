@@ -275,15 +275,20 @@ def run(shapes=None, dtype=torch.bfloat16, repeats=None, with_peers=True, out_pa
         result["peers_missing"] = {**result.get("peers_missing", {}), **peers_missing}
         result["peer_versions"] = {**result.get("peer_versions", {}), **peer_versions}
     result.update(extra or {})
+
+    def save():  # before the first shape and after every one: a run cut short keeps what it checked and measured
+        if out_path:
+            Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(out_path).write_text(json.dumps(result, indent=1))
+
+    save()
     for name in progress(names, desc="benchmark", unit="shape"):
         shape = table[name]
         long = shape[2] > LONG_SHAPE_TOKENS
         chosen = {m: f for m, f in methods.items() if not long or m in SUMMARY_METHODS or m == "sdpa_default"}
         row = bench_shape(name, shape, dtype, device, chosen, min(rounds, 2) if long else rounds)
         merge_shape(result["shapes"], name, row)
-        if out_path:  # written after every shape: a run cut short keeps what it measured
-            Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-            Path(out_path).write_text(json.dumps(result, indent=1))
+        save()
     return result
 
 

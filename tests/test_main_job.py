@@ -46,3 +46,23 @@ def test_selfcheck_reports_device_accuracy_and_writes_json(tmp_path):
 def test_bad_shape_name_is_refused_with_the_known_ones(tmp_path):
     r = run_cli("bench", "--shapes", "no_such_shape", "--no-peers", "--out", str(tmp_path / "x.json"), cwd=tmp_path)
     assert r.returncode != 0 and "unknown shape(s) ['no_such_shape']" in (r.stdout + r.stderr)
+
+
+def test_a_run_cut_short_keeps_the_self_check(tmp_path, monkeypatch):
+    """The JSON is written before the first shape is timed, so a benchmark stopped there still holds the self-check."""
+    from sage_attention_pack.sage_core import bench
+
+    out = tmp_path / "bench.json"
+    on_disk = []
+
+    def stopped(*args, **kwargs):  # the first shape's timing, interrupted as by Ctrl-C
+        on_disk.append(json.loads(out.read_text()))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "bench_shape", stopped)
+    rows = [{"case": [1, 2, 130, 130, 64, False], "kernel": "int8_fp8", "ok": True}]
+    with pytest.raises(KeyboardInterrupt):
+        bench.run(shapes=["flux_1024px" if CUDA else "tiny_d64"], with_peers=False, out_path=str(out),
+                  extra={"serving": "Sage", "selfcheck": rows})
+    assert len(on_disk) == 1 and on_disk[0]["selfcheck"] == rows and on_disk[0]["shapes"] == {}
+    assert json.loads(out.read_text())["serving"] == "Sage"

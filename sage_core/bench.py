@@ -241,8 +241,9 @@ LONG_SHAPE_TOKENS = 60000
 
 def run(shapes=None, dtype=torch.bfloat16, repeats=None, with_peers=True, out_path=None, quick=False,
         method_patterns=None, merge=False, extra=None) -> dict:
-    """Benchmark the shapes; the JSON (written to out_path after every shape) holds the environment, each
-    shape's methods and `extra`'s keys (the main job's own: what serves here and the self-check's rows)."""
+    """Benchmark the shapes; the JSON (written to out_path before the first shape and after each) holds the
+    environment, each shape's methods and `extra`'s keys (the main job's own: what serves here and the self-check's
+    rows)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not backend.interpreting():
         raise SystemExit("No GPU: set TRITON_INTERPRET=1 to run the kernels through Triton's interpreter")

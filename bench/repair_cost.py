@@ -1,8 +1,10 @@
 """What the non-finite guard's exact repair costs on this GPU: the guarded FP8 call (as in a workflow) on clean
 inputs, with one flagged tile (a NaN in one query row poisons its INT8 scale group, whose rows come out NaN) and with
-a whole head flagged (a NaN in one key of the last head), in interleaved rounds beside PyTorch's default SDPA; per
-arm and case the call's milliseconds, the repair kernel's device milliseconds per call (from the profiler), the
-tiles it repaired per call, and how far the repaired rows are from FP32 attention.
+a whole head flagged (a NaN in one key of the last head), and the same clean call without the guard (what a clean
+call pays for it: the flags the attention kernel writes and the repair's launch), in interleaved rounds beside
+PyTorch's default SDPA; per arm and case the call's milliseconds and its kernels' device milliseconds (from the
+profiler), the repair kernel's share, the tiles it repaired per call, and how far the repaired rows are from FP32
+attention.
 
     python bench/repair_cost.py [--shapes flux_1024px ...] [--arms NAME:launch.SETTING=VALUE,... ...] [--rounds 9]
         [--out repair_cost.json]
@@ -26,7 +28,7 @@ from sage_attention_pack.sage_core.config import SageConfig
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is a folder of scripts
 from settings_ab import Settings, breakdown, parse_arms, parse_shape, run_shapes  # noqa: E402
 
-CASES = ("clean", "one_tile", "one_head")
+CASES = ("clean", "one_tile", "one_head", "unguarded")  # unguarded: clean inputs, no repair counter
 CHECKED_ROWS = 64  # rows of the repaired tile compared with FP32 attention
 
 
@@ -49,11 +51,11 @@ def measure(shape: tuple, arms: dict, rounds: int, settings: Settings) -> dict:
     for arm, arm_settings in arms.items():
         for case in CASES:
             name = names[arm, case]
-            counters[name] = torch.zeros(1, device="cuda", dtype=torch.int32)
+            counters[name] = torch.zeros(1, device="cuda", dtype=torch.int32)  # (unused when unguarded)
             calls[name] = settings.bind(arm_settings, functools.partial(
                 backend.run, *inputs[case], v, layout="HND", sm_scale=d ** -0.5, is_causal=False, bias=None,
                 config=SageConfig(kernel="int8_fp8"), pv_fp8=True, return_lse=False, launch_config=config,
-                repair_counter=counters[name]))
+                repair_counter=None if case == "unguarded" else counters[name]))
     sdpa = functools.partial(torch.nn.functional.scaled_dot_product_attention, q, k, v)
     ms = timing.interleaved_median_ms({**calls, "sdpa": sdpa}, rounds=rounds)
     row = {"shape": [b, h, n, d], "launch_config": config.key(), **ms}
@@ -64,8 +66,13 @@ def measure(shape: tuple, arms: dict, rounds: int, settings: Settings) -> dict:
     rows = torch.cat((torch.arange(5), torch.arange(6, CHECKED_ROWS))).to(q.device)
     for (arm, case), name in names.items():
         call, clean = calls[name], names[arm, "clean"]
-        repair = {kernel: t for kernel, t in breakdown.kernel_ms(call).items() if kernel.startswith("repair")}
-        row[f"repair_ms_{name}"] = sum(repair.values())
+        kernels = breakdown.kernel_ms(call)
+        row[f"device_ms_{name}"] = sum(kernels.values())
+        row[f"repair_ms_{name}"] = sum(t for kernel, t in kernels.items() if kernel.startswith("repair"))
+        if case == "unguarded":
+            if isinstance(ms.get(name), float) and isinstance(ms.get(clean), float):
+                row[f"guard_ms_{arm}"] = ms[clean] - ms[name]
+            continue
         counters[name].zero_()
         out = call()[0]
         torch.cuda.synchronize()

@@ -35,7 +35,7 @@ def test_each_case_poisons_only_its_own_copy():
         qs, ks = r.poisoned(q, k, case)
         nan = (qs, ks)[where].isnan().any(-1)
         assert nan.sum() == 1 and nan[row] and not (ks, qs)[where].isnan().any()
-    assert not any(t.isnan().any() for t in (*r.poisoned(q, k, "clean"), q, k))
+    assert not any(t.isnan().any() for t in (*r.poisoned(q, k, "clean"), *r.poisoned(q, k, "unguarded"), q, k))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -47,6 +47,9 @@ def test_a_short_run_repairs_one_tile_and_one_head(tmp_path):
     block_m = tuning.LaunchConfig.from_key(row["launch_config"]).block_m
     assert row["tiles_repaired_one_head"] == -(-1024 // block_m)  # every tile of the last head
     assert row["repair_ms_one_head"] > row["repair_ms_clean"] > 0 and row["repaired_max_abs_err_one_tile"] < 2e-2
+    # the same clean call without the guard: no repair launch, and its cost per call set beside the guarded one
+    assert row["repair_ms_unguarded"] == 0 and 0 < row["device_ms_unguarded"] < row["device_ms_clean"]
+    assert row["guard_ms_shipped"] == row["clean"] - row["unguarded"]
     # two arms: each case per arm, the dots in FP32 on the FMA pipe and as three TF32 products
     arms = ["ieee:launch.REPAIR_DOT_PRECISION=ieee", "tf32x3:launch.REPAIR_DOT_PRECISION=tf32x3"]
     assert repair_cost().main(["--shapes", "1x4x1024x128", "--rounds", "1", "--out", str(out), "--arms", *arms]) == 0

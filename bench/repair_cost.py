@@ -28,7 +28,8 @@ from sage_attention_pack.sage_core.config import SageConfig
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is a folder of scripts
 from settings_ab import Settings, breakdown, parse_arms, parse_shape, run_shapes  # noqa: E402
 
-CASES = ("clean", "one_tile", "one_head", "unguarded")  # unguarded: clean inputs, no repair counter
+GUARDED = ("clean", "one_tile", "one_head")
+CASES = GUARDED + ("unguarded",)  # unguarded: the clean call's inputs, no repair counter
 CHECKED_ROWS = 64  # rows of the repaired tile compared with FP32 attention
 
 
@@ -46,16 +47,18 @@ def measure(shape: tuple, arms: dict, rounds: int, settings: Settings) -> dict:
     b, h, n, d = shape
     q, k, v = bench.model_shaped_inputs(b, h, n, d, torch.bfloat16, "cuda")
     config = backend.tuning_for(q.device, "fp8", launch.padded_head_dim(d), None, n, n, str(q.dtype), False)
-    counters, calls, inputs = {}, {}, {case: poisoned(q, k, case) for case in CASES}
+    counters, calls, inputs = {}, {}, {case: poisoned(q, k, case) for case in GUARDED}
+    inputs["unguarded"] = inputs["clean"]
     names = {(arm, case): case if len(arms) == 1 else f"{arm}_{case}" for arm in arms for case in CASES}
     for arm, arm_settings in arms.items():
         for case in CASES:
             name = names[arm, case]
-            counters[name] = torch.zeros(1, device="cuda", dtype=torch.int32)  # (unused when unguarded)
+            if case in GUARDED:
+                counters[name] = torch.zeros(1, device="cuda", dtype=torch.int32)
             calls[name] = settings.bind(arm_settings, functools.partial(
                 backend.run, *inputs[case], v, layout="HND", sm_scale=d ** -0.5, is_causal=False, bias=None,
                 config=SageConfig(kernel="int8_fp8"), pv_fp8=True, return_lse=False, launch_config=config,
-                repair_counter=None if case == "unguarded" else counters[name]))
+                repair_counter=counters.get(name)))
     sdpa = functools.partial(torch.nn.functional.scaled_dot_product_attention, q, k, v)
     ms = timing.interleaved_median_ms({**calls, "sdpa": sdpa}, rounds=rounds)
     row = {"shape": [b, h, n, d], "launch_config": config.key(), **ms}

@@ -9,7 +9,7 @@ import operator
 import torch
 
 from .config import DEFAULT_CONFIG, GRANULARITIES
-from .dispatch import DispatchStats, attention
+from .dispatch import DispatchStats, attention, check_ranks
 
 
 def sageattn(q, k, v, tensor_layout: str = "HND", is_causal: bool = False, sm_scale: float | None = None,
@@ -137,11 +137,7 @@ def sageattn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_
     for name in ("attn_mask", "return_lse", "tensor_layout", "rope", "carry_key"):
         if name in kwargs:
             raise TypeError(f"sageattn_varlen() takes no {name}=")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 3:
-            raise ValueError(f"{name} must be 3-D [total tokens, heads, head dim], got shape {tuple(t.shape)}")
+    check_ranks(q, k, v, 3, "[total tokens, heads, head dim]")
     q_bounds = _sequence_bounds("cu_seqlens_q", cu_seqlens_q, q.shape[0], "q", max_seqlen_q, "max_seqlen_q")
     k_bounds = _sequence_bounds("cu_seqlens_k", cu_seqlens_k, k.shape[0], "k", max_seqlen_k, "max_seqlen_k")
     if k.shape[0] != v.shape[0]:

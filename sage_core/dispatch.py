@@ -123,15 +123,20 @@ def to_hnd(t: torch.Tensor, layout: str) -> torch.Tensor:
     return t if layout == "HND" else t.transpose(1, 2)
 
 
+def check_ranks(q, k, v, rank: int, layout_words: str):
+    """q, k and v are tensors of `rank` dimensions, or an error names the first that is not."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != rank:
+            raise ValueError(f"{name} must be {rank}-D ({layout_words}), got shape {tuple(t.shape)}")
+
+
 def validate(q, k, v, tensor_layout: str, attn_mask=None) -> tuple:
     """Raise a clear error naming the argument for input no attention can take; returns q, k and v as HND views."""
     if tensor_layout not in LAYOUTS:
         raise ValueError(f"tensor_layout={tensor_layout!r} is unknown: use 'HND' ([B,H,N,D]) or 'NHD' ([B,N,H,D])")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D ({tensor_layout}), got shape {tuple(t.shape)}")
+    check_ranks(q, k, v, 4, tensor_layout)
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if not (q.dtype == k.dtype == v.dtype):

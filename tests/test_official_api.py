@@ -137,7 +137,7 @@ def test_varlen_bad_input_names_the_problem(change, message):
 @pytest.mark.parametrize("q_shape,k_shape,message", [
     ((40, 2, 64), (50, 2, 32), "head dims differ"),
     ((40, 3, 64), (50, 2, 64), "multiple of k/v heads"),
-    ((40, 2, 64, 1), (50, 2, 64), "q must be 3-D [total tokens, heads, head dim], got shape (40, 2, 64, 1)"),
+    ((40, 2, 64, 1), (50, 2, 64), "q must be 3-D ([total tokens, heads, head dim]), got shape (40, 2, 64, 1)"),
 ])
 def test_varlen_checks_the_shapes_before_any_sequence_runs(q_shape, k_shape, message):
     """Ragged sequences run one call each: a shape error must come before the first of them, not after."""

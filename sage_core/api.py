@@ -9,7 +9,7 @@ import operator
 import torch
 
 from .config import DEFAULT_CONFIG, GRANULARITIES
-from .dispatch import DispatchStats, attention, check_ranks
+from .dispatch import DispatchStats, attention, check_ranks, validate
 
 
 def sageattn(q, k, v, tensor_layout: str = "HND", is_causal: bool = False, sm_scale: float | None = None,
@@ -154,7 +154,7 @@ def sageattn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_
         out = sageattn(q.unflatten(0, (batch, nq)), k.unflatten(0, (batch, nk)), v.unflatten(0, (batch, nk)), **call)
         return out.flatten(0, 1)
     # the shapes sageattn checks (heads, head dims, dtypes, devices) are checked before the first sequence runs
-    sageattn(q[:0].unsqueeze(0), k[:0].unsqueeze(0), v[:0].unsqueeze(0), **dict(call, stats=DispatchStats()))
+    validate(q[:0].unsqueeze(0), k[:0].unsqueeze(0), v[:0].unsqueeze(0), "NHD")
     out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
     for i in range(batch):
         rows = slice(q_bounds[i], q_bounds[i + 1])

@@ -265,8 +265,6 @@ def attention(q, k, v, *, tensor_layout="HND", is_causal=False, sm_scale=None, a
         out = out if tensor_layout == "HND" else out.transpose(1, 2)
         return (out, lse) if return_lse else out
 
-    if config.kernel == "off":
-        return exact("kernel off")
     if min(B, H, NQ, NK, D) == 0:
         # some CUDA SDPA backends return an undefined tensor here: answer directly. With no keys, the
         # weighted sum over nothing is 0 and the LSE is -inf.
@@ -274,6 +272,8 @@ def attention(q, k, v, *, tensor_layout="HND", is_causal=False, sm_scale=None, a
         out = q.new_zeros(q.shape[:-1] + (vh.shape[-1],))
         lse = torch.full((B, H, NQ), float("-inf"), device=q.device, dtype=torch.float32)
         return (out, lse) if return_lse else out
+    if config.kernel == "off":
+        return exact("kernel off")
     refusal = fast_path_refusal(qh, kh, vh, attn_mask, dropout_p)
     if refusal:
         return exact(refusal)

@@ -137,6 +137,10 @@ def test_empty_inputs_work():
     no_keys = torch.randn(1, 2, 0, 64, device=DEVICE, dtype=torch.float16)
     out = sageattn(q, no_keys, no_keys)
     assert out.shape == q.shape and not out.any()  # a weighted sum over no values
+    # with the kernel off too: answered here, not by an SDPA backend that may return an undefined tensor
+    stats = DispatchStats()
+    out, lse = sageattn(q, no_keys, no_keys, kernel="off", return_lse=True, stats=stats)
+    assert not out.any() and bool((lse == float("-inf")).all()) and stats.snapshot()["exact"] == {"empty input": 1}
 
 
 @needs_kernels

@@ -72,6 +72,15 @@ def test_varlen_ragged_sequences_match_exact_attention_per_sequence(kernel):
     assert stats.snapshot()["sage"] == {kernel: 2} and stats.snapshot()["fallback"] == {}
 
 
+def test_varlen_with_the_kernel_off_is_exact_attention_per_sequence():
+    q, k, v, cu_q, cu_k = packed([5, 0, 19], [7, 3, 0], dtype=torch.float32, seed=4)
+    stats = DispatchStats()
+    out = sageattn_varlen(q, k, v, cu_q, cu_k, 19, 7, kernel="off", stats=stats)
+    assert torch.allclose(out[:5], exact_per_sequence(q[:5], k[:7], v[:7], [0, 5], [0, 7]).float(), atol=1e-5)
+    assert not out[5:].any()  # the third sequence has no keys: a weighted sum over no values
+    assert stats.snapshot()["exact"] == {"kernel off": 1, "empty input": 1}
+
+
 @needs_kernels
 def test_varlen_causal_with_equal_lengths_per_sequence():
     q, k, v, cu_q, cu_k = packed([33, 80], [33, 80], seed=1)

@@ -138,8 +138,10 @@ def sageattn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_
         if name in kwargs:
             raise TypeError(f"sageattn_varlen() takes no {name}=")
     check_ranks(q, k, v, 3, "[total tokens, heads, head dim]")
-    q_bounds = _sequence_bounds("cu_seqlens_q", cu_seqlens_q, q.shape[0], "q", max_seqlen_q, "max_seqlen_q")
-    k_bounds = _sequence_bounds("cu_seqlens_k", cu_seqlens_k, k.shape[0], "k", max_seqlen_k, "max_seqlen_k")
+    q_bounds, q_lengths = _sequence_bounds("cu_seqlens_q", cu_seqlens_q, q.shape[0], "q", max_seqlen_q,
+                                           "max_seqlen_q")
+    k_bounds, k_lengths = _sequence_bounds("cu_seqlens_k", cu_seqlens_k, k.shape[0], "k", max_seqlen_k,
+                                           "max_seqlen_k")
     if k.shape[0] != v.shape[0]:
         raise ValueError(f"k and v must hold the same tokens, got k {tuple(k.shape)} and v {tuple(v.shape)}")
     if len(q_bounds) != len(k_bounds):
@@ -147,10 +149,8 @@ def sageattn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_
                          f"{len(q_bounds) - 1} and {len(k_bounds) - 1}")
     call = dict(kwargs, tensor_layout="NHD", is_causal=is_causal, sm_scale=sm_scale, smooth_k=smooth_k)
     batch = len(q_bounds) - 1
-    q_lengths = {b - a for a, b in zip(q_bounds, q_bounds[1:])}
-    k_lengths = {b - a for a, b in zip(k_bounds, k_bounds[1:])}
-    if batch and len(q_lengths) == 1 and len(k_lengths) == 1:  # one call: the packed rows are a batch's
-        nq, nk = q_lengths.pop(), k_lengths.pop()
+    if batch and len(set(q_lengths)) == 1 and len(set(k_lengths)) == 1:  # one call: the packed rows are a batch's
+        nq, nk = q_lengths[0], k_lengths[0]
         out = sageattn(q.unflatten(0, (batch, nq)), k.unflatten(0, (batch, nk)), v.unflatten(0, (batch, nk)), **call)
         return out.flatten(0, 1)
     # the shapes sageattn checks (heads, head dims, dtypes, devices) are checked before the first sequence runs
@@ -165,9 +165,9 @@ def sageattn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_
     return out
 
 
-def _sequence_bounds(name: str, cu_seqlens, total: int, tokens_of: str, max_seqlen, max_name: str) -> list:
-    """cu_seqlens as a list of row bounds, checked: a 1-D integer tensor from 0 to `total`, never decreasing, no
-    sequence longer than max_seqlen (the official kernels size their grid by it)."""
+def _sequence_bounds(name: str, cu_seqlens, total: int, tokens_of: str, max_seqlen, max_name: str) -> tuple:
+    """cu_seqlens as lists of row bounds and of sequence lengths, checked: a 1-D integer tensor from 0 to `total`,
+    never decreasing, no sequence longer than max_seqlen (the official kernels size their grid by it)."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() == 0:
@@ -187,4 +187,4 @@ def _sequence_bounds(name: str, cu_seqlens, total: int, tokens_of: str, max_seql
         raise TypeError(f"{max_name} must be an int, got {type(max_seqlen).__name__}") from None
     if lengths and max(lengths) > max_seqlen:
         raise ValueError(f"{max_name}={max_seqlen} is shorter than the longest sequence in {name} ({max(lengths)})")
-    return bounds
+    return bounds, lengths
